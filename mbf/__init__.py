@@ -1,0 +1,22 @@
+"""mbf-lora: continual fine-tuning of Llama models with one LoRA adapter (SLAO, Merge before Forget)."""
+
+from mbf import functional, reference
+from mbf.config import LoRAConfig
+from mbf.continual import ContinualLoRA
+from mbf.inject import eject, inject, lora_layers
+from mbf.io import save_peft_adapter
+from mbf.layers import LoRALinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContinualLoRA",
+    "LoRAConfig",
+    "LoRALinear",
+    "eject",
+    "functional",
+    "inject",
+    "lora_layers",
+    "reference",
+    "save_peft_adapter",
+]

@@ -1,0 +1,211 @@
+"""ContinualLoRA: the SLAO state machine over a model's LoRA layers.
+
+Task ``i = task_index + 1``:
+
+- ``begin_task()``: task 1 keeps the usual LoRA init. Task ``i ≥ 2`` starts from the previous
+  task's *fine-tuned* adapter: ``A ← Qᵀ`` with ``Q R = qr(A_prevᵀ)``, ``diag(R) ≥ 0``; ``B`` is
+  carried over (init ``"orthogonal"``). Ablations: ``"last_merge"`` (same A, B from the merged
+  B), ``"random"`` (a fresh LoRA init), ``"none"`` (carry A and B unchanged: no QR).
+- ``end_task()``: ``A_m ← A_ft``; ``B_m ← B_m + λ(i) (B_ft − B_m)``, ``λ`` from ``schedule``.
+
+State is two adapters per layer whatever the number of tasks. Sequential LoRA (the baseline that
+forgets) is ``init="none", schedule="none"``: the adapter trains on and on and the merged copy
+is the fine-tuned one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mbf import functional, reference
+from mbf.config import LoRAConfig
+from mbf.inject import inject, lora_layers
+from mbf.io import atomic_save_safetensors, atomic_write_text, load_safetensors
+
+__all__ = ["INITS", "ContinualLoRA"]
+
+INITS = ("orthogonal", "last_merge", "random", "none")
+
+
+class ContinualLoRA:
+    """Drive SLAO's task boundaries for every LoRALinear of ``model``.
+
+    Args:
+        model: a model with LoRA layers (see ``mbf.inject``).
+        schedule: λ schedule, one of ``reference.SCHEDULES`` (``"sqrt"`` = SLAO).
+        init: task-``i ≥ 2`` init, one of ``INITS`` (``"orthogonal"`` = SLAO).
+        constant: λ of the ``"constant"`` schedule.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the QR and the merge.
+
+    Raises:
+        ValueError: on an unknown schedule or init, or a model without LoRA layers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        schedule: str = "sqrt",
+        init: str = "orthogonal",
+        constant: float = 0.5,
+        backend: str = "auto",
+    ) -> None:
+        if schedule not in reference.SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(reference.SCHEDULES)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        self.layers = lora_layers(model)
+        if not self.layers:
+            raise ValueError("model has no LoRA layers: call mbf.inject(model, LoRAConfig(...)) first")
+        self.model = model
+        self.schedule, self.init, self.constant, self.backend = schedule, init, float(constant), backend
+        self.task_index = 0  # number of finished tasks
+        self.in_task = False
+
+    # -- task boundaries --------------------------------------------------------------------------
+
+    def lam(self, i: int | None = None) -> float:
+        """λ(i) of this schedule; task ``i`` defaults to the current one."""
+        return reference.lam_schedule(self.schedule, i or self.task_index + 1, self.constant)
+
+    @torch.no_grad()
+    def begin_task(self) -> None:
+        """Initialise the fine-tuned adapter for task ``task_index + 1``.
+
+        Raises:
+            RuntimeError: when the previous task was not ended.
+        """
+        if self.in_task:
+            raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
+        self.in_task = True
+        if self.task_index == 0 or self.init == "none":
+            return
+        layers = list(self.layers.values())
+        if self.init == "random":
+            for layer in layers:
+                layer.reset_lora_parameters()
+            return
+        Qs = functional.orthonormal_rows(
+            [layer.lora_A for layer in layers], names=list(self.layers), backend=self.backend
+        )
+        for layer, Q in zip(layers, Qs):
+            layer.lora_A.copy_(Q)
+            if self.init == "last_merge":
+                layer.lora_B.copy_(layer.merged_B)
+
+    @torch.no_grad()
+    def end_task(self) -> None:
+        """Time-aware asymmetric merge of the task just trained; ``task_index`` advances.
+
+        Raises:
+            RuntimeError: when no task was begun.
+            ValueError: when an adapter holds non-finite values (names the layer; nothing merged).
+        """
+        if not self.in_task:
+            raise RuntimeError("end_task() without begin_task()")
+        layers = list(self.layers.values())
+        for name, layer in self.layers.items():
+            if not (torch.isfinite(layer.lora_A).all() and torch.isfinite(layer.lora_B).all()):
+                raise ValueError(f"{name}: fine-tuned adapter has non-finite values; refusing to merge")
+        lam = self.lam(self.task_index + 1)
+        functional.time_aware_merge(
+            [layer.merged_B for layer in layers], [layer.lora_B for layer in layers], lam, backend=self.backend
+        )
+        for layer in layers:
+            layer.merged_A.copy_(layer.lora_A)
+        self.task_index += 1
+        self.in_task = False
+
+    @contextmanager
+    def merged(self) -> Iterator[nn.Module]:
+        """Inside the block the model computes with the merged adapter (what inference uses)."""
+        with self.adapter_mode("merged"):
+            yield self.model
+
+    @contextmanager
+    def adapter_mode(self, mode: str, lam: float | None = None) -> Iterator[nn.Module]:
+        """Run the model with ``mode`` (``"finetuned"``, ``"merged"``, ``"preview"`` at ``lam``)."""
+        saved = [(layer.adapter_mode, layer.lam) for layer in self.layers.values()]
+        try:
+            for layer in self.layers.values():
+                layer.adapter_mode = mode
+                layer.lam = self.lam() if lam is None else float(lam)
+            yield self.model
+        finally:
+            for layer, (m, lm) in zip(self.layers.values(), saved):
+                layer.adapter_mode, layer.lam = m, lm
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every ``lora_A`` and ``lora_B``: what the optimizer should get."""
+        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def options(self) -> dict:
+        return {"schedule": self.schedule, "init": self.init, "constant": self.constant}
+
+    def state_dict(self) -> dict[str, torch.Tensor | int | dict]:
+        """Tensors of both adapters of every layer plus the task counter and options."""
+        tensors = {}
+        for name, layer in self.layers.items():
+            for key in ("lora_A", "lora_B", "merged_A", "merged_B"):
+                tensors[f"{name}.{key}"] = getattr(layer, key).detach()
+        return {"task_index": self.task_index, "options": self.options(), "tensors": tensors}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``. Raises KeyError/ValueError naming a missing or misshapen tensor."""
+        tensors = state["tensors"]
+        for name, layer in self.layers.items():
+            for key in ("lora_A", "lora_B", "merged_A", "merged_B"):
+                full = f"{name}.{key}"
+                if full not in tensors:
+                    raise KeyError(f"{full}: missing from the saved state")
+                dst = getattr(layer, key)
+                if tuple(tensors[full].shape) != tuple(dst.shape):
+                    raise ValueError(f"{full}: saved shape {tuple(tensors[full].shape)} != {tuple(dst.shape)}")
+                dst.copy_(tensors[full])
+        self.task_index = int(state["task_index"])
+        self.in_task = False
+
+    def adapter_bytes(self) -> int:
+        """Bytes of adapter state held: two adapters per layer, whatever the number of tasks."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict()["tensors"].values())
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``adapters.safetensors`` and ``continual.json`` into directory ``path`` atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        atomic_save_safetensors(state["tensors"], path / "adapters.safetensors")
+        config = getattr(self.model, "mbf_lora_config", None)
+        meta = {
+            "task_index": state["task_index"],
+            "options": state["options"],
+            "lora_config": asdict(config) if config is not None else None,
+        }
+        atomic_write_text(json.dumps(meta, indent=2), path / "continual.json")
+        return path
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | Path, backend: str = "auto") -> ContinualLoRA:
+        """Rebuild from ``save(path)``; injects the saved LoRAConfig first when the model has no LoRA."""
+        path = Path(path)
+        meta = json.loads((path / "continual.json").read_text())
+        if not lora_layers(model):
+            if meta["lora_config"] is None:
+                raise ValueError(f"{path}: model has no LoRA layers and no LoRAConfig was saved")
+            cfg = dict(meta["lora_config"])
+            if isinstance(cfg["target_modules"], list):
+                cfg["target_modules"] = tuple(cfg["target_modules"])
+            inject(model, LoRAConfig(**cfg))
+        cl = cls(model, backend=backend, **meta["options"])
+        cl.load_state_dict({"task_index": meta["task_index"], "tensors": load_safetensors(path / "adapters.safetensors")})
+        return cl

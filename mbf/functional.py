@@ -1,0 +1,234 @@
+"""Backend dispatch: the public functional API of mbf.
+
+CUDA tensors take the Triton kernels of ``mbf.kernels``; CPU tensors take the PyTorch path;
+``backend="triton"|"torch"`` forces one. The PyTorch path of ``lora_linear`` is a hand-written
+``autograd.Function`` (saves x and S only, joins the LoRA term to the base GEMM's output with one
+``addmm``) whose math is exactly ``mbf.reference.lora_linear``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mbf import reference
+
+__all__ = ["lora_linear", "orthonormal_rows", "project_out", "resolve_backend", "time_aware_merge"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+# Which issue brings which kernel: named in the error until the kernel exists.
+_CAPABILITIES = {
+    "lora": "the fused LoRA linear Triton kernel",
+    "ortho": "the batched orthonormalisation Triton kernel",
+    "merge": "the batched time-aware merge Triton kernel",
+}
+
+
+def _kernel(module: str, name: str):
+    """Import ``mbf.kernels.<module>.<name>`` lazily; NotImplementedError if it is not built."""
+    try:
+        mod = importlib.import_module(f"mbf.kernels.{module}")
+        return getattr(mod, name)
+    except (ImportError, AttributeError) as err:
+        raise NotImplementedError(f"backend='triton': {_CAPABILITIES[module]} is not available ({err})") from err
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
+    """``"torch"`` or ``"triton"`` for these tensors: auto picks Triton for CUDA tensors."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} must be one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    return "triton" if any(t is not None and t.is_cuda for t in tensors) else "torch"
+
+
+class _TorchLoRALinear(torch.autograd.Function):
+    """``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ`` with a hand-written backward; W0, b, B_m stay frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed):
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        xa = _dropped(x2, dropout, seed)
+        S = xa @ A.T  # (M, r)
+        B_eff = B if merged_B is None else torch.lerp(merged_B, B, lam)  # (out, r)
+        out = F.linear(x2, weight, bias)  # (M, out)
+        out.addmm_(S.to(out.dtype), B_eff.T.to(out.dtype), alpha=scaling)
+        ctx.save_for_backward(x2, S, weight, A, B, merged_B)
+        ctx.scaling, ctx.lam, ctx.dropout, ctx.seed = scaling, lam, dropout, seed
+        ctx.x_shape, ctx.has_merged = x.shape, merged_B is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dY):
+        x2, S, weight, A, B, merged_B = ctx.saved_tensors
+        s, lam = ctx.scaling, ctx.lam
+        dY2 = dY.reshape(-1, dY.shape[-1])  # (M, out)
+        B_eff = B if merged_B is None else torch.lerp(merged_B, B, lam)
+        dS = dY2 @ B_eff.to(dY2.dtype)  # (M, r)
+        dx = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            lora_dx = dS @ A.to(dS.dtype)  # (M, in)
+            if ctx.dropout > 0.0:
+                lora_dx = _dropped(lora_dx, ctx.dropout, ctx.seed)  # the mask is linear: reapply it
+            dx = (dY2 @ weight.to(dY2.dtype)).add_(lora_dx, alpha=s).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            xa = _dropped(x2, ctx.dropout, ctx.seed)
+            dA = (dS.T @ xa.to(dS.dtype)).mul_(s).to(A.dtype)
+        if ctx.needs_input_grad[4]:
+            # ∂B_eff/∂B = λ when the merged B is in play
+            dB = (dY2.T @ S.to(dY2.dtype)).mul_(s * (lam if ctx.has_merged else 1.0)).to(B.dtype)
+        return dx, None, None, dA, dB, None, None, None, None, None
+
+
+def _dropped(x2: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
+    if p == 0.0:
+        return x2
+    keep = reference.dropout_keep_mask(tuple(x2.shape), p, seed, device=x2.device)
+    return x2 * keep.to(x2.dtype) / (1.0 - p)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    merged_B: torch.Tensor | None = None,
+    lam: float = 1.0,
+    dropout: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused LoRA linear ``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ``; see ``mbf.reference.lora_linear``.
+
+    Args:
+        x: ``(..., in)``. weight: ``(out, in)``, frozen. bias: ``(out,)`` or None.
+        A: ``(r, in)``. B: ``(out, r)``. merged_B: ``(out, r)`` or None.
+        scaling: ``alpha / r``. lam: λ, with ``B_eff = merged_B + λ (B − merged_B)``.
+        dropout: probability on the adapter input. seed: dropout mask seed (random when None).
+        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(..., out)`` in x's dtype. Gradients flow to x, A and B.
+
+    Raises:
+        ValueError: on mismatched shapes or a dropout outside [0, 1).
+    """
+    _check_lora_shapes(x, weight, bias, A, B, merged_B)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout {dropout} must be in [0, 1)")
+    if dropout > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    if resolve_backend(backend, x) == "triton":
+        fn = _kernel("lora", "lora_linear")
+        return fn(x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed)
+    frozen = [t for t in (weight, bias, merged_B) if t is not None]
+    if any(t.requires_grad for t in frozen):
+        # a trainable base is outside the fused path's contract: let autograd do the spec.
+        return reference.lora_linear(x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed)
+    return _TorchLoRALinear.apply(x, weight, bias, A, B, float(scaling), merged_B, float(lam), dropout, seed)
+
+
+def _check_lora_shapes(x, weight, bias, A, B, merged_B) -> None:
+    out_f, in_f = weight.shape
+    r = A.shape[0]
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {in_f}")
+    if A.shape != (r, in_f):
+        raise ValueError(f"A has shape {tuple(A.shape)}, expected ({r}, {in_f})")
+    if B.shape != (out_f, r):
+        raise ValueError(f"B has shape {tuple(B.shape)}, expected ({out_f}, {r})")
+    if merged_B is not None and merged_B.shape != B.shape:
+        raise ValueError(f"merged_B has shape {tuple(merged_B.shape)}, expected {tuple(B.shape)}")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+
+
+def _group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+    return groups
+
+
+def orthonormal_rows(
+    As: Sequence[torch.Tensor], names: Sequence[str] | None = None, backend: str = "auto"
+) -> list[torch.Tensor]:
+    """Orthonormalise every ``A (r, d)`` of a model: SLAO step 2, batched per shape group.
+
+    Args:
+        As: the adapters' A matrices (any mix of shapes, ``r <= d``).
+        names: a name per matrix for error messages (layer names); indices when None.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        A list of ``Q`` with the same shapes and dtypes: ``Qᵀ`` of ``qr(Aᵀ)`` with ``diag(R) ≥ 0``.
+
+    Raises:
+        ValueError: when a matrix has non-finite values or more rows than columns (names it).
+    """
+    names = list(names) if names is not None else [f"adapter {i}" for i in range(len(As))]
+    for name, A in zip(names, As):
+        if A.dim() != 2 or A.shape[0] > A.shape[1]:
+            raise ValueError(f"{name}: A of shape {tuple(A.shape)} must be (r, d) with r <= d")
+        if not torch.isfinite(A).all():
+            raise ValueError(f"{name}: lora_A has non-finite values; cannot orthonormalise it")
+    out: list[torch.Tensor | None] = [None] * len(As)
+    for idx in _group_by_shape(As).values():
+        batch = torch.stack([As[i] for i in idx])  # (G, r, d): one call for the whole group
+        if resolve_backend(backend, batch) == "triton":
+            Q = _kernel("ortho", "orthonormal_rows")(batch)
+        else:
+            Q = reference.orthonormal_rows(batch)
+        _warn_rank_deficient(batch, [names[i] for i in idx])
+        for j, i in enumerate(idx):
+            out[i] = Q[j]
+    return out  # type: ignore[return-value]
+
+
+def _warn_rank_deficient(batch: torch.Tensor, names: list[str]) -> None:
+    # Singular values of A relative to the largest one: below ~sqrt(eps) the row space is not
+    # numerically defined, and QR completes it with arbitrary (but orthonormal) directions.
+    sv = torch.linalg.svdvals(batch.double())  # (G, r)
+    tol = sv[:, :1] * max(batch.shape[-2:]) * torch.finfo(torch.float32).eps
+    for name, deficient in zip(names, (sv <= tol).any(dim=1).tolist()):
+        if deficient:
+            warnings.warn(f"{name}: lora_A is rank-deficient; completed to orthonormal rows", stacklevel=3)
+
+
+def project_out(U: torch.Tensor, Q: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``U − (U Qᵀ) Q``: U's rows without their component in the row space of orthonormal Q."""
+    if resolve_backend(backend, U) == "triton":
+        return _kernel("ortho", "project_out")(U, Q)
+    return reference.project_out(U, Q)
+
+
+def time_aware_merge(
+    merged_Bs: Sequence[torch.Tensor], ft_Bs: Sequence[torch.Tensor], lam: float, backend: str = "auto"
+) -> None:
+    """In place for every layer: ``B_m ← B_m + λ (B_ft − B_m)``, computed in fp32.
+
+    Args:
+        merged_Bs: the merged B buffers (updated in place). ft_Bs: the fine-tuned Bs, same shapes.
+        lam: λ(i) of the task just finished.
+    """
+    if len(merged_Bs) != len(ft_Bs):
+        raise ValueError(f"{len(merged_Bs)} merged Bs but {len(ft_Bs)} fine-tuned Bs")
+    for m, f in zip(merged_Bs, ft_Bs):
+        if m.shape != f.shape:
+            raise ValueError(f"merged B {tuple(m.shape)} and fine-tuned B {tuple(f.shape)} differ")
+    if not merged_Bs:
+        return
+    if resolve_backend(backend, merged_Bs[0]) == "triton":
+        _kernel("merge", "time_aware_merge_")(list(merged_Bs), list(ft_Bs), lam)
+        return
+    with torch.no_grad():
+        for idx in _group_by_shape(merged_Bs).values():
+            for i in idx:  # the foreach-free twin; reference.time_aware_merge is the spec
+                merged_Bs[i].copy_(reference.time_aware_merge(merged_Bs[i], ft_Bs[i].detach(), lam))

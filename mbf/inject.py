@@ -1,0 +1,92 @@
+"""Swap a transformers model's linears for LoRALinear (and back).
+
+Module instances are replaced on the model given; no class inside transformers is touched, and
+``eject`` restores the very modules that were there before.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mbf.config import LoRAConfig
+from mbf.layers import LoRALinear
+
+__all__ = ["eject", "inject", "lora_layers"]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of ``model`` by its qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replace every linear whose leaf name is in ``config.targets()`` by a LoRALinear.
+
+    All other parameters are frozen; only the adapters' ``lora_A`` and ``lora_B`` train.
+
+    Args:
+        model: a transformers model (Llama names by default) or any nn.Module.
+        config: the LoRA configuration.
+
+    Returns:
+        The same model, modified in place.
+
+    Raises:
+        ValueError: when a target name matches no linear (the available names are listed) or the
+            model already carries LoRA layers.
+    """
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; eject() them before injecting again")
+    targets = config.targets()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    leaves = {n.rpartition(".")[2] for n in linears}
+    missing = [t for t in targets if t not in leaves]
+    if missing and config.target_modules != "all-linear":
+        raise ValueError(
+            f"target module(s) {', '.join(map(repr, missing))} not found; available linear names: "
+            f"{', '.join(sorted(leaves))}"
+        )
+    if not any(n.rpartition(".")[2] in targets for n in linears):
+        raise ValueError(f"no linear named {', '.join(targets)}; available: {', '.join(sorted(leaves))}")
+    # remembered so that eject() gives the model back exactly as it came
+    model.mbf_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear in linears.items():
+        if name.rpartition(".")[2] not in targets:
+            continue
+        if config.quantize == "nf4":
+            raise NotImplementedError(f"{name}: LoRAConfig(quantize='nf4') needs the NF4 base (QLoRA issue)")
+        layer = LoRALinear(
+            linear, r=config.r, alpha=config.alpha, dropout=config.dropout, backend=config.backend, name=name
+        )
+        _set_submodule(model, name, layer)
+    model.mbf_lora_config = config  # read by ContinualLoRA.save / load
+    return model
+
+
+def eject(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put the original linears back. With ``merge=True`` the active adapter is folded in first.
+
+    Raises:
+        ValueError: with ``merge=True``, when a merged weight would be non-finite.
+    """
+    for name, layer in lora_layers(model).items():
+        if merge:
+            layer.merge(safe_merge=True)
+        elif layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base)
+    flags = getattr(model, "mbf_requires_grad", {})
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, p.requires_grad))
+    for attr in ("mbf_lora_config", "mbf_requires_grad"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model

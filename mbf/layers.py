@@ -1,0 +1,161 @@
+"""LoRALinear: a drop-in replacement for ``nn.Linear`` carrying SLAO's two adapters.
+
+The fine-tuned adapter (``lora_A``, ``lora_B``) trains; the merged adapter (``merged_A``,
+``merged_B``) is a pair of frozen buffers updated at task boundaries. ``adapter_mode`` picks which
+one the forward uses:
+
+- ``"finetuned"``: ``y = x W0ᵀ + b + s (drop(x) A_ftᵀ) B_ftᵀ`` (training),
+- ``"merged"``: ``y = x W0ᵀ + b + s (x A_mᵀ) B_mᵀ`` (inference with the merged adapter),
+- ``"preview"``: ``B_eff = B_m + λ (B_ft − B_m)`` formed inside the kernel with the runtime ``lam``,
+  i.e. what the merge of this task would give, without materialising it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mbf import functional
+
+__all__ = ["LoRALinear"]
+
+MODES = ("finetuned", "merged", "preview")
+
+
+class LoRALinear(nn.Module):
+    """``nn.Linear`` plus a LoRA adapter; same forward signature and output dtype.
+
+    Args:
+        base: the frozen linear; kept as ``self.base`` so ``eject`` can restore it.
+        r: adapter rank, in ``[1, min(in_features, out_features)]``.
+        alpha: ``scaling = alpha / r``.
+        dropout: LoRA dropout probability on the adapter input (training only).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``mbf.functional``).
+        name: the layer's name in its model, for error messages.
+        dtype: adapter dtype (default: the base weight's).
+
+    Raises:
+        ValueError: on a rank or dropout out of range (naming the layer).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        backend: str = "auto",
+        name: str = "LoRALinear",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{name}: expected nn.Linear, got {type(base).__name__}")
+        out_f, in_f = base.weight.shape
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_f, out_f):
+            raise ValueError(f"{name}: rank {r} must be in [1, {min(in_f, out_f)}]")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout {dropout} must be in [0, 1)")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.lora_alpha, self.scaling = r, float(alpha), float(alpha) / r
+        self.lora_dropout, self.backend, self.layer_name = float(dropout), backend, name
+        factory = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(out_f, r, **factory))  # (out, r)
+        self.register_buffer("merged_A", torch.zeros(r, in_f, **factory))
+        self.register_buffer("merged_B", torch.zeros(out_f, r, **factory))
+        self.adapter_mode = "finetuned"
+        self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
+        self.merged = False  # True while the delta is folded into base.weight (merge()/unmerge())
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, **kwargs) -> LoRALinear:
+        """Wrap an existing ``nn.Linear`` (its weight is shared, not copied)."""
+        return cls(linear, r=r, alpha=alpha, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def reset_lora_parameters(self) -> None:
+        """The usual LoRA init (PEFT's): A Kaiming-uniform, B zero, so the layer starts as the base."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _active(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+        """(A, B, merged_B or None, λ) of the adapter the forward uses."""
+        if self.adapter_mode not in MODES:
+            raise ValueError(f"{self.layer_name}: adapter_mode {self.adapter_mode!r} must be one of {MODES}")
+        if self.adapter_mode == "merged":
+            return self.merged_A, self.merged_B, None, 1.0
+        if self.adapter_mode == "preview":
+            return self.lora_A, self.lora_B, self.merged_B, float(self.lam)
+        return self.lora_A, self.lora_B, None, 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in_features)`` → ``(..., out_features)`` in x's dtype."""
+        if self.merged:
+            return self.base(x)
+        A, B, merged_B, lam = self._active()
+        dt = x.dtype
+        dropout = self.lora_dropout if self.training and self.adapter_mode == "finetuned" else 0.0
+        return functional.lora_linear(
+            x,
+            self.base.weight,
+            self.base.bias,
+            A.to(dt),
+            B.to(dt),
+            self.scaling,
+            merged_B=None if merged_B is None else merged_B.to(dt),
+            lam=lam,
+            dropout=dropout,
+            backend=self.backend,
+        )
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """``s · B Aᵀ`` of the active adapter (``(out, in)``, fp32 math, base weight dtype)."""
+        A, B, merged_B, lam = self._active()
+        B = B if merged_B is None else torch.lerp(merged_B.float(), B.float(), lam)
+        return (self.scaling * (B.float() @ A.float())).to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = True) -> None:
+        """Fold the active adapter into ``base.weight`` (PEFT's ``merge``); forward is then the base.
+
+        Raises:
+            ValueError: with ``safe_merge``, when the merged weight would be non-finite.
+        """
+        if self.merged:
+            return
+        new_w = self.base.weight + self.get_delta_weight()
+        if safe_merge and not torch.isfinite(new_w).all():
+            raise ValueError(f"{self.layer_name}: merging would produce non-finite weights; not merged")
+        self.base.weight.copy_(new_w)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge()`` (exact up to the base dtype's rounding)."""
+        if not self.merged:
+            return
+        self.base.weight.sub_(self.get_delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.lora_dropout:g}, "
+            f"backend={self.backend!r}"
+        )

@@ -1,0 +1,180 @@
+"""The specification: pure-PyTorch twins of every kernel in ``mbf.kernels``.
+
+Every function here is short and obvious on purpose. Tests compare the fast paths against these
+functions run in float64, and they are the CPU path of the package. The method's equations
+(SLAO, "Merge before Forget", Qiao & Mahdavi, ICLR 2026):
+
+    y      = x W0ᵀ + b + s · (drop(x) Aᵀ) B_effᵀ,     s = alpha / r
+    B_eff  = B_m + λ (B − B_m)        (or B when there is no merged B)
+    Q R    = qr(Aᵀ), diag(R) ≥ 0      A_new = Qᵀ    (task i ≥ 2 init, fp32)
+    B_m,i  = B_m,i-1 + λ(i) (B_ft,i − B_m,i-1),   λ(i) = 1/√i
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "SCHEDULES",
+    "dropout_keep_mask",
+    "lam_schedule",
+    "lora_linear",
+    "orthonormal_rows",
+    "philox_randint",
+    "project_out",
+    "time_aware_merge",
+]
+
+SCHEDULES = ("sqrt", "inverse", "constant", "none")
+
+# Philox-4x32-10 constants, exactly those of triton.language.random, so that a dropout mask drawn
+# here equals the one a Triton kernel draws with tl.randint(seed, offset).
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_U32 = 0xFFFFFFFF
+
+
+def _mul_u32(a: torch.Tensor | int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of the 64-bit product of two uint32 values held in int64.
+
+    Split into 16-bit limbs so no intermediate overflows int64.
+    """
+    a1, a0 = a >> 16, a & 0xFFFF
+    b1, b0 = b >> 16, b & 0xFFFF
+    mid = a1 * b0 + a0 * b1  # < 2**33
+    low = a0 * b0 + ((mid & 0xFFFF) << 16)  # < 2**33
+    high = a1 * b1 + (mid >> 16) + (low >> 32)
+    return high & _U32, low & _U32
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randint(seed, offsets)`` of Triton (Philox 4x32, 10 rounds) in plain PyTorch.
+
+    Args:
+        seed: integer in [0, 2**63).
+        offsets: int64 tensor of non-negative offsets < 2**32 (any shape).
+
+    Returns:
+        int64 tensor of the same shape holding the uint32 random values.
+    """
+    c0 = offsets.to(torch.int64) & _U32
+    c1 = (offsets.to(torch.int64) >> 32) & _U32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi_b, lo_b = _mul_u32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_u32(_PHILOX_ROUND_A, c0)
+        c0, c2 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1
+        c1, c3 = lo_b, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    return c0
+
+
+def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) -> torch.Tensor:
+    """Keep-mask of LoRA dropout over a 2-D ``[M, K]`` input, regenerated from ``seed``.
+
+    Element (m, k) is kept iff ``philox_randint(seed, m * K + k) >= floor(p * 2**32)``: an integer
+    comparison, so the Triton kernel and this twin agree bit for bit.
+    """
+    m, k = shape
+    offsets = torch.arange(m * k, device=device, dtype=torch.int64).view(m, k)
+    return philox_randint(seed, offsets) >= dropout_threshold(p)
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold below which a Philox draw drops an element (p in [0, 1))."""
+    return min(int(math.floor(p * 2**32)), 2**32 - 1)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    merged_B: torch.Tensor | None = None,
+    lam: float = 1.0,
+    dropout: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """``x W0ᵀ + b + scaling · (drop(x) Aᵀ) B_effᵀ`` with ``B_eff = merged_B + lam (B − merged_B)``.
+
+    Args:
+        x: ``(..., in)``.
+        weight: frozen base ``W0``, ``(out, in)``.
+        bias: ``(out,)`` or None.
+        A: ``(r, in)``; B: ``(out, r)``; merged_B: ``(out, r)`` or None (then ``B_eff = B``).
+        scaling: ``alpha / r``. lam: the time-aware merge coefficient λ.
+        dropout: LoRA dropout probability on the adapter branch's input. seed: its mask's seed
+            (drawn from torch's generator when None).
+
+    Returns:
+        ``(..., out)`` in x's dtype.
+    """
+    B_eff = B if merged_B is None else merged_B + lam * (B - merged_B)
+    xa = x
+    if dropout > 0.0:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = dropout_keep_mask(tuple(x2.shape), dropout, seed, device=x.device)
+        xa = (x2 * keep / (1.0 - dropout)).reshape(x.shape)
+    return torch.nn.functional.linear(x, weight, bias) + scaling * ((xa @ A.T) @ B_eff.T)
+
+
+def _qr_dtype(dtype: torch.dtype) -> torch.dtype:
+    # QR and merges run in fp32 whatever the parameter dtype; float64 stays float64 for the tests.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def orthonormal_rows(A: torch.Tensor) -> torch.Tensor:
+    """SLAO step 2: ``Qᵀ`` of the reduced QR of ``Aᵀ``, columns of Q signed so ``diag(R) ≥ 0``.
+
+    Args:
+        A: ``(..., r, d)`` with ``r <= d``; leading dims are a batch.
+
+    Returns:
+        ``(..., r, d)`` in A's dtype, rows orthonormal and spanning A's row space (for full rank A).
+    """
+    Q, R = torch.linalg.qr(A.to(_qr_dtype(A.dtype)).transpose(-1, -2), mode="reduced")
+    d = torch.diagonal(R, dim1=-2, dim2=-1)
+    signs = torch.where(d < 0, -1.0, 1.0).to(Q.dtype)  # a zero sign counts as +1
+    return (Q * signs.unsqueeze(-2)).transpose(-1, -2).to(A.dtype)
+
+
+def project_out(U: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``U − (U Qᵀ) Q``: remove the row space of orthonormal ``Q (..., r, d)`` from ``U (..., k, d)``."""
+    ct = _qr_dtype(U.dtype)
+    U32, Q32 = U.to(ct), Q.to(ct)
+    return (U32 - (U32 @ Q32.transpose(-1, -2)) @ Q32).to(U.dtype)
+
+
+def time_aware_merge(merged_B: torch.Tensor, ft_B: torch.Tensor, lam: float) -> torch.Tensor:
+    """``merged_B + lam (ft_B − merged_B)`` computed in fp32, returned in merged_B's dtype."""
+    ct = _qr_dtype(merged_B.dtype)
+    m = merged_B.to(ct)
+    return (m + lam * (ft_B.to(ct) - m)).to(merged_B.dtype)
+
+
+def lam_schedule(schedule: str, i: int, constant: float = 0.5) -> float:
+    """λ(i) for task ``i ≥ 1``: ``sqrt`` 1/√i (SLAO), ``inverse`` 1/i, ``constant`` c, ``none`` 1.
+
+    Task 1 always gets λ = 1 so that after it the merged adapter equals the fine-tuned one.
+    """
+    if i < 1:
+        raise ValueError(f"task index {i} must be >= 1")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if i == 1 or schedule == "none":
+        return 1.0
+    if schedule == "sqrt":
+        return 1.0 / math.sqrt(i)
+    if schedule == "inverse":
+        return 1.0 / i
+    return float(constant)

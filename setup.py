@@ -1,0 +1,31 @@
+"""mbf-lora: Triton kernels and drop-in PyTorch modules for continual LoRA fine-tuning (SLAO)."""
+
+from setuptools import setup
+
+setup(
+    name="mbf-lora",
+    version="0.1.0",
+    description="Merge before Forget: continual fine-tuning of Llama models with one LoRA adapter",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `kernels` is another PyPI distribution's import name: ours is installed as `mbf.kernels`.
+    packages=["mbf", "mbf.kernels"],
+    package_dir={"mbf": "mbf", "mbf.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.1",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "peft>=0.10",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.5",
+        "gguf>=0.10",
+    ],
+    extras_require={
+        "qlora": ["bitsandbytes>=0.43"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["mbf = mbf.cli:main"]},
+)

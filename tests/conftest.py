@@ -1,0 +1,38 @@
+"""Test set-up: Triton's interpreter on machines without CUDA, and the one tolerance table."""
+
+import os
+
+import torch
+
+# Must happen before anything imports triton: on CPU the kernels run through the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# One tolerance table keyed by dtype, for fast paths compared against the float64 reference.
+# bf16 keeps 8 mantissa bits (eps 2**-8 = 3.9e-3), fp16 11 (eps 9.8e-4), fp32 24 (eps 1.2e-7); a
+# result that went through an fp32-accumulated GEMM of K terms is a few eps off relative to its scale.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+}
+
+
+def tol(dtype: torch.dtype) -> dict:
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw) -> None:
+    """Compare a fast path against the float64 reference with the table's tolerance for ``dtype``."""
+    t = dict(tol(dtype or actual.dtype))
+    t.update(kw)
+    torch.testing.assert_close(actual.double(), expected.double(), **t)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
