@@ -54,19 +54,26 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
         )
     if not any(n.rpartition(".")[2] in targets for n in linears):
         raise ValueError(f"no linear named {', '.join(targets)}; available: {', '.join(sorted(leaves))}")
-    # remembered so that eject() gives the model back exactly as it came
-    model.mbf_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    new_layers = {}
+    try:  # build every layer before swapping any: a bad rank leaves the model untouched
+        for name, linear in linears.items():
+            if name.rpartition(".")[2] not in targets:
+                continue
+            if config.quantize == "nf4":
+                raise NotImplementedError(f"{name}: LoRAConfig(quantize='nf4') needs the NF4 base (QLoRA)")
+            new_layers[name] = LoRALinear(
+                linear, r=config.r, alpha=config.alpha, dropout=config.dropout, backend=config.backend, name=name
+            )
+    except Exception:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        raise
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, linear in linears.items():
-        if name.rpartition(".")[2] not in targets:
-            continue
-        if config.quantize == "nf4":
-            raise NotImplementedError(f"{name}: LoRAConfig(quantize='nf4') needs the NF4 base (QLoRA issue)")
-        layer = LoRALinear(
-            linear, r=config.r, alpha=config.alpha, dropout=config.dropout, backend=config.backend, name=name
-        )
+    for name, layer in new_layers.items():
         _set_submodule(model, name, layer)
+    model.mbf_requires_grad = flags  # so that eject() gives the model back exactly as it came
     model.mbf_lora_config = config  # read by ContinualLoRA.save / load
     return model
 
