@@ -123,3 +123,28 @@ def test_extra_repr_and_bf16_output_dtype():
     layer = mbf.LoRALinear.from_linear(lin, r=4, alpha=8)
     assert "r=4" in repr(layer) and "scaling=2" in repr(layer)
     assert layer(torch.randn(3, 24, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_same_outputs_and_grads_as_peft_lora():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    base = nn.Linear(24, 17)
+    peft_model = get_peft_model(nn.Sequential(nn.Linear(24, 17)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    peft_layer = peft_model.base_model.model[0]
+    peft_layer.base_layer.load_state_dict(base.state_dict())
+    ours = mbf.LoRALinear.from_linear(base, r=4, alpha=8)
+    with torch.no_grad():
+        peft_layer.lora_B["default"].weight.normal_()
+        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
+    x1 = torch.randn(3, 5, 24, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = peft_model(x1), ours(x2)
+    dY = torch.randn_like(y1)
+    y1.backward(dY)
+    y2.backward(dY)
+    torch.testing.assert_close(y2, y1)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad)
+    torch.testing.assert_close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
