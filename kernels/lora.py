@@ -1,0 +1,460 @@
+"""Fused LoRA linear with the time-aware merge inside the kernel: two launches forward, two backward.
+
+With x flattened to ``(M, K)``, ``W0: (N, K)``, ``A: (r, K)``, ``B`` and ``B_m: (N, r)``::
+
+    B_eff = B_m + λ (B − B_m)          (B alone when there is no merged B; formed in-kernel, fp32)
+    S     = drop(x) Aᵀ                 (M, r)  launch 1: one pass over x
+    y     = x W0ᵀ + b + s · S B_effᵀ   (M, N)  launch 2: the LoRA term joins the GEMM's fp32 accumulator
+
+    dS    = dY B_eff                   (M, r)  launch 3: one pass over dY gives dS and
+    dB    = s · λ · dYᵀ S              (N, r)           dB (λ only when the merged B is in play)
+    dX    = dY W0 + s · drop(dS A)     (M, K)  launch 4: one GEMM with the LoRA term joined, whose
+    dA    = s · dSᵀ drop(x)            (r, K)           epilogue reads the x tile at the same (m, k)
+
+``drop(z)[m, k] = z[m, k] · keep[m, k] / (1 − p)`` with ``keep[m, k] = philox(seed, m·K + k) ≥
+floor(p · 2³²)``, exactly ``mbf.reference.dropout_keep_mask``: the mask is regenerated from the seed
+wherever it is needed and never stored. Saved for backward: x and S (plus references to the
+parameters). s, λ, p and the seed are runtime arguments; only whether a bias / merged B / dropout
+exists is a constexpr, so a new task or a new λ never recompiles. fp32 accumulation, cast at the
+store. W0, the bias and the merged B are frozen: they never get a gradient.
+"""
+
+import contextlib
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["lora_linear"]
+
+# ---------------------------------------------------------------------------------------------------
+# Tuned constants
+# ---------------------------------------------------------------------------------------------------
+
+# tl.dot needs every dimension >= 16, so the rank is padded to a power of two >= 16 (masked loads).
+MIN_R_PAD = 16
+# One small config per kernel under TRITON_INTERPRET=1: the interpreter runs every program in
+# numpy, so autotuning there only costs time; these blocks are small enough that the tests' odd
+# shapes still span several tiles and exercise every edge mask.
+_INTERPRET_CONFIGS = {
+    "down": triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}),
+    "linear": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}),
+    "dy": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}),
+}
+
+
+def _configs(kernel: str) -> list[triton.Config]:
+    """Autotune candidates per kernel (Hopper-class GPUs first; pruned by M at launch)."""
+    if kernel == "linear":  # compute-bound GEMM: the Triton matmul tutorial's best Hopper tiles
+        shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 4, 4),
+                  (64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (16, 128, 128, 4, 4)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                              num_warps=w, num_stages=st) for bm, bn, bk, w, st in shapes]
+    if kernel == "down":  # memory-bound over x: enough rows per program to stream K, enough programs
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4, num_stages=st)
+                for bm, bk, st in [(64, 128, 3), (64, 64, 4), (32, 128, 4), (16, 256, 3)]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=st)  # "dy"
+            for bm, bn, st in [(64, 128, 3), (64, 64, 4), (32, 128, 4), (16, 128, 4)]]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _pruner(kernel: str):
+    """early_config_prune: the interpreter's one config, else the configs whose BLOCK_M fits M."""
+
+    def prune(configs, nargs, **kwargs):
+        if _interpreting():
+            return [_INTERPRET_CONFIGS[kernel]]
+        m_bucket = {**nargs, **kwargs}["m_bucket"]
+        fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(m_bucket, 16)]
+        return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+    return prune
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # Triton 3.9's interpreter multiplies bf16 bit patterns as integers: go through fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _keep(seed, threshold, offs_m, offs_k, n_cols):
+    """Dropout keep-mask of a tile of an (M, n_cols) input: philox(seed, m·n_cols + k) ≥ threshold."""
+    offsets = offs_m.to(tl.int64)[:, None] * n_cols + offs_k[None, :]  # int64: M·K may pass 2³¹
+    return tl.randint(seed, offsets) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _load_b_eff(b_ptrs, bm_ptrs, mask, lam, HAS_MERGED: tl.constexpr):
+    """A tile of B_eff = B_m + λ (B − B_m) in fp32 (B alone without a merged B)."""
+    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MERGED:
+        bm = tl.load(bm_ptrs, mask=mask, other=0.0).to(tl.float32)
+        b = bm + lam * (b - bm)
+    return b
+
+
+@triton.jit(do_not_specialize=["M", "seed", "threshold"])
+def _lora_down_kernel(
+    x_ptr,  # (M, K) layer input
+    a_ptr,  # (R, K) lora_A
+    s_ptr,  # (M, R) fp32 output S = drop(x) Aᵀ
+    M, K, R,  # rows of x, features, rank
+    stride_xm, stride_xk,  # elements to step one row / one column of x
+    stride_ar, stride_ak,  # ... of A
+    stride_sm, stride_sr,  # ... of S
+    keep_scale,  # 1 / (1 - p): applied once to the fp32 accumulator instead of to every x element
+    seed,  # dropout seed
+    threshold,  # uint32 Philox draws below it drop their element
+    m_bucket,  # next power of two of M: autotune key only
+    HAS_DROPOUT: tl.constexpr,  # p > 0
+    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok, r_ok = offs_m < M, offs_r < R
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # (BLOCK_K, R_PAD): Aᵀ
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, threshold, offs_m, k0 + offs_k, K), x, tl.zeros_like(x))
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(x.dtype)
+        acc = _dot(x, a, acc, UPCAST, PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "seed", "threshold"])
+def _lora_linear_kernel(
+    a_ptr,  # (M, K) main left operand: x (forward) or dY (dX)
+    w_ptr,  # main right operand read as (K, N) through its strides: W0ᵀ (forward) or W0 (dX)
+    bias_ptr,  # (N,) bias, if HAS_BIAS
+    l_ptr,  # (M, R) fp32 LoRA left operand: S (forward) or dS (backward)
+    u_ptr,  # LoRA right operand read as (R, N) through its strides: Bᵀ (forward) or A (backward)
+    um_ptr,  # merged right operand B_mᵀ (same strides as u), if HAS_MERGED
+    x_ptr,  # (M, N) layer input for the dA epilogue, if ACC_DA
+    da_ptr,  # (R, N) fp32 dA accumulator (atomic adds over M tiles), if ACC_DA
+    c_ptr,  # (M, N) output y or dX, if HAS_MAIN
+    M, N, K, R,
+    stride_am, stride_ak,  # elements to step one row / one column of the main left operand
+    stride_wk, stride_wn,  # ... of the main right operand as (K, N)
+    stride_lm, stride_lr,  # ... of the LoRA left operand
+    stride_ur, stride_un,  # ... of the LoRA right operand as (R, N)
+    stride_xm, stride_xn,  # ... of x
+    stride_cm, stride_cn,  # ... of the output
+    lora_scale,  # s forward; s / (1 - p) for dX
+    lam,  # λ of B_eff
+    da_scale,  # s / (1 - p)
+    seed, threshold,  # dropout, as in _lora_down_kernel (over the (M, N) tile of x for dX and dA)
+    m_bucket,  # autotune key only
+    HAS_MAIN: tl.constexpr,  # compute the GEMM and store c (False: only the dA epilogue)
+    HAS_BIAS: tl.constexpr, HAS_MERGED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACC_DA: tl.constexpr,  # accumulate dA = da_scale · lᵀ drop(x) into da_ptr
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # M tiles per L2-friendly group
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid, num_m, num_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_n)) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok, n_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
+    dt = a_ptr.dtype.element_ty
+    l_tile = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dt)  # (BLOCK_M, R_PAD)
+    if HAS_DROPOUT:
+        keep = _keep(seed, threshold, offs_m, offs_n, N)
+    if HAS_MAIN:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
+            acc = _dot(a, w, acc, UPCAST, PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        u_off = offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un
+        u = _load_b_eff(u_ptr + u_off, um_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
+        if HAS_DROPOUT:  # the mask sits between the LoRA product and the sum: its own small dot
+            lora = _dot(l_tile, u.to(dt), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+            acc += lora_scale * tl.where(keep, lora, 0.0)
+        else:  # s folded into the (R_PAD, BLOCK_N) tile: the LoRA term lands in the same accumulator
+            acc = _dot(l_tile, (lora_scale * u).to(dt), acc, UPCAST, PRECISION)
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if ACC_DA:  # the x tile at this (m, n) is exactly the one dA needs: no second pass over x
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_n[None, :] * stride_xn
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
+        if HAS_DROPOUT:
+            x = tl.where(keep, x, tl.zeros_like(x))
+        da = _dot(tl.trans(l_tile), x, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+        tl.atomic_add(da_ptr + offs_r[:, None] * N + offs_n[None, :], da * da_scale,
+                      mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _lora_dy_kernel(
+    dy_ptr,  # (M, N) upstream gradient
+    b_ptr,  # (N, R) lora_B
+    bm_ptr,  # (N, R) merged B (same strides as B), if HAS_MERGED
+    s_ptr,  # (M, R) fp32 S saved by the forward, if ACC_DB
+    ds_ptr,  # (M, R) fp32 output dS = dY B_eff (same strides as S)
+    db_ptr,  # (N, R) contiguous fp32 dB accumulator (atomic adds over M tiles), if ACC_DB
+    M, N, R,
+    stride_dm, stride_dn,  # elements to step one row / one column of dY
+    stride_bn, stride_br,  # ... of B
+    stride_sm, stride_sr,  # ... of S and dS
+    lam,  # λ of B_eff
+    db_scale,  # s · λ with a merged B, s without
+    m_bucket,  # autotune key only
+    HAS_MERGED: tl.constexpr,
+    ACC_DB: tl.constexpr,  # B needs a gradient
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok, r_ok = offs_m < M, offs_r < R
+    dt = dy_ptr.dtype.element_ty
+    s_off = offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    if ACC_DB:
+        s_tile = tl.load(s_ptr + s_off, mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dt)
+    dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :] * stride_dn
+    b_off = offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BLOCK_N, R_PAD)
+    ds = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_ok = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b_eff = _load_b_eff(b_ptr + b_off, bm_ptr + b_off, n_ok[:, None] & r_ok[None, :], lam, HAS_MERGED)
+        ds = _dot(dy, b_eff.to(dt), ds, UPCAST, PRECISION)
+        if ACC_DB:  # the same dY tile, while it is in registers
+            db = _dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
+            tl.atomic_add(db_ptr + (n0 + offs_n)[:, None] * R + offs_r[None, :], db * db_scale,
+                          mask=n_ok[:, None] & r_ok[None, :])
+        dy_ptrs += BLOCK_N * stride_dn
+        b_off += BLOCK_N * stride_bn
+    tl.store(ds_ptr + s_off, ds, mask=m_ok[:, None] & r_ok[None, :])
+
+
+_KEY = ["m_bucket", "N", "K", "R_PAD"]
+_down = triton.autotune(_configs("down"), key=["m_bucket", "K", "R_PAD", "HAS_DROPOUT"],
+                        prune_configs_by={"early_config_prune": _pruner("down")})(_lora_down_kernel)
+_linear = triton.autotune(_configs("linear"), key=_KEY + ["HAS_MAIN", "ACC_DA", "HAS_DROPOUT"],
+                          prune_configs_by={"early_config_prune": _pruner("linear")},
+                          reset_to_zero=["da_ptr"])(_lora_linear_kernel)
+_dy = triton.autotune(_configs("dy"), key=["m_bucket", "N", "R_PAD", "ACC_DB"],
+                      prune_configs_by={"early_config_prune": _pruner("dy")},
+                      reset_to_zero=["db_ptr"])(_lora_dy_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _threshold(p: float) -> int:
+    # the same integer as mbf.reference.dropout_threshold (tests hold the masks bit-identical)
+    return min(int(math.floor(p * 2**32)), 2**32 - 1)
+
+
+def _launch_flags(x: torch.Tensor, r: int) -> dict:
+    """Constexprs decided per call: rank padding, interpreter upcast, fp32 dot precision."""
+    tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return dict(R_PAD=max(MIN_R_PAD, triton.next_power_of_2(r)), UPCAST=_interpreting(),
+                PRECISION="tf32" if tf32 else "ieee")
+
+
+def _device(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
+    """Launches 1 and 2: returns y (M, N) in x's dtype and S (M, r) fp32."""
+    (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    S = torch.empty((M, r), device=x2.device, dtype=torch.float32)
+    if M == 0:
+        return y, S
+    A, B = A.contiguous(), B.contiguous()
+    Bm = merged_B.contiguous() if merged_B is not None else B
+    flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
+    with _device(x2):
+        _down[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+            x2, A, S, M, K, r, *x2.stride(), *A.stride(), *S.stride(),
+            1.0 / (1.0 - dropout), seed, _threshold(dropout), m_bucket=m_bucket,
+            HAS_DROPOUT=dropout > 0.0, **flags)
+        _linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+            x2, weight, bias if bias is not None else y, S, B, Bm, x2, S, y,
+            M, N, K, r, x2.stride(0), x2.stride(1), weight.stride(1), weight.stride(0), *S.stride(),
+            B.stride(1), B.stride(0), x2.stride(0), x2.stride(1), *y.stride(),
+            float(scaling), float(lam), 0.0, 0, 0, m_bucket=m_bucket,
+            HAS_MAIN=True, HAS_BIAS=bias is not None, HAS_MERGED=merged_B is not None,
+            HAS_DROPOUT=False, ACC_DA=False, **flags)
+    return y, S
+
+
+def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
+    """Launches 3 and 4: dX (M, K) in x's dtype, dA and dB in A's and B's dtypes (empty if not needed)."""
+    (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
+    dx = torch.empty((M, K) if need_dx else (0,), device=x2.device, dtype=x2.dtype)
+    dA = torch.zeros((r, K) if need_da else (0,), device=x2.device, dtype=torch.float32)
+    dB = torch.zeros((N, r) if need_db else (0,), device=x2.device, dtype=torch.float32)
+    if M == 0 or not (need_dx or need_da or need_db):
+        return dx.zero_(), dA.to(A.dtype), dB.to(B.dtype)
+    A, B = A.contiguous(), B.contiguous()
+    Bm = merged_B.contiguous() if merged_B is not None else B
+    dS = torch.empty_like(S)
+    flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
+    keep_scale, has_drop = 1.0 / (1.0 - dropout), dropout > 0.0
+    with _device(x2):
+        _dy[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+            dY, B, Bm, S, dS, dB, M, N, r, *dY.stride(), *B.stride(), *S.stride(),
+            float(lam), float(scaling) * (float(lam) if merged_B is not None else 1.0), m_bucket=m_bucket,
+            HAS_MERGED=merged_B is not None, ACC_DB=need_db, **flags)
+        if need_dx or need_da:
+            _linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
+                dY, weight, dY, dS, A, A, x2, dA, dx if need_dx else dY,
+                M, K, N, r, *dY.stride(), *weight.stride(), *dS.stride(), *A.stride(), *x2.stride(),
+                *(dx.stride() if need_dx else dY.stride()),
+                float(scaling) * keep_scale, 1.0, float(scaling) * keep_scale, seed, _threshold(dropout),
+                m_bucket=m_bucket, HAS_MAIN=need_dx, HAS_BIAS=False, HAS_MERGED=False,
+                HAS_DROPOUT=has_drop, ACC_DA=need_da, **flags)
+    return dx, dA.to(A.dtype), dB.to(B.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library ops and autograd
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mbf::lora_linear_fwd", mutates_args=())
+def _lora_fwd_op(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    merged_B: Optional[torch.Tensor],
+    scaling: float,
+    lam: float,
+    dropout: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed)
+
+
+@_lora_fwd_op.register_fake
+def _(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
+    return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((x2.shape[0], A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mbf::lora_linear_bwd", mutates_args=())
+def _lora_bwd_op(
+    dY: torch.Tensor,
+    x2: torch.Tensor,
+    S: torch.Tensor,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    merged_B: Optional[torch.Tensor],
+    scaling: float,
+    lam: float,
+    dropout: float,
+    seed: int,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db)
+
+
+@_lora_bwd_op.register_fake
+def _(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
+    return (x2.new_empty(x2.shape if need_dx else (0,)), A.new_empty(A.shape if need_da else (0,)),
+            B.new_empty(B.shape if need_db else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x2, weight, _bias, A, B, merged_B, scaling, lam, dropout, seed = inputs
+    ctx.save_for_backward(x2, output[1], weight, A, B, merged_B)  # x and S: the only activations
+    ctx.args = (scaling, lam, dropout, seed)
+
+
+def _autograd_backward(ctx, dY, _dS):
+    x2, S, weight, A, B, merged_B = ctx.saved_tensors
+    need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
+    dx, dA, dB = _lora_bwd_op(dY, x2, S, weight, A, B, merged_B, *ctx.args, need_dx, need_da, need_db)
+    return (dx if need_dx else None, None, None, dA if need_da else None, dB if need_db else None,
+            None, None, None, None, None)
+
+
+_lora_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    merged_B: Optional[torch.Tensor] = None,
+    lam: float = 1.0,
+    dropout: float = 0.0,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """Fused ``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ``: the Triton twin of ``mbf.reference.lora_linear``.
+
+    Args:
+        x: ``(..., K)`` in fp32, fp16 or bf16. weight: ``(N, K)``, frozen. bias: ``(N,)`` or None.
+        A: ``(r, K)``. B: ``(N, r)``. merged_B: ``(N, r)`` or None (then ``B_eff = B``).
+        scaling: ``s = alpha / r``. lam: λ of ``B_eff = merged_B + λ (B − merged_B)``.
+        dropout: p in [0, 1) on the adapter's input. seed: the mask's seed (required when p > 0).
+
+    Returns:
+        ``(..., N)`` in x's dtype; differentiable in x, A and B.
+
+    Raises:
+        ValueError: when p > 0 and no seed is given, or p is outside [0, 1).
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout {dropout} must be in [0, 1)")
+    if dropout > 0.0 and seed is None:
+        raise ValueError(f"dropout {dropout} needs a seed: the backward regenerates the mask from it")
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    y, _ = _lora_fwd_op(x2, weight, bias, A, B, merged_B, float(scaling), float(lam), float(dropout),
+                        int(seed) if seed is not None else 0)
+    return y.view(*x.shape[:-1], weight.shape[0])
