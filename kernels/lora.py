@@ -22,7 +22,6 @@ store. W0, the bias and the merged B are frozen: they never get a gradient.
 import contextlib
 import math
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -111,17 +110,23 @@ def _lora_down_kernel(
     x_ptr,  # (M, K) layer input
     a_ptr,  # (R, K) lora_A
     s_ptr,  # (M, R) fp32 output S = drop(x) Aᵀ
-    M, K, R,  # rows of x, features, rank
-    stride_xm, stride_xk,  # elements to step one row / one column of x
-    stride_ar, stride_ak,  # ... of A
-    stride_sm, stride_sr,  # ... of S
+    M,  # rows of x (tokens)
+    K,  # in features
+    R,  # rank
+    stride_xm,  # elements to step one row of x
+    stride_xk,  # elements to step one column of x
+    stride_ar,  # ... one row of A
+    stride_ak,  # ... one column of A
+    stride_sm,  # ... one row of S
+    stride_sr,  # ... one column of S
     keep_scale,  # 1 / (1 - p): applied once to the fp32 accumulator instead of to every x element
     seed,  # dropout seed
     threshold,  # uint32 Philox draws below it drop their element
     m_bucket,  # next power of two of M: autotune key only
     HAS_DROPOUT: tl.constexpr,  # p > 0
     R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of x per program
+    BLOCK_K: tl.constexpr,  # features per step of the K loop
     UPCAST: tl.constexpr,  # interpreter: dot in fp32
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
@@ -158,24 +163,40 @@ def _lora_linear_kernel(
     x_ptr,  # (M, N) layer input for the dA epilogue, if ACC_DA
     da_ptr,  # (R, N) fp32 dA accumulator (atomic adds over M tiles), if ACC_DA
     c_ptr,  # (M, N) output y or dX, if HAS_MAIN
-    M, N, K, R,
-    stride_am, stride_ak,  # elements to step one row / one column of the main left operand
-    stride_wk, stride_wn,  # ... of the main right operand as (K, N)
-    stride_lm, stride_lr,  # ... of the LoRA left operand
-    stride_ur, stride_un,  # ... of the LoRA right operand as (R, N)
-    stride_xm, stride_xn,  # ... of x
-    stride_cm, stride_cn,  # ... of the output
+    M,  # rows (tokens)
+    N,  # output columns: out features (forward) or in features (dX)
+    K,  # reduction length: in features (forward) or out features (dX)
+    R,  # rank
+    stride_am,  # elements to step one row of the main left operand
+    stride_ak,  # ... one column of it
+    stride_wk,  # ... one row of the main right operand as (K, N)
+    stride_wn,  # ... one column of it
+    stride_lm,  # ... one row of the LoRA left operand
+    stride_lr,  # ... one column of it
+    stride_ur,  # ... one row of the LoRA right operand as (R, N)
+    stride_un,  # ... one column of it
+    stride_xm,  # ... one row of x
+    stride_xn,  # ... one column of x
+    stride_cm,  # ... one row of the output
+    stride_cn,  # ... one column of the output
     lora_scale,  # s forward; s / (1 - p) for dX
     lam,  # λ of B_eff
     da_scale,  # s / (1 - p)
-    seed, threshold,  # dropout, as in _lora_down_kernel (over the (M, N) tile of x for dX and dA)
+    seed,  # dropout seed, as in _lora_down_kernel (the mask is over the (M, N) tile of x for dX and dA)
+    threshold,  # uint32 Philox draws below it drop their element
     m_bucket,  # autotune key only
     HAS_MAIN: tl.constexpr,  # compute the GEMM and store c (False: only the dA epilogue)
-    HAS_BIAS: tl.constexpr, HAS_MERGED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # add the bias (forward)
+    HAS_MERGED: tl.constexpr,  # form B_eff from u and um with λ (forward)
+    HAS_DROPOUT: tl.constexpr,  # p > 0: mask the LoRA term and x (dX, dA)
     ACC_DA: tl.constexpr,  # accumulate dA = da_scale · lᵀ drop(x) into da_ptr
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # output tile rows
+    BLOCK_N: tl.constexpr,  # output tile columns
+    BLOCK_K: tl.constexpr,  # reduction step
     GROUP_M: tl.constexpr,  # M tiles per L2-friendly group
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
     pid, num_m, num_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     first_m = (pid // (GROUP_M * num_n)) * GROUP_M
@@ -232,17 +253,25 @@ def _lora_dy_kernel(
     s_ptr,  # (M, R) fp32 S saved by the forward, if ACC_DB
     ds_ptr,  # (M, R) fp32 output dS = dY B_eff (same strides as S)
     db_ptr,  # (N, R) contiguous fp32 dB accumulator (atomic adds over M tiles), if ACC_DB
-    M, N, R,
-    stride_dm, stride_dn,  # elements to step one row / one column of dY
-    stride_bn, stride_br,  # ... of B
-    stride_sm, stride_sr,  # ... of S and dS
+    M,  # rows (tokens)
+    N,  # out features
+    R,  # rank
+    stride_dm,  # elements to step one row of dY
+    stride_dn,  # ... one column of dY
+    stride_bn,  # ... one row of B (and of the merged B)
+    stride_br,  # ... one column of B
+    stride_sm,  # ... one row of S and dS
+    stride_sr,  # ... one column of S and dS
     lam,  # λ of B_eff
     db_scale,  # s · λ with a merged B, s without
     m_bucket,  # autotune key only
     HAS_MERGED: tl.constexpr,
     ACC_DB: tl.constexpr,  # B needs a gradient
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # rows of dY per program (each program sweeps all of N)
+    BLOCK_N: tl.constexpr,  # columns per step of the N loop
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -287,14 +316,14 @@ _dy = triton.autotune(_configs("dy"), key=["m_bucket", "N", "R_PAD", "ACC_DB"],
 
 def _threshold(p: float) -> int:
     # the same integer as mbf.reference.dropout_threshold (tests hold the masks bit-identical)
-    return min(int(math.floor(p * 2**32)), 2**32 - 1)
+    return min(math.floor(p * 2**32), 2**32 - 1)
 
 
 def _launch_flags(x: torch.Tensor, r: int) -> dict:
     """Constexprs decided per call: rank padding, interpreter upcast, fp32 dot precision."""
     tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return dict(R_PAD=max(MIN_R_PAD, triton.next_power_of_2(r)), UPCAST=_interpreting(),
-                PRECISION="tf32" if tf32 else "ieee")
+    return {"R_PAD": max(MIN_R_PAD, triton.next_power_of_2(r)), "UPCAST": _interpreting(),
+            "PRECISION": "tf32" if tf32 else "ieee"}
 
 
 def _device(x: torch.Tensor):
@@ -364,10 +393,10 @@ def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, ne
 def _lora_fwd_op(
     x2: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
-    merged_B: Optional[torch.Tensor],
+    merged_B: torch.Tensor | None,
     scaling: float,
     lam: float,
     dropout: float,
@@ -378,7 +407,8 @@ def _lora_fwd_op(
 
 @_lora_fwd_op.register_fake
 def _(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
-    return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((x2.shape[0], A.shape[0]), dtype=torch.float32)
+    M = x2.shape[0]
+    return x2.new_empty((M, weight.shape[0])), x2.new_empty((M, A.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("mbf::lora_linear_bwd", mutates_args=())
@@ -389,7 +419,7 @@ def _lora_bwd_op(
     weight: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    merged_B: Optional[torch.Tensor],
+    merged_B: torch.Tensor | None,
     scaling: float,
     lam: float,
     dropout: float,
@@ -398,7 +428,8 @@ def _lora_bwd_op(
     need_da: bool,
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db)
+    args = (scaling, lam, dropout, seed, need_dx, need_da, need_db)
+    return _backward(dY, x2, S, weight, A, B, merged_B, *args)
 
 
 @_lora_bwd_op.register_fake
@@ -427,14 +458,14 @@ _lora_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
     scaling: float,
-    merged_B: Optional[torch.Tensor] = None,
+    merged_B: torch.Tensor | None = None,
     lam: float = 1.0,
     dropout: float = 0.0,
-    seed: Optional[int] = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """Fused ``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ``: the Triton twin of ``mbf.reference.lora_linear``.
 
