@@ -1,0 +1,191 @@
+"""NF4 storage: bitsandbytes' exact layout, bit-exact dequantisation, zero-copy conversion, errors."""
+
+import importlib
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from mbf import quant
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _bnb():
+    """bitsandbytes.functional, or a skip that says why and how to get it."""
+    try:
+        return importlib.import_module("bitsandbytes.functional")
+    except ImportError:
+        pytest.skip(
+            "bitsandbytes is not installed (pip install mbf-lora[qlora]): no reference to compare with"
+        )
+
+
+def _weight(out_f: int, in_f: int, dtype: torch.dtype) -> torch.Tensor:
+    # a heavy-tailed weight with a few outliers, so blocks get very different absmax values
+    w = torch.randn(out_f, in_f) * 0.02
+    w.view(-1)[torch.randint(0, w.numel(), (5,))] *= 40
+    return w.to(dtype)
+
+
+class _Param:  # what _from_bnb_param reads from a Params4bit
+    def __init__(self, data, quant_state):
+        self.data, self.quant_state = data, quant_state
+
+
+def test_tables_equal_bitsandbytes():
+    F = _bnb()
+    assert torch.equal(quant.dynamic_map(), F.create_dynamic_map())
+    assert torch.equal(torch.tensor(quant.NF4_CODE), F.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequant_bit_exact_to_bitsandbytes(dtype, double_quant):
+    F = _bnb()
+    W = _weight(67, 192, dtype)  # odd rows; 201 blocks, so the last 256-group of absmax is partial
+    q, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    w = quant._from_bnb_param(_Param(q, state), "test", None)
+    assert w.packed.data_ptr() == q.data_ptr()  # a view, not a copy
+    if double_quant:
+        assert w.absmax.data_ptr() == state.absmax.data_ptr() and w.absmax.dtype == torch.uint8
+    ours = quant.dequantize_nf4(w)
+    theirs = F.dequantize_4bit(q, state)
+    assert ours.dtype == theirs.dtype == dtype
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_matches_bitsandbytes(dtype):
+    """Our 4-bit codes are bnb's; our storage dequantises identically through bnb itself."""
+    F = _bnb()
+    W = _weight(33, 320, dtype)
+    q, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    w = quant.quantize_nf4(W)
+    assert torch.equal(w.packed, q.view(-1))
+    assert torch.equal(w.absmax_scale, state.state2.absmax) and torch.equal(w.absmax_offset, state.offset)
+    # bnb's CPU C kernel may pick the other neighbour of a value within ~1e-6 of a midpoint
+    differ = (w.absmax.int() - state.absmax.int()).abs()
+    assert differ.max() <= 1 and (differ > 0).float().mean() < 0.05
+    state2 = F.QuantState(absmax=w.absmax_scale, code=w.absmax_code, blocksize=256, dtype=torch.float32)
+    ours_state = F.QuantState(
+        absmax=w.absmax,
+        shape=torch.Size(w.shape),
+        code=w.code,
+        blocksize=64,
+        quant_type="nf4",
+        dtype=dtype,
+        offset=w.absmax_offset,
+        state2=state2,
+    )
+    assert torch.equal(F.dequantize_4bit(w.packed.view(-1, 1), ours_state), quant.dequantize_nf4(w))
+
+
+def test_layout_high_nibble_first():
+    """Hand-built storage: byte 0x0F holds code 0 (-1.0) first, then code 15 (+1.0)."""
+    packed = torch.full((32,), 0x0F, dtype=torch.uint8)  # one row of 64 = one block
+    code = torch.tensor(quant.NF4_CODE)
+    w = quant.NF4Weight(packed, torch.tensor([2.5]), None, None, None, code, (1, 64), torch.float32)
+    row = quant.dequantize_nf4(w)[0]
+    assert torch.equal(row[0::2], torch.full((32,), -2.5)) and torch.equal(row[1::2], torch.full((32,), 2.5))
+
+
+def test_quantisation_error_is_nf4s():
+    """Round trip error per block ≤ half the widest NF4 gap times the block's absmax."""
+    W = _weight(40, 128, torch.float32)
+    w = quant.quantize_nf4(W)
+    err = (quant.dequantize_nf4(w) - W).abs().view(-1, 64)
+    absmax = W.abs().view(-1, 64).amax(1, keepdim=True)
+    absmax_err = (w.block_scales().view(-1, 1) - absmax).abs()  # the 8-bit double quant's share
+    gap = max(b - a for a, b in zip(quant.NF4_CODE, quant.NF4_CODE[1:]))
+    assert (err <= absmax * gap / 2 + absmax_err + 1e-7).all()
+    assert err.max() > 0 and absmax_err.max() > 0  # it did quantise, both levels
+
+
+def test_memory_about_half_a_byte_per_weight():
+    w = quant.quantize_nf4(torch.randn(1024, 4096))
+    per_weight = w.nbytes() / (1024 * 4096)
+    assert 0.515 < per_weight < 0.52, per_weight  # 0.5 + 1/64 + 4/(64·256) + the tables
+
+
+def test_nf4linear_forward_and_buffers_follow_to():
+    lin = nn.Linear(128, 19, dtype=torch.float32)
+    layer = quant.NF4Linear.from_linear(lin)
+    x = torch.randn(3, 128)
+    expected = torch.nn.functional.linear(x, layer.dequantize(), lin.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    sd = layer.state_dict()
+    assert sd["weight_packed"].dtype == torch.uint8 and sd["weight_packed"].numel() == 19 * 128 // 2
+    layer.to(torch.device("meta"))
+    assert layer.nf4.device.type == "meta" and layer.absmax_code.device.type == "meta"
+
+
+def test_bnb_linear4bit_converts_zero_copy():
+    bnb = pytest.importorskip(
+        "bitsandbytes", reason="bitsandbytes is not installed (pip install mbf-lora[qlora])"
+    )
+    lin = bnb.nn.Linear4bit(128, 24, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    lin = lin.to("cpu")  # bnb quantises on the move to a device
+    layer = quant.NF4Linear.from_bnb(lin)
+    assert layer.weight_packed.data_ptr() == lin.weight.data_ptr()
+    assert layer.absmax.data_ptr() == lin.weight.quant_state.absmax.data_ptr()
+    assert layer.compute_dtype == torch.bfloat16 and layer.restore() is lin
+    ref = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).to(torch.bfloat16)
+    assert torch.equal(layer.dequantize(), ref)
+    back = layer.to_bnb()  # and back to bnb, sharing the tensors
+    assert back.weight.data_ptr() == lin.weight.data_ptr()
+    assert torch.equal(bnb.functional.dequantize_4bit(back.weight.data, back.weight.quant_state), ref.float())
+
+
+def test_bnb_cpu_repacked_weight_is_unpacked():
+    """bnb repacks a CPU Linear4bit in place for its inference kernel (bf16 absmax, lossy); conversion
+    undoes that with bnb's own inverse, so both libraries then read the same weight."""
+    bnb = pytest.importorskip(
+        "bitsandbytes", reason="bitsandbytes is not installed (pip install mbf-lora[qlora])"
+    )
+    lin = bnb.nn.Linear4bit(128, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    before = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+    lin.eval()
+    with torch.no_grad():
+        lin(torch.randn(2, 128))  # repacks on AVX512-BF16 CPUs
+    if not getattr(lin.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes did not repack")
+    with pytest.warns(UserWarning, match="repacked"):
+        layer = quant.NF4Linear.from_bnb(lin, name="q_proj")
+    after = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+    assert torch.equal(layer.dequantize(torch.float32), after)
+    torch.testing.assert_close(after, before, rtol=2e-2, atol=1e-3)  # bf16 absmax, re-quantised
+
+
+def test_errors_fp4_and_blocksize():
+    F = _bnb()
+    W = _weight(8, 128, torch.float32)
+    q, state = F.quantize_4bit(W, blocksize=64, quant_type="fp4")
+    with pytest.raises(ValueError, match="q_proj: 4-bit quant_type 'fp4' is not supported"):
+        quant._from_bnb_param(_Param(q, state), "q_proj", None)
+    q, state = F.quantize_4bit(W, blocksize=128, quant_type="nf4")
+    with pytest.raises(ValueError, match="q_proj: 4-bit blocksize 128 is not supported; only 64"):
+        quant._from_bnb_param(_Param(q, state), "q_proj", None)
+    with pytest.raises(ValueError, match="v_proj: in_features 100 must be a multiple of 64"):
+        quant.quantize_nf4(torch.randn(4, 100), name="v_proj")
+
+
+def test_error_bitsandbytes_missing(monkeypatch):
+    layer = quant.NF4Linear.from_linear(nn.Linear(64, 8))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install mbf-lora\[qlora\]"):
+        layer.to_bnb()
+
+
+def test_error_device():
+    w = quant.quantize_nf4(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="backend='triton' needs the NF4 weight on a CUDA device"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "0")
+            quant.check_device(w, torch.randn(2, 64), "triton", "q_proj")
+    meta = quant.NF4Linear(w).to("meta").nf4
+    with pytest.raises(RuntimeError, match="q_proj: NF4 weight on meta cannot run"):
+        quant.check_device(meta, torch.randn(2, 64), "torch", "q_proj")
+    with pytest.raises(ValueError, match="q_proj: input on meta but the NF4 weight on cpu"):
+        quant.check_device(w, torch.randn(2, 64, device="meta"), "torch", "q_proj")
