@@ -157,10 +157,17 @@ def _group_by_shape(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     return groups
 
 
+# A row of A counts as dependent on the rows before it when what is left of it after projecting
+# them out is at most this fraction of its norm. 4 eps of fp32: any A with condition number <= 1e6
+# keeps R_kk >= sigma_min >= 1e-6 ||a_k|| (8 eps), while an exactly dependent fp32 row leaves only
+# rounding (<~ 1.5 eps with Householder, < 0.1 eps with the kernel's CGS2).
+DEPENDENT_ROW_TOL = 4.0 * torch.finfo(torch.float32).eps
+
+
 def orthonormal_rows(
     As: Sequence[torch.Tensor], names: Sequence[str] | None = None, backend: str = "auto"
 ) -> list[torch.Tensor]:
-    """Orthonormalise every ``A (r, d)`` of a model: SLAO step 2, batched per shape group.
+    """Orthonormalise every ``A (r, d)`` of a model: SLAO step 2, one batched call per shape group.
 
     Args:
         As: the adapters' A matrices (any mix of shapes, ``r <= d``).
@@ -168,7 +175,10 @@ def orthonormal_rows(
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
-        A list of ``Q`` with the same shapes and dtypes: ``Qᵀ`` of ``qr(Aᵀ)`` with ``diag(R) ≥ 0``.
+        A list of ``Q`` with the same shapes and dtypes: ``Qᵀ`` of ``qr(Aᵀ)`` with ``diag(R) ≥ 0``,
+        computed in fp32 (fp64 stays fp64). A rank-deficient A gets its dependent rows replaced by
+        deterministic completion directions (a warning names the layer): Q still has r orthonormal
+        rows and its row space contains A's.
 
     Raises:
         ValueError: when a matrix has non-finite values or more rows than columns (names it).
@@ -177,46 +187,103 @@ def orthonormal_rows(
     for name, A in zip(names, As):
         if A.dim() != 2 or A.shape[0] > A.shape[1]:
             raise ValueError(f"{name}: A of shape {tuple(A.shape)} must be (r, d) with r <= d")
-        if not torch.isfinite(A).all():
-            raise ValueError(f"{name}: lora_A has non-finite values; cannot orthonormalise it")
+    groups = [(idx, torch.stack([As[i].detach() for i in idx])) for idx in _group_by_shape(As).values()]
+    for idx, batch in groups:  # one host sync per group, not one per layer
+        finite = torch.isfinite(batch).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = idx[int((~finite).nonzero()[0, 0])]
+            raise ValueError(f"{names[bad]}: lora_A has non-finite values; cannot orthonormalise it")
     out: list[torch.Tensor | None] = [None] * len(As)
-    for idx in _group_by_shape(As).values():
-        batch = torch.stack([As[i] for i in idx])  # (G, r, d): one call for the whole group
+    for idx, batch in groups:  # batch: (G, r, d)
         if resolve_backend(backend, batch) == "triton":
-            Q = _kernel("ortho", "orthonormal_rows")(batch)
+            fn = _kernel("ortho", "orthonormal_rows_with_flags")
+            Q, deficient = fn(batch, tau=DEPENDENT_ROW_TOL)
         else:
-            Q = reference.orthonormal_rows(batch)
-        _warn_rank_deficient(batch, [names[i] for i in idx])
+            Q = reference.orthonormal_rows(batch.to(reference._qr_dtype(batch.dtype)))  # (G, r, d) fp32
+            deficient = _dependent_rows(batch, Q)
+            Q = Q.to(batch.dtype)
+        _warn_rank_deficient(deficient, [names[i] for i in idx])
         for j, i in enumerate(idx):
             out[i] = Q[j]
     return out  # type: ignore[return-value]
 
 
-def _warn_rank_deficient(batch: torch.Tensor, names: list[str]) -> None:
-    # Singular values of A relative to the largest one: below ~sqrt(eps) the row space is not
-    # numerically defined, and QR completes it with arbitrary (but orthonormal) directions.
-    sv = torch.linalg.svdvals(batch.double())  # (G, r)
-    tol = sv[:, :1] * max(batch.shape[-2:]) * torch.finfo(torch.float32).eps
-    for name, deficient in zip(names, (sv <= tol).any(dim=1).tolist()):
-        if deficient:
+def _dependent_rows(batch: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``(G,)`` bool: some ``R_kk = q_k · a_k`` is at most ``DEPENDENT_ROW_TOL ‖a_k‖`` (Q before the cast)."""
+    A64 = batch.double()
+    r_kk = (Q.double() * A64).sum(-1)  # (G, r): diag(R) of the sign-fixed QR
+    return (r_kk <= DEPENDENT_ROW_TOL * torch.linalg.vector_norm(A64, dim=-1)).any(dim=1)
+
+
+def _warn_rank_deficient(deficient: torch.Tensor, names: list[str]) -> None:
+    # QR completes a rank-deficient A with orthonormal directions of its own choosing: correct, but
+    # the user's adapter had fewer independent rows than r, which usually means a bug upstream.
+    for name, flag in zip(names, deficient.tolist()):
+        if flag:
             warnings.warn(f"{name}: lora_A is rank-deficient; completed to orthonormal rows", stacklevel=3)
 
 
 def project_out(U: torch.Tensor, Q: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``U − (U Qᵀ) Q``: U's rows without their component in the row space of orthonormal Q."""
+    """``U − (U Qᵀ) Q`` in fp32: U's rows without their component in the row space of orthonormal Q.
+
+    Args:
+        U: ``(k, d)`` or a batch ``(G, k, d)``. Q: ``(r, d)`` or ``(G, r, d)``, rows orthonormal.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (one launch for the whole batch).
+
+    Returns:
+        U's shape and dtype.
+
+    Raises:
+        ValueError: when U and Q disagree on d or on the batch.
+    """
+    same_batch = U.dim() == Q.dim() and U.shape[:-2] == Q.shape[:-2] and U.shape[-1] == Q.shape[-1]
+    if U.dim() not in (2, 3) or not same_batch:
+        raise ValueError(f"U {tuple(U.shape)}, Q {tuple(Q.shape)}: need (k, d), (r, d) or batches of them")
     if resolve_backend(backend, U) == "triton":
         return _kernel("ortho", "project_out")(U, Q)
     return reference.project_out(U, Q)
 
 
+def project_out_all(
+    Us: Sequence[torch.Tensor], Qs: Sequence[torch.Tensor], backend: str = "auto"
+) -> list[torch.Tensor]:
+    """``project_out`` for every layer of a model: one batched call per shape group.
+
+    Args:
+        Us: ``(k, d)`` matrices (updates, gradients). Qs: the matching orthonormal ``(r, d)`` bases.
+
+    Returns:
+        A list with ``U_i − (U_i Q_iᵀ) Q_i``, shapes and dtypes of the Us.
+    """
+    if len(Us) != len(Qs):
+        raise ValueError(f"{len(Us)} matrices but {len(Qs)} bases")
+    out: list[torch.Tensor | None] = [None] * len(Us)
+    keys: dict[tuple, list[int]] = {}
+    for i, (U, Q) in enumerate(zip(Us, Qs)):
+        keys.setdefault((tuple(U.shape), tuple(Q.shape), U.dtype, Q.dtype, U.device), []).append(i)
+    for idx in keys.values():
+        P = project_out(torch.stack([Us[i] for i in idx]), torch.stack([Qs[i] for i in idx]), backend)
+        for j, i in enumerate(idx):
+            out[i] = P[j]
+    return out  # type: ignore[return-value]
+
+
 def time_aware_merge(
     merged_Bs: Sequence[torch.Tensor], ft_Bs: Sequence[torch.Tensor], lam: float, backend: str = "auto"
 ) -> None:
-    """In place for every layer: ``B_m ← B_m + λ (B_ft − B_m)``, computed in fp32.
+    """In place for every layer: ``B_m ← B_m + λ (B_ft − B_m)``, computed in fp32, all layers at once.
+
+    Both paths evaluate it as ``torch.lerp`` does (``B_ft − (1 − λ)(B_ft − B_m)`` for λ ≥ 0.5), so
+    λ = 1 (task 1) gives ``B_m = B_ft`` exactly.
 
     Args:
         merged_Bs: the merged B buffers (updated in place). ft_Bs: the fine-tuned Bs, same shapes.
         lam: λ(i) of the task just finished.
+        backend: ``"auto"``, ``"torch"`` (``torch._foreach_lerp_`` per dtype group) or ``"triton"``
+            (one launch per dtype pair).
+
+    Raises:
+        ValueError: on mismatched lengths or shapes.
     """
     if len(merged_Bs) != len(ft_Bs):
         raise ValueError(f"{len(merged_Bs)} merged Bs but {len(ft_Bs)} fine-tuned Bs")
@@ -225,10 +292,17 @@ def time_aware_merge(
             raise ValueError(f"merged B {tuple(m.shape)} and fine-tuned B {tuple(f.shape)} differ")
     if not merged_Bs:
         return
-    if resolve_backend(backend, merged_Bs[0]) == "triton":
-        _kernel("merge", "time_aware_merge_")(list(merged_Bs), list(ft_Bs), lam)
-        return
     with torch.no_grad():
-        for idx in _group_by_shape(merged_Bs).values():
-            for i in idx:  # the foreach-free twin; reference.time_aware_merge is the spec
-                merged_Bs[i].copy_(reference.time_aware_merge(merged_Bs[i], ft_Bs[i].detach(), lam))
+        if resolve_backend(backend, merged_Bs[0]) == "triton":
+            _kernel("merge", "time_aware_merge_")(list(merged_Bs), [f.detach() for f in ft_Bs], lam)
+            return
+        groups: dict[tuple, list[int]] = {}
+        for i, (m, f) in enumerate(zip(merged_Bs, ft_Bs)):
+            groups.setdefault((m.dtype, f.dtype, m.device), []).append(i)
+        for (m_dtype, _, _), idx in groups.items():
+            ct = reference._qr_dtype(m_dtype)
+            ms = [merged_Bs[i] for i in idx]
+            work = ms if m_dtype == ct else [m.to(ct) for m in ms]  # fp32 math for half storage
+            torch._foreach_lerp_(work, [ft_Bs[i].detach().to(ct) for i in idx], float(lam))
+            if work is not ms:
+                torch._foreach_copy_(ms, work)
