@@ -13,6 +13,7 @@ new task never recompiles.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -79,19 +80,30 @@ def time_aware_merge_(merged: Sequence[torch.Tensor], ft: Sequence[torch.Tensor]
         if m.numel():
             groups.setdefault((m.dtype, f.dtype), []).append(i)
     for (m_dtype, f_dtype), idx in groups.items():
-        sizes = [merged[i].numel() for i in idx]
-        chunks = torch.tensor([triton.cdiv(n, BLOCK) for n in sizes])
-        # chunk -> (tensor, chunk within tensor), built on the host: one small copy, no sync
-        tensor_of = torch.repeat_interleave(torch.arange(len(idx)), chunks)
-        first = torch.cumsum(chunks, 0) - chunks  # index of each tensor's first chunk
-        chunk_of = torch.arange(len(tensor_of)) - torch.repeat_interleave(first, chunks)
-        table = torch.tensor(
-            [[merged[i].data_ptr() for i in idx], [ft[i].data_ptr() for i in idx], sizes], dtype=torch.int64
+        table, maps = _chunk_table(
+            tuple(merged[i].data_ptr() for i in idx),
+            tuple(ft[i].data_ptr() for i in idx),
+            tuple(merged[i].numel() for i in idx),
+            merged[idx[0]].device,
         )
-        device = merged[idx[0]].device
-        table = table.to(device, non_blocking=True)
-        maps = torch.stack([tensor_of, chunk_of]).to(torch.int32).to(device, non_blocking=True)
-        _merge_kernel[(len(tensor_of),)](
+        _merge_kernel[(maps.shape[1],)](
             table[0], table[1], table[2], maps[0], maps[1], float(lam),
             M_DTYPE=_TL_DTYPES[m_dtype], F_DTYPE=_TL_DTYPES[f_dtype], BLOCK=BLOCK, num_warps=4,
         )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_table(
+    ptrs_m: tuple[int, ...], ptrs_f: tuple[int, ...], sizes: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, T)`` int64 addresses and sizes, ``(2, C)`` int32 chunk -> (tensor, chunk in tensor), on device.
+
+    A pure function of its arguments, memoised: ContinualLoRA merges the same buffers at every task
+    boundary, so after the first one the merge is a single launch with no host-to-device copy.
+    """
+    chunks = torch.tensor([triton.cdiv(n, BLOCK) for n in sizes])
+    tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), chunks)
+    first = torch.cumsum(chunks, 0) - chunks  # index of each tensor's first chunk
+    chunk_of = torch.arange(len(tensor_of)) - torch.repeat_interleave(first, chunks)
+    table = torch.tensor([ptrs_m, ptrs_f, sizes], dtype=torch.int64).to(device)
+    return table, torch.stack([tensor_of, chunk_of]).to(torch.int32).to(device)

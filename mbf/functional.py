@@ -188,25 +188,33 @@ def orthonormal_rows(
         if A.dim() != 2 or A.shape[0] > A.shape[1]:
             raise ValueError(f"{name}: A of shape {tuple(A.shape)} must be (r, d) with r <= d")
     groups = [(idx, torch.stack([As[i].detach() for i in idx])) for idx in _group_by_shape(As).values()]
-    for idx, batch in groups:  # one host sync per group, not one per layer
-        finite = torch.isfinite(batch).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = idx[int((~finite).nonzero()[0, 0])]
-            raise ValueError(f"{names[bad]}: lora_A has non-finite values; cannot orthonormalise it")
+    order = [i for idx, _ in groups for i in idx]
+    finite = _host_bools([torch.isfinite(batch).flatten(1).all(dim=1) for _, batch in groups])  # one sync
+    if not all(finite):
+        bad = names[order[finite.index(False)]]
+        raise ValueError(f"{bad}: lora_A has non-finite values; cannot orthonormalise it")
     out: list[torch.Tensor | None] = [None] * len(As)
+    deficient = []
     for idx, batch in groups:  # batch: (G, r, d)
         use_triton = resolve_backend(backend, batch) == "triton"
         if use_triton and backend == "auto" and batch.shape[1] > _kernel("ortho", "MAX_RANK"):
             use_triton = False  # ranks beyond the kernel's register tiles take the torch path
         if use_triton:
-            fn = _kernel("ortho", "orthonormal_rows_with_flags")
-            Q, deficient = fn(batch, tau=DEPENDENT_ROW_TOL)
+            Q, flags = _kernel("ortho", "orthonormal_rows_with_flags")(batch, tau=DEPENDENT_ROW_TOL)
         else:
-            Q, deficient = _torch_orthonormal_rows(batch)
-        _warn_rank_deficient(deficient, [names[i] for i in idx])
+            Q, flags = _torch_orthonormal_rows(batch)
+        deficient.append(flags)
         for j, i in enumerate(idx):
             out[i] = Q[j]
+    _warn_rank_deficient(_host_bools(deficient), [names[i] for i in order])  # one more sync
     return out  # type: ignore[return-value]
+
+
+def _host_bools(flags: list[torch.Tensor]) -> list[bool]:
+    """Concatenate per-group ``(G,)`` bool tensors and bring them to the host in one transfer."""
+    if not flags:
+        return []
+    return torch.cat([f.to(flags[0].device) for f in flags]).tolist()
 
 
 def _torch_orthonormal_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,10 +231,10 @@ def _torch_orthonormal_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return (Q * signs.unsqueeze(-2)).transpose(-1, -2).to(batch.dtype), deficient
 
 
-def _warn_rank_deficient(deficient: torch.Tensor, names: list[str]) -> None:
+def _warn_rank_deficient(deficient: list[bool], names: list[str]) -> None:
     # QR completes a rank-deficient A with orthonormal directions of its own choosing: correct, but
     # the user's adapter had fewer independent rows than r, which usually means a bug upstream.
-    for name, flag in zip(names, deficient.tolist()):
+    for name, flag in zip(names, deficient):
         if flag:
             warnings.warn(f"{name}: lora_A is rank-deficient; completed to orthonormal rows", stacklevel=3)
 
