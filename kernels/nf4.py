@@ -49,14 +49,26 @@ def _interpreting() -> bool:
 def _gemm_config(M: int, N: int, K: int) -> dict:
     """Tile sizes (one place; keyed on shape). Fixed, not autotuned: nothing was measured yet."""
     if _interpreting():  # small tiles: the interpreter's cost grows with the tile volume
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
     block_m = 64 if M <= 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=8 if block_m == 128 else 4, num_stages=3)
+    warps = 8 if block_m == 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=3)
 
 
 def choose_path(M: int, N: int, K: int) -> str:
     """``"fused"`` or ``"dequant"`` for a GEMM of M tokens over an ``(N, K)`` NF4 weight."""
     return "fused" if M <= FUSED_MAX_M else "dequant"
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program from a 1-D grid, GROUP_M row tiles at a time (L2 reuse of W)."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_n)) % size_m, (pid % (GROUP_M * num_n)) // size_m
 
 
 @triton.jit
@@ -148,8 +160,9 @@ def _nf4_lora_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -215,8 +228,9 @@ def _nf4_lora_dx_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
@@ -316,7 +330,7 @@ def nf4_lora_forward(
     Bm = B if merged_B is None else merged_B.to(B.dtype).contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     cfg = _gemm_config(M, N, K)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _nf4_lora_fwd_kernel[grid](
         x,
         packed,
@@ -367,7 +381,7 @@ def nf4_lora_dx(
     dS = None if dS is None else dS.to(dy.dtype).contiguous()
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     cfg = _gemm_config(M, K, N)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     _nf4_lora_dx_kernel[grid](
         dy,
         packed,

@@ -432,8 +432,9 @@ class _NF4LoRALinear(torch.autograd.Function):
                 if p > 0:
                     dx.add_(_dropped(dS @ A.to(dS.dtype), p, ctx.seed), alpha=s)
             else:
-                dx = dY2 @ _dense(w, dY2.dtype, ctx.path)
-                dx.add_(_dropped(dS @ A.to(dS.dtype), p, ctx.seed), alpha=s)
+                # one GEMM with the LoRA term as its addend: the sum is rounded once, as in the fused kernel
+                lora_dx = _dropped(dS @ A.to(dS.dtype), p, ctx.seed)
+                dx = torch.addmm(lora_dx, dY2, _dense(w, dY2.dtype, ctx.path), beta=s)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             dA = (dS.T @ _dropped(x2, p, ctx.seed).to(dS.dtype)).mul_(s).to(A.dtype)
