@@ -97,6 +97,8 @@ def _load_w_tile(
 def _dot(a, b, acc, INTERPRET: tl.constexpr):
     if INTERPRET:  # fp32 tiles: the interpreter's bf16 tl.dot is wrong (see _interpreting)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if a.dtype == tl.float32:  # true fp32, as torch's matmul (TF32 off by default), not tl.dot's TF32
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
 

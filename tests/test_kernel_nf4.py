@@ -8,13 +8,15 @@ from mbf import quant, reference
 
 knf4 = pytest.importorskip("mbf.kernels.nf4", reason="triton is not installed")
 
+# the interpreter on CPU (conftest sets TRITON_INTERPRET=1 there), the real kernels on a GPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (M, N, K, r): M = 1, N odd and not a multiple of the tile, K a multiple of 64 as the blocks require
 SHAPES = [(1, 67, 128, 1), (37, 33, 192, 5), (20, 96, 64, 16)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _nf4(N: int, K: int, dtype: torch.dtype) -> quant.NF4Weight:
-    return quant.quantize_nf4((torch.randn(N, K) * 0.05).to(dtype))
+    return quant.quantize_nf4((torch.randn(N, K) * 0.05).to(DEVICE, dtype))
 
 
 def _args(w: quant.NF4Weight):
@@ -32,11 +34,11 @@ def test_dequant_kernel_bit_exact(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_forward_kernel(M, N, K, r, dtype):
     w = _nf4(N, K, dtype)
-    x, A = torch.randn(M, K).to(dtype), (torch.randn(r, K) * 0.1).to(dtype)
+    x, A = torch.randn(M, K).to(DEVICE, dtype), (torch.randn(r, K) * 0.1).to(DEVICE, dtype)
     B, Bm, b = (
-        (torch.randn(N, r) * 0.1).to(dtype),
-        (torch.randn(N, r) * 0.1).to(dtype),
-        torch.randn(N).to(dtype),
+        (torch.randn(N, r) * 0.1).to(DEVICE, dtype),
+        (torch.randn(N, r) * 0.1).to(DEVICE, dtype),
+        torch.randn(N).to(DEVICE, dtype),
     )
     S = x @ A.T
     for bias, merged, lam in ((b, Bm, 0.7), (None, None, 1.0)):
@@ -60,8 +62,8 @@ def test_fused_forward_kernel(M, N, K, r, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_dx_kernel(M, N, K, r, dtype):
     w = _nf4(N, K, dtype)
-    dy, A = torch.randn(M, N).to(dtype), (torch.randn(r, K) * 0.1).to(dtype)
-    dS = (torch.randn(M, r) * 0.3).to(dtype)
+    dy, A = torch.randn(M, N).to(DEVICE, dtype), (torch.randn(r, K) * 0.1).to(DEVICE, dtype)
+    dS = (torch.randn(M, r) * 0.3).to(DEVICE, dtype)
     W64 = quant.dequantize_nf4(w).double()
     dx = knf4.nf4_lora_dx(dy, *_args(w), dS, A, 1.5)
     assert_close(dx, dy.double() @ W64 + 1.5 * dS.double() @ A.double(), dtype)
@@ -76,10 +78,10 @@ def test_autograd_paths_against_reference(path, dtype, dropout):
     """Forward and the gradients of x, A, B through each Triton path, merged B and λ in play."""
     M, N, K, r = 13, 45, 128, 4
     w = _nf4(N, K, dtype)
-    x = torch.randn(2, M, K).to(dtype).requires_grad_()  # a batch dim: (..., in)
-    A = (torch.randn(r, K) * 0.1).to(dtype).requires_grad_()
-    B = (torch.randn(N, r) * 0.1).to(dtype).requires_grad_()
-    Bm, b = (torch.randn(N, r) * 0.1).to(dtype), torch.randn(N).to(dtype)
+    x = torch.randn(2, M, K).to(DEVICE, dtype).requires_grad_()  # a batch dim: (..., in)
+    A = (torch.randn(r, K) * 0.1).to(DEVICE, dtype).requires_grad_()
+    B = (torch.randn(N, r) * 0.1).to(DEVICE, dtype).requires_grad_()
+    Bm, b = (torch.randn(N, r) * 0.1).to(DEVICE, dtype), torch.randn(N).to(DEVICE, dtype)
     y = quant.nf4_lora_linear(x, w, b, A, B, 2.0, Bm, 0.6, dropout, seed=7, backend="triton", path=path)
     dy = torch.randn_like(y)
     gx, gA, gB = torch.autograd.grad(y, (x, A, B), dy)
@@ -107,5 +109,12 @@ def test_kernel_shape_errors():
         knf4.nf4_dequantize(w.packed, w.block_scales(), w.code, (8, 96), torch.float32)
     with pytest.raises(ValueError, match="do not fit W"):
         knf4.nf4_lora_forward(
-            torch.randn(3, 128), *_args(w), None, torch.randn(3, 2), torch.randn(8, 2), None, 1.0, 1.0
+            torch.randn(3, 128, device=DEVICE),
+            *_args(w),
+            None,
+            torch.randn(3, 2, device=DEVICE),
+            torch.randn(8, 2, device=DEVICE),
+            None,
+            1.0,
+            1.0,
         )
