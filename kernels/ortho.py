@@ -103,7 +103,7 @@ def _orthogonalise(
         tl.store(W_g + k * d + cols, w, mask=cols < d)
         nrm += tl.sum(w * w, axis=0)
     tl.debug_barrier()
-    return tl.sqrt(nrm), tl.sqrt(nrm_x)
+    return tl.sqrt_rn(nrm), tl.sqrt_rn(nrm_x)  # IEEE sqrt: tl.sqrt is the fast approximate one
 
 
 @triton.jit
@@ -147,10 +147,9 @@ def _cgs2_rows_kernel(
             j = _least_covered_column(W_g, k, d, R_PAD, BLOCK_D)
             nrm, nrm_a = _orthogonalise(A_g + k * d, j, W_g, k, d, R_PAD, BLOCK_D)
         flag = tl.maximum(flag, dependent.to(tl.int32))
-        inv = 1.0 / nrm
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            q = tl.load(W_g + k * d + cols, mask=cols < d, other=0.0) * inv
+            q = tl.math.div_rn(tl.load(W_g + k * d + cols, mask=cols < d, other=0.0), nrm)  # IEEE division
             tl.store(W_g + k * d + cols, q, mask=cols < d)
             if SEPARATE_OUT:
                 tl.store(Out_g + k * d + cols, q.to(Out.dtype.element_ty), mask=cols < d)
