@@ -30,7 +30,7 @@ import triton.language as tl
 __all__ = ["lora_linear"]
 
 # ---------------------------------------------------------------------------------------------------
-# Tuned constants
+# Constants and autotune configs
 # ---------------------------------------------------------------------------------------------------
 
 # tl.dot needs every dimension >= 16, so the rank is padded to a power of two >= 16 (masked loads).
@@ -46,7 +46,11 @@ _INTERPRET_CONFIGS = {
 
 
 def _configs(kernel: str) -> list[triton.Config]:
-    """Autotune candidates per kernel (Hopper-class GPUs first; pruned by M at launch)."""
+    """Autotune candidates per kernel, pruned by M at launch.
+
+    Starting points, not yet measured here: the GEMM tiles are the Triton matmul tutorial's Hopper
+    ones; bench/test_bench_lora.py is where to check them on a GPU.
+    """
     if kernel == "linear":  # compute-bound GEMM: the Triton matmul tutorial's best Hopper tiles
         shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 4, 4),
                   (64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (16, 128, 128, 4, 4)]
@@ -357,7 +361,8 @@ def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
             1.0 / (1.0 - dropout), seed, _threshold(dropout), m_bucket=m_bucket,
             HAS_DROPOUT=dropout > 0.0, **flags)
         _linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-            x2, weight, bias if bias is not None else y, S, B, Bm, x2, S, y,
+            # unused pointers get y, and da a fresh empty buffer: the autotuner zeroes da between candidates
+            x2, weight, bias if bias is not None else y, S, B, Bm, x2, S.new_empty(0), y,
             M, N, K, r, x2.stride(0), x2.stride(1), weight.stride(1), weight.stride(0), *S.stride(),
             B.stride(1), B.stride(0), x2.stride(0), x2.stride(1), *y.stride(),
             float(scaling), float(lam), 0.0, 0, 0, m_bucket=m_bucket,
@@ -490,12 +495,15 @@ def lora_linear(
         ``(..., N)`` in x's dtype; differentiable in x, A and B.
 
     Raises:
-        ValueError: when p > 0 and no seed is given, or p is outside [0, 1).
+        ValueError: when p > 0 and no seed is given, p is outside [0, 1), or a frozen tensor
+            (weight, bias, merged_B) requires grad.
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout {dropout} must be in [0, 1)")
     if dropout > 0.0 and seed is None:
         raise ValueError(f"dropout {dropout} needs a seed: the backward regenerates the mask from it")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, merged_B)):
+        raise ValueError("the fused LoRA kernel keeps weight, bias and merged_B frozen; one requires grad")
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     y, _ = _lora_fwd_op(x2, weight, bias, A, B, merged_B, float(scaling), float(lam), float(dropout),
                         int(seed) if seed is not None else 0)
