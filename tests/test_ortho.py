@@ -17,6 +17,12 @@ from mbf import functional, reference
 
 BACKENDS = ("torch", "triton")
 EPS32 = torch.finfo(torch.float32).eps
+# The Triton backend runs compiled on a GPU when there is one, else in the interpreter on CPU.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dev(backend: str) -> str:
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
 
 
 def _with_spectrum(G: int, r: int, d: int, cond: float) -> torch.Tensor:
@@ -51,7 +57,9 @@ def test_matches_fp64_qr_on_mixed_shapes(backend, dtype):
     As = [torch.randn(s).to(dtype) for s in shapes]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # random Gaussian A is full rank: no warning
-        Qs = functional.orthonormal_rows(As, backend=backend)
+        Qs = [
+            Q.cpu() for Q in functional.orthonormal_rows([A.to(_dev(backend)) for A in As], backend=backend)
+        ]
     for A, Q in zip(As, Qs):
         assert Q.shape == A.shape and Q.dtype == dtype
         assert_close(Q, reference.orthonormal_rows(A.double()))
@@ -65,7 +73,7 @@ def test_condition_number_1e6(backend, r, d):
     A = _with_spectrum(3, r, d, 1e6).float()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # cond 1e6 is ill-conditioned, not rank-deficient
-        Q = torch.stack(functional.orthonormal_rows(list(A), backend=backend))
+        Q = torch.stack(functional.orthonormal_rows(list(A.to(_dev(backend))), backend=backend)).cpu()
     _factor_checks(A, Q, tol=1e-6)
     Q64 = reference.orthonormal_rows(A.double())
     # q_1 = a_1 / ‖a_1‖ is perfectly conditioned; later rows move by up to κ · eps under rounding.
@@ -89,9 +97,11 @@ def test_rank_deficient_is_completed_with_a_warning(backend):
     names = [f"layers.{i}.mlp.up_proj" for i in range(4)]
     full_rank = torch.randn(6, 40)
     with pytest.warns(UserWarning, match=r"layers\.\d\.mlp\.up_proj: lora_A is rank-deficient") as record:
-        Q = functional.orthonormal_rows([*A, full_rank], names=[*names, "full"], backend=backend)
+        Q = functional.orthonormal_rows(
+            [*A.to(_dev(backend)), full_rank], names=[*names, "full"], backend=backend
+        )
     assert sorted(str(w.message).split(":")[0] for w in record) == names  # each named, the full one not
-    Q = torch.stack(Q[:4])
+    Q = torch.stack(Q[:4]).cpu()
     assert torch.isfinite(Q).all()
     assert _orth_error(Q).max() <= 1e-5
     residual = A.double() - (A.double() @ Q.double().transpose(-1, -2)) @ Q.double()
@@ -100,8 +110,10 @@ def test_rank_deficient_is_completed_with_a_warning(backend):
     for g, first_dependent in enumerate([3, 4, 5, 3]):  # rows before the first dependent one are A's QR
         assert_close(Q[g, :first_dependent], ref[g, :first_dependent], dtype=torch.float32)
     with pytest.warns(UserWarning):
-        again = torch.stack(functional.orthonormal_rows(list(A), names=names, backend=backend))
-    assert torch.equal(again, Q)  # deterministic completion
+        again = torch.stack(
+            functional.orthonormal_rows(list(A.to(_dev(backend))), names=names, backend=backend)
+        )
+    assert torch.equal(again.cpu(), Q)  # deterministic completion
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,9 +129,9 @@ def test_kernel_contract_and_limits():
     from mbf.kernels import ortho
 
     A = torch.randn(2, 5, 21, dtype=torch.float16)
-    Q, deficient = ortho.orthonormal_rows_with_flags(A)
+    Q, deficient = ortho.orthonormal_rows_with_flags(A.to(KERNEL_DEVICE))
     assert Q.shape == A.shape and Q.dtype == torch.float16 and deficient.tolist() == [False, False]
-    assert_close(ortho.orthonormal_rows(A), reference.orthonormal_rows(A.double()))
+    assert_close(Q.cpu(), reference.orthonormal_rows(A.double()))
     with pytest.raises(ValueError, match="rank 6 must be in"):
         ortho.orthonormal_rows(torch.randn(1, 6, 5))
     with pytest.raises(ValueError, match=f"rank {ortho.MAX_RANK + 1} must be in"):
@@ -134,7 +146,7 @@ def test_kernel_contract_and_limits():
 def test_project_out_leaves_nothing_of_the_basis(backend, dtype):
     Q = reference.orthonormal_rows(torch.randn(3, 7, 90)).to(dtype)  # (G, r, d)
     U = torch.randn(3, 5, 90).to(dtype)  # (G, k, d)
-    P = functional.project_out(U, Q, backend=backend)
+    P = functional.project_out(U.to(_dev(backend)), Q.to(_dev(backend)), backend=backend).cpu()
     assert P.shape == U.shape and P.dtype == dtype
     assert_close(P, reference.project_out(U.double(), Q.double()))
     if dtype == torch.float32:
@@ -142,7 +154,7 @@ def test_project_out_leaves_nothing_of_the_basis(backend, dtype):
         assert (P.double() @ Q64.transpose(-1, -2)).abs().max() <= 1e-5  # nothing of Q's rows left
         removed = U.double() - P.double()  # what was removed lies in Q's row space
         assert_close(removed, (removed @ Q64.transpose(-1, -2)) @ Q64, dtype=torch.float32)
-    P2 = functional.project_out(U[1], Q[1], backend=backend)  # unbatched (k, d), (r, d)
+    P2 = functional.project_out(U[1].to(_dev(backend)), Q[1].to(_dev(backend)), backend=backend).cpu()  # 2-D
     assert_close(P2, P[1].double(), dtype=dtype)
 
 
@@ -158,6 +170,7 @@ def test_project_out_all_groups_layers(backend):
     shapes = [(4, 30), (4, 30), (2, 17), (4, 30)]
     Qs = functional.orthonormal_rows([torch.randn(s) for s in shapes], backend="torch")
     Us = [torch.randn(s) for s in shapes]
-    Ps = functional.project_out_all(Us, Qs, backend=backend)
+    dev = _dev(backend)
+    Ps = functional.project_out_all([U.to(dev) for U in Us], [Q.to(dev) for Q in Qs], backend=backend)
     for U, Q, P in zip(Us, Qs, Ps):
-        assert_close(P, reference.project_out(U.double(), Q.double()))
+        assert_close(P.cpu(), reference.project_out(U.double(), Q.double()))
