@@ -189,3 +189,18 @@ def test_error_device():
         quant.check_device(meta, torch.randn(2, 64), "torch", "q_proj")
     with pytest.raises(ValueError, match="q_proj: input on meta but the NF4 weight on cpu"):
         quant.check_device(w, torch.randn(2, 64, device="meta"), "torch", "q_proj")
+
+
+def test_bnb_linear4bit_not_yet_quantised_is_quantised_like_bnb():
+    """A Linear4bit that never moved to a device still holds dense data: we quantise it as bnb would."""
+    bnb = pytest.importorskip(
+        "bitsandbytes", reason="bitsandbytes is not installed (pip install mbf-lora[qlora])"
+    )
+    lin = bnb.nn.Linear4bit(128, 24, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    assert lin.weight.quant_state is None
+    layer = quant.NF4Linear.from_bnb(lin)
+    moved = lin.to("cpu")  # now bitsandbytes quantises the same data
+    assert torch.equal(layer.weight_packed, moved.weight.data.view(-1))
+    assert torch.equal(
+        layer.dequantize(), bnb.functional.dequantize_4bit(moved.weight.data, moved.weight.quant_state)
+    )
