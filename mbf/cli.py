@@ -53,7 +53,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of data order and adapter init")
     g.add_argument("--lr", type=_positive_float, default=1e-3)
     g.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over each task's training set")
-    g.add_argument("--max-steps", type=_positive_int, default=30, help="cap on optimizer steps per task (0: no cap)")
+    g.add_argument("--max-steps", type=int, default=20, help="cap on optimizer steps per task (0: no cap)")
     g.add_argument("--batch-size", type=_positive_int, default=8)
     g.add_argument("--eval-batch-size", type=_positive_int, default=50)
     g.add_argument("--max-length", type=_positive_int, default=256, help="prompt tokens kept per example")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--n-test", type=_positive_int, default=50)
-    d.add_argument("--max-steps", type=_positive_int, default=30)
+    d.add_argument("--max-steps", type=_positive_int, default=20)
     d.add_argument("--resume", action="store_true")
     _add_model_args(d)
     return parser
@@ -247,10 +247,13 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # OpenMP threads that spin while they wait make a shared CPU crawl: a training step measured
-    # 3-26 s instead of 0.9 s with other processes on 2 cores. Read when torch loads libgomp, which
-    # the commands below import lazily, so this takes effect unless the caller imported torch.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if argv is None and "OMP_WAIT_POLICY" not in os.environ:
+        # OpenMP threads that spin while they wait make a shared CPU crawl: a SmolLM2 training step
+        # took 3-26 s instead of 0.9 s with other processes on 2 cores. libgomp reads the policy
+        # once, when torch loads it, and `import mbf` has loaded torch by now: so the command
+        # restarts itself once with the policy set (OMP_WAIT_POLICY=ACTIVE in the environment opts out).
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        os.execve(sys.executable, [sys.executable, "-m", "mbf.cli", *sys.argv[1:]], env)
     args = build_parser().parse_args(argv)
     try:
         return {"continual": cmd_continual, "compare": cmd_compare, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)

