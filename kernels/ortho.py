@@ -22,11 +22,12 @@ one program per matrix, every pass over ``d`` in blocks of ``BLOCK_D`` with fp32
   ``tau = 6 eps_fp32``: any A with condition number ≤ 1e6 has ``R_kk ≥ σ_min ≥ 1e-6 ‖a_k‖`` (8.4 eps),
   while an exactly dependent fp32 row leaves only rounding (< 0.1 eps here: the residual is
   computed against orthonormal rows, so its error scales with ``‖a_k‖``, not ``‖A‖``).
-- Cost: ``~3 r² d / 2`` fp32 loads per matrix (the rows built so far are re-read for each new row;
-  they sit in L2 for r ≤ 64). A mixed-precision CholeskyQR2 (fp64 Gram) would need 3 passes
-  instead of ``O(r)`` and is the next step if large ranks ever matter.
+- Cost: ``~r² d`` fp32 loads per matrix: each new row reads the rows built so far twice (the next
+  row's first projection rides along with this row's re-orthogonalisation); they sit in L2 for
+  r ≤ 64. A mixed-precision CholeskyQR2 (fp64 Gram) would need 3 passes instead of ``O(r)`` and
+  is the next step if large ranks ever matter.
 
-Compiled ahead of time for sm_90 (no GPU here): the CGS2 kernel uses 162-227 registers and no
+Compiled ahead of time for sm_90 (no GPU here): the CGS2 kernel uses 164-242 registers and no
 local memory at R_PAD 16-128; the projection spills ~70 bytes only at 128×128.
 
 Projection: two passes per matrix, ``C = U Qᵀ`` (``tl.dot``) then ``U − C Q``. Every tile is upcast
@@ -67,47 +68,71 @@ def _basis_tile(W_g, k, cols, d, rows):
 
 
 @triton.jit
+def _load_x(x_row, e_col, cols, d):
+    """Columns ``cols`` of the row at ``x_row``, or of the unit vector ``e_{e_col}`` when e_col >= 0."""
+    # one compare for the mask: the interpreter mis-types a block mask and-ed with a scalar one
+    x_len = tl.where(e_col < 0, d, 0)
+    x = tl.load(x_row + cols, mask=cols < x_len, other=0.0).to(tl.float32)
+    return x + tl.where(cols == e_col, 1.0, 0.0)
+
+
+@triton.jit
+def _coefficients(x_row, e_col, W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(Q x, ‖x‖)`` with Q the basis rows ``< k``: the first projection's coefficients."""
+    rows = tl.arange(0, R_PAD)
+    c = tl.zeros([R_PAD], dtype=tl.float32)
+    nrm2 = tl.zeros([], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = _load_x(x_row, e_col, cols, d)
+        c += tl.sum(_basis_tile(W_g, k, cols, d, rows) * x[None, :], axis=1)
+        nrm2 += tl.sum(x * x, axis=0)
+    return c, tl.sqrt_rn(nrm2)  # IEEE sqrt: tl.sqrt is the fast approximate one
+
+
+@triton.jit
 def _orthogonalise(
     x_row,  # pointer to the row to orthogonalise (ignored when e_col >= 0)
     e_col,  # >= 0: orthogonalise the unit vector e_{e_col} instead of the row
-    W_g,  # (r, d) fp32 basis of this matrix; row k receives the residual
+    c,  # (R_PAD,) Q x, from _coefficients or from the previous row's pass 3
+    W_g,  # (r, d) fp32 basis of this matrix; row k receives the residual, not yet normalised
     k,  # rows < k of W_g are orthonormal
     d,
+    next_row,  # pointer to the next row of A, whose coefficients pass 3 gathers on the way
+    next_len,  # d, or 0 after the last row
     R_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """CGS2: ``W[k] ← x − Qᵀ(Q x)`` twice over; returns ``(‖W[k]‖, ‖x‖)``, W[k] not yet normalised."""
+    """CGS2 given ``c = Q x``: ``W[k] ← v − Qᵀ(Q v)`` with ``v = x − Qᵀc``.
+
+    Returns ``(‖W[k]‖, Q a_next, W[k]·a_next, ‖a_next‖)``: pass 3 reads Q anyway, so the next row's
+    first projection costs no pass of its own (2 passes over the basis per row instead of 3).
+    """
     rows = tl.arange(0, R_PAD)
-    # columns of x_row to read: none for e_col >= 0 (one compare: the interpreter mis-types a
-    # block mask and-ed with a scalar mask as an integer array)
-    x_len = tl.where(e_col < 0, d, 0)
-    c = tl.zeros([R_PAD], dtype=tl.float32)
-    nrm_x = tl.zeros([], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):  # pass 1: c = Q x
-        cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_row + cols, mask=cols < x_len, other=0.0).to(tl.float32)
-        x += tl.where(cols == e_col, 1.0, 0.0)
-        c += tl.sum(_basis_tile(W_g, k, cols, d, rows) * x[None, :], axis=1)
-        nrm_x += tl.sum(x * x, axis=0)
     c2 = tl.zeros([R_PAD], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):  # pass 2: v = x − cᵀQ, and already c2 = Q v block by block
         cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_row + cols, mask=cols < x_len, other=0.0).to(tl.float32)
-        x += tl.where(cols == e_col, 1.0, 0.0)
         Qt = _basis_tile(W_g, k, cols, d, rows)
-        v = x - tl.sum(c[:, None] * Qt, axis=0)
+        v = _load_x(x_row, e_col, cols, d) - tl.sum(c[:, None] * Qt, axis=0)
         tl.store(W_g + k * d + cols, v, mask=cols < d)
         c2 += tl.sum(Qt * v[None, :], axis=1)
     tl.debug_barrier()  # v was stored by other threads than those that read it back below
-    nrm = tl.zeros([], dtype=tl.float32)
+    nrm2 = tl.zeros([], dtype=tl.float32)
+    c_next = tl.zeros([R_PAD], dtype=tl.float32)
+    dot_next = tl.zeros([], dtype=tl.float32)
+    nrm2_next = tl.zeros([], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):  # pass 3 (the re-orthogonalisation): w = v − c2ᵀQ
         cols = d0 + tl.arange(0, BLOCK_D)
-        v = tl.load(W_g + k * d + cols, mask=cols < d, other=0.0)
-        w = v - tl.sum(c2[:, None] * _basis_tile(W_g, k, cols, d, rows), axis=0)
+        Qt = _basis_tile(W_g, k, cols, d, rows)
+        w = tl.load(W_g + k * d + cols, mask=cols < d, other=0.0) - tl.sum(c2[:, None] * Qt, axis=0)
         tl.store(W_g + k * d + cols, w, mask=cols < d)
-        nrm += tl.sum(w * w, axis=0)
+        nrm2 += tl.sum(w * w, axis=0)
+        a = tl.load(next_row + cols, mask=cols < next_len, other=0.0).to(tl.float32)
+        c_next += tl.sum(Qt * a[None, :], axis=1)
+        dot_next += tl.sum(w * a, axis=0)
+        nrm2_next += tl.sum(a * a, axis=0)
     tl.debug_barrier()
-    return tl.sqrt_rn(nrm), tl.sqrt_rn(nrm_x)  # IEEE sqrt: tl.sqrt is the fast approximate one
+    return tl.sqrt_rn(nrm2), c_next, dot_next, tl.sqrt_rn(nrm2_next)
 
 
 @triton.jit
@@ -142,14 +167,22 @@ def _cgs2_rows_kernel(
 ):
     g = tl.program_id(0).to(tl.int64)
     A_g, W_g, Out_g = A + g * r * d, W + g * r * d, Out + g * r * d
+    rows = tl.arange(0, R_PAD)
     flag = tl.zeros([], dtype=tl.int32)
+    no_col = tl.zeros([], dtype=tl.int32) - 1  # e_col = -1 at run time: one specialisation of helpers
+    c, nrm_a = _coefficients(A_g, no_col, W_g, 0, d, R_PAD, BLOCK_D)  # c = 0: no basis yet
     for k in range(0, r):
-        no_col = k * 0 - 1  # e_col = -1 (a runtime value: one specialisation of the helper)
-        nrm, nrm_a = _orthogonalise(A_g + k * d, no_col, W_g, k, d, R_PAD, BLOCK_D)
+        next_row, next_len = A_g + (k + 1) * d, tl.where(k + 1 < r, d, 0)
+        nrm, c_next, dot_next, nrm_next = _orthogonalise(
+            A_g + k * d, no_col, c, W_g, k, d, next_row, next_len, R_PAD, BLOCK_D
+        )
         dependent = nrm <= tau * nrm_a
         if dependent:  # complete the basis deterministically instead of normalising noise
             j = _least_covered_column(W_g, k, d, R_PAD, BLOCK_D)
-            nrm, nrm_a = _orthogonalise(A_g + k * d, j, W_g, k, d, R_PAD, BLOCK_D)
+            c_j, _ = _coefficients(A_g, j, W_g, k, d, R_PAD, BLOCK_D)
+            nrm, c_next, dot_next, nrm_next = _orthogonalise(
+                A_g, j, c_j, W_g, k, d, next_row, next_len, R_PAD, BLOCK_D
+            )
         flag = tl.maximum(flag, dependent.to(tl.int32))
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -158,6 +191,8 @@ def _cgs2_rows_kernel(
             if SEPARATE_OUT:
                 tl.store(Out_g + k * d + cols, q.to(Out.dtype.element_ty), mask=cols < d)
         tl.debug_barrier()
+        c = tl.where(rows == k, tl.math.div_rn(dot_next, nrm), c_next)  # Q a_{k+1}, q_k included
+        nrm_a = nrm_next
     tl.store(Flags + g, flag)
 
 
