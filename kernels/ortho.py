@@ -254,9 +254,12 @@ def orthonormal_rows_with_flags(batch: torch.Tensor, tau: float = TAU) -> tuple[
     G, r, d = batch.shape
     if not 1 <= r <= d or r > MAX_RANK:
         raise ValueError(f"rank {r} must be in [1, min(d={d}, {MAX_RANK})]; use backend='torch' beyond")
-    A = batch.contiguous()
+    # Scale every matrix by a power of two that brings its largest entry into [1, 2): exact, Q does not
+    # depend on it, and the fp32 sums of squares can then neither overflow (|a| > 1e19) nor underflow.
+    amax = batch.detach().abs().amax(dim=(1, 2), keepdim=True).float().clamp_min(2.0**-100)
+    A = (batch.float() * torch.exp2(-torch.floor(torch.log2(amax)))).contiguous()  # (G, r, d) fp32
     W = torch.empty(A.shape, dtype=torch.float32, device=A.device)
-    out = W if A.dtype == torch.float32 else torch.empty_like(A)
+    out = W if batch.dtype == torch.float32 else torch.empty(A.shape, dtype=batch.dtype, device=A.device)
     flags = torch.empty(G, dtype=torch.int32, device=A.device)
     if G == 0:
         return out, flags.bool()

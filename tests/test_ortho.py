@@ -116,6 +116,7 @@ def test_rank_deficient_is_completed_with_a_warning(backend):
     assert torch.equal(again.cpu(), Q)  # deterministic completion
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_names_the_layer(backend, bad):
@@ -123,6 +124,13 @@ def test_non_finite_names_the_layer(backend, bad):
     As[1][2, 7] = bad
     with pytest.raises(ValueError, match=r"layers\.2\.self_attn\.v_proj: lora_A has non-finite values"):
         functional.orthonormal_rows(As, names=["a", "layers.2.self_attn.v_proj", "c"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_finite_entries_are_not_called_non_finite(backend):
+    A = torch.randn(4, 30) * 1e37  # row norms and sums overflow fp32; the entries are finite
+    (Q,) = functional.orthonormal_rows([A.to(_dev(backend))], backend=backend)
+    assert_close(Q.cpu(), reference.orthonormal_rows(A.double()))
 
 
 def test_kernel_contract_and_limits():
