@@ -192,6 +192,35 @@ def _pm(xs: list[float | None]) -> str:
     return f"{100 * m:.1f} ± {100 * s:.1f}" if len([x for x in xs if x is not None]) > 1 else f"{100 * m:.1f}"
 
 
+_SETTINGS = ("model", "suite_seed", "n_train", "n_test", "train", "lora")
+
+
+def _flat(r: dict) -> dict:
+    flat = {}
+    for k in _SETTINGS:
+        v = r.get(k)
+        if isinstance(v, dict):
+            flat.update({f"{sk}": sv for sk, sv in v.items() if sk != "seed"})
+        else:
+            flat[k] = v
+    return flat
+
+
+def _setting_suffix(r: dict, runs: list[dict]) -> str:
+    """`` [lr=0.0005]``: the settings in which this run differs from others being compared, so that
+    runs with different settings are never averaged together as seeds."""
+    flats = [_flat(x) for x in runs]
+    mine = _flat(r)
+    diff = [k for k in mine if any(f.get(k) != mine[k] for f in flats)]
+    return f" [{', '.join(f'{k}={mine[k]}' for k in diff)}]" if diff else ""
+
+
+def _learning_accuracy(r: dict) -> float | None:
+    """Mean of the diagonal a[j][j] (None for multi-task, which has no per-task stage)."""
+    acc = r["accuracy"]
+    return statistics.fmean(acc[j][j] for j in range(len(acc))) if len(acc) == len(r["tasks"]) else None
+
+
 def _label(r: dict) -> str:
     from mbf.train import METHODS
 
@@ -220,23 +249,24 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
         raise ValueError("runs trained different task sequences: " + "; ".join({",".join(r["tasks"]) for r in complete}))
     groups: dict[str, list[dict]] = {}
     for r in complete:
-        groups.setdefault(_label(r), []).append(r)
+        groups.setdefault(_label(r) + _setting_suffix(r, complete), []).append(r)
     tasks = complete[0]["tasks"]
     T = len(tasks)
     lines = [
         f"# Comparison on {complete[0].get('suite', '?')} ({T} tasks: {', '.join(tasks)})",
         "",
         f"model: {complete[0].get('model', '?')}. AA = mean final accuracy (%), BWT = mean change (points) "
-        "on earlier tasks between learning them and the end; mean ± std over seeds.",
+        "on earlier tasks between learning them and the end, LA = mean accuracy on each task right after "
+        "learning it (plasticity, with the adapter inference uses); mean ± std over seeds.",
         "",
-        "| method | seeds | AA | BWT | final accuracy per task | wall s / run | adapter KiB | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | seeds | AA | BWT | LA | final accuracy per task | wall s / run | adapter KiB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, rs in groups.items():
         per_task = " / ".join(f"{100 * statistics.fmean(r['accuracy'][-1][j] for r in rs):.0f}" for j in range(T))
         lines.append(
             f"| {label} | {', '.join(str(r['seed']) for r in rs)} | {_pm([r['metrics']['AA'] for r in rs])} | "
-            f"{_pm([r['metrics']['BWT'] for r in rs])} | {per_task} | "
+            f"{_pm([r['metrics']['BWT'] for r in rs])} | {_pm([_learning_accuracy(r) for r in rs])} | {per_task} | "
             f"{statistics.fmean(r['metrics']['wall_s'] for r in rs):.0f} | "
             f"{max(r['per_task'][-1]['adapter_bytes'] for r in rs) / 1024:.0f} | "
             f"{max(r['per_task'][-1]['peak_rss_mb'] for r in rs):.0f} |"

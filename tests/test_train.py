@@ -142,9 +142,16 @@ def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
     model, codec = tiny_llama(), char_codec()
     run_continual(model, codec, small_suite(), tmp_path / "b", method="slao", lora=LORA,
                   opts=TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=2),
-                  meta={"suite": "builtin"}, log=lambda s: None)
+                  meta={"suite": "builtin", "model": "tiny"}, log=lambda s: None)
     md, _ = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
     assert "| slao | 1, 2 |" in md.read_text() and "±" in md.read_text()
+    # a run with other settings is labelled apart, never averaged in as another seed
+    model, codec = tiny_llama(), char_codec()
+    run_continual(model, codec, small_suite(), tmp_path / "lr", method="slao", lora=LORA,
+                  opts=TrainOptions(lr=1e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1),
+                  meta={"suite": "builtin", "model": "tiny"}, log=lambda s: None)
+    md, _ = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "lr"], tmp_path / "cmp3")
+    assert "| slao [lr=0.005] | 1, 2 |" in md.read_text() and "| slao [lr=0.001] | 1 |" in md.read_text()
     _run(tmp_path / "c", tasks=small_suite(2))
     with pytest.raises(ValueError, match="different task sequences"):
         compare_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "cmp2")
