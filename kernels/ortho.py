@@ -15,6 +15,8 @@ one program per matrix, every pass over ``d`` in blocks of ``BLOCK_D`` with fp32
   ``d`` (16384 columns) until it swamps the matrix. Householder is as accurate but needs the same
   ``r`` sequential passes and a sign fix-up afterwards.
 - Convention for free: ``R_kk = ‖w_k‖ > 0`` by construction, so no sign fix is needed.
+- Range: the launcher scales each A by a power of two (exact; Q is scale-free) so that its largest
+  entry lies in [1, 2) and no fp32 sum of squares overflows or underflows.
 - Rank deficiency is decided where it happens: row ``k`` is dependent when its residual after both
   projections is ``≤ tau ‖a_k‖``. It is then replaced by the unit vector ``e_j`` of the column ``j``
   least covered by the rows so far (smallest ``Σ_i Q_ij²``, first such j: deterministic, residual
