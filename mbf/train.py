@@ -169,7 +169,7 @@ def train_steps(
     order: list[int] = []
     losses = []
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, disable=None)  # None: off without a tty
     for _ in bar:
         if len(order) < opts.batch_size:
             perm = list(range(len(encoded)))
@@ -234,7 +234,8 @@ def evaluate(model: nn.Module, codec: Codec, task: Task, opts: TrainOptions, des
     max_new = max(len(codec.encode(task.target(ex))) for ex in task.test) + 1
     correct = 0
     bs = opts.eval_batch_size
-    for s in tqdm(range(0, len(prompts), bs), desc=desc or f"eval {task.name}", leave=False, dynamic_ncols=True):
+    for s in tqdm(range(0, len(prompts), bs), desc=desc or f"eval {task.name}", leave=False, dynamic_ncols=True,
+                  disable=None):
         outs = greedy_decode(model, prompts[s:s + bs], max_new, codec.eos_id, codec.pad_id)
         correct += sum(exact_match(codec.decode(o), ex.output) for o, ex in zip(outs, task.test[s:s + bs]))
     return correct / len(task.test)
