@@ -6,7 +6,10 @@ the reduced QR ``Aᵀ = Q R`` with ``diag(R) ≥ 0`` (``mbf.reference.orthonorma
 And ``U − (U Qᵀ) Q`` for batches ``U (G, k, d)``, ``Q (G, r, d)``.
 
 Algorithm: classical Gram-Schmidt with one re-orthogonalisation per row (CGS2, "twice is enough"),
-one program per matrix, every pass over ``d`` in blocks of ``BLOCK_D`` with fp32 accumulation.
+one program per matrix, every pass over ``d`` in blocks of ``BLOCK_D`` with fp32 accumulation. One
+launch takes every matrix of a rank whatever its width (a whole Llama: 224 adapters, d = 4096 and
+14336): the kernel reads each A in place through a table of addresses (no stacking copy), programs
+run widest first so the long matrices start at once and the short ones fill the other SMs.
 
 - Accuracy: CGS2 keeps ``‖Q Qᵀ − I‖ = O(eps)`` for any numerically full-rank A (Giraud et al.,
   2005) and is backward stable row by row, so the row space is kept to ``O(eps ‖A‖)`` whatever the
@@ -29,7 +32,7 @@ one program per matrix, every pass over ``d`` in blocks of ``BLOCK_D`` with fp32
   r ≤ 64. A mixed-precision CholeskyQR2 (fp64 Gram) would need 3 passes instead of ``O(r)`` and
   is the next step if large ranks ever matter.
 
-Compiled ahead of time for sm_90 (no GPU here): the CGS2 kernel uses 164-242 registers and no
+Compiled ahead of time for sm_90 (no GPU here): the CGS2 kernel uses 189-239 registers and no
 local memory at R_PAD 16-128; the projection spills ~70 bytes only at 128×128.
 
 Projection: two passes per matrix, ``C = U Qᵀ`` (``tl.dot``) then ``U − C Q``. Every tile is upcast
@@ -39,11 +42,20 @@ to fp32 and every ``tl.dot`` runs with ``input_precision="ieee"``: TF32 (10 mant
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_RANK", "TAU", "orthonormal_rows", "orthonormal_rows_with_flags", "project_out"]
+__all__ = [
+    "MAX_RANK",
+    "TAU",
+    "orthonormal_rows",
+    "orthonormal_rows_many",
+    "orthonormal_rows_with_flags",
+    "project_out",
+]
 
 MAX_RANK = 128  # the projection's (K_PAD, R_PAD) accumulator lives in registers; beyond, use torch
 TAU = 6.0 * torch.finfo(torch.float32).eps  # relative residual under which a row is dependent
@@ -51,12 +63,15 @@ _TILE = 8192  # elements per (R_PAD, BLOCK_D) tile: 32 KiB of fp32 registers per
 _DOT_TILE = 2048  # projection tiles: its fp32 tl.dot (FMA path) spills beyond this (sm_90 AOT, ptxas)
 
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 def _block_d(r_pad: int, d: int, tile: int = _TILE) -> int:
     return max(16, min(triton.next_power_of_2(d), tile // r_pad))
 
 
 def _num_warps(r_pad: int) -> int:
-    return 8 if r_pad > 32 else 4
+    return 8 if r_pad >= 32 else 4
 
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -70,23 +85,23 @@ def _basis_tile(W_g, k, cols, d, rows):
 
 
 @triton.jit
-def _load_x(x_row, e_col, cols, d):
-    """Columns ``cols`` of the row at ``x_row``, or of the unit vector ``e_{e_col}`` when e_col >= 0."""
+def _load_x(x_row, e_col, cols, d, scale):
+    """Columns ``cols`` of ``scale ×`` the row at ``x_row``, or of ``e_{e_col}`` when e_col >= 0."""
     # one compare for the mask: the interpreter mis-types a block mask and-ed with a scalar one
     x_len = tl.where(e_col < 0, d, 0)
-    x = tl.load(x_row + cols, mask=cols < x_len, other=0.0).to(tl.float32)
+    x = tl.load(x_row + cols, mask=cols < x_len, other=0.0).to(tl.float32) * scale
     return x + tl.where(cols == e_col, 1.0, 0.0)
 
 
 @triton.jit
-def _coefficients(x_row, e_col, W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _coefficients(x_row, e_col, scale, W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(Q x, ‖x‖)`` with Q the basis rows ``< k``: the first projection's coefficients."""
     rows = tl.arange(0, R_PAD)
     c = tl.zeros([R_PAD], dtype=tl.float32)
     nrm2 = tl.zeros([], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        x = _load_x(x_row, e_col, cols, d)
+        x = _load_x(x_row, e_col, cols, d, scale)
         c += tl.sum(_basis_tile(W_g, k, cols, d, rows) * x[None, :], axis=1)
         nrm2 += tl.sum(x * x, axis=0)
     return c, tl.sqrt_rn(nrm2)  # IEEE sqrt: tl.sqrt is the fast approximate one
@@ -96,6 +111,7 @@ def _coefficients(x_row, e_col, W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.cons
 def _orthogonalise(
     x_row,  # pointer to the row to orthogonalise (ignored when e_col >= 0)
     e_col,  # >= 0: orthogonalise the unit vector e_{e_col} instead of the row
+    scale,  # power of two applied to every entry read from A
     c,  # (R_PAD,) Q x, from _coefficients or from the previous row's pass 3
     W_g,  # (r, d) fp32 basis of this matrix; row k receives the residual, not yet normalised
     k,  # rows < k of W_g are orthonormal
@@ -115,7 +131,7 @@ def _orthogonalise(
     for d0 in range(0, d, BLOCK_D):  # pass 2: v = x − cᵀQ, and already c2 = Q v block by block
         cols = d0 + tl.arange(0, BLOCK_D)
         Qt = _basis_tile(W_g, k, cols, d, rows)
-        v = _load_x(x_row, e_col, cols, d) - tl.sum(c[:, None] * Qt, axis=0)
+        v = _load_x(x_row, e_col, cols, d, scale) - tl.sum(c[:, None] * Qt, axis=0)
         tl.store(W_g + k * d + cols, v, mask=cols < d)
         c2 += tl.sum(Qt * v[None, :], axis=1)
     tl.debug_barrier()  # v was stored by other threads than those that read it back below
@@ -129,7 +145,7 @@ def _orthogonalise(
         w = tl.load(W_g + k * d + cols, mask=cols < d, other=0.0) - tl.sum(c2[:, None] * Qt, axis=0)
         tl.store(W_g + k * d + cols, w, mask=cols < d)
         nrm2 += tl.sum(w * w, axis=0)
-        a = tl.load(next_row + cols, mask=cols < next_len, other=0.0).to(tl.float32)
+        a = tl.load(next_row + cols, mask=cols < next_len, other=0.0).to(tl.float32) * scale
         c_next += tl.sum(Qt * a[None, :], axis=1)
         dot_next += tl.sum(w * a, axis=0)
         nrm2_next += tl.sum(a * a, axis=0)
@@ -156,34 +172,39 @@ def _least_covered_column(W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr)
 
 @triton.jit
 def _cgs2_rows_kernel(
-    A,  # (G, r, d) contiguous input, any float dtype
-    W,  # (G, r, d) fp32 workspace where the orthonormal rows are built
-    Out,  # (G, r, d) result in A's dtype (unused when SEPARATE_OUT is False: W is the result)
+    A_ptrs,  # (G,) int64 addresses of the matrices: (r, d_g) each, contiguous, dtype A_DTYPE
+    Scales,  # (G,) fp32 power of two per matrix: its largest entry times it lies in [1, 2)
+    W,  # flat fp32 workspace where the orthonormal rows are built, matrix g at Offsets[g]
+    Out,  # flat result in the output dtype, same layout (unused when SEPARATE_OUT is False: W is it)
+    Offsets,  # (G,) int64 element offset of matrix g in W and Out
+    Dims,  # (G,) int32 columns d_g of matrix g
     Flags,  # (G,) int32: 1 where a dependent row was replaced (rank-deficient A)
     r,  # rows of every matrix
-    d,  # columns of every matrix
     tau,  # relative residual under which a row counts as dependent
+    A_DTYPE: tl.constexpr,  # element type behind A_ptrs
     R_PAD: tl.constexpr,  # next power of two >= r
     BLOCK_D: tl.constexpr,  # columns per tile
-    SEPARATE_OUT: tl.constexpr,  # Out is not W (A is not fp32)
+    SEPARATE_OUT: tl.constexpr,  # Out is not W (the output is not fp32)
 ):
-    g = tl.program_id(0).to(tl.int64)
-    A_g, W_g, Out_g = A + g * r * d, W + g * r * d, Out + g * r * d
+    g = tl.program_id(0)
+    A_g = tl.load(A_ptrs + g).to(tl.pointer_type(A_DTYPE))
+    scale, d, off = tl.load(Scales + g), tl.load(Dims + g), tl.load(Offsets + g)
+    W_g, Out_g = W + off, Out + off
     rows = tl.arange(0, R_PAD)
     flag = tl.zeros([], dtype=tl.int32)
     no_col = tl.zeros([], dtype=tl.int32) - 1  # e_col = -1 at run time: one specialisation of helpers
-    c, nrm_a = _coefficients(A_g, no_col, W_g, 0, d, R_PAD, BLOCK_D)  # c = 0: no basis yet
+    c, nrm_a = _coefficients(A_g, no_col, scale, W_g, 0, d, R_PAD, BLOCK_D)  # c = 0: no basis yet
     for k in range(0, r):
         next_row, next_len = A_g + (k + 1) * d, tl.where(k + 1 < r, d, 0)
         nrm, c_next, dot_next, nrm_next = _orthogonalise(
-            A_g + k * d, no_col, c, W_g, k, d, next_row, next_len, R_PAD, BLOCK_D
+            A_g + k * d, no_col, scale, c, W_g, k, d, next_row, next_len, R_PAD, BLOCK_D
         )
         dependent = nrm <= tau * nrm_a
         if dependent:  # complete the basis deterministically instead of normalising noise
             j = _least_covered_column(W_g, k, d, R_PAD, BLOCK_D)
-            c_j, _ = _coefficients(A_g, j, W_g, k, d, R_PAD, BLOCK_D)
+            c_j, _ = _coefficients(A_g, j, scale, W_g, k, d, R_PAD, BLOCK_D)
             nrm, c_next, dot_next, nrm_next = _orthogonalise(
-                A_g, j, c_j, W_g, k, d, next_row, next_len, R_PAD, BLOCK_D
+                A_g, j, scale, c_j, W_g, k, d, next_row, next_len, R_PAD, BLOCK_D
             )
         flag = tl.maximum(flag, dependent.to(tl.int32))
         for d0 in range(0, d, BLOCK_D):
@@ -237,40 +258,88 @@ def _project_out_kernel(
 # -- launchers ------------------------------------------------------------------------------------
 
 
-def orthonormal_rows_with_flags(batch: torch.Tensor, tau: float = TAU) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormalise every matrix of ``batch`` in one launch; also say which were rank-deficient.
+def orthonormal_rows_many(
+    As: Sequence[torch.Tensor], tau: float = TAU
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Orthonormalise matrices of one rank r and any widths in ONE launch (e.g. a whole model's A).
+
+    The kernel reads every A in place through a table of addresses (no stacking copy) and writes
+    into one flat buffer that the returned Qs are views of. Programs are ordered widest first, so
+    the long matrices (Llama's down_proj, d = 14336) start at once and the short ones fill in.
 
     Args:
-        batch: ``(G, r, d)`` float tensor, ``1 <= r <= min(d, MAX_RANK)``, finite (checked by the caller).
+        As: ``(r, d_i)`` contiguous float tensors of one dtype on one device, ``1 <= r <= min(d_i,
+            MAX_RANK)``.
         tau: a row whose residual after both projections is ``<= tau ‖a_k‖`` counts as dependent.
 
     Returns:
-        ``(Q, deficient)``: Q ``(G, r, d)`` in batch's dtype; deficient ``(G,)`` bool, True where a
-        dependent row was replaced by a completion direction.
+        ``(Qs, status)``: Qs ``(r, d_i)`` in the As' dtype; status ``(len(As),)`` int32 on the device:
+        0 fine, 1 a dependent row was replaced by a completion direction (rank-deficient A),
+        2 A has a non-finite entry (its Q is garbage: the caller must raise).
 
     Raises:
-        ValueError: on a batch that is not 3-D, r > d, r > MAX_RANK or a non-float dtype.
+        ValueError: on mixed ranks, dtypes or devices, r > d, r > MAX_RANK or a non-contiguous A.
+    """
+    if not As:
+        return [], torch.empty(0, dtype=torch.int32)
+    r, dtype, device = As[0].shape[0], As[0].dtype, As[0].device
+    for i, A in enumerate(As):
+        if A.dim() != 2 or A.dtype != dtype or A.device != device or A.shape[0] != r:
+            raise ValueError(
+                f"matrix {i}: {tuple(A.shape)} {A.dtype} {A.device}, not ({r}, d) {dtype} {device}"
+            )
+        if not 1 <= r <= A.shape[1] or r > MAX_RANK:
+            raise ValueError(f"rank {r} must be in [1, min(d={A.shape[1]}, {MAX_RANK})]; use torch above")
+        if not A.is_contiguous():
+            raise ValueError(f"matrix {i}: the batched QR reads A in place and needs it contiguous")
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"dtype {dtype} must be one of {list(_TL_DTYPES)}")
+    # A power of two per matrix that brings its largest entry into [1, 2): exact, Q does not depend
+    # on it, and fp32 sums of squares then neither overflow (|a| > 1e19) nor underflow.
+    amax = torch.stack(torch._foreach_norm([A.detach() for A in As], float("inf"))).float()  # one launch
+    scales = torch.exp2(-torch.floor(torch.log2(amax.clamp_min(2.0**-100))))
+    dims = [A.shape[1] for A in As]
+    order = sorted(range(len(As)), key=lambda i: -dims[i])  # widest first
+    offsets = [0] * len(As)
+    for pos, i in enumerate(order[1:], 1):
+        offsets[i] = offsets[order[pos - 1]] + r * dims[order[pos - 1]]
+    total = offsets[order[-1]] + r * dims[order[-1]]
+    W = torch.empty(total, dtype=torch.float32, device=device)
+    out = W if dtype == torch.float32 else torch.empty(total, dtype=dtype, device=device)
+    table = [[As[i].data_ptr() for i in order], [offsets[i] for i in order]]
+    table = torch.tensor(table, dtype=torch.int64).to(device)
+    dims_t = torch.tensor([dims[i] for i in order], dtype=torch.int32).to(device)
+    status = torch.empty(len(As), dtype=torch.int32, device=device)
+    r_pad = triton.next_power_of_2(r)
+    perm = torch.tensor(order, device=device)
+    _cgs2_rows_kernel[(len(As),)](
+        table[0], scales[perm], W, out, table[1], dims_t, status, r, float(tau),
+        A_DTYPE=_TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad, max(dims)),
+        SEPARATE_OUT=out is not W, num_warps=_num_warps(r_pad),
+    )  # fmt: skip
+    status_in_order = torch.empty_like(status)
+    status_in_order[perm] = status
+    status_in_order = torch.where(amax.isfinite(), status_in_order, 2)
+    Qs = [out[offsets[i] : offsets[i] + r * dims[i]].view(r, dims[i]) for i in range(len(As))]
+    return Qs, status_in_order
+
+
+def orthonormal_rows_with_flags(batch: torch.Tensor, tau: float = TAU) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, r, d)`` batch version of ``orthonormal_rows_many``: ``(Q (G, r, d), deficient (G,) bool)``.
+
+    Non-finite matrices are not checked here (the caller's job): their Q is garbage.
     """
     if batch.dim() != 3 or not batch.is_floating_point():
         raise ValueError(f"batch must be a (G, r, d) float tensor, got {tuple(batch.shape)} {batch.dtype}")
     G, r, d = batch.shape
     if not 1 <= r <= d or r > MAX_RANK:
-        raise ValueError(f"rank {r} must be in [1, min(d={d}, {MAX_RANK})]; use backend='torch' beyond")
-    # Scale every matrix by a power of two that brings its largest entry into [1, 2): exact, Q does not
-    # depend on it, and the fp32 sums of squares can then neither overflow (|a| > 1e19) nor underflow.
-    amax = batch.detach().abs().amax(dim=(1, 2), keepdim=True).float().clamp_min(2.0**-100)
-    A = (batch.float() * torch.exp2(-torch.floor(torch.log2(amax)))).contiguous()  # (G, r, d) fp32
-    W = torch.empty(A.shape, dtype=torch.float32, device=A.device)
-    out = W if batch.dtype == torch.float32 else torch.empty(A.shape, dtype=batch.dtype, device=A.device)
-    flags = torch.empty(G, dtype=torch.int32, device=A.device)
+        raise ValueError(f"rank {r} must be in [1, min(d={d}, {MAX_RANK})]; use torch above")
+    batch = batch.contiguous()
+    Qs, status = orthonormal_rows_many(list(batch), tau)
     if G == 0:
-        return out, flags.bool()
-    r_pad = triton.next_power_of_2(r)
-    _cgs2_rows_kernel[(G,)](
-        A, W, out, flags, r, d, float(tau),
-        R_PAD=r_pad, BLOCK_D=_block_d(r_pad, d), SEPARATE_OUT=out is not W, num_warps=_num_warps(r_pad),
-    )  # fmt: skip
-    return out, flags.bool()
+        return torch.empty_like(batch), status.bool()
+    # all widths equal: the flat buffer holds the matrices back to back in batch order
+    return Qs[0].as_strided((G, r, d), (r * d, d, 1)), status == 1
 
 
 def orthonormal_rows(batch: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,10 @@ DEPENDENT_ROW_TOL = 6.0 * torch.finfo(torch.float32).eps
 def orthonormal_rows(
     As: Sequence[torch.Tensor], names: Sequence[str] | None = None, backend: str = "auto"
 ) -> list[torch.Tensor]:
-    """Orthonormalise every ``A (r, d)`` of a model: SLAO step 2, one batched call per shape group.
+    """Orthonormalise every ``A (r, d)`` of a model: SLAO step 2, batched.
+
+    The Triton path is one launch per rank (all widths together); the torch path one stacked call
+    per shape group on CUDA, and on CPU stacks of small matrices or large ones one by one.
 
     Args:
         As: the adapters' A matrices (any mix of shapes, ``r <= d``).
@@ -193,20 +196,20 @@ def orthonormal_rows(
     out: list[torch.Tensor | None] = [None] * len(As)
     order: list[int] = []  # layer of each entry of the flag lists below
     finite, deficient = [], []  # per group: (G,) bool tensors, brought to the host together
-    for idx in _group_by_shape(As).values():
+    for idx in _ortho_groups(As, backend):
         first = As[idx[0]]
         use_triton = resolve_backend(backend, first) == "triton"
         if use_triton and backend == "auto" and first.shape[0] > _kernel("ortho", "MAX_RANK"):
             use_triton = False  # ranks beyond the kernel's register tiles take the torch path
-        if use_triton or first.is_cuda:
+        if use_triton:  # one launch for every width of this rank (the kernel reads A in place)
+            Qs, status = _kernel("ortho", "orthonormal_rows_many")(
+                [As[i].detach().contiguous() for i in idx], tau=DEPENDENT_ROW_TOL
+            )
+            flags, ok = status == 1, status != 2
+        elif first.is_cuda:
             batch = torch.stack([As[i].detach() for i in idx])  # (G, r, d): one call for the group
-            if use_triton:
-                Q, flags = _kernel("ortho", "orthonormal_rows_with_flags")(batch, tau=DEPENDENT_ROW_TOL)
-                # a non-finite entry makes the sum non-finite (so can an overflow: confirmed below)
-                ok = batch.sum(dim=(1, 2), dtype=torch.float32).isfinite()
-            else:
-                Q, diag, norms = _torch_orthonormal_rows(batch)
-                flags, ok = _dependent(diag, norms), norms.isfinite().all(dim=1)
+            Q, diag, norms = _torch_orthonormal_rows(batch)
+            flags, ok = _dependent(diag, norms), norms.isfinite().all(dim=1)
             Qs = list(Q)
         else:
             # CPU: LAPACK factors one matrix per call whether torch is given a batch or not. A stack
@@ -222,13 +225,20 @@ def orthonormal_rows(
         finite.append(ok)
         deficient.append(flags)
     finite_host = _host_bools(finite)  # one sync for all groups
-    if not all(finite_host):  # a norm or a sum also overflows on huge finite entries: look closer
-        finite_host = [f or bool(torch.isfinite(As[i]).all()) for i, f in zip(order, finite_host)]
     if not all(finite_host):
         bad = names[order[finite_host.index(False)]]
         raise ValueError(f"{bad}: lora_A has non-finite values; cannot orthonormalise it")
     _warn_rank_deficient(_host_bools(deficient), [names[i] for i in order])  # one more sync
     return out  # type: ignore[return-value]
+
+
+def _ortho_groups(As: Sequence[torch.Tensor], backend: str) -> list[list[int]]:
+    """Indices per call: by shape for torch; by rank alone for the kernel, which takes any widths."""
+    groups: dict[tuple, list[int]] = {}
+    for i, A in enumerate(As):
+        width = None if resolve_backend(backend, A) == "triton" else A.shape[1]
+        groups.setdefault((A.shape[0], width, A.dtype, A.device), []).append(i)
+    return list(groups.values())
 
 
 _CPU_STACK_BYTES = (1 << 16, 1 << 18)  # stack matrices smaller than 64 KiB, up to 256 KiB per call

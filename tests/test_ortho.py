@@ -53,7 +53,8 @@ def _factor_checks(A: torch.Tensor, Q: torch.Tensor, tol: float) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_fp64_qr_on_mixed_shapes(backend, dtype):
-    shapes = [(1, 5), (7, 33), (7, 33), (16, 100), (8, 8), (16, 100)]  # 4 groups, r = d included
+    # ranks 1, 7, 8, 16; widths mixed within a rank (the kernel takes them in one launch); r = d
+    shapes = [(1, 5), (7, 33), (7, 20), (16, 100), (8, 8), (16, 40), (7, 33)]
     As = [torch.randn(s).to(dtype) for s in shapes]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # random Gaussian A is full rank: no warning
