@@ -42,6 +42,7 @@ to fp32 and every ``tl.dot`` runs with ``input_precision="ieee"``: TF32 (10 mant
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -298,20 +299,12 @@ def orthonormal_rows_many(
     # on it, and fp32 sums of squares then neither overflow (|a| > 1e19) nor underflow.
     amax = torch.stack(torch._foreach_norm([A.detach() for A in As], float("inf"))).float()  # one launch
     scales = torch.exp2(-torch.floor(torch.log2(amax.clamp_min(2.0**-100))))
-    dims = [A.shape[1] for A in As]
-    order = sorted(range(len(As)), key=lambda i: -dims[i])  # widest first
-    offsets = [0] * len(As)
-    for pos, i in enumerate(order[1:], 1):
-        offsets[i] = offsets[order[pos - 1]] + r * dims[order[pos - 1]]
-    total = offsets[order[-1]] + r * dims[order[-1]]
+    dims = tuple(A.shape[1] for A in As)
+    offsets, total, (table, dims_t, perm) = _layout(tuple(A.data_ptr() for A in As), dims, r, device)
     W = torch.empty(total, dtype=torch.float32, device=device)
     out = W if dtype == torch.float32 else torch.empty(total, dtype=dtype, device=device)
-    table = [[As[i].data_ptr() for i in order], [offsets[i] for i in order]]
-    table = torch.tensor(table, dtype=torch.int64).to(device)
-    dims_t = torch.tensor([dims[i] for i in order], dtype=torch.int32).to(device)
     status = torch.empty(len(As), dtype=torch.int32, device=device)
     r_pad = triton.next_power_of_2(r)
-    perm = torch.tensor(order, device=device)
     _cgs2_rows_kernel[(len(As),)](
         table[0], scales[perm], W, out, table[1], dims_t, status, r, float(tau),
         A_DTYPE=_TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad, max(dims)),
@@ -322,6 +315,25 @@ def orthonormal_rows_many(
     status_in_order = torch.where(amax.isfinite(), status_in_order, 2)
     Qs = [out[offsets[i] : offsets[i] + r * dims[i]].view(r, dims[i]) for i in range(len(As))]
     return Qs, status_in_order
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(
+    ptrs: tuple[int, ...], dims: tuple[int, ...], r: int, device: torch.device
+) -> tuple[list[int], int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Offsets of each Q in the flat output (widest first), its size, and the kernel's tables.
+
+    A pure function of its arguments, memoised: ContinualLoRA passes the same lora_A tensors at every
+    task boundary, so after the first one no table is copied to the device again.
+    """
+    order = sorted(range(len(dims)), key=lambda i: -dims[i])  # widest first
+    offsets = [0] * len(dims)
+    for pos in range(1, len(order)):
+        offsets[order[pos]] = offsets[order[pos - 1]] + r * dims[order[pos - 1]]
+    total = offsets[order[-1]] + r * dims[order[-1]]
+    table = torch.tensor([[ptrs[i] for i in order], [offsets[i] for i in order]], dtype=torch.int64)
+    dims_t = torch.tensor([dims[i] for i in order], dtype=torch.int32)
+    return offsets, total, (table.to(device), dims_t.to(device), torch.tensor(order).to(device))
 
 
 def orthonormal_rows_with_flags(batch: torch.Tensor, tau: float = TAU) -> tuple[torch.Tensor, torch.Tensor]:
