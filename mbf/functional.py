@@ -208,8 +208,8 @@ def orthonormal_rows(
             flags, ok = status == 1, status != 2
         elif first.is_cuda:
             batch = torch.stack([As[i].detach() for i in idx])  # (G, r, d): one call for the group
-            Q, diag, norms = _torch_orthonormal_rows(batch)
-            flags, ok = _dependent(diag, norms), norms.isfinite().all(dim=1)
+            Q, diag, norms, ok = _torch_orthonormal_rows(batch)
+            flags = _dependent(diag, norms)
             Qs = list(Q)
         else:
             # CPU: LAPACK factors one matrix per call whether torch is given a batch or not. A stack
@@ -218,13 +218,15 @@ def orthonormal_rows(
             parts = [_torch_orthonormal_rows(_stack(As, chunk)) for chunk in _cpu_chunks(idx, first)]
             Qs = [Q for part in parts for Q in part[0]]
             diag, norms = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-            flags, ok = _dependent(diag, norms), norms.isfinite().all(dim=1)
+            flags, ok = _dependent(diag, norms), torch.cat([p[3] for p in parts])
         for i, Q in zip(idx, Qs):
             out[i] = Q
         order += idx
         finite.append(ok)
         deficient.append(flags)
     finite_host = _host_bools(finite)  # one sync for all groups
+    if not all(finite_host):  # an fp32 norm also overflows on huge finite entries: look closer
+        finite_host = [f or bool(torch.isfinite(As[i]).all()) for i, f in zip(order, finite_host)]
     if not all(finite_host):
         bad = names[order[finite_host.index(False)]]
         raise ValueError(f"{bad}: lora_A has non-finite values; cannot orthonormalise it")
@@ -263,11 +265,12 @@ def _host_bools(flags: list[torch.Tensor]) -> list[bool]:
     return torch.cat([f.to(flags[0].device) for f in flags]).tolist()
 
 
-def _torch_orthonormal_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _torch_orthonormal_rows(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``reference.orthonormal_rows`` (the spec, same steps), plus what the checks need.
 
-    Returns ``(Q, diag, norms)``: Q ``(G, r, d)`` in batch's dtype (rows contiguous); ``diag(R)``
-    ``(G, r)``; the row norms ``‖a_k‖`` ``(G, r)`` in fp64 (non-finite exactly where a row is).
+    Returns ``(Q, diag, norms, ok)``: Q ``(G, r, d)`` in batch's dtype (rows contiguous); ``diag(R)``
+    ``(G, r)``; the row norms ``‖a_k‖ = ‖R[:, k]‖`` ``(G, r)`` (fp64 over r×r: no overflow, no pass
+    over A); ok ``(G,)``: A's fp32 row norms are finite (False also when they overflow).
     """
     A = batch.to(reference._qr_dtype(batch.dtype))
     Q, R = torch.linalg.qr(A.transpose(-1, -2), mode="reduced")  # Q (G, d, r), R (G, r, r)
@@ -275,7 +278,8 @@ def _torch_orthonormal_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     signs = torch.where(diag < 0, -1.0, 1.0).to(Q.dtype)  # a zero sign counts as +1
     # Q is column-major per matrix, so its transpose is row-major: sign-fix the rows there
     Q = (Q.transpose(-1, -2) * signs.unsqueeze(-1)).to(batch.dtype)
-    return Q, diag, torch.linalg.vector_norm(A, dim=-1, dtype=torch.float64)  # fp64: no overflow
+    norms = torch.linalg.vector_norm(R, dim=-2, dtype=torch.float64)
+    return Q, diag, norms, torch.linalg.vector_norm(A, dim=-1).isfinite().all(dim=-1)
 
 
 def _dependent(diag: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
