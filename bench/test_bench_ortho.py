@@ -101,7 +101,7 @@ def rows():
     for row in collected:
         loop = [o for o in collected if o["provider"] == "torch-loop" and o["op"] == row["op"]]
         loop = [o for o in loop if o["shape"] == row["shape"] and o["r"] == row["r"]]
-        row["speedup_vs_loop"] = loop[0]["ms"] / row["ms"] if loop else None
+        row["speedup_vs_loop"] = round(loop[0]["ms"] / row["ms"], 2) if loop else None
     path = append_rows(collected)
     print(f"\nwrote {len(collected)} rows to {path}")
     for row in collected:
@@ -140,8 +140,9 @@ def test_bench_task_boundary(op, model, r, provider, rows):
             r=r,
             dtype=str(DTYPE).removeprefix("torch."),
             device=device_name(DEVICE),
-            gbps=nbytes / (t["ms"] * 1e-3) / 1e9,
+            gbps=round(nbytes / (t["ms"] * 1e-3) / 1e9, 3),
             threads=None if CUDA else torch.get_num_threads(),
+            extra_keys=["gbps", "speedup_vs_loop", "threads"],  # columns of the README table
             peak_mem_bytes=peak,
             **t,
         )
