@@ -196,11 +196,8 @@ def orthonormal_rows(
     out: list[torch.Tensor | None] = [None] * len(As)
     order: list[int] = []  # layer of each entry of the flag lists below
     finite, deficient = [], []  # per group: (G,) bool tensors, brought to the host together
-    for idx in _ortho_groups(As, backend):
+    for use_triton, idx in _ortho_groups(As, backend):
         first = As[idx[0]]
-        use_triton = resolve_backend(backend, first) == "triton"
-        if use_triton and backend == "auto" and first.shape[0] > _kernel("ortho", "MAX_RANK"):
-            use_triton = False  # ranks beyond the kernel's register tiles take the torch path
         if use_triton:  # one launch for every width of this rank (the kernel reads A in place)
             Qs, status = _kernel("ortho", "orthonormal_rows_many")(
                 [As[i].detach().contiguous() for i in idx], tau=DEPENDENT_ROW_TOL
@@ -234,13 +231,16 @@ def orthonormal_rows(
     return out  # type: ignore[return-value]
 
 
-def _ortho_groups(As: Sequence[torch.Tensor], backend: str) -> list[list[int]]:
-    """Indices per call: by shape for torch; by rank alone for the kernel, which takes any widths."""
+def _ortho_groups(As: Sequence[torch.Tensor], backend: str) -> list[tuple[bool, list[int]]]:
+    """``(use_triton, indices)`` per call: by rank alone for the kernel (any widths), by shape for torch."""
     groups: dict[tuple, list[int]] = {}
     for i, A in enumerate(As):
-        width = None if resolve_backend(backend, A) == "triton" else A.shape[1]
-        groups.setdefault((A.shape[0], width, A.dtype, A.device), []).append(i)
-    return list(groups.values())
+        use_triton = resolve_backend(backend, A) == "triton"
+        if use_triton and backend == "auto" and A.shape[0] > _kernel("ortho", "MAX_RANK"):
+            use_triton = False  # ranks beyond the kernel's register tiles take the torch path
+        width = None if use_triton else A.shape[1]
+        groups.setdefault((use_triton, A.shape[0], width, A.dtype, A.device), []).append(i)
+    return [(key[0], idx) for key, idx in groups.items()]
 
 
 _CPU_STACK_BYTES = (1 << 16, 1 << 18)  # stack matrices smaller than 64 KiB, up to 256 KiB per call
