@@ -250,6 +250,10 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     groups: dict[str, list[dict]] = {}
     for r in complete:
         groups.setdefault(_label(r) + _setting_suffix(r, complete), []).append(r)
+    from mbf.train import METHODS
+
+    rank = {m: i for i, m in enumerate(("seq-lora", *[m for m in METHODS if m != "seq-lora"]))}
+    groups = dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[1][0]["method"], len(rank)), kv[0])))
     tasks = complete[0]["tasks"]
     T = len(tasks)
     lines = [

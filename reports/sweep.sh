@@ -21,7 +21,8 @@ printf '%s\n' "${jobs[@]}" | xargs -P 2 -L 1 bash -c '
   echo "$(date -u +%T) start $method seed $seed"
   '"$MBF"' continual --suite builtin --method $method --seed $seed --out $run --threads 1 \
       --max-steps 20 --n-test 100 $resume > '"$OUT"'/logs/$method-s$seed.log 2>&1
-  echo "$(date -u +%T) done  $method seed $seed rc=$? $(tail -2 '"$OUT"'/logs/$method-s$seed.log | head -1)"
+  rc=$?
+  echo "$(date -u +%T) done  $method seed $seed rc=$rc $(tail -2 '"$OUT"'/logs/$method-s$seed.log | head -1)"
 '
 "$MBF" compare "$OUT"/runs/*/ --out "$OUT" > "$OUT/logs/compare.log" 2>&1
 echo "$(date -u +%T) sweep finished: $OUT/compare.md"
