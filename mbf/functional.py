@@ -378,3 +378,42 @@ def time_aware_merge(
             torch._foreach_lerp_(work, [ft_Bs[i].detach().to(ct) for i in idx], float(lam))
             if work is not ms:
                 torch._foreach_copy_(ms, work)
+
+
+def lora_linear_nf4(
+    x: torch.Tensor,
+    weight,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    merged_B: torch.Tensor | None = None,
+    lam: float = 1.0,
+    dropout: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+    path: str = "auto",
+) -> torch.Tensor:
+    """``lora_linear`` over a 4-bit NF4 base weight (QLoRA); the math of ``mbf.reference.lora_linear``
+    with ``W0 = mbf.quant.dequantize_nf4(weight)``.
+
+    Args:
+        weight: an ``mbf.quant.NF4Weight`` (``(out, in)``, bitsandbytes' storage); never saved for backward.
+        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` (dequantise with torch) or ``"triton"``.
+        path: with Triton, ``"fused"`` (dequantise inside the GEMM tiles), ``"dequant"`` (one dequant
+            pass + cuBLAS) or ``"auto"`` (by token count: ``mbf.kernels.nf4.choose_path``).
+        Others as ``lora_linear``.
+
+    Raises:
+        ValueError: on mismatched shapes, a dropout outside [0, 1) or x on another device.
+        RuntimeError: an NF4 weight on a device that cannot run it.
+    """
+    from mbf import quant
+
+    _check_lora_shapes(x, weight, bias, A, B, merged_B)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout {dropout} must be in [0, 1)")
+    if dropout > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    be = resolve_backend(backend, x)
+    return quant.nf4_lora_linear(x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed, be, path)

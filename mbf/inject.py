@@ -10,6 +10,7 @@ from torch import nn
 
 from mbf.config import LoRAConfig
 from mbf.layers import LoRALinear
+from mbf.quant import NF4Linear, is_bnb_linear4bit
 
 __all__ = ["eject", "inject", "lora_layers"]
 
@@ -28,7 +29,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Replace every linear whose leaf name is in ``config.targets()`` by a LoRALinear.
 
-    All other parameters are frozen; only the adapters' ``lora_A`` and ``lora_B`` train.
+    All other parameters are frozen; only the adapters' ``lora_A`` and ``lora_B`` train. A bitsandbytes
+    NF4 ``Linear4bit`` (a model loaded with ``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4")``) becomes a LoRALinear over its 4-bit weight, zero-copy; with
+    ``config.quantize="nf4"`` dense targets are quantised to NF4 first (QLoRA; ``eject`` then gives
+    back the NF4Linear: the dense weight is gone).
 
     Args:
         model: a transformers model (Llama names by default) or any nn.Module.
@@ -38,13 +43,13 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
         The same model, modified in place.
 
     Raises:
-        ValueError: when a target name matches no linear (the available names are listed) or the
-            model already carries LoRA layers.
+        ValueError: when a target name matches no linear (the available names are listed), the
+            model already carries LoRA layers, or a 4-bit target is not NF4 with blocksize 64.
     """
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; eject() them before injecting again")
     targets = config.targets()
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))}
     leaves = {n.rpartition(".")[2] for n in linears}
     missing = [t for t in targets if t not in leaves]
     if missing and config.target_modules != "all-linear":
@@ -60,10 +65,11 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
         for name, linear in linears.items():
             if name.rpartition(".")[2] not in targets:
                 continue
-            if config.quantize == "nf4":
-                raise NotImplementedError(f"{name}: LoRAConfig(quantize='nf4') needs the NF4 base (QLoRA)")
+            src = linear
+            if config.quantize == "nf4" and not is_bnb_linear4bit(linear):
+                src = NF4Linear.from_linear(linear, name=name)  # QLoRA: the dense weight goes
             new_layers[name] = LoRALinear(
-                linear, r=config.r, alpha=config.alpha, dropout=config.dropout, backend=config.backend, name=name
+                src, r=config.r, alpha=config.alpha, dropout=config.dropout, backend=config.backend, name=name
             )
     except Exception:
         for n, p in model.named_parameters():
@@ -81,6 +87,9 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
 def eject(model: nn.Module, merge: bool = False) -> nn.Module:
     """Put the original linears back. With ``merge=True`` the active adapter is folded in first.
 
+    Over a 4-bit base, ``merge=True`` gives a 16-bit ``nn.Linear`` (never a re-quantised weight);
+    without it, the bnb ``Linear4bit`` that was injected (or the NF4Linear of ``quantize="nf4"``).
+
     Raises:
         ValueError: with ``merge=True``, when a merged weight would be non-finite.
     """
@@ -89,7 +98,8 @@ def eject(model: nn.Module, merge: bool = False) -> nn.Module:
             layer.merge(safe_merge=True)
         elif layer.merged:
             layer.unmerge()
-        _set_submodule(model, name, layer.base)
+        base = layer.base
+        _set_submodule(model, name, base.restore() if isinstance(base, NF4Linear) else base)
     flags = getattr(model, "mbf_requires_grad", {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from mbf import functional
+from mbf import functional, quant
 
 __all__ = ["LoRALinear"]
 
@@ -26,6 +26,9 @@ MODES = ("finetuned", "merged", "preview")
 
 class LoRALinear(nn.Module):
     """``nn.Linear`` plus a LoRA adapter; same forward signature and output dtype.
+
+    Over a 4-bit base (QLoRA): ``base`` may be an ``mbf.quant.NF4Linear`` or a bitsandbytes NF4
+    ``Linear4bit`` (converted zero-copy to an NF4Linear; ``eject`` gives the Linear4bit back).
 
     Args:
         base: the frozen linear; kept as ``self.base`` so ``eject`` can restore it.
@@ -37,12 +40,13 @@ class LoRALinear(nn.Module):
         dtype: adapter dtype (default: the base weight's).
 
     Raises:
-        ValueError: on a rank or dropout out of range (naming the layer).
+        ValueError: on a rank or dropout out of range (naming the layer), or a 4-bit base that is
+            not NF4 with blocksize 64.
     """
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Linear | quant.NF4Linear,
         *,
         r: int = 8,
         alpha: float = 16.0,
@@ -52,9 +56,16 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"{name}: expected nn.Linear, got {type(base).__name__}")
-        out_f, in_f = base.weight.shape
+        if quant.is_bnb_linear4bit(base):  # before the nn.Linear check: Linear4bit subclasses it
+            base = quant.NF4Linear.from_bnb(base, name=name)
+        if isinstance(base, quant.NF4Linear):
+            out_f, in_f = base.out_features, base.in_features
+            w_device, w_dtype = base.weight_packed.device, base.compute_dtype
+        elif isinstance(base, nn.Linear):
+            out_f, in_f = base.weight.shape
+            w_device, w_dtype = base.weight.device, base.weight.dtype
+        else:
+            raise TypeError(f"{name}: expected nn.Linear, got {type(base).__name__} (or NF4 4-bit)")
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_f, out_f):
             raise ValueError(f"{name}: rank {r} must be in [1, {min(in_f, out_f)}]")
         if not 0.0 <= dropout < 1.0:
@@ -65,7 +76,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.r, self.lora_alpha, self.scaling = r, float(alpha), float(alpha) / r
         self.lora_dropout, self.backend, self.layer_name = float(dropout), backend, name
-        factory = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        factory = {"device": w_device, "dtype": dtype or w_dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **factory))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(out_f, r, **factory))  # (out, r)
         self.register_buffer("merged_A", torch.zeros(r, in_f, **factory))
@@ -73,16 +84,26 @@ class LoRALinear(nn.Module):
         self.adapter_mode = "finetuned"
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
         self.merged = False  # True while the delta is folded into base.weight (merge()/unmerge())
+        self._unmerged_base: quant.NF4Linear | None = None  # the 4-bit base while merged into a 16-bit copy
         self.reset_lora_parameters()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, **kwargs) -> LoRALinear:
-        """Wrap an existing ``nn.Linear`` (its weight is shared, not copied)."""
+        """Wrap an ``nn.Linear``, NF4Linear or bnb ``Linear4bit`` (its weight is shared, not copied)."""
         return cls(linear, r=r, alpha=alpha, **kwargs)
 
     @property
+    def is_4bit(self) -> bool:
+        """True while the base is an NF4 weight (False after ``merge()`` into a 16-bit copy)."""
+        return isinstance(self.base, quant.NF4Linear)
+
+    @property
     def weight(self) -> torch.Tensor:
-        return self.base.weight
+        """The base weight; over a 4-bit base, a fresh dequantised 16-bit copy (read-only use)."""
+        return self.base.dequantize() if self.is_4bit else self.base.weight
+
+    def _base_dtype(self) -> torch.dtype:
+        return self.base.compute_dtype if self.is_4bit else self.base.weight.dtype
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -111,6 +132,19 @@ class LoRALinear(nn.Module):
         A, B, merged_B, lam = self._active()
         dt = x.dtype
         dropout = self.lora_dropout if self.training and self.adapter_mode == "finetuned" else 0.0
+        if self.is_4bit:
+            return functional.lora_linear_nf4(
+                x,
+                self.base.nf4,
+                self.base.bias,
+                A.to(dt),
+                B.to(dt),
+                self.scaling,
+                merged_B=None if merged_B is None else merged_B.to(dt),
+                lam=lam,
+                dropout=dropout,
+                backend=self.backend,
+            )
         return functional.lora_linear(
             x,
             self.base.weight,
@@ -126,18 +160,28 @@ class LoRALinear(nn.Module):
 
     def get_delta_weight(self) -> torch.Tensor:
         """``s · B Aᵀ`` of the active adapter (``(out, in)``, fp32 math, base weight dtype)."""
+        return self._delta_fp32().to(self._base_dtype())
+
+    def _delta_fp32(self) -> torch.Tensor:
         A, B, merged_B, lam = self._active()
         B = B if merged_B is None else torch.lerp(merged_B.float(), B.float(), lam)
-        return (self.scaling * (B.float() @ A.float())).to(self.base.weight.dtype)
+        return self.scaling * (B.float() @ A.float())
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = True) -> None:
         """Fold the active adapter into ``base.weight`` (PEFT's ``merge``); forward is then the base.
 
+        Over a 4-bit base the result is a new 16-bit ``nn.Linear`` (dequantised base + delta, in the
+        compute dtype): a merged 4-bit weight is never re-quantised, which would destroy what was
+        learned. ``unmerge()`` puts the untouched 4-bit base back.
+
         Raises:
             ValueError: with ``safe_merge``, when the merged weight would be non-finite.
         """
         if self.merged:
+            return
+        if self.is_4bit:
+            self._merge_4bit(safe_merge)
             return
         new_w = self.base.weight + self.get_delta_weight()
         if safe_merge and not torch.isfinite(new_w).all():
@@ -145,10 +189,34 @@ class LoRALinear(nn.Module):
         self.base.weight.copy_(new_w)
         self.merged = True
 
+    def _merge_4bit(self, safe_merge: bool) -> None:
+        nf4 = self.base
+        new_w = nf4.dequantize(torch.float32) + self._delta_fp32()  # one rounding, at the copy
+        if safe_merge and not torch.isfinite(new_w).all():
+            raise ValueError(f"{self.layer_name}: merging would produce non-finite weights; not merged")
+        dense = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=nf4.bias is not None,
+            device=new_w.device,
+            dtype=nf4.compute_dtype,
+        )
+        dense.weight.copy_(new_w)
+        if nf4.bias is not None:
+            dense.bias.copy_(nf4.bias)
+        dense.requires_grad_(False)
+        self.__dict__["_unmerged_base"] = nf4  # not a submodule: the merged state_dict is the 16-bit one
+        self.base = dense
+        self.merged = True
+
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge()`` (exact up to the base dtype's rounding)."""
+        """Undo ``merge()`` (exact up to the base dtype's rounding; exact over a 4-bit base)."""
         if not self.merged:
+            return
+        if self._unmerged_base is not None:
+            self.base, self.__dict__["_unmerged_base"] = self._unmerged_base, None
+            self.merged = False
             return
         self.base.weight.sub_(self.get_delta_weight())
         self.merged = False
@@ -156,6 +224,7 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"{'nf4 base, ' if self.is_4bit else ''}"
             f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, dropout={self.lora_dropout:g}, "
             f"backend={self.backend!r}"
         )
