@@ -186,7 +186,7 @@ def _train(model, params, ids, steps=8, lr=0.05):
     return losses
 
 
-def test_qlora_tiny_llama_two_tasks_under_continual_lora():
+def test_qlora_tiny_llama_two_tasks_under_continual_lora(tmp_path):
     """quantize='nf4' on every linear of a tiny Llama, two SLAO tasks: the 4-bit base never moves,
     each task's loss falls, the merge follows λ(i) = 1/√i, and the merged export is 16-bit."""
     model = make_tiny_llama(hidden_size=64, intermediate_size=128).train()
@@ -225,6 +225,12 @@ def test_qlora_tiny_llama_two_tasks_under_continual_lora():
     probe = torch.randint(0, 97, (1, 10), generator=g)
     with torch.no_grad(), cl.merged():
         merged_logits = model(probe).logits
+    cl.save(tmp_path / "run")  # and back: load re-injects LoRAConfig(quantize="nf4") into a fresh model
+    fresh = make_tiny_llama(hidden_size=64, intermediate_size=128)
+    cl2 = mbf.ContinualLoRA.load(fresh, tmp_path / "run")
+    assert cl2.task_index == 2 and all(layer.is_4bit for layer in mbf.lora_layers(fresh).values())
+    with torch.no_grad(), cl2.merged():
+        assert_close(fresh(probe).logits, merged_logits, torch.float32)
     for layer in layers.values():
         layer.adapter_mode = "merged"  # export what inference uses
     mbf.eject(model, merge=True)
