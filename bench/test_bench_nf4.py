@@ -38,7 +38,9 @@ def _base(in_f: int, out_f: int) -> nn.Linear:
 
 def _peft_bnb4(base: nn.Linear) -> nn.Module:
     bnb = pytest.importorskip(
-        "bitsandbytes", reason="peft-bnb4 needs bitsandbytes (pip install mbf-lora[qlora])"
+        "bitsandbytes",
+        reason="peft-bnb4 needs bitsandbytes (pip install mbf-lora[qlora])",
+        exc_type=ImportError,
     )
     from peft import LoraConfig, get_peft_model
 

@@ -6,7 +6,7 @@ from conftest import assert_close
 
 from mbf import quant, reference
 
-knf4 = pytest.importorskip("mbf.kernels.nf4", reason="triton is not installed")
+knf4 = pytest.importorskip("mbf.kernels.nf4", reason="triton is not installed", exc_type=ImportError)
 
 # the interpreter on CPU (conftest sets TRITON_INTERPRET=1 there), the real kernels on a GPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

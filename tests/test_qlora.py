@@ -98,7 +98,7 @@ def test_matches_bnb_linear4bit_with_peft(dtype):
 
 def test_triton_paths_match_torch_path_in_the_layer():
     """LoRALinear over NF4 with backend='triton' (interpreter on CPU) against its torch path."""
-    pytest.importorskip("mbf.kernels.nf4", reason="triton is not installed")
+    pytest.importorskip("mbf.kernels.nf4", reason="triton is not installed", exc_type=ImportError)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = quant.NF4Linear.from_linear(nn.Linear(128, 40, device=device))
     layers = {b: mbf.LoRALinear(base, r=3, alpha=6, backend=b, name="up_proj") for b in ("torch", "triton")}

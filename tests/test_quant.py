@@ -123,7 +123,9 @@ def test_nf4linear_forward_and_buffers_follow_to():
 
 def test_bnb_linear4bit_converts_zero_copy():
     bnb = pytest.importorskip(
-        "bitsandbytes", reason="bitsandbytes is not installed (pip install mbf-lora[qlora])"
+        "bitsandbytes",
+        reason="bitsandbytes is not installed (pip install mbf-lora[qlora])",
+        exc_type=ImportError,
     )
     lin = bnb.nn.Linear4bit(128, 24, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
     lin = lin.to("cpu")  # bnb quantises on the move to a device
@@ -142,7 +144,9 @@ def test_bnb_cpu_repacked_weight_is_unpacked():
     """bnb repacks a CPU Linear4bit in place for its inference kernel (bf16 absmax, lossy); conversion
     undoes that with bnb's own inverse, so both libraries then read the same weight."""
     bnb = pytest.importorskip(
-        "bitsandbytes", reason="bitsandbytes is not installed (pip install mbf-lora[qlora])"
+        "bitsandbytes",
+        reason="bitsandbytes is not installed (pip install mbf-lora[qlora])",
+        exc_type=ImportError,
     )
     lin = bnb.nn.Linear4bit(128, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
     before = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
@@ -194,7 +198,9 @@ def test_error_device():
 def test_bnb_linear4bit_not_yet_quantised_is_quantised_like_bnb():
     """A Linear4bit that never moved to a device still holds dense data: we quantise it as bnb would."""
     bnb = pytest.importorskip(
-        "bitsandbytes", reason="bitsandbytes is not installed (pip install mbf-lora[qlora])"
+        "bitsandbytes",
+        reason="bitsandbytes is not installed (pip install mbf-lora[qlora])",
+        exc_type=ImportError,
     )
     lin = bnb.nn.Linear4bit(128, 24, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     assert lin.weight.quant_state is None
