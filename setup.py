@@ -24,7 +24,8 @@ setup(
     ],
     extras_require={
         "qlora": ["bitsandbytes>=0.43"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        # bitsandbytes in the test set: the NF4 storage is tested bit-exact against it (CPU backend)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "bitsandbytes>=0.43"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["mbf = mbf.cli:main"]},

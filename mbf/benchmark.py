@@ -5,7 +5,7 @@ Llama-2-7B configs, a few layers when memory demands — the count is recorded �
 Providers:
 
 - ``mbf``: ``mbf.inject`` on the model in the compute dtype (Triton on CUDA, torch on CPU);
-- ``mbf-nf4``: the same with ``LoRAConfig(quantize="nf4")`` (skipped until the NF4 base exists);
+- ``mbf-nf4``: the same with ``LoRAConfig(quantize="nf4")`` (the QLoRA base of ``mbf.quant``);
 - ``peft``: PEFT's LoRA on the same model;
 - ``peft-bnb4``: PEFT's LoRA over bitsandbytes ``Linear4bit`` (NF4) — QLoRA as people run it today.
 
