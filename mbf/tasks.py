@@ -178,7 +178,9 @@ def _to_example(rec: dict, path: Path, i: int) -> Example:
     if isinstance(out, list):  # SuperNI keeps a list of acceptable outputs
         out = out[0] if out else None
     if inp is None or out is None:
-        raise ValueError(f"{path}: record {i} needs input/sentence and output/label fields, has {sorted(rec)}")
+        raise ValueError(
+            f"{path}: record {i} needs input/sentence and output/label fields, has {sorted(rec)}"
+        )
     if rec.get("instruction"):
         inp = f"{rec['instruction']}\n{inp}"
     return Example(str(inp).strip(), str(out).strip())
@@ -191,8 +193,9 @@ def _find_split(folder: Path, split: str) -> Path | None:
     return None
 
 
-def load_task_dir(folder: str | Path, name: str | None = None, max_train: int | None = None,
-                  max_test: int | None = None) -> Task:
+def load_task_dir(
+    folder: str | Path, name: str | None = None, max_train: int | None = None, max_test: int | None = None
+) -> Task:
     """One task from a folder with ``train`` and ``test`` (or ``dev``) ``.json``/``.jsonl`` files.
 
     Records are ``{"input", "output"}`` (SAPT, JSONL), ``{"sentence", "label"}`` (O-LoRA) or
@@ -208,7 +211,9 @@ def load_task_dir(folder: str | Path, name: str | None = None, max_train: int | 
     train_path = _find_split(folder, "train")
     test_path = _find_split(folder, "test") or _find_split(folder, "dev")
     if train_path is None or test_path is None:
-        raise FileNotFoundError(f"{folder}: task {name!r} needs train.json(l) and test.json(l) or dev.json(l)")
+        raise FileNotFoundError(
+            f"{folder}: task {name!r} needs train.json(l) and test.json(l) or dev.json(l)"
+        )
     train_recs, definition = _read_records(train_path)
     test_recs, _ = _read_records(test_path)
     labels = json.loads((folder / "labels.json").read_text()) if (folder / "labels.json").is_file() else []
@@ -225,12 +230,15 @@ def _task_folder(data_dir: Path, name: str) -> Path:
     hits = sorted(p for p in data_dir.rglob("*") if p.is_dir() and p.name.lower() in wanted)
     hits = [p for p in hits if _find_split(p, "train")]
     if not hits:
-        raise FileNotFoundError(f"{data_dir}: no folder for task {name!r} (looked for {sorted(wanted)} with train.json)")
+        raise FileNotFoundError(
+            f"{data_dir}: no folder for task {name!r} (looked for {sorted(wanted)} with train.json)"
+        )
     return hits[0]
 
 
-def load_benchmark(data_dir: str | Path, order: str | list[str], max_train: int | None = None,
-                   max_test: int | None = None) -> list[Task]:
+def load_benchmark(
+    data_dir: str | Path, order: str | list[str], max_train: int | None = None, max_test: int | None = None
+) -> list[Task]:
     """The tasks of ``order`` (``"O1"``…``"O6"`` or a list of task names) found under ``data_dir``.
 
     Task folders are searched recursively by name (``CL_Benchmark/TC/dbpedia`` in O-LoRA,

@@ -49,8 +49,9 @@ METHODS: dict[str, dict | None] = {
 }
 
 
-def method_options(method: str, init: str | None = None, schedule: str | None = None,
-                   constant: float = 0.5) -> dict | None:
+def method_options(
+    method: str, init: str | None = None, schedule: str | None = None, constant: float = 0.5
+) -> dict | None:
     """ContinualLoRA options of ``method`` with the ``init`` / ``schedule`` overrides applied.
 
     Raises:
@@ -63,8 +64,12 @@ def method_options(method: str, init: str | None = None, schedule: str | None = 
         if init or schedule:
             raise ValueError("multi-task trains one adapter once: --init/--schedule do not apply")
         return None
-    return {**opts, **({"init": init} if init else {}), **({"schedule": schedule} if schedule else {}),
-            "constant": float(constant)}
+    return {
+        **opts,
+        **({"init": init} if init else {}),
+        **({"schedule": schedule} if schedule else {}),
+        "constant": float(constant),
+    }
 
 
 @dataclass
@@ -115,8 +120,8 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
+        ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s) :] = 1
     return ids, mask
 
 
@@ -140,11 +145,13 @@ def answer_loss(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad_
     ids, mask = _left_pad(seqs, pad_id)  # (B, T)
     K = max(len(a) for _, a in batch)  # answer columns
     hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).last_hidden_state
-    logits = model.lm_head(hidden[:, -K - 1:-1]).float()  # (B, K, V): column t predicts token t+1
+    logits = model.lm_head(hidden[:, -K - 1 : -1]).float()  # (B, K, V): column t predicts token t+1
     labels = torch.full((len(batch), K), -100, dtype=torch.long)
     for i, (_, a) in enumerate(batch):
-        labels[i, K - len(a):] = torch.tensor(a)
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        labels[i, K - len(a) :] = torch.tensor(a)
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
 
 
 def train_steps(
@@ -169,13 +176,15 @@ def train_steps(
     order: list[int] = []
     losses = []
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, disable=None)  # None: off without a tty
+    bar = tqdm(
+        range(steps), desc=desc, leave=False, dynamic_ncols=True, disable=None
+    )  # None: off without a tty
     for _ in bar:
         if len(order) < opts.batch_size:
             perm = list(range(len(encoded)))
             rng.shuffle(perm)
             order += perm
-        idx, order = order[: opts.batch_size], order[opts.batch_size:]
+        idx, order = order[: opts.batch_size], order[opts.batch_size :]
         loss = answer_loss(model, [encoded[i] for i in idx], codec.pad_id)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {len(losses)}; lower --lr")
@@ -202,8 +211,9 @@ def _cache_kwarg(model: nn.Module, out) -> dict:
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                  pad_id: int) -> list[list[int]]:
+def greedy_decode(
+    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int
+) -> list[list[int]]:
     """Greedy continuation of a batch of prompts with the KV cache; each stops at eos (excluded)."""
     ids, mask = _left_pad(prompts, pad_id)
     pos = _positions(mask)
@@ -222,22 +232,37 @@ def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
             break
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                    **_cache_kwarg(model, out))
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **_cache_kwarg(model, out),
+        )
     return generated
 
 
-def evaluate(model: nn.Module, codec: Codec, task: Task, opts: TrainOptions, desc: str | None = None) -> float:
-    """Exact-match accuracy of greedy decoding on ``task.test`` (the model as it is: pick the adapter first)."""
+def evaluate(
+    model: nn.Module, codec: Codec, task: Task, opts: TrainOptions, desc: str | None = None
+) -> float:
+    """Exact-match accuracy of greedy decoding on ``task.test``.
+
+    The model is used as it is: choose the adapter first (``with cl.merged():``).
+    """
     model.eval()
     prompts = [encode_example(codec, task, ex, opts.max_length)[0] for ex in task.test]
     max_new = max(len(codec.encode(task.target(ex))) for ex in task.test) + 1
     correct = 0
     bs = opts.eval_batch_size
-    for s in tqdm(range(0, len(prompts), bs), desc=desc or f"eval {task.name}", leave=False, dynamic_ncols=True,
-                  disable=None):
-        outs = greedy_decode(model, prompts[s:s + bs], max_new, codec.eos_id, codec.pad_id)
-        correct += sum(exact_match(codec.decode(o), ex.output) for o, ex in zip(outs, task.test[s:s + bs]))
+    for s in tqdm(
+        range(0, len(prompts), bs),
+        desc=desc or f"eval {task.name}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None,
+    ):
+        outs = greedy_decode(model, prompts[s : s + bs], max_new, codec.eos_id, codec.pad_id)
+        correct += sum(exact_match(codec.decode(o), ex.output) for o, ex in zip(outs, task.test[s : s + bs]))
     return correct / len(task.test)
 
 
@@ -254,7 +279,9 @@ def _adapter_bytes(model: nn.Module, cl: ContinualLoRA | None) -> int:
         return cl.adapter_bytes()
     from mbf.inject import lora_layers
 
-    return sum(t.numel() * t.element_size() for m in lora_layers(model).values() for t in (m.lora_A, m.lora_B))
+    return sum(
+        t.numel() * t.element_size() for m in lora_layers(model).values() for t in (m.lora_A, m.lora_B)
+    )
 
 
 def run_continual(
@@ -310,12 +337,16 @@ def run_continual(
         **(meta or {}),
     }
     if results_path.exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
     if resume and results_path.exists():
         results = report.read_results(results_path)
         for key in ("method", "options", "seed", "tasks", "lora"):
             if results.get(key) != config[key]:
-                raise ValueError(f"--resume: {out} was run with {key}={results.get(key)!r}, now {config[key]!r}")
+                raise ValueError(
+                    f"--resume: {out} was run with {key}={results.get(key)!r}, now {config[key]!r}"
+                )
     else:
         results = report.new_results(config)
 
@@ -335,14 +366,32 @@ def run_continual(
             t0 = time.time()
             mixed = [(t, ex) for t in tasks for ex in t.train]
             torch.manual_seed(opts.seed)
-            steps_opts = TrainOptions(**{**asdict(opts), "max_steps": (opts.max_steps or 0) * len(tasks) or None})
-            stats = train_steps(model, [p for p in model.parameters() if p.requires_grad], codec, mixed,
-                                steps_opts, seed=opts.seed, desc="train multi-task")
+            steps_opts = TrainOptions(
+                **{**asdict(opts), "max_steps": (opts.max_steps or 0) * len(tasks) or None}
+            )
+            stats = train_steps(
+                model,
+                [p for p in model.parameters() if p.requires_grad],
+                codec,
+                mixed,
+                steps_opts,
+                seed=opts.seed,
+                desc="train multi-task",
+            )
             train_s = time.time() - t0
             t0 = time.time()
             row = [evaluate(model, codec, t, opts) for t in tasks]
-            report.add_stage(results, "all", row, stats, train_s, time.time() - t0,
-                             _adapter_bytes(model, None), peak_rss_mb(), checkpoint=None)
+            report.add_stage(
+                results,
+                "all",
+                row,
+                stats,
+                train_s,
+                time.time() - t0,
+                _adapter_bytes(model, None),
+                peak_rss_mb(),
+                checkpoint=None,
+            )
             report.finish(results, multi_task=True)
             report.write_run(out, results)
         return results
@@ -353,26 +402,40 @@ def run_continual(
         t0 = time.time()
         cl.begin_task()
         torch.manual_seed(opts.seed * 1000 + i)  # per-task seeds: a resumed run equals an uninterrupted one
-        stats = train_steps(model, cl.trainable_parameters(), codec, [(task, ex) for ex in task.train], opts,
-                            seed=opts.seed * 1000 + i, desc=f"train {i + 1}/{len(tasks)} {task.name}")
+        stats = train_steps(
+            model,
+            cl.trainable_parameters(),
+            codec,
+            [(task, ex) for ex in task.train],
+            opts,
+            seed=opts.seed * 1000 + i,
+            desc=f"train {i + 1}/{len(tasks)} {task.name}",
+        )
         cl.end_task()
         train_s = time.time() - t0
         t0 = time.time()
         with cl.merged():  # what inference uses
-            row = [evaluate(model, codec, t, opts, desc=f"eval {t.name} after {task.name}") for t in tasks[: i + 1]]
+            row = [
+                evaluate(model, codec, t, opts, desc=f"eval {t.name} after {task.name}")
+                for t in tasks[: i + 1]
+            ]
         eval_s = time.time() - t0
         ckpt = f"checkpoints/task-{i + 1:02d}"
         cl.save(out / ckpt)
-        report.add_stage(results, task.name, row, stats, train_s, eval_s, cl.adapter_bytes(), peak_rss_mb(), ckpt)
+        report.add_stage(
+            results, task.name, row, stats, train_s, eval_s, cl.adapter_bytes(), peak_rss_mb(), ckpt
+        )
         if i == len(tasks) - 1:
             report.finish(results)
         report.write_run(out, results)  # the commit point: results.json names the new checkpoint
         for old in (out / "checkpoints").glob("task-*"):
             if old.name != Path(ckpt).name:
                 shutil.rmtree(old, ignore_errors=True)
-        log(f"[{method}] task {i + 1}/{len(tasks)} {task.name}: loss {stats['first_loss']:.3f}->"
+        log(
+            f"[{method}] task {i + 1}/{len(tasks)} {task.name}: loss {stats['first_loss']:.3f}->"
             f"{stats['final_loss']:.3f}, acc {' '.join(f'{a:.2f}' for a in row)} "
-            f"(train {train_s:.0f}s, eval {eval_s:.0f}s)")
+            f"(train {train_s:.0f}s, eval {eval_s:.0f}s)"
+        )
     if results["metrics"]["AA"] is None and len(results["per_task"]) == len(tasks):
         results["metrics"].update(accuracy_metrics(results["accuracy"]))
     return results

@@ -22,8 +22,12 @@ from mbf.report import read_results
 from mbf.tasks import ANIMALS, BUILTIN_TASKS, COLORS, FRUITS, OBJECTS, builtin_suite
 from mbf.train import Codec, encode_example, greedy_decode
 
-CATS = {**{w: "animal" for w in ANIMALS}, **{w: "color" for w in COLORS}, **{w: "fruit" for w in FRUITS},
-        **{w: "object" for w in OBJECTS}}
+CATS = {
+    **{w: "animal" for w in ANIMALS},
+    **{w: "color" for w in COLORS},
+    **{w: "fruit" for w in FRUITS},
+    **{w: "object" for w in OBJECTS},
+}
 RULES = {name: rule for name, _, rule in BUILTIN_TASKS}
 
 
@@ -34,7 +38,10 @@ def rule_answer(task: str, text: str) -> str:
 
 def main(runs: list[str]) -> None:
     torch.set_num_threads(1)
-    print("| run | evaluated on | correct | = last task's rule | = another task's rule | other input word | other |")
+    print(
+        "| run | evaluated on | correct | = last task's rule | = another task's rule "
+        "| other input word | other |"
+    )
     print("|---|---|---|---|---|---|---|")
     for run in runs:
         res = read_results(run)
@@ -50,7 +57,7 @@ def main(runs: list[str]) -> None:
                 prompts = [encode_example(codec, task, ex, 256)[0] for ex in task.test]
                 outs = []
                 for s in range(0, len(prompts), 50):
-                    outs += greedy_decode(model, prompts[s:s + 50], 3, codec.eos_id, codec.pad_id)
+                    outs += greedy_decode(model, prompts[s : s + 50], 3, codec.eos_id, codec.pad_id)
                 c: Counter = Counter()
                 for ex, o in zip(task.test, outs):
                     pred = codec.decode(o).strip()
@@ -66,8 +73,13 @@ def main(runs: list[str]) -> None:
                     else:
                         c["other"] += 1
                 n = len(task.test)
-                print(f"| {Path(run).name} | {task.name} | " + " | ".join(
-                    f"{100 * c[k] / n:.0f}%" for k in ("correct", "last", "another", "word", "other")) + " |")
+                print(
+                    f"| {Path(run).name} | {task.name} | "
+                    + " | ".join(
+                        f"{100 * c[k] / n:.0f}%" for k in ("correct", "last", "another", "word", "other")
+                    )
+                    + " |"
+                )
 
 
 if __name__ == "__main__":

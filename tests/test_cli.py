@@ -33,7 +33,9 @@ def test_argument_errors(argv, message, capsys):
 
 
 def test_semantic_errors_before_loading_a_model(tmp_path, capsys):
-    assert main(["continual", "--out", str(tmp_path / "a"), "--method", "multi-task", "--init", "random"]) == 2
+    assert (
+        main(["continual", "--out", str(tmp_path / "a"), "--method", "multi-task", "--init", "random"]) == 2
+    )
     assert "multi-task" in capsys.readouterr().err
     assert main(["continual", "--out", str(tmp_path / "a"), "--load-in-4bit"]) == 2
     assert "not available yet" in capsys.readouterr().err
@@ -41,8 +43,22 @@ def test_semantic_errors_before_loading_a_model(tmp_path, capsys):
         main(["continual", "--out", str(tmp_path / "a"), "--suite", "olora"])
     assert main(["continual", "--out", str(tmp_path / "a"), "--model", str(tmp_path / "missing")]) == 2
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
-    assert main(["continual", "--out", str(tmp_path / "a"), "--suite", "olora", "--data-dir",
-                 str(Path(__file__).parent / "fixtures" / "cl_benchmark"), "--order", "O7"]) == 2
+    assert (
+        main(
+            [
+                "continual",
+                "--out",
+                str(tmp_path / "a"),
+                "--suite",
+                "olora",
+                "--data-dir",
+                str(Path(__file__).parent / "fixtures" / "cl_benchmark"),
+                "--order",
+                "O7",
+            ]
+        )
+        == 2
+    )
     assert "unknown order 'O7'" in capsys.readouterr().err
 
 
@@ -54,8 +70,28 @@ def tiny_checkpoint(tmp_path_factory):
 
     from mbf.tasks import ANIMALS, COLORS, FRUITS, OBJECTS
 
-    words = ["<pad>", "</s>", "Which", "word", "is", "a", "an", "comes", "first?", "last?", "color?", "animal?",
-             "fruit?", "Input:", "Answer:", "[UNK]", *ANIMALS, *COLORS, *FRUITS, *OBJECTS]
+    words = [
+        "<pad>",
+        "</s>",
+        "Which",
+        "word",
+        "is",
+        "a",
+        "an",
+        "comes",
+        "first?",
+        "last?",
+        "color?",
+        "animal?",
+        "fruit?",
+        "Input:",
+        "Answer:",
+        "[UNK]",
+        *ANIMALS,
+        *COLORS,
+        *FRUITS,
+        *OBJECTS,
+    ]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="[UNK]")
@@ -70,8 +106,24 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_continual_resume_compare_eval(tiny_checkpoint, tmp_path, capsys):
-    common = ["--model", str(tiny_checkpoint), "--n-train", "8", "--n-test", "4", "--max-steps", "2",
-              "--batch-size", "4", "--eval-batch-size", "4", "--r", "2", "--alpha", "4"]
+    common = [
+        "--model",
+        str(tiny_checkpoint),
+        "--n-train",
+        "8",
+        "--n-test",
+        "4",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-batch-size",
+        "4",
+        "--r",
+        "2",
+        "--alpha",
+        "4",
+    ]
     run = tmp_path / "slao"
     assert main(["continual", "--method", "slao", "--out", str(run), *common]) == 0
     out = capsys.readouterr().out

@@ -5,8 +5,17 @@ from pathlib import Path
 import pytest
 
 from mbf.tasks import (
-    ANIMALS, COLORS, FRUITS, OBJECTS, ORDERS, Example, accuracy_metrics, builtin_suite, exact_match,
-    load_benchmark, load_task_dir,
+    ANIMALS,
+    COLORS,
+    FRUITS,
+    OBJECTS,
+    ORDERS,
+    Example,
+    accuracy_metrics,
+    builtin_suite,
+    exact_match,
+    load_benchmark,
+    load_task_dir,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cl_benchmark"
@@ -94,7 +103,9 @@ def test_loader_reads_olora_and_sapt_layouts():
     assert [t.name for t in tasks] == list(ORDERS["O1"])
     db = tasks[0]
     assert db.labels == ["Company", "Plant", "Village"]
-    assert db.train[0] == Example("Title: Mouchel\nText: Mouchel Group is an infrastructure company.", "Company")
+    assert db.train[0] == Example(
+        "Title: Mouchel\nText: Mouchel Group is an infrastructure company.", "Company"
+    )
     assert "Options: Company, Plant, Village" in db.instruction and "topic" in db.instruction  # TC family
     assert len(db.test) == 2
     amazon = tasks[1]
@@ -104,12 +115,16 @@ def test_loader_reads_olora_and_sapt_layouts():
     assert yahoo.instruction.startswith("What is the topic of the question?")  # SAPT's Definition
     assert yahoo.train[1].output == "Sports"  # SuperNI-style list of outputs
     agnews = tasks[3]  # JSONL with an instruction field, folder ag_news
-    assert agnews.train[0] == Example("What is the topic of the news?\nStocks rally as oil falls.", "Business")
+    assert agnews.train[0] == Example(
+        "What is the topic of the news?\nStocks rally as oil falls.", "Business"
+    )
 
 
 def test_loader_custom_order_and_limits():
     tasks = load_benchmark(FIXTURE, ["amazon", "dbpedia"], max_train=1, max_test=1)
-    assert [t.name for t in tasks] == ["amazon", "dbpedia"] and all(len(t.train) == len(t.test) == 1 for t in tasks)
+    assert [t.name for t in tasks] == ["amazon", "dbpedia"] and all(
+        len(t.train) == len(t.test) == 1 for t in tasks
+    )
 
 
 def test_loader_errors(tmp_path):

@@ -14,7 +14,14 @@ import mbf  # noqa: E402
 from mbf.report import compare_runs, read_results  # noqa: E402
 from mbf.tasks import Example, Task, builtin_suite  # noqa: E402
 from mbf.train import (  # noqa: E402
-    METHODS, TrainOptions, answer_loss, encode_example, evaluate, greedy_decode, method_options, run_continual,
+    METHODS,
+    TrainOptions,
+    answer_loss,
+    encode_example,
+    evaluate,
+    greedy_decode,
+    method_options,
+    run_continual,
     train_steps,
 )
 
@@ -29,13 +36,16 @@ def test_loss_covers_answer_tokens_only():
     """Changing the prompt's last token changes the loss; the loss equals a hand-computed CE on the answer."""
     model, codec = tiny_llama(), char_codec()
     task = Task("t", "Say", [], [])
-    batch = [encode_example(codec, task, Example("ab", "xy"), 64), encode_example(codec, task, Example("abcd", "z"), 64)]
+    batch = [
+        encode_example(codec, task, Example("ab", "xy"), 64),
+        encode_example(codec, task, Example("abcd", "z"), 64),
+    ]
     loss = answer_loss(model, batch, codec.pad_id)
     # reference: unpadded forward of each sequence, CE over answer + eos positions
     total, n = 0.0, 0
     for p, a in batch:
         ids = torch.tensor([p + a])
-        logits = model(input_ids=ids).logits[0, len(p) - 1:-1]
+        logits = model(input_ids=ids).logits[0, len(p) - 1 : -1]
         total += torch.nn.functional.cross_entropy(logits, torch.tensor(a), reduction="sum").item()
         n += len(a)
     assert loss.item() == pytest.approx(total / n, rel=1e-4)
@@ -49,17 +59,29 @@ def test_greedy_decode_matches_uncached_argmax():
         ids = list(p)
         for _ in range(4):
             ids.append(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item())
-        assert o == ids[len(p):]
+        assert o == ids[len(p) :]
 
 
 def test_training_learns_a_task():
     model, codec = tiny_llama(), char_codec()
     tasks = small_suite(1, n_train=32, n_test=8)
-    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8, ))
+    mbf.inject(
+        model,
+        mbf.LoRAConfig(
+            r=4,
+            alpha=8,
+        ),
+    )
     cl = mbf.ContinualLoRA(model)
     cl.begin_task()
-    stats = train_steps(model, cl.trainable_parameters(), codec, [(tasks[0], e) for e in tasks[0].train],
-                        TrainOptions(lr=1e-2, epochs=10, max_steps=25, batch_size=8), seed=0)
+    stats = train_steps(
+        model,
+        cl.trainable_parameters(),
+        codec,
+        [(tasks[0], e) for e in tasks[0].train],
+        TrainOptions(lr=1e-2, epochs=10, max_steps=25, batch_size=8),
+        seed=0,
+    )
     # a random tiny model first learns the answer space (12 color words), then the eos
     assert stats["steps"] == 25 and stats["final_loss"] < 0.6 * stats["first_loss"]
 
@@ -79,9 +101,19 @@ def test_method_options():
 
 def _run(out, method="slao", resume=False, tasks=None, **kw):
     model, codec = tiny_llama(), char_codec()
-    return run_continual(model, codec, tasks or small_suite(), out, method=method, lora=LORA,
-                         opts=TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1),
-                         resume=resume, meta={"suite": "builtin", "model": "tiny"}, log=lambda s: None, **kw)
+    return run_continual(
+        model,
+        codec,
+        tasks or small_suite(),
+        out,
+        method=method,
+        lora=LORA,
+        opts=TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1),
+        resume=resume,
+        meta={"suite": "builtin", "model": "tiny"},
+        log=lambda s: None,
+        **kw,
+    )
 
 
 def test_continual_run_writes_a_complete_report(tmp_path):
@@ -109,15 +141,25 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     model, codec = tiny_llama(), char_codec()
     opts = TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1)
     with pytest.raises(KeyboardInterrupt):
-        run_continual(model, codec, tasks, tmp_path / "cut", method="slao", lora=LORA, opts=opts,
-                      meta={"suite": "builtin", "model": "tiny"},
-                      log=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if "task 2/3" in s else None)
+        run_continual(
+            model,
+            codec,
+            tasks,
+            tmp_path / "cut",
+            method="slao",
+            lora=LORA,
+            opts=opts,
+            meta={"suite": "builtin", "model": "tiny"},
+            log=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if "task 2/3" in s else None,
+        )
     partial = read_results(tmp_path / "cut")
     assert len(partial["per_task"]) == 2 and not partial["complete"] and partial["metrics"]["AA"] is None
     resumed = _run(tmp_path / "cut", resume=True)
     assert resumed["complete"]
     assert resumed["accuracy"] == full["accuracy"]
-    assert [p["final_loss"] for p in resumed["per_task"]] == pytest.approx([p["final_loss"] for p in full["per_task"]])
+    assert [p["final_loss"] for p in resumed["per_task"]] == pytest.approx(
+        [p["final_loss"] for p in full["per_task"]]
+    )
 
 
 def test_resume_rejects_a_different_method(tmp_path):
@@ -140,16 +182,32 @@ def test_seq_lora_merged_equals_finetuned_and_multitask(tmp_path):
 def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
     a = _run(tmp_path / "a")
     model, codec = tiny_llama(), char_codec()
-    run_continual(model, codec, small_suite(), tmp_path / "b", method="slao", lora=LORA,
-                  opts=TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=2),
-                  meta={"suite": "builtin", "model": "tiny"}, log=lambda s: None)
+    run_continual(
+        model,
+        codec,
+        small_suite(),
+        tmp_path / "b",
+        method="slao",
+        lora=LORA,
+        opts=TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=2),
+        meta={"suite": "builtin", "model": "tiny"},
+        log=lambda s: None,
+    )
     md, _ = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
     assert "| slao | 1, 2 |" in md.read_text() and "±" in md.read_text()
     # a run with other settings is labelled apart, never averaged in as another seed
     model, codec = tiny_llama(), char_codec()
-    run_continual(model, codec, small_suite(), tmp_path / "lr", method="slao", lora=LORA,
-                  opts=TrainOptions(lr=1e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1),
-                  meta={"suite": "builtin", "model": "tiny"}, log=lambda s: None)
+    run_continual(
+        model,
+        codec,
+        small_suite(),
+        tmp_path / "lr",
+        method="slao",
+        lora=LORA,
+        opts=TrainOptions(lr=1e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1),
+        meta={"suite": "builtin", "model": "tiny"},
+        log=lambda s: None,
+    )
     md, _ = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "lr"], tmp_path / "cmp3")
     assert "| slao [lr=0.005] | 1, 2 |" in md.read_text() and "| slao [lr=0.001] | 1 |" in md.read_text()
     _run(tmp_path / "c", tasks=small_suite(2))
