@@ -5,7 +5,7 @@ test set; each answer is put in one class: correct, the answer the *last* task's
 that input, the answer of another task's rule, another word of the input, or something else.
 A model that "answers the latest question whatever it is asked" scores high in the second class.
 
-    python reports/analyze_answers.py reports/sweep/runs/seq-lora-s0 reports/sweep/runs/slao-s0 > out.md
+    python reports/analyze_answers.py reports/sweep/run/seq-lora-s0 reports/sweep/run/slao-s0 > out.md
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/sweep}
 MBF=${MBF:-.venv/bin/mbf}
-mkdir -p "$OUT/runs" "$OUT/logs"
+mkdir -p "$OUT/run" "$OUT/logs"
 jobs=()
 for seed in 0 1 2; do
   for method in slao seq-lora ftba-mb slao-inverse slao-random slao-last-merge multi-task; do
@@ -15,7 +15,7 @@ for seed in 0 1 2; do
   done
 done
 printf '%s\n' "${jobs[@]}" | xargs -P 2 -L 1 bash -c '
-  method=$0; seed=$1; run='"$OUT"'/runs/$method-s$seed
+  method=$0; seed=$1; run='"$OUT"'/run/$method-s$seed
   if [ -f $run/results.json ] && grep -q "\"complete\": true" $run/results.json; then exit 0; fi
   resume=""; [ -f $run/results.json ] && resume=--resume
   echo "$(date -u +%T) start $method seed $seed"
@@ -24,5 +24,5 @@ printf '%s\n' "${jobs[@]}" | xargs -P 2 -L 1 bash -c '
   rc=$?
   echo "$(date -u +%T) done  $method seed $seed rc=$rc $(tail -2 '"$OUT"'/logs/$method-s$seed.log | head -1)"
 '
-"$MBF" compare "$OUT"/runs/*/ --out "$OUT" > "$OUT/logs/compare.log" 2>&1
+"$MBF" compare "$OUT"/run/*/ --out "$OUT" > "$OUT/logs/compare.log" 2>&1
 echo "$(date -u +%T) sweep finished: $OUT/compare.md"
