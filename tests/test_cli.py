@@ -147,3 +147,19 @@ def test_continual_resume_compare_eval(tiny_checkpoint, tmp_path, capsys):
     assert main(["eval", "--run", str(run)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[0] == "color" and lines[-1].startswith("        mean")
+
+
+def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert (
+        main(
+            ["demo", "--model", str(tiny_checkpoint), "--out", str(out), "--n-test", "4", "--max-steps", "2"]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'compare' / 'compare.md'}" in printed
+    text = (out / "compare" / "compare.md").read_text()
+    assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["demo", "--model", str(tiny_checkpoint), "--out", str(out)])
