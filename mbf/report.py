@@ -183,7 +183,7 @@ def heatmap(results: dict, path: Path) -> None:
     plt = _plt()
     tasks, acc = results["tasks"], results["accuracy"]
     grid = [[(row[j] if j < len(row) else math.nan) for j in range(len(tasks))] for row in acc]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(tasks), 0.8 + 0.6 * len(grid)))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(tasks), max(2.6, 0.8 + 0.6 * len(grid))))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
