@@ -8,6 +8,10 @@ Task ``i = task_index + 1``:
   B), ``"random"`` (a fresh LoRA init), ``"none"`` (carry A and B unchanged: no QR).
 - ``end_task()``: ``A_m ← A_ft``; ``B_m ← B_m + λ(i) (B_ft − B_m)``, ``λ`` from ``schedule``.
 
+Strict mode (``orthogonal_updates=True``): during task ``i ≥ 2`` the fine-tuned A may only move
+orthogonally to the previous task's row space, ``A = A₀ + ΔA`` with ``ΔA Qᵀ = 0`` (``Q``: orthonormal
+rows of the previous task's A); see ``project_updates()``.
+
 State is two adapters per layer whatever the number of tasks. Sequential LoRA (the baseline that
 forgets) is ``init="none", schedule="none"``: the adapter trains on and on and the merged copy
 is the fine-tuned one.
@@ -43,6 +47,11 @@ class ContinualLoRA:
         init: task-``i ≥ 2`` init, one of ``INITS`` (``"orthogonal"`` = SLAO).
         constant: λ of the ``"constant"`` schedule.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the QR and the merge.
+        orthogonal_updates: strict mode: keep every task's A updates out of the previous task's row
+            space (``project_updates()``). Use it when the tasks conflict and forgetting (BWT)
+            matters more than how well each new task is learnt: a new task can then only add input
+            directions, never turn the ones the previous tasks use. Costs two extra ``(r, in)``
+            copies per layer during a task and one batched projection per call.
 
     Raises:
         ValueError: on an unknown schedule or init, or a model without LoRA layers.
@@ -56,6 +65,7 @@ class ContinualLoRA:
         init: str = "orthogonal",
         constant: float = 0.5,
         backend: str = "auto",
+        orthogonal_updates: bool = False,
     ) -> None:
         if schedule not in reference.SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(reference.SCHEDULES)}")
@@ -68,6 +78,9 @@ class ContinualLoRA:
         self.schedule, self.init, self.constant, self.backend = schedule, init, float(constant), backend
         self.task_index = 0  # number of finished tasks
         self.in_task = False
+        self.orthogonal_updates = bool(orthogonal_updates)
+        self._basis: list[torch.Tensor] | None = None  # strict mode: previous task's orthonormal rows
+        self._start: list[torch.Tensor] | None = None  # strict mode: each lora_A as the task began
 
     # -- task boundaries --------------------------------------------------------------------------
 
@@ -85,6 +98,11 @@ class ContinualLoRA:
         if self.in_task:
             raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
         self.in_task = True
+        self._init_adapters()
+        if self.orthogonal_updates:
+            self._capture_basis()
+
+    def _init_adapters(self) -> None:
         if self.task_index == 0 or self.init == "none":
             return
         layers = list(self.layers.values())
@@ -100,6 +118,36 @@ class ContinualLoRA:
             if self.init == "last_merge":
                 layer.lora_B.copy_(layer.merged_B)
 
+    def _capture_basis(self) -> None:
+        layers = list(self.layers.values())
+        self._start = [layer.lora_A.detach().clone() for layer in layers]
+        if self.task_index == 0:
+            self._basis = None  # task 1: no previous task to keep away from
+        elif self.init == "orthogonal":
+            self._basis = self._start  # lora_A was just set to that very basis
+        else:  # merged_A is the previous task's fine-tuned A
+            As = [layer.merged_A for layer in layers]
+            self._basis = functional.orthonormal_rows(As, names=list(self.layers), backend=self.backend)
+
+    @torch.no_grad()
+    def project_updates(self) -> None:
+        """Strict mode: take out of every A's update since ``begin_task()`` its previous-row-space part.
+
+        ``A ← A₀ + ΔA − (ΔA Qᵀ) Q`` with ``ΔA = A − A₀``, ``A₀`` the A the task began with and ``Q``
+        the orthonormal rows of the previous task's A, for all layers in one batched call (one
+        launch per shape group on CUDA). Call it after every ``optimizer.step()``; ``end_task()``
+        calls it once more. Projecting the update rather than the gradient keeps the constraint
+        exact for any optimizer (Adam rescales each element, which would bring a projected
+        gradient back into the old row space). A no-op without ``orthogonal_updates``, in task 1
+        and outside a task.
+        """
+        if not (self.orthogonal_updates and self.in_task and self._basis is not None):
+            return
+        As = [layer.lora_A for layer in self.layers.values()]
+        deltas = torch._foreach_sub([A.detach() for A in As], self._start)  # (r, in) each
+        kept = functional.project_out_all(deltas, self._basis, backend=self.backend)
+        torch._foreach_copy_(As, torch._foreach_add(self._start, kept))
+
     @torch.no_grad()
     def end_task(self) -> None:
         """Time-aware asymmetric merge of the task just trained; ``task_index`` advances.
@@ -110,6 +158,7 @@ class ContinualLoRA:
         """
         if not self.in_task:
             raise RuntimeError("end_task() without begin_task()")
+        self.project_updates()  # strict mode: the merged A obeys the constraint too
         layers = list(self.layers.values())
         for name, layer in self.layers.items():
             if not (torch.isfinite(layer.lora_A).all() and torch.isfinite(layer.lora_B).all()):
@@ -122,6 +171,7 @@ class ContinualLoRA:
             layer.merged_A.copy_(layer.lora_A)
         self.task_index += 1
         self.in_task = False
+        self._basis = self._start = None
 
     @contextmanager
     def merged(self) -> Iterator[nn.Module]:
@@ -149,7 +199,12 @@ class ContinualLoRA:
     # -- state ------------------------------------------------------------------------------------
 
     def options(self) -> dict:
-        return {"schedule": self.schedule, "init": self.init, "constant": self.constant}
+        return {
+            "schedule": self.schedule,
+            "init": self.init,
+            "constant": self.constant,
+            "orthogonal_updates": self.orthogonal_updates,
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor | int | dict]:
         """Tensors of both adapters of every layer plus the task counter and options."""

@@ -183,3 +183,71 @@ def test_project_out_all_groups_layers(backend):
     Ps = functional.project_out_all([U.to(dev) for U in Us], [Q.to(dev) for Q in Qs], backend=backend)
     for U, Q, P in zip(Us, Qs, Ps):
         assert_close(P.cpu(), reference.project_out(U.double(), Q.double()))
+
+
+# -- ContinualLoRA(orthogonal_updates=True) -------------------------------------------------------
+
+
+def _strict(model, backend, **kw):
+    import mbf
+
+    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8))
+    cl = mbf.ContinualLoRA(model, orthogonal_updates=True, backend=backend, **kw)
+    if backend == "triton" and KERNEL_DEVICE == "cuda":
+        model.cuda()
+    return cl
+
+
+def _train_a_little(cl, seed):
+    """Stand-in for optimizer steps: move every adapter by random amounts, old row space included."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in cl.layers.values():
+            layer.lora_A.add_(0.3 * torch.randn(layer.lora_A.shape, generator=g).to(layer.lora_A.device))
+            layer.lora_B.add_(torch.randn(layer.lora_B.shape, generator=g).to(layer.lora_B.device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("init", ["orthogonal", "random"])
+def test_orthogonal_updates_stay_out_of_the_previous_row_space(tiny_llama, backend, init):
+    cl = _strict(tiny_llama, backend, init=init)
+    cl.begin_task()
+    _train_a_little(cl, 1)
+    task1 = {n: layer.lora_A.detach().clone() for n, layer in cl.layers.items()}
+    cl.project_updates()  # task 1: nothing to keep away from
+    assert all(torch.equal(layer.lora_A, task1[n]) for n, layer in cl.layers.items())
+    cl.end_task()
+    cl.begin_task()
+    start = {n: layer.lora_A.detach().clone() for n, layer in cl.layers.items()}
+    _train_a_little(cl, 2)
+    raw = {n: layer.lora_A.detach() - start[n] for n, layer in cl.layers.items()}
+    cl.project_updates()
+    for name, layer in cl.layers.items():
+        Q = reference.orthonormal_rows(task1[name].double())  # the previous task's row space
+        delta = (layer.lora_A.detach() - start[name]).cpu().double()
+        assert (delta @ Q.T).abs().max() <= 1e-5 * raw[name].abs().max()  # nothing of it left
+        want = reference.project_out(raw[name].cpu().double(), Q)  # the rest of the update is kept
+        assert_close(delta, want, dtype=torch.float32)
+    _train_a_little(cl, 3)  # the user forgot project_updates() after these steps: end_task catches it
+    cl.end_task()
+    for name, layer in cl.layers.items():
+        Q = reference.orthonormal_rows(task1[name].double())
+        delta = (layer.merged_A - start[name]).cpu().double()
+        assert (delta @ Q.T).abs().max() <= 1e-5 * delta.abs().max()
+
+
+def test_orthogonal_updates_off_is_a_no_op_and_the_option_is_saved(tiny_llama, tmp_path):
+    import mbf
+
+    mbf.inject(tiny_llama, mbf.LoRAConfig(r=4, alpha=8))
+    cl = mbf.ContinualLoRA(tiny_llama, backend="torch")
+    for seed in (1, 2):
+        cl.begin_task()
+        _train_a_little(cl, seed)
+        before = [layer.lora_A.detach().clone() for layer in cl.layers.values()]
+        cl.project_updates()
+        assert all(torch.equal(layer.lora_A, b) for layer, b in zip(cl.layers.values(), before))
+        cl.end_task()
+    strict = mbf.ContinualLoRA(tiny_llama, backend="torch", orthogonal_updates=True)
+    strict.save(tmp_path / "ckpt")
+    assert mbf.ContinualLoRA.load(tiny_llama, tmp_path / "ckpt").orthogonal_updates
