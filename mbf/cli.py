@@ -25,6 +25,13 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
+    return v
+
+
 def _positive_float(s: str) -> float:
     v = float(s)
     if not v > 0:
@@ -67,7 +74,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of data order and adapter init")
     g.add_argument("--lr", type=_positive_float, default=1e-3)
     g.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over each task's training set")
-    g.add_argument("--max-steps", type=int, default=20, help="cap on optimizer steps per task (0: no cap)")
+    g.add_argument(
+        "--max-steps", type=_non_negative_int, default=20, help="cap on optimizer steps per task (0: no cap)"
+    )
     g.add_argument("--batch-size", type=_positive_int, default=8)
     g.add_argument("--eval-batch-size", type=_positive_int, default=50)
     g.add_argument("--max-length", type=_positive_int, default=256, help="prompt tokens kept per example")

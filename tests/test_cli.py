@@ -20,6 +20,7 @@ from mbf.cli import build_parser, main  # noqa: E402
         (["continual", "--out", "x", "--schedule", "cubic"], "invalid choice: 'cubic'"),
         (["continual", "--out", "x", "--lr", "-1"], "must be > 0"),
         (["continual", "--out", "x", "--batch-size", "0"], "must be a positive integer"),
+        (["continual", "--out", "x", "--max-steps", "-3"], "must be >= 0"),
         (["continual", "--out", "x", "--suite", "glue"], "invalid choice: 'glue'"),
         (["compare"], "the following arguments are required: runs"),
         ([], "the following arguments are required: command"),
