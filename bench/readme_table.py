@@ -26,7 +26,9 @@ def table_for(rows: list[dict]) -> str:
     parts = []
     for op, op_rows in by_op.items():
         parts.append(f"**{op}**\n")
-        parts.append("| provider | mode | shape | M | r | dtype | median ms | TFLOP/s | × floor | peak MiB | extra |")
+        parts.append(
+            "| provider | mode | shape | M | r | dtype | median ms | TFLOP/s | × floor | peak MiB | extra |"
+        )
         parts.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in op_rows:
             peak = r.get("peak_mem_bytes")

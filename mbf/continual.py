@@ -160,18 +160,26 @@ class ContinualLoRA:
             raise RuntimeError("end_task() without begin_task()")
         self.project_updates()  # strict mode: the merged A obeys the constraint too
         layers = list(self.layers.values())
-        for name, layer in self.layers.items():
-            if not (torch.isfinite(layer.lora_A).all() and torch.isfinite(layer.lora_B).all()):
-                raise ValueError(f"{name}: fine-tuned adapter has non-finite values; refusing to merge")
+        self._check_finite()
         lam = self.lam(self.task_index + 1)
-        functional.time_aware_merge(
-            [layer.merged_B for layer in layers], [layer.lora_B for layer in layers], lam, backend=self.backend
-        )
+        merged_Bs, ft_Bs = [layer.merged_B for layer in layers], [layer.lora_B for layer in layers]
+        functional.time_aware_merge(merged_Bs, ft_Bs, lam, backend=self.backend)
         for layer in layers:
             layer.merged_A.copy_(layer.lora_A)
         self.task_index += 1
         self.in_task = False
         self._basis = self._start = None
+
+    def _check_finite(self) -> None:
+        """One host sync for the whole model; the per-layer search runs only when something is wrong."""
+        flat = torch.cat(
+            [p.detach().reshape(-1) for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+        )
+        if bool(torch.isfinite(flat).all()):
+            return
+        for name, layer in self.layers.items():
+            if not (torch.isfinite(layer.lora_A).all() and torch.isfinite(layer.lora_B).all()):
+                raise ValueError(f"{name}: fine-tuned adapter has non-finite values; refusing to merge")
 
     @contextmanager
     def merged(self) -> Iterator[nn.Module]:
@@ -225,7 +233,9 @@ class ContinualLoRA:
                     raise KeyError(f"{full}: missing from the saved state")
                 dst = getattr(layer, key)
                 if tuple(tensors[full].shape) != tuple(dst.shape):
-                    raise ValueError(f"{full}: saved shape {tuple(tensors[full].shape)} != {tuple(dst.shape)}")
+                    raise ValueError(
+                        f"{full}: saved shape {tuple(tensors[full].shape)} != {tuple(dst.shape)}"
+                    )
                 dst.copy_(tensors[full])
         self.task_index = int(state["task_index"])
         self.in_task = False
@@ -262,5 +272,7 @@ class ContinualLoRA:
                 cfg["target_modules"] = tuple(cfg["target_modules"])
             inject(model, LoRAConfig(**cfg))
         cl = cls(model, backend=backend, **meta["options"])
-        cl.load_state_dict({"task_index": meta["task_index"], "tensors": load_safetensors(path / "adapters.safetensors")})
+        cl.load_state_dict(
+            {"task_index": meta["task_index"], "tensors": load_safetensors(path / "adapters.safetensors")}
+        )
         return cl

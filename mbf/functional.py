@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from mbf import reference
 
-__all__ = ["lora_linear", "orthonormal_rows", "project_out", "resolve_backend", "time_aware_merge"]
+__all__ = [
+    "lora_linear",
+    "lora_linear_nf4",
+    "orthonormal_rows",
+    "project_out",
+    "project_out_all",
+    "resolve_backend",
+    "time_aware_merge",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 # The fused kernel pads r into one tile; above this rank "auto" keeps the torch path on CUDA too.
@@ -37,7 +45,8 @@ def _kernel(module: str, name: str):
         mod = importlib.import_module(f"mbf.kernels.{module}")
         return getattr(mod, name)
     except (ImportError, AttributeError) as err:
-        raise NotImplementedError(f"backend='triton': {_CAPABILITIES[module]} is not available ({err})") from err
+        what = _CAPABILITIES[module]
+        raise NotImplementedError(f"backend='triton': {what} is not available ({err})") from err
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:

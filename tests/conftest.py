@@ -25,7 +25,9 @@ def tol(dtype: torch.dtype) -> dict:
     return TOLERANCES[dtype]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw
+) -> None:
     """Compare a fast path against the float64 reference with the table's tolerance for ``dtype``.
 
     ``atol`` is relative to the largest entry of ``expected`` (when that exceeds 1): an entry that

@@ -24,13 +24,14 @@ def _fake_training(cl, seed):
 
 
 def _snapshot(cl):
-    return {n: {k: getattr(l, k).detach().clone() for k in ("lora_A", "lora_B", "merged_A", "merged_B")}
-            for n, l in cl.layers.items()}
+    return {
+        n: {k: getattr(layer, k).detach().clone() for k in ("lora_A", "lora_B", "merged_A", "merged_B")}
+        for n, layer in cl.layers.items()
+    }
 
 
 def test_slao_invariants_over_four_tasks(tiny_llama):
     cl = _setup(tiny_llama)
-    merged_ref = None
     for i in range(1, 5):
         before = _snapshot(cl)
         cl.begin_task()
@@ -43,7 +44,9 @@ def test_slao_invariants_over_four_tasks(tiny_llama):
             # orthonormal rows ...
             torch.testing.assert_close(A_new @ A_new.T, torch.eye(4), atol=1e-5, rtol=0)
             # ... spanning the previous fine-tuned A's row space, with SLAO's sign convention
-            torch.testing.assert_close(A_new, reference.orthonormal_rows(A_prev.double()).float(), atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                A_new, reference.orthonormal_rows(A_prev.double()).float(), atol=1e-5, rtol=0
+            )
             proj = (A_prev @ A_new.T) @ A_new
             torch.testing.assert_close(proj, A_prev, atol=1e-5, rtol=1e-5)
             # B is carried over from the previous fine-tuned B
@@ -88,8 +91,11 @@ def test_merged_context_switches_the_adapter(tiny_llama):
 def test_preview_equals_the_merge_it_previews(tiny_llama):
     cl = _setup(tiny_llama)
     ids = torch.randint(0, 97, (1, 6))
-    cl.begin_task(); _fake_training(cl, 1); cl.end_task()  # noqa: E702
-    cl.begin_task(); _fake_training(cl, 2)  # noqa: E702
+    cl.begin_task()
+    _fake_training(cl, 1)
+    cl.end_task()
+    cl.begin_task()
+    _fake_training(cl, 2)
     with torch.no_grad(), cl.adapter_mode("preview"):
         preview = tiny_llama(ids).logits
     cl.end_task()
@@ -101,31 +107,43 @@ def test_preview_equals_the_merge_it_previews(tiny_llama):
 @pytest.mark.parametrize("schedule,lam2", [("inverse", 0.5), ("constant", 0.3), ("none", 1.0)])
 def test_schedules(tiny_llama, schedule, lam2):
     cl = _setup(tiny_llama, schedule=schedule, constant=0.3)
-    cl.begin_task(); _fake_training(cl, 1); cl.end_task()  # noqa: E702
-    m1 = {n: l.merged_B.clone() for n, l in cl.layers.items()}
-    cl.begin_task(); _fake_training(cl, 2); cl.end_task()  # noqa: E702
-    for n, l in cl.layers.items():
-        torch.testing.assert_close(l.merged_B, m1[n] + lam2 * (l.lora_B - m1[n]))
+    cl.begin_task()
+    _fake_training(cl, 1)
+    cl.end_task()
+    m1 = {n: layer.merged_B.clone() for n, layer in cl.layers.items()}
+    cl.begin_task()
+    _fake_training(cl, 2)
+    cl.end_task()
+    for n, layer in cl.layers.items():
+        torch.testing.assert_close(layer.merged_B, m1[n] + lam2 * (layer.lora_B - m1[n]))
 
 
 def test_inits(tiny_llama):
     cl = _setup(tiny_llama, init="last_merge")
-    cl.begin_task(); _fake_training(cl, 1); cl.end_task()  # noqa: E702
-    cl.begin_task(); _fake_training(cl, 2); cl.end_task()  # noqa: E702
     cl.begin_task()
-    for l in cl.layers.values():
-        assert torch.equal(l.lora_B, l.merged_B)
-        torch.testing.assert_close(l.lora_A @ l.lora_A.T, torch.eye(4), atol=1e-5, rtol=0)
+    _fake_training(cl, 1)
+    cl.end_task()
+    cl.begin_task()
+    _fake_training(cl, 2)
+    cl.end_task()
+    cl.begin_task()
+    for layer in cl.layers.values():
+        assert torch.equal(layer.lora_B, layer.merged_B)
+        torch.testing.assert_close(layer.lora_A @ layer.lora_A.T, torch.eye(4), atol=1e-5, rtol=0)
 
 
 def test_random_and_none_inits(tiny_llama):
     cl = _setup(tiny_llama, init="random")
-    cl.begin_task(); _fake_training(cl, 1); cl.end_task()  # noqa: E702
     cl.begin_task()
-    assert all(torch.count_nonzero(l.lora_B) == 0 for l in cl.layers.values())
+    _fake_training(cl, 1)
+    cl.end_task()
+    cl.begin_task()
+    assert all(torch.count_nonzero(layer.lora_B) == 0 for layer in cl.layers.values())
     cl.end_task()
     cl2 = mbf.ContinualLoRA(tiny_llama, init="none", schedule="none")  # sequential LoRA
-    cl2.begin_task(); _fake_training(cl2, 3); cl2.end_task()  # noqa: E702
+    cl2.begin_task()
+    _fake_training(cl2, 3)
+    cl2.end_task()
     before = _snapshot(cl2)
     cl2.begin_task()
     after = _snapshot(cl2)
@@ -136,11 +154,13 @@ def test_state_is_constant_in_the_number_of_tasks(tiny_llama):
     cl = _setup(tiny_llama)
     sizes = []
     for i in range(5):
-        cl.begin_task(); _fake_training(cl, i); cl.end_task()  # noqa: E702
+        cl.begin_task()
+        _fake_training(cl, i)
+        cl.end_task()
         sizes.append((cl.adapter_bytes(), len(cl.state_dict()["tensors"])))
     assert len(set(sizes)) == 1
     r, layers = 4, cl.layers.values()
-    assert sizes[0][0] == sum(2 * 4 * r * (l.in_features + l.out_features) for l in layers)
+    assert sizes[0][0] == sum(2 * 4 * r * (layer.in_features + layer.out_features) for layer in layers)
 
 
 def test_save_load_round_trip(tiny_llama, tmp_path):
@@ -148,7 +168,9 @@ def test_save_load_round_trip(tiny_llama, tmp_path):
 
     cl = _setup(tiny_llama, schedule="inverse", init="last_merge")
     for i in range(2):
-        cl.begin_task(); _fake_training(cl, i); cl.end_task()  # noqa: E702
+        cl.begin_task()
+        _fake_training(cl, i)
+        cl.end_task()
     cl.save(tmp_path / "ckpt")
     fresh = make_tiny_llama()  # same base weights, no LoRA yet: load injects the saved config
     cl2 = mbf.ContinualLoRA.load(fresh, tmp_path / "ckpt")

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import assert_close
+
 from mbf import functional, reference
 
 
@@ -39,7 +39,15 @@ def test_torch_path_matches_reference(dtype, M_shape, K, N, r, bias, merged):
     def fast(x, W, b, A, B, Bm):
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         return functional.lora_linear(
-            x.to(dtype), cast(W), cast(b), A.to(dtype), B.to(dtype), s, merged_B=cast(Bm), lam=lam, backend="torch"
+            x.to(dtype),
+            cast(W),
+            cast(b),
+            A.to(dtype),
+            B.to(dtype),
+            s,
+            merged_B=cast(Bm),
+            lam=lam,
+            backend="torch",
         )
 
     expected = _grads(ref, x, W, b, A, B, Bm, dY)

@@ -11,7 +11,9 @@ def test_outputs_unchanged_at_init_and_only_lora_trains(tiny_llama):
     before = tiny_llama(ids).logits
     mbf.inject(tiny_llama, mbf.LoRAConfig(r=4, alpha=8))
     layers = mbf.lora_layers(tiny_llama)
-    assert sorted(layers) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert sorted(layers) == [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    ]
     torch.testing.assert_close(tiny_llama(ids).logits, before)  # B = 0
     tiny_llama(ids).logits.square().mean().backward()
     with_grad = {n for n, p in tiny_llama.named_parameters() if p.grad is not None}

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 import mbf
-from conftest import make_tiny_llama
 from mbf.io import atomic_write_text
 
 
@@ -24,7 +24,11 @@ def test_peft_export_loads_in_peft_and_matches_the_merged_model(tmp_path):
         cl.end_task()
     out = mbf.save_peft_adapter(model, tmp_path / "peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert (
+        cfg["r"] == 4
+        and cfg["lora_alpha"] == 8
+        and cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    )
     peft_model = PeftModel.from_pretrained(make_tiny_llama(), out).eval()
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad(), cl.merged():

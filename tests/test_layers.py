@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import assert_close
 from torch import nn
 
 import mbf
-from conftest import assert_close
 from mbf import reference
 
 
@@ -41,7 +41,12 @@ def test_forward_and_grads_match_reference(bias):
     b64 = None if lin.bias is None else lin.bias.double()
     ref = reference.lora_linear(x64, lin.weight.double(), b64, A64, B64, layer.scaling)
     ref.backward(dY.double())
-    for got, want in [(y, ref), (x.grad, x64.grad), (layer.lora_A.grad, A64.grad), (layer.lora_B.grad, B64.grad)]:
+    for got, want in [
+        (y, ref),
+        (x.grad, x64.grad),
+        (layer.lora_A.grad, A64.grad),
+        (layer.lora_B.grad, B64.grad),
+    ]:
         assert_close(got, want, torch.float32)
     assert lin.weight.grad is None
 
@@ -51,12 +56,20 @@ def test_merged_and_preview_modes():
     x = torch.randn(5, 24, dtype=torch.float64)
     W = lin.weight.double()
     layer.adapter_mode = "merged"
-    want = reference.lora_linear(x, W, lin.bias.double(), layer.merged_A.double(), layer.merged_B.double(), 2.0)
+    want = reference.lora_linear(
+        x, W, lin.bias.double(), layer.merged_A.double(), layer.merged_B.double(), 2.0
+    )
     assert_close(layer(x.float()), want, torch.float32)
     layer.adapter_mode, layer.lam = "preview", 0.3
     want = reference.lora_linear(
-        x, W, lin.bias.double(), layer.lora_A.double(), layer.lora_B.double(), 2.0,
-        merged_B=layer.merged_B.double(), lam=0.3,
+        x,
+        W,
+        lin.bias.double(),
+        layer.lora_A.double(),
+        layer.lora_B.double(),
+        2.0,
+        merged_B=layer.merged_B.double(),
+        lam=0.3,
     )
     assert_close(layer(x.float()), want, torch.float32)
     layer.adapter_mode = "bogus"
@@ -130,7 +143,9 @@ def test_same_outputs_and_grads_as_peft_lora():
 
     torch.manual_seed(3)
     base = nn.Linear(24, 17)
-    peft_model = get_peft_model(nn.Sequential(nn.Linear(24, 17)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    peft_model = get_peft_model(
+        nn.Sequential(nn.Linear(24, 17)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"])
+    )
     peft_layer = peft_model.base_model.model[0]
     peft_layer.base_layer.load_state_dict(base.state_dict())
     ours = mbf.LoRALinear.from_linear(base, r=4, alpha=8)

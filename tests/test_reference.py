@@ -47,7 +47,11 @@ def test_dropout_mask_is_seeded_and_has_the_right_rate():
 
 def test_dropout_applies_to_adapter_branch_only():
     x = torch.randn(16, 8, dtype=torch.float64)
-    W, A, B = torch.randn(5, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    W, A, B = (
+        torch.randn(5, 8, dtype=torch.float64),
+        torch.randn(2, 8, dtype=torch.float64),
+        torch.randn(5, 2, dtype=torch.float64),
+    )
     y = reference.lora_linear(x, W, None, A, B, 1.0, dropout=0.5, seed=3)
     keep = reference.dropout_keep_mask((16, 8), 0.5, seed=3).double()
     torch.testing.assert_close(y, x @ W.T + ((x * keep * 2.0) @ A.T) @ B.T, rtol=1e-12, atol=1e-12)
