@@ -20,6 +20,7 @@ is the fine-tuned one.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -245,18 +246,28 @@ class ContinualLoRA:
         return sum(t.numel() * t.element_size() for t in self.state_dict()["tensors"].values())
 
     def save(self, path: str | Path) -> Path:
-        """Write ``adapters.safetensors`` and ``continual.json`` into directory ``path`` atomically."""
+        """Write the state into directory ``path``: a crash at any point leaves a loadable checkpoint.
+
+        The tensors go to a new ``adapters-<token>.safetensors``; ``continual.json``, written last and
+        atomically, names it and is the commit point: until it is replaced, the previous save's json
+        and tensors stay together. The previous tensor file is removed afterwards.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
-        atomic_save_safetensors(state["tensors"], path / "adapters.safetensors")
+        tensors_file = f"adapters-{uuid.uuid4().hex[:12]}.safetensors"
+        atomic_save_safetensors(state["tensors"], path / tensors_file)
         config = getattr(self.model, "mbf_lora_config", None)
         meta = {
             "task_index": state["task_index"],
             "options": state["options"],
             "lora_config": asdict(config) if config is not None else None,
+            "tensors_file": tensors_file,
         }
         atomic_write_text(json.dumps(meta, indent=2), path / "continual.json")
+        for stale in path.glob("adapters-*.safetensors"):
+            if stale.name != tensors_file:
+                stale.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -273,6 +284,6 @@ class ContinualLoRA:
             inject(model, LoRAConfig(**cfg))
         cl = cls(model, backend=backend, **meta["options"])
         cl.load_state_dict(
-            {"task_index": meta["task_index"], "tensors": load_safetensors(path / "adapters.safetensors")}
+            {"task_index": meta["task_index"], "tensors": load_safetensors(path / meta["tensors_file"])}
         )
         return cl

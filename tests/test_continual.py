@@ -203,3 +203,33 @@ def test_errors(tiny_llama):
     with pytest.raises(ValueError, match=f"{name}: fine-tuned adapter has non-finite values"):
         cl.end_task()
     assert cl.task_index == 0
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_llama, tmp_path, monkeypatch):
+    from conftest import make_tiny_llama
+
+    import mbf.continual as continual
+
+    cl = _setup(tiny_llama)
+    cl.begin_task()
+    _fake_training(cl, 1)
+    cl.end_task()
+    cl.save(tmp_path / "ckpt")
+    saved = _snapshot(cl)
+    cl.begin_task()
+    _fake_training(cl, 2)
+    cl.end_task()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies after the tensors, before the json is replaced
+
+    monkeypatch.setattr(continual, "atomic_write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cl.save(tmp_path / "ckpt")
+    monkeypatch.undo()
+    restored = mbf.ContinualLoRA.load(make_tiny_llama(), tmp_path / "ckpt")
+    assert restored.task_index == 1
+    got = _snapshot(restored)
+    assert all(torch.equal(saved[n][k], got[n][k]) for n in saved for k in saved[n])
+    cl.save(tmp_path / "ckpt")  # the next good save cleans up the orphan tensor file
+    assert len(list((tmp_path / "ckpt").glob("adapters-*.safetensors"))) == 1
