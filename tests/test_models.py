@@ -27,11 +27,31 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
         models.load_model()
 
 
-def test_local_path_and_4bit_errors(tmp_path):
+def test_local_path_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         models.load_model(tmp_path)
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        models.load_model(load_in_4bit=True)
+
+
+def test_quantize_base_makes_every_projection_nf4_but_the_skipped():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fixtures.tiny import tiny_llama
+
+    from mbf.quant import NF4Linear
+
+    model = tiny_llama(layers=2)
+    x = torch.randint(2, 90, (2, 7))
+    with torch.no_grad():
+        dense = model(input_ids=x).logits
+    assert models.quantize_base(model, skip=("q_proj", "v_proj")) == 2 * 5
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp.down_proj, NF4Linear) and isinstance(layer.self_attn.k_proj, NF4Linear)
+    assert isinstance(layer.self_attn.q_proj, torch.nn.Linear) and not isinstance(model.lm_head, NF4Linear)
+    with torch.no_grad():
+        quant = model(input_ids=x).logits
+    # 4-bit weights: close to the dense model, not equal to it
+    assert 0 < (quant - dense).abs().max() < 0.5 * dense.abs().max()
 
 
 def test_failed_conversion_leaves_no_cache(monkeypatch, tmp_path):
