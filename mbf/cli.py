@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-steps", type=_positive_int, default=20)
     d.add_argument("--resume", action="store_true")
     _add_model_args(d)
+
+    b = sub.add_parser("bench", help="training-step and task-boundary benchmark that fits this machine")
+    b.add_argument("--out", default=None, help="results JSON (default bench/results/<device>-<date>.json)")
+    b.add_argument("--quick", action="store_true", help="the CPU set even on CUDA")
+    b.add_argument("--no-boundary", action="store_true", help="skip the task-boundary benchmark")
     return parser
 
 
@@ -355,6 +360,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from mbf import benchmark
+
+    argv = (["--out", args.out] if args.out else []) + ["--quick"] * args.quick
+    return benchmark.main(argv + ["--no-boundary"] * args.no_boundary)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv is None and "OMP_WAIT_POLICY" not in os.environ:
@@ -366,9 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "mbf.cli", *sys.argv[1:]], env)
     args = build_parser().parse_args(argv)
     try:
-        return {"continual": cmd_continual, "compare": cmd_compare, "eval": cmd_eval, "demo": cmd_demo}[
-            args.command
-        ](args)
+        commands = {
+            "continual": cmd_continual,
+            "compare": cmd_compare,
+            "eval": cmd_eval,
+            "demo": cmd_demo,
+            "bench": cmd_bench,
+        }
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         print(f"mbf: error: {e}", file=sys.stderr)
         return 2
