@@ -87,7 +87,7 @@ class ContinualLoRA:
 
     def lam(self, i: int | None = None) -> float:
         """λ(i) of this schedule; task ``i`` defaults to the current one."""
-        return reference.lam_schedule(self.schedule, i or self.task_index + 1, self.constant)
+        return reference.lam_schedule(self.schedule, self.task_index + 1 if i is None else i, self.constant)
 
     @torch.no_grad()
     def begin_task(self) -> None:
@@ -98,10 +98,10 @@ class ContinualLoRA:
         """
         if self.in_task:
             raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
-        self.in_task = True
         self._init_adapters()
         if self.orthogonal_updates:
             self._capture_basis()
+        self.in_task = True  # last: a failed init (non-finite A) leaves the task not begun
 
     def _init_adapters(self) -> None:
         if self.task_index == 0 or self.init == "none":
@@ -221,7 +221,12 @@ class ContinualLoRA:
         for name, layer in self.layers.items():
             for key in ("lora_A", "lora_B", "merged_A", "merged_B"):
                 tensors[f"{name}.{key}"] = getattr(layer, key).detach()
-        return {"task_index": self.task_index, "options": self.options(), "tensors": tensors}
+        return {
+            "task_index": self.task_index,
+            "in_task": self.in_task,
+            "options": self.options(),
+            "tensors": tensors,
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -238,8 +243,14 @@ class ContinualLoRA:
                         f"{full}: saved shape {tuple(tensors[full].shape)} != {tuple(dst.shape)}"
                     )
                 dst.copy_(tensors[full])
+        expected = {
+            f"{name}.{key}" for name in self.layers for key in ("lora_A", "lora_B", "merged_A", "merged_B")
+        }
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise KeyError(f"{unexpected[0]}: in the saved state but not a LoRA tensor of this model")
         self.task_index = int(state["task_index"])
-        self.in_task = False
+        self.in_task = bool(state.get("in_task", False))
 
     def adapter_bytes(self) -> int:
         """Bytes of adapter state held: two adapters per layer, whatever the number of tasks."""
@@ -252,6 +263,10 @@ class ContinualLoRA:
         atomically, names it and is the commit point: until it is replaced, the previous save's json
         and tensors stay together. The previous tensor file is removed afterwards.
         """
+        if self.in_task and self.orthogonal_updates:
+            raise RuntimeError(
+                "strict mode (orthogonal_updates) cannot be saved mid-task; save after end_task()"
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
@@ -263,6 +278,7 @@ class ContinualLoRA:
             "options": state["options"],
             "lora_config": asdict(config) if config is not None else None,
             "tensors_file": tensors_file,
+            "in_task": self.in_task,  # a mid-task checkpoint resumes inside the task, not at its start
         }
         atomic_write_text(json.dumps(meta, indent=2), path / "continual.json")
         for stale in path.glob("adapters-*.safetensors"):
@@ -275,15 +291,30 @@ class ContinualLoRA:
         """Rebuild from ``save(path)``; injects the saved LoRAConfig first when the model has no LoRA."""
         path = Path(path)
         meta = json.loads((path / "continual.json").read_text())
-        if not lora_layers(model):
-            if meta["lora_config"] is None:
-                raise ValueError(f"{path}: model has no LoRA layers and no LoRAConfig was saved")
+        saved_cfg = None
+        if meta["lora_config"] is not None:
             cfg = dict(meta["lora_config"])
             if isinstance(cfg["target_modules"], list):
                 cfg["target_modules"] = tuple(cfg["target_modules"])
-            inject(model, LoRAConfig(**cfg))
+            saved_cfg = LoRAConfig(**cfg)
+        if not lora_layers(model):
+            if saved_cfg is None:
+                raise ValueError(f"{path}: model has no LoRA layers and no LoRAConfig was saved")
+            inject(model, saved_cfg)
+        current = getattr(model, "mbf_lora_config", None)
+        if saved_cfg is not None and current is not None:
+            for field in ("r", "alpha", "target_modules", "quantize"):
+                if getattr(saved_cfg, field) != getattr(current, field):
+                    raise ValueError(
+                        f"{path}: saved LoRAConfig.{field}={getattr(saved_cfg, field)!r} but the model "
+                        f"was injected with {field}={getattr(current, field)!r}"
+                    )
         cl = cls(model, backend=backend, **meta["options"])
         cl.load_state_dict(
-            {"task_index": meta["task_index"], "tensors": load_safetensors(path / meta["tensors_file"])}
+            {
+                "task_index": meta["task_index"],
+                "in_task": meta.get("in_task", False),
+                "tensors": load_safetensors(path / meta["tensors_file"]),
+            }
         )
         return cl

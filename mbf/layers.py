@@ -84,6 +84,7 @@ class LoRALinear(nn.Module):
         self.adapter_mode = "finetuned"
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
         self.merged = False  # True while the delta is folded into base.weight (merge()/unmerge())
+        self._merged_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
         self._unmerged_base: quant.NF4Linear | None = None  # the 4-bit base while merged into a 16-bit copy
         self.reset_lora_parameters()
 
@@ -183,10 +184,13 @@ class LoRALinear(nn.Module):
         if self.is_4bit:
             self._merge_4bit(safe_merge)
             return
-        new_w = self.base.weight + self.get_delta_weight()
+        delta = self.get_delta_weight()
+        new_w = self.base.weight + delta
         if safe_merge and not torch.isfinite(new_w).all():
             raise ValueError(f"{self.layer_name}: merging would produce non-finite weights; not merged")
         self.base.weight.copy_(new_w)
+        # unmerge() subtracts this very delta: the adapter mode or λ may change in between
+        self._merged_delta = delta
         self.merged = True
 
     def _merge_4bit(self, safe_merge: bool) -> None:
@@ -218,7 +222,8 @@ class LoRALinear(nn.Module):
             self.base, self.__dict__["_unmerged_base"] = self._unmerged_base, None
             self.merged = False
             return
-        self.base.weight.sub_(self.get_delta_weight())
+        self.base.weight.sub_(self._merged_delta)
+        self._merged_delta = None
         self.merged = False
 
     def extra_repr(self) -> str:

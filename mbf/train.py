@@ -400,8 +400,10 @@ def run_continual(
     for i in range(done, len(tasks)):
         task = tasks[i]
         t0 = time.time()
+        # per-task seeds, set before begin_task (init="random" draws there): a resumed run equals an
+        # uninterrupted one
+        torch.manual_seed(opts.seed * 1000 + i)
         cl.begin_task()
-        torch.manual_seed(opts.seed * 1000 + i)  # per-task seeds: a resumed run equals an uninterrupted one
         stats = train_steps(
             model,
             cl.trainable_parameters(),

@@ -233,3 +233,69 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_llama,
     assert all(torch.equal(saved[n][k], got[n][k]) for n in saved for k in saved[n])
     cl.save(tmp_path / "ckpt")  # the next good save cleans up the orphan tensor file
     assert len(list((tmp_path / "ckpt").glob("adapters-*.safetensors"))) == 1
+
+
+def test_load_refuses_a_checkpoint_of_another_lora_config(tiny_llama, tmp_path):
+    from conftest import make_tiny_llama
+
+    cl = _setup(tiny_llama)  # r=4, alpha=8
+    cl.begin_task()
+    _fake_training(cl, 1)
+    cl.end_task()
+    cl.save(tmp_path / "ckpt")
+    other = mbf.inject(make_tiny_llama(), mbf.LoRAConfig(r=4, alpha=64))
+    with pytest.raises(
+        ValueError, match=r"saved LoRAConfig.alpha=8 but the model was injected with alpha=64"
+    ):
+        mbf.ContinualLoRA.load(other, tmp_path / "ckpt")
+
+
+def test_a_mid_task_checkpoint_resumes_inside_the_task(tiny_llama, tmp_path):
+    from conftest import make_tiny_llama
+
+    cl = _setup(tiny_llama)
+    for i in (1, 2):
+        cl.begin_task()
+        _fake_training(cl, i)
+        if i == 1:
+            cl.end_task()
+    cl.save(tmp_path / "mid")  # inside task 2, after some training
+    cl2 = mbf.ContinualLoRA.load(make_tiny_llama(), tmp_path / "mid")
+    assert cl2.in_task and cl2.task_index == 1
+    a = _snapshot(cl2)["model.layers.0.self_attn.q_proj"]["lora_A"]
+    cl2.end_task()  # no second QR of the half-trained A: the task simply ends
+    assert cl2.task_index == 2
+    assert torch.equal(cl2.layers["model.layers.0.self_attn.q_proj"].merged_A, a)
+
+
+def test_unmerge_undoes_merge_even_if_the_mode_changed_in_between(tiny_llama):
+    cl = _setup(tiny_llama)
+    cl.begin_task()
+    _fake_training(cl, 1)
+    cl.end_task()
+    cl.begin_task()
+    _fake_training(cl, 2)
+    layer = next(iter(cl.layers.values()))
+    w0 = layer.weight.detach().clone()
+    with cl.merged():
+        layer.merge()
+    layer.unmerge()  # now in fine-tuned mode: must still subtract the merged adapter's delta
+    torch.testing.assert_close(layer.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_a_failed_begin_task_can_be_retried(tiny_llama):
+    cl = _setup(tiny_llama)
+    cl.begin_task()
+    _fake_training(cl, 1)
+    cl.end_task()
+    layer = next(iter(cl.layers.values()))
+    good = layer.lora_A.detach().clone()
+    with torch.no_grad():
+        layer.lora_A[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        cl.begin_task()
+    assert not cl.in_task
+    with torch.no_grad():
+        layer.lora_A.copy_(good)
+    cl.begin_task()
+    assert cl.in_task

@@ -23,7 +23,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _inputs(batch, K, N, r, dtype, *, bias=True, merged=False, device="cpu", x_transposed=False):
+# the kernels run compiled on a GPU when there is one, under the interpreter on CPU otherwise
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(batch, K, N, r, dtype, *, bias=True, merged=False, device=KERNEL_DEVICE, x_transposed=False):
     """Random inputs scaled so y and every gradient are O(1): the table's atol then means something."""
     M = math.prod(batch)
     if x_transposed:  # a non-contiguous (M, K) view: the kernels must honour x's strides

@@ -134,8 +134,9 @@ def test_continual_run_writes_a_complete_report(tmp_path):
         _run(tmp_path / "run")
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    full = _run(tmp_path / "full")
+@pytest.mark.parametrize("method", ["slao", "slao-random"])  # slao-random draws its init from the RNG
+def test_resume_equals_uninterrupted_run(tmp_path, method):
+    full = _run(tmp_path / "full", method=method)
     # interrupt after task 2: run the first two tasks of the same suite, then resume with all three
     tasks = small_suite()
     model, codec = tiny_llama(), char_codec()
@@ -146,7 +147,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
             codec,
             tasks,
             tmp_path / "cut",
-            method="slao",
+            method=method,
             lora=LORA,
             opts=opts,
             meta={"suite": "builtin", "model": "tiny"},
@@ -154,7 +155,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         )
     partial = read_results(tmp_path / "cut")
     assert len(partial["per_task"]) == 2 and not partial["complete"] and partial["metrics"]["AA"] is None
-    resumed = _run(tmp_path / "cut", resume=True)
+    resumed = _run(tmp_path / "cut", method=method, resume=True)
     assert resumed["complete"]
     assert resumed["accuracy"] == full["accuracy"]
     assert [p["final_loss"] for p in resumed["per_task"]] == pytest.approx(
