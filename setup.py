@@ -13,9 +13,9 @@ setup(
     packages=["mbf", "mbf.kernels"],
     package_dir={"mbf": "mbf", "mbf.kernels": "kernels"},
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",  # torch.library.custom_op / register_fake (the fused kernel)
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=...), GGUF loading
         "peft>=0.10",
         "safetensors>=0.4",
         "tqdm>=4.60",
