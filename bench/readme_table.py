@@ -32,7 +32,11 @@ def table_for(rows: list[dict]) -> str:
         parts.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in op_rows:
             peak = r.get("peak_mem_bytes")
-            extra = ", ".join(f"{k}={r[k]}" for k in r.get("extra_keys", []) if k in r)
+            extra = ", ".join(
+                f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}"
+                for k in r.get("extra_keys", [])
+                if k in r
+            )
             parts.append(
                 f"| {r['provider']} | {r.get('mode', '')} | {r.get('shape', '')} | {r.get('M', '')} | "
                 f"{r.get('r', '')} | {r.get('dtype', '')} | {_fmt(r.get('ms'), '.3f')} | "
