@@ -59,16 +59,25 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
 
 
 class _TorchLoRALinear(torch.autograd.Function):
-    """``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ`` with a hand-written backward; W0, b, B_m stay frozen."""
+    """``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ`` with a hand-written backward; W0, b, B_m stay frozen.
+
+    The LoRA branch runs in the adapter's dtype (fp32 adapters over a 16-bit model: the branch and
+    the adapter gradients keep fp32 precision, as PEFT's autocast adapters do); the base GEMM and
+    the output stay in x's dtype.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed):
+        ct = A.dtype  # compute dtype of the LoRA branch
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        xa = _dropped(x2, dropout, seed)
+        xa = _dropped(x2.to(ct), dropout, seed)
         S = xa @ A.T  # (M, r)
-        B_eff = B if merged_B is None else torch.lerp(merged_B, B, lam)  # (out, r)
+        B_eff = B.to(ct) if merged_B is None else torch.lerp(merged_B.to(ct), B.to(ct), lam)  # (out, r)
         out = F.linear(x2, weight, bias)  # (M, out)
-        out.addmm_(S.to(out.dtype), B_eff.T.to(out.dtype), alpha=scaling)
+        if ct == out.dtype:
+            out.addmm_(S, B_eff.T, alpha=scaling)  # the LoRA term joins the base output in one op
+        else:
+            out.add_((S @ B_eff.T).mul_(scaling).to(out.dtype))
         ctx.save_for_backward(x2, S, weight, A, B, merged_B)
         ctx.scaling, ctx.lam, ctx.dropout, ctx.seed = scaling, lam, dropout, seed
         ctx.x_shape, ctx.has_merged = x.shape, merged_B is not None
@@ -77,22 +86,23 @@ class _TorchLoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY):
         x2, S, weight, A, B, merged_B = ctx.saved_tensors
-        s, lam = ctx.scaling, ctx.lam
+        s, lam, ct = ctx.scaling, ctx.lam, A.dtype
         dY2 = dY.reshape(-1, dY.shape[-1])  # (M, out)
-        B_eff = B if merged_B is None else torch.lerp(merged_B, B, lam)
-        dS = dY2 @ B_eff.to(dY2.dtype)  # (M, r)
+        dYc = dY2.to(ct)
+        B_eff = B.to(ct) if merged_B is None else torch.lerp(merged_B.to(ct), B.to(ct), lam)
+        dS = dYc @ B_eff  # (M, r)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            lora_dx = dS @ A.to(dS.dtype)  # (M, in)
+            lora_dx = dS @ A  # (M, in)
             if ctx.dropout > 0.0:
                 lora_dx = _dropped(lora_dx, ctx.dropout, ctx.seed)  # the mask is linear: reapply it
-            dx = (dY2 @ weight.to(dY2.dtype)).add_(lora_dx, alpha=s).view(ctx.x_shape)
+            dx = (dY2 @ weight.to(dY2.dtype)).add_(lora_dx.to(dY2.dtype), alpha=s).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            xa = _dropped(x2, ctx.dropout, ctx.seed)
-            dA = (dS.T @ xa.to(dS.dtype)).mul_(s).to(A.dtype)
+            xa = _dropped(x2.to(ct), ctx.dropout, ctx.seed)
+            dA = (dS.T @ xa).mul_(s).to(A.dtype)
         if ctx.needs_input_grad[4]:
             # ∂B_eff/∂B = λ when the merged B is in play
-            dB = (dY2.T @ S.to(dY2.dtype)).mul_(s * (lam if ctx.has_merged else 1.0)).to(B.dtype)
+            dB = (dYc.T @ S).mul_(s * (lam if ctx.has_merged else 1.0)).to(B.dtype)
         return dx, None, None, dA, dB, None, None, None, None, None
 
 
@@ -144,8 +154,14 @@ def lora_linear(
     chosen = resolve_backend(backend, x)
     if chosen == "triton" and (backend == "triton" or A.shape[0] <= MAX_FUSED_RANK):
         fn = _kernel("lora", "lora_linear")
+        A, B, merged_B = _as_dtype(x.dtype, A, B, merged_B)  # the kernel's tiles share x's dtype
         return fn(x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed)
     return _TorchLoRALinear.apply(x, weight, bias, A, B, float(scaling), merged_B, float(lam), dropout, seed)
+
+
+def _as_dtype(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Autograd-aware casts (a no-op for tensors already in ``dtype``)."""
+    return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def _check_lora_shapes(x, weight, bias, A, B, merged_B) -> None:

@@ -37,7 +37,7 @@ class LoRALinear(nn.Module):
         dropout: LoRA dropout probability on the adapter input (training only).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``mbf.functional``).
         name: the layer's name in its model, for error messages.
-        dtype: adapter dtype (default: the base weight's).
+        dtype: adapter dtype (default: the base weight's, fp32 over a 16-bit base).
 
     Raises:
         ValueError: on a rank or dropout out of range (naming the layer), or a 4-bit base that is
@@ -76,7 +76,12 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.r, self.lora_alpha, self.scaling = r, float(alpha), float(alpha) / r
         self.lora_dropout, self.backend, self.layer_name = float(dropout), backend, name
-        factory = {"device": w_device, "dtype": dtype or w_dtype}
+        # Adapters over a 16-bit base live in fp32 by default, like PEFT's autocast_adapter_dtype: AdamW's
+        # small updates would round away in bf16. The torch paths run the LoRA branch in fp32 too; the
+        # Triton kernels take the adapter cast to the activation dtype (fp32 accumulation inside).
+        if dtype is None:
+            dtype = torch.float32 if w_dtype in (torch.float16, torch.bfloat16) else w_dtype
+        factory = {"device": w_device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **factory))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(out_f, r, **factory))  # (out, r)
         self.register_buffer("merged_A", torch.zeros(r, in_f, **factory))
@@ -131,17 +136,16 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         A, B, merged_B, lam = self._active()
-        dt = x.dtype
         dropout = self.lora_dropout if self.training and self.adapter_mode == "finetuned" else 0.0
         if self.is_4bit:
             return functional.lora_linear_nf4(
                 x,
                 self.base.nf4,
                 self.base.bias,
-                A.to(dt),
-                B.to(dt),
+                A,
+                B,
                 self.scaling,
-                merged_B=None if merged_B is None else merged_B.to(dt),
+                merged_B=merged_B,
                 lam=lam,
                 dropout=dropout,
                 backend=self.backend,
@@ -150,10 +154,10 @@ class LoRALinear(nn.Module):
             x,
             self.base.weight,
             self.base.bias,
-            A.to(dt),
-            B.to(dt),
+            A,
+            B,
             self.scaling,
-            merged_B=None if merged_B is None else merged_B.to(dt),
+            merged_B=merged_B,
             lam=lam,
             dropout=dropout,
             backend=self.backend,

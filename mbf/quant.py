@@ -389,23 +389,32 @@ def _dense(w: NF4Weight, dtype: torch.dtype, path: str) -> torch.Tensor:
 
 
 class _NF4LoRALinear(torch.autograd.Function):
-    """The QLoRA linear; ``path`` says how the base GEMMs read W (see the module docstring)."""
+    """The QLoRA linear; ``path`` says how the base GEMMs read W (see the module docstring).
+
+    The LoRA branch runs in the adapter's dtype (fp32 adapters: fp32 branch and gradients, as PEFT's
+    QLoRA layer does); the fused kernels take their LoRA operands in x's dtype.
+    """
 
     @staticmethod
     def forward(ctx, x, w, bias, A, B, scaling, merged_B, lam, dropout, seed, path):
+        ct, dt = A.dtype, x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        S = _dropped(x2, dropout, seed) @ A.T.to(x2.dtype)  # (M, r)
-        B_eff = B if merged_B is None else torch.lerp(merged_B, B, lam)  # (out, r)
+        S = _dropped(x2.to(ct), dropout, seed) @ A.T  # (M, r)
+        B_eff = B.to(ct) if merged_B is None else torch.lerp(merged_B.to(ct), B.to(ct), lam)  # (out, r)
         if path == "fused":
             from mbf.kernels import nf4 as knf4
 
+            Bm = None if merged_B is None else merged_B.to(dt)
             out = knf4.nf4_lora_forward(
-                x2, w.packed, w.block_scales(), w.code, w.shape, bias, S, B, merged_B, scaling, lam
+                x2, w.packed, w.block_scales(), w.code, w.shape, bias, S.to(dt), B.to(dt), Bm, scaling, lam
             )
         else:
-            W = _dense(w, x2.dtype, path)  # transient (out, in): freed before backward
-            out = F.linear(x2, W, None if bias is None else bias.to(x2.dtype))
-            out.addmm_(S, B_eff.T.to(out.dtype), alpha=scaling)
+            W = _dense(w, dt, path)  # transient (out, in): freed before backward
+            out = F.linear(x2, W, None if bias is None else bias.to(dt))
+            if ct == dt:
+                out.addmm_(S, B_eff.T, alpha=scaling)
+            else:
+                out.add_((S @ B_eff.T).mul_(scaling).to(dt))
         ctx.save_for_backward(x2, S, A, B, merged_B)
         ctx.w, ctx.path = w, path
         ctx.scaling, ctx.lam, ctx.dropout, ctx.seed = scaling, lam, dropout, seed
@@ -415,31 +424,33 @@ class _NF4LoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY):
         x2, S, A, B, merged_B = ctx.saved_tensors
-        s, lam, p = ctx.scaling, ctx.lam, ctx.dropout
+        s, lam, p, ct = ctx.scaling, ctx.lam, ctx.dropout, A.dtype
         dY2 = dY.reshape(-1, dY.shape[-1])  # (M, out)
-        B_eff = B if merged_B is None else torch.lerp(merged_B, B, lam)
-        dS = dY2 @ B_eff.to(dY2.dtype)  # (M, r)
+        dYc = dY2.to(ct)
+        B_eff = B.to(ct) if merged_B is None else torch.lerp(merged_B.to(ct), B.to(ct), lam)
+        dS = dYc @ B_eff  # (M, r)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            w = ctx.w
+            w, dt = ctx.w, dY2.dtype
             if ctx.path == "fused":
                 from mbf.kernels import nf4 as knf4
 
                 # the dropout mask sits on the LoRA term only: with dropout it is added outside the kernel
-                dx = knf4.nf4_lora_dx(
-                    dY2, w.packed, w.block_scales(), w.code, w.shape, dS if p == 0 else None, A, s
-                )
+                dS_k = dS.to(dt) if p == 0 else None
+                dx = knf4.nf4_lora_dx(dY2, w.packed, w.block_scales(), w.code, w.shape, dS_k, A.to(dt), s)
                 if p > 0:
-                    dx.add_(_dropped(dS @ A.to(dS.dtype), p, ctx.seed), alpha=s)
-            else:
+                    dx.add_(_dropped(dS @ A, p, ctx.seed).to(dt), alpha=s)
+            elif ct == dt:
                 # one GEMM with the LoRA term as its addend: the sum is rounded once, as in the fused kernel
-                lora_dx = _dropped(dS @ A.to(dS.dtype), p, ctx.seed)
-                dx = torch.addmm(lora_dx, dY2, _dense(w, dY2.dtype, ctx.path), beta=s)
+                lora_dx = _dropped(dS @ A, p, ctx.seed)
+                dx = torch.addmm(lora_dx, dY2, _dense(w, dt, ctx.path), beta=s)
+            else:
+                dx = (dY2 @ _dense(w, dt, ctx.path)).add_(_dropped(dS @ A, p, ctx.seed).to(dt), alpha=s)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            dA = (dS.T @ _dropped(x2, p, ctx.seed).to(dS.dtype)).mul_(s).to(A.dtype)
+            dA = (dS.T @ _dropped(x2.to(ct), p, ctx.seed)).mul_(s).to(A.dtype)
         if ctx.needs_input_grad[4]:
-            dB = (dY2.T @ S.to(dY2.dtype)).mul_(s * (lam if ctx.has_merged else 1.0)).to(B.dtype)
+            dB = (dYc.T @ S).mul_(s * (lam if ctx.has_merged else 1.0)).to(B.dtype)
         return dx, None, None, dA, dB, None, None, None, None, None, None
 
 

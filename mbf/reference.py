@@ -125,7 +125,8 @@ def lora_linear(
         x2 = x.reshape(-1, x.shape[-1])
         keep = dropout_keep_mask(tuple(x2.shape), dropout, seed, device=x.device)
         xa = (x2 * keep / (1.0 - dropout)).reshape(x.shape)
-    return torch.nn.functional.linear(x, weight, bias) + scaling * ((xa @ A.T) @ B_eff.T)
+    lora = (xa.to(A.dtype) @ A.T) @ B_eff.to(A.dtype).T  # the adapter's dtype (fp32 adapters: fp32 branch)
+    return torch.nn.functional.linear(x, weight, bias) + scaling * lora.to(x.dtype)
 
 
 def _qr_dtype(dtype: torch.dtype) -> torch.dtype:

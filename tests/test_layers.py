@@ -163,3 +163,24 @@ def test_same_outputs_and_grads_as_peft_lora():
     torch.testing.assert_close(x2.grad, x1.grad)
     torch.testing.assert_close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad)
     torch.testing.assert_close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
+
+
+def test_fp32_adapters_over_a_bf16_base_keep_fp32_gradients():
+    lin = nn.Linear(40, 24, dtype=torch.bfloat16)
+    layer = mbf.LoRALinear.from_linear(lin, r=4, alpha=8, backend="torch")
+    assert layer.lora_A.dtype == torch.float32 and layer.merged_B.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(9, 40).to(torch.bfloat16)
+    dY = torch.randn(9, 24).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(dY)
+    d = lambda t: t.detach().double().requires_grad_(True)  # noqa: E731
+    A64, B64 = d(layer.lora_A), d(layer.lora_B)
+    ref = reference.lora_linear(x.double(), lin.weight.double(), lin.bias.double(), A64, B64, layer.scaling)
+    ref.backward(dY.double())
+    assert_close(y, ref, torch.bfloat16)
+    # the branch ran in fp32: the adapter gradients are fp32-accurate, not bf16-accurate
+    assert_close(layer.lora_A.grad, A64.grad, torch.float32)
+    assert_close(layer.lora_B.grad, B64.grad, torch.float32)
