@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mbf import reference
+from mbf.reference import apply_dropout
 
 __all__ = [
     "lora_linear",
@@ -70,7 +71,7 @@ class _TorchLoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed):
         ct = A.dtype  # compute dtype of the LoRA branch
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        xa = _dropped(x2.to(ct), dropout, seed)
+        xa = apply_dropout(x2.to(ct), dropout, seed)
         S = xa @ A.T  # (M, r)
         B_eff = B.to(ct) if merged_B is None else torch.lerp(merged_B.to(ct), B.to(ct), lam)  # (out, r)
         out = F.linear(x2, weight, bias)  # (M, out)
@@ -95,22 +96,15 @@ class _TorchLoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             lora_dx = dS @ A  # (M, in)
             if ctx.dropout > 0.0:
-                lora_dx = _dropped(lora_dx, ctx.dropout, ctx.seed)  # the mask is linear: reapply it
+                lora_dx = apply_dropout(lora_dx, ctx.dropout, ctx.seed)  # the mask is linear: reapply it
             dx = (dY2 @ weight.to(dY2.dtype)).add_(lora_dx.to(dY2.dtype), alpha=s).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            xa = _dropped(x2.to(ct), ctx.dropout, ctx.seed)
+            xa = apply_dropout(x2.to(ct), ctx.dropout, ctx.seed)
             dA = (dS.T @ xa).mul_(s).to(A.dtype)
         if ctx.needs_input_grad[4]:
             # ∂B_eff/∂B = λ when the merged B is in play
             dB = (dYc.T @ S).mul_(s * (lam if ctx.has_merged else 1.0)).to(B.dtype)
         return dx, None, None, dA, dB, None, None, None, None, None
-
-
-def _dropped(x2: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
-    if p == 0.0:
-        return x2
-    keep = reference.dropout_keep_mask(tuple(x2.shape), p, seed, device=x2.device)
-    return x2 * keep.to(x2.dtype) / (1.0 - p)
 
 
 def lora_linear(
@@ -143,10 +137,7 @@ def lora_linear(
         ValueError: on mismatched shapes or a dropout outside [0, 1).
     """
     _check_lora_shapes(x, weight, bias, A, B, merged_B)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout {dropout} must be in [0, 1)")
-    if dropout > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
+    seed = _dropout_seed(dropout, seed)
     frozen = [t for t in (weight, bias, merged_B) if t is not None]
     if any(t.requires_grad for t in frozen):
         # a trainable base is outside the fused paths' contract: let autograd do the spec.
@@ -157,6 +148,15 @@ def lora_linear(
         A, B, merged_B = _as_dtype(x.dtype, A, B, merged_B)  # the kernel's tiles share x's dtype
         return fn(x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed)
     return _TorchLoRALinear.apply(x, weight, bias, A, B, float(scaling), merged_B, float(lam), dropout, seed)
+
+
+def _dropout_seed(dropout: float, seed: int | None) -> int | None:
+    """Validate the dropout probability; draw the mask's seed from torch's generator when needed."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout {dropout} must be in [0, 1)")
+    if dropout > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    return seed
 
 
 def _as_dtype(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -438,9 +438,6 @@ def lora_linear_nf4(
     from mbf import quant
 
     _check_lora_shapes(x, weight, bias, A, B, merged_B)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout {dropout} must be in [0, 1)")
-    if dropout > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
+    seed = _dropout_seed(dropout, seed)
     be = resolve_backend(backend, x)
     return quant.nf4_lora_linear(x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed, be, path)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbf import reference
+from mbf.reference import apply_dropout
 
 __all__ = [
     "NF4_CODE",
@@ -373,13 +374,6 @@ def _with_dtype(w: NF4Weight, dtype: torch.dtype) -> NF4Weight:
 PATHS = ("torch", "dequant", "fused")
 
 
-def _dropped(x2: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
-    if p == 0.0:
-        return x2
-    keep = reference.dropout_keep_mask(tuple(x2.shape), p, seed, device=x2.device)
-    return x2 * keep.to(x2.dtype) / (1.0 - p)
-
-
 def _dense(w: NF4Weight, dtype: torch.dtype, path: str) -> torch.Tensor:
     if path == "torch":
         return dequantize_nf4(w, dtype)
@@ -399,7 +393,7 @@ class _NF4LoRALinear(torch.autograd.Function):
     def forward(ctx, x, w, bias, A, B, scaling, merged_B, lam, dropout, seed, path):
         ct, dt = A.dtype, x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        S = _dropped(x2.to(ct), dropout, seed) @ A.T  # (M, r)
+        S = apply_dropout(x2.to(ct), dropout, seed) @ A.T  # (M, r)
         B_eff = B.to(ct) if merged_B is None else torch.lerp(merged_B.to(ct), B.to(ct), lam)  # (out, r)
         if path == "fused":
             from mbf.kernels import nf4 as knf4
@@ -439,16 +433,16 @@ class _NF4LoRALinear(torch.autograd.Function):
                 dS_k = dS.to(dt) if p == 0 else None
                 dx = knf4.nf4_lora_dx(dY2, w.packed, w.block_scales(), w.code, w.shape, dS_k, A.to(dt), s)
                 if p > 0:
-                    dx.add_(_dropped(dS @ A, p, ctx.seed).to(dt), alpha=s)
+                    dx.add_(apply_dropout(dS @ A, p, ctx.seed).to(dt), alpha=s)
             elif ct == dt:
                 # one GEMM with the LoRA term as its addend: the sum is rounded once, as in the fused kernel
-                lora_dx = _dropped(dS @ A, p, ctx.seed)
+                lora_dx = apply_dropout(dS @ A, p, ctx.seed)
                 dx = torch.addmm(lora_dx, dY2, _dense(w, dt, ctx.path), beta=s)
             else:
-                dx = (dY2 @ _dense(w, dt, ctx.path)).add_(_dropped(dS @ A, p, ctx.seed).to(dt), alpha=s)
+                dx = (dY2 @ _dense(w, dt, ctx.path)).add_(apply_dropout(dS @ A, p, ctx.seed).to(dt), alpha=s)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
-            dA = (dS.T @ _dropped(x2.to(ct), p, ctx.seed)).mul_(s).to(A.dtype)
+            dA = (dS.T @ apply_dropout(x2.to(ct), p, ctx.seed)).mul_(s).to(A.dtype)
         if ctx.needs_input_grad[4]:
             dB = (dYc.T @ S).mul_(s * (lam if ctx.has_merged else 1.0)).to(B.dtype)
         return dx, None, None, dA, dB, None, None, None, None, None, None

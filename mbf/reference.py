@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "SCHEDULES",
+    "apply_dropout",
     "dropout_keep_mask",
     "lam_schedule",
     "lora_linear",
@@ -86,6 +87,14 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) 
     return philox_randint(seed, offsets) >= dropout_threshold(p)
 
 
+def apply_dropout(x2: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
+    """LoRA dropout of a 2-D ``[M, K]`` tensor: ``x2 · keep / (1 − p)`` with ``dropout_keep_mask``."""
+    if p == 0.0:
+        return x2
+    keep = dropout_keep_mask(tuple(x2.shape), p, seed, device=x2.device)
+    return x2 * keep.to(x2.dtype) / (1.0 - p)
+
+
 def dropout_threshold(p: float) -> int:
     """The uint32 threshold below which a Philox draw drops an element (p in [0, 1))."""
     return min(int(math.floor(p * 2**32)), 2**32 - 1)
@@ -122,9 +131,7 @@ def lora_linear(
     if dropout > 0.0:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        x2 = x.reshape(-1, x.shape[-1])
-        keep = dropout_keep_mask(tuple(x2.shape), dropout, seed, device=x.device)
-        xa = (x2 * keep / (1.0 - dropout)).reshape(x.shape)
+        xa = apply_dropout(x.reshape(-1, x.shape[-1]), dropout, seed).reshape(x.shape)
     lora = (xa.to(A.dtype) @ A.T) @ B_eff.to(A.dtype).T  # the adapter's dtype (fp32 adapters: fp32 branch)
     return torch.nn.functional.linear(x, weight, bias) + scaling * lora.to(x.dtype)
 
