@@ -76,7 +76,7 @@ def _merge_fn(provider: str, Bm: list[torch.Tensor], Bf: list[torch.Tensor]):
 
         return loop
     backend = "triton" if provider == "triton-batched" else "torch"
-    return lambda: functional.time_aware_merge(Bm, Bf, 0.5, backend=backend)
+    return lambda: functional.time_aware_merge_(Bm, Bf, 0.5, backend=backend)
 
 
 @pytest.fixture(scope="module", autouse=True)

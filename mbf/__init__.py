@@ -1,15 +1,16 @@
 """mbf-lora: continual fine-tuning of Llama models with one LoRA adapter (SLAO, Merge before Forget)."""
 
 from mbf import functional, reference
-from mbf.config import LoRAConfig
+from mbf.config import ContinualConfig, LoRAConfig
 from mbf.continual import ContinualLoRA
 from mbf.inject import eject, inject, lora_layers
-from mbf.io import save_peft_adapter
+from mbf.integrations.peft import save_peft_adapter
 from mbf.layers import LoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContinualConfig",
     "ContinualLoRA",
     "LoRAConfig",
     "LoRALinear",

@@ -1,10 +1,16 @@
-"""User configuration: one frozen dataclass, validated on construction."""
+"""User configuration: frozen dataclasses, validated on construction, one comment per field."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields
+
+from mbf.reference import SCHEDULES
+
+__all__ = ["INITS", "LLAMA_LINEARS", "SCHEDULES", "ContinualConfig", "LoRAConfig"]
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INITS = ("orthogonal", "last_merge", "random", "none")  # how task i ≥ 2's fine-tuned adapter starts
 
 
 @dataclass(frozen=True)
@@ -21,8 +27,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoRAConfig: rank r={self.r!r} must be a positive integer")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRAConfig: alpha={self.alpha!r} must be > 0")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRAConfig: alpha={self.alpha!r} must be a finite number > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRAConfig: dropout={self.dropout!r} must be in [0, 1)")
         if isinstance(self.target_modules, str):
@@ -44,3 +50,60 @@ class LoRAConfig:
     def targets(self) -> tuple[str, ...]:
         """The leaf module names to adapt."""
         return LLAMA_LINEARS if self.target_modules == "all-linear" else self.target_modules  # type: ignore
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoRAConfig:
+        """Inverse of ``to_dict``. Raises ValueError naming an unknown field."""
+        data = dict(_known_fields(cls, data))
+        if isinstance(data.get("target_modules"), list):
+            data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """How SLAO (or an ablation) moves from one task to the next. The defaults are SLAO."""
+
+    schedule: str = "sqrt"  # λ(i) of the merge: "sqrt" 1/√i (SLAO), "inverse" 1/i, "constant", "none" (1)
+    init: str = "orthogonal"  # task i ≥ 2 starts from: "orthogonal" (QR of the last A, SLAO),
+    #   "last_merge" (same A, B from the merged B), "random" (fresh LoRA init), "none" (carried as is)
+    constant: float = 0.5  # λ of the "constant" schedule, in (0, 1]
+    orthogonal_updates: bool = False  # keep each task's A updates out of the previous task's row space
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"ContinualConfig: unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.init not in INITS:
+            raise ValueError(f"ContinualConfig: unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        c = self.constant
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0.0 < c <= 1.0):
+            # λ outside (0, 1] extrapolates past the fine-tuned adapter (or away from it)
+            raise ValueError(f"ContinualConfig: constant λ={c!r} must be in (0, 1]")
+        object.__setattr__(self, "constant", float(c))
+        if not isinstance(self.orthogonal_updates, bool):
+            raise ValueError(f"ContinualConfig: orthogonal_updates={self.orthogonal_updates!r} is not a bool")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ContinualConfig:
+        """Inverse of ``to_dict``. Raises ValueError naming an unknown field."""
+        return cls(**_known_fields(cls, data))
+
+
+def _known_fields(cls, data: dict) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping of fields, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        known = ", ".join(sorted(names))
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {known}")
+    return data

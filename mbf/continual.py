@@ -23,20 +23,18 @@ import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mbf import functional, reference
-from mbf.config import LoRAConfig
+from mbf.config import INITS, ContinualConfig, LoRAConfig
 from mbf.inject import inject, lora_layers
 from mbf.io import atomic_save_safetensors, atomic_write_text, load_safetensors
 
-__all__ = ["INITS", "ContinualLoRA"]
-
-INITS = ("orthogonal", "last_merge", "random", "none")
+__all__ = ["INITS", "ContinualConfig", "ContinualLoRA"]
 
 
 class ContinualLoRA:
@@ -44,42 +42,34 @@ class ContinualLoRA:
 
     Args:
         model: a model with LoRA layers (see ``mbf.inject``).
-        schedule: λ schedule, one of ``reference.SCHEDULES`` (``"sqrt"`` = SLAO).
-        init: task-``i ≥ 2`` init, one of ``INITS`` (``"orthogonal"`` = SLAO).
-        constant: λ of the ``"constant"`` schedule.
+        config: the method (default ``ContinualConfig()``: SLAO). Keyword options (``schedule``,
+            ``init``, ``constant``, ``orthogonal_updates``) override its fields.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the QR and the merge.
-        orthogonal_updates: strict mode: keep every task's A updates out of the previous task's row
-            space (``project_updates()``). Use it when the tasks conflict and forgetting (BWT)
-            matters more than how well each new task is learnt: a new task can then only add input
-            directions, never turn the ones the previous tasks use. Costs two extra ``(r, in)``
-            copies per layer during a task and one batched projection per call.
+
+    Strict mode (``orthogonal_updates=True``) keeps every task's A updates out of the previous
+    task's row space (``project_updates()``). Use it when the tasks conflict and forgetting (BWT)
+    matters more than how well each new task is learnt: a new task can then only add input
+    directions, never turn the ones the previous tasks use. Costs two extra ``(r, in)`` copies per
+    layer during a task and one batched projection per call.
 
     Raises:
-        ValueError: on an unknown schedule or init, or a model without LoRA layers.
+        ValueError: on an unknown option or value, or a model without LoRA layers.
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        schedule: str = "sqrt",
-        init: str = "orthogonal",
-        constant: float = 0.5,
-        backend: str = "auto",
-        orthogonal_updates: bool = False,
+        self, model: nn.Module, config: ContinualConfig | None = None, *, backend: str = "auto", **options
     ) -> None:
-        if schedule not in reference.SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(reference.SCHEDULES)}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        config = config or ContinualConfig()
+        unknown = sorted(set(options) - set(config.to_dict()))
+        if unknown:
+            raise ValueError(f"ContinualLoRA: unknown option(s) {', '.join(unknown)}")
+        self.config = replace(config, **options) if options else config
         self.layers = lora_layers(model)
         if not self.layers:
             raise ValueError("model has no LoRA layers: call mbf.inject(model, LoRAConfig(...)) first")
-        self.model = model
-        self.schedule, self.init, self.constant, self.backend = schedule, init, float(constant), backend
+        self.model, self.backend = model, backend
         self.task_index = 0  # number of finished tasks
         self.in_task = False
-        self.orthogonal_updates = bool(orthogonal_updates)
         self._basis: list[torch.Tensor] | None = None  # strict mode: previous task's orthonormal rows
         self._start: list[torch.Tensor] | None = None  # strict mode: each lora_A as the task began
 
@@ -87,7 +77,8 @@ class ContinualLoRA:
 
     def lam(self, i: int | None = None) -> float:
         """λ(i) of this schedule; task ``i`` defaults to the current one."""
-        return reference.lam_schedule(self.schedule, self.task_index + 1 if i is None else i, self.constant)
+        i = self.task_index + 1 if i is None else i
+        return reference.lam_schedule(self.config.schedule, i, self.config.constant)
 
     @torch.no_grad()
     def begin_task(self) -> None:
@@ -99,15 +90,15 @@ class ContinualLoRA:
         if self.in_task:
             raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
         self._init_adapters()
-        if self.orthogonal_updates:
+        if self.config.orthogonal_updates:
             self._capture_basis()
         self.in_task = True  # last: a failed init (non-finite A) leaves the task not begun
 
     def _init_adapters(self) -> None:
-        if self.task_index == 0 or self.init == "none":
+        if self.task_index == 0 or self.config.init == "none":
             return
         layers = list(self.layers.values())
-        if self.init == "random":
+        if self.config.init == "random":
             for layer in layers:
                 layer.reset_lora_parameters()
             return
@@ -116,7 +107,7 @@ class ContinualLoRA:
         )
         for layer, Q in zip(layers, Qs):
             layer.lora_A.copy_(Q)
-            if self.init == "last_merge":
+            if self.config.init == "last_merge":
                 layer.lora_B.copy_(layer.merged_B)
 
     def _capture_basis(self) -> None:
@@ -124,7 +115,7 @@ class ContinualLoRA:
         self._start = [layer.lora_A.detach().clone() for layer in layers]
         if self.task_index == 0:
             self._basis = None  # task 1: no previous task to keep away from
-        elif self.init == "orthogonal":
+        elif self.config.init == "orthogonal":
             self._basis = self._start  # lora_A was just set to that very basis
         else:  # merged_A is the previous task's fine-tuned A
             As = [layer.merged_A for layer in layers]
@@ -142,7 +133,7 @@ class ContinualLoRA:
         gradient back into the old row space). A no-op without ``orthogonal_updates``, in task 1
         and outside a task.
         """
-        if not (self.orthogonal_updates and self.in_task and self._basis is not None):
+        if not (self.config.orthogonal_updates and self.in_task and self._basis is not None):
             return
         As = [layer.lora_A for layer in self.layers.values()]
         deltas = torch._foreach_sub([A.detach() for A in As], self._start)  # (r, in) each
@@ -164,7 +155,7 @@ class ContinualLoRA:
         self._check_finite()
         lam = self.lam(self.task_index + 1)
         merged_Bs, ft_Bs = [layer.merged_B for layer in layers], [layer.lora_B for layer in layers]
-        functional.time_aware_merge(merged_Bs, ft_Bs, lam, backend=self.backend)
+        functional.time_aware_merge_(merged_Bs, ft_Bs, lam, backend=self.backend)
         for layer in layers:
             layer.merged_A.copy_(layer.lora_A)
         self.task_index += 1
@@ -207,14 +198,6 @@ class ContinualLoRA:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def options(self) -> dict:
-        return {
-            "schedule": self.schedule,
-            "init": self.init,
-            "constant": self.constant,
-            "orthogonal_updates": self.orthogonal_updates,
-        }
-
     def state_dict(self) -> dict[str, torch.Tensor | int | dict]:
         """Tensors of both adapters of every layer plus the task counter and options."""
         tensors = {}
@@ -224,7 +207,7 @@ class ContinualLoRA:
         return {
             "task_index": self.task_index,
             "in_task": self.in_task,
-            "options": self.options(),
+            "config": self.config.to_dict(),
             "tensors": tensors,
         }
 
@@ -263,7 +246,7 @@ class ContinualLoRA:
         atomically, names it and is the commit point: until it is replaced, the previous save's json
         and tensors stay together. The previous tensor file is removed afterwards.
         """
-        if self.in_task and self.orthogonal_updates:
+        if self.in_task and self.config.orthogonal_updates:
             raise RuntimeError(
                 "strict mode (orthogonal_updates) cannot be saved mid-task; save after end_task()"
             )
@@ -275,8 +258,8 @@ class ContinualLoRA:
         config = getattr(self.model, "mbf_lora_config", None)
         meta = {
             "task_index": state["task_index"],
-            "options": state["options"],
-            "lora_config": asdict(config) if config is not None else None,
+            "config": state["config"],
+            "lora_config": config.to_dict() if config is not None else None,
             "tensors_file": tensors_file,
             "in_task": self.in_task,  # a mid-task checkpoint resumes inside the task, not at its start
         }
@@ -291,12 +274,7 @@ class ContinualLoRA:
         """Rebuild from ``save(path)``; injects the saved LoRAConfig first when the model has no LoRA."""
         path = Path(path)
         meta = json.loads((path / "continual.json").read_text())
-        saved_cfg = None
-        if meta["lora_config"] is not None:
-            cfg = dict(meta["lora_config"])
-            if isinstance(cfg["target_modules"], list):
-                cfg["target_modules"] = tuple(cfg["target_modules"])
-            saved_cfg = LoRAConfig(**cfg)
+        saved_cfg = None if meta["lora_config"] is None else LoRAConfig.from_dict(meta["lora_config"])
         if not lora_layers(model):
             if saved_cfg is None:
                 raise ValueError(f"{path}: model has no LoRA layers and no LoRAConfig was saved")
@@ -309,7 +287,8 @@ class ContinualLoRA:
                         f"{path}: saved LoRAConfig.{field}={getattr(saved_cfg, field)!r} but the model "
                         f"was injected with {field}={getattr(current, field)!r}"
                     )
-        cl = cls(model, backend=backend, **meta["options"])
+        # "options": the name of the same fields before ContinualConfig existed
+        cl = cls(model, ContinualConfig.from_dict(meta.get("config", meta.get("options"))), backend=backend)
         cl.load_state_dict(
             {
                 "task_index": meta["task_index"],

@@ -25,7 +25,7 @@ __all__ = [
     "project_out",
     "project_out_all",
     "resolve_backend",
-    "time_aware_merge",
+    "time_aware_merge_",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -366,7 +366,7 @@ def project_out_all(
     return out  # type: ignore[return-value]
 
 
-def time_aware_merge(
+def time_aware_merge_(
     merged_Bs: Sequence[torch.Tensor], ft_Bs: Sequence[torch.Tensor], lam: float, backend: str = "auto"
 ) -> None:
     """In place for every layer: ``B_m ← B_m + λ (B_ft − B_m)``, computed in fp32, all layers at once.

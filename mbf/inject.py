@@ -84,19 +84,19 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     return model
 
 
-def eject(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Put the original linears back. With ``merge=True`` the active adapter is folded in first.
+def eject(model: nn.Module, fold: bool = False) -> nn.Module:
+    """Put the original linears back. With ``fold=True`` the active adapter is folded into W first.
 
-    Over a 4-bit base, ``merge=True`` gives a 16-bit ``nn.Linear`` (never a re-quantised weight);
+    Over a 4-bit base, ``fold=True`` gives a 16-bit ``nn.Linear`` (never a re-quantised weight);
     without it, the bnb ``Linear4bit`` that was injected (or the NF4Linear of ``quantize="nf4"``).
 
     Raises:
-        ValueError: with ``merge=True``, when a merged weight would be non-finite.
+        ValueError: with ``fold=True``, when a folded weight would be non-finite.
     """
     for name, layer in lora_layers(model).items():
-        if merge:
+        if fold:
             layer.merge(safe_merge=True)
-        elif layer.merged:
+        elif layer.folded:
             layer.unmerge()
         base = layer.base
         _set_submodule(model, name, base.restore() if isinstance(base, NF4Linear) else base)

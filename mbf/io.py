@@ -1,81 +1,91 @@
-"""Saving and loading: atomic writes (a crash never leaves a half-written file) and PEFT's format."""
+"""Files: one atomic writer (a crash never leaves a half-written file), safetensors, versions."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_save_safetensors", "atomic_write_text", "load_safetensors", "save_peft_adapter"]
+__all__ = [
+    "atomic_save_safetensors",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "load_safetensors",
+    "versions",
+]
 
 
-def _atomic(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Create or replace ``path`` by calling ``write(tmp)`` on a sibling temporary file, then renaming it.
+
+    Readers see the old file or the new one, never a mix; the data reaches the disk (fsync) before
+    the rename, and the file gets the permissions of a plain ``open`` under the user's umask. The
+    temporary name is unique, so two writers never share it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the user's group
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX
+        _fsync_dir(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+def atomic_write_json(data, path: str | Path, indent: int = 1) -> Path:
+    """JSON with ``allow_nan=False``: a NaN or inf is an error here, not an invalid file later."""
+    return atomic_write_text(json.dumps(data, indent=indent, allow_nan=False), path)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def save_peft_adapter(model: torch.nn.Module, path: str | Path, which: str = "merged") -> Path:
-    """Export one adapter of every LoRALinear in PEFT's format (loadable by ``PeftModel.from_pretrained``).
-
-    Args:
-        model: a model after ``mbf.inject``.
-        path: output directory (``adapter_model.safetensors`` + ``adapter_config.json``).
-        which: ``"merged"`` (what inference uses) or ``"finetuned"``.
-
-    Raises:
-        ValueError: on an unknown ``which`` or a model without LoRA layers.
-    """
-    from mbf.inject import lora_layers
-
-    if which not in ("merged", "finetuned"):
-        raise ValueError(f"which={which!r} must be 'merged' or 'finetuned'")
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRA layers to export")
-    tensors = {}
-    for name, layer in layers.items():
-        A, B = (layer.merged_A, layer.merged_B) if which == "merged" else (layer.lora_A, layer.lora_B)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B
-    first = next(iter(layers.values()))
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": first.r,
-        "lora_alpha": first.lora_alpha,
-        "lora_dropout": first.lora_dropout,
-        "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
-    }
-    path = Path(path)
-    atomic_save_safetensors(tensors, path / "adapter_model.safetensors")
-    atomic_write_text(json.dumps(config, indent=2), path / "adapter_config.json")
-    return path
+def versions() -> dict[str, str]:
+    """Versions of Python and of the installed packages that shape a result (absent ones left out)."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("mbf-lora", "triton", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[dist.replace("mbf-lora", "mbf")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

@@ -88,7 +88,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("merged_B", torch.zeros(out_f, r, **factory))
         self.adapter_mode = "finetuned"
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
-        self.merged = False  # True while the delta is folded into base.weight (merge()/unmerge())
+        self.folded = False  # True while the delta is folded into the base weight (merge()/unmerge())
         self._merged_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
         self._unmerged_base: quant.NF4Linear | None = None  # the 4-bit base while merged into a 16-bit copy
         self.reset_lora_parameters()
@@ -133,7 +133,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features)`` → ``(..., out_features)`` in x's dtype."""
-        if self.merged:
+        if self.folded:
             return self.base(x)
         A, B, merged_B, lam = self._active()
         dropout = self.lora_dropout if self.training and self.adapter_mode == "finetuned" else 0.0
@@ -183,7 +183,7 @@ class LoRALinear(nn.Module):
         Raises:
             ValueError: with ``safe_merge``, when the merged weight would be non-finite.
         """
-        if self.merged:
+        if self.folded:
             return
         if self.is_4bit:
             self._merge_4bit(safe_merge)
@@ -195,7 +195,7 @@ class LoRALinear(nn.Module):
         self.base.weight.copy_(new_w)
         # unmerge() subtracts this very delta: the adapter mode or λ may change in between
         self._merged_delta = delta
-        self.merged = True
+        self.folded = True
 
     def _merge_4bit(self, safe_merge: bool) -> None:
         nf4 = self.base
@@ -215,20 +215,20 @@ class LoRALinear(nn.Module):
         dense.requires_grad_(False)
         self.__dict__["_unmerged_base"] = nf4  # not a submodule: the merged state_dict is the 16-bit one
         self.base = dense
-        self.merged = True
+        self.folded = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo ``merge()`` (exact up to the base dtype's rounding; exact over a 4-bit base)."""
-        if not self.merged:
+        if not self.folded:
             return
         if self._unmerged_base is not None:
             self.base, self.__dict__["_unmerged_base"] = self._unmerged_base, None
-            self.merged = False
+            self.folded = False
             return
         self.base.weight.sub_(self._merged_delta)
         self._merged_delta = None
-        self.merged = False
+        self.folded = False
 
     def extra_repr(self) -> str:
         return (

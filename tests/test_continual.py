@@ -174,7 +174,7 @@ def test_save_load_round_trip(tiny_llama, tmp_path):
     cl.save(tmp_path / "ckpt")
     fresh = make_tiny_llama()  # same base weights, no LoRA yet: load injects the saved config
     cl2 = mbf.ContinualLoRA.load(fresh, tmp_path / "ckpt")
-    assert (cl2.task_index, cl2.schedule, cl2.init) == (2, "inverse", "last_merge")
+    assert (cl2.task_index, cl2.config.schedule, cl2.config.init) == (2, "inverse", "last_merge")
     a, b = _snapshot(cl), _snapshot(cl2)
     assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
     ids = torch.randint(0, 97, (1, 7))

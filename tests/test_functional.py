@@ -117,6 +117,6 @@ def test_time_aware_merge_in_place_for_many_layers():
     ms = [torch.randn(6, 2), torch.randn(3, 4), torch.randn(6, 2)]
     fs = [torch.randn_like(m) for m in ms]
     want = [reference.time_aware_merge(m.double(), f.double(), 0.3) for m, f in zip(ms, fs)]
-    functional.time_aware_merge(ms, fs, 0.3, backend="torch")
+    functional.time_aware_merge_(ms, fs, 0.3, backend="torch")
     for m, w in zip(ms, want):
         assert_close(m, w, torch.float32)

@@ -46,7 +46,7 @@ def test_eject_with_merge_folds_the_adapter(tiny_llama):
         torch.nn.init.normal_(layer.lora_B, std=0.1)
     with torch.no_grad():
         adapted = tiny_llama(ids).logits
-    mbf.eject(tiny_llama, merge=True)
+    mbf.eject(tiny_llama, fold=True)
     assert not mbf.lora_layers(tiny_llama)
     torch.testing.assert_close(tiny_llama(ids).logits, adapted, atol=1e-4, rtol=1e-4)
 
@@ -72,7 +72,8 @@ def test_rank_error_names_the_layer(tiny_llama):
     "kwargs,match",
     [
         (dict(r=0), "rank r=0 must be a positive integer"),
-        (dict(alpha=0), "alpha=0 must be > 0"),
+        (dict(alpha=0), "alpha=0 must be a finite number > 0"),
+        (dict(alpha=float("inf")), "alpha=inf must be a finite number > 0"),
         (dict(dropout=-0.1), r"dropout=-0.1 must be in \[0, 1\)"),
         (dict(target_modules=()), "target_modules is empty"),
         (dict(quantize="fp4"), "quantize='fp4' must be None or 'nf4'"),

@@ -83,7 +83,7 @@ def test_merge_unmerge_round_trip_and_delta_weight():
     before, w0 = layer(x), lin.weight.detach().clone()
     torch.testing.assert_close(layer.get_delta_weight(), layer.scaling * layer.lora_B @ layer.lora_A)
     layer.merge()
-    assert layer.merged
+    assert layer.folded
     torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lin(x), before, atol=1e-5, rtol=1e-5)
     layer.unmerge()
@@ -97,7 +97,7 @@ def test_safe_merge_refuses_non_finite():
     w0 = lin.weight.detach().clone()
     with pytest.raises(ValueError, match="LoRALinear: merging would produce non-finite weights"):
         layer.merge()
-    assert torch.equal(lin.weight, w0) and not layer.merged
+    assert torch.equal(lin.weight, w0) and not layer.folded
 
 
 def test_dropout_only_in_training():

@@ -31,7 +31,7 @@ def test_merge_formula_for_many_layers_at_once(backend, dtype, lam):
     want = [reference.time_aware_merge(m.double(), f.detach().double(), lam).cpu() for m, f in zip(ms, fs)]
     before_f = [f.detach().clone() for f in fs]
     ptrs = [m.data_ptr() for m in ms]
-    functional.time_aware_merge(ms, fs, lam, backend=backend)
+    functional.time_aware_merge_(ms, fs, lam, backend=backend)
     for m, w, f, f0, p in zip(ms, want, fs, before_f, ptrs):
         assert m.dtype == dtype and m.data_ptr() == p  # in place
         assert_close(m.cpu(), w, dtype=dtype)
@@ -42,7 +42,7 @@ def test_merge_formula_for_many_layers_at_once(backend, dtype, lam):
 def test_lambda_one_makes_merged_equal_fine_tuned_exactly(backend):
     ms = [torch.randn(s, device=_dev(backend)) for s in SHAPES]
     fs = [torch.randn(s, device=_dev(backend)) * 1e3 for s in SHAPES]  # different scales: m + (f − m) rounds
-    functional.time_aware_merge(ms, fs, 1.0, backend=backend)
+    functional.time_aware_merge_(ms, fs, 1.0, backend=backend)
     assert all(torch.equal(m, f) for m, f in zip(ms, fs))
 
 
@@ -60,17 +60,17 @@ def test_mixed_dtypes_in_one_call(backend):
         torch.randn(4, 4, device=dev),
     ]
     want = [reference.time_aware_merge(m.double(), f.double(), 0.25).cpu() for m, f in zip(ms, fs)]
-    functional.time_aware_merge(ms, fs, 0.25, backend=backend)
+    functional.time_aware_merge_(ms, fs, 0.25, backend=backend)
     for m, w in zip(ms, want):
         assert_close(m.cpu(), w, dtype=m.dtype)
 
 
 def test_merge_checks_inputs():
     with pytest.raises(ValueError, match="2 merged Bs but 1 fine-tuned Bs"):
-        functional.time_aware_merge([torch.randn(3, 2), torch.randn(3, 2)], [torch.randn(3, 2)], 0.5)
+        functional.time_aware_merge_([torch.randn(3, 2), torch.randn(3, 2)], [torch.randn(3, 2)], 0.5)
     with pytest.raises(ValueError, match=r"merged B \(3, 2\) and fine-tuned B \(2, 3\) differ"):
-        functional.time_aware_merge([torch.randn(3, 2)], [torch.randn(2, 3)], 0.5)
-    functional.time_aware_merge([], [], 0.5, backend="triton")  # nothing to do, nothing launched
+        functional.time_aware_merge_([torch.randn(3, 2)], [torch.randn(2, 3)], 0.5)
+    functional.time_aware_merge_([], [], 0.5, backend="triton")  # nothing to do, nothing launched
 
 
 def test_kernel_rejects_strided_tensors():

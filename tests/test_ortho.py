@@ -250,4 +250,4 @@ def test_orthogonal_updates_off_is_a_no_op_and_the_option_is_saved(tiny_llama, t
         cl.end_task()
     strict = mbf.ContinualLoRA(tiny_llama, backend="torch", orthogonal_updates=True)
     strict.save(tmp_path / "ckpt")
-    assert mbf.ContinualLoRA.load(tiny_llama, tmp_path / "ckpt").orthogonal_updates
+    assert mbf.ContinualLoRA.load(tiny_llama, tmp_path / "ckpt").config.orthogonal_updates

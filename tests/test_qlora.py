@@ -233,7 +233,7 @@ def test_qlora_tiny_llama_two_tasks_under_continual_lora(tmp_path):
         assert_close(fresh(probe).logits, merged_logits, torch.float32)
     for layer in layers.values():
         layer.adapter_mode = "merged"  # export what inference uses
-    mbf.eject(model, merge=True)
+    mbf.eject(model, fold=True)
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, quant.NF4Linear))]
     assert not any(isinstance(m, quant.NF4Linear) for m in linears)  # a 16-bit export, nothing 4-bit
     with torch.no_grad():
