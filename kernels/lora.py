@@ -1,4 +1,6 @@
-"""Fused LoRA linear with the time-aware merge inside the kernel: two launches forward, two backward.
+"""Fused LoRA linear kernels, the time-aware merge inside: two launches forward, two backward.
+
+The launchers and the ``torch.library`` op are in ``lora_op.py``.
 
 With x flattened to ``(M, K)``, ``W0: (N, K)``, ``A: (r, K)``, ``B`` and ``B_m: (N, r)``::
 
@@ -19,22 +21,16 @@ exists is a constexpr, so a new task or a new λ never recompiles. fp32 accumula
 store. W0, the bias and the merged B are frozen: they never get a gradient.
 """
 
-import contextlib
-import math
-import os
-
-import torch
 import triton
 import triton.language as tl
+from mbf.kernels._common import cast, dot, interpreting, tile_ids
 
-__all__ = ["lora_linear"]
+__all__ = ["down", "dy", "linear"]
 
 # ---------------------------------------------------------------------------------------------------
 # Constants and autotune configs
 # ---------------------------------------------------------------------------------------------------
 
-# tl.dot needs every dimension >= 16, so the rank is padded to a power of two >= 16 (masked loads).
-MIN_R_PAD = 16
 # One small config per kernel under TRITON_INTERPRET=1: the interpreter runs every program in
 # numpy, so autotuning there only costs time; these blocks are small enough that the tests' odd
 # shapes still span several tiles and exercise every edge mask.
@@ -52,26 +48,37 @@ def _configs(kernel: str) -> list[triton.Config]:
     ones; bench/test_bench_lora.py is where to check them on a GPU.
     """
     if kernel == "linear":  # compute-bound GEMM: the Triton matmul tutorial's best Hopper tiles
-        shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 4, 4),
-                  (64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (16, 128, 128, 4, 4)]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                              num_warps=w, num_stages=st) for bm, bn, bk, w, st in shapes]
+        shapes = [
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 4, 4),
+            (128, 128, 64, 8, 3),
+            (64, 256, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (32, 128, 64, 4, 4),
+            (16, 128, 128, 4, 4),
+        ]
+        return [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st
+            )
+            for bm, bn, bk, w, st in shapes
+        ]
     if kernel == "down":  # memory-bound over x: enough rows per program to stream K, enough programs
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4, num_stages=st)
-                for bm, bk, st in [(64, 128, 3), (64, 64, 4), (32, 128, 4), (16, 256, 3)]]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=st)  # "dy"
-            for bm, bn, st in [(128, 64, 3), (64, 128, 3), (64, 64, 4), (32, 128, 4), (16, 128, 4)]]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4, num_stages=st)
+            for bm, bk, st in [(64, 128, 3), (64, 64, 4), (32, 128, 4), (16, 256, 3)]
+        ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=st)  # "dy"
+        for bm, bn, st in [(128, 64, 3), (64, 128, 3), (64, 64, 4), (32, 128, 4), (16, 128, 4)]
+    ]
 
 
 def _pruner(kernel: str):
     """early_config_prune: the interpreter's one config, else the configs whose BLOCK_M fits M."""
 
     def prune(configs, nargs, **kwargs):
-        if _interpreting():
+        if interpreting():
             return [_INTERPRET_CONFIGS[kernel]]
         m_bucket = {**nargs, **kwargs}["m_bucket"]
         fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(m_bucket, 16)]
@@ -83,13 +90,6 @@ def _pruner(kernel: str):
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    if UPCAST:  # Triton 3.9's interpreter multiplies bf16 bit patterns as integers: go through fp32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def _lora_down_kernel(
         if HAS_DROPOUT:
             x = tl.where(_keep(seed, threshold, offs_m, k0 + offs_k, K), x, tl.zeros_like(x))
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(x.dtype)
-        acc = _dot(x, a, acc, UPCAST, PRECISION)
+        acc = dot(x, a, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     if HAS_DROPOUT:
@@ -202,11 +202,7 @@ def _lora_linear_kernel(
     UPCAST: tl.constexpr,  # interpreter: dot in fp32
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
-    pid, num_m, num_n = tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_n)) // group_m
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -221,12 +217,15 @@ def _lora_linear_kernel(
             k_ok = offs_k < K - k0
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
-            acc = _dot(a, w, acc, UPCAST, PRECISION)
+            acc = dot(a, w, acc, UPCAST, PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
     # the LoRA operands are loaded after the K loop: no registers held across it
-    l_tile = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dt)  # (BLOCK_M, R_PAD)
+    l_tile = tl.load(
+        l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+        mask=m_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    ).to(dt)  # (BLOCK_M, R_PAD)
     if HAS_DROPOUT:
         keep = _keep(seed, threshold, offs_m, offs_n, N)
     if HAS_MAIN:
@@ -235,20 +234,24 @@ def _lora_linear_kernel(
         u_off = offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un
         u = _load_b_eff(u_ptr + u_off, um_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
         if HAS_DROPOUT:  # the mask sits between the LoRA product and the sum: its own small dot
-            lora = _dot(l_tile, u.to(dt), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+            lora = dot(l_tile, u.to(dt), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
             acc += lora_scale * tl.where(keep, lora, 0.0)
         else:  # s folded into the (R_PAD, BLOCK_N) tile: the LoRA term lands in the same accumulator
-            acc = _dot(l_tile, (lora_scale * u).to(dt), acc, UPCAST, PRECISION)
+            acc = dot(l_tile, (lora_scale * u).to(dt), acc, UPCAST, PRECISION)
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(c_ptrs, cast(acc, c_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
     if ACC_DA:  # the x tile at this (m, n) is exactly the one dA needs: no second pass over x
         x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_n[None, :] * stride_xn
         x = tl.load(x_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
         if HAS_DROPOUT:
             x = tl.where(keep, x, tl.zeros_like(x))
-        da = _dot(tl.trans(l_tile), x, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-        tl.atomic_add(da_ptr + offs_r[:, None] * N + offs_n[None, :], da * da_scale,
-                      mask=r_ok[:, None] & n_ok[None, :], sem="relaxed")  # order-free sum: no fence
+        da = dot(tl.trans(l_tile), x, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+        tl.atomic_add(
+            da_ptr + offs_r[:, None] * N + offs_n[None, :],
+            da * da_scale,
+            mask=r_ok[:, None] & n_ok[None, :],
+            sem="relaxed",
+        )  # order-free sum: no fence
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -294,11 +297,15 @@ def _lora_dy_kernel(
         n_ok = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         b_eff = _load_b_eff(b_ptr + b_off, bm_ptr + b_off, n_ok[:, None] & r_ok[None, :], lam, HAS_MERGED)
-        ds = _dot(dy, b_eff.to(dt), ds, UPCAST, PRECISION)
+        ds = dot(dy, b_eff.to(dt), ds, UPCAST, PRECISION)
         if ACC_DB:  # the same dY tile, while it is in registers
-            db = _dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
-            tl.atomic_add(db_ptr + (n0 + offs_n)[:, None] * R + offs_r[None, :], db * db_scale,
-                          mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+            db = dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
+            tl.atomic_add(
+                db_ptr + (n0 + offs_n)[:, None] * R + offs_r[None, :],
+                db * db_scale,
+                mask=n_ok[:, None] & r_ok[None, :],
+                sem="relaxed",
+            )
         dy_ptrs += BLOCK_N * stride_dn
         b_off += BLOCK_N * stride_bn
     tl.store(ds_ptr + s_off, ds, mask=m_ok[:, None] & r_ok[None, :])
@@ -312,199 +319,19 @@ def _tune_bench(fn, quantiles):
 
 
 def _autotune(kernel: str, key: list[str], reset: list[str] | None = None):
-    return triton.autotune(_configs(kernel), key=key, reset_to_zero=reset, do_bench=_tune_bench,
-                           prune_configs_by={"early_config_prune": _pruner(kernel)})
+    return triton.autotune(
+        _configs(kernel),
+        key=key,
+        reset_to_zero=reset,
+        do_bench=_tune_bench,
+        prune_configs_by={"early_config_prune": _pruner(kernel)},
+    )
 
 
 # keyed on (M bucket, N, K, r) plus the flags that change the work; atomically accumulated outputs
 # are zeroed between candidates
-_down = _autotune("down", ["m_bucket", "K", "R_PAD", "HAS_DROPOUT"])(_lora_down_kernel)
-_linear = _autotune("linear", ["m_bucket", "N", "K", "R_PAD", "HAS_MAIN", "ACC_DA", "HAS_DROPOUT"],
-                    ["da_ptr"])(_lora_linear_kernel)
-_dy = _autotune("dy", ["m_bucket", "N", "R_PAD", "ACC_DB"], ["db_ptr"])(_lora_dy_kernel)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------------------
-
-
-def _threshold(p: float) -> int:
-    # the same integer as mbf.reference.dropout_threshold (tests hold the masks bit-identical)
-    return min(math.floor(p * 2**32), 2**32 - 1)
-
-
-def _launch_flags(x: torch.Tensor, r: int) -> dict:
-    """Constexprs decided per call: rank padding, interpreter upcast, fp32 dot precision."""
-    tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return {"R_PAD": max(MIN_R_PAD, triton.next_power_of_2(r)), "UPCAST": _interpreting(),
-            "PRECISION": "tf32" if tf32 else "ieee"}
-
-
-def _device(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
-    """Launches 1 and 2: returns y (M, N) in x's dtype and S (M, r) fp32."""
-    (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
-    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    S = torch.empty((M, r), device=x2.device, dtype=torch.float32)
-    if M == 0:
-        return y, S
-    A, B = A.contiguous(), B.contiguous()
-    Bm = merged_B.contiguous() if merged_B is not None else B
-    flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
-    with _device(x2):
-        _down[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            x2, A, S, M, K, r, *x2.stride(), *A.stride(), *S.stride(),
-            1.0 / (1.0 - dropout), seed, _threshold(dropout), m_bucket=m_bucket,
-            HAS_DROPOUT=dropout > 0.0, **flags)
-        _linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-            # unused pointers get y, and da a fresh empty buffer: the autotuner zeroes da between candidates
-            x2, weight, bias if bias is not None else y, S, B, Bm, x2, S.new_empty(0), y,
-            M, N, K, r, x2.stride(0), x2.stride(1), weight.stride(1), weight.stride(0), *S.stride(),
-            B.stride(1), B.stride(0), x2.stride(0), x2.stride(1), *y.stride(),
-            float(scaling), float(lam), 0.0, 0, 0, m_bucket=m_bucket,
-            HAS_MAIN=True, HAS_BIAS=bias is not None, HAS_MERGED=merged_B is not None,
-            HAS_DROPOUT=False, ACC_DA=False, **flags)
-    return y, S
-
-
-def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
-    """Launches 3 and 4: dX (M, K) in x's dtype, dA and dB in A's and B's dtypes (empty if not needed)."""
-    (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
-    dx = torch.empty((M, K) if need_dx else (0,), device=x2.device, dtype=x2.dtype)
-    dA = torch.zeros((r, K) if need_da else (0,), device=x2.device, dtype=torch.float32)
-    dB = torch.zeros((N, r) if need_db else (0,), device=x2.device, dtype=torch.float32)
-    if M == 0 or not (need_dx or need_da or need_db):
-        return dx.zero_(), dA.to(A.dtype), dB.to(B.dtype)
-    A, B = A.contiguous(), B.contiguous()
-    Bm = merged_B.contiguous() if merged_B is not None else B
-    dS = torch.empty_like(S)
-    flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
-    keep_scale, has_drop = 1.0 / (1.0 - dropout), dropout > 0.0
-    with _device(x2):
-        _dy[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            dY, B, Bm, S, dS, dB, M, N, r, *dY.stride(), *B.stride(), *S.stride(),
-            float(lam), float(scaling) * (float(lam) if merged_B is not None else 1.0), m_bucket=m_bucket,
-            HAS_MERGED=merged_B is not None, ACC_DB=need_db, **flags)
-        if need_dx or need_da:
-            _linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
-                dY, weight, dY, dS, A, A, x2, dA, dx if need_dx else dY,
-                M, K, N, r, *dY.stride(), *weight.stride(), *dS.stride(), *A.stride(), *x2.stride(),
-                *(dx.stride() if need_dx else dY.stride()),
-                float(scaling) * keep_scale, 1.0, float(scaling) * keep_scale, seed, _threshold(dropout),
-                m_bucket=m_bucket, HAS_MAIN=need_dx, HAS_BIAS=False, HAS_MERGED=False,
-                HAS_DROPOUT=has_drop, ACC_DA=need_da, **flags)
-    return dx, dA.to(A.dtype), dB.to(B.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
-# torch.library ops and autograd
-# ---------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mbf::lora_linear_fwd", mutates_args=())
-def _lora_fwd_op(
-    x2: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    merged_B: torch.Tensor | None,
-    scaling: float,
-    lam: float,
-    dropout: float,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed)
-
-
-@_lora_fwd_op.register_fake
-def _(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
-    M = x2.shape[0]
-    return x2.new_empty((M, weight.shape[0])), x2.new_empty((M, A.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("mbf::lora_linear_bwd", mutates_args=())
-def _lora_bwd_op(
-    dY: torch.Tensor,
-    x2: torch.Tensor,
-    S: torch.Tensor,
-    weight: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    merged_B: torch.Tensor | None,
-    scaling: float,
-    lam: float,
-    dropout: float,
-    seed: int,
-    need_dx: bool,
-    need_da: bool,
-    need_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (scaling, lam, dropout, seed, need_dx, need_da, need_db)
-    return _backward(dY, x2, S, weight, A, B, merged_B, *args)
-
-
-@_lora_bwd_op.register_fake
-def _(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
-    return (x2.new_empty(x2.shape if need_dx else (0,)), A.new_empty(A.shape if need_da else (0,)),
-            B.new_empty(B.shape if need_db else (0,)))
-
-
-def _setup_context(ctx, inputs, output):
-    x2, weight, _bias, A, B, merged_B, scaling, lam, dropout, seed = inputs
-    ctx.save_for_backward(x2, output[1], weight, A, B, merged_B)  # x and S: the only activations
-    ctx.args = (scaling, lam, dropout, seed)
-
-
-def _autograd_backward(ctx, dY, _dS):
-    x2, S, weight, A, B, merged_B = ctx.saved_tensors
-    need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
-    dx, dA, dB = _lora_bwd_op(dY, x2, S, weight, A, B, merged_B, *ctx.args, need_dx, need_da, need_db)
-    return (dx if need_dx else None, None, None, dA if need_da else None, dB if need_db else None,
-            None, None, None, None, None)
-
-
-_lora_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-
-
-def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scaling: float,
-    merged_B: torch.Tensor | None = None,
-    lam: float = 1.0,
-    dropout: float = 0.0,
-    seed: int | None = None,
-) -> torch.Tensor:
-    """Fused ``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ``: the Triton twin of ``mbf.reference.lora_linear``.
-
-    Args:
-        x: ``(..., K)`` in fp32, fp16 or bf16. weight: ``(N, K)``, frozen. bias: ``(N,)`` or None.
-        A: ``(r, K)``. B: ``(N, r)``. merged_B: ``(N, r)`` or None (then ``B_eff = B``).
-        scaling: ``s = alpha / r``. lam: λ of ``B_eff = merged_B + λ (B − merged_B)``.
-        dropout: p in [0, 1) on the adapter's input. seed: the mask's seed (required when p > 0).
-
-    Returns:
-        ``(..., N)`` in x's dtype; differentiable in x, A and B.
-
-    Raises:
-        ValueError: when p > 0 and no seed is given, p is outside [0, 1), or a frozen tensor
-            (weight, bias, merged_B) requires grad.
-    """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout {dropout} must be in [0, 1)")
-    if dropout > 0.0 and seed is None:
-        raise ValueError(f"dropout {dropout} needs a seed: the backward regenerates the mask from it")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, merged_B)):
-        raise ValueError("the fused LoRA kernel keeps weight, bias and merged_B frozen; one requires grad")
-    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    y, _ = _lora_fwd_op(x2, weight, bias, A, B, merged_B, float(scaling), float(lam), float(dropout),
-                        int(seed) if seed is not None else 0)
-    return y.view(*x.shape[:-1], weight.shape[0])
+down = _autotune("down", ["m_bucket", "K", "R_PAD", "HAS_DROPOUT"])(_lora_down_kernel)
+linear = _autotune(
+    "linear", ["m_bucket", "N", "K", "R_PAD", "HAS_MAIN", "ACC_DA", "HAS_DROPOUT"], ["da_ptr"]
+)(_lora_linear_kernel)
+dy = _autotune("dy", ["m_bucket", "N", "R_PAD", "ACC_DB"], ["db_ptr"])(_lora_dy_kernel)

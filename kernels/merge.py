@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from mbf.kernels._common import TL_DTYPES, device_of
 
 __all__ = ["time_aware_merge_"]
 
@@ -51,9 +52,6 @@ def _merge_kernel(
     tl.store(pm + offs, out.to(M_DTYPE), mask=mask)
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
 def time_aware_merge_(merged: Sequence[torch.Tensor], ft: Sequence[torch.Tensor], lam: float) -> None:
     """In place ``merged[i] ← merged[i] + lam (ft[i] − merged[i])`` for all i, one launch per dtype pair.
 
@@ -75,8 +73,8 @@ def time_aware_merge_(merged: Sequence[torch.Tensor], ft: Sequence[torch.Tensor]
             )
         if not (m.is_contiguous() and f.is_contiguous()):
             raise ValueError(f"tensor {i}: the batched merge needs contiguous tensors")
-        if m.dtype not in _TL_DTYPES or f.dtype not in _TL_DTYPES:
-            raise ValueError(f"tensor {i}: dtypes {m.dtype}, {f.dtype} must be one of {list(_TL_DTYPES)}")
+        if m.dtype not in TL_DTYPES or f.dtype not in TL_DTYPES:
+            raise ValueError(f"tensor {i}: dtypes {m.dtype}, {f.dtype} must be one of {list(TL_DTYPES)}")
         if m.numel():
             groups.setdefault((m.dtype, f.dtype), []).append(i)
     for (m_dtype, f_dtype), idx in groups.items():
@@ -86,10 +84,11 @@ def time_aware_merge_(merged: Sequence[torch.Tensor], ft: Sequence[torch.Tensor]
             tuple(merged[i].numel() for i in idx),
             merged[idx[0]].device,
         )
-        _merge_kernel[(maps.shape[1],)](
-            table[0], table[1], table[2], maps[0], maps[1], float(lam),
-            M_DTYPE=_TL_DTYPES[m_dtype], F_DTYPE=_TL_DTYPES[f_dtype], BLOCK=BLOCK, num_warps=4,
-        )  # fmt: skip
+        with device_of(table):
+            _merge_kernel[(maps.shape[1],)](
+                table[0], table[1], table[2], maps[0], maps[1], float(lam),
+                M_DTYPE=TL_DTYPES[m_dtype], F_DTYPE=TL_DTYPES[f_dtype], BLOCK=BLOCK, num_warps=4,
+            )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=16)

@@ -3,7 +3,7 @@
 W ``(N, K)`` = ``(out, in)`` is stored as bitsandbytes stores it: byte ``j`` of ``packed`` holds the
 codes of flat elements ``2j`` (high nibble) and ``2j + 1`` (low nibble), flat index ``n·K + k``;
 ``scales[b]`` is the fp32 absmax of flat block ``b`` of 64 elements (the caller expands the double
-quantised absmax: ``mbf.quant.NF4Weight.block_scales``). Element-wise
+quantised absmax: ``mbf.nf4.NF4Weight.block_scales``). Element-wise
 
     W[n, k] = code[nibble(n·K + k)] · scales[(n·K + k) // 64]     (fp32 multiply, then the cast)
 
@@ -11,64 +11,49 @@ and K is a multiple of 64, so a row starts on a byte and a block, and byte ``(n�
 ``n·K/2 + k//2``. Kernels:
 
 - ``_nf4_dequant_kernel``: one pass, packed → dense ``(N, K)`` in the compute dtype (feeds cuBLAS).
-- ``_nf4_lora_fwd_kernel``: ``Y = X Wᵀ + b + s · S B_effᵀ`` with ``B_eff = B_m + λ (B − B_m)``; W tiles
-  are dequantised in registers, the LoRA term joins the same fp32 accumulator.
-- ``_nf4_lora_dx_kernel``: ``dX = dY W + s · dS A``, same tile loader, reduction over N.
+- ``_nf4_lora_fwd_kernel``: ``Y = X Wᵀ + b + s · S B_effᵀ``; W tiles are dequantised in registers
+  and the LoRA term joins the same fp32 accumulator.
+- ``_nf4_lora_dx_kernel``: ``dX = dY W + s · dS A``, the same main loop reducing over N.
 
-Which one runs (``choose_path``): fused when the token count M is small (the GEMM is bound by
-reading W, and reading 0.52 instead of 2 bytes per weight is the win); dequant + cuBLAS when M is
-large (the fused kernel re-dequantises each W tile once per M-tile, i.e. M/BLOCK_M times, while the
-dequant pass costs one read of W whatever M is, and cuBLAS beats a Triton GEMM at large M).
-The threshold ``FUSED_MAX_M`` is PROVISIONAL AND UNMEASURED: it was set without a GPU, from the
-argument above; ``bench/test_bench_nf4.py`` measures both paths and is where it must come from.
+Which one runs (``choose_path``): fused while the token count M is small, where the GEMM is bound
+by reading W and reading 0.52 instead of 2 bytes per weight is the win; dequant + cuBLAS beyond,
+since the fused kernel dequantises each W tile once per M-tile (M / BLOCK_M times) while the
+dequant pass reads W once whatever M is, and from a few hundred tokens on the GEMM is compute-bound.
+``FUSED_MAX_M`` is that switch: one documented setting, conservative until a GPU measures the
+crossover (``bench/test_bench_nf4.py`` times both paths).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from mbf.kernels._common import cast, device_of, dot, dot_flags, interpreting, pad_rank, tile_ids
 
 __all__ = ["FUSED_MAX_M", "choose_path", "nf4_dequantize", "nf4_lora_dx", "nf4_lora_forward"]
 
-# Tokens per call up to which the fused kernel is used; above it, one dequant pass + cuBLAS.
-# PROVISIONAL, UNMEASURED (no GPU when written): replace with the crossover from the benchmark.
-FUSED_MAX_M = 1024
+# Tokens per call up to which the fused kernel is used; above it, one dequant pass + cuBLAS. Kept
+# at the decode-sized batches where bitsandbytes and Unsloth also fuse, until a GPU measures better.
+FUSED_MAX_M = 16
 QBLOCK = 64  # elements per absmax block (bitsandbytes blocksize)
 _QBYTES: tl.constexpr = tl.constexpr(QBLOCK // 2)  # bytes per absmax block, for the kernels
 
 
-def _interpreting() -> bool:
-    # Decided at launch, not import: the interpreter's tl.dot multiplies bf16 bit patterns as
-    # integers (Triton 3.9), so under TRITON_INTERPRET=1 the tiles are upcast to fp32 first.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _gemm_config(M: int, N: int, K: int) -> dict:
-    """Tile sizes (one place; keyed on shape). Fixed, not autotuned: nothing was measured yet."""
-    if _interpreting():  # small tiles: the interpreter's cost grows with the tile volume
+def _gemm_config(M: int) -> dict:
+    """Tile sizes (one place; keyed on M). Fixed, not autotuned: nothing was measured on a GPU yet."""
+    if interpreting():  # small tiles: the interpreter's cost grows with the tile volume
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
     block_m = 64 if M <= 64 else 128
     warps = 8 if block_m == 128 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=3)
 
 
-def choose_path(M: int, N: int, K: int) -> str:
-    """``"fused"`` or ``"dequant"`` for a GEMM of M tokens over an ``(N, K)`` NF4 weight."""
+def choose_path(M: int) -> str:
+    """``"fused"`` or ``"dequant"`` for a GEMM of M tokens over an NF4 weight."""
     return "fused" if M <= FUSED_MAX_M else "dequant"
 
 
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program from a 1-D grid, GROUP_M row tiles at a time (L2 reuse of W)."""
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    return first_m + (pid % (GROUP_M * num_n)) % size_m, (pid % (GROUP_M * num_n)) // size_m
+# -- kernels ----------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -77,14 +62,14 @@ def _load_w_tile(
     scales_ptr,  # fp32 absmax per 64-element block
     code_ptr,  # fp32 (16,) NF4 table
     offs_n,  # (BLOCK_N,) rows of W
-    k0,  # first column of the tile (a multiple of BLOCK_K, itself a multiple of 64)
-    N,
-    K,
-    BLOCK_K: tl.constexpr,
+    k0,  # first column of the tile (a multiple of 64)
+    N,  # rows of W
+    K,  # columns of W
+    BLOCK_K: tl.constexpr,  # columns of the tile
 ):
     """``W[offs_n, k0 : k0 + BLOCK_K]`` as an fp32 ``(BLOCK_N, BLOCK_K)`` tile (zeros out of range)."""
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns of the tile
-    byte_idx = offs_n[:, None] * (K // 2) + offs_b[None, :]  # (BLOCK_N, BLOCK_K // 2)
+    byte_idx = offs_n[:, None] * (K // 2) + offs_b[None, :]  # (BLOCK_N, BLOCK_K // 2); N·K < 2³¹
     mask = (offs_n[:, None] < N) & (offs_b[None, :] < K // 2)
     byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0).to(tl.int32)
     scale = tl.load(scales_ptr + byte_idx // _QBYTES, mask=mask, other=0.0)  # 32 bytes per block
@@ -94,23 +79,69 @@ def _load_w_tile(
 
 
 @triton.jit
-def _dot(a, b, acc, INTERPRET: tl.constexpr):
-    if INTERPRET:  # fp32 tiles: the interpreter's bf16 tl.dot is wrong (see _interpreting)
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    if a.dtype == tl.float32:  # true fp32, as torch's matmul (TF32 off by default), not tl.dot's TF32
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+def _nf4_mainloop(
+    a_ptr,  # (M, L) left operand, unit column stride: x (forward) or dY (dX)
+    stride_am,  # elements to step one row of it
+    offs_m,  # (BLOCK_M,) its rows
+    M,  # rows
+    L,  # reduction length: K (forward) or N (dX)
+    packed_ptr,  # NF4 codes of W (N, K)
+    scales_ptr,  # fp32 absmax per 64-block of W
+    code_ptr,  # fp32 NF4 table
+    N,  # rows of W
+    K,  # columns of W
+    out0,  # first output column of this tile
+    TRANS_W: tl.constexpr,  # forward: a @ Wᵀ (reduce over K); dX: a @ W (reduce over N)
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_L: tl.constexpr,  # reduction step
+    BLOCK_OUT: tl.constexpr,  # output columns per tile
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32 (and rounding casts)
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
+):
+    """``a @ Wᵀ`` or ``a @ W`` over one ``(BLOCK_M, BLOCK_OUT)`` output tile, W read from its 4 bits."""
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_out = out0 + tl.arange(0, BLOCK_OUT)
+    dt = a_ptr.dtype.element_ty
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am  # int64: M·L may pass 2³¹
+    acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        a_mask = (offs_m[:, None] < M) & ((l0 + offs_l)[None, :] < L)
+        a = tl.load(a_rows + (l0 + offs_l)[None, :], mask=a_mask, other=0.0)
+        if TRANS_W:  # W[offs_out, l0 : l0 + BLOCK_L]ᵀ: (BLOCK_L, BLOCK_OUT)
+            w = tl.trans(_load_w_tile(packed_ptr, scales_ptr, code_ptr, offs_out, l0, N, K, BLOCK_L))
+        else:  # W[l0 : l0 + BLOCK_L, out0 : out0 + BLOCK_OUT]
+            w = _load_w_tile(packed_ptr, scales_ptr, code_ptr, l0 + offs_l, out0, N, K, BLOCK_OUT)
+        acc = dot(a, cast(w, dt, UPCAST), acc, UPCAST, PRECISION)  # W rounded to x's dtype, as dequant does
+    return acc
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 → ``dtype`` rounding to nearest even, as CUDA's cvt.rn and torch's ``.to`` do."""
-    if INTERPRET and dtype == tl.bfloat16:
-        # the interpreter truncates fp32 → bf16: round the fp32 bits ourselves (then the cast is exact)
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+def _lora_term(
+    acc,  # (BLOCK_M, BLOCK_OUT) fp32 accumulator the term joins
+    l_ptr,  # (M, R) left LoRA operand, unit column stride: S (forward) or dS (dX)
+    stride_lm,  # elements to step one row of it
+    u_ptr,  # right LoRA operand read as (R, OUT) through its strides: B_effᵀ or A
+    stride_ur,  # elements to step one r
+    stride_uo,  # elements to step one output column
+    offs_m,  # (BLOCK_M,) rows
+    offs_o,  # (BLOCK_OUT,) output columns
+    M,
+    OUT,
+    R,
+    scaling,  # s
+    BLOCK_R: tl.constexpr,  # rank padded
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``acc + s · l @ u``: the LoRA term in the same fp32 accumulator as the base GEMM."""
+    offs_r = tl.arange(0, BLOCK_R)
+    lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r[None, :],
+                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)  # fmt: skip
+    ut = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_o[None, :] * stride_uo,
+                 mask=(offs_r[:, None] < R) & (offs_o[None, :] < OUT), other=0.0)  # fmt: skip
+    lora = dot(lt, cast(ut.to(tl.float32), lt.dtype, UPCAST), tl.zeros(acc.shape, dtype=tl.float32), UPCAST,
+               PRECISION)  # fmt: skip
+    return acc + scaling * lora
 
 
 @triton.jit
@@ -120,152 +151,107 @@ def _nf4_dequant_kernel(
     code_ptr,  # fp32 (16,)
     out_ptr,  # (n,) in the compute dtype
     n_bytes,  # n / 2
-    INTERPRET: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter: round the bf16 cast as the GPU does
     BLOCK: tl.constexpr,  # bytes per program
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_bytes
     byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
     scale = tl.load(scales_ptr + offs // _QBYTES, mask=mask, other=0.0)
     hi = tl.load(code_ptr + (byte >> 4)) * scale
     lo = tl.load(code_ptr + (byte & 0xF)) * scale
     w = tl.interleave(hi, lo)  # (2·BLOCK,) in flat order
-    offs_out = tl.program_id(0) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + offs_out, _cast(w, out_ptr.dtype.element_ty, INTERPRET), mask=offs_out < 2 * n_bytes)
+    offs_out = tl.program_id(0).to(tl.int64) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + offs_out, cast(w, out_ptr.dtype.element_ty, UPCAST), mask=offs_out < 2 * n_bytes)
 
 
 @triton.jit
 def _nf4_lora_fwd_kernel(
-    x_ptr,  # (M, K) activations
+    x_ptr,  # (M, K) activations, unit column stride
     packed_ptr,  # NF4 codes of W (N, K)
     scales_ptr,  # fp32 absmax per 64-block of W
     code_ptr,  # fp32 NF4 table
-    bias_ptr,  # (N,) or a dummy when not HAS_BIAS
-    s_ptr,  # (M, R) S = drop(x) Aᵀ, x's dtype
-    b_ptr,  # (N, R) fine-tuned B
-    bm_ptr,  # (N, R) merged B, or a dummy when not HAS_MERGED
+    bias_ptr,  # (N,), if HAS_BIAS
+    s_ptr,  # (M, R) S = drop(x) Aᵀ in x's dtype
+    b_ptr,  # (N, R) contiguous B_eff = B_m + λ (B − B_m), formed by the caller (N·r: negligible)
     y_ptr,  # (M, N) output
-    M,
-    N,
-    K,
-    R,
-    stride_xm,  # elements to step one row of x (its column stride is 1)
-    stride_sm,  # one row of S
-    stride_bn,  # one row of B and of B_m (both contiguous (N, R))
-    stride_ym,  # one row of y
+    M,  # tokens
+    N,  # out features
+    K,  # in features
+    R,  # rank
+    stride_xm,  # elements to step one row of x
+    stride_sm,  # ... one row of S
+    stride_ym,  # ... one row of y
     scaling,  # s = alpha / r: runtime, no recompile
-    lam,  # λ of B_eff: runtime
     HAS_BIAS: tl.constexpr,
-    HAS_MERGED: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    dt = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-            mask=(offs_m[:, None] < M) & ((k0 + offs_k)[None, :] < K),
-            other=0.0,
-        )
-        w = _load_w_tile(packed_ptr, scales_ptr, code_ptr, offs_n, k0, N, K, BLOCK_K)  # fp32 (BN, BK)
-        acc = _dot(
-            x, tl.trans(_cast(w, dt, INTERPRET)), acc, INTERPRET
-        )  # w cast to x's dtype as the dequant path does
-    # the LoRA term joins the same accumulator: s · S B_effᵀ
-    offs_r = tl.arange(0, BLOCK_R)
-    S = tl.load(
-        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :],
-        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
-        other=0.0,
-    )
-    b_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
-    b_off = offs_n[:, None] * stride_bn + offs_r[None, :]
-    B = tl.load(b_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
-    if HAS_MERGED:
-        Bm = tl.load(bm_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
-        B = Bm + lam * (B - Bm)
-    lora = _dot(
-        S, tl.trans(_cast(B, dt, INTERPRET)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET
-    )
-    acc += scaling * lora
+    acc = _nf4_mainloop(x_ptr, stride_xm, offs_m, M, K, packed_ptr, scales_ptr, code_ptr, N, K,
+                        pid_n * BLOCK_N,
+                        True, BLOCK_M, BLOCK_K, BLOCK_N, UPCAST, PRECISION)  # fmt: skip
+    acc = _lora_term(acc, s_ptr, stride_sm, b_ptr, 1, R, offs_m, offs_n, M, N, R, scaling,
+                     BLOCK_R, UPCAST, PRECISION)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-        _cast(acc, y_ptr.dtype.element_ty, INTERPRET),
-        mask=y_mask,
+        y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N)
     )
 
 
 @triton.jit
 def _nf4_lora_dx_kernel(
-    dy_ptr,  # (M, N) upstream gradient
+    dy_ptr,  # (M, N) upstream gradient, unit column stride
     packed_ptr,  # NF4 codes of W (N, K)
     scales_ptr,  # fp32 absmax per 64-block of W
     code_ptr,  # fp32 NF4 table
-    ds_ptr,  # (M, R) dS = dY B_eff, or a dummy when not HAS_LORA
+    ds_ptr,  # (M, R) dS = dY B_eff in dY's dtype, if HAS_LORA
     a_ptr,  # (R, K) A, contiguous
     dx_ptr,  # (M, K) output
-    M,
-    N,
-    K,
-    R,
-    stride_dym,  # one row of dY
-    stride_dsm,  # one row of dS
-    stride_dxm,  # one row of dX
+    M,  # tokens
+    N,  # out features
+    K,  # in features
+    R,  # rank
+    stride_dym,  # elements to step one row of dY
+    stride_dsm,  # ... one row of dS
+    stride_dxm,  # ... one row of dX
     scaling,  # s: runtime
     HAS_LORA: tl.constexpr,  # False with dropout: the masked LoRA term is added by the caller
-    INTERPRET: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k = tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, BLOCK_N)
-    dt = dy_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dym + (n0 + offs_n)[None, :],
-            mask=(offs_m[:, None] < M) & ((n0 + offs_n)[None, :] < N),
-            other=0.0,
-        )
-        w = _load_w_tile(packed_ptr, scales_ptr, code_ptr, n0 + offs_n, pid_k * BLOCK_K, N, K, BLOCK_K)
-        acc = _dot(dy, _cast(w, dt, INTERPRET), acc, INTERPRET)  # (BM, BN) @ (BN, BK)
+    acc = _nf4_mainloop(dy_ptr, stride_dym, offs_m, M, N, packed_ptr, scales_ptr, code_ptr, N, K,
+                        pid_k * BLOCK_K,
+                        False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)  # fmt: skip
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        dS = tl.load(
-            ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :],
-            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        A = tl.load(
-            a_ptr + offs_r[:, None] * K + offs_k[None, :],
-            mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
-            other=0.0,
-        )
-        lora = _dot(dS, A, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERPRET)
-        acc += scaling * lora
-    dx_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        acc = _lora_term(acc, ds_ptr, stride_dsm, a_ptr, K, 1, offs_m, offs_k, M, K, R, scaling,
+                         BLOCK_R, UPCAST, PRECISION)  # fmt: skip
+    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
     tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :],
-        _cast(acc, dx_ptr.dtype.element_ty, INTERPRET),
-        mask=dx_mask,
+        dx_ptrs,
+        cast(acc, dx_ptr.dtype.element_ty, UPCAST),
+        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
     )
+
+
+# -- launchers --------------------------------------------------------------------------------------
 
 
 def _check_nf4(
@@ -284,12 +270,12 @@ def _check_nf4(
         )
     if code.numel() != 16 or code.dtype != torch.float32:
         raise ValueError("the NF4 code table must be 16 fp32 values")
-    if N * K >= 2**31:  # the kernels index with int32
-        raise ValueError(f"NF4 weight of {N}x{K} elements exceeds the kernels' int32 indexing")
+    if N * K >= 2**31:  # W's byte and block indices are int32 inside the tile loader
+        raise ValueError(f"NF4 weight of {N}x{K} elements exceeds the kernels' int32 indexing of W")
 
 
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension ≥ 16
+def _unit_cols(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def nf4_dequantize(
@@ -298,11 +284,11 @@ def nf4_dequantize(
     """Dense ``(N, K)`` W in ``dtype`` from its NF4 storage: one pass, bit-exact to bitsandbytes."""
     _check_nf4(packed, scales, code, shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
-    n_bytes = packed.numel()
-    BLOCK = 1024
-    _nf4_dequant_kernel[(triton.cdiv(n_bytes, BLOCK),)](
-        packed, scales, code, out, n_bytes, INTERPRET=_interpreting(), BLOCK=BLOCK
-    )
+    n_bytes, block = packed.numel(), 1024
+    with device_of(packed):
+        _nf4_dequant_kernel[(triton.cdiv(n_bytes, block),)](
+            packed, scales, code, out, n_bytes, UPCAST=interpreting(), BLOCK=block
+        )
     return out
 
 
@@ -312,53 +298,31 @@ def nf4_lora_forward(
     scales: torch.Tensor,
     code: torch.Tensor,
     shape: tuple[int, int],
+    *,
     bias: torch.Tensor | None,
     S: torch.Tensor,
-    B: torch.Tensor,
-    merged_B: torch.Tensor | None,
+    B_eff: torch.Tensor,
     scaling: float,
-    lam: float,
 ) -> torch.Tensor:
-    """``x Wᵀ + b + s · S B_effᵀ``: x ``(M, K)``, S ``(M, r)``, B and B_m ``(N, r)`` → ``(M, N)``."""
+    """``x Wᵀ + b + s · S B_effᵀ``: x ``(M, K)``, S ``(M, r)``, B_eff ``(N, r)`` → ``(M, N)`` in x's dtype."""
     _check_nf4(packed, scales, code, shape)
     N, K = shape
     M, r = x.shape[0], S.shape[1]
-    if x.shape[1] != K or S.shape[0] != M or B.shape != (N, r):
+    if x.shape[1] != K or S.shape[0] != M or B_eff.shape != (N, r):
         raise ValueError(
-            f"x {tuple(x.shape)}, S {tuple(S.shape)}, B {tuple(B.shape)} do not fit W ({N}, {K})"
+            f"x {tuple(x.shape)}, S {tuple(S.shape)}, B {tuple(B_eff.shape)} do not fit W ({N}, {K})"
         )
-    x = x if x.stride(1) == 1 else x.contiguous()
-    S, B = S.to(x.dtype).contiguous(), B.contiguous()
-    Bm = B if merged_B is None else merged_B.to(B.dtype).contiguous()
+    x, S, B_eff = _unit_cols(x), S.to(x.dtype).contiguous(), B_eff.contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    cfg = _gemm_config(M, N, K)
+    cfg = _gemm_config(M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _nf4_lora_fwd_kernel[grid](
-        x,
-        packed,
-        scales,
-        code,
-        bias if bias is not None else y,
-        S,
-        B,
-        Bm,
-        y,
-        M,
-        N,
-        K,
-        r,
-        x.stride(0),
-        S.stride(0),
-        B.stride(0),
-        y.stride(0),
-        float(scaling),
-        float(lam),
-        HAS_BIAS=bias is not None,
-        HAS_MERGED=merged_B is not None,
-        INTERPRET=_interpreting(),
-        BLOCK_R=_block_r(r),
-        **cfg,
-    )
+    with device_of(x):
+        _nf4_lora_fwd_kernel[grid](
+            x_ptr=x, packed_ptr=packed, scales_ptr=scales, code_ptr=code,
+            bias_ptr=bias if bias is not None else y, s_ptr=S, b_ptr=B_eff, y_ptr=y,
+            M=M, N=N, K=K, R=r, stride_xm=x.stride(0), stride_sm=S.stride(0), stride_ym=y.stride(0),
+            scaling=float(scaling), HAS_BIAS=bias is not None, BLOCK_R=pad_rank(r), **dot_flags(x), **cfg,
+        )  # fmt: skip
     return y
 
 
@@ -368,41 +332,28 @@ def nf4_lora_dx(
     scales: torch.Tensor,
     code: torch.Tensor,
     shape: tuple[int, int],
+    *,
     dS: torch.Tensor | None,
     A: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """``dY W + s · dS A`` (``dS None``: ``dY W`` only) for ``dY (M, N)``, ``A (r, K)``: ``(M, K)``."""
+    """``dY W + s · dS A`` (``dS`` None: ``dY W`` only) for ``dY (M, N)``, ``A (r, K)`` → ``(M, K)``."""
     _check_nf4(packed, scales, code, shape)
     N, K = shape
     M, r = dy.shape[0], A.shape[0]
     if dy.shape[1] != N or A.shape[1] != K or (dS is not None and dS.shape != (M, r)):
         raise ValueError(f"dY {tuple(dy.shape)}, A {tuple(A.shape)} do not fit W ({N}, {K})")
-    dy = dy if dy.stride(1) == 1 else dy.contiguous()
-    A = A.to(dy.dtype).contiguous()
+    dy, A = _unit_cols(dy), A.to(dy.dtype).contiguous()
     dS = None if dS is None else dS.to(dy.dtype).contiguous()
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
-    cfg = _gemm_config(M, K, N)
+    cfg = _gemm_config(M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
-    _nf4_lora_dx_kernel[grid](
-        dy,
-        packed,
-        scales,
-        code,
-        dS if dS is not None else dy,
-        A,
-        dx,
-        M,
-        N,
-        K,
-        r,
-        dy.stride(0),
-        dS.stride(0) if dS is not None else 0,
-        dx.stride(0),
-        float(scaling),
-        HAS_LORA=dS is not None,
-        INTERPRET=_interpreting(),
-        BLOCK_R=_block_r(r),
-        **cfg,
-    )
+    with device_of(dy):
+        _nf4_lora_dx_kernel[grid](
+            dy_ptr=dy, packed_ptr=packed, scales_ptr=scales, code_ptr=code,
+            ds_ptr=dS if dS is not None else dy, a_ptr=A, dx_ptr=dx,
+            M=M, N=N, K=K, R=r, stride_dym=dy.stride(0), stride_dsm=dS.stride(0) if dS is not None else 0,
+            stride_dxm=dx.stride(0), scaling=float(scaling), HAS_LORA=dS is not None, BLOCK_R=pad_rank(r),
+            **dot_flags(dy), **cfg,
+        )  # fmt: skip
     return dx

@@ -32,8 +32,8 @@ run widest first so the long matrices start at once and the short ones fill the 
   r ≤ 64. A mixed-precision CholeskyQR2 (fp64 Gram) would need 3 passes instead of ``O(r)`` and
   is the next step if large ranks ever matter.
 
-Compiled ahead of time for sm_90 (no GPU here): the CGS2 kernel uses 189-239 registers and no
-local memory at R_PAD 16-128; the projection spills ~70 bytes only at 128×128.
+Compiled for sm_90 with Triton's ptxas: the CGS2 kernel uses 189-239 registers and no local memory
+at R_PAD 16-128; the projection spills ~70 bytes only at 128×128.
 
 Projection: two passes per matrix, ``C = U Qᵀ`` (``tl.dot``) then ``U − C Q``. Every tile is upcast
 to fp32 and every ``tl.dot`` runs with ``input_precision="ieee"``: TF32 (10 mantissa bits) would leave
@@ -48,23 +48,13 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from mbf.kernels._common import TL_DTYPES, device_of, pad_rank
 
-__all__ = [
-    "MAX_RANK",
-    "TAU",
-    "orthonormal_rows",
-    "orthonormal_rows_many",
-    "orthonormal_rows_with_flags",
-    "project_out",
-]
+__all__ = ["MAX_RANK", "orthonormal_rows_many", "project_out"]
 
 MAX_RANK = 128  # the projection's (K_PAD, R_PAD) accumulator lives in registers; beyond, use torch
-TAU = 6.0 * torch.finfo(torch.float32).eps  # relative residual under which a row is dependent
 _TILE = 8192  # elements per (R_PAD, BLOCK_D) tile: 32 KiB of fp32 registers per program
 _DOT_TILE = 2048  # projection tiles: its fp32 tl.dot (FMA path) spills beyond this (sm_90 AOT, ptxas)
-
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _block_d(r_pad: int, d: int, tile: int = _TILE) -> int:
@@ -259,9 +249,7 @@ def _project_out_kernel(
 # -- launchers ------------------------------------------------------------------------------------
 
 
-def orthonormal_rows_many(
-    As: Sequence[torch.Tensor], tau: float = TAU
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+def orthonormal_rows_many(As: Sequence[torch.Tensor], tau: float) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Orthonormalise matrices of one rank r and any widths in ONE launch (e.g. a whole model's A).
 
     The kernel reads every A in place through a table of addresses (no stacking copy) and writes
@@ -293,8 +281,8 @@ def orthonormal_rows_many(
             raise ValueError(f"rank {r} must be in [1, min(d={A.shape[1]}, {MAX_RANK})]; use torch above")
         if not A.is_contiguous():
             raise ValueError(f"matrix {i}: the batched QR reads A in place and needs it contiguous")
-    if dtype not in _TL_DTYPES:
-        raise ValueError(f"dtype {dtype} must be one of {list(_TL_DTYPES)}")
+    if dtype not in TL_DTYPES:
+        raise ValueError(f"dtype {dtype} must be one of {list(TL_DTYPES)}")
     # A power of two per matrix that brings its largest entry into [1, 2): exact, Q does not depend
     # on it, and fp32 sums of squares then neither overflow (|a| > 1e19) nor underflow.
     amax = torch.stack(torch._foreach_norm([A.detach() for A in As], float("inf"))).float()  # one launch
@@ -305,11 +293,12 @@ def orthonormal_rows_many(
     out = W if dtype == torch.float32 else torch.empty(total, dtype=dtype, device=device)
     status = torch.empty(len(As), dtype=torch.int32, device=device)
     r_pad = triton.next_power_of_2(r)
-    _cgs2_rows_kernel[(len(As),)](
-        table[0], scales[perm], W, out, table[1], dims_t, status, r, float(tau),
-        A_DTYPE=_TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad, max(dims)),
-        SEPARATE_OUT=out is not W, num_warps=_num_warps(r_pad),
-    )  # fmt: skip
+    with device_of(W):
+        _cgs2_rows_kernel[(len(As),)](
+            table[0], scales[perm], W, out, table[1], dims_t, status, r, float(tau),
+            A_DTYPE=TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad, max(dims)),
+            SEPARATE_OUT=out is not W, num_warps=_num_warps(r_pad),
+        )  # fmt: skip
     status_in_order = torch.empty_like(status)
     status_in_order[perm] = status
     status_in_order = torch.where(amax.isfinite(), status_in_order, 2)
@@ -336,29 +325,6 @@ def _layout(
     return offsets, total, (table.to(device), dims_t.to(device), torch.tensor(order).to(device))
 
 
-def orthonormal_rows_with_flags(batch: torch.Tensor, tau: float = TAU) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(G, r, d)`` batch version of ``orthonormal_rows_many``: ``(Q (G, r, d), deficient (G,) bool)``.
-
-    Non-finite matrices are not checked here (the caller's job): their Q is garbage.
-    """
-    if batch.dim() != 3 or not batch.is_floating_point():
-        raise ValueError(f"batch must be a (G, r, d) float tensor, got {tuple(batch.shape)} {batch.dtype}")
-    G, r, d = batch.shape
-    if not 1 <= r <= d or r > MAX_RANK:
-        raise ValueError(f"rank {r} must be in [1, min(d={d}, {MAX_RANK})]; use torch above")
-    batch = batch.contiguous()
-    Qs, status = orthonormal_rows_many(list(batch), tau)
-    if G == 0:
-        return torch.empty_like(batch), status.bool()
-    # all widths equal: the flat buffer holds the matrices back to back in batch order
-    return Qs[0].as_strided((G, r, d), (r * d, d, 1)), status == 1
-
-
-def orthonormal_rows(batch: torch.Tensor) -> torch.Tensor:
-    """``(G, r, d) → (G, r, d)``: rows orthonormalised per matrix; see ``orthonormal_rows_with_flags``."""
-    return orthonormal_rows_with_flags(batch)[0]
-
-
 def project_out(U: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``U − (U Qᵀ) Q`` per matrix, in one launch, computed in fp32 and returned in U's dtype.
 
@@ -382,10 +348,12 @@ def project_out(U: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     U3, Q3 = U3.contiguous(), Q3.contiguous()
     out = torch.empty_like(U3)
     if out.numel():
-        k_pad, r_pad = max(16, triton.next_power_of_2(k)), max(16, triton.next_power_of_2(r))
+        k_pad, r_pad = pad_rank(k), pad_rank(r)
         widest = max(k_pad, r_pad)
-        _project_out_kernel[(G,)](
-            U3, Q3, out, k, r, d,
-            K_PAD=k_pad, R_PAD=r_pad, BLOCK_D=_block_d(widest, d, _DOT_TILE), num_warps=_num_warps(widest),
-        )  # fmt: skip
+        with device_of(out):
+            _project_out_kernel[(G,)](
+                U3, Q3, out, k, r, d,
+                K_PAD=k_pad, R_PAD=r_pad, BLOCK_D=_block_d(widest, d, _DOT_TILE),
+                num_warps=_num_warps(widest),
+            )  # fmt: skip
     return out[0] if squeeze else out

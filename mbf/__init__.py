@@ -1,11 +1,11 @@
 """mbf-lora: continual fine-tuning of Llama models with one LoRA adapter (SLAO, Merge before Forget)."""
 
-from mbf import functional, reference
+from mbf import functional, nf4, reference
 from mbf.config import ContinualConfig, LoRAConfig
 from mbf.continual import ContinualLoRA
 from mbf.inject import eject, inject, lora_layers
 from mbf.integrations.peft import save_peft_adapter
-from mbf.layers import LoRALinear
+from mbf.nn import LoRALinear, NF4Linear
 
 __version__ = "0.1.0"
 
@@ -14,10 +14,12 @@ __all__ = [
     "ContinualLoRA",
     "LoRAConfig",
     "LoRALinear",
+    "NF4Linear",
     "eject",
     "functional",
     "inject",
     "lora_layers",
+    "nf4",
     "reference",
     "save_peft_adapter",
 ]

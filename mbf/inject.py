@@ -9,8 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from mbf.config import LoRAConfig
-from mbf.layers import LoRALinear
-from mbf.quant import NF4Linear, is_bnb_linear4bit
+from mbf.nf4 import is_bnb_linear4bit
+from mbf.nn import LoRALinear, NF4Linear
 
 __all__ = ["eject", "inject", "lora_layers"]
 

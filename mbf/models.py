@@ -127,7 +127,7 @@ def quantize_base(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
     from torch import nn
 
     from mbf.config import LLAMA_LINEARS
-    from mbf.quant import NF4Linear
+    from mbf.nn import NF4Linear
 
     n = 0
     for name, module in list(model.named_modules()):

@@ -18,6 +18,7 @@ from mbf import functional, reference
 
 triton = pytest.importorskip("triton")
 lora_kernel = pytest.importorskip("mbf.kernels.lora")
+lora_op = pytest.importorskip("mbf.kernels.lora_op")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -127,8 +128,11 @@ def test_dropout_mask_is_the_reference_mask_and_follows_the_seed():
     assert (g2["A"] - g1["A"]).abs().max() > 1e-2
     # the base path never sees the mask
     y0, _ = _run(t, dY, "triton", scaling=0.0, dropout=0.4, seed=3)
-    assert_close(y0, torch.nn.functional.linear(t["x"].double(), t["weight"].double(), t["bias"].double()),
-                 torch.float32)
+    assert_close(
+        y0,
+        torch.nn.functional.linear(t["x"].double(), t["weight"].double(), t["bias"].double()),
+        torch.float32,
+    )
 
 
 def test_autotuning_leaves_the_results_exact(monkeypatch):
@@ -143,7 +147,7 @@ def test_autotuning_leaves_the_results_exact(monkeypatch):
         t = float(next(timings))
         return [t, t, t]
 
-    for tuner in (lora_kernel._down, lora_kernel._linear, lora_kernel._dy):
+    for tuner in (lora_kernel.down, lora_kernel.linear, lora_kernel.dy):
         small = tuner.early_config_prune(tuner.configs, {}, m_bucket=16)[0]
         bigger = triton.Config({k: 2 * v if k.startswith("BLOCK") else v for k, v in small.kwargs.items()})
         candidates = [small, bigger]
@@ -156,7 +160,7 @@ def test_autotuning_leaves_the_results_exact(monkeypatch):
 
 def test_threshold_is_the_reference_threshold():
     for p in (0.0, 1e-9, 0.1, 0.25, 0.5, 0.999, 1 - 2**-40):
-        assert lora_kernel._threshold(p) == reference.dropout_threshold(p)
+        assert lora_op._threshold(p) == reference.dropout_threshold(p)
 
 
 def test_empty_batch():
@@ -169,9 +173,9 @@ def test_empty_batch():
 def test_dropout_without_seed_is_refused():
     t, _ = _inputs((3,), 24, 17, 2, torch.float32)
     with pytest.raises(ValueError, match="needs a seed"):
-        lora_kernel.lora_linear(**t, scaling=1.0, dropout=0.1)
+        lora_op.lora_linear(**t, scaling=1.0, dropout=0.1)
     with pytest.raises(ValueError, match=r"dropout 1.0 must be in \[0, 1\)"):
-        lora_kernel.lora_linear(**t, scaling=1.0, dropout=1.0, seed=1)
+        lora_op.lora_linear(**t, scaling=1.0, dropout=1.0, seed=1)
 
 
 def test_trainable_base_is_refused():
@@ -179,31 +183,49 @@ def test_trainable_base_is_refused():
     for frozen in ("weight", "bias", "merged_B"):
         args = {**t, frozen: t[frozen].detach().requires_grad_()}
         with pytest.raises(ValueError, match="frozen"):
-            lora_kernel.lora_linear(**args, scaling=1.0)
+            lora_op.lora_linear(**args, scaling=1.0)
 
 
 def test_custom_op_registration():
     # schema, fake (meta) kernel and autograd registration of the torch.library ops
     t, _ = _inputs((6,), 24, 17, 3, torch.float32, merged=True)
-    args = (t["x"], t["weight"], t["bias"], t["A"].requires_grad_(), t["B"].requires_grad_(),
-            t["merged_B"], 0.5, 0.3, 0.2, 11)
-    torch.library.opcheck(torch.ops.mbf.lora_linear_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    args = (
+        t["x"],
+        t["weight"],
+        t["bias"],
+        t["A"].requires_grad_(),
+        t["B"].requires_grad_(),
+        t["merged_B"],
+        0.5,
+        0.3,
+        0.2,
+        11,
+    )
+    torch.library.opcheck(
+        torch.ops.mbf.lora_linear_fwd.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_torch_compile_traces_through_the_op():
     t, dY = _inputs((2, 5), 24, 17, 3, torch.float32, merged=True)
 
     def f(x, weight, bias, A, B, merged_B):
-        return lora_kernel.lora_linear(x, weight, bias, A, B, 0.5, merged_B, 0.3, 0.2, 11).square().sum()
+        return lora_op.lora_linear(x, weight, bias, A, B, 0.5, merged_B, 0.3, 0.2, 11).square().sum()
 
     leaves = {k: v.detach().requires_grad_(k in ("x", "A", "B")) for k, v in t.items()}
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     loss = compiled(**leaves)
     loss.backward()
     ref = {k: v.detach().double().requires_grad_(k in ("x", "A", "B")) for k, v in t.items()}
-    loss_ref = reference.lora_linear(ref["x"], ref["weight"], ref["bias"], ref["A"], ref["B"], 0.5,
-                                     ref["merged_B"], 0.3, 0.2, 11).square().sum()
+    loss_ref = (
+        reference.lora_linear(
+            ref["x"], ref["weight"], ref["bias"], ref["A"], ref["B"], 0.5, ref["merged_B"], 0.3, 0.2, 11
+        )
+        .square()
+        .sum()
+    )
     loss_ref.backward()
     assert_close(loss, loss_ref, torch.float32)
     for k in ("x", "A", "B"):
@@ -242,7 +264,7 @@ def test_gpu_torch_compile_inductor():
     leaves = {k: v.detach().requires_grad_(k in ("x", "A", "B")) for k, v in t.items()}
 
     def f(x, weight, bias, A, B, merged_B):
-        return lora_kernel.lora_linear(x, weight, bias, A, B, 2.0, merged_B, 0.5, 0.1, 7)
+        return lora_op.lora_linear(x, weight, bias, A, B, 2.0, merged_B, 0.5, 0.1, 7)
 
     y = torch.compile(f, fullgraph=True)(**leaves)  # inductor: the op stays one opaque node
     y.backward(dY)

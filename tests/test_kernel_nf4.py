@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import assert_close
 
-from mbf import quant, reference
+from mbf import functional, nf4, reference
 
 knf4 = pytest.importorskip("mbf.kernels.nf4", reason="triton is not installed", exc_type=ImportError)
 
@@ -15,11 +15,11 @@ SHAPES = [(1, 67, 128, 1), (37, 33, 192, 5), (20, 96, 64, 16)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _nf4(N: int, K: int, dtype: torch.dtype) -> quant.NF4Weight:
-    return quant.quantize_nf4((torch.randn(N, K) * 0.05).to(DEVICE, dtype))
+def _nf4(N: int, K: int, dtype: torch.dtype) -> nf4.NF4Weight:
+    return nf4.quantize_nf4((torch.randn(N, K) * 0.05).to(DEVICE, dtype))
 
 
-def _args(w: quant.NF4Weight):
+def _args(w: nf4.NF4Weight):
     return w.packed, w.block_scales(), w.code, w.shape
 
 
@@ -27,7 +27,7 @@ def _args(w: quant.NF4Weight):
 def test_dequant_kernel_bit_exact(dtype):
     w = _nf4(45, 320, dtype)  # 7200 bytes: several programs and a partial last one
     out = knf4.nf4_dequantize(*_args(w), dtype)
-    assert out.dtype == dtype and torch.equal(out, quant.dequantize_nf4(w))
+    assert out.dtype == dtype and torch.equal(out, nf4.dequantize_nf4(w))
 
 
 @pytest.mark.parametrize("M,N,K,r", SHAPES)
@@ -42,8 +42,9 @@ def test_fused_forward_kernel(M, N, K, r, dtype):
     )
     S = x @ A.T
     for bias, merged, lam in ((b, Bm, 0.7), (None, None, 1.0)):
-        y = knf4.nf4_lora_forward(x, *_args(w), bias, S, B, merged, 2.0, lam)
-        W64 = quant.dequantize_nf4(w).double()
+        B_eff = B if merged is None else torch.lerp(merged.float(), B.float(), lam).to(dtype)
+        y = knf4.nf4_lora_forward(x, *_args(w), bias=bias, S=S, B_eff=B_eff, scaling=2.0)
+        W64 = nf4.dequantize_nf4(w).double()
         ref = reference.lora_linear(
             x.double(),
             W64,
@@ -64,10 +65,10 @@ def test_fused_dx_kernel(M, N, K, r, dtype):
     w = _nf4(N, K, dtype)
     dy, A = torch.randn(M, N).to(DEVICE, dtype), (torch.randn(r, K) * 0.1).to(DEVICE, dtype)
     dS = (torch.randn(M, r) * 0.3).to(DEVICE, dtype)
-    W64 = quant.dequantize_nf4(w).double()
-    dx = knf4.nf4_lora_dx(dy, *_args(w), dS, A, 1.5)
+    W64 = nf4.dequantize_nf4(w).double()
+    dx = knf4.nf4_lora_dx(dy, *_args(w), dS=dS, A=A, scaling=1.5)
     assert_close(dx, dy.double() @ W64 + 1.5 * dS.double() @ A.double(), dtype)
-    base_only = knf4.nf4_lora_dx(dy, *_args(w), None, A, 1.5)  # the dropout case: base GEMM only
+    base_only = knf4.nf4_lora_dx(dy, *_args(w), dS=None, A=A, scaling=1.5)  # the dropout case: base GEMM only
     assert_close(base_only, dy.double() @ W64, dtype)
 
 
@@ -82,12 +83,14 @@ def test_autograd_paths_against_reference(path, dtype, dropout):
     A = (torch.randn(r, K) * 0.1).to(DEVICE, dtype).requires_grad_()
     B = (torch.randn(N, r) * 0.1).to(DEVICE, dtype).requires_grad_()
     Bm, b = (torch.randn(N, r) * 0.1).to(DEVICE, dtype), torch.randn(N).to(DEVICE, dtype)
-    y = quant.nf4_lora_linear(x, w, b, A, B, 2.0, Bm, 0.6, dropout, seed=7, backend="triton", path=path)
+    y = functional.lora_linear_nf4(
+        x, w, b, A, B, 2.0, Bm, 0.6, dropout=dropout, seed=7, backend="triton", path=path
+    )
     dy = torch.randn_like(y)
     gx, gA, gB = torch.autograd.grad(y, (x, A, B), dy)
 
     leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
-    W64 = quant.dequantize_nf4(w).double()
+    W64 = nf4.dequantize_nf4(w).double()
     ref = reference.lora_linear(
         leaves[0], W64, b.double(), leaves[1], leaves[2], 2.0, Bm.double(), 0.6, dropout, 7
     )
@@ -98,9 +101,9 @@ def test_autograd_paths_against_reference(path, dtype, dropout):
 
 
 def test_choose_path_by_token_count():
-    assert knf4.choose_path(1, 4096, 4096) == "fused"
-    assert knf4.choose_path(knf4.FUSED_MAX_M, 4096, 4096) == "fused"
-    assert knf4.choose_path(knf4.FUSED_MAX_M + 1, 4096, 4096) == "dequant"
+    assert knf4.choose_path(1) == "fused"
+    assert knf4.choose_path(knf4.FUSED_MAX_M) == "fused"
+    assert knf4.choose_path(knf4.FUSED_MAX_M + 1) == "dequant"
 
 
 def test_kernel_shape_errors():
@@ -111,10 +114,8 @@ def test_kernel_shape_errors():
         knf4.nf4_lora_forward(
             torch.randn(3, 128, device=DEVICE),
             *_args(w),
-            None,
-            torch.randn(3, 2, device=DEVICE),
-            torch.randn(8, 2, device=DEVICE),
-            None,
-            1.0,
-            1.0,
+            bias=None,
+            S=torch.randn(3, 2, device=DEVICE),
+            B_eff=torch.randn(8, 2, device=DEVICE),
+            scaling=1.0,
         )

@@ -95,7 +95,7 @@ def test_safe_merge_refuses_non_finite():
     with torch.no_grad():
         layer.lora_B[0, 0] = float("inf")
     w0 = lin.weight.detach().clone()
-    with pytest.raises(ValueError, match="LoRALinear: merging would produce non-finite weights"):
+    with pytest.raises(ValueError, match="LoRALinear: folding would produce non-finite weights"):
         layer.merge()
     assert torch.equal(lin.weight, w0) and not layer.folded
 

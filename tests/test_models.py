@@ -38,7 +38,7 @@ def test_quantize_base_makes_every_projection_nf4_but_the_skipped():
     sys.path.insert(0, str(Path(__file__).parent))
     from fixtures.tiny import tiny_llama
 
-    from mbf.quant import NF4Linear
+    from mbf.nn import NF4Linear
 
     model = tiny_llama(layers=2)
     x = torch.randint(2, 90, (2, 7))

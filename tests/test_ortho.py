@@ -137,14 +137,16 @@ def test_huge_finite_entries_are_not_called_non_finite(backend):
 def test_kernel_contract_and_limits():
     from mbf.kernels import ortho
 
+    tau = functional.DEPENDENT_ROW_TOL
     A = torch.randn(2, 5, 21, dtype=torch.float16)
-    Q, deficient = ortho.orthonormal_rows_with_flags(A.to(KERNEL_DEVICE))
-    assert Q.shape == A.shape and Q.dtype == torch.float16 and deficient.tolist() == [False, False]
-    assert_close(Q.cpu(), reference.orthonormal_rows(A.double()))
+    Qs, status = ortho.orthonormal_rows_many(list(A.to(KERNEL_DEVICE)), tau=tau)
+    assert [Q.shape for Q in Qs] == [(5, 21)] * 2 and Qs[0].dtype == torch.float16
+    assert status.tolist() == [0, 0]
+    assert_close(torch.stack(Qs).cpu(), reference.orthonormal_rows(A.double()))
     with pytest.raises(ValueError, match="rank 6 must be in"):
-        ortho.orthonormal_rows(torch.randn(1, 6, 5))
+        ortho.orthonormal_rows_many([torch.randn(6, 5)], tau=tau)
     with pytest.raises(ValueError, match=f"rank {ortho.MAX_RANK + 1} must be in"):
-        ortho.orthonormal_rows(torch.randn(1, ortho.MAX_RANK + 1, ortho.MAX_RANK + 1))
+        ortho.orthonormal_rows_many([torch.randn(ortho.MAX_RANK + 1, ortho.MAX_RANK + 1)], tau=tau)
 
 
 # -- projection -----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from conftest import assert_close, make_tiny_llama
 from torch import nn
 
 import mbf
-from mbf import functional, quant, reference
+from mbf import functional, nf4, reference
+from mbf.nn import NF4Linear
 
 
 def _bnb():
@@ -100,7 +101,7 @@ def test_triton_paths_match_torch_path_in_the_layer():
     """LoRALinear over NF4 with backend='triton' (interpreter on CPU) against its torch path."""
     pytest.importorskip("mbf.kernels.nf4", reason="triton is not installed", exc_type=ImportError)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = quant.NF4Linear.from_linear(nn.Linear(128, 40, device=device))
+    base = NF4Linear.from_linear(nn.Linear(128, 40, device=device))
     layers = {b: mbf.LoRALinear(base, r=3, alpha=6, backend=b, name="up_proj") for b in ("torch", "triton")}
     with torch.no_grad():
         layers["torch"].lora_B.normal_()
@@ -114,13 +115,13 @@ def test_triton_paths_match_torch_path_in_the_layer():
 
 def test_functional_float64_path_is_the_spec():
     """With a float64 compute dtype the torch path equals the reference to rounding, every gradient."""
-    w = quant.quantize_nf4(torch.randn(33, 128, dtype=torch.float64))
+    w = nf4.quantize_nf4(torch.randn(33, 128, dtype=torch.float64))
     x = torch.randn(7, 128, dtype=torch.float64, requires_grad=True)
     A = torch.randn(5, 128, dtype=torch.float64, requires_grad=True)
     B = torch.randn(33, 5, dtype=torch.float64, requires_grad=True)
     Bm, b = torch.randn(33, 5, dtype=torch.float64), torch.randn(33, dtype=torch.float64)
     y = functional.lora_linear_nf4(x, w, b, A, B, 1.5, Bm, 0.4, dropout=0.3, seed=11)
-    ref = reference.lora_linear(x, quant.dequantize_nf4(w), b, A, B, 1.5, Bm, 0.4, dropout=0.3, seed=11)
+    ref = reference.lora_linear(x, nf4.dequantize_nf4(w), b, A, B, 1.5, Bm, 0.4, dropout=0.3, seed=11)
     dy = torch.randn_like(y)
     for g, r in zip(torch.autograd.grad(y, (x, A, B), dy), torch.autograd.grad(ref, (x, A, B), dy)):
         assert_close(g, r, torch.float64)
@@ -130,7 +131,7 @@ def test_functional_float64_path_is_the_spec():
 
 
 def test_merge_gives_a_16bit_copy_and_never_requantises():
-    base = quant.NF4Linear.from_linear(nn.Linear(128, 24, dtype=torch.bfloat16))
+    base = NF4Linear.from_linear(nn.Linear(128, 24, dtype=torch.bfloat16))
     packed = base.weight_packed.clone()
     layer = mbf.LoRALinear(base, r=4, alpha=8, name="o_proj")
     with torch.no_grad():
@@ -234,7 +235,7 @@ def test_qlora_tiny_llama_two_tasks_under_continual_lora(tmp_path):
     for layer in layers.values():
         layer.adapter_mode = "merged"  # export what inference uses
     mbf.eject(model, fold=True)
-    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, quant.NF4Linear))]
-    assert not any(isinstance(m, quant.NF4Linear) for m in linears)  # a 16-bit export, nothing 4-bit
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, NF4Linear))]
+    assert not any(isinstance(m, NF4Linear) for m in linears)  # a 16-bit export, nothing 4-bit
     with torch.no_grad():
         assert_close(model(probe).logits, merged_logits, torch.float32)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mbf import quant
+from mbf import functional, nf4
+from mbf.nn import NF4Linear
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -36,8 +37,8 @@ class _Param:  # what _from_bnb_param reads from a Params4bit
 
 def test_tables_equal_bitsandbytes():
     F = _bnb()
-    assert torch.equal(quant.dynamic_map(), F.create_dynamic_map())
-    assert torch.equal(torch.tensor(quant.NF4_CODE), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4.dynamic_map(), F.create_dynamic_map())
+    assert torch.equal(torch.tensor(nf4.NF4_CODE), F.get_4bit_type("nf4", device="cpu"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -46,11 +47,11 @@ def test_dequant_bit_exact_to_bitsandbytes(dtype, double_quant):
     F = _bnb()
     W = _weight(67, 192, dtype)  # odd rows; 201 blocks, so the last 256-group of absmax is partial
     q, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
-    w = quant._from_bnb_param(_Param(q, state), "test", None)
+    w = nf4.weight_from_bnb(_Param(q, state), "test", None)
     assert w.packed.data_ptr() == q.data_ptr()  # a view, not a copy
     if double_quant:
         assert w.absmax.data_ptr() == state.absmax.data_ptr() and w.absmax.dtype == torch.uint8
-    ours = quant.dequantize_nf4(w)
+    ours = nf4.dequantize_nf4(w)
     theirs = F.dequantize_4bit(q, state)
     assert ours.dtype == theirs.dtype == dtype
     assert torch.equal(ours, theirs)
@@ -62,7 +63,7 @@ def test_quantize_matches_bitsandbytes(dtype):
     F = _bnb()
     W = _weight(33, 320, dtype)
     q, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
-    w = quant.quantize_nf4(W)
+    w = nf4.quantize_nf4(W)
     assert torch.equal(w.packed, q.view(-1))
     assert torch.equal(w.absmax_scale, state.state2.absmax) and torch.equal(w.absmax_offset, state.offset)
     # bnb's CPU C kernel may pick the other neighbour of a value within ~1e-6 of a midpoint
@@ -79,39 +80,39 @@ def test_quantize_matches_bitsandbytes(dtype):
         offset=w.absmax_offset,
         state2=state2,
     )
-    assert torch.equal(F.dequantize_4bit(w.packed.view(-1, 1), ours_state), quant.dequantize_nf4(w))
+    assert torch.equal(F.dequantize_4bit(w.packed.view(-1, 1), ours_state), nf4.dequantize_nf4(w))
 
 
 def test_layout_high_nibble_first():
     """Hand-built storage: byte 0x0F holds code 0 (-1.0) first, then code 15 (+1.0)."""
     packed = torch.full((32,), 0x0F, dtype=torch.uint8)  # one row of 64 = one block
-    code = torch.tensor(quant.NF4_CODE)
-    w = quant.NF4Weight(packed, torch.tensor([2.5]), None, None, None, code, (1, 64), torch.float32)
-    row = quant.dequantize_nf4(w)[0]
+    code = torch.tensor(nf4.NF4_CODE)
+    w = nf4.NF4Weight(packed, torch.tensor([2.5]), None, None, None, code, (1, 64), torch.float32)
+    row = nf4.dequantize_nf4(w)[0]
     assert torch.equal(row[0::2], torch.full((32,), -2.5)) and torch.equal(row[1::2], torch.full((32,), 2.5))
 
 
 def test_quantisation_error_is_nf4s():
     """Round trip error per block ≤ half the widest NF4 gap times the block's absmax."""
     W = _weight(40, 128, torch.float32)
-    w = quant.quantize_nf4(W)
-    err = (quant.dequantize_nf4(w) - W).abs().view(-1, 64)
+    w = nf4.quantize_nf4(W)
+    err = (nf4.dequantize_nf4(w) - W).abs().view(-1, 64)
     absmax = W.abs().view(-1, 64).amax(1, keepdim=True)
     absmax_err = (w.block_scales().view(-1, 1) - absmax).abs()  # the 8-bit double quant's share
-    gap = max(b - a for a, b in zip(quant.NF4_CODE, quant.NF4_CODE[1:]))
+    gap = max(b - a for a, b in zip(nf4.NF4_CODE, nf4.NF4_CODE[1:]))
     assert (err <= absmax * gap / 2 + absmax_err + 1e-7).all()
     assert err.max() > 0 and absmax_err.max() > 0  # it did quantise, both levels
 
 
 def test_memory_about_half_a_byte_per_weight():
-    w = quant.quantize_nf4(torch.randn(1024, 4096))
+    w = nf4.quantize_nf4(torch.randn(1024, 4096))
     per_weight = w.nbytes() / (1024 * 4096)
     assert 0.515 < per_weight < 0.52, per_weight  # 0.5 + 1/64 + 4/(64·256) + the tables
 
 
 def test_nf4linear_forward_and_buffers_follow_to():
     lin = nn.Linear(128, 19, dtype=torch.float32)
-    layer = quant.NF4Linear.from_linear(lin)
+    layer = NF4Linear.from_linear(lin)
     x = torch.randn(3, 128)
     expected = torch.nn.functional.linear(x, layer.dequantize(), lin.bias)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
@@ -129,7 +130,7 @@ def test_bnb_linear4bit_converts_zero_copy():
     )
     lin = bnb.nn.Linear4bit(128, 24, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
     lin = lin.to("cpu")  # bnb quantises on the move to a device
-    layer = quant.NF4Linear.from_bnb(lin)
+    layer = NF4Linear.from_bnb(lin)
     assert layer.weight_packed.data_ptr() == lin.weight.data_ptr()
     assert layer.absmax.data_ptr() == lin.weight.quant_state.absmax.data_ptr()
     assert layer.compute_dtype == torch.bfloat16 and layer.restore() is lin
@@ -156,7 +157,7 @@ def test_bnb_cpu_repacked_weight_is_unpacked():
     if not getattr(lin.weight.quant_state, "packing_format_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes did not repack")
     with pytest.warns(UserWarning, match="repacked"):
-        layer = quant.NF4Linear.from_bnb(lin, name="q_proj")
+        layer = NF4Linear.from_bnb(lin, name="q_proj")
     after = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
     assert torch.equal(layer.dequantize(torch.float32), after)
     torch.testing.assert_close(after, before, rtol=2e-2, atol=1e-3)  # bf16 absmax, re-quantised
@@ -167,32 +168,32 @@ def test_errors_fp4_and_blocksize():
     W = _weight(8, 128, torch.float32)
     q, state = F.quantize_4bit(W, blocksize=64, quant_type="fp4")
     with pytest.raises(ValueError, match="q_proj: 4-bit quant_type 'fp4' is not supported"):
-        quant._from_bnb_param(_Param(q, state), "q_proj", None)
+        nf4.weight_from_bnb(_Param(q, state), "q_proj", None)
     q, state = F.quantize_4bit(W, blocksize=128, quant_type="nf4")
     with pytest.raises(ValueError, match="q_proj: 4-bit blocksize 128 is not supported; only 64"):
-        quant._from_bnb_param(_Param(q, state), "q_proj", None)
+        nf4.weight_from_bnb(_Param(q, state), "q_proj", None)
     with pytest.raises(ValueError, match="v_proj: in_features 100 must be a multiple of 64"):
-        quant.quantize_nf4(torch.randn(4, 100), name="v_proj")
+        nf4.quantize_nf4(torch.randn(4, 100), name="v_proj")
 
 
 def test_error_bitsandbytes_missing(monkeypatch):
-    layer = quant.NF4Linear.from_linear(nn.Linear(64, 8))
+    layer = NF4Linear.from_linear(nn.Linear(64, 8))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
     with pytest.raises(ImportError, match=r"pip install mbf-lora\[qlora\]"):
         layer.to_bnb()
 
 
 def test_error_device():
-    w = quant.quantize_nf4(torch.randn(8, 64))
-    with pytest.raises(RuntimeError, match="backend='triton' needs the NF4 weight on a CUDA device"):
+    w = nf4.quantize_nf4(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="q_proj: backend='triton' needs the NF4 weight on a CUDA device"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("TRITON_INTERPRET", "0")
-            quant.check_device(w, torch.randn(2, 64), "triton", "q_proj")
-    meta = quant.NF4Linear(w).to("meta").nf4
+            functional.lora.check_nf4_device(w, torch.randn(2, 64), "triton", "q_proj: ")
+    meta = NF4Linear(w).to("meta").nf4
     with pytest.raises(RuntimeError, match="q_proj: NF4 weight on meta cannot run"):
-        quant.check_device(meta, torch.randn(2, 64), "torch", "q_proj")
+        functional.lora.check_nf4_device(meta, torch.randn(2, 64), "torch", "q_proj: ")
     with pytest.raises(ValueError, match="q_proj: input on meta but the NF4 weight on cpu"):
-        quant.check_device(w, torch.randn(2, 64, device="meta"), "torch", "q_proj")
+        functional.lora.check_nf4_device(w, torch.randn(2, 64, device="meta"), "torch", "q_proj: ")
 
 
 def test_bnb_linear4bit_not_yet_quantised_is_quantised_like_bnb():
@@ -204,7 +205,7 @@ def test_bnb_linear4bit_not_yet_quantised_is_quantised_like_bnb():
     )
     lin = bnb.nn.Linear4bit(128, 24, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     assert lin.weight.quant_state is None
-    layer = quant.NF4Linear.from_bnb(lin)
+    layer = NF4Linear.from_bnb(lin)
     moved = lin.to("cpu")  # now bitsandbytes quantises the same data
     qs = moved.weight.quant_state
     assert torch.equal(layer.weight_packed, moved.weight.data.view(-1))

@@ -17,7 +17,9 @@ import math
 import torch
 from torch import nn
 
-from mbf import functional, quant
+from mbf import functional
+from mbf.nf4 import is_bnb_linear4bit
+from mbf.nn.nf4 import NF4Linear
 
 __all__ = ["LoRALinear"]
 
@@ -27,7 +29,7 @@ MODES = ("finetuned", "merged", "preview")
 class LoRALinear(nn.Module):
     """``nn.Linear`` plus a LoRA adapter; same forward signature and output dtype.
 
-    Over a 4-bit base (QLoRA): ``base`` may be an ``mbf.quant.NF4Linear`` or a bitsandbytes NF4
+    Over a 4-bit base (QLoRA): ``base`` may be an ``mbf.NF4Linear`` or a bitsandbytes NF4
     ``Linear4bit`` (converted zero-copy to an NF4Linear; ``eject`` gives the Linear4bit back).
 
     Args:
@@ -46,7 +48,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear | quant.NF4Linear,
+        base: nn.Linear | NF4Linear,
         *,
         r: int = 8,
         alpha: float = 16.0,
@@ -56,9 +58,9 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if quant.is_bnb_linear4bit(base):  # before the nn.Linear check: Linear4bit subclasses it
-            base = quant.NF4Linear.from_bnb(base, name=name)
-        if isinstance(base, quant.NF4Linear):
+        if is_bnb_linear4bit(base):  # before the nn.Linear check: Linear4bit subclasses it
+            base = NF4Linear.from_bnb(base, name=name)
+        if isinstance(base, NF4Linear):
             out_f, in_f = base.out_features, base.in_features
             w_device, w_dtype = base.weight_packed.device, base.compute_dtype
         elif isinstance(base, nn.Linear):
@@ -77,8 +79,7 @@ class LoRALinear(nn.Module):
         self.r, self.lora_alpha, self.scaling = r, float(alpha), float(alpha) / r
         self.lora_dropout, self.backend, self.layer_name = float(dropout), backend, name
         # Adapters over a 16-bit base live in fp32 by default, like PEFT's autocast_adapter_dtype: AdamW's
-        # small updates would round away in bf16. The torch paths run the LoRA branch in fp32 too; the
-        # Triton kernels take the adapter cast to the activation dtype (fp32 accumulation inside).
+        # small updates would round away in bf16. The torch paths run the LoRA branch in fp32 too.
         if dtype is None:
             dtype = torch.float32 if w_dtype in (torch.float16, torch.bfloat16) else w_dtype
         factory = {"device": w_device, "dtype": dtype}
@@ -89,8 +90,8 @@ class LoRALinear(nn.Module):
         self.adapter_mode = "finetuned"
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
         self.folded = False  # True while the delta is folded into the base weight (merge()/unmerge())
-        self._merged_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
-        self._unmerged_base: quant.NF4Linear | None = None  # the 4-bit base while merged into a 16-bit copy
+        self._folded_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
+        self._nf4_base: NF4Linear | None = None  # the 4-bit base while folded into a 16-bit copy
         self.reset_lora_parameters()
 
     @classmethod
@@ -100,8 +101,8 @@ class LoRALinear(nn.Module):
 
     @property
     def is_4bit(self) -> bool:
-        """True while the base is an NF4 weight (False after ``merge()`` into a 16-bit copy)."""
-        return isinstance(self.base, quant.NF4Linear)
+        """True while the base is an NF4 weight (False after ``merge()`` folds it into a 16-bit copy)."""
+        return isinstance(self.base, NF4Linear)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -137,31 +138,11 @@ class LoRALinear(nn.Module):
             return self.base(x)
         A, B, merged_B, lam = self._active()
         dropout = self.lora_dropout if self.training and self.adapter_mode == "finetuned" else 0.0
-        if self.is_4bit:
-            return functional.lora_linear_nf4(
-                x,
-                self.base.nf4,
-                self.base.bias,
-                A,
-                B,
-                self.scaling,
-                merged_B=merged_B,
-                lam=lam,
-                dropout=dropout,
-                backend=self.backend,
-            )
+        weight = self.base.nf4 if self.is_4bit else self.base.weight
         return functional.lora_linear(
-            x,
-            self.base.weight,
-            self.base.bias,
-            A,
-            B,
-            self.scaling,
-            merged_B=merged_B,
-            lam=lam,
-            dropout=dropout,
-            backend=self.backend,
-        )
+            x, weight, self.base.bias, A, B, self.scaling, merged_B, lam,
+            dropout=dropout, backend=self.backend, name=self.layer_name,
+        )  # fmt: skip
 
     def get_delta_weight(self) -> torch.Tensor:
         """``s · B Aᵀ`` of the active adapter (``(out, in)``, fp32 math, base weight dtype)."""
@@ -174,14 +155,14 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = True) -> None:
-        """Fold the active adapter into ``base.weight`` (PEFT's ``merge``); forward is then the base.
+        """Fold the active adapter into the base weight (PEFT's name); forward is then the base alone.
 
         Over a 4-bit base the result is a new 16-bit ``nn.Linear`` (dequantised base + delta, in the
-        compute dtype): a merged 4-bit weight is never re-quantised, which would destroy what was
+        compute dtype): a folded 4-bit weight is never re-quantised, which would destroy what was
         learned. ``unmerge()`` puts the untouched 4-bit base back.
 
         Raises:
-            ValueError: with ``safe_merge``, when the merged weight would be non-finite.
+            ValueError: with ``safe_merge``, when the folded weight would be non-finite.
         """
         if self.folded:
             return
@@ -191,17 +172,17 @@ class LoRALinear(nn.Module):
         delta = self.get_delta_weight()
         new_w = self.base.weight + delta
         if safe_merge and not torch.isfinite(new_w).all():
-            raise ValueError(f"{self.layer_name}: merging would produce non-finite weights; not merged")
+            raise ValueError(f"{self.layer_name}: folding would produce non-finite weights; not folded")
         self.base.weight.copy_(new_w)
         # unmerge() subtracts this very delta: the adapter mode or λ may change in between
-        self._merged_delta = delta
+        self._folded_delta = delta
         self.folded = True
 
     def _merge_4bit(self, safe_merge: bool) -> None:
         nf4 = self.base
         new_w = nf4.dequantize(torch.float32) + self._delta_fp32()  # one rounding, at the copy
         if safe_merge and not torch.isfinite(new_w).all():
-            raise ValueError(f"{self.layer_name}: merging would produce non-finite weights; not merged")
+            raise ValueError(f"{self.layer_name}: folding would produce non-finite weights; not folded")
         dense = nn.Linear(
             self.in_features,
             self.out_features,
@@ -213,7 +194,7 @@ class LoRALinear(nn.Module):
         if nf4.bias is not None:
             dense.bias.copy_(nf4.bias)
         dense.requires_grad_(False)
-        self.__dict__["_unmerged_base"] = nf4  # not a submodule: the merged state_dict is the 16-bit one
+        self.__dict__["_nf4_base"] = nf4  # not a submodule: the folded state_dict is the 16-bit one
         self.base = dense
         self.folded = True
 
@@ -222,12 +203,12 @@ class LoRALinear(nn.Module):
         """Undo ``merge()`` (exact up to the base dtype's rounding; exact over a 4-bit base)."""
         if not self.folded:
             return
-        if self._unmerged_base is not None:
-            self.base, self.__dict__["_unmerged_base"] = self._unmerged_base, None
+        if self._nf4_base is not None:
+            self.base, self.__dict__["_nf4_base"] = self._nf4_base, None
             self.folded = False
             return
-        self.base.weight.sub_(self._merged_delta)
-        self._merged_delta = None
+        self.base.weight.sub_(self._folded_delta)
+        self._folded_delta = None
         self.folded = False
 
     def extra_repr(self) -> str:

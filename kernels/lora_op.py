@@ -1,0 +1,303 @@
+"""Launchers, ``torch.library`` ops and autograd of the fused LoRA linear (kernels in ``lora.py``).
+
+Forward ``y = x W0ᵀ + b + s · S B_effᵀ`` with ``S = drop(x) Aᵀ``; backward dX, dA and dB (see
+``lora.py`` for the math). ``lora_linear`` is the entry point; ``mbf::lora_linear_fwd`` and
+``mbf::lora_linear_bwd`` are custom ops so ``torch.compile`` traces them as opaque calls.
+"""
+
+import math
+
+import torch
+import triton
+from mbf.kernels import lora
+from mbf.kernels._common import device_of, dot_flags, pad_rank
+
+__all__ = ["lora_linear"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _threshold(p: float) -> int:
+    # the same integer as mbf.reference.dropout_threshold (tests hold the masks bit-identical)
+    return min(math.floor(p * 2**32), 2**32 - 1)
+
+
+def _launch_flags(x: torch.Tensor, r: int) -> dict:
+    """Constexprs decided per call: rank padding, interpreter upcast, fp32 dot precision."""
+    return {"R_PAD": pad_rank(r), **dot_flags(x)}
+
+
+def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
+    """Launches 1 and 2: returns y (M, N) in x's dtype and S (M, r) fp32."""
+    (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    S = torch.empty((M, r), device=x2.device, dtype=torch.float32)
+    if M == 0:
+        return y, S
+    A, B = A.contiguous(), B.contiguous()
+    Bm = merged_B.contiguous() if merged_B is not None else B
+    flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
+    with device_of(x2):
+        lora.down[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+            x2,
+            A,
+            S,
+            M,
+            K,
+            r,
+            *x2.stride(),
+            *A.stride(),
+            *S.stride(),
+            1.0 / (1.0 - dropout),
+            seed,
+            _threshold(dropout),
+            m_bucket=m_bucket,
+            HAS_DROPOUT=dropout > 0.0,
+            **flags,
+        )
+        lora.linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+            # unused pointers get y, and da a fresh empty buffer: the autotuner zeroes da between candidates
+            x2,
+            weight,
+            bias if bias is not None else y,
+            S,
+            B,
+            Bm,
+            x2,
+            S.new_empty(0),
+            y,
+            M,
+            N,
+            K,
+            r,
+            x2.stride(0),
+            x2.stride(1),
+            weight.stride(1),
+            weight.stride(0),
+            *S.stride(),
+            B.stride(1),
+            B.stride(0),
+            x2.stride(0),
+            x2.stride(1),
+            *y.stride(),
+            float(scaling),
+            float(lam),
+            0.0,
+            0,
+            0,
+            m_bucket=m_bucket,
+            HAS_MAIN=True,
+            HAS_BIAS=bias is not None,
+            HAS_MERGED=merged_B is not None,
+            HAS_DROPOUT=False,
+            ACC_DA=False,
+            **flags,
+        )
+    return y, S
+
+
+def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
+    """Launches 3 and 4: dX (M, K) in x's dtype, dA and dB in A's and B's dtypes (empty if not needed)."""
+    (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
+    dx = torch.empty((M, K) if need_dx else (0,), device=x2.device, dtype=x2.dtype)
+    dA = torch.zeros((r, K) if need_da else (0,), device=x2.device, dtype=torch.float32)
+    dB = torch.zeros((N, r) if need_db else (0,), device=x2.device, dtype=torch.float32)
+    if M == 0 or not (need_dx or need_da or need_db):
+        return dx.zero_(), dA.to(A.dtype), dB.to(B.dtype)
+    A, B = A.contiguous(), B.contiguous()
+    Bm = merged_B.contiguous() if merged_B is not None else B
+    dS = torch.empty_like(S)
+    flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
+    keep_scale, has_drop = 1.0 / (1.0 - dropout), dropout > 0.0
+    with device_of(x2):
+        lora.dy[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+            dY,
+            B,
+            Bm,
+            S,
+            dS,
+            dB,
+            M,
+            N,
+            r,
+            *dY.stride(),
+            *B.stride(),
+            *S.stride(),
+            float(lam),
+            float(scaling) * (float(lam) if merged_B is not None else 1.0),
+            m_bucket=m_bucket,
+            HAS_MERGED=merged_B is not None,
+            ACC_DB=need_db,
+            **flags,
+        )
+        if need_dx or need_da:
+            lora.linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
+                dY,
+                weight,
+                dY,
+                dS,
+                A,
+                A,
+                x2,
+                dA,
+                dx if need_dx else dY,
+                M,
+                K,
+                N,
+                r,
+                *dY.stride(),
+                *weight.stride(),
+                *dS.stride(),
+                *A.stride(),
+                *x2.stride(),
+                *(dx.stride() if need_dx else dY.stride()),
+                float(scaling) * keep_scale,
+                1.0,
+                float(scaling) * keep_scale,
+                seed,
+                _threshold(dropout),
+                m_bucket=m_bucket,
+                HAS_MAIN=need_dx,
+                HAS_BIAS=False,
+                HAS_MERGED=False,
+                HAS_DROPOUT=has_drop,
+                ACC_DA=need_da,
+                **flags,
+            )
+    return dx, dA.to(A.dtype), dB.to(B.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library ops and autograd
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mbf::lora_linear_fwd", mutates_args=())
+def _lora_fwd_op(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    merged_B: torch.Tensor | None,
+    scaling: float,
+    lam: float,
+    dropout: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed)
+
+
+@_lora_fwd_op.register_fake
+def _(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
+    M = x2.shape[0]
+    return x2.new_empty((M, weight.shape[0])), x2.new_empty((M, A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mbf::lora_linear_bwd", mutates_args=())
+def _lora_bwd_op(
+    dY: torch.Tensor,
+    x2: torch.Tensor,
+    S: torch.Tensor,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    merged_B: torch.Tensor | None,
+    scaling: float,
+    lam: float,
+    dropout: float,
+    seed: int,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (scaling, lam, dropout, seed, need_dx, need_da, need_db)
+    return _backward(dY, x2, S, weight, A, B, merged_B, *args)
+
+
+@_lora_bwd_op.register_fake
+def _(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
+    return (
+        x2.new_empty(x2.shape if need_dx else (0,)),
+        A.new_empty(A.shape if need_da else (0,)),
+        B.new_empty(B.shape if need_db else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x2, weight, _bias, A, B, merged_B, scaling, lam, dropout, seed = inputs
+    ctx.save_for_backward(x2, output[1], weight, A, B, merged_B)  # x and S: the only activations
+    ctx.args = (scaling, lam, dropout, seed)
+
+
+def _autograd_backward(ctx, dY, _dS):
+    x2, S, weight, A, B, merged_B = ctx.saved_tensors
+    need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
+    dx, dA, dB = _lora_bwd_op(dY, x2, S, weight, A, B, merged_B, *ctx.args, need_dx, need_da, need_db)
+    return (
+        dx if need_dx else None,
+        None,
+        None,
+        dA if need_da else None,
+        dB if need_db else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_lora_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    merged_B: torch.Tensor | None = None,
+    lam: float = 1.0,
+    dropout: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Fused ``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ``: the Triton twin of ``mbf.reference.lora_linear``.
+
+    Args:
+        x: ``(..., K)`` in fp32, fp16 or bf16. weight: ``(N, K)``, frozen. bias: ``(N,)`` or None.
+        A: ``(r, K)``. B: ``(N, r)``. merged_B: ``(N, r)`` or None (then ``B_eff = B``).
+        scaling: ``s = alpha / r``. lam: λ of ``B_eff = merged_B + λ (B − merged_B)``.
+        dropout: p in [0, 1) on the adapter's input. seed: the mask's seed (required when p > 0).
+
+    Returns:
+        ``(..., N)`` in x's dtype; differentiable in x, A and B.
+
+    Raises:
+        ValueError: when p > 0 and no seed is given, p is outside [0, 1), or a frozen tensor
+            (weight, bias, merged_B) requires grad.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout {dropout} must be in [0, 1)")
+    if dropout > 0.0 and seed is None:
+        raise ValueError(f"dropout {dropout} needs a seed: the backward regenerates the mask from it")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, merged_B)):
+        raise ValueError("the fused LoRA kernel keeps weight, bias and merged_B frozen; one requires grad")
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    y, _ = _lora_fwd_op(
+        x2,
+        weight,
+        bias,
+        A,
+        B,
+        merged_B,
+        float(scaling),
+        float(lam),
+        float(dropout),
+        int(seed) if seed is not None else 0,
+    )
+    return y.view(*x.shape[:-1], weight.shape[0])

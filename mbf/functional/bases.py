@@ -1,0 +1,116 @@
+"""How the LoRA autograd Function reads the frozen base weight ``W0 (out, in)``: one small class per base.
+
+Each base provides the two GEMMs that touch W0, with the LoRA term joined to them:
+
+- ``forward(x2, bias, S, B_eff, s)``: ``x2 W0ᵀ + b + s · S B_effᵀ``, ``(M, out)`` in x2's dtype;
+- ``grad_input(dY2, dS, A, s, dropout, seed)``: ``dY2 W0 + s · drop(dS A)``, ``(M, in)`` in dY2's dtype.
+
+The LoRA operands (S, B_eff, dS, A) come in the adapter's compute dtype. ``DenseBase`` is the
+generic version over any base that can hand out W0 as a dense tensor (``dense(dtype)``); the NF4
+bases differ only in how that tensor is made, except ``NF4FusedBase``, whose Triton kernels
+dequantise W0's tiles in registers and never materialise it. A new base type is one class here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mbf.functional._backend import kernel
+from mbf.nf4 import NF4Weight, dequantize_nf4
+from mbf.reference import apply_dropout
+
+__all__ = ["DenseBase", "NF4DequantBase", "NF4FusedBase", "NF4TorchBase", "nf4_base"]
+
+NF4_PATHS = ("torch", "dequant", "fused")
+
+
+def add_scaled(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``out + s · a @ b``: one fused ``addmm`` (one rounding) when the dtypes agree.
+
+    ``addmm``'s ``alpha`` is also the form torch.compile's inductor keeps (``add_(alpha=)`` it drops).
+    """
+    if a.dtype == out.dtype:
+        return torch.addmm(out, a, b, alpha=s)
+    return out + (s * (a @ b)).to(out.dtype)  # fp32 adapters over a 16-bit base: the term rounds once
+
+
+class DenseBase:
+    """W0 as a dense tensor (an ``nn.Linear``'s weight), multiplied by torch."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """``W0 (out, in)`` in ``dtype``."""
+        return self.weight.to(dtype)
+
+    def forward(self, x2, bias, S, B_eff, s):
+        out = F.linear(x2, self.dense(x2.dtype), None if bias is None else bias.to(x2.dtype))
+        return add_scaled(out, S, B_eff.T, s)
+
+    def grad_input(self, dY2, dS, A, s, dropout, seed):
+        lora_dx = apply_dropout(dS @ A, dropout, seed)  # the mask is linear: applied to the product
+        W = self.dense(dY2.dtype)
+        if lora_dx.dtype == dY2.dtype:
+            return torch.addmm(lora_dx, dY2, W, beta=s)  # s · lora_dx + dY W, rounded once
+        return dY2 @ W + (s * lora_dx).to(dY2.dtype)  # fp32 adapters over a 16-bit base
+
+
+class NF4TorchBase(DenseBase):
+    """W0 in NF4, dequantised by torch for each GEMM (the CPU path) and freed after it."""
+
+    def __init__(self, w: NF4Weight) -> None:
+        self.w = w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w.shape
+
+    def dense(self, dtype):
+        return dequantize_nf4(self.w, dtype)
+
+
+class NF4DequantBase(NF4TorchBase):
+    """W0 in NF4, dequantised by one Triton pass that feeds cuBLAS (large token counts)."""
+
+    def dense(self, dtype):
+        w = self.w
+        return kernel("nf4", "nf4_dequantize")(w.packed, w.block_scales(), w.code, w.shape, dtype)
+
+
+class NF4FusedBase(NF4TorchBase):
+    """W0 in NF4, dequantised tile by tile inside the Triton GEMMs (small token counts)."""
+
+    def _storage(self):
+        w = self.w
+        return w.packed, w.block_scales(), w.code, w.shape
+
+    def forward(self, x2, bias, S, B_eff, s):
+        dt = x2.dtype
+        fwd = kernel("nf4", "nf4_lora_forward")
+        return fwd(x2, *self._storage(), bias=bias, S=S.to(dt), B_eff=B_eff.to(dt), scaling=s)
+
+    def grad_input(self, dY2, dS, A, s, dropout, seed):
+        dt = dY2.dtype
+        dx_kernel = kernel("nf4", "nf4_lora_dx")
+        if dropout == 0.0:
+            return dx_kernel(dY2, *self._storage(), dS=dS.to(dt), A=A.to(dt), scaling=s)
+        # the dropout mask sits on the LoRA term only: that term is added outside the kernel
+        base = dx_kernel(dY2, *self._storage(), dS=None, A=A.to(dt), scaling=s)
+        return base + (s * apply_dropout(dS @ A, dropout, seed)).to(dt)
+
+
+def nf4_base(w: NF4Weight, path: str) -> NF4TorchBase:
+    """The NF4 base for ``path`` (``"torch"``, ``"dequant"`` or ``"fused"``).
+
+    Raises:
+        ValueError: on an unknown path.
+    """
+    if path not in NF4_PATHS:
+        raise ValueError(f"path {path!r} must be one of auto, {', '.join(NF4_PATHS)}")
+    return {"torch": NF4TorchBase, "dequant": NF4DequantBase, "fused": NF4FusedBase}[path](w)

@@ -1,0 +1,7 @@
+"""The modules of mbf: ``LoRALinear`` (a linear with SLAO's two adapters, over a dense or NF4 base)
+and ``NF4Linear`` (a frozen 4-bit linear in bitsandbytes' layout, QLoRA's base)."""
+
+from mbf.nn.lora import LoRALinear
+from mbf.nn.nf4 import NF4Linear
+
+__all__ = ["LoRALinear", "NF4Linear"]
