@@ -42,60 +42,25 @@ def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
     flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
     with device_of(x2):
         lora.down[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            x2,
-            A,
-            S,
-            M,
-            K,
-            r,
-            *x2.stride(),
-            *A.stride(),
-            *S.stride(),
-            1.0 / (1.0 - dropout),
-            seed,
-            _threshold(dropout),
-            m_bucket=m_bucket,
-            HAS_DROPOUT=dropout > 0.0,
-            **flags,
-        )
+            x_ptr=x2, a_ptr=A, s_ptr=S, M=M, K=K, R=r,
+            stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_ar=A.stride(0), stride_ak=A.stride(1),
+            stride_sm=S.stride(0), stride_sr=S.stride(1),
+            keep_scale=1.0 / (1.0 - dropout), seed=seed, threshold=_threshold(dropout), m_bucket=m_bucket,
+            HAS_DROPOUT=dropout > 0.0, **flags,
+        )  # fmt: skip
+        # y = x W0ᵀ + b + s S B_effᵀ: W0 read as (K, N) and B as (R, N) through their strides. Unused
+        # pointers get y; dA a fresh empty buffer (the autotuner zeroes it between candidates).
         lora.linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-            # unused pointers get y, and da a fresh empty buffer: the autotuner zeroes da between candidates
-            x2,
-            weight,
-            bias if bias is not None else y,
-            S,
-            B,
-            Bm,
-            x2,
-            S.new_empty(0),
-            y,
-            M,
-            N,
-            K,
-            r,
-            x2.stride(0),
-            x2.stride(1),
-            weight.stride(1),
-            weight.stride(0),
-            *S.stride(),
-            B.stride(1),
-            B.stride(0),
-            x2.stride(0),
-            x2.stride(1),
-            *y.stride(),
-            float(scaling),
-            float(lam),
-            0.0,
-            0,
-            0,
-            m_bucket=m_bucket,
-            HAS_MAIN=True,
-            HAS_BIAS=bias is not None,
-            HAS_MERGED=merged_B is not None,
-            HAS_DROPOUT=False,
-            ACC_DA=False,
-            **flags,
-        )
+            a_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else y, l_ptr=S, u_ptr=B, um_ptr=Bm,
+            x_ptr=x2, da_ptr=S.new_empty(0), c_ptr=y, M=M, N=N, K=K, R=r,
+            stride_am=x2.stride(0), stride_ak=x2.stride(1),
+            stride_wk=weight.stride(1), stride_wn=weight.stride(0),
+            stride_lm=S.stride(0), stride_lr=S.stride(1), stride_ur=B.stride(1), stride_un=B.stride(0),
+            stride_xm=x2.stride(0), stride_xn=x2.stride(1), stride_cm=y.stride(0), stride_cn=y.stride(1),
+            lora_scale=float(scaling), lam=float(lam), da_scale=0.0, seed=0, threshold=0, m_bucket=m_bucket,
+            HAS_MAIN=True, HAS_BIAS=bias is not None, HAS_MERGED=merged_B is not None, HAS_DROPOUT=False,
+            ACC_DA=False, **flags,
+        )  # fmt: skip
     return y, S
 
 
@@ -111,62 +76,29 @@ def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, ne
     Bm = merged_B.contiguous() if merged_B is not None else B
     dS = torch.empty_like(S)
     flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
-    keep_scale, has_drop = 1.0 / (1.0 - dropout), dropout > 0.0
+    drop_scale = float(scaling) / (1.0 - dropout)  # s / (1 − p): the mask's rescale folded into s
+    out = dx if need_dx else dY  # a valid pointer when dX is not wanted (HAS_MAIN off)
     with device_of(x2):
         lora.dy[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            dY,
-            B,
-            Bm,
-            S,
-            dS,
-            dB,
-            M,
-            N,
-            r,
-            *dY.stride(),
-            *B.stride(),
-            *S.stride(),
-            float(lam),
-            float(scaling) * (float(lam) if merged_B is not None else 1.0),
-            m_bucket=m_bucket,
-            HAS_MERGED=merged_B is not None,
-            ACC_DB=need_db,
-            **flags,
-        )
+            dy_ptr=dY, b_ptr=B, bm_ptr=Bm, s_ptr=S, ds_ptr=dS, db_ptr=dB, M=M, N=N, R=r,
+            stride_dm=dY.stride(0), stride_dn=dY.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
+            stride_sm=S.stride(0), stride_sr=S.stride(1),
+            lam=float(lam), db_scale=float(scaling) * (float(lam) if merged_B is not None else 1.0),
+            m_bucket=m_bucket, HAS_MERGED=merged_B is not None, ACC_DB=need_db, **flags,
+        )  # fmt: skip
         if need_dx or need_da:
+            # dX = dY W0 + s drop(dS A): W0 read as (N, K) as stored, A as (R, K); dA in the epilogue
             lora.linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
-                dY,
-                weight,
-                dY,
-                dS,
-                A,
-                A,
-                x2,
-                dA,
-                dx if need_dx else dY,
-                M,
-                K,
-                N,
-                r,
-                *dY.stride(),
-                *weight.stride(),
-                *dS.stride(),
-                *A.stride(),
-                *x2.stride(),
-                *(dx.stride() if need_dx else dY.stride()),
-                float(scaling) * keep_scale,
-                1.0,
-                float(scaling) * keep_scale,
-                seed,
-                _threshold(dropout),
-                m_bucket=m_bucket,
-                HAS_MAIN=need_dx,
-                HAS_BIAS=False,
-                HAS_MERGED=False,
-                HAS_DROPOUT=has_drop,
-                ACC_DA=need_da,
-                **flags,
-            )
+                a_ptr=dY, w_ptr=weight, bias_ptr=dY, l_ptr=dS, u_ptr=A, um_ptr=A, x_ptr=x2, da_ptr=dA,
+                c_ptr=out, M=M, N=K, K=N, R=r,
+                stride_am=dY.stride(0), stride_ak=dY.stride(1), stride_wk=weight.stride(0),
+                stride_wn=weight.stride(1), stride_lm=dS.stride(0), stride_lr=dS.stride(1),
+                stride_ur=A.stride(0), stride_un=A.stride(1), stride_xm=x2.stride(0), stride_xn=x2.stride(1),
+                stride_cm=out.stride(0), stride_cn=out.stride(1),
+                lora_scale=drop_scale, lam=1.0, da_scale=drop_scale, seed=seed, threshold=_threshold(dropout),
+                m_bucket=m_bucket, HAS_MAIN=need_dx, HAS_BIAS=False, HAS_MERGED=False,
+                HAS_DROPOUT=dropout > 0.0, ACC_DA=need_da, **flags,
+            )  # fmt: skip
     return dx, dA.to(A.dtype), dB.to(B.dtype)
 
 

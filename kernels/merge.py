@@ -86,8 +86,9 @@ def time_aware_merge_(merged: Sequence[torch.Tensor], ft: Sequence[torch.Tensor]
         )
         with device_of(table):
             _merge_kernel[(maps.shape[1],)](
-                table[0], table[1], table[2], maps[0], maps[1], float(lam),
-                M_DTYPE=TL_DTYPES[m_dtype], F_DTYPE=TL_DTYPES[f_dtype], BLOCK=BLOCK, num_warps=4,
+                ptrs_m=table[0], ptrs_f=table[1], numel=table[2], tensor_of=maps[0], chunk_of=maps[1],
+                lam=float(lam), M_DTYPE=TL_DTYPES[m_dtype], F_DTYPE=TL_DTYPES[f_dtype], BLOCK=BLOCK,
+                num_warps=4,
             )  # fmt: skip
 
 

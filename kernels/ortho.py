@@ -295,8 +295,8 @@ def orthonormal_rows_many(As: Sequence[torch.Tensor], tau: float) -> tuple[list[
     r_pad = triton.next_power_of_2(r)
     with device_of(W):
         _cgs2_rows_kernel[(len(As),)](
-            table[0], scales[perm], W, out, table[1], dims_t, status, r, float(tau),
-            A_DTYPE=TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad, max(dims)),
+            A_ptrs=table[0], Scales=scales[perm], W=W, Out=out, Offsets=table[1], Dims=dims_t, Flags=status,
+            r=r, tau=float(tau), A_DTYPE=TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad, max(dims)),
             SEPARATE_OUT=out is not W, num_warps=_num_warps(r_pad),
         )  # fmt: skip
     status_in_order = torch.empty_like(status)
@@ -352,8 +352,7 @@ def project_out(U: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
         widest = max(k_pad, r_pad)
         with device_of(out):
             _project_out_kernel[(G,)](
-                U3, Q3, out, k, r, d,
-                K_PAD=k_pad, R_PAD=r_pad, BLOCK_D=_block_d(widest, d, _DOT_TILE),
-                num_warps=_num_warps(widest),
+                U=U3, Q=Q3, Out=out, k=k, r=r, d=d, K_PAD=k_pad, R_PAD=r_pad,
+                BLOCK_D=_block_d(widest, d, _DOT_TILE), num_warps=_num_warps(widest),
             )  # fmt: skip
     return out[0] if squeeze else out
