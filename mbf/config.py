@@ -7,10 +7,46 @@ from dataclasses import asdict, dataclass, fields
 
 from mbf.reference import SCHEDULES
 
-__all__ = ["INITS", "LLAMA_LINEARS", "SCHEDULES", "ContinualConfig", "LoRAConfig"]
+__all__ = [
+    "BACKENDS",
+    "INITS",
+    "LLAMA_LINEARS",
+    "SCHEDULES",
+    "ContinualConfig",
+    "LoRAConfig",
+    "check_lora_hyperparameters",
+]
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("orthogonal", "last_merge", "random", "none")  # how task i ≥ 2's fine-tuned adapter starts
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_lora_hyperparameters(
+    where: str, r, alpha, dropout, backend: str, max_rank: int | None = None
+) -> None:
+    """The one validation of LoRA's hyperparameters, for ``LoRAConfig`` and ``LoRALinear`` alike.
+
+    Args:
+        where: what to start the message with (a layer name, or ``"LoRAConfig"``).
+        max_rank: ``min(in, out)`` of the layer, when known.
+
+    Raises:
+        ValueError: naming ``where`` and the offending value.
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or (max_rank is not None and r > max_rank):
+        bound = f"[1, {max_rank}]" if max_rank is not None else "[1, ∞)"
+        raise ValueError(f"{where}: rank {r!r} must be an integer in {bound}")
+    if not (_is_number(alpha) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{where}: alpha={alpha!r} must be a finite number > 0")
+    if not (_is_number(dropout) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"{where}: dropout {dropout!r} must be in [0, 1)")
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}: backend={backend!r} must be one of {', '.join(map(repr, BACKENDS))}")
 
 
 @dataclass(frozen=True)
@@ -25,12 +61,7 @@ class LoRAConfig:
     backend: str = "auto"  # "auto" (Triton on CUDA), "torch" or "triton"
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRAConfig: rank r={self.r!r} must be a positive integer")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"LoRAConfig: alpha={self.alpha!r} must be a finite number > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig: dropout={self.dropout!r} must be in [0, 1)")
+        check_lora_hyperparameters("LoRAConfig", self.r, self.alpha, self.dropout, self.backend)
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 object.__setattr__(self, "target_modules", (self.target_modules,))
@@ -40,8 +71,6 @@ class LoRAConfig:
                 raise ValueError("LoRAConfig: target_modules is empty")
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"LoRAConfig: quantize={self.quantize!r} must be None or 'nf4'")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"LoRAConfig: backend={self.backend!r} must be 'auto', 'torch' or 'triton'")
 
     @property
     def scaling(self) -> float:

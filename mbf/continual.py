@@ -19,8 +19,6 @@ is the fine-tuned one.
 
 from __future__ import annotations
 
-import json
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,9 +28,9 @@ import torch
 from torch import nn
 
 from mbf import functional, reference
-from mbf.config import INITS, ContinualConfig, LoRAConfig
-from mbf.inject import inject, lora_layers
-from mbf.io import atomic_save_safetensors, atomic_write_text, load_safetensors
+from mbf.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from mbf.config import INITS, ContinualConfig
+from mbf.inject import eject, inject, lora_layers
 
 __all__ = ["INITS", "ContinualConfig", "ContinualLoRA"]
 
@@ -146,32 +144,37 @@ class ContinualLoRA:
 
         Raises:
             RuntimeError: when no task was begun.
-            ValueError: when an adapter holds non-finite values (names the layer; nothing merged).
+            ValueError: when an adapter, or the merge's result, holds non-finite values (names the
+                layer; the merged adapter is left as it was and the task stays open).
         """
         if not self.in_task:
             raise RuntimeError("end_task() without begin_task()")
         self.project_updates()  # strict mode: the merged A obeys the constraint too
         layers = list(self.layers.values())
-        self._check_finite()
+        self._check_finite("fine-tuned adapter", [(layer.lora_A, layer.lora_B) for layer in layers])
         lam = self.lam(self.task_index + 1)
         merged_Bs, ft_Bs = [layer.merged_B for layer in layers], [layer.lora_B for layer in layers]
+        before = [B.clone() for B in merged_Bs]  # (out, r) each: cheap insurance for all-or-nothing
         functional.time_aware_merge_(merged_Bs, ft_Bs, lam, backend=self.backend)
+        try:  # overflow is possible with finite inputs: check the result before committing it
+            self._check_finite(f"merge with λ={lam:g}", [(B,) for B in merged_Bs])
+        except ValueError:
+            torch._foreach_copy_(merged_Bs, before)
+            raise
         for layer in layers:
             layer.merged_A.copy_(layer.lora_A)
         self.task_index += 1
         self.in_task = False
         self._basis = self._start = None
 
-    def _check_finite(self) -> None:
+    def _check_finite(self, what: str, per_layer: list[tuple[torch.Tensor, ...]]) -> None:
         """One host sync for the whole model; the per-layer search runs only when something is wrong."""
-        flat = torch.cat(
-            [p.detach().reshape(-1) for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
-        )
+        flat = torch.cat([t.detach().reshape(-1) for ts in per_layer for t in ts])
         if bool(torch.isfinite(flat).all()):
             return
-        for name, layer in self.layers.items():
-            if not (torch.isfinite(layer.lora_A).all() and torch.isfinite(layer.lora_B).all()):
-                raise ValueError(f"{name}: fine-tuned adapter has non-finite values; refusing to merge")
+        for name, ts in zip(self.layers, per_layer):
+            if not all(bool(torch.isfinite(t).all()) for t in ts):
+                raise ValueError(f"{name}: {what} has non-finite values; refusing to merge")
 
     @contextmanager
     def merged(self) -> Iterator[nn.Module]:
@@ -202,7 +205,7 @@ class ContinualLoRA:
         """Tensors of both adapters of every layer plus the task counter and options."""
         tensors = {}
         for name, layer in self.layers.items():
-            for key in ("lora_A", "lora_B", "merged_A", "merged_B"):
+            for key in _STATE_KEYS:
                 tensors[f"{name}.{key}"] = getattr(layer, key).detach()
         return {
             "task_index": self.task_index,
@@ -213,25 +216,29 @@ class ContinualLoRA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Restore from ``state_dict()``. Raises KeyError/ValueError naming a missing or misshapen tensor."""
+        """Restore from ``state_dict()``: every tensor is checked before any is copied (all or nothing).
+
+        Raises:
+            KeyError: a LoRA tensor of this model is missing, or the state has one this model lacks.
+            ValueError: a saved tensor's shape differs from the layer's (all name the tensor).
+        """
         tensors = state["tensors"]
+        pairs = []
         for name, layer in self.layers.items():
-            for key in ("lora_A", "lora_B", "merged_A", "merged_B"):
+            for key in _STATE_KEYS:
                 full = f"{name}.{key}"
                 if full not in tensors:
                     raise KeyError(f"{full}: missing from the saved state")
                 dst = getattr(layer, key)
                 if tuple(tensors[full].shape) != tuple(dst.shape):
-                    raise ValueError(
-                        f"{full}: saved shape {tuple(tensors[full].shape)} != {tuple(dst.shape)}"
-                    )
-                dst.copy_(tensors[full])
-        expected = {
-            f"{name}.{key}" for name in self.layers for key in ("lora_A", "lora_B", "merged_A", "merged_B")
-        }
-        unexpected = sorted(set(tensors) - expected)
+                    saved = tuple(tensors[full].shape)
+                    raise ValueError(f"{full}: saved shape {saved} != {tuple(dst.shape)}")
+                pairs.append((dst, tensors[full]))
+        unexpected = sorted(set(tensors) - {f"{n}.{k}" for n in self.layers for k in _STATE_KEYS})
         if unexpected:
             raise KeyError(f"{unexpected[0]}: in the saved state but not a LoRA tensor of this model")
+        for dst, src in pairs:
+            dst.copy_(src)
         self.task_index = int(state["task_index"])
         self.in_task = bool(state.get("in_task", False))
 
@@ -242,58 +249,57 @@ class ContinualLoRA:
     def save(self, path: str | Path) -> Path:
         """Write the state into directory ``path``: a crash at any point leaves a loadable checkpoint.
 
-        The tensors go to a new ``adapters-<token>.safetensors``; ``continual.json``, written last and
-        atomically, names it and is the commit point: until it is replaced, the previous save's json
-        and tensors stay together. The previous tensor file is removed afterwards.
+        The format and its guarantees: ``mbf.checkpoint``.
         """
         if self.in_task and self.config.orthogonal_updates:
             raise RuntimeError(
                 "strict mode (orthogonal_updates) cannot be saved mid-task; save after end_task()"
             )
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        tensors_file = f"adapters-{uuid.uuid4().hex[:12]}.safetensors"
-        atomic_save_safetensors(state["tensors"], path / tensors_file)
-        config = getattr(self.model, "mbf_lora_config", None)
-        meta = {
-            "task_index": state["task_index"],
-            "config": state["config"],
-            "lora_config": config.to_dict() if config is not None else None,
-            "tensors_file": tensors_file,
-            "in_task": self.in_task,  # a mid-task checkpoint resumes inside the task, not at its start
-        }
-        atomic_write_text(json.dumps(meta, indent=2), path / "continual.json")
-        for stale in path.glob("adapters-*.safetensors"):
-            if stale.name != tensors_file:
-                stale.unlink(missing_ok=True)
-        return path
+        ckpt = Checkpoint(
+            self.task_index, self.in_task, self.config, getattr(self.model, "mbf_lora_config", None),
+            self.state_dict()["tensors"],
+        )  # fmt: skip
+        return write_checkpoint(path, ckpt)
 
     @classmethod
     def load(cls, model: nn.Module, path: str | Path, backend: str = "auto") -> ContinualLoRA:
-        """Rebuild from ``save(path)``; injects the saved LoRAConfig first when the model has no LoRA."""
-        path = Path(path)
-        meta = json.loads((path / "continual.json").read_text())
-        saved_cfg = None if meta["lora_config"] is None else LoRAConfig.from_dict(meta["lora_config"])
+        """Rebuild from ``save(path)``; injects the saved LoRAConfig first when the model has no LoRA.
+
+        All or nothing: the checkpoint is validated completely before the model's adapters change,
+        and a model this call injected is ejected again when loading fails.
+
+        Raises:
+            FileNotFoundError, ValueError, KeyError: a missing, malformed, corrupted or mismatched
+                checkpoint (the message names the file, field or tensor).
+        """
+        ckpt = read_checkpoint(path)
+        injected = False
         if not lora_layers(model):
-            if saved_cfg is None:
+            if ckpt.lora_config is None:
                 raise ValueError(f"{path}: model has no LoRA layers and no LoRAConfig was saved")
-            inject(model, saved_cfg)
-        current = getattr(model, "mbf_lora_config", None)
-        if saved_cfg is not None and current is not None:
-            for field in ("r", "alpha", "target_modules", "quantize"):
-                if getattr(saved_cfg, field) != getattr(current, field):
-                    raise ValueError(
-                        f"{path}: saved LoRAConfig.{field}={getattr(saved_cfg, field)!r} but the model "
-                        f"was injected with {field}={getattr(current, field)!r}"
-                    )
-        # "options": the name of the same fields before ContinualConfig existed
-        cl = cls(model, ContinualConfig.from_dict(meta.get("config", meta.get("options"))), backend=backend)
-        cl.load_state_dict(
-            {
-                "task_index": meta["task_index"],
-                "in_task": meta.get("in_task", False),
-                "tensors": load_safetensors(path / meta["tensors_file"]),
-            }
-        )
+            inject(model, ckpt.lora_config)
+            injected = True
+        try:
+            _check_lora_config(path, ckpt.lora_config, getattr(model, "mbf_lora_config", None))
+            cl = cls(model, ckpt.config, backend=backend)
+            state = {"task_index": ckpt.task_index, "in_task": ckpt.in_task, "tensors": ckpt.tensors}
+            cl.load_state_dict(state)
+        except BaseException:
+            if injected:
+                eject(model)
+            raise
         return cl
+
+
+_STATE_KEYS = ("lora_A", "lora_B", "merged_A", "merged_B")
+
+
+def _check_lora_config(path, saved, current) -> None:
+    if saved is None or current is None:
+        return
+    for field in ("r", "alpha", "target_modules", "quantize"):
+        if getattr(saved, field) != getattr(current, field):
+            raise ValueError(
+                f"{path}: saved LoRAConfig.{field}={getattr(saved, field)!r} but the model "
+                f"was injected with {field}={getattr(current, field)!r}"
+            )

@@ -12,7 +12,7 @@ from mbf.config import LoRAConfig
 from mbf.nf4 import is_bnb_linear4bit
 from mbf.nn import LoRALinear, NF4Linear
 
-__all__ = ["eject", "inject", "lora_layers"]
+__all__ = ["eject", "inference_adapter", "inject", "lora_layers"]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -84,18 +84,41 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     return model
 
 
-def eject(model: nn.Module, fold: bool = False) -> nn.Module:
-    """Put the original linears back. With ``fold=True`` the active adapter is folded into W first.
+def inference_adapter(layers: dict[str, LoRALinear]) -> str:
+    """``"merged"`` once a task has been merged (SLAO's inference adapter), else ``"finetuned"``."""
+    return "merged" if any(layer.has_merged_adapter() for layer in layers.values()) else "finetuned"
+
+
+def eject(model: nn.Module, fold: bool = False, adapter: str = "auto") -> nn.Module:
+    """Put the original linears back. With ``fold=True`` an adapter is folded into W first.
+
+    All or nothing: with ``fold=True`` every folded weight is checked before any layer changes, so
+    a non-finite one leaves the model exactly as it was (still injected).
+
+    Args:
+        model: a model after ``inject``.
+        fold: fold the adapter into the base weights (PEFT's ``merge_and_unload``).
+        adapter: which adapter to fold: ``"merged"`` (SLAO's merged adapter), ``"finetuned"``, or
+            ``"auto"``: the one inference uses, i.e. the merged adapter once ``ContinualLoRA`` has
+            ended a task, the fine-tuned one before (the same rule as ``save_peft_adapter``).
 
     Over a 4-bit base, ``fold=True`` gives a 16-bit ``nn.Linear`` (never a re-quantised weight);
     without it, the bnb ``Linear4bit`` that was injected (or the NF4Linear of ``quantize="nf4"``).
 
     Raises:
-        ValueError: with ``fold=True``, when a folded weight would be non-finite.
+        ValueError: with ``fold=True``, when a folded weight would be non-finite (names the layer),
+            or on an unknown ``adapter``.
     """
-    for name, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    if adapter not in ("auto", "merged", "finetuned"):
+        raise ValueError(f"adapter={adapter!r} must be 'auto', 'merged' or 'finetuned'")
+    if fold:
+        adapter = inference_adapter(layers) if adapter == "auto" else adapter
+        for layer in layers.values():  # check every layer before changing any
+            layer.check_fold(adapter)
+    for name, layer in layers.items():
         if fold:
-            layer.merge(safe_merge=True)
+            layer.merge(safe_merge=False, adapter=adapter)
         elif layer.folded:
             layer.unmerge()
         base = layer.base

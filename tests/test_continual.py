@@ -208,7 +208,7 @@ def test_errors(tiny_llama):
 def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_llama, tmp_path, monkeypatch):
     from conftest import make_tiny_llama
 
-    import mbf.continual as continual
+    import mbf.checkpoint as checkpoint
 
     cl = _setup(tiny_llama)
     cl.begin_task()
@@ -223,7 +223,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tiny_llama,
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies after the tensors, before the json is replaced
 
-    monkeypatch.setattr(continual, "atomic_write_text", crash)
+    monkeypatch.setattr(checkpoint, "atomic_write_json", crash)
     with pytest.raises(KeyboardInterrupt):
         cl.save(tmp_path / "ckpt")
     monkeypatch.undo()

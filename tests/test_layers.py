@@ -121,9 +121,9 @@ def test_dropout_only_in_training():
 
 
 def test_validation_errors_name_the_layer():
-    with pytest.raises(ValueError, match=r"q_proj: rank 0 must be in \[1, 17\]"):
+    with pytest.raises(ValueError, match=r"q_proj: rank 0 must be an integer in \[1, 17\]"):
         mbf.LoRALinear(nn.Linear(24, 17), r=0, name="q_proj")
-    with pytest.raises(ValueError, match=r"v_proj: rank 18 must be in \[1, 17\]"):
+    with pytest.raises(ValueError, match=r"v_proj: rank 18 must be an integer in \[1, 17\]"):
         mbf.LoRALinear(nn.Linear(24, 17), r=18, name="v_proj")
     with pytest.raises(ValueError, match=r"k_proj: dropout 1.5 must be in \[0, 1\)"):
         mbf.LoRALinear(nn.Linear(24, 17), r=2, dropout=1.5, name="k_proj")

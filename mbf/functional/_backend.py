@@ -6,9 +6,9 @@ import importlib
 
 import torch
 
-__all__ = ["BACKENDS", "kernel", "resolve_backend"]
+from mbf.config import BACKENDS
 
-BACKENDS = ("auto", "torch", "triton")
+__all__ = ["BACKENDS", "kernel", "resolve_backend"]
 
 
 def kernel(module: str, name: str):

@@ -7,28 +7,30 @@ from pathlib import Path
 
 from torch import nn
 
-from mbf.inject import lora_layers
+from mbf.inject import inference_adapter, lora_layers
 from mbf.io import atomic_save_safetensors, atomic_write_text
 
 __all__ = ["save_peft_adapter"]
 
 
-def save_peft_adapter(model: nn.Module, path: str | Path, which: str = "merged") -> Path:
+def save_peft_adapter(model: nn.Module, path: str | Path, which: str = "auto") -> Path:
     """Export one adapter of every LoRALinear in PEFT's format (loadable by ``PeftModel.from_pretrained``).
 
     Args:
         model: a model after ``mbf.inject``.
         path: output directory (``adapter_model.safetensors`` + ``adapter_config.json``).
-        which: ``"merged"`` (SLAO's merged adapter: what inference uses) or ``"finetuned"``.
+        which: ``"merged"`` (SLAO's merged adapter), ``"finetuned"``, or ``"auto"``: the one inference
+            uses (the merged adapter once a task has been merged, the fine-tuned one before).
 
     Raises:
         ValueError: on an unknown ``which`` or a model without LoRA layers.
     """
-    if which not in ("merged", "finetuned"):
-        raise ValueError(f"which={which!r} must be 'merged' or 'finetuned'")
+    if which not in ("auto", "merged", "finetuned"):
+        raise ValueError(f"which={which!r} must be 'auto', 'merged' or 'finetuned'")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to export")
+    which = inference_adapter(layers) if which == "auto" else which
     tensors = {}
     for name, layer in layers.items():
         A, B = (layer.merged_A, layer.merged_B) if which == "merged" else (layer.lora_A, layer.lora_B)

@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from mbf import functional
+from mbf.config import check_lora_hyperparameters
 from mbf.nf4 import is_bnb_linear4bit
 from mbf.nn.nf4 import NF4Linear
 
 __all__ = ["LoRALinear"]
 
 MODES = ("finetuned", "merged", "preview")
+ADAPTERS = ("finetuned", "merged")  # the two adapters a layer holds
 
 
 class LoRALinear(nn.Module):
@@ -42,8 +44,9 @@ class LoRALinear(nn.Module):
         dtype: adapter dtype (default: the base weight's, fp32 over a 16-bit base).
 
     Raises:
-        ValueError: on a rank or dropout out of range (naming the layer), or a 4-bit base that is
-            not NF4 with blocksize 64.
+        ValueError: on a rank, alpha, dropout or backend out of range (naming the layer), or a
+            4-bit base that is not NF4 with blocksize 64.
+        TypeError: on a base that is not a linear.
     """
 
     def __init__(
@@ -68,10 +71,7 @@ class LoRALinear(nn.Module):
             w_device, w_dtype = base.weight.device, base.weight.dtype
         else:
             raise TypeError(f"{name}: expected nn.Linear, got {type(base).__name__} (or NF4 4-bit)")
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_f, out_f):
-            raise ValueError(f"{name}: rank {r} must be in [1, {min(in_f, out_f)}]")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{name}: dropout {dropout} must be in [0, 1)")
+        check_lora_hyperparameters(name, r, alpha, dropout, backend, max_rank=min(in_f, out_f))
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -133,7 +133,13 @@ class LoRALinear(nn.Module):
         return self.lora_A, self.lora_B, None, 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., in_features)`` → ``(..., out_features)`` in x's dtype."""
+        """``(..., in_features)`` → ``(..., out_features)`` in x's dtype.
+
+        Raises:
+            TypeError: x is not floating point, or (outside autocast) its dtype differs from a dense base's.
+            ValueError: x has the wrong number of features (the messages name the layer).
+        """
+        self._check_input(x)
         if self.folded:
             return self.base(x)
         A, B, merged_B, lam = self._active()
@@ -144,59 +150,97 @@ class LoRALinear(nn.Module):
             dropout=dropout, backend=self.backend, name=self.layer_name,
         )  # fmt: skip
 
-    def get_delta_weight(self) -> torch.Tensor:
-        """``s · B Aᵀ`` of the active adapter (``(out, in)``, fp32 math, base weight dtype)."""
-        return self._delta_fp32().to(self._base_dtype())
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{self.layer_name}: input dtype {x.dtype} is not floating point")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.layer_name}: input has {x.shape[-1]} features, expected {self.in_features}"
+            )
+        base_dtype = self._base_dtype()
+        if not self.is_4bit and x.dtype != base_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{self.layer_name}: input dtype {x.dtype} but the base weight is {base_dtype}; cast one of "
+                "them (or run under torch.autocast)"
+            )
 
-    def _delta_fp32(self) -> torch.Tensor:
-        A, B, merged_B, lam = self._active()
-        B = B if merged_B is None else torch.lerp(merged_B.float(), B.float(), lam)
+    def has_merged_adapter(self) -> bool:
+        """True once a task has been merged (``merged_A`` is the last task's A, never all zeros)."""
+        return bool(self.merged_A.detach().any())
+
+    def get_delta_weight(self, adapter: str | None = None) -> torch.Tensor:
+        """``s · B Aᵀ`` (``(out, in)``, fp32 math, base weight dtype) of ``adapter``: ``"finetuned"``,
+        ``"merged"``, or None for the one the forward uses now (``adapter_mode``)."""
+        return self._delta_fp32(adapter).to(self._base_dtype())
+
+    def _delta_fp32(self, adapter: str | None = None) -> torch.Tensor:
+        if adapter is None:
+            A, B, merged_B, lam = self._active()
+            B = B if merged_B is None else torch.lerp(merged_B.float(), B.float(), lam)
+        elif adapter == "merged":
+            A, B = self.merged_A, self.merged_B
+        elif adapter == "finetuned":
+            A, B = self.lora_A, self.lora_B
+        else:
+            raise ValueError(f"{self.layer_name}: adapter {adapter!r} must be one of {ADAPTERS} or None")
         return self.scaling * (B.float() @ A.float())
 
+    def _folded_weight(self, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W0 + s B Aᵀ, the delta added)``, computed without changing anything.
+
+        Over a 4-bit base: fp32 (one rounding, at the 16-bit copy) and no delta to remember.
+        """
+        if self.is_4bit:
+            return self.base.dequantize(torch.float32) + self._delta_fp32(adapter), None
+        delta = self.get_delta_weight(adapter)
+        return self.base.weight + delta, delta
+
     @torch.no_grad()
-    def merge(self, safe_merge: bool = True) -> None:
-        """Fold the active adapter into the base weight (PEFT's name); forward is then the base alone.
+    def check_fold(self, adapter: str | None = None) -> None:
+        """Raise ValueError (naming the layer) when folding ``adapter`` would give non-finite weights."""
+        if not self.folded and not torch.isfinite(self._folded_weight(adapter)[0]).all():
+            raise ValueError(f"{self.layer_name}: folding would produce non-finite weights; not folded")
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = True, adapter: str | None = None) -> None:
+        """Fold an adapter into the base weight (PEFT's name); forward is then the base alone.
+
+        Args:
+            safe_merge: check the folded weight is finite before writing it (PEFT's flag).
+            adapter: ``"finetuned"``, ``"merged"`` (SLAO's merged adapter), or None for the one the
+                forward uses now.
 
         Over a 4-bit base the result is a new 16-bit ``nn.Linear`` (dequantised base + delta, in the
         compute dtype): a folded 4-bit weight is never re-quantised, which would destroy what was
         learned. ``unmerge()`` puts the untouched 4-bit base back.
 
         Raises:
-            ValueError: with ``safe_merge``, when the folded weight would be non-finite.
+            ValueError: with ``safe_merge``, when the folded weight would be non-finite (nothing changes).
         """
         if self.folded:
             return
-        if self.is_4bit:
-            self._merge_4bit(safe_merge)
-            return
-        delta = self.get_delta_weight()
-        new_w = self.base.weight + delta
+        new_w, delta = self._folded_weight(adapter)
         if safe_merge and not torch.isfinite(new_w).all():
             raise ValueError(f"{self.layer_name}: folding would produce non-finite weights; not folded")
-        self.base.weight.copy_(new_w)
-        # unmerge() subtracts this very delta: the adapter mode or λ may change in between
-        self._folded_delta = delta
+        if self.is_4bit:
+            self._swap_in_dense(new_w)
+        else:
+            self.base.weight.copy_(new_w)
+            self._folded_delta = delta  # unmerge() subtracts this very delta: the mode or λ may change
         self.folded = True
 
-    def _merge_4bit(self, safe_merge: bool) -> None:
+    def _swap_in_dense(self, new_w: torch.Tensor) -> None:
         nf4 = self.base
-        new_w = nf4.dequantize(torch.float32) + self._delta_fp32()  # one rounding, at the copy
-        if safe_merge and not torch.isfinite(new_w).all():
-            raise ValueError(f"{self.layer_name}: folding would produce non-finite weights; not folded")
         dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=nf4.bias is not None,
-            device=new_w.device,
+            self.in_features, self.out_features, bias=nf4.bias is not None, device=new_w.device,
             dtype=nf4.compute_dtype,
-        )
+        )  # fmt: skip
         dense.weight.copy_(new_w)
         if nf4.bias is not None:
             dense.bias.copy_(nf4.bias)
         dense.requires_grad_(False)
         self.__dict__["_nf4_base"] = nf4  # not a submodule: the folded state_dict is the 16-bit one
         self.base = dense
-        self.folded = True
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -1,0 +1,134 @@
+"""The on-disk format of a ``ContinualLoRA`` checkpoint: written crash-safe, read with every field checked.
+
+A checkpoint is a directory holding
+
+    continual.json                      the commit point: written last, atomically (schema below)
+    adapters-<token>.safetensors        the four adapter tensors of every layer (a new token per save)
+
+``continual.json`` (``"format": "mbf-continual-checkpoint/1"``)::
+
+    task_index      int ≥ 0: finished tasks
+    in_task         bool: saved inside a task (resumes there, not at its start)
+    config          ContinualConfig fields
+    lora_config     LoRAConfig fields, or null when the model was not injected by mbf.inject
+    tensors_file    the safetensors file of this save
+    tensors_sha256  hex SHA-256 of that file: flipped bytes are caught on load, not trained on
+
+Until ``continual.json`` is replaced, the previous save's json and tensors stay together, so a crash
+at any point leaves a loadable checkpoint; the previous tensor file is removed only afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from mbf.config import ContinualConfig, LoRAConfig
+from mbf.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+
+__all__ = ["FORMAT", "Checkpoint", "read_checkpoint", "write_checkpoint"]
+
+FORMAT = "mbf-continual-checkpoint/1"
+META = "continual.json"
+_TENSORS_FILE = re.compile(r"adapters-[0-9a-f]{8,64}\.safetensors")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint holds (validated when read)."""
+
+    task_index: int  # finished tasks
+    in_task: bool  # saved inside a task
+    config: ContinualConfig
+    lora_config: LoRAConfig | None  # None: the model was not injected by mbf.inject
+    tensors: dict[str, torch.Tensor]  # "<layer>.<lora_A|lora_B|merged_A|merged_B>"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` into directory ``path`` (created); see the module docstring for the guarantees."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors_file = f"adapters-{uuid.uuid4().hex[:12]}.safetensors"
+    atomic_save_safetensors(ckpt.tensors, path / tensors_file)
+    meta = {
+        "format": FORMAT,
+        "task_index": ckpt.task_index,
+        "in_task": ckpt.in_task,
+        "config": ckpt.config.to_dict(),
+        "lora_config": None if ckpt.lora_config is None else ckpt.lora_config.to_dict(),
+        "tensors_file": tensors_file,
+        "tensors_sha256": _sha256(path / tensors_file),
+    }
+    atomic_write_json(meta, path / META, indent=2)
+    for stale in path.glob("adapters-*.safetensors"):
+        if stale.name != tensors_file:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate the checkpoint in directory ``path``.
+
+    Raises:
+        FileNotFoundError: no ``continual.json`` (or its tensor file) there.
+        ValueError: a malformed field, a corrupted or modified tensor file, non-finite values
+            (every message names the file and the field).
+    """
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: not a ContinualLoRA checkpoint (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    task_index, in_task = meta.get("task_index"), meta.get("in_task", False)
+    if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
+        raise ValueError(f"{meta_path}: task_index={task_index!r} must be an integer >= 0")
+    if not isinstance(in_task, bool):
+        raise ValueError(f"{meta_path}: in_task={in_task!r} must be true or false")
+    try:
+        # "options": the name of the same fields before ContinualConfig existed
+        config = ContinualConfig.from_dict(meta.get("config", meta.get("options")))
+        lora = meta.get("lora_config")
+        lora_config = None if lora is None else LoRAConfig.from_dict(lora)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{meta_path}: {err}") from err
+    return Checkpoint(task_index, in_task, config, lora_config, _read_tensors(path, meta, meta_path))
+
+
+def _read_tensors(path: Path, meta: dict, meta_path: Path) -> dict[str, torch.Tensor]:
+    name = meta.get("tensors_file")
+    if not isinstance(name, str) or not _TENSORS_FILE.fullmatch(name):
+        raise ValueError(f"{meta_path}: tensors_file={name!r} is not an adapters-<hex>.safetensors name")
+    file = path / name
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: the tensor file named by {meta_path} is missing")
+    expected = meta.get("tensors_sha256")
+    if expected is not None and _sha256(file) != expected:
+        raise ValueError(f"{file}: SHA-256 differs from {meta_path}: the file was modified or corrupted")
+    try:
+        tensors = load_safetensors(file)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: cannot be read as safetensors ({err})") from err
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{file}: tensor {key} has non-finite values")
+    return tensors
