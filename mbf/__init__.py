@@ -4,7 +4,7 @@ from mbf import functional, nf4, reference
 from mbf.config import ContinualConfig, LoRAConfig
 from mbf.continual import ContinualLoRA
 from mbf.inject import eject, inject, lora_layers
-from mbf.integrations.peft import save_peft_adapter
+from mbf.integrations.peft import from_peft, load_peft_adapter, save_peft_adapter
 from mbf.nn import LoRALinear, NF4Linear
 
 __version__ = "0.1.0"
@@ -16,8 +16,10 @@ __all__ = [
     "LoRALinear",
     "NF4Linear",
     "eject",
+    "from_peft",
     "functional",
     "inject",
+    "load_peft_adapter",
     "lora_layers",
     "nf4",
     "reference",

@@ -212,9 +212,10 @@ def _lora(args):
 
 def _quantize(model, lora) -> None:
     """QLoRA: the non-target linears to NF4 now; inject() quantises the targets (lora.quantize)."""
+    from mbf.inject import target_names
     from mbf.models import quantize_base
 
-    n = quantize_base(model, skip=lora.targets())
+    n = quantize_base(model, skip=tuple({n.rpartition(".")[2] for n in target_names(model, lora)}))
     print(f"QLoRA base: {n} linears quantised to NF4 (+ the LoRA targets at inject)", file=sys.stderr)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 from mbf.reference import SCHEDULES
@@ -49,26 +51,56 @@ def check_lora_hyperparameters(
         raise ValueError(f"{where}: backend={backend!r} must be one of {', '.join(map(repr, BACKENDS))}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LoRAConfig:
-    """How to adapt a model's linears with LoRA."""
+    r"""How to adapt a model's linears with LoRA. PEFT's names (``lora_alpha``, ``lora_dropout``) and
+    ``target_modules`` forms are accepted, with PEFT's matching rules:
+
+    - a list/tuple of names: a module matches when its qualified name equals one of them or ends with
+      ``"." + name`` (``"q_proj"``, ``"self_attn.q_proj"``);
+    - a string: a regular expression that must match the whole qualified name
+      (``r".*\.layers\.[0-3]\..*proj"``);
+    - ``"all-linear"``: every linear module (dense or 4-bit) but the model's output embedding
+      (``lm_head``), by module type, whatever the architecture.
+
+    ``exclude_modules`` (same forms but "all-linear") removes matches.
+    """
 
     r: int = 8  # rank of the adapter
-    alpha: float = 16.0  # scaling = alpha / r, as in PEFT's lora_alpha
-    dropout: float = 0.0  # LoRA dropout on the adapter branch's input (training only)
-    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")  # leaf names, or "all-linear"
+    alpha: float = 16.0  # scaling = alpha / r (PEFT: lora_alpha)
+    dropout: float = 0.0  # LoRA dropout on the adapter branch's input, training only (PEFT: lora_dropout)
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")  # names/suffixes, a regex, or "all-linear"
     quantize: str | None = None  # "nf4" to store dense base weights in 4 bits (QLoRA)
     backend: str = "auto"  # "auto" (Triton on CUDA), "torch" or "triton"
+    exclude_modules: tuple[str, ...] | str | None = None  # names/suffixes or a regex never adapted
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        target_modules: Sequence[str] | str = ("q_proj", "v_proj"),
+        quantize: str | None = None,
+        backend: str = "auto",
+        exclude_modules: Sequence[str] | str | None = None,
+        *,
+        lora_alpha: float | None = None,
+        lora_dropout: float | None = None,
+    ) -> None:
+        values = {
+            "r": r,
+            "alpha": _one_name("alpha", alpha, "lora_alpha", lora_alpha, 16.0),
+            "dropout": _one_name("dropout", dropout, "lora_dropout", lora_dropout, 0.0),
+            "target_modules": _targets("target_modules", target_modules),
+            "quantize": quantize,
+            "backend": backend,
+            "exclude_modules": _targets("exclude_modules", exclude_modules) if exclude_modules else None,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
         check_lora_hyperparameters("LoRAConfig", self.r, self.alpha, self.dropout, self.backend)
-        if isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                object.__setattr__(self, "target_modules", (self.target_modules,))
-        else:
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-            if not self.target_modules:
-                raise ValueError("LoRAConfig: target_modules is empty")
+        if self.exclude_modules == "all-linear":
+            raise ValueError("LoRAConfig: exclude_modules='all-linear' would exclude every target")
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"LoRAConfig: quantize={self.quantize!r} must be None or 'nf4'")
 
@@ -76,9 +108,22 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.alpha / self.r
 
-    def targets(self) -> tuple[str, ...]:
-        """The leaf module names to adapt."""
-        return LLAMA_LINEARS if self.target_modules == "all-linear" else self.target_modules  # type: ignore
+    @property
+    def lora_alpha(self) -> float:
+        """PEFT's name of ``alpha``."""
+        return self.alpha
+
+    @property
+    def lora_dropout(self) -> float:
+        """PEFT's name of ``dropout``."""
+        return self.dropout
+
+    def matches(self, name: str) -> bool:
+        """Whether the module called ``name`` (qualified) is a target by ``target_modules`` and not
+        excluded (``"all-linear"`` matches every name: the caller filters linears by type)."""
+        return _match(self.target_modules, name) and not (
+            self.exclude_modules is not None and _match(self.exclude_modules, name)
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready fields (tuples as lists)."""
@@ -87,10 +132,36 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, data: dict) -> LoRAConfig:
         """Inverse of ``to_dict``. Raises ValueError naming an unknown field."""
-        data = dict(_known_fields(cls, data))
-        if isinstance(data.get("target_modules"), list):
-            data["target_modules"] = tuple(data["target_modules"])
-        return cls(**data)
+        return cls(**_known_fields(cls, data))
+
+
+def _one_name(ours: str, value, peft: str, peft_value, default):
+    if value is not None and peft_value is not None and value != peft_value:
+        raise ValueError(f"LoRAConfig: {ours}={value!r} and {peft}={peft_value!r} disagree; give one")
+    return value if value is not None else peft_value if peft_value is not None else default
+
+
+def _targets(field: str, value) -> tuple[str, ...] | str:
+    """A regex / "all-linear" string stays a string; any other iterable of names becomes a tuple."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"LoRAConfig: {field}={value!r} is not a valid regex ({err})") from err
+        return value
+    names = tuple(value)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"LoRAConfig: {field}={value!r} must be a non-empty list of module names")
+    return names
+
+
+def _match(pattern: tuple[str, ...] | str, name: str) -> bool:
+    """PEFT's rule: a string is a regex on the whole name; names match exactly or as a "." suffix."""
+    if pattern == "all-linear":
+        return True
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == t or name.endswith("." + t) for t in pattern)
 
 
 @dataclass(frozen=True)

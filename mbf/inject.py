@@ -12,7 +12,7 @@ from mbf.config import LoRAConfig
 from mbf.nf4 import is_bnb_linear4bit
 from mbf.nn import LoRALinear, NF4Linear
 
-__all__ = ["eject", "inference_adapter", "inject", "lora_layers"]
+__all__ = ["eject", "inference_adapter", "inject", "lora_layers", "target_names"]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -26,8 +26,50 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def _is_peft_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.")
+
+
+def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Qualified names of the linears ``config`` selects in ``model`` (PEFT's matching rules).
+
+    Linears are ``nn.Linear`` (bitsandbytes' ``Linear4bit`` included) and ``mbf.nn.NF4Linear``;
+    ``"all-linear"`` takes all of them but the model's output embedding.
+
+    Raises:
+        ValueError: a listed name that matches no linear, or no match at all (the available linear
+            names are listed); a model carrying PEFT layers (convert it with ``mbf.from_peft``).
+    """
+    if any(_is_peft_layer(m) for m in model.modules()):
+        raise ValueError(
+            "model carries PEFT LoRA layers: convert it with mbf.from_peft(model) instead of inject"
+        )
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+    if config.target_modules == "all-linear":
+        get_out = getattr(model, "get_output_embeddings", None)
+        head = get_out() if callable(get_out) else None
+        linears = [n for n in linears if model.get_submodule(n) is not head]
+    chosen = [n for n in linears if config.matches(n)]
+    leaves = ", ".join(sorted({n.rpartition(".")[2] for n in linears})) or "none"
+    if isinstance(config.target_modules, tuple):
+        missing = [
+            t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in linears)
+        ]
+        if missing:
+            missing_names = ", ".join(map(repr, missing))
+            raise ValueError(f"target module(s) {missing_names} not found; available linear names: {leaves}")
+    if not chosen:
+        hint = ""
+        if isinstance(config.target_modules, str) and config.target_modules != "all-linear":
+            hint = " (a string is a regex on the whole qualified name, as in PEFT; pass a list for names)"
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches no linear{hint}; available: {leaves}"
+        )
+    return chosen
+
+
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Replace every linear whose leaf name is in ``config.targets()`` by a LoRALinear.
+    """Replace every linear ``config`` selects (see ``target_names``) by a LoRALinear.
 
     All other parameters are frozen; only the adapters' ``lora_A`` and ``lora_B`` train. A bitsandbytes
     NF4 ``Linear4bit`` (a model loaded with ``BitsAndBytesConfig(load_in_4bit=True,
@@ -36,41 +78,31 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     back the NF4Linear: the dense weight is gone).
 
     Args:
-        model: a transformers model (Llama names by default) or any nn.Module.
+        model: a transformers model or any nn.Module.
         config: the LoRA configuration.
 
     Returns:
-        The same model, modified in place.
+        The same model, modified in place (all or nothing: a failure leaves it untouched).
 
     Raises:
-        ValueError: when a target name matches no linear (the available names are listed), the
-            model already carries LoRA layers, or a 4-bit target is not NF4 with blocksize 64.
+        ValueError: when a target matches no linear (the available names are listed), the model
+            already carries LoRA layers (ours or PEFT's), a rank does not fit a layer, or a 4-bit
+            target is not NF4 with blocksize 64 (the messages name the layer).
     """
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; eject() them before injecting again")
-    targets = config.targets()
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))}
-    leaves = {n.rpartition(".")[2] for n in linears}
-    missing = [t for t in targets if t not in leaves]
-    if missing and config.target_modules != "all-linear":
-        raise ValueError(
-            f"target module(s) {', '.join(map(repr, missing))} not found; available linear names: "
-            f"{', '.join(sorted(leaves))}"
-        )
-    if not any(n.rpartition(".")[2] in targets for n in linears):
-        raise ValueError(f"no linear named {', '.join(targets)}; available: {', '.join(sorted(leaves))}")
+    names = target_names(model, config)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     new_layers = {}
     try:  # build every layer before swapping any: a bad rank leaves the model untouched
-        for name, linear in linears.items():
-            if name.rpartition(".")[2] not in targets:
-                continue
-            src = linear
-            if config.quantize == "nf4" and not is_bnb_linear4bit(linear):
-                src = NF4Linear.from_linear(linear, name=name)  # QLoRA: the dense weight goes
-            new_layers[name] = LoRALinear(
+        for name in names:
+            src = model.get_submodule(name)
+            if config.quantize == "nf4" and isinstance(src, nn.Linear) and not is_bnb_linear4bit(src):
+                src = NF4Linear.from_linear(src, name=name)  # QLoRA: the dense weight goes
+            layer = LoRALinear(
                 src, r=config.r, alpha=config.alpha, dropout=config.dropout, backend=config.backend, name=name
             )
+            new_layers[name] = layer.train(src.training)  # an eval() model stays in eval (no dropout)
     except Exception:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])

@@ -236,3 +236,13 @@ def test_files_respect_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
+
+
+def test_inject_keeps_the_model_in_its_mode():
+    """An eval() model stays in eval after inject: LoRA dropout must not switch on by itself."""
+    model = make_tiny_llama()  # eval()
+    mbf.inject(model, mbf.LoRAConfig(r=2, dropout=0.5, target_modules=("q_proj",)))
+    assert not any(layer.training for layer in mbf.lora_layers(model).values())
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # no random mask in eval

@@ -3,6 +3,6 @@
 Each module imports its third-party package lazily, so ``import mbf`` never needs it.
 """
 
-from mbf.integrations.peft import save_peft_adapter
+from mbf.integrations.peft import from_peft, load_peft_adapter, lora_config_from_peft, save_peft_adapter
 
-__all__ = ["save_peft_adapter"]
+__all__ = ["from_peft", "load_peft_adapter", "lora_config_from_peft", "save_peft_adapter"]
