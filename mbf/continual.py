@@ -184,16 +184,27 @@ class ContinualLoRA:
 
     @contextmanager
     def adapter_mode(self, mode: str, lam: float | None = None) -> Iterator[nn.Module]:
-        """Run the model with ``mode`` (``"finetuned"``, ``"merged"``, ``"preview"`` at ``lam``)."""
-        saved = [(layer.adapter_mode, layer.lam) for layer in self.layers.values()]
+        """Run the model with ``mode`` (``"finetuned"``, ``"merged"``, ``"preview"`` at ``lam``), in
+        training and in eval() alike (an ``eval_adapter_mode`` is set aside inside the block)."""
+        layers = list(self.layers.values())
+        saved = [(layer.adapter_mode, layer.eval_adapter_mode, layer.lam) for layer in layers]
         try:
-            for layer in self.layers.values():
-                layer.adapter_mode = mode
+            for layer in layers:
+                layer.adapter_mode, layer.eval_adapter_mode = mode, None
                 layer.lam = self.lam() if lam is None else float(lam)
             yield self.model
         finally:
-            for layer, (m, lm) in zip(self.layers.values(), saved):
-                layer.adapter_mode, layer.lam = m, lm
+            for layer, (m, em, lm) in zip(layers, saved):
+                layer.adapter_mode, layer.eval_adapter_mode, layer.lam = m, em, lm
+
+    def set_eval_adapter(self, mode: str | None) -> None:
+        """The adapter every layer uses in eval() from now on (None: the same as in training).
+
+        ``"preview"`` evaluates what the merge of the current task would give (λ of the current
+        task); ``"merged"`` what inference uses between tasks.
+        """
+        for layer in self.layers.values():
+            layer.eval_adapter_mode, layer.lam = mode, self.lam()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every ``lora_A`` and ``lora_B``: what the optimizer should get."""

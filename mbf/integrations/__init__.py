@@ -1,8 +1,25 @@
-"""Bridges to the ecosystem: PEFT's adapter format (more to come: transformers Trainer, distributed).
+"""Bridges to the ecosystem: PEFT's adapter format in and out (``peft.py``) and the transformers
+Trainer (``trainer.py``: ``SLAOCallback``, ``adapters_attached``).
 
-Each module imports its third-party package lazily, so ``import mbf`` never needs it.
+Third-party packages are imported lazily: ``import mbf`` never needs them, and
+``from mbf.integrations import SLAOCallback`` is what imports transformers.
 """
 
 from mbf.integrations.peft import from_peft, load_peft_adapter, lora_config_from_peft, save_peft_adapter
 
-__all__ = ["from_peft", "load_peft_adapter", "lora_config_from_peft", "save_peft_adapter"]
+__all__ = [
+    "SLAOCallback",
+    "adapters_attached",
+    "from_peft",
+    "load_peft_adapter",
+    "lora_config_from_peft",
+    "save_peft_adapter",
+]
+
+
+def __getattr__(name: str):
+    if name in ("SLAOCallback", "adapters_attached"):
+        from mbf.integrations import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'mbf.integrations' has no attribute {name!r}")

@@ -8,6 +8,9 @@ one the forward uses:
 - ``"merged"``: ``y = x W0ᵀ + b + s (x A_mᵀ) B_mᵀ`` (inference with the merged adapter),
 - ``"preview"``: ``B_eff = B_m + λ (B_ft − B_m)`` formed inside the kernel with the runtime ``lam``,
   i.e. what the merge of this task would give, without materialising it.
+
+``eval_adapter_mode``, when set, is the mode used while the module is in ``eval()``: a Trainer then
+evaluates with SLAO's adapters while it trains the fine-tuned one (``mbf.integrations.SLAOCallback``).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("merged_A", torch.zeros(r, in_f, **factory))
         self.register_buffer("merged_B", torch.zeros(out_f, r, **factory))
         self.adapter_mode = "finetuned"
+        self.eval_adapter_mode: str | None = None  # the mode in eval() when set (e.g. under a Trainer)
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
         self.folded = False  # True while the delta is folded into the base weight (merge()/unmerge())
         self._folded_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
@@ -122,13 +126,20 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
+    @property
+    def mode(self) -> str:
+        """The mode the forward uses now: ``adapter_mode``, or ``eval_adapter_mode`` in eval() when set."""
+        in_eval = not self.training and self.eval_adapter_mode is not None
+        return self.eval_adapter_mode if in_eval else self.adapter_mode
+
     def _active(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
         """(A, B, merged_B or None, λ) of the adapter the forward uses."""
-        if self.adapter_mode not in MODES:
-            raise ValueError(f"{self.layer_name}: adapter_mode {self.adapter_mode!r} must be one of {MODES}")
-        if self.adapter_mode == "merged":
+        mode = self.mode
+        if mode not in MODES:
+            raise ValueError(f"{self.layer_name}: adapter_mode {mode!r} must be one of {MODES}")
+        if mode == "merged":
             return self.merged_A, self.merged_B, None, 1.0
-        if self.adapter_mode == "preview":
+        if mode == "preview":
             return self.lora_A, self.lora_B, self.merged_B, float(self.lam)
         return self.lora_A, self.lora_B, None, 1.0
 
@@ -143,7 +154,7 @@ class LoRALinear(nn.Module):
         if self.folded:
             return self.base(x)
         A, B, merged_B, lam = self._active()
-        dropout = self.lora_dropout if self.training and self.adapter_mode == "finetuned" else 0.0
+        dropout = self.lora_dropout if self.training and self.mode == "finetuned" else 0.0
         weight = self.base.nf4 if self.is_4bit else self.base.weight
         return functional.lora_linear(
             x, weight, self.base.bias, A, B, self.scaling, merged_B, lam,
