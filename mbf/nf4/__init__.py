@@ -5,7 +5,7 @@
 The frozen 4-bit module is ``mbf.nn.NF4Linear``.
 """
 
-from mbf.nf4.bnb import is_bnb_linear4bit, make_linear4bit, to_bnb_linear4bit, weight_from_bnb
+from mbf.nf4.bnb import is_bnb_linear4bit, make_linear4bit, quantize, to_bnb_linear4bit, weight_from_bnb
 from mbf.nf4.format import (
     BLOCKSIZE,
     NESTED_BLOCKSIZE,
@@ -26,6 +26,7 @@ __all__ = [
     "dynamic_map",
     "is_bnb_linear4bit",
     "make_linear4bit",
+    "quantize",
     "quantize_nf4",
     "to_bnb_linear4bit",
     "weight_from_bnb",

@@ -12,9 +12,17 @@ import warnings
 import torch
 from torch import nn
 
-from mbf.nf4.format import BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE, NF4Weight
+from mbf.nf4.format import BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE, NF4Weight, quantize_nf4, quantize_nf4_checks
 
-__all__ = ["bitsandbytes", "is_bnb_linear4bit", "make_linear4bit", "to_bnb_linear4bit", "weight_from_bnb"]
+__all__ = [
+    "bitsandbytes",
+    "is_bnb_linear4bit",
+    "make_linear4bit",
+    "quantize",
+    "to_bnb_linear4bit",
+    "weight_from_bnb",
+    "weight_from_state",
+]
 
 QLORA_HINT = "pip install mbf-lora[qlora]"
 
@@ -31,19 +39,31 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
     return type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
 
+def quantize(weight: torch.Tensor, double_quant: bool = True, name: str = "weight") -> NF4Weight:
+    """NF4 storage of a dense ``(out, in)`` weight, identical to what bitsandbytes stores for it.
+
+    With bitsandbytes installed its own quantiser runs (``quantize_4bit``), so the storage is
+    bitsandbytes' to the bit, ties included; without it, the pure-PyTorch twin
+    ``mbf.nf4.quantize_nf4`` (same 4-bit codes; the double-quantised absmax may pick the other
+    neighbour at an exact midpoint, ~0.1 % of blocks, ~3e-5 relative in the output).
+
+    Raises:
+        ValueError: when ``in`` is not a multiple of 64 or the weight is not 2-D floating point.
+    """
+    try:
+        from bitsandbytes.functional import quantize_4bit
+    except ImportError:
+        return quantize_nf4(weight, double_quant, name)
+    quantize_nf4_checks(weight, name)
+    packed, qs = quantize_4bit(
+        weight.detach().contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4"
+    )
+    return weight_from_state(packed, qs, name, weight.dtype)
+
+
 def weight_from_bnb(param, name: str, compute_dtype: torch.dtype | None = None) -> NF4Weight:
     """Views of a quantised ``Params4bit``'s storage and ``quant_state`` (no copy)."""
     qs = param.quant_state
-    if qs.quant_type != "nf4":
-        raise ValueError(
-            f"{name}: 4-bit quant_type {qs.quant_type!r} is not supported; use bnb_4bit_quant_type='nf4'"
-        )
-    if qs.blocksize != BLOCKSIZE:
-        raise ValueError(f"{name}: 4-bit blocksize {qs.blocksize} is not supported; only {BLOCKSIZE}")
-    if len(qs.shape) != 2 or qs.shape[1] % BLOCKSIZE:
-        raise ValueError(
-            f"{name}: weight shape {tuple(qs.shape)} needs in_features a multiple of {BLOCKSIZE}"
-        )
     if getattr(qs, "packing_format_for_cpu", False):
         # bitsandbytes repacked it in place for its CPU inference kernel; undo it the way bitsandbytes
         # does when it saves or moves the weight (a copy, with its absmax rounded through bf16).
@@ -56,7 +76,22 @@ def weight_from_bnb(param, name: str, compute_dtype: torch.dtype | None = None) 
         )
         param.data, qs = _convert_weight_packed_for_cpu_inverse(param.data, qs)
         param.quant_state = qs
-    packed = param.data.view(torch.uint8).reshape(-1)  # [(n+1)//2, 1] storage, any quant_storage dtype
+    return weight_from_state(param.data, qs, name, compute_dtype)
+
+
+def weight_from_state(packed, qs, name: str, compute_dtype: torch.dtype | None = None) -> NF4Weight:
+    """Views of bitsandbytes' packed 4-bit storage and its ``QuantState`` (no copy)."""
+    if qs.quant_type != "nf4":
+        raise ValueError(
+            f"{name}: 4-bit quant_type {qs.quant_type!r} is not supported; use bnb_4bit_quant_type='nf4'"
+        )
+    if qs.blocksize != BLOCKSIZE:
+        raise ValueError(f"{name}: 4-bit blocksize {qs.blocksize} is not supported; only {BLOCKSIZE}")
+    if len(qs.shape) != 2 or qs.shape[1] % BLOCKSIZE:
+        raise ValueError(
+            f"{name}: weight shape {tuple(qs.shape)} needs in_features a multiple of {BLOCKSIZE}"
+        )
+    packed = packed.view(torch.uint8).reshape(-1)  # [(n+1)//2, 1] storage, any quant_storage dtype
     code = qs.code.float() if qs.code is not None else torch.tensor(NF4_CODE, device=packed.device)
     dtype = compute_dtype or qs.dtype
     if not qs.nested:

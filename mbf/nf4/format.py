@@ -33,6 +33,7 @@ __all__ = [
     "dequantize_nf4",
     "dynamic_map",
     "quantize_nf4",
+    "quantize_nf4_checks",
 ]
 
 BLOCKSIZE = 64  # the only 4-bit blocksize the kernels read (one byte row of 32 per block)
@@ -133,24 +134,32 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     return vals.view(out_f, in_f).to(dtype or w.dtype)
 
 
-def quantize_nf4(weight: torch.Tensor, double_quant: bool = True, name: str = "weight") -> NF4Weight:
-    """Quantise a dense ``(out, in)`` weight to NF4, blocksize 64, as ``bnb.functional.quantize_4bit``.
-
-    The 4-bit codes equal bitsandbytes' (its reference implementation: nearest NF4 value by midpoint
-    bucketing of ``w · (1 / absmax)``); the double-quantised absmax uses the same midpoint rule on
-    the dynamic map (bitsandbytes' CPU C kernel may pick the other neighbour within ~1e-6 of a
-    midpoint; either code is valid storage and dequantises identically everywhere).
-
-    Raises:
-        ValueError: when ``in`` is not a multiple of 64 or the weight is not 2-D floating point.
-    """
+def quantize_nf4_checks(weight: torch.Tensor, name: str) -> None:
+    """Raise ValueError (naming ``name``) unless ``weight`` is a 2-D float with in_features % 64 == 0."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
             f"{name}: expected a 2-D floating point weight, got {tuple(weight.shape)} {weight.dtype}"
         )
+    if weight.shape[1] % BLOCKSIZE:
+        raise ValueError(
+            f"{name}: in_features {weight.shape[1]} must be a multiple of {BLOCKSIZE} for the NF4 kernels"
+        )
+
+
+def quantize_nf4(weight: torch.Tensor, double_quant: bool = True, name: str = "weight") -> NF4Weight:
+    """Quantise a dense ``(out, in)`` weight to NF4, blocksize 64, as ``bnb.functional.quantize_4bit``.
+
+    The pure-PyTorch twin (``mbf.nf4.quantize`` uses bitsandbytes' own quantiser when installed).
+    The 4-bit codes equal bitsandbytes' (its reference implementation: nearest NF4 value by midpoint
+    bucketing of ``w · (1 / absmax)``); the double-quantised absmax uses the same midpoint rule on
+    the dynamic map, where bitsandbytes' C kernel may pick the other neighbour within ~1e-6 of a
+    midpoint (~0.1 % of blocks): valid storage, but its absmax, so its output, differs by ~3e-5.
+
+    Raises:
+        ValueError: when ``in`` is not a multiple of 64 or the weight is not 2-D floating point.
+    """
+    quantize_nf4_checks(weight, name)
     out_f, in_f = weight.shape
-    if in_f % BLOCKSIZE:
-        raise ValueError(f"{name}: in_features {in_f} must be a multiple of {BLOCKSIZE} for the NF4 kernels")
     dev = weight.device
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=dev)
     blocks = weight.detach().float().reshape(-1, BLOCKSIZE)  # (out·in/64, 64)

@@ -10,7 +10,7 @@ from mbf.nf4 import (
     BLOCKSIZE,
     NF4Weight,
     dequantize_nf4,
-    quantize_nf4,
+    quantize,
     to_bnb_linear4bit,
     weight_from_bnb,
     with_dtype,
@@ -55,7 +55,7 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, double_quant: bool = True, name: str = "NF4Linear") -> NF4Linear:
         """Quantise a dense ``nn.Linear`` (compute dtype = its weight's dtype)."""
-        return cls(quantize_nf4(linear.weight, double_quant, name), linear.bias, name)
+        return cls(quantize(linear.weight, double_quant, name), linear.bias, name)
 
     @classmethod
     def from_bnb(cls, linear: nn.Module, name: str = "NF4Linear") -> NF4Linear:
@@ -73,7 +73,7 @@ class NF4Linear(nn.Module):
                 raise ValueError(
                     f"{name}: 4-bit blocksize {param.blocksize} is not supported; only {BLOCKSIZE}"
                 )
-            w = quantize_nf4(param.data, param.compress_statistics, name)
+            w = quantize(param.data, param.compress_statistics, name)
             layer = cls(w if compute is None else with_dtype(w, compute), linear.bias, name)
         else:
             layer = cls(weight_from_bnb(param, name, compute), linear.bias, name)
