@@ -361,10 +361,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from mbf import benchmark
+    from mbf.bench.suite import main as bench_main
 
     argv = (["--out", args.out] if args.out else []) + ["--quick"] * args.quick
-    return benchmark.main(argv + ["--no-boundary"] * args.no_boundary)
+    return bench_main(argv + ["--no-boundary"] * args.no_boundary)
 
 
 def main(argv: list[str] | None = None) -> int:
