@@ -15,6 +15,7 @@ __all__ = ["COMMANDS"]
 
 
 def _tasks(args) -> tuple[list, dict]:
+    """``load_suite`` of the suite arguments, after the checks of their combinations."""
     from mbf.experiment.tasks import load_suite
 
     if args.suite == "builtin" and args.data_dir:
@@ -51,11 +52,13 @@ def _load(args, quantize_skip: tuple[str, ...] | None = None):
     print(f"model {name} loaded in {time.time() - t0:.1f} s", file=sys.stderr)
     if quantize_skip is not None:
         n = quantize_base(model, skip=quantize_skip)
-        print(f"QLoRA base: {n} linears quantised to NF4 (+ the LoRA targets at inject)", file=sys.stderr)
+        later = " (+ the LoRA targets at inject)" if quantize_skip else ""
+        print(f"QLoRA base: {n} linears quantised to NF4{later}", file=sys.stderr)
     return model, Codec.from_tokenizer(tok)
 
 
 def _lora(args):
+    """The ``LoRAConfig`` of ``--r --alpha --target-modules --load-in-4bit``."""
     from mbf.config import LoRAConfig
 
     targets = args.target_modules
@@ -66,6 +69,7 @@ def _lora(args):
 
 
 def _qlora_skip(lora) -> tuple[str, ...] | None:
+    """What ``_load`` leaves dense: the targets, which inject quantises (None: no QLoRA base)."""
     return lora.targets() if lora.quantize else None
 
 
@@ -80,6 +84,7 @@ def _refuse_existing(run_dir: Path, resume: bool) -> None:
 
 
 def cmd_continual(args) -> int:
+    """``mbf continual``: one method on one suite; prints AA/BWT and where the report is."""
     from mbf.experiment.methods import method_config
     from mbf.experiment.run import run_continual
     from mbf.experiment.train import TrainOptions
@@ -120,6 +125,7 @@ def cmd_continual(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    """``mbf compare``: prints compare.md and writes it with compare.png."""
     from mbf.experiment.report import compare_runs
 
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare"
@@ -130,6 +136,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """``mbf eval``: accuracy per task of a run's saved adapter (on the run's tasks), or of the bare model."""
     from mbf.config import LoRAConfig
     from mbf.experiment import results as results_file
     from mbf.experiment.evaluate import evaluate_tasks
@@ -193,6 +200,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """``mbf bench``: ``mbf.bench.suite.main`` with the same flags."""
     from mbf.bench.suite import main as bench_main
 
     argv = (["--out", args.out] if args.out else []) + ["--quick"] * args.quick
