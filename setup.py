@@ -1,6 +1,15 @@
 """mbf-lora: Triton kernels and drop-in PyTorch modules for continual LoRA fine-tuning (SLAO)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# the application (the `mbf` command, mbf.experiment, mbf.bench); the library core needs none of it
+APP = [
+    "transformers>=4.56",  # from_pretrained(dtype=...), GGUF loading
+    "peft>=0.10",
+    "tqdm>=4.60",
+    "matplotlib>=3.5",
+    "gguf>=0.10",  # the embedded SmolLM2 ships as a GGUF file
+]
 
 setup(
     name="mbf-lora",
@@ -10,23 +19,19 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `kernels` is another PyPI distribution's import name: ours is installed as `mbf.kernels`.
-    packages=["mbf", "mbf.kernels"],
+    packages=[*find_packages(include=["mbf", "mbf.*"]), "mbf.kernels"],
     package_dir={"mbf": "mbf", "mbf.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",  # torch.library.custom_op / register_fake (the fused kernel)
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=4.56",  # from_pretrained(dtype=...), GGUF loading
-        "peft>=0.10",
         "safetensors>=0.4",
-        "tqdm>=4.60",
-        "matplotlib>=3.5",
-        "gguf>=0.10",
     ],
     extras_require={
+        "app": APP,
         "qlora": ["bitsandbytes>=0.43"],
         # bitsandbytes in the test set: the NF4 storage is tested bit-exact against it (CPU backend)
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "bitsandbytes>=0.43"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "bitsandbytes>=0.43", "ruff>=0.4"],
+        "bench": [*APP, "pytest>=7", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["mbf = mbf.cli:main"]},
 )

@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh needs a CUDA GPU')"
 # the kernel tests first: correctness on the real GPU can differ from the interpreter
-python -m pytest tests -q -x -m "not slow"
+python -m pytest tests -q -x
 kernel_benches=$(ls bench/test_bench_*.py | grep -v _cpu)
 timeout 420 python -m pytest $kernel_benches -q -s -p no:cacheprovider || echo "kernel benchmarks stopped early (rc=$?)"
-timeout 300 python -m mbf.benchmark || echo "end-to-end benchmark stopped early (rc=$?)"
-python bench/plot.py
-python bench/readme_table.py
+timeout 300 python -m mbf.bench || echo "end-to-end benchmark stopped early (rc=$?)"
+python -m mbf.bench.plot
+python -m mbf.bench.readme

@@ -5,7 +5,7 @@ r ∈ {8, 16, 64}, bf16, modes fwd / bwd / full (fwd+bwd). x needs a gradient in
 inside a network); W0 is frozen, so the floor's backward is the dX GEMM alone. Each row records the
 median ms (CUDA events, ``triton.testing.do_bench``), TFLOP/s, peak memory and ``ratio_to_floor``:
 the frozen linear measured in the same run, same shape, M and mode. Rows go to
-``bench/results/<device>-<date>.json``; ``bench/plot.py`` draws them. It never asserts a speed.
+``bench/results/<device>-<date>.json``; ``python -m mbf.bench.plot`` draws them. It never asserts a speed.
 
 Run: ``python -m pytest bench/test_bench_lora.py -q -s`` (skips without CUDA);
 ``-k "4096-4096 and M8192 and r16"`` picks the headline case.
@@ -17,13 +17,16 @@ import pytest
 import torch
 from torch import nn
 
-from bench.common import append_rows, device_name, make_row, peak_memory, time_fn
+from mbf.bench.providers import peft_lora
+from mbf.bench.rows import FLOOR, device_name, timed_row
+from mbf.bench.timing import peak_memory, time_fn
 
 SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))  # (in, out)
 TOKENS = (512, 2048, 8192)
 RANKS = (8, 16, 64)
 MODES = ("fwd", "bwd", "full")
-PROVIDERS = ("floor", "peft", "mbf-torch", "mbf-triton")
+PROVIDERS = (FLOOR, "peft", "mbf-torch", "mbf-triton")  # the floor first: the others' reference
+REFERENCES = {"lora_linear": FLOOR}
 DTYPE = torch.bfloat16
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the LoRA kernel benchmark needs CUDA")
@@ -31,7 +34,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the LoRA 
 
 def _flops(provider: str, mode: str, M: int, K: int, N: int, r: int) -> int:
     """Useful FLOPs: base GEMM 2MKN per pass; LoRA adds 2Mr(K+N) forward and 4Mr(K+N) backward."""
-    lora = provider != "floor"
+    lora = provider != FLOOR
     fwd = 2 * M * K * N + (2 * M * r * (K + N) if lora else 0)
     bwd = 2 * M * K * N + (4 * M * r * (K + N) if lora else 0)  # dX; dS, dB, dA (no dW0: frozen)
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
@@ -41,17 +44,14 @@ def _layer(provider: str, K: int, N: int, r: int):
     """A callable x -> y for the provider, and its trainable tensors (whose .grad the timing resets)."""
     dev = torch.device("cuda")
     W = (torch.randn(N, K, device=dev) / K**0.5).to(DTYPE)  # Llama linears have no bias
-    if provider == "floor":
+    if provider == FLOOR:
         return (lambda x: torch.nn.functional.linear(x, W)), []
     A = (torch.randn(r, K, device=dev) / K**0.5).to(DTYPE).requires_grad_()
     B = (torch.randn(N, r, device=dev) / r**0.5).to(DTYPE).requires_grad_()  # random: not the zero init
     if provider == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        base = nn.Sequential()
-        base.add_module("proj", nn.Linear(K, N, bias=False, device=dev, dtype=DTYPE))
-        base.proj.weight.data.copy_(W)
-        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+        linear = nn.Linear(K, N, bias=False, device=dev, dtype=DTYPE)
+        linear.weight.data.copy_(W)
+        model = peft_lora(linear, r)
         proj = model.base_model.model.proj
         proj.lora_A["default"].weight.data.copy_(A.detach())
         proj.lora_B["default"].weight.data.copy_(B.detach())
@@ -87,26 +87,6 @@ def _timed_fn(mode: str, layer, x: torch.Tensor, dy: torch.Tensor, params: list[
     return full
 
 
-@pytest.fixture(scope="module")
-def rows():
-    collected: list[dict] = []
-    yield collected
-    if not collected:
-        return
-    floors = {(r["shape"], r["M"], r["r"], r["mode"]): r["ms"] for r in collected if r["provider"] == "floor"}
-    for r in collected:
-        floor = floors.get((r["shape"], r["M"], r["r"], r["mode"]))
-        r["ratio_to_floor"] = r["ms"] / floor if floor else None
-    path = append_rows(collected)
-    print(f"\nwrote {len(collected)} rows to {path}")
-    for r in collected:
-        ratio = "" if r["ratio_to_floor"] is None else f"{r['ratio_to_floor']:.3f}x floor"
-        print(
-            f"{r['shape']:>11} M={r['M']:<5} r={r['r']:<3} {r['mode']:>4} {r['provider']:>10}: "
-            f"{r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s  {ratio}"
-        )
-
-
 # the top decorator varies fastest: a case's floor is measured right beside its other providers
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
@@ -122,18 +102,6 @@ def test_bench_lora(provider, mode, r, M, shape, rows):
     fn = _timed_fn(mode, layer, x, dy, params)
     t = time_fn(fn, "cuda")
     peak = peak_memory(fn, "cuda")
-    rows.append(
-        make_row(
-            op="lora_linear",
-            provider=provider,
-            mode=mode,
-            shape=f"{K}->{N}",
-            M=M,
-            r=r,
-            dtype="bfloat16",
-            device=device_name("cuda"),
-            tflops=_flops(provider, mode, M, K, N, r) / (t["ms"] * 1e-3) / 1e12,
-            peak_mem_bytes=peak,
-            **t,
-        )
-    )
+    case = dict(op="lora_linear", provider=provider, mode=mode, shape=f"{K}->{N}", M=M, r=r, dtype="bfloat16")
+    flops = _flops(provider, mode, M, K, N, r)
+    rows.append(timed_row(**case, device=device_name("cuda"), timing=t, flops=flops, peak_mem_bytes=peak))

@@ -11,7 +11,8 @@ SmolLM2-135M (30 layers × 7 = 210 adapters). Providers, all through ``mbf.funct
   ``torch.linalg.qr`` + sign fix) and ``reference.time_aware_merge`` layer by layer.
 
 Every row: ms (median, p20, p80), GB/s of the minimal traffic (QR: read A + write Q; merge: read
-B_m, B_ft + write B_m), and ``speedup_vs_loop`` against ``torch-loop`` measured in the same run.
+B_m, B_ft + write B_m), and ``ratio_to_baseline``: ms / ms of ``torch-loop`` measured in the same run
+(larger = slower).
 Run: ``python -m pytest bench/test_bench_ortho.py -q -s``. On a machine without CUDA only the torch
 providers run, at SmolLM2 size and Llama-3-8B r = 8, on one thread (see ``_one_cpu_thread``). It
 never asserts a speed.
@@ -22,8 +23,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import append_rows, device_name, make_row, peak_memory, time_fn
 from mbf import functional, reference
+from mbf.bench.rows import device_name, timed_row
+from mbf.bench.timing import peak_memory, time_fn
 
 # (layers, [(in, out) of q, k, v, o, gate, up, down]); A is (r, in), B is (out, r)
 MODELS = {
@@ -33,7 +35,8 @@ MODELS = {
                           (576, 1536), (576, 1536), (1536, 576)]),
 }  # fmt: skip
 RANKS = (8, 16, 64)
-PROVIDERS = ("triton-batched", "torch-batched", "torch-loop")
+PROVIDERS = ("torch-loop", "torch-batched", "triton-batched")  # the loop first: the others' reference
+REFERENCES = {"boundary_ortho": "torch-loop", "boundary_merge": "torch-loop"}
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.float32  # adapters are trained in fp32; QR and merge run in fp32 whatever the dtype
@@ -92,26 +95,6 @@ def _one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def rows():
-    collected: list[dict] = []
-    yield collected
-    if not collected:
-        return
-    for row in collected:
-        loop = [o for o in collected if o["provider"] == "torch-loop" and o["op"] == row["op"]]
-        loop = [o for o in loop if o["shape"] == row["shape"] and o["r"] == row["r"]]
-        row["speedup_vs_loop"] = round(loop[0]["ms"] / row["ms"], 2) if loop else None
-    path = append_rows(collected)
-    print(f"\nwrote {len(collected)} rows to {path}")
-    for row in collected:
-        speedup = f"{row['speedup_vs_loop']:.1f}x loop" if row["speedup_vs_loop"] else ""
-        print(
-            f"{row['op']:>6} {row['shape']:>13} r={row['r']:<3} {row['provider']:>15}: "
-            f"{row['ms']:9.3f} ms {row['gbps']:8.2f} GB/s {speedup}"
-        )
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("model", list(MODELS))
@@ -130,20 +113,9 @@ def test_bench_task_boundary(op, model, r, provider, rows):
     with torch.no_grad():
         t = time_fn(fn, DEVICE, warmup=2, rep=10)
         peak = peak_memory(fn, DEVICE)
-    rows.append(
-        make_row(
-            op=f"boundary_{op}",
-            provider=provider,
-            mode="fwd",
-            shape=model,
-            M=len(As),  # adapters in the model
-            r=r,
-            dtype=str(DTYPE).removeprefix("torch."),
-            device=device_name(DEVICE),
-            gbps=round(nbytes / (t["ms"] * 1e-3) / 1e9, 3),
-            threads=None if CUDA else torch.get_num_threads(),
-            extra_keys=["gbps", "speedup_vs_loop", "threads"],  # columns of the README table
-            peak_mem_bytes=peak,
-            **t,
-        )
-    )
+    # M: the adapters in the model; extra_keys: the README table's "extra" column
+    case = dict(op=f"boundary_{op}", provider=provider, mode="fwd", shape=model, M=len(As), r=r)
+    threads = None if CUDA else torch.get_num_threads()
+    extra = dict(peak_mem_bytes=peak, threads=threads, extra_keys=["gbps", "threads"])
+    dtype, device = str(DTYPE).removeprefix("torch."), device_name(DEVICE)
+    rows.append(timed_row(**case, dtype=dtype, device=device, timing=t, nbytes=nbytes, **extra))

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from mbf.continual import ContinualLoRA
-from mbf.models import load_model
-from mbf.report import read_results
-from mbf.tasks import ANIMALS, BUILTIN_TASKS, COLORS, FRUITS, OBJECTS, builtin_suite
-from mbf.train import Codec, encode_example, greedy_decode
+from mbf.experiment.batches import Codec, encode_example
+from mbf.experiment.evaluate import greedy_decode
+from mbf.experiment.models import load_model
+from mbf.experiment.results import read as read_results
+from mbf.experiment.tasks import ANIMALS, BUILTIN_TASKS, COLORS, FRUITS, OBJECTS, builtin_suite
 
 CATS = {
     **{w: "animal" for w in ANIMALS},

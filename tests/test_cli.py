@@ -1,15 +1,36 @@
-"""The ``mbf`` command: argument errors, and continual / compare / eval on a tiny local Llama checkpoint."""
+"""The ``mbf`` command: argument errors, the missing-dependency message, and continual / compare /
+eval / demo on a tiny local Llama checkpoint (one continual run shared by the tests that read it)."""
 
+import importlib.util
 import json
+import shutil
+import subprocess
 import sys
+from contextlib import redirect_stdout
+from io import StringIO
 from pathlib import Path
 
 import pytest
+from fixtures.tiny import tiny_llama
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures.tiny import tiny_llama  # noqa: E402
+from mbf.cli import build_parser, main
+from mbf.experiment import results as results_file
 
-from mbf.cli import build_parser, main  # noqa: E402
+FIXTURE = Path(__file__).parent / "fixtures" / "cl_benchmark"
+SMALL = [
+    "--n-train",
+    "8",
+    "--n-test",
+    "4",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--r",
+    "2",
+    "--alpha",
+    "4",
+]
 
 
 @pytest.mark.parametrize(
@@ -34,44 +55,49 @@ def test_argument_errors(argv, message, capsys):
 
 
 def test_semantic_errors_before_loading_a_model(tmp_path, capsys):
-    assert (
-        main(["continual", "--out", str(tmp_path / "a"), "--method", "multi-task", "--init", "random"]) == 2
-    )
+    out = ["--out", str(tmp_path / "a")]
+    assert main(["continual", *out, "--method", "multi-task", "--init", "random"]) == 2
     assert "multi-task" in capsys.readouterr().err
+    assert main(["continual", *out, "--method", "slao-constant", "--constant", "2"]) == 2
+    assert "constant λ=2.0 must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--data-dir"):
-        main(["continual", "--out", str(tmp_path / "a"), "--suite", "olora"])
-    assert main(["continual", "--out", str(tmp_path / "a"), "--model", str(tmp_path / "missing")]) == 2
+        main(["continual", *out, "--suite", "olora"])
+    with pytest.raises(SystemExit, match="--suite olora"):
+        main(["continual", *out, "--data-dir", str(FIXTURE)])
+    assert main(["continual", *out, "--model", str(tmp_path / "missing")]) == 2
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "continual",
-                "--out",
-                str(tmp_path / "a"),
-                "--suite",
-                "olora",
-                "--data-dir",
-                str(Path(__file__).parent / "fixtures" / "cl_benchmark"),
-                "--order",
-                "O7",
-            ]
-        )
-        == 2
-    )
+    assert main(["continual", *out, "--suite", "olora", "--data-dir", str(FIXTURE), "--order", "O7"]) == 2
     assert "unknown order 'O7'" in capsys.readouterr().err
+
+
+def test_a_missing_app_dependency_is_one_line_naming_the_extra(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a)
+    )
+    assert main(["compare", "runs/x"]) == 2
+    assert capsys.readouterr().err == "mbf: error: mbf needs tqdm: pip install 'mbf-lora[app]'\n"
+
+
+def test_import_mbf_loads_no_app_dependency():
+    """The library core imports none of the application's packages (torch itself may load tqdm)."""
+    code = (
+        "import sys, torch; before = set(sys.modules); import mbf; "
+        "print(sorted({'tqdm', 'matplotlib', 'transformers', 'peft', 'gguf'} & (set(sys.modules) - before)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Llama saved with a tiny word-level tokenizer: a local checkpoint like any other."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    from mbf.tasks import ANIMALS, COLORS, FRUITS, OBJECTS
+    from mbf.experiment.tasks import ANIMALS, COLORS, FRUITS, OBJECTS
 
-    words = [
-        "<pad>",
-        "</s>",
+    prompt_words = [
         "Which",
         "word",
         "is",
@@ -83,6 +109,11 @@ def tiny_checkpoint(tmp_path_factory):
         "color?",
         "animal?",
         "fruit?",
+    ]
+    words = [
+        "<pad>",
+        "</s>",
+        *prompt_words,
         "Input:",
         "Answer:",
         "[UNK]",
@@ -95,101 +126,86 @@ def tiny_checkpoint(tmp_path_factory):
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="[UNK]")
     folder = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_llama()
-    cfg = model.config.to_dict()
-    cfg.update(vocab_size=len(words), pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k in LlamaConfig().to_dict()}))
-    model.save_pretrained(folder)
+    tiny_llama(vocab_size=len(words), pad_token_id=0, eos_token_id=1, bos_token_id=1).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
-def test_continual_resume_compare_eval(tiny_checkpoint, tmp_path, capsys):
-    common = [
-        "--model",
-        str(tiny_checkpoint),
-        "--n-train",
-        "8",
-        "--n-test",
-        "4",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--eval-batch-size",
-        "4",
-        "--r",
-        "2",
-        "--alpha",
-        "4",
-    ]
-    run = tmp_path / "slao"
-    assert main(["continual", "--method", "slao", "--out", str(run), *common]) == 0
-    out = capsys.readouterr().out
-    assert "AA" in out and str(run / "results.md") in out
-    res = json.loads((run / "results.json").read_text())
+@pytest.fixture(scope="module")
+def slao_run(tiny_checkpoint, tmp_path_factory):
+    """``mbf continual --method slao`` once: ``(run dir, what it printed)``. Tests copy it to change it."""
+    run = tmp_path_factory.mktemp("runs") / "slao"
+    argv = ["continual", "--method", "slao", "--out", str(run), "--model", str(tiny_checkpoint), *SMALL]
+    printed = StringIO()  # capsys is per test: a module fixture redirects stdout itself
+    with redirect_stdout(printed):
+        assert main([*argv, "--eval-batch-size", "4"]) == 0
+    return run, printed.getvalue()
+
+
+def test_continual_writes_a_run(slao_run, tiny_checkpoint):
+    run, printed = slao_run
+    assert "slao: AA" in printed and str(run / "results.md") in printed
+    res = results_file.read(run)
     assert res["complete"] and res["lora"]["r"] == 2 and res["model"] == str(tiny_checkpoint)
-    # the same --out again needs --resume; resuming a complete run changes nothing
+    assert res["options"]["schedule"] == "sqrt" and res["train"]["max_steps"] == 2
+
+
+def test_continual_needs_resume_and_resume_checks_the_options(slao_run, tiny_checkpoint, tmp_path, capsys):
+    run = tmp_path / "slao"
+    shutil.copytree(slao_run[0], run)
+    argv = ["continual", "--method", "slao", "--out", str(run), "--model", str(tiny_checkpoint), *SMALL]
     with pytest.raises(SystemExit, match="--resume"):
-        main(["continual", "--method", "slao", "--out", str(run), *common])
-    assert main(["continual", "--method", "slao", "--out", str(run), "--resume", *common]) == 0
-    assert json.loads((run / "results.json").read_text())["accuracy"] == res["accuracy"]
-    # an ablation by override, then the comparison
-    abl = tmp_path / "abl"
-    assert main(["continual", "--method", "slao", "--schedule", "inverse", "--out", str(abl), *common]) == 0
-    assert json.loads((abl / "results.json").read_text())["options"]["schedule"] == "inverse"
-    assert main(["compare", str(run), str(abl), "--out", str(tmp_path / "cmp")]) == 0
+        main(argv)
+    before = (run / "results.json").read_text()
+    assert main([*argv, "--resume"]) == 0  # a complete run: nothing to do
+    assert json.loads((run / "results.json").read_text()) == json.loads(before)
+    capsys.readouterr()
+    # an override reaches the run's options: here it differs from the saved run's
+    assert main([*argv, "--resume", "--schedule", "inverse"]) == 2
+    assert "'schedule': 'inverse'" in capsys.readouterr().err
+
+
+def test_compare_and_eval(slao_run, tmp_path, capsys):
+    run = slao_run[0]
+    ablation = tmp_path / "abl"
+    saved = results_file.read(run)
+    saved["options"]["schedule"] = "inverse"  # as `--schedule inverse` records it
+    results_file.write(ablation, saved)
+    assert main(["compare", str(run), str(ablation), "--out", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| slao |" in text and "| slao (orthogonal, inverse) |" in text
     assert (tmp_path / "cmp" / "compare.png").is_file()
     capsys.readouterr()
     assert main(["eval", "--run", str(run)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split()[0] == "color" and lines[-1].startswith("        mean")
+    assert [line.split()[0] for line in lines] == ["color", "first", "animal", "last", "fruit", "mean"]
+    mean = sum(float(line.split()[1].rstrip("%")) for line in lines[:-1]) / 5
+    assert float(lines[-1].split()[1].rstrip("%")) == pytest.approx(mean, abs=0.05)
 
 
 def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert (
-        main(
-            ["demo", "--model", str(tiny_checkpoint), "--out", str(out), "--n-test", "4", "--max-steps", "2"]
-        )
-        == 0
-    )
+    demo = ["demo", "--model", str(tiny_checkpoint), "--out", str(out)]
+    assert main([*demo, "--n-test", "4", "--max-steps", "2"]) == 0
     printed = capsys.readouterr().out
     assert f"report: {out / 'compare' / 'compare.md'}" in printed
     text = (out / "compare" / "compare.md").read_text()
     assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text
+    assert results_file.read(out / "seq-lora")["options"]["init"] == "none"
     with pytest.raises(SystemExit, match="--resume"):
-        main(["demo", "--model", str(tiny_checkpoint), "--out", str(out)])
+        main(demo)
 
 
 def test_load_in_4bit_trains_on_an_nf4_base(tiny_checkpoint, tmp_path, capsys):
-    """QLoRA through the command: every projection of the base is NF4, the run completes and resumes."""
+    """QLoRA through the command: every projection of the base is NF4, the run completes and evaluates."""
     run = tmp_path / "q"
-    args = [
-        "continual",
-        "--out",
-        str(run),
-        "--model",
-        str(tiny_checkpoint),
-        "--load-in-4bit",
-        "--n-train",
-        "8",
-        "--n-test",
-        "4",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--r",
-        "2",
-        "--alpha",
-        "4",
-    ]
-    assert main(args) == 0
-    res = json.loads((run / "results.json").read_text())
+    assert (
+        main(["continual", "--out", str(run), "--model", str(tiny_checkpoint), "--load-in-4bit", *SMALL]) == 0
+    )
+    res = results_file.read(run)
     assert res["complete"] and res["lora"]["quantize"] == "nf4"
     capsys.readouterr()
     assert main(["eval", "--run", str(run)]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].split()[0] == "mean"
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1].split()[0] == "mean"
+    assert "QLoRA base: 10 linears quantised to NF4" in captured.err  # k, o, gate, up, down x 2 layers

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import assert_close, make_tiny_llama
 from torch import nn
 
 import mbf
@@ -82,7 +82,7 @@ def test_eject_folds_the_adapter_inference_uses():
     assert not torch.allclose(want, finetuned)
     mbf.eject(model, fold=True)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+        assert_close(model(ids).logits, want, torch.float32)
     assert not mbf.lora_layers(model)
 
 
@@ -97,7 +97,7 @@ def test_eject_folds_the_named_adapter_and_the_finetuned_one_before_any_merge():
         want = model(ids).logits  # the fine-tuned adapter (adapter_mode "finetuned")
     mbf.eject(model, fold=True, adapter="finetuned")
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+        assert_close(model(ids).logits, want, torch.float32)
 
     plain = make_tiny_llama()  # plain LoRA, no task ever merged: "auto" is the fine-tuned adapter
     mbf.inject(plain, mbf.LoRAConfig(r=4, target_modules=("q_proj",)))
@@ -107,7 +107,7 @@ def test_eject_folds_the_named_adapter_and_the_finetuned_one_before_any_merge():
         want = plain(ids).logits
     mbf.eject(plain, fold=True)
     with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, want, atol=1e-5, rtol=1e-5)
+        assert_close(plain(ids).logits, want, torch.float32)
     with pytest.raises(ValueError, match="adapter='last' must be"):
         mbf.eject(make_tiny_llama(), fold=True, adapter="last")
 

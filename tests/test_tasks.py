@@ -1,20 +1,20 @@
-"""Task suites (built-in generator, O-LoRA/SAPT loader) and the AA/BWT metrics."""
+"""Task suites (built-in generator, O-LoRA/SAPT loader, the suite chooser) and the metrics."""
 
 from pathlib import Path
 
 import pytest
 
-from mbf.tasks import (
+from mbf.experiment.metrics import accuracy_metrics, exact_match, mean_std, pct
+from mbf.experiment.tasks import (
     ANIMALS,
     COLORS,
     FRUITS,
     OBJECTS,
     ORDERS,
     Example,
-    accuracy_metrics,
     builtin_suite,
-    exact_match,
     load_benchmark,
+    load_suite,
     load_task_dir,
 )
 
@@ -67,7 +67,7 @@ def test_builtin_rejects_bad_sizes():
 
 def test_builtin_words_are_single_tokens_in_smollm2():
     """The decoding budget (answer + eos) assumes one token per word; checked on the cached tokenizer."""
-    from mbf.models import cache_dir
+    from mbf.experiment.models import cache_dir
 
     folder = cache_dir() / "SmolLM2-135M-Instruct-from-gguf"
     if not (folder / "tokenizer.json").is_file():
@@ -145,3 +145,30 @@ def test_orders_cover_the_paper_sequences():
     assert all(len(ORDERS[o]) == 4 for o in ("O1", "O2", "O3"))
     assert all(len(ORDERS[o]) == 15 and len(set(ORDERS[o])) == 15 for o in ("O4", "O5", "O6"))
     assert set(ORDERS["O4"]) == set(ORDERS["O5"]) == set(ORDERS["O6"])
+
+
+def test_load_suite_describes_where_the_tasks_came_from():
+    tasks, meta = load_suite("builtin", n_train=5, n_test=3, suite_seed=2)
+    assert [t.name for t in tasks] == ["color", "first", "animal", "last", "fruit"]
+    assert tasks[0].test == builtin_suite(2, n_train=5, n_test=3)[0].test
+    assert meta == {"suite": "builtin", "suite_seed": 2, "n_train": 5, "n_test": 3}
+    tasks, meta = load_suite("olora", n_train=1, n_test=1, data_dir=FIXTURE, order="amazon,dbpedia")
+    assert [t.name for t in tasks] == ["amazon", "dbpedia"] and len(tasks[1].train) == 1
+    assert meta == {
+        "suite": "olora",
+        "order": "amazon,dbpedia",
+        "data_dir": str(FIXTURE),
+        "n_train": 1,
+        "n_test": 1,
+    }
+    with pytest.raises(ValueError, match="needs a data dir"):
+        load_suite("olora", n_train=1, n_test=1)
+    with pytest.raises(ValueError, match="unknown suite 'glue'"):
+        load_suite("glue", n_train=1, n_test=1)
+
+
+def test_seed_summaries():
+    assert mean_std([0.5, None, 0.7]) == (pytest.approx(0.6), pytest.approx(0.1414213, rel=1e-6))
+    assert mean_std([0.25]) == (0.25, 0.0)
+    assert all(x != x for x in mean_std([None]))  # NaN, NaN: nothing to summarise
+    assert pct(0.4234) == "42.3" and pct(None) == "–"

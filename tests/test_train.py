@@ -1,39 +1,64 @@
-"""The training loop, evaluation and a continual run, on a tiny random Llama with a character tokenizer."""
+"""The training loop, evaluation and continual runs, on the tiny Llama with a character tokenizer.
+
+Whole runs are the slow part: one SLAO run is shared by every test that only reads it, and the
+comparison tests read synthetic results.json files.
+"""
 
 import json
-import sys
-from pathlib import Path
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures.tiny import CHARS, EOS, OFFSET, char_codec, tiny_llama
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures.tiny import char_codec, tiny_llama  # noqa: E402
-
-import mbf  # noqa: E402
-from mbf.report import compare_runs, read_results  # noqa: E402
-from mbf.tasks import Example, Task, builtin_suite  # noqa: E402
-from mbf.train import (  # noqa: E402
-    METHODS,
-    TrainOptions,
-    answer_loss,
-    encode_example,
-    evaluate,
-    greedy_decode,
-    method_options,
-    run_continual,
-    train_steps,
-)
+import mbf
+from mbf.experiment import results as results_file
+from mbf.experiment.batches import encode_example
+from mbf.experiment.evaluate import evaluate, greedy_decode
+from mbf.experiment.methods import METHODS, method_config, method_label
+from mbf.experiment.report import compare_runs
+from mbf.experiment.run import run_continual
+from mbf.experiment.tasks import Example, Task, builtin_suite
+from mbf.experiment.train import TrainOptions, answer_loss, train_steps
 
 LORA = mbf.LoRAConfig(r=4, alpha=8)
+OPTS = TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1)
+META = {"suite": "builtin", "model": "tiny"}
 
 
 def small_suite(n_tasks=3, n_train=16, n_test=6):
     return builtin_suite(0, n_train=n_train, n_test=n_test, n_tasks=n_tasks)
 
 
+def _run(out, method="slao", resume=False, tasks=None, log=lambda s: None, **kw):
+    return run_continual(
+        tiny_llama(),
+        char_codec(),
+        tasks or small_suite(),
+        out,
+        method=method,
+        lora=LORA,
+        opts=OPTS,
+        resume=resume,
+        meta=META,
+        log=log,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def slao_run(tmp_path_factory):
+    """One complete SLAO run (3 tasks): ``(run dir, returned results)``. Tests copy it to change it."""
+    out = tmp_path_factory.mktemp("slao") / "run"
+    return out, _run(out)
+
+
+# -- the loop's parts ------------------------------------------------------------------------------
+
+
 def test_loss_covers_answer_tokens_only():
-    """Changing the prompt's last token changes the loss; the loss equals a hand-computed CE on the answer."""
+    """The loss equals a hand-computed CE on the answer tokens of each unpadded sequence."""
     model, codec = tiny_llama(), char_codec()
     task = Task("t", "Say", [], [])
     batch = [
@@ -41,7 +66,6 @@ def test_loss_covers_answer_tokens_only():
         encode_example(codec, task, Example("abcd", "z"), 64),
     ]
     loss = answer_loss(model, batch, codec.pad_id)
-    # reference: unpadded forward of each sequence, CE over answer + eos positions
     total, n = 0.0, 0
     for p, a in batch:
         ids = torch.tensor([p + a])
@@ -65,13 +89,7 @@ def test_greedy_decode_matches_uncached_argmax():
 def test_training_learns_a_task():
     model, codec = tiny_llama(), char_codec()
     tasks = small_suite(1, n_train=32, n_test=8)
-    mbf.inject(
-        model,
-        mbf.LoRAConfig(
-            r=4,
-            alpha=8,
-        ),
-    )
+    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8))
     cl = mbf.ContinualLoRA(model)
     cl.begin_task()
     stats = train_steps(
@@ -86,74 +104,136 @@ def test_training_learns_a_task():
     assert stats["steps"] == 25 and stats["final_loss"] < 0.6 * stats["first_loss"]
 
 
-def test_method_options():
-    assert method_options("slao") == {"init": "orthogonal", "schedule": "sqrt", "constant": 0.5}
-    assert method_options("seq-lora")["init"] == "none" and method_options("seq-lora")["schedule"] == "none"
-    assert method_options("ftba-mb") == {"init": "none", "schedule": "sqrt", "constant": 0.5}
-    assert method_options("slao", schedule="inverse")["schedule"] == "inverse"
-    assert method_options("multi-task") is None
+class ScriptedLM(torch.nn.Module):
+    """Replies to each prompt with a scripted token sequence, then eos, through greedy_decode's calls.
+
+    The first call sees the left-padded prompts; each later call one token per row and the cache it
+    returned, which here carries the replies and the step.
+    """
+
+    def __init__(self, replies: dict[tuple[int, ...], list[int]], vocab: int) -> None:
+        super().__init__()
+        self.replies, self.vocab = replies, vocab
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids=None,
+        use_cache=True,
+        past_key_values=None,
+        logits_to_keep=None,
+    ):
+        if past_key_values is None:
+            prompts = [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids, attention_mask)]
+            state = {"replies": [self.replies[p] for p in prompts], "step": 0}
+        else:
+            state = {**past_key_values, "step": past_key_values["step"] + 1}
+        nxt = [r[state["step"]] if state["step"] < len(r) else EOS for r in state["replies"]]
+        logits = torch.nn.functional.one_hot(torch.tensor(nxt), self.vocab).float()[:, None]  # (B, 1, V)
+        return SimpleNamespace(logits=logits, past_key_values=state)
+
+
+def test_evaluate_scores_exactly_the_right_answers():
+    """3 of 5 answers right → 0.6, across uneven batches; a wrong word or a longer answer is wrong."""
+    codec, opts = char_codec(), TrainOptions(eval_batch_size=2, max_length=256)
+    task = small_suite(1, n_test=5)[0]
+    right = {0, 2, 3}
+    replies = {}
+    for i, ex in enumerate(task.test):
+        other = next(w for w in ex.input.split() if w != ex.output)
+        text = f" {ex.output}\nmore" if i == 3 else f" {ex.output}" if i in right else f" {other}"
+        if i == 4:
+            text = f" {ex.output}s"  # one letter too many
+        prompt = encode_example(codec, task, ex, opts.max_length)[0]
+        replies[tuple(prompt)] = codec.encode(text)
+    model = ScriptedLM(replies, vocab=len(CHARS) + OFFSET)
+    assert evaluate(model, codec, task, opts) == pytest.approx(3 / 5, abs=0)
+
+
+# -- methods ---------------------------------------------------------------------------------------
+
+
+def test_method_config():
+    slao = method_config("slao")
+    assert (slao.init, slao.schedule, slao.constant, slao.orthogonal_updates) == (
+        "orthogonal",
+        "sqrt",
+        0.5,
+        False,
+    )
+    assert method_config("seq-lora") == mbf.ContinualConfig(init="none", schedule="none")
+    assert method_config("ftba-mb") == mbf.ContinualConfig(init="none", schedule="sqrt")
+    assert method_config("slao", schedule="inverse").schedule == "inverse"
+    assert method_config("slao", init="random").init == "random"
+    assert method_config("slao-constant", constant=0.25).constant == 0.25
+    assert method_config("multi-task") is None
     with pytest.raises(ValueError, match="unknown method 'lora'"):
-        method_options("lora")
+        method_config("lora")
     with pytest.raises(ValueError, match="multi-task"):
-        method_options("multi-task", init="random")
+        method_config("multi-task", init="random")
+    with pytest.raises(ValueError, match=r"constant λ=1.5 must be in \(0, 1\]"):
+        method_config("slao-constant", constant=1.5)
     assert set(METHODS) >= {"slao", "seq-lora", "ftba-mb", "slao-inverse", "slao-random", "multi-task"}
 
 
-def _run(out, method="slao", resume=False, tasks=None, **kw):
-    model, codec = tiny_llama(), char_codec()
-    return run_continual(
-        model,
-        codec,
-        tasks or small_suite(),
-        out,
-        method=method,
-        lora=LORA,
-        opts=TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1),
-        resume=resume,
-        meta={"suite": "builtin", "model": "tiny"},
-        log=lambda s: None,
-        **kw,
+def test_method_label_names_what_differs_from_the_preset():
+    assert method_label("slao", method_config("slao").to_dict()) == "slao"
+    assert (
+        method_label("slao", {"init": "orthogonal", "schedule": "sqrt", "constant": 0.5}) == "slao"
+    )  # older file
+    assert (
+        method_label("slao", method_config("slao", schedule="inverse").to_dict())
+        == "slao (orthogonal, inverse)"
     )
+    assert method_label("slao-constant", method_config("slao-constant", constant=0.3).to_dict()) == (
+        "slao-constant (λ=0.3)"
+    )
+    strict = {**method_config("slao").to_dict(), "orthogonal_updates": True}
+    assert method_label("slao", strict) == "slao (orthogonal updates)"
+    assert method_label("multi-task", None) == "multi-task"
 
 
-def test_continual_run_writes_a_complete_report(tmp_path):
-    res = _run(tmp_path / "run")
-    saved = read_results(tmp_path / "run")
-    assert saved == json.loads(json.dumps(res))
+# -- whole runs ------------------------------------------------------------------------------------
+
+
+def test_continual_run_writes_a_complete_report(slao_run):
+    run, returned = slao_run
+    saved = results_file.read(run)
+    assert saved == json.loads(json.dumps(returned))
     assert saved["complete"] and saved["stages"] == ["color", "first", "animal"]
+    assert saved["options"] == method_config("slao").to_dict() and saved["lora"] == LORA.to_dict()
     assert [len(r) for r in saved["accuracy"]] == [1, 2, 3]
     assert all(0 <= a <= 1 for r in saved["accuracy"] for a in r)
     assert saved["metrics"]["AA"] == pytest.approx(sum(saved["accuracy"][-1]) / 3, abs=1e-4)
     # SLAO state is two adapters per layer, the same after every task
     assert len({p["adapter_bytes"] for p in saved["per_task"]}) == 1
     assert all(p["train_s"] > 0 and p["peak_rss_mb"] > 0 for p in saved["per_task"])
-    assert (tmp_path / "run" / "results.md").read_text().startswith("# slao")
-    assert (tmp_path / "run" / "accuracy.png").stat().st_size > 1000
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["task-03"]
+    assert (run / "results.md").read_text().startswith("# slao")
+    assert (run / "accuracy.png").stat().st_size > 1000
+    # no temporary file left behind; only the last checkpoint is kept
+    assert sorted(p.name for p in run.iterdir()) == [
+        "accuracy.png",
+        "checkpoints",
+        "results.json",
+        "results.md",
+    ]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["task-03"]
     with pytest.raises(FileExistsError, match="--resume"):
-        _run(tmp_path / "run")
+        _run(run)
 
 
 @pytest.mark.parametrize("method", ["slao", "slao-random"])  # slao-random draws its init from the RNG
-def test_resume_equals_uninterrupted_run(tmp_path, method):
-    full = _run(tmp_path / "full", method=method)
-    # interrupt after task 2: run the first two tasks of the same suite, then resume with all three
-    tasks = small_suite()
-    model, codec = tiny_llama(), char_codec()
-    opts = TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1)
+def test_resume_equals_uninterrupted_run(tmp_path, method, slao_run):
+    full = slao_run[1] if method == "slao" else _run(tmp_path / "full", method=method)
+
+    def interrupt_after_task_2(line: str) -> None:
+        if "task 2/3" in line:
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        run_continual(
-            model,
-            codec,
-            tasks,
-            tmp_path / "cut",
-            method=method,
-            lora=LORA,
-            opts=opts,
-            meta={"suite": "builtin", "model": "tiny"},
-            log=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if "task 2/3" in s else None,
-        )
-    partial = read_results(tmp_path / "cut")
+        _run(tmp_path / "cut", method=method, log=interrupt_after_task_2)
+    partial = results_file.read(tmp_path / "cut")
     assert len(partial["per_task"]) == 2 and not partial["complete"] and partial["metrics"]["AA"] is None
     resumed = _run(tmp_path / "cut", method=method, resume=True)
     assert resumed["complete"]
@@ -163,62 +243,114 @@ def test_resume_equals_uninterrupted_run(tmp_path, method):
     )
 
 
-def test_resume_rejects_a_different_method(tmp_path):
-    _run(tmp_path / "r", tasks=small_suite(1))
+def test_resume_checks_the_saved_settings(tmp_path, slao_run):
+    run = tmp_path / "r"
+    shutil.copytree(slao_run[0], run)
     with pytest.raises(ValueError, match="method='slao'"):
-        _run(tmp_path / "r", method="seq-lora", resume=True, tasks=small_suite(1))
+        _run(run, method="seq-lora", resume=True)
+    with pytest.raises(ValueError, match="options=.*'schedule': 'sqrt'"):
+        _run(run, schedule="inverse", resume=True)
+    # options written before a field existed resume as that field's default
+    saved = json.loads((run / "results.json").read_text())
+    del saved["options"]["orthogonal_updates"]
+    (run / "results.json").write_text(json.dumps(saved))
+    assert _run(run, resume=True)["accuracy"] == slao_run[1]["accuracy"]
 
 
-def test_seq_lora_merged_equals_finetuned_and_multitask(tmp_path):
+def test_seq_lora_and_multitask_runs(tmp_path):
     seq = _run(tmp_path / "seq", method="seq-lora")
     assert seq["options"]["init"] == "none" and seq["complete"]
     mt = _run(tmp_path / "mt", method="multi-task")
     assert mt["stages"] == ["all"] and len(mt["accuracy"][0]) == 3 and mt["metrics"]["BWT"] is None
+    assert mt["options"] is None and mt["checkpoint"] is None
     assert mt["per_task"][0]["steps"] == 12  # same total steps as the sequence: 4 per task
+    assert mt["metrics"]["AA"] == pytest.approx(sum(mt["accuracy"][0]) / 3, abs=1e-4)
+    assert _run(tmp_path / "mt", method="multi-task", resume=True) == results_file.read(tmp_path / "mt")
     md, png = compare_runs([tmp_path / "seq", tmp_path / "mt"], tmp_path / "cmp")
     text = md.read_text()
     assert "| seq-lora |" in text and "| multi-task |" in text and png.stat().st_size > 1000
 
 
+# -- results files and comparisons (synthetic runs) ------------------------------------------------
+
+
+def _synthetic(
+    path, *, seed=1, lr=5e-3, rows=((0.9,), (0.5, 0.8), (0.5, 0.6, 0.7)), method="slao", done=True
+):
+    """A results.json as a run of ``method`` that measured ``rows`` would write (nothing trained)."""
+    tasks = ["color", "first", "animal"][: len(rows)]
+    config = method_config(method)
+    results = results_file.new(
+        {
+            "method": method,
+            "options": config.to_dict() if config else None,
+            "seed": seed,
+            "tasks": tasks,
+            "lora": LORA.to_dict(),
+            "train": {"lr": lr, "max_steps": 4, "seed": seed},
+            **META,
+        }
+    )
+    for task, row in zip(tasks, rows):
+        stats = {"steps": 4, "first_loss": 3.0, "final_loss": 1.0}
+        results_file.add_stage(
+            results,
+            task=task,
+            accuracy=list(row),
+            stats=stats,
+            train_s=2.0,
+            eval_s=1.0,
+            adapter_bytes=4096,
+            peak_rss_mb=100.0,
+            checkpoint="checkpoints/x",
+        )
+    if done:
+        results_file.finish(results)
+    results_file.write(path, results)
+    return path
+
+
+def test_results_bookkeeping(tmp_path):
+    run = _synthetic(tmp_path / "a")
+    saved = results_file.read(run)
+    assert saved["schema"] == results_file.SCHEMA and saved["complete"]
+    assert saved["metrics"] == {"AA": 0.6, "BWT": pytest.approx(-0.3), "wall_s": 9.0}
+    assert {"python", "torch", "mbf"} <= set(saved["versions"])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps({"schema": "other/2"}))
+    with pytest.raises(ValueError, match="schema 'other/2' is not 'mbf-continual-results/1'"):
+        results_file.read(tmp_path / "b")
+
+
 def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
-    a = _run(tmp_path / "a")
-    model, codec = tiny_llama(), char_codec()
-    run_continual(
-        model,
-        codec,
-        small_suite(),
-        tmp_path / "b",
-        method="slao",
-        lora=LORA,
-        opts=TrainOptions(lr=5e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=2),
-        meta={"suite": "builtin", "model": "tiny"},
-        log=lambda s: None,
-    )
-    md, _ = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
-    assert "| slao | 1, 2 |" in md.read_text() and "±" in md.read_text()
+    a = _synthetic(tmp_path / "a", seed=1)
+    b = _synthetic(tmp_path / "b", seed=2, rows=((0.9,), (0.7, 0.8), (0.7, 0.8, 0.9)))
+    md, png = compare_runs([a, b], tmp_path / "cmp")
+    text = md.read_text()
+    # AA 0.6 and 0.8: 70.0 ± 14.1; BWT -0.3 and -0.1: -20.0 ± 14.1; LA 0.8 and 0.867: 83.3 ± 4.7
+    assert "| slao | 1, 2 | 70.0 ± 14.1 | -20.0 ± 14.1 | 83.3 ± 4.7 | 60 / 70 / 80 | 9 | 4 | 100 |" in text
+    assert png.stat().st_size > 1000
     # a run with other settings is labelled apart, never averaged in as another seed
-    model, codec = tiny_llama(), char_codec()
-    run_continual(
-        model,
-        codec,
-        small_suite(),
-        tmp_path / "lr",
-        method="slao",
-        lora=LORA,
-        opts=TrainOptions(lr=1e-3, max_steps=4, batch_size=4, eval_batch_size=4, seed=1),
-        meta={"suite": "builtin", "model": "tiny"},
-        log=lambda s: None,
-    )
-    md, _ = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "lr"], tmp_path / "cmp3")
-    assert "| slao [lr=0.005] | 1, 2 |" in md.read_text() and "| slao [lr=0.001] | 1 |" in md.read_text()
-    _run(tmp_path / "c", tasks=small_suite(2))
+    lr = _synthetic(tmp_path / "lr", lr=1e-3)
+    text = compare_runs([a, b, lr], tmp_path / "cmp3")[0].read_text()
+    assert "| slao [lr=0.005] | 1, 2 |" in text and "| slao [lr=0.001] | 1 | 60.0 |" in text
+    # incomplete runs are left out; none complete is an error
+    cut = _synthetic(tmp_path / "cut", seed=3, done=False)
+    assert "| slao | 1, 2 |" in compare_runs([a, b, cut], tmp_path / "cmp4")[0].read_text()
+    with pytest.raises(ValueError, match="no complete run"):
+        compare_runs([cut], tmp_path / "cmp5")
+    c = _synthetic(tmp_path / "c", rows=((0.9,), (0.5, 0.8)))
     with pytest.raises(ValueError, match="different task sequences"):
-        compare_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "cmp2")
-    assert a["complete"]
+        compare_runs([a, c], tmp_path / "cmp2")
 
 
-def test_evaluate_counts_exact_matches():
-    model, codec = tiny_llama(), char_codec()
-    task = small_suite(1, n_test=5)[0]
-    acc = evaluate(model, codec, task, TrainOptions(eval_batch_size=2))
-    assert acc == 0.0  # a random tiny model does not answer a color word
+def test_compare_orders_seq_lora_first_and_labels_overrides(tmp_path):
+    slao = _synthetic(tmp_path / "slao")
+    seq = _synthetic(tmp_path / "seq", method="seq-lora")
+    inv = _synthetic(tmp_path / "inv")
+    saved = results_file.read(inv)
+    saved["options"]["schedule"] = "inverse"
+    results_file.write(inv, saved)
+    text = compare_runs([slao, inv, seq], tmp_path / "cmp")[0].read_text()
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| s")]
+    assert rows == ["| seq-lora", "| slao", "| slao (orthogonal, inverse)"]

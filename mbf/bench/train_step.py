@@ -1,0 +1,172 @@
+"""End-to-end training step: tokens/s and peak memory of forward + backward + AdamW, per provider.
+
+A step runs on a Llama decoder stack with random weights (Llama-3-8B, Llama-2-7B configs, a few
+layers when memory demands — the count is recorded — and SmolLM2-135M). Providers:
+
+- ``peft``: PEFT's LoRA on the model (the baseline: ``ratio_to_baseline`` is against it);
+- ``mbf``: ``mbf.inject`` on the model in the compute dtype (Triton on CUDA, torch on CPU);
+- ``peft-bnb4``: PEFT's LoRA over bitsandbytes ``Linear4bit`` (NF4): QLoRA as people run it today;
+- ``mbf-nf4``: ``mbf.inject`` with ``LoRAConfig(quantize="nf4")``.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak RSS of a fresh process on
+CPU (each CPU configuration runs in its own subprocess for that reason).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mbf.bench.providers import bnb_nf4_linear
+from mbf.bench.timing import time_fn
+from mbf.config import LLAMA_LINEARS
+
+__all__ = ["MODEL_CONFIGS", "PROVIDERS", "StepConfig", "build_model", "measure_step", "measure_step_isolated"]
+
+_CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rope_theta",
+    "tie_word_embeddings",
+)
+# LlamaConfig fields, values from the models' published config.json files
+MODEL_CONFIGS = {
+    name: dict(zip(_CONFIG_FIELDS, values))
+    for name, values in (
+        ("smollm2-135m", (49152, 576, 1536, 30, 9, 3, 100000.0, True)),
+        ("llama-3-8b", (128256, 4096, 14336, 32, 32, 8, 500000.0, False)),
+        ("llama-2-7b", (32000, 4096, 11008, 32, 32, 32, 10000.0, False)),
+    )
+}
+# each baseline first: a row's ratio is taken against a reference measured before it
+PROVIDERS = ("peft", "mbf", "peft-bnb4", "mbf-nf4")
+BASELINE = "peft"
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One measured configuration of a training step."""
+
+    model: str = "smollm2-135m"  # a key of MODEL_CONFIGS
+    layers: int | None = None  # decoder layers kept (None = all); recorded with the result
+    provider: str = "mbf"  # one of PROVIDERS
+    seq: int = 512  # tokens per sequence
+    batch: int = 1  # sequences per step
+    checkpointing: bool = False  # activation checkpointing of every decoder layer
+    dtype: str = "bfloat16"  # compute dtype of the base model
+    r: int = 16  # LoRA rank on all seven linears
+    warmup: int = 2  # steps before timing
+    steps: int = 5  # timed steps; the median is reported
+    device: str = "cuda"
+
+
+def build_model(cfg: StepConfig) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """A random-weight Llama with ``cfg.provider``'s adapters; returns (model, trainable params)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(MODEL_CONFIGS[cfg.model])
+    if cfg.layers is not None:
+        fields["num_hidden_layers"] = cfg.layers
+    dtype = getattr(torch, cfg.dtype)
+    torch.manual_seed(0)
+    with torch.device(cfg.device):
+        model = LlamaForCausalLM(LlamaConfig(**fields, max_position_embeddings=max(cfg.seq, 2048))).to(dtype)
+    if cfg.provider in ("mbf", "mbf-nf4"):
+        import mbf
+
+        quant = "nf4" if cfg.provider == "mbf-nf4" else None
+        mbf.inject(
+            model, mbf.LoRAConfig(r=cfg.r, alpha=2 * cfg.r, target_modules="all-linear", quantize=quant)
+        )
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.provider == "peft-bnb4":
+            _to_bnb4(model, dtype)
+        model = get_peft_model(
+            model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(LLAMA_LINEARS))
+        )
+    if cfg.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _to_bnb4(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Swap every projection linear for bitsandbytes' NF4 ``Linear4bit``."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.rpartition(".")[2] in LLAMA_LINEARS:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, bnb_nf4_linear(mod, dtype))
+
+
+def measure_step(cfg: StepConfig) -> dict:
+    """Tokens/s (median over ``cfg.steps``) and peak memory of one training-step configuration.
+
+    Returns:
+        A row without ``device``, ``date`` and ``versions`` (``make_row`` adds them).
+    """
+    model, params = build_model(cfg)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = MODEL_CONFIGS[cfg.model]["vocab_size"]
+    ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), device=cfg.device)
+    cuda = torch.device(cfg.device).type == "cuda"
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(cfg.warmup):  # before the peak-memory reset: optimizer state is allocated here
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time_fn(step, cfg.device, warmup=0, rep=cfg.steps, events=False)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {
+        "op": "train_step",
+        "provider": cfg.provider,
+        "mode": "full",
+        "shape": f"{cfg.model} x{cfg.layers or MODEL_CONFIGS[cfg.model]['num_hidden_layers']}L",
+        "M": cfg.batch * cfg.seq,
+        "r": cfg.r,
+        "dtype": cfg.dtype,
+        **t,
+        "tokens_per_s": cfg.batch * cfg.seq / (t["ms"] * 1e-3),
+        "peak_mem_bytes": peak,
+        "config": asdict(cfg),
+        "extra_keys": ["tokens_per_s", "checkpointing"],
+        "checkpointing": cfg.checkpointing,
+    }
+
+
+def measure_step_isolated(cfg: StepConfig) -> dict:
+    """``measure_step`` in a fresh Python process, so that CPU peak RSS is this configuration's alone.
+
+    Raises:
+        RuntimeError: when the subprocess fails (with the end of its stderr).
+    """
+    code = (
+        "import json, sys; from mbf.bench.train_step import StepConfig, measure_step; "
+        "print(json.dumps(measure_step(StepConfig(**json.loads(sys.argv[1])))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(cfg))], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{cfg}: benchmark subprocess failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,42 @@
+"""The ``mbf`` command: parses arguments and calls ``mbf.experiment`` / ``mbf.bench``.
+
+mbf continual --suite builtin --method slao --out runs/slao       # one continual run
+mbf continual --suite olora --data-dir CL_Benchmark --order O1 --method slao --out runs/o1
+mbf compare runs/slao runs/seq --out runs/compare                  # methods side by side
+mbf eval --run runs/slao                                           # re-evaluate a saved adapter
+mbf demo                                                           # SLAO vs seq-lora, ~5-10 min on CPU
+mbf bench                                                          # training-step and task-boundary benchmark
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from mbf._optional import EXPERIMENT, MissingDependency, require
+from mbf.cli.commands import COMMANDS
+from mbf.cli.parser import build_parser
+
+__all__ = ["build_parser", "main"]
+
+# errors a user can fix: printed in one line, no traceback
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, MissingDependency)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``mbf`` command; returns the exit status (2 on a user error, printed in one line)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv is None and "OMP_WAIT_POLICY" not in os.environ:
+        # OpenMP threads that spin while they wait make a shared CPU crawl: a SmolLM2 training step
+        # took 3-26 s instead of 0.9 s with other processes on 2 cores. libgomp reads the policy
+        # once, when torch loads it, and `import mbf` has loaded torch by now: so the command
+        # restarts itself once with the policy set (OMP_WAIT_POLICY=ACTIVE in the environment opts out).
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        os.execve(sys.executable, [sys.executable, "-m", "mbf.cli", *sys.argv[1:]], env)
+    try:
+        require("mbf", EXPERIMENT)  # before the parser, which imports mbf.experiment
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"mbf: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,103 @@
+"""Evaluation: greedy decoding with the KV cache, scored by exact match."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mbf.continual import ContinualLoRA
+from mbf.experiment.batches import Codec, encode_example, left_pad, positions
+from mbf.experiment.metrics import exact_match
+from mbf.experiment.tasks import Task
+from mbf.experiment.train import TrainOptions, progress
+
+__all__ = ["evaluate", "evaluate_tasks", "greedy_decode"]
+
+
+def _cache_kwarg(model: nn.Module, out) -> dict:
+    """The KV cache of ``out`` under the name this transformers version takes (``cache`` from 5.x)."""
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int
+) -> list[list[int]]:
+    """Greedy continuation of a batch of prompts with the KV cache.
+
+    Returns:
+        One list of generated ids per prompt, each stopped at ``eos_id`` (excluded) or after
+        ``max_new_tokens``.
+    """
+    ids, mask = left_pad(prompts, pad_id)
+    pos = positions(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    generated: list[list[int]] = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)  # (B,)
+        for i in range(len(prompts)):
+            if not done[i]:
+                if nxt[i].item() == eos_id:
+                    done[i] = True
+                else:
+                    generated[i].append(nxt[i].item())
+        if done.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **_cache_kwarg(model, out),
+        )
+    return generated
+
+
+def evaluate(
+    model: nn.Module, codec: Codec, task: Task, opts: TrainOptions, desc: str | None = None
+) -> float:
+    """Exact-match accuracy (0..1) of greedy decoding on ``task.test``.
+
+    The model is used as it is: choose the adapter first (``with cl.merged():``). Decoding stops one
+    token past the longest answer: a longer output cannot match anyway.
+    """
+    model.eval()
+    prompts = [encode_example(codec, task, ex, opts.max_length)[0] for ex in task.test]
+    max_new = max(len(codec.encode(task.target(ex))) for ex in task.test) + 1
+    correct = 0
+    bs = opts.eval_batch_size
+    for s in progress(range(0, len(prompts), bs), desc or f"eval {task.name}"):
+        outs = greedy_decode(model, prompts[s : s + bs], max_new, codec.eos_id, codec.pad_id)
+        correct += sum(exact_match(codec.decode(o), ex.output) for o, ex in zip(outs, task.test[s : s + bs]))
+    return correct / len(task.test)
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    codec: Codec,
+    tasks: list[Task],
+    opts: TrainOptions,
+    checkpoint: str | Path | None = None,
+    adapter: str = "merged",
+) -> list[float]:
+    """Accuracy on each task: of the model as it is, or with a saved run's adapter.
+
+    Args:
+        checkpoint: a ``ContinualLoRA.save()`` directory; its LoRA config is injected into ``model``.
+        adapter: with a checkpoint, ``"merged"`` (what inference uses) or ``"finetuned"``.
+    """
+    if checkpoint is None:
+        return [evaluate(model, codec, t, opts) for t in tasks]
+    cl = ContinualLoRA.load(model, checkpoint)
+    with cl.merged() if adapter == "merged" else cl.adapter_mode(adapter):
+        return [evaluate(model, codec, t, opts) for t in tasks]

@@ -1,0 +1,118 @@
+"""Figures of runs: one run's accuracy heatmap, and several methods compared (AA/BWT, curves).
+
+Every figure is written through ``mbf.io.atomic_write``: a reader never sees half a PNG, and two
+processes drawing into one folder never share a temporary file.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from mbf._optional import pyplot
+from mbf.experiment.metrics import mean_std, pct
+from mbf.io import atomic_write
+
+__all__ = ["compare_figure", "heatmap"]
+
+
+def _save(plt, fig, path: Path, dpi: int) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    plt.close(fig)
+
+
+def heatmap(results: dict, path: Path) -> None:
+    """``accuracy[i][j]`` as a grid (rows: after training, columns: evaluated on), written to ``path``."""
+    plt = pyplot()
+    tasks, acc = results["tasks"], results["accuracy"]
+    grid = [[(row[j] if j < len(row) else math.nan) for j in range(len(tasks))] for row in acc]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(tasks), max(2.6, 0.8 + 0.6 * len(grid))))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                color = "w" if v < 0.6 else "k"
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(grid)), results["stages"])
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("after training")
+    m = results["metrics"]
+    title = f"{results['method']} seed {results['seed']}: AA {pct(m['AA'])} BWT {pct(m['BWT'])}"
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    _save(plt, fig, path, dpi=110)
+
+
+def _bars(ax, groups: dict[str, list[dict]]) -> None:
+    """AA and BWT per group, with the std over seeds as error bars."""
+    labels = list(groups)
+    x = range(len(labels))
+    w = 0.4
+    for offset, key in ((-w / 2, "AA"), (w / 2, "BWT")):
+        stats = [mean_std([r["metrics"][key] for r in groups[k]]) for k in labels]
+        means = [100 * (0 if math.isnan(m) else m) for m, _ in stats]
+        stds = [100 * (0 if math.isnan(s) else s) for _, s in stats]
+        ax.bar([i + offset for i in x], means, w, yerr=stds, label=key, capsize=3)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_title("AA and BWT (mean ± std over seeds)")
+    ax.legend()
+
+
+def _curves(
+    ax,
+    groups: dict[str, list[dict]],
+    tasks: list[str],
+    value: Callable[[list[float]], float],
+    ylabel: str,
+    title: str,
+) -> None:
+    """One line per group: ``value(accuracy row)`` after each stage, averaged over seeds."""
+    T = len(tasks)
+    for label, runs in groups.items():
+        full = [r for r in runs if len(r["accuracy"]) == T]
+        if full:
+            curve = [statistics.fmean(value(r["accuracy"][i]) for r in full) for i in range(T)]
+            ax.plot(range(1, T + 1), [100 * c for c in curve], "o-", label=label)
+        elif value is statistics.fmean:  # multi-task: one point, after the whole sequence
+            ax.plot([T], [100 * statistics.fmean(r["metrics"]["AA"] for r in runs)], "*", ms=12, label=label)
+    ax.set_xticks(range(1, T + 1), tasks, rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("after training")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def compare_figure(groups: dict[str, list[dict]], tasks: list[str], path: Path) -> None:
+    """Three panels written to ``path``: AA/BWT bars, mean accuracy so far, the first task's accuracy.
+
+    Args:
+        groups: label → complete results of that method (one per seed).
+        tasks: the task names in training order.
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    _bars(axes[0], groups)
+    _curves(
+        axes[1],
+        groups,
+        tasks,
+        statistics.fmean,
+        "mean accuracy on tasks seen so far (%)",
+        "Average accuracy along the sequence",
+    )
+    _curves(
+        axes[2],
+        groups,
+        tasks,
+        lambda row: row[0],
+        f"accuracy on task 1 '{tasks[0]}' (%)",
+        "Forgetting of the first task",
+    )
+    fig.tight_layout()
+    _save(plt, fig, path, dpi=100)

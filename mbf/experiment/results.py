@@ -1,0 +1,147 @@
+"""``results.json``: what a continual run measured, rewritten after every task (the commit point).
+
+Schema ``"mbf-continual-results/1"``::
+
+    schema        "mbf-continual-results/1"
+    method        "slao" | "seq-lora" | "ftba-mb" | "slao-inverse" | "slao-random" | ... | "multi-task"
+    options       ContinualConfig.to_dict(): {"schedule", "init", "constant", "orthogonal_updates"};
+                  null for multi-task (older files lack "orthogonal_updates": false)
+    seed          int: seeds data order and adapter init (the suite's own seed is in "suite_seed")
+    tasks         [str]: task names in training order (T of them)
+    lora          LoRAConfig.to_dict(): {"r", "alpha", "dropout", "target_modules", "quantize", "backend"}
+    train         TrainOptions: {"lr", "epochs", "max_steps", "batch_size", "eval_batch_size",
+                  "max_length", "weight_decay", "warmup_steps", "seed"}
+    suite, suite_seed, model, n_train, n_test, data_dir, order   where the tasks and model came from
+    stages        [str]: the task trained at each stage ("all" for the multi-task baseline's one stage)
+    accuracy      [[float]]: accuracy[i][j] = exact-match accuracy (0..1) on task j's test set after
+                  stage i, j = 0..i, computed with the adapter inference uses (SLAO: the merged one).
+                  multi-task: one row of T entries
+    per_task      [{"task", "steps", "first_loss", "final_loss", "train_s", "eval_s",
+                    "adapter_bytes", "peak_rss_mb"}]: one per stage; adapter_bytes = bytes of adapter
+                  state held after the stage (SLAO: two adapters per layer, constant in T);
+                  peak_rss_mb = the process's peak resident memory so far
+    metrics       {"AA": mean_j accuracy[T-1][j],
+                   "BWT": mean_{j<T-1} (accuracy[T-1][j] - accuracy[j][j]) (null for multi-task),
+                   "wall_s": total train + eval seconds}; AA/BWT null until the run is complete
+    complete      bool: every task trained and evaluated
+    checkpoint    path (relative to the run dir) of the adapter state after the last finished stage
+    versions      mbf.io.versions(): {"python", "torch", "mbf", ...} the installed packages that shape it
+    started, updated   ISO-8601 UTC times
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from mbf.experiment.metrics import accuracy_metrics
+from mbf.io import atomic_write_json, versions
+
+__all__ = ["SCHEMA", "add_stage", "finish", "new", "read", "write"]
+
+SCHEMA = "mbf-continual-results/1"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def new(config: dict) -> dict:
+    """Results of a run that has trained nothing yet.
+
+    Args:
+        config: the run's settings: ``method``, ``options``, ``seed``, ``tasks``, ``lora``, ``train``
+            and where the tasks and model came from.
+    """
+    return {
+        "schema": SCHEMA,
+        **config,
+        "stages": [],
+        "accuracy": [],
+        "per_task": [],
+        "metrics": {"AA": None, "BWT": None, "wall_s": 0.0},
+        "complete": False,
+        "checkpoint": None,
+        "versions": versions(),
+        "started": _now(),
+        "updated": _now(),
+    }
+
+
+def add_stage(
+    results: dict,
+    *,
+    task: str,
+    accuracy: list[float],
+    stats: dict,
+    train_s: float,
+    eval_s: float,
+    adapter_bytes: int,
+    peak_rss_mb: float,
+    checkpoint: str | None,
+) -> None:
+    """Record one finished stage in place.
+
+    Args:
+        results: as ``new`` made it.
+        task: the task trained (``"all"`` for multi-task).
+        accuracy: accuracy on every task seen so far (multi-task: on all tasks).
+        stats: ``train_steps``' ``{"steps", "first_loss", "final_loss"}``.
+        train_s: seconds of training.
+        eval_s: seconds of evaluation.
+        adapter_bytes: bytes of adapter state held after the stage.
+        peak_rss_mb: the process's peak resident memory so far.
+        checkpoint: the adapter state's directory relative to the run dir (None: not saved).
+    """
+    results["stages"].append(task)
+    results["accuracy"].append([round(a, 4) for a in accuracy])
+    results["per_task"].append(
+        {
+            "task": task,
+            **stats,
+            "train_s": round(train_s, 2),
+            "eval_s": round(eval_s, 2),
+            "adapter_bytes": adapter_bytes,
+            "peak_rss_mb": round(peak_rss_mb, 1),
+        }
+    )
+    results["metrics"]["wall_s"] = round(sum(p["train_s"] + p["eval_s"] for p in results["per_task"]), 2)
+    results["checkpoint"] = checkpoint
+    results["updated"] = _now()
+
+
+def finish(results: dict, multi_task: bool = False) -> None:
+    """Mark the run complete and fill AA and BWT (multi-task: AA of its one row, no BWT)."""
+    if multi_task:
+        row = results["accuracy"][-1]
+        results["metrics"].update({"AA": round(sum(row) / len(row), 4), "BWT": None})
+    else:
+        m = accuracy_metrics(results["accuracy"])
+        results["metrics"].update({k: None if v is None else round(v, 4) for k, v in m.items()})
+    results["complete"] = True
+
+
+def read(path: str | Path) -> dict:
+    """Load a results.json (a run directory or the file).
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        ValueError: when the file is not an mbf results file of a known schema.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {data.get('schema')!r} is not {SCHEMA!r}")
+    return data
+
+
+def write(run_dir: str | Path, results: dict) -> Path:
+    """Write ``run_dir/results.json`` atomically: readers see the previous stage's or this one's.
+
+    Raises:
+        ValueError: on a NaN or infinite number (the file stays as it was).
+    """
+    return atomic_write_json(results, Path(run_dir) / "results.json")

@@ -1,0 +1,234 @@
+"""A continual run: train a task sequence with one method, evaluate, and commit after every task.
+
+After each task every task seen so far is evaluated with the adapter inference uses (SLAO's merged
+adapter) and the run directory is written, atomically, so that ``resume=True`` continues from the
+last finished task and a crash loses at most the task in progress::
+
+    OUT/results.json          the results (schema in mbf/experiment/results.py): the commit point
+    OUT/results.md, accuracy.png   the same as a table and a heatmap
+    OUT/checkpoints/task-NN   ContinualLoRA.save() after task NN (only the latest is kept)
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mbf.config import ContinualConfig, LoRAConfig
+from mbf.continual import ContinualLoRA
+from mbf.experiment import report
+from mbf.experiment import results as results_file
+from mbf.experiment.batches import Codec
+from mbf.experiment.evaluate import evaluate
+from mbf.experiment.methods import method_config
+from mbf.experiment.tasks import Task
+from mbf.experiment.train import TrainOptions, train_steps
+from mbf.inject import inject, lora_layers
+
+__all__ = ["peak_rss_mb", "run_continual"]
+
+# the settings a resumed run must share with the saved one
+_RESUME_KEYS = ("method", "options", "seed", "tasks", "lora")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _measure(train: Callable[[], dict], evaluate: Callable[[], list[float]]) -> dict:
+    """Train, then evaluate, each timed: ``{"stats", "train_s", "accuracy", "eval_s"}``."""
+    t0 = time.time()
+    stats = train()
+    t1 = time.time()
+    accuracy = evaluate()
+    return {"stats": stats, "train_s": t1 - t0, "accuracy": accuracy, "eval_s": time.time() - t1}
+
+
+def _same_options(saved: dict | None, now: dict | None) -> bool:
+    """Options of older results lack fields added since; they compare as the defaults."""
+    if saved is None or now is None:
+        return saved is now
+    return ContinualConfig.from_dict(saved) == ContinualConfig.from_dict(now)
+
+
+def _open_results(out: Path, settings: dict, resume: bool) -> dict:
+    """The saved results to continue (``resume``), or new ones.
+
+    Raises:
+        FileExistsError: when ``out`` holds a run and ``resume`` is False.
+        ValueError: when the saved run's method, options, seed, tasks or LoRA config differ.
+    """
+    path = out / "results.json"
+    if path.exists() and not resume:
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if not path.exists():
+        return results_file.new(settings)
+    saved = results_file.read(path)
+    for key in _RESUME_KEYS:
+        was, now = saved.get(key), settings[key]
+        if not (_same_options(was, now) if key == "options" else was == now):
+            raise ValueError(f"--resume: {out} was run with {key}={was!r}, now {now!r}")
+    return saved
+
+
+@dataclass
+class _Run:
+    """What every stage of one run shares."""
+
+    model: nn.Module
+    codec: Codec
+    tasks: list[Task]
+    opts: TrainOptions
+    out: Path
+    results: dict
+    method: str
+    log: Callable[[str], None]
+
+    def evaluate(self, tasks: list[Task], after: str | None = None) -> list[float]:
+        desc = (lambda t: f"eval {t.name} after {after}") if after else (lambda t: None)
+        return [evaluate(self.model, self.codec, t, self.opts, desc=desc(t)) for t in tasks]
+
+    def commit(self, task: str, measured: dict, *, adapter_bytes: int, checkpoint: str | None) -> None:
+        """Record the stage and write the run directory; ``results.json`` is the commit point."""
+        results_file.add_stage(
+            self.results,
+            task=task,
+            **measured,
+            adapter_bytes=adapter_bytes,
+            peak_rss_mb=peak_rss_mb(),
+            checkpoint=checkpoint,
+        )
+        multi_task = checkpoint is None  # the multi-task baseline keeps no adapter: one stage, the last
+        if multi_task or len(self.results["per_task"]) == len(self.tasks):
+            results_file.finish(self.results, multi_task=multi_task)
+        report.write_run(self.out, self.results)
+
+    def continual_stage(self, cl: ContinualLoRA, i: int) -> None:
+        """Train task ``i`` (0-based) with ``cl``'s boundaries; evaluate tasks ``0..i`` merged; commit."""
+        task, seed = self.tasks[i], self.opts.seed * 1000 + i
+
+        def train() -> dict:
+            # set before begin_task (init="random" draws there): a resumed run equals an uninterrupted one
+            torch.manual_seed(seed)
+            cl.begin_task()
+            examples = [(task, ex) for ex in task.train]
+            desc = f"train {i + 1}/{len(self.tasks)} {task.name}"
+            stats = train_steps(
+                self.model, cl.trainable_parameters(), self.codec, examples, self.opts, seed, desc
+            )
+            cl.end_task()
+            return stats
+
+        def evaluate_merged() -> list[float]:
+            with cl.merged():  # what inference uses
+                return self.evaluate(self.tasks[: i + 1], after=task.name)
+
+        measured = _measure(train, evaluate_merged)
+        checkpoint = f"checkpoints/task-{i + 1:02d}"
+        cl.save(self.out / checkpoint)
+        self.commit(task.name, measured, adapter_bytes=cl.adapter_bytes(), checkpoint=checkpoint)
+        for old in (self.out / "checkpoints").glob("task-*"):  # after the commit: the new one is named
+            if old.name != Path(checkpoint).name:
+                shutil.rmtree(old, ignore_errors=True)
+        stats, row = measured["stats"], measured["accuracy"]
+        self.log(
+            f"[{self.method}] task {i + 1}/{len(self.tasks)} {task.name}: loss {stats['first_loss']:.3f}->"
+            f"{stats['final_loss']:.3f}, acc {' '.join(f'{a:.2f}' for a in row)} "
+            f"(train {measured['train_s']:.0f}s, eval {measured['eval_s']:.0f}s)"
+        )
+
+    def multi_task_stage(self) -> None:
+        """One LoRA on every task's data at once, as many steps as the whole sequence; evaluated once."""
+        mixed = [(t, ex) for t in self.tasks for ex in t.train]
+        cap = (self.opts.max_steps or 0) * len(self.tasks) or None
+        opts = TrainOptions(**{**asdict(self.opts), "max_steps": cap})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def train() -> dict:
+            torch.manual_seed(self.opts.seed)
+            return train_steps(
+                self.model, params, self.codec, mixed, opts, self.opts.seed, "train multi-task"
+            )
+
+        measured = _measure(train, lambda: self.evaluate(self.tasks))
+        adapters = [t for m in lora_layers(self.model).values() for t in (m.lora_A, m.lora_B)]
+        adapter_bytes = sum(t.numel() * t.element_size() for t in adapters)
+        self.commit("all", measured, adapter_bytes=adapter_bytes, checkpoint=None)
+
+
+def run_continual(
+    model: nn.Module,
+    codec: Codec,
+    tasks: list[Task],
+    out: str | Path,
+    *,
+    method: str = "slao",
+    lora: LoRAConfig | None = None,
+    opts: TrainOptions | None = None,
+    init: str | None = None,
+    schedule: str | None = None,
+    constant: float | None = None,
+    resume: bool = False,
+    meta: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train ``tasks`` in order with ``method``; write ``out/results.json`` after every task.
+
+    Args:
+        model: a causal LM without LoRA layers (``model.model`` the decoder, ``model.lm_head``).
+        codec: its tokenizer as a ``Codec``.
+        tasks: the task sequence.
+        out: the run directory.
+        method: one of ``METHODS``; ``init`` / ``schedule`` / ``constant`` override its configuration.
+        lora: the adapter configuration (default ``LoRAConfig()``: r 8, q_proj and v_proj).
+        opts: training options (seeds per task derive from ``opts.seed``).
+        resume: continue the run in ``out`` from its last finished task.
+        meta: extra fields for results.json (suite, model name...).
+        log: receives one line per finished task.
+
+    Returns:
+        The results dict (also in ``out/results.json``).
+
+    Raises:
+        FileExistsError: when ``out`` holds a run and ``resume`` is False.
+        ValueError: on an unknown method or override; on resume, when the saved run's method,
+            options, seed, tasks or LoRA config differ.
+    """
+    out, lora, opts = Path(out), lora or LoRAConfig(), opts or TrainOptions()
+    config = method_config(method, init, schedule, constant)
+    settings = {
+        "method": method,
+        "options": None if config is None else config.to_dict(),
+        "seed": opts.seed,
+        "tasks": [t.name for t in tasks],
+        "lora": lora.to_dict(),
+        "train": asdict(opts),
+        **(meta or {}),
+    }
+    results = _open_results(out, settings, resume)
+    run = _Run(model, codec, tasks, opts, out, results, method, log)
+    done = len(results["per_task"])
+    torch.manual_seed(opts.seed)
+    inject(model, lora)
+    if config is None:
+        if not done:
+            run.multi_task_stage()
+        return results
+    if done:
+        cl = ContinualLoRA.load(model, out / results["checkpoint"])
+        log(f"resuming {out} after task {done}/{len(tasks)} ({tasks[done - 1].name})")
+    else:
+        cl = ContinualLoRA(model, config)
+    for i in range(done, len(tasks)):
+        run.continual_stage(cl, i)
+    return results

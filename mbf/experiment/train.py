@@ -1,0 +1,112 @@
+"""Training: the options of a task's training, the answer-only loss, and the optimizer loop."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mbf.experiment.batches import Codec, encode_example, left_pad, positions
+from mbf.experiment.tasks import Example, Task
+
+__all__ = ["TrainOptions", "answer_loss", "progress", "train_steps"]
+
+
+@dataclass
+class TrainOptions:
+    """How each task is trained and evaluated."""
+
+    lr: float = 1e-3  # AdamW learning rate (constant, after a short warm-up)
+    epochs: float = 1.0  # passes over a task's training set (fractions allowed)
+    max_steps: int | None = None  # cap on optimizer steps per task (None: from epochs)
+    batch_size: int = 8
+    eval_batch_size: int = 50
+    max_length: int = 256  # prompt tokens kept (the end of a longer prompt is kept)
+    weight_decay: float = 0.0
+    warmup_steps: int = 3
+    seed: int = 0
+
+    def steps_for(self, n_examples: int) -> int:
+        """Optimizer steps for ``n_examples``: ``epochs`` passes, capped by ``max_steps``; at least 1."""
+        steps = max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+def progress(items: Iterable, desc: str) -> tqdm:
+    """A progress bar that clears itself when done and stays off without a terminal (``disable=None``)."""
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+def answer_loss(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens only (a 0-d float32 tensor).
+
+    Args:
+        model: a causal LM with ``model.model`` (the decoder) and ``model.lm_head``.
+        batch: ``(prompt ids, answer ids)`` pairs, as ``encode_example`` gives them.
+        pad_id: the padding id.
+
+    The LM head (a 49k-vocab GEMM, the costliest layer of a small model) runs only on the answer
+    columns, which left padding puts last.
+    """
+    ids, mask = left_pad([p + a for p, a in batch], pad_id)  # (B, T)
+    K = max(len(a) for _, a in batch)  # answer columns
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    logits = model.lm_head(hidden[:, -K - 1 : -1]).float()  # (B, K, V): column t predicts token t+1
+    labels = torch.full((len(batch), K), -100, dtype=torch.long)
+    for i, (_, a) in enumerate(batch):
+        labels[i, K - len(a) :] = torch.tensor(a)
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def train_steps(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    codec: Codec,
+    examples: list[tuple[Task, Example]],
+    opts: TrainOptions,
+    seed: int,
+    desc: str = "train",
+) -> dict:
+    """Train ``params`` with AdamW on ``examples`` for ``opts.steps_for(len(examples))`` steps.
+
+    Batches are drawn without replacement from reshuffled passes over ``examples`` (``seed``).
+
+    Returns:
+        ``{"steps", "first_loss", "final_loss"}`` (final: mean of the last 5 steps).
+
+    Raises:
+        FloatingPointError: when the loss becomes non-finite (names the step).
+    """
+    rng = random.Random(seed)
+    encoded = [encode_example(codec, t, ex, opts.max_length) for t, ex in examples]
+    steps = opts.steps_for(len(encoded))
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, opts.warmup_steps)))
+    order: list[int] = []
+    losses = []
+    model.train()
+    bar = progress(range(steps), desc)
+    for _ in bar:
+        if len(order) < opts.batch_size:
+            perm = list(range(len(encoded)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[: opts.batch_size], order[opts.batch_size :]
+        loss = answer_loss(model, [encoded[i] for i in idx], codec.pad_id)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {len(losses)}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:])}

@@ -1,0 +1,112 @@
+"""The measurement library (``mbf.bench``): rows appended as measured, one ratio convention, the
+README tables and the one plotter. Synthetic rows: nothing is timed here."""
+
+import json
+
+import pytest
+
+from mbf.bench import readme
+from mbf.bench.plot import plot_file
+from mbf.bench.rows import FLOOR, RowWriter, make_row, same_case, timed_row
+from mbf.bench.timing import time_fn
+
+
+def _row(provider, ms, op="lora_linear", M=2048, **extra):
+    case = dict(
+        op=op, shape="576->1536", M=M, r=16, mode="full", dtype="float32", device="Test CPU (2 cores)"
+    )
+    return timed_row(**case, provider=provider, timing={"ms": ms, "p20": ms, "p80": ms}, **extra)
+
+
+def test_rows_reach_the_file_as_measured_with_their_ratio(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{"op": "earlier", "provider": "x", "ms": 1.0}]))  # another run's row stays
+    writer = RowWriter(path, {"lora_linear": FLOOR, "train_step": "peft"})
+    writer.append(_row(FLOOR, 20.0, flops=4e10))
+    assert len(json.loads(path.read_text())) == 2  # written before the next one is measured
+    writer.append(_row("mbf-torch", 25.0))
+    writer.append(_row("peft", 30.0, M=512))  # another case, whose floor was not measured
+    writer.append(_row("peft", 8.0, op="train_step"))
+    writer.append(_row("mbf", 6.0, op="train_step"))
+    rows = json.loads(path.read_text())
+    assert [r["op"] for r in rows] == [
+        "earlier",
+        "lora_linear",
+        "lora_linear",
+        "lora_linear",
+        "train_step",
+        "train_step",
+    ]
+    assert [r.get("ratio_to_floor") for r in rows[1:4]] == [1.0, 1.25, None]  # ms / ms of the floor
+    assert rows[1]["tflops"] == pytest.approx(4e10 / 20e-3 / 1e12)
+    assert (rows[5]["ratio_to_baseline"], rows[5]["baseline"]) == (0.75, "peft")  # larger = slower
+    assert "ratio_to_floor" not in rows[5] and "ratio_to_baseline" not in rows[2]
+    assert {"date", "versions"} <= set(rows[1]) and "torch" in rows[1]["versions"]
+    summary = writer.summary()
+    assert f"wrote 5 rows to {path}" in summary and "1.250× floor" in summary and "0.750× peft" in summary
+
+
+def test_a_non_finite_row_is_refused_and_the_file_kept(tmp_path):
+    writer = RowWriter(tmp_path / "r.json", {"lora_linear": FLOOR})
+    writer.append(_row(FLOOR, 20.0))
+    with pytest.raises(ValueError):
+        writer.append(_row("mbf-torch", float("nan")))
+    assert len(json.loads((tmp_path / "r.json").read_text())) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_same_case_ignores_the_provider_and_the_measurements():
+    assert same_case(_row("a", 1.0), _row("b", 2.0))
+    assert not same_case(_row("a", 1.0), _row("a", 1.0, M=512))
+    assert not same_case(make_row(op="x", checkpointing=True), make_row(op="x", checkpointing=False))
+
+
+def test_time_fn_on_cpu_counts_every_call():
+    calls = []
+    t = time_fn(lambda: calls.append(1), "cpu", warmup=2, rep=5)
+    assert len(calls) == 7 and t["p20"] <= t["ms"] <= t["p80"]
+
+
+def test_readme_tables_are_generated_between_the_markers(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [
+        {**_row(FLOOR, 20.0), "ratio_to_floor": 1.0},
+        {**_row("peft", 8.0, op="train_step"), "ratio_to_baseline": 1.0, "baseline": "peft"},
+        {**_row("mbf", 6.0, op="train_step", tokens_per_s=100.0, extra_keys=["tokens_per_s"])},
+    ]
+    rows[2].update(ratio_to_baseline=0.75, baseline="peft")
+    (results / "dev-2026-01-01.json").write_text(json.dumps(rows))
+    page = tmp_path / "README.md"
+    page.write_text(f"# t\n\nkept\n{readme.START}\nold table\n{readme.END}\nkept too\n")
+    readme.update_readme(page, results)
+    text = page.read_text()
+    assert (
+        text.startswith("# t\n\nkept\n")
+        and text.endswith(f"{readme.END}\nkept too\n")
+        and "old table" not in text
+    )
+    assert "#### Test CPU (2 cores) — " in text and "**lora_linear**" in text and "**train_step**" in text
+    assert "| floor | full | 576->1536 | 2048 | 16 | float32 | 20.000 |  | 1.000 |  |  |  |" in text
+    assert "| 0.750 × peft |  | tokens_per_s=100 |" in text
+    (tmp_path / "bad.md").write_text("no markers")
+    with pytest.raises(ValueError, match="perf markers"):
+        readme.update_readme(tmp_path / "bad.md", results)
+
+
+def test_one_plotter_draws_every_op(tmp_path):
+    path = tmp_path / "dev.json"
+    rows = [
+        _row(FLOOR, 20.0),
+        _row("mbf-torch", 25.0),
+        _row("peft", 8.0, op="train_step", peak_mem_bytes=2**30),
+    ]
+    path.write_text(json.dumps(rows))
+    pngs = plot_file(path)
+    assert [p.name for p in pngs] == ["dev.lora_linear.png", "dev.train_step.png"]
+    assert all(p.stat().st_size > 1000 for p in pngs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dev.json",
+        "dev.lora_linear.png",
+        "dev.train_step.png",
+    ]
