@@ -11,6 +11,7 @@ from mbf.reference import SCHEDULES
 
 __all__ = [
     "BACKENDS",
+    "FACTORS",
     "INITS",
     "LLAMA_LINEARS",
     "SCHEDULES",
@@ -22,6 +23,7 @@ __all__ = [
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("orthogonal", "last_merge", "random", "none")  # how task i ≥ 2's fine-tuned adapter starts
 BACKENDS = ("auto", "torch", "triton")
+FACTORS = ("AB", "A", "B")  # which LoRA factors train / merge (the paper's FTBA / FREB / FREA, MB / MA / MBA)
 
 
 def _is_number(x) -> bool:
@@ -173,6 +175,8 @@ class ContinualConfig:
     #   "last_merge" (same A, B from the merged B), "random" (fresh LoRA init), "none" (carried as is)
     constant: float = 0.5  # λ of the "constant" schedule, in (0, 1]
     orthogonal_updates: bool = False  # keep each task's A updates out of the previous task's row space
+    train: str = "AB"  # factors that train: "AB" (SLAO), "A" (B frozen), "B" (A frozen)
+    merge: str = "B"  # factors merged with λ: "B" (SLAO: A_m = A_ft), "A" (B_m = B_ft) or "AB"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -186,6 +190,10 @@ class ContinualConfig:
             # λ outside (0, 1] extrapolates past the fine-tuned adapter (or away from it)
             raise ValueError(f"ContinualConfig: constant λ={c!r} must be in (0, 1]")
         object.__setattr__(self, "constant", float(c))
+        for field in ("train", "merge"):
+            value = getattr(self, field)
+            if value not in FACTORS:
+                raise ValueError(f"ContinualConfig: {field}={value!r} must be one of {FACTORS}")
         if not isinstance(self.orthogonal_updates, bool):
             raise ValueError(f"ContinualConfig: orthogonal_updates={self.orthogonal_updates!r} is not a bool")
 

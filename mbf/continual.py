@@ -8,6 +8,11 @@ Task ``i = task_index + 1``:
   B), ``"random"`` (a fresh LoRA init), ``"none"`` (carry A and B unchanged: no QR).
 - ``end_task()``: ``A_m ← A_ft``; ``B_m ← B_m + λ(i) (B_ft − B_m)``, ``λ`` from ``schedule``.
 
+The paper's merge-strategy ablations are two more options: ``train`` (which factors train: "AB",
+or "A" with B frozen — B then starts from a random init and A from zero, else the adapter would
+stay zero — or "B" with A frozen) and ``merge`` (which factors are merged with λ: "B" as SLAO,
+"A" with ``B_m ← B_ft``, or "AB"). E.g. FREB-MA is ``train="A", merge="A"``.
+
 Strict mode (``orthogonal_updates=True``): during task ``i ≥ 2`` the fine-tuned A may only move
 orthogonally to the previous task's row space, ``A = A₀ + ΔA`` with ``ΔA Qᵀ = 0`` (``Q``: orthonormal
 rows of the previous task's A); see ``project_updates()``.
@@ -87,37 +92,39 @@ class ContinualLoRA:
         """
         if self.in_task:
             raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
-        self._init_adapters()
-        if self.config.orthogonal_updates:
-            self._capture_basis()
+        layers, cfg = list(self.layers.values()), self.config
+        basis = None  # orthonormal rows of the previous task's A (QR init, strict mode)
+        if self.task_index > 0 and (cfg.init in ("orthogonal", "last_merge") or cfg.orthogonal_updates):
+            As = [layer.lora_A for layer in layers]
+            basis = functional.orthonormal_rows(As, names=list(self.layers), backend=self.backend)
+        self._init_adapters(basis)
+        if cfg.orthogonal_updates:
+            self._start = [layer.lora_A.detach().clone() for layer in layers]
+            self._basis = basis
+        for layer in layers:  # the paper's FREA / FREB ablations freeze one factor
+            layer.lora_A.requires_grad_("A" in cfg.train)
+            layer.lora_B.requires_grad_("B" in cfg.train)
         self.in_task = True  # last: a failed init (non-finite A) leaves the task not begun
 
-    def _init_adapters(self) -> None:
-        if self.task_index == 0 or self.config.init == "none":
-            return
-        layers = list(self.layers.values())
-        if self.config.init == "random":
+    def _init_adapters(self, basis: list[torch.Tensor] | None) -> None:
+        layers, cfg = list(self.layers.values()), self.config
+        fresh = cfg.init == "random" if self.task_index > 0 else "B" not in cfg.train  # B frozen from task 1
+        if fresh:
             for layer in layers:
-                layer.reset_lora_parameters()
+                self._fresh_init(layer)
+        if self.task_index == 0 or cfg.init in ("random", "none"):
             return
-        Qs = functional.orthonormal_rows(
-            [layer.lora_A for layer in layers], names=list(self.layers), backend=self.backend
-        )
-        for layer, Q in zip(layers, Qs):
+        for layer, Q in zip(layers, basis):  # "orthogonal" or "last_merge"
             layer.lora_A.copy_(Q)
-            if self.config.init == "last_merge":
+            if cfg.init == "last_merge":
                 layer.lora_B.copy_(layer.merged_B)
 
-    def _capture_basis(self) -> None:
-        layers = list(self.layers.values())
-        self._start = [layer.lora_A.detach().clone() for layer in layers]
-        if self.task_index == 0:
-            self._basis = None  # task 1: no previous task to keep away from
-        elif self.config.init == "orthogonal":
-            self._basis = self._start  # lora_A was just set to that very basis
-        else:  # merged_A is the previous task's fine-tuned A
-            As = [layer.merged_A for layer in layers]
-            self._basis = functional.orthonormal_rows(As, names=list(self.layers), backend=self.backend)
+    def _fresh_init(self, layer) -> None:
+        """LoRA's usual init; with B frozen (FREB) the roles swap, else the adapter would stay zero."""
+        layer.reset_lora_parameters()
+        if "B" not in self.config.train:
+            nn.init.kaiming_uniform_(layer.lora_B, a=5**0.5)
+            nn.init.zeros_(layer.lora_A)
 
     @torch.no_grad()
     def project_updates(self) -> None:
@@ -153,19 +160,25 @@ class ContinualLoRA:
         layers = list(self.layers.values())
         self._check_finite("fine-tuned adapter", [(layer.lora_A, layer.lora_B) for layer in layers])
         lam = self.lam(self.task_index + 1)
-        merged_Bs, ft_Bs = [layer.merged_B for layer in layers], [layer.lora_B for layer in layers]
-        before = [B.clone() for B in merged_Bs]  # (out, r) each: cheap insurance for all-or-nothing
-        functional.time_aware_merge_(merged_Bs, ft_Bs, lam, backend=self.backend)
+        merged = [m for f in "AB" if f in self.config.merge for m in self._factor(f, "merged")]
+        finetuned = [t for f in "AB" if f in self.config.merge for t in self._factor(f, "lora")]
+        before = [m.clone() for m in merged]  # (out, r) / (r, in) each: insurance for all-or-nothing
+        functional.time_aware_merge_(merged, finetuned, lam, backend=self.backend)
         try:  # overflow is possible with finite inputs: check the result before committing it
-            self._check_finite(f"merge with λ={lam:g}", [(B,) for B in merged_Bs])
+            self._check_finite(f"merge with λ={lam:g}", [(m,) for m in merged])
         except ValueError:
-            torch._foreach_copy_(merged_Bs, before)
+            torch._foreach_copy_(merged, before)
             raise
-        for layer in layers:
-            layer.merged_A.copy_(layer.lora_A)
+        for f in "AB":  # the factor that is not merged is taken as it was fine-tuned (SLAO: A)
+            if f not in self.config.merge:
+                torch._foreach_copy_(self._factor(f, "merged"), [t.detach() for t in self._factor(f, "lora")])
         self.task_index += 1
         self.in_task = False
         self._basis = self._start = None
+
+    def _factor(self, factor: str, which: str) -> list[torch.Tensor]:
+        """Every layer's ``lora_A`` / ``merged_A`` (factor ``"A"``) or ``lora_B`` / ``merged_B``."""
+        return [getattr(layer, f"{which}_{factor}") for layer in self.layers.values()]
 
     def _check_finite(self, what: str, per_layer: list[tuple[torch.Tensor, ...]]) -> None:
         """One host sync for the whole model; the per-layer search runs only when something is wrong."""
@@ -207,8 +220,9 @@ class ContinualLoRA:
             layer.eval_adapter_mode, layer.lam = mode, self.lam()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Every ``lora_A`` and ``lora_B``: what the optimizer should get."""
-        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+        """Every ``lora_A`` and ``lora_B`` that trains (``config.train``): what the optimizer should get."""
+        factors = [f"lora_{f}" for f in "AB" if f in self.config.train]
+        return [getattr(layer, name) for layer in self.layers.values() for name in factors]
 
     # -- state ------------------------------------------------------------------------------------
 

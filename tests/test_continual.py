@@ -299,3 +299,44 @@ def test_a_failed_begin_task_can_be_retried(tiny_llama):
         layer.lora_A.copy_(good)
     cl.begin_task()
     assert cl.in_task
+
+
+@pytest.mark.parametrize("merge", ["A", "AB"])
+def test_merge_strategy_ablations_merge_the_named_factors(tiny_llama, merge):
+    """FTBA-MA: A_m is λ-merged and B_m = B_ft; FTBA-MBA: both λ-merged (λ(2) = 1/√2)."""
+    cl = _setup(tiny_llama, init="none", merge=merge)
+    ft = []
+    for task in range(2):
+        cl.begin_task()
+        _fake_training(cl, task)
+        cl.end_task()
+        ft.append(_snapshot(cl))
+    lam = 1 / 2**0.5
+    for name, layer in cl.layers.items():
+        A1, A2 = ft[0][name]["lora_A"], ft[1][name]["lora_A"]
+        B1, B2 = ft[0][name]["lora_B"], ft[1][name]["lora_B"]
+        torch.testing.assert_close(layer.merged_A, A1 + lam * (A2 - A1))
+        torch.testing.assert_close(layer.merged_B, B1 + lam * (B2 - B1) if merge == "AB" else B2)
+
+
+@pytest.mark.parametrize("train", ["A", "B"])
+def test_frozen_factor_ablations(tiny_llama, train):
+    """FREB (train A) / FREA (train B): the frozen factor gets no gradient and never changes."""
+    cl = _setup(tiny_llama, init="none", train=train, merge=train)
+    frozen = "B" if train == "A" else "A"
+    cl.begin_task()
+    layers = list(cl.layers.values())
+    assert all(getattr(layer, f"lora_{frozen}").requires_grad is False for layer in layers)
+    assert {id(p) for p in cl.trainable_parameters()} == {
+        id(getattr(layer, f"lora_{train}")) for layer in layers
+    }
+    if frozen == "B":  # B frozen from task 1: it starts random and A at zero, so the adapter can learn
+        assert all(layer.lora_B.abs().sum() > 0 and layer.lora_A.abs().sum() == 0 for layer in layers)
+    start = [getattr(layer, f"lora_{frozen}").detach().clone() for layer in layers]
+    tiny_llama(torch.randint(0, 97, (1, 5))).logits.sum().backward()
+    assert all(getattr(layer, f"lora_{frozen}").grad is None for layer in layers)
+    cl.end_task()
+    cl.begin_task()
+    assert all(torch.equal(getattr(layer, f"lora_{frozen}"), s) for layer, s in zip(layers, start))
+    with pytest.raises(ValueError, match=r"train='BA' must be one of"):
+        mbf.ContinualConfig(train="BA")
