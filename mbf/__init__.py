@@ -3,7 +3,7 @@
 from mbf import functional, nf4, reference
 from mbf.config import ContinualConfig, LoRAConfig
 from mbf.continual import ContinualLoRA
-from mbf.inject import eject, inject, lora_layers
+from mbf.inject import disable_adapter, eject, inject, lora_layers, print_trainable_parameters
 from mbf.integrations.peft import from_peft, load_peft_adapter, save_peft_adapter
 from mbf.nn import LoRALinear, NF4Linear
 
@@ -15,6 +15,7 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "NF4Linear",
+    "disable_adapter",
     "eject",
     "from_peft",
     "functional",
@@ -22,6 +23,7 @@ __all__ = [
     "load_peft_adapter",
     "lora_layers",
     "nf4",
+    "print_trainable_parameters",
     "reference",
     "save_peft_adapter",
 ]

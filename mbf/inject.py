@@ -6,13 +6,25 @@ Module instances are replaced on the model given; no class inside transformers i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
 from mbf.config import LoRAConfig
 from mbf.nf4 import is_bnb_linear4bit
 from mbf.nn import LoRALinear, NF4Linear
 
-__all__ = ["eject", "inference_adapter", "inject", "lora_layers", "target_names"]
+__all__ = [
+    "disable_adapter",
+    "eject",
+    "inference_adapter",
+    "inject",
+    "lora_layers",
+    "print_trainable_parameters",
+    "target_names",
+]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -113,7 +125,18 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
         _set_submodule(model, name, layer)
     model.mbf_requires_grad = flags  # so that eject() gives the model back exactly as it came
     model.mbf_lora_config = config  # read by ContinualLoRA.save / load
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = _refuse_save_pretrained  # this instance only; eject removes it
     return model
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    # A transformers checkpoint of an injected model holds base.weight / lora_A / merged_A keys
+    # that a plain from_pretrained silently re-initialises: refuse and say what works instead.
+    raise ValueError(
+        "the model carries mbf LoRA layers: save the adapter with mbf.save_peft_adapter(model, dir) or "
+        "ContinualLoRA.save(dir), or call mbf.eject(model, fold=True) first to save a plain model"
+    )
 
 
 def inference_adapter(layers: dict[str, LoRALinear]) -> str:
@@ -134,8 +157,10 @@ def eject(model: nn.Module, fold: bool = False, adapter: str = "auto") -> nn.Mod
             ``"auto"``: the one inference uses, i.e. the merged adapter once ``ContinualLoRA`` has
             ended a task, the fine-tuned one before (the same rule as ``save_peft_adapter``).
 
-    Over a 4-bit base, ``fold=True`` gives a 16-bit ``nn.Linear`` (never a re-quantised weight);
-    without it, the bnb ``Linear4bit`` that was injected (or the NF4Linear of ``quantize="nf4"``).
+    Over a 4-bit base, ``fold=True`` gives a plain 16-bit model that ``save_pretrained`` /
+    ``from_pretrained`` reload as is: the folded targets (never a re-quantised weight) and every
+    other 4-bit linear dequantised, the transformers quantisation flags removed. Without ``fold``,
+    the bnb ``Linear4bit`` that was injected comes back (or the NF4Linear of ``quantize="nf4"``).
 
     Raises:
         ValueError: with ``fold=True``, when a folded weight would be non-finite (names the layer),
@@ -155,6 +180,9 @@ def eject(model: nn.Module, fold: bool = False, adapter: str = "auto") -> nn.Mod
             layer.unmerge()
         base = layer.base
         _set_submodule(model, name, base.restore() if isinstance(base, NF4Linear) else base)
+    if fold:
+        _dequantize_rest(model)
+    model.__dict__.pop("save_pretrained", None)  # the guard inject set
     flags = getattr(model, "mbf_requires_grad", {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))
@@ -162,3 +190,59 @@ def eject(model: nn.Module, fold: bool = False, adapter: str = "auto") -> nn.Mod
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+@torch.no_grad()
+def _dequantize_rest(model: nn.Module) -> None:
+    """Every 4-bit linear left in ``model`` becomes a 16-bit ``nn.Linear``; transformers' 4-bit flags go."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear) or is_bnb_linear4bit(module):
+            nf4 = module if isinstance(module, NF4Linear) else NF4Linear.from_bnb(module, name=name)
+            device = nf4.weight_packed.device
+            dense = nn.Linear(nf4.in_features, nf4.out_features, bias=nf4.bias is not None, device=device,
+                              dtype=nf4.compute_dtype)  # fmt: skip
+            dense.weight.copy_(nf4.dequantize())
+            if nf4.bias is not None:
+                dense.bias.copy_(nf4.bias)
+            _set_submodule(model, name, dense.requires_grad_(False))
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        model.hf_quantizer, model.is_quantized = None, False
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method"):
+            model.__dict__.pop(flag, None)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes without any adapter (the base model), as PEFT's context.
+
+    Raises:
+        ValueError: a layer has an adapter folded into its weight (``unmerge()`` it first).
+    """
+    layers = list(lora_layers(model).values())
+    folded = [layer.layer_name for layer in layers if layer.folded]
+    if folded:
+        raise ValueError(f"{folded[0]}: an adapter is folded into the weight; unmerge() before disabling it")
+    try:
+        for layer in layers:
+            layer.disabled = True
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print and return ``(trainable, total)`` parameter counts, PEFT's way.
+
+    A 4-bit base weight counts as its ``out × in`` weights, not as the bytes that store them.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # bitsandbytes' Params4bit holds two 4-bit weights per uint8 element; NF4Linear keeps buffers
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    total += sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4Linear))
+    share = 100 * trainable / max(total, 1)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+    return trainable, total

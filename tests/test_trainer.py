@@ -98,7 +98,8 @@ def test_checkpoints_hold_only_the_adapters_and_a_killed_task_resumes_exactly(tm
     got = _adapters(cl3)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
-    assert "save_pretrained" not in model3.__dict__  # the instance's save_pretrained is given back
+    with pytest.raises(ValueError, match="carries mbf LoRA layers"):  # inject's guard is given back
+        model3.save_pretrained(tmp_path / "after")
 
 
 def test_a_bnb_4bit_model_with_mbf_adapters_trains_under_trainer(tmp_path):

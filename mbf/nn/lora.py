@@ -94,6 +94,7 @@ class LoRALinear(nn.Module):
         self.eval_adapter_mode: str | None = None  # the mode in eval() when set (e.g. under a Trainer)
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
         self.folded = False  # True while the delta is folded into the base weight (merge()/unmerge())
+        self.disabled = False  # True inside mbf.disable_adapter(model): the base alone
         self._folded_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
         self._nf4_base: NF4Linear | None = None  # the 4-bit base while folded into a 16-bit copy
         self.reset_lora_parameters()
@@ -151,7 +152,7 @@ class LoRALinear(nn.Module):
             ValueError: x has the wrong number of features (the messages name the layer).
         """
         self._check_input(x)
-        if self.folded:
+        if self.folded or self.disabled:
             return self.base(x)
         A, B, merged_B, lam = self._active()
         dropout = self.lora_dropout if self.training and self.mode == "finetuned" else 0.0
