@@ -35,6 +35,7 @@ from torch import nn
 from mbf import functional, reference
 from mbf.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from mbf.config import INITS, ContinualConfig
+from mbf.distributed import assign_, check_ranks, full, is_writer, world_size
 from mbf.inject import eject, inject, lora_layers
 
 __all__ = ["INITS", "ContinualConfig", "ContinualLoRA"]
@@ -48,6 +49,9 @@ class ContinualLoRA:
         config: the method (default ``ContinualConfig()``: SLAO). Keyword options (``schedule``,
             ``init``, ``constant``, ``orthogonal_updates``) override its fields.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the QR and the merge.
+        distributed: under DDP / FSDP2, every rank runs each task boundary, save and load, and a rank
+            that does not is an error on all ranks (default: when torch.distributed is initialised
+            with more than one rank; ``False`` for a rank-local copy).
 
     Strict mode (``orthogonal_updates=True``) keeps every task's A updates out of the previous
     task's row space (``project_updates()``). Use it when the tasks conflict and forgetting (BWT)
@@ -60,7 +64,13 @@ class ContinualLoRA:
     """
 
     def __init__(
-        self, model: nn.Module, config: ContinualConfig | None = None, *, backend: str = "auto", **options
+        self,
+        model: nn.Module,
+        config: ContinualConfig | None = None,
+        *,
+        backend: str = "auto",
+        distributed: bool | None = None,
+        **options,
     ) -> None:
         config = config or ContinualConfig()
         unknown = sorted(set(options) - set(config.to_dict()))
@@ -71,6 +81,9 @@ class ContinualLoRA:
         if not self.layers:
             raise ValueError("model has no LoRA layers: call mbf.inject(model, LoRAConfig(...)) first")
         self.model, self.backend = model, backend
+        # every rank must run each boundary (mbf.distributed.check_ranks); None: when a process group
+        # of more than one rank is initialised. False for a rank-local copy (e.g. inspecting on rank 0).
+        self.distributed = world_size() > 1 if distributed is None else distributed
         self.task_index = 0  # number of finished tasks
         self.in_task = False
         self._basis: list[torch.Tensor] | None = None  # strict mode: previous task's orthonormal rows
@@ -92,14 +105,16 @@ class ContinualLoRA:
         """
         if self.in_task:
             raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
+        self._check_ranks("begin_task")
         layers, cfg = list(self.layers.values()), self.config
         basis = None  # orthonormal rows of the previous task's A (QR init, strict mode)
         if self.task_index > 0 and (cfg.init in ("orthogonal", "last_merge") or cfg.orthogonal_updates):
-            As = [layer.lora_A for layer in layers]
-            basis = functional.orthonormal_rows(As, names=list(self.layers), backend=self.backend)
+            basis = functional.orthonormal_rows(
+                self._whole("A"), names=list(self.layers), backend=self.backend
+            )
         self._init_adapters(basis)
         if cfg.orthogonal_updates:
-            self._start = [layer.lora_A.detach().clone() for layer in layers]
+            self._start = [A.clone() for A in self._whole("A")]
             self._basis = basis
         for layer in layers:  # the paper's FREA / FREB ablations freeze one factor
             layer.lora_A.requires_grad_("A" in cfg.train)
@@ -115,9 +130,9 @@ class ContinualLoRA:
         if self.task_index == 0 or cfg.init in ("random", "none"):
             return
         for layer, Q in zip(layers, basis):  # "orthogonal" or "last_merge"
-            layer.lora_A.copy_(Q)
+            assign_(layer.lora_A, Q)
             if cfg.init == "last_merge":
-                layer.lora_B.copy_(layer.merged_B)
+                assign_(layer.lora_B, layer.merged_B)
 
     def _fresh_init(self, layer) -> None:
         """LoRA's usual init; with B frozen (FREB) the roles swap, else the adapter would stay zero."""
@@ -140,10 +155,10 @@ class ContinualLoRA:
         """
         if not (self.config.orthogonal_updates and self.in_task and self._basis is not None):
             return
-        As = [layer.lora_A for layer in self.layers.values()]
-        deltas = torch._foreach_sub([A.detach() for A in As], self._start)  # (r, in) each
+        deltas = torch._foreach_sub(self._whole("A"), self._start)  # (r, in) each
         kept = functional.project_out_all(deltas, self._basis, backend=self.backend)
-        torch._foreach_copy_(As, torch._foreach_add(self._start, kept))
+        for layer, A in zip(self.layers.values(), torch._foreach_add(self._start, kept)):
+            assign_(layer.lora_A, A)
 
     @torch.no_grad()
     def end_task(self) -> None:
@@ -156,12 +171,13 @@ class ContinualLoRA:
         """
         if not self.in_task:
             raise RuntimeError("end_task() without begin_task()")
+        self._check_ranks("end_task")
         self.project_updates()  # strict mode: the merged A obeys the constraint too
-        layers = list(self.layers.values())
-        self._check_finite("fine-tuned adapter", [(layer.lora_A, layer.lora_B) for layer in layers])
+        whole = {f: self._whole(f) for f in "AB"}  # the fine-tuned factors, gathered once if sharded
+        self._check_finite("fine-tuned adapter", list(zip(whole["A"], whole["B"])))
         lam = self.lam(self.task_index + 1)
-        merged = [m for f in "AB" if f in self.config.merge for m in self._factor(f, "merged")]
-        finetuned = [t for f in "AB" if f in self.config.merge for t in self._factor(f, "lora")]
+        merged = [m for f in "AB" if f in self.config.merge for m in self._merged(f)]
+        finetuned = [t for f in "AB" if f in self.config.merge for t in whole[f]]
         before = [m.clone() for m in merged]  # (out, r) / (r, in) each: insurance for all-or-nothing
         functional.time_aware_merge_(merged, finetuned, lam, backend=self.backend)
         try:  # overflow is possible with finite inputs: check the result before committing it
@@ -171,14 +187,22 @@ class ContinualLoRA:
             raise
         for f in "AB":  # the factor that is not merged is taken as it was fine-tuned (SLAO: A)
             if f not in self.config.merge:
-                torch._foreach_copy_(self._factor(f, "merged"), [t.detach() for t in self._factor(f, "lora")])
+                torch._foreach_copy_(self._merged(f), whole[f])
         self.task_index += 1
         self.in_task = False
         self._basis = self._start = None
 
-    def _factor(self, factor: str, which: str) -> list[torch.Tensor]:
-        """Every layer's ``lora_A`` / ``merged_A`` (factor ``"A"``) or ``lora_B`` / ``merged_B``."""
-        return [getattr(layer, f"{which}_{factor}") for layer in self.layers.values()]
+    def _merged(self, factor: str) -> list[torch.Tensor]:
+        """Every layer's ``merged_A`` (factor ``"A"``) or ``merged_B`` buffer."""
+        return [getattr(layer, f"merged_{factor}") for layer in self.layers.values()]
+
+    def _whole(self, factor: str) -> list[torch.Tensor]:
+        """Every layer's fine-tuned ``lora_A`` / ``lora_B``, detached and whole (gathered under FSDP2)."""
+        return [full(getattr(layer, f"lora_{factor}").detach()) for layer in self.layers.values()]
+
+    def _check_ranks(self, op: str) -> None:
+        if self.distributed:
+            check_ranks(op, self.task_index, self.in_task, next(iter(self.layers.values())).merged_B.device)
 
     def _check_finite(self, what: str, per_layer: list[tuple[torch.Tensor, ...]]) -> None:
         """One host sync for the whole model; the per-layer search runs only when something is wrong."""
@@ -227,11 +251,11 @@ class ContinualLoRA:
     # -- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor | int | dict]:
-        """Tensors of both adapters of every layer plus the task counter and options."""
+        """Both adapters of every layer (whole, also under FSDP2) plus the task counter and options."""
         tensors = {}
         for name, layer in self.layers.items():
             for key in _STATE_KEYS:
-                tensors[f"{name}.{key}"] = getattr(layer, key).detach()
+                tensors[f"{name}.{key}"] = full(getattr(layer, key).detach())
         return {
             "task_index": self.task_index,
             "in_task": self.in_task,
@@ -263,7 +287,7 @@ class ContinualLoRA:
         if unexpected:
             raise KeyError(f"{unexpected[0]}: in the saved state but not a LoRA tensor of this model")
         for dst, src in pairs:
-            dst.copy_(src)
+            assign_(dst, src)
         self.task_index = int(state["task_index"])
         self.in_task = bool(state.get("in_task", False))
 
@@ -274,20 +298,24 @@ class ContinualLoRA:
     def save(self, path: str | Path) -> Path:
         """Write the state into directory ``path``: a crash at any point leaves a loadable checkpoint.
 
-        The format and its guarantees: ``mbf.checkpoint``.
+        The format and its guarantees: ``mbf.checkpoint``. Under DDP or FSDP2 every rank calls it
+        (the sharded adapters are gathered) and rank 0 writes.
         """
         if self.in_task and self.config.orthogonal_updates:
             raise RuntimeError(
                 "strict mode (orthogonal_updates) cannot be saved mid-task; save after end_task()"
             )
+        self._check_ranks("save")
         ckpt = Checkpoint(
             self.task_index, self.in_task, self.config, getattr(self.model, "mbf_lora_config", None),
             self.state_dict()["tensors"],
         )  # fmt: skip
-        return write_checkpoint(path, ckpt)
+        return write_checkpoint(path, ckpt) if not self.distributed or is_writer() else Path(path)
 
     @classmethod
-    def load(cls, model: nn.Module, path: str | Path, backend: str = "auto") -> ContinualLoRA:
+    def load(
+        cls, model: nn.Module, path: str | Path, backend: str = "auto", distributed: bool | None = None
+    ) -> ContinualLoRA:
         """Rebuild from ``save(path)``; injects the saved LoRAConfig first when the model has no LoRA.
 
         All or nothing: the checkpoint is validated completely before the model's adapters change,
@@ -306,7 +334,8 @@ class ContinualLoRA:
             injected = True
         try:
             _check_lora_config(path, ckpt.lora_config, getattr(model, "mbf_lora_config", None))
-            cl = cls(model, ckpt.config, backend=backend)
+            cl = cls(model, ckpt.config, backend=backend, distributed=distributed)
+            cl._check_ranks("load")
             state = {"task_index": ckpt.task_index, "in_task": ckpt.in_task, "tensors": ckpt.tensors}
             cl.load_state_dict(state)
         except BaseException:
