@@ -110,3 +110,60 @@ def test_one_plotter_draws_every_op(tmp_path):
         "dev.lora_linear.png",
         "dev.train_step.png",
     ]
+
+
+def test_train_step_rows_read_against_the_floor_and_peft(tmp_path):
+    writer = RowWriter(tmp_path / "r.json", {"train_step": (FLOOR, "peft")})
+    for provider, ms in ((FLOOR, 10.0), ("peft", 12.0), ("mbf", 11.0)):
+        writer.append(_row(provider, ms, op="train_step"))
+    mbf_row = json.loads((tmp_path / "r.json").read_text())[-1]
+    assert mbf_row["ratio_to_floor"] == pytest.approx(1.1)
+    assert (mbf_row["ratio_to_baseline"], mbf_row["baseline"]) == (pytest.approx(11 / 12), "peft")
+
+
+def test_the_step_floor_backpropagates_to_the_embeddings_and_trains_nothing():
+    import torch
+
+    from mbf.bench.train_step import StepConfig, build_model
+
+    cfg = StepConfig(model="smollm2-135m", layers=2, provider=FLOOR, seq=8, dtype="float32", device="cpu")
+    model, params = build_model(cfg)
+    assert params == [] and not any(p.requires_grad for p in model.parameters())
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out))
+    ids = torch.randint(0, 1000, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert seen[0].grad is not None and seen[0].grad.abs().sum() > 0  # through both layers, to the bottom
+
+
+def test_the_bench_dtypes_and_the_interleaved_cpu_rounds(monkeypatch):
+    import torch
+
+    from mbf.bench import suite, train_step
+    from mbf.experiment import models
+
+    monkeypatch.setattr(models, "auto_dtype", lambda device: torch.bfloat16)
+    assert suite.bench_dtypes("auto", cuda=False) == ("float32", "bfloat16")
+    assert suite.bench_dtypes("auto", cuda=True) == ("bfloat16",)
+    assert suite.bench_dtypes("float16", cuda=False) == ("float16",)
+    monkeypatch.setattr(models, "auto_dtype", lambda device: torch.float32)
+    assert suite.bench_dtypes("auto", cuda=False) == ("float32",)
+
+    configs = suite.default_suite(cuda=False, dtypes=("float32", "bfloat16"))
+    assert [(c.dtype, c.provider) for c in configs[:3]] == [("float32", p) for p in (FLOOR, "peft", "mbf")]
+    order = []
+
+    def fake(cfg):  # every step of a configuration takes its index + 1 ms, plus the round
+        order.append(cfg)
+        ms = configs.index(cfg) + 1 + 0.1 * (len(order) > len(configs))
+        row = {"op": "train_step", "provider": cfg.provider, "dtype": cfg.dtype, "shape": "s", "M": 512}
+        return {**row, "samples": [ms, ms], "peak_mem_bytes": len(order), "extra_keys": []}
+
+    monkeypatch.setattr(train_step, "measure_step_isolated", fake)
+    rows = suite._interleaved(configs, rounds=2)
+    assert order[: len(configs)] == configs and order[len(configs)] == configs[1]  # rotated
+    assert [r["provider"] for r in rows] == [c.provider for c in configs] and rows[0]["rounds"] == 2
+    assert rows[1]["ms"] == pytest.approx(2.05) and rows[1]["samples"] == [2, 2, 2.1, 2.1]
+    suite._cross_dtype_ratio(rows)
+    assert rows[5]["ratio_to_peft_float32"] == pytest.approx(rows[5]["ms"] / rows[1]["ms"])  # bf16 mbf
+    assert "ratio_to_peft_float32" not in rows[2]

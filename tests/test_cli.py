@@ -11,6 +11,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures.tiny import tiny_llama
 
 from mbf.cli import build_parser, main
@@ -43,6 +44,9 @@ SMALL = [
         (["continual", "--out", "x", "--batch-size", "0"], "must be a positive integer"),
         (["continual", "--out", "x", "--max-steps", "-3"], "must be >= 0"),
         (["continual", "--out", "x", "--suite", "glue"], "invalid choice: 'glue'"),
+        (["continual", "--out", "x", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+        (["demo", "--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16'"),
+        (["bench", "--dtype", "fp32"], "argument --dtype: invalid choice: 'fp32'"),
         (["compare"], "the following arguments are required: runs"),
         ([], "the following arguments are required: command"),
     ],
@@ -163,6 +167,34 @@ def test_continual_needs_resume_and_resume_checks_the_options(slao_run, tiny_che
     # an override reaches the run's options: here it differs from the saved run's
     assert main([*argv, "--resume", "--schedule", "inverse"]) == 2
     assert "'schedule': 'inverse'" in capsys.readouterr().err
+
+
+def test_the_base_dtype_is_chosen_recorded_and_kept_on_resume(
+    slao_run, tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    from mbf.experiment import models
+
+    assert results_file.read(slao_run[0])["dtype"] == str(models.auto_dtype("cpu")).removeprefix("torch.")
+    monkeypatch.setattr(models, "cpu_fast_dtypes", lambda: frozenset({torch.float32, torch.bfloat16}))
+    run = tmp_path / "fp16"
+    argv = ["continual", "--out", str(run), "--model", str(tiny_checkpoint), *SMALL, "--max-steps", "1"]
+    assert main([*argv, "--dtype", "float16"]) == 0
+    err = capsys.readouterr().err
+    assert "mbf: warning: --dtype float16: float16 on a CPU without AMX-FP16 or AVX-512-FP16" in err
+    assert "(float16, --dtype float16)" in err
+    res = results_file.read(run)
+    assert res["dtype"] == "float16" and "(float16)" in (run / "results.md").read_text()
+    assert main([*argv, "--dtype", "bfloat16", "--resume"]) == 2  # another base: another experiment
+    assert "dtype='float16', now 'bfloat16'" in capsys.readouterr().err
+    # compare keeps dtypes apart; a file older than the field was a float32 run
+    legacy, bf16 = tmp_path / "legacy", tmp_path / "bf16"
+    saved = results_file.read(slao_run[0])
+    del saved["dtype"]
+    results_file.write(legacy, saved)
+    results_file.write(bf16, {**saved, "dtype": "bfloat16"})
+    assert main(["compare", str(legacy), str(bf16), "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| slao [dtype=float32] | 0 |" in text and "| slao [dtype=bfloat16] | 0 |" in text
 
 
 def test_compare_and_eval(slao_run, tmp_path, capsys):

@@ -30,7 +30,7 @@ __all__ = [
 
 FLOOR = "floor"  # the provider name of the plain frozen linear
 # fields that identify what was measured: rows equal on all of them are the same case
-CASE_FIELDS = ("op", "shape", "M", "r", "mode", "dtype", "checkpointing")
+CASE_FIELDS = ("op", "shape", "M", "r", "mode", "dtype", "checkpointing", "targets")
 
 
 def _default_results_dir() -> Path:
@@ -124,12 +124,15 @@ class RowWriter:
 
     Args:
         path: the results file (default: ``results_path`` of the first row's device).
-        references: op → the provider its ratios are taken against (``FLOOR`` gives
-            ``ratio_to_floor``, any other ``ratio_to_baseline`` + ``baseline``). The reference row of
-            a case must be appended before the others; without one the ratio is None.
+        references: op → the provider its ratios are taken against, or a tuple of them: the floor
+            and a baseline (``FLOOR`` gives ``ratio_to_floor``, any other ``ratio_to_baseline`` +
+            ``baseline``). The reference rows of a case must be appended before the others; without
+            one the ratio is None.
     """
 
-    def __init__(self, path: Path | None = None, references: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path | None = None, references: dict[str, str | tuple[str, ...]] | None = None
+    ) -> None:
         self.path = path
         self.references = references or {}
         self.rows: list[dict] = []
@@ -150,15 +153,14 @@ class RowWriter:
         self.rows.append(row)
 
     def _add_ratio(self, row: dict) -> None:
-        reference = self.references.get(row["op"])
-        if reference is None:
-            return
-        found = [r for r in [*self.rows, row] if r["provider"] == reference and same_case(r, row)]
-        ratio = row["ms"] / found[0]["ms"] if found else None
-        if reference == FLOOR:
-            row["ratio_to_floor"] = ratio
-        else:
-            row.update(ratio_to_baseline=ratio, baseline=reference)
+        references = self.references.get(row["op"], ())
+        for reference in (references,) if isinstance(references, str) else references:
+            found = [r for r in [*self.rows, row] if r["provider"] == reference and same_case(r, row)]
+            ratio = row["ms"] / found[0]["ms"] if found else None
+            if reference == FLOOR:
+                row["ratio_to_floor"] = ratio
+            else:
+                row.update(ratio_to_baseline=ratio, baseline=reference)
 
     def summary(self) -> str:
         """One line per row: case, provider, median ms, rate and ratio."""

@@ -1,8 +1,10 @@
 """``mbf bench``: the training-step and task-boundary set that fits this machine, written as measured.
 
 On CUDA: Llama-3-8B and Llama-2-7B (4 layers) and SmolLM2-135M, 512 and 2048 tokens, batch 1 and 4,
-with and without activation checkpointing, every provider. On CPU (or ``--quick``): SmolLM2 in fp32,
-256 tokens, mbf against PEFT, each configuration in its own process. It never asserts a speed.
+with and without activation checkpointing, every provider. On CPU (or ``--quick``): SmolLM2-135M,
+batch 4 × 128 tokens, r = 16 on q_proj and v_proj (the ``mbf`` command's adapter), the end-to-end
+floor, PEFT and mbf, in float32 and in the dtype ``auto`` picks; each configuration runs in its own
+process, in interleaved rounds. It never asserts a speed.
 """
 
 from __future__ import annotations
@@ -15,23 +17,39 @@ import torch
 
 from mbf.bench import boundary, train_step
 from mbf.bench.plot import plot_file
-from mbf.bench.rows import RowWriter, device_name, make_row
+from mbf.bench.rows import FLOOR, RowWriter, device_name, make_row
+from mbf.bench.timing import summarize
 from mbf.bench.train_step import PROVIDERS, StepConfig
 
-__all__ = ["collect", "default_suite", "main"]
+__all__ = ["collect", "bench_dtypes", "default_suite", "main"]
 
-REFERENCES = {"train_step": train_step.BASELINE, "task_boundary": boundary.BASELINE}
+REFERENCES = {"train_step": (FLOOR, train_step.BASELINE), "task_boundary": boundary.BASELINE}
+CPU_ROUNDS = 3  # interleaved rounds of every CPU configuration: a shared machine's load drifts
 
 
-def default_suite(cuda: bool) -> list[StepConfig]:
-    """The full GPU set on CUDA; a quick CPU set (SmolLM2, fp32, short sequences) otherwise."""
+def bench_dtypes(dtype: str, cuda: bool) -> tuple[str, ...]:
+    """The base dtypes ``--dtype`` measures. ``auto`` on CPU: float32 and, where it differs, what
+    ``auto_dtype`` picks (the step reads against PEFT on the float32 model too); on CUDA: the latter."""
+    from mbf.experiment.models import auto_dtype
+
+    if dtype != "auto":
+        return (dtype,)
+    auto = str(auto_dtype("cuda" if cuda else "cpu")).removeprefix("torch.")
+    return (auto,) if cuda else tuple(dict.fromkeys(("float32", auto)))
+
+
+def default_suite(cuda: bool, dtypes: tuple[str, ...] = ("float32",)) -> list[StepConfig]:
+    """The full GPU set on CUDA; the CPU set (SmolLM2, batch 4 × 128, r 16 on q/v) otherwise."""
     if not cuda:
         base = StepConfig(
-            model="smollm2-135m", seq=256, batch=1, dtype="float32", warmup=1, steps=3, device="cpu"
+            model="smollm2-135m", seq=128, batch=4, targets="q_proj,v_proj", warmup=1, steps=3, device="cpu"
         )
-        return [replace(base, provider=p, checkpointing=c) for c in (False, True) for p in ("peft", "mbf")]
+        return [replace(base, dtype=d, provider=p) for d in dtypes for p in (FLOOR, "peft", "mbf")]
     return [
-        StepConfig(model=model, layers=layers, provider=p, seq=seq, batch=batch, checkpointing=ckpt)
+        StepConfig(
+            model=model, layers=layers, provider=p, seq=seq, batch=batch, checkpointing=ckpt, dtype=dtype
+        )
+        for dtype in dtypes
         for model, layers in (("llama-3-8b", 4), ("llama-2-7b", 4), ("smollm2-135m", None))
         for seq in (512, 2048)
         for batch in (1, 4)
@@ -40,25 +58,72 @@ def default_suite(cuda: bool) -> list[StepConfig]:
     ]
 
 
+def _interleaved(configs: list[StepConfig], rounds: int) -> list[dict]:
+    """Every CPU configuration in its own process, ``rounds`` times, the order rotated each round.
+
+    Returns:
+        One row per configuration that ran, in ``configs`` order: the median and percentiles of every
+        timed step of every round pooled, the largest peak RSS, and ``rounds``.
+    """
+    from tqdm import tqdm
+
+    runs: dict[StepConfig, list[dict]] = {cfg: [] for cfg in configs}
+    bar = tqdm(total=rounds * len(configs), desc="train steps", unit="run")
+    for k in range(rounds):
+        for cfg in configs[k % len(configs) :] + configs[: k % len(configs)]:
+            try:
+                runs[cfg].append(train_step.measure_step_isolated(cfg))
+            except RuntimeError as err:
+                tqdm.write(f"skipped {cfg.provider} {cfg.dtype}: {str(err).splitlines()[-1]}")
+            bar.update()
+    bar.close()
+    rows = []
+    for cfg, measured in runs.items():
+        if measured:
+            samples = [ms for row in measured for ms in row["samples"]]
+            pooled = summarize(samples)
+            tokens = cfg.batch * cfg.seq / (pooled["ms"] * 1e-3)
+            peak = max(row["peak_mem_bytes"] for row in measured)
+            rows.append(
+                {**measured[0], **pooled, "samples": samples, "tokens_per_s": tokens, "peak_mem_bytes": peak}
+                | {"rounds": len(measured)}
+            )
+    return rows
+
+
+def _cross_dtype_ratio(rows: list[dict]) -> None:
+    """``ratio_to_peft_float32`` on each 16-bit row: its ms over PEFT's on the float32 model (same run)."""
+    peft32 = {r["shape"]: r for r in rows if r["provider"] == train_step.BASELINE and r["dtype"] == "float32"}
+    for r in rows:
+        ref = peft32.get(r["shape"])
+        if r["dtype"] != "float32" and ref is not None and r["M"] == ref["M"]:
+            r["ratio_to_peft_float32"] = r["ms"] / ref["ms"]
+            r["extra_keys"] = [*r["extra_keys"], "ratio_to_peft_float32"]
+
+
 def collect(
     writer: RowWriter, configs: list[StepConfig], boundary_cases: bool = True, cuda: bool = False
 ) -> None:
-    """Measure every configuration (a subprocess each on CPU), then the task-boundary cost.
+    """Measure every configuration (on CPU: a subprocess each, interleaved), then the task boundary.
 
     A configuration that fails (out of memory, a provider not installed) is reported and skipped.
     """
     from tqdm import tqdm
 
     device = device_name("cuda" if cuda else "cpu")
-    for cfg in tqdm(configs, desc="train steps", unit="config"):
-        try:
-            row = train_step.measure_step(cfg) if cuda else train_step.measure_step_isolated(cfg)
-        except (RuntimeError, NotImplementedError, ImportError) as err:
-            if cuda:
+    if cuda:
+        rows = []
+        for cfg in tqdm(configs, desc="train steps", unit="config"):
+            try:
+                rows.append(train_step.measure_step(cfg))
+            except (RuntimeError, NotImplementedError, ImportError) as err:
                 torch.cuda.empty_cache()
-            reason = str(err).splitlines()[-1]
-            tqdm.write(f"skipped {cfg.provider} {cfg.model} seq={cfg.seq} batch={cfg.batch}: {reason}")
-            continue
+                reason = str(err).splitlines()[-1]
+                tqdm.write(f"skipped {cfg.provider} {cfg.model} seq={cfg.seq} batch={cfg.batch}: {reason}")
+    else:
+        rows = _interleaved(configs, CPU_ROUNDS)
+    _cross_dtype_ratio(rows)
+    for row in rows:
         writer.append(make_row(device=device, **row))
     if not boundary_cases:
         return
@@ -76,10 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="the CPU set even on CUDA")
     parser.add_argument("--no-boundary", action="store_true", help="skip the task-boundary benchmark")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="the base dtype; auto: on CPU float32 and, where auto picks it, bfloat16 as well",
+    )
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
     writer = RowWriter(args.out, REFERENCES)
-    collect(writer, default_suite(cuda), boundary_cases=not args.no_boundary, cuda=cuda)
+    configs = default_suite(cuda, bench_dtypes(args.dtype, cuda))
+    collect(writer, configs, boundary_cases=not args.no_boundary, cuda=cuda)
     print(writer.summary())
     if writer.path is not None:
         for png in plot_file(writer.path):

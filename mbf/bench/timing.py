@@ -8,11 +8,16 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["peak_memory", "time_fn"]
+__all__ = ["peak_memory", "summarize", "time_fn"]
 
 
 def time_fn(
-    fn: Callable[[], object], device: torch.device | str, warmup: int = 3, rep: int = 10, events: bool = True
+    fn: Callable[[], object],
+    device: torch.device | str,
+    warmup: int = 3,
+    rep: int = 10,
+    events: bool = True,
+    samples: bool = False,
 ) -> dict:
     """Median, p20 and p80 milliseconds of ``fn``.
 
@@ -23,9 +28,11 @@ def time_fn(
         rep: timed calls (the wall-clock loop only).
         events: on CUDA, time with CUDA events (``triton.testing.do_bench``); False: a wall-clock
             loop that synchronises after each call, for callables too long or too stateful to repeat.
+        samples: the wall-clock loop also returns every timed call's ms as ``"samples"`` (to pool the
+            calls of several interleaved runs before taking their median).
 
     Returns:
-        ``{"ms", "p20", "p80"}``.
+        ``{"ms", "p20", "p80"}`` (+ ``"samples"``).
     """
     cuda = torch.device(device).type == "cuda"
     if cuda and events:
@@ -43,6 +50,11 @@ def time_fn(
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
+    return {**summarize(times), **({"samples": times} if samples else {})}
+
+
+def summarize(times: list[float]) -> dict:
+    """``{"ms", "p20", "p80"}``: the median and the 20th / 80th percentiles of ``times`` (ms)."""
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return {"ms": statistics.median(times), "p20": q[1], "p80": q[7]}
 

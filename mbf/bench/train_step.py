@@ -3,6 +3,9 @@
 A step runs on a Llama decoder stack with random weights (Llama-3-8B, Llama-2-7B configs, a few
 layers when memory demands — the count is recorded — and SmolLM2-135M). Providers:
 
+- ``floor``: the same model and batch with the base frozen and no adapter, forward + backward through
+  every layer down to the embeddings' output (made to require grad), no optimizer: the least a LoRA
+  step on this model can cost (``ratio_to_floor`` is against it);
 - ``peft``: PEFT's LoRA on the model (the baseline: ``ratio_to_baseline`` is against it);
 - ``mbf``: ``mbf.inject`` on the model in the compute dtype (Triton on CUDA, torch on CPU);
 - ``peft-bnb4``: PEFT's LoRA over bitsandbytes ``Linear4bit`` (NF4): QLoRA as people run it today;
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mbf.bench.providers import bnb_nf4_linear
+from mbf.bench.rows import FLOOR
 from mbf.bench.timing import time_fn
 from mbf.config import LLAMA_LINEARS
 
@@ -47,8 +51,8 @@ MODEL_CONFIGS = {
         ("llama-2-7b", (32000, 4096, 11008, 32, 32, 32, 10000.0, False)),
     )
 }
-# each baseline first: a row's ratio is taken against a reference measured before it
-PROVIDERS = ("peft", "mbf", "peft-bnb4", "mbf-nf4")
+# the references first: a row's ratios are taken against references measured before it
+PROVIDERS = ("floor", "peft", "mbf", "peft-bnb4", "mbf-nf4")
 BASELINE = "peft"
 
 
@@ -62,8 +66,9 @@ class StepConfig:
     seq: int = 512  # tokens per sequence
     batch: int = 1  # sequences per step
     checkpointing: bool = False  # activation checkpointing of every decoder layer
-    dtype: str = "bfloat16"  # compute dtype of the base model
-    r: int = 16  # LoRA rank on all seven linears
+    dtype: str = "bfloat16"  # the base model's dtype (the adapters are float32 over a 16-bit base)
+    r: int = 16  # LoRA rank
+    targets: str = "all-linear"  # the adapted linears: "all-linear" (all seven) or comma-separated names
     warmup: int = 2  # steps before timing
     steps: int = 5  # timed steps; the median is reported
     device: str = "cuda"
@@ -80,21 +85,23 @@ def build_model(cfg: StepConfig) -> tuple[torch.nn.Module, list[torch.nn.Paramet
     torch.manual_seed(0)
     with torch.device(cfg.device):
         model = LlamaForCausalLM(LlamaConfig(**fields, max_position_embeddings=max(cfg.seq, 2048))).to(dtype)
-    if cfg.provider in ("mbf", "mbf-nf4"):
+    targets = tuple(LLAMA_LINEARS) if cfg.targets == "all-linear" else tuple(cfg.targets.split(","))
+    if cfg.provider == FLOOR:
+        model.requires_grad_(False)
+        # backward then reaches every layer, down to the embeddings' output (the first layer's dX too)
+        model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.requires_grad_(True))
+    elif cfg.provider in ("mbf", "mbf-nf4"):
         import mbf
 
         quant = "nf4" if cfg.provider == "mbf-nf4" else None
-        mbf.inject(
-            model, mbf.LoRAConfig(r=cfg.r, alpha=2 * cfg.r, target_modules="all-linear", quantize=quant)
-        )
+        mbf.inject(model, mbf.LoRAConfig(r=cfg.r, alpha=2 * cfg.r, target_modules=targets, quantize=quant))
     else:
         from peft import LoraConfig, get_peft_model
 
         if cfg.provider == "peft-bnb4":
             _to_bnb4(model, dtype)
-        model = get_peft_model(
-            model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(LLAMA_LINEARS))
-        )
+        # PEFT's default autocast_adapter_dtype keeps the adapters float32 over a 16-bit base, as mbf does
+        model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(targets)))
     if cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -116,7 +123,7 @@ def measure_step(cfg: StepConfig) -> dict:
         A row without ``device``, ``date`` and ``versions`` (``make_row`` adds them).
     """
     model, params = build_model(cfg)
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None  # the floor trains nothing
     vocab = MODEL_CONFIGS[cfg.model]["vocab_size"]
     ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), device=cfg.device)
     cuda = torch.device(cfg.device).type == "cuda"
@@ -124,15 +131,16 @@ def measure_step(cfg: StepConfig) -> dict:
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     for _ in range(cfg.warmup):  # before the peak-memory reset: optimizer state is allocated here
         step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t = time_fn(step, cfg.device, warmup=0, rep=cfg.steps, events=False)
+    t = time_fn(step, cfg.device, warmup=0, rep=cfg.steps, events=False, samples=True)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -145,12 +153,15 @@ def measure_step(cfg: StepConfig) -> dict:
         "M": cfg.batch * cfg.seq,
         "r": cfg.r,
         "dtype": cfg.dtype,
+        "targets": cfg.targets,
+        "adapter_dtype": str(params[0].dtype).removeprefix("torch.") if params else None,
         **t,
         "tokens_per_s": cfg.batch * cfg.seq / (t["ms"] * 1e-3),
         "peak_mem_bytes": peak,
         "config": asdict(cfg),
-        "extra_keys": ["tokens_per_s", "checkpointing"],
+        "extra_keys": ["tokens_per_s", "checkpointing", "targets", "adapter_dtype"],
         "checkpointing": cfg.checkpointing,
+        "threads": torch.get_num_threads(),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from mbf.cli.parser import DEFAULT_MODEL
@@ -40,14 +41,22 @@ def _load(args, qlora: object = None):
     import torch
 
     from mbf.experiment.batches import Codec
-    from mbf.experiment.models import load_model, quantize_base
+    from mbf.experiment.models import SlowDtypeWarning, load_model, quantize_base
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tok = load_model(args.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SlowDtypeWarning)
+        model, tok = load_model(args.model, dtype=args.dtype)
+    for w in caught:  # the slow-dtype warning as one line; anything else as Python shows it
+        if issubclass(w.category, SlowDtypeWarning):
+            print(f"mbf: warning: --dtype {args.dtype}: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     name = args.model or f"{DEFAULT_MODEL} (embedded)"
-    print(f"model {name} loaded in {time.time() - t0:.1f} s", file=sys.stderr)
+    dtype = str(model.dtype).removeprefix("torch.")
+    print(f"model {name} loaded in {time.time() - t0:.1f} s ({dtype}, --dtype {args.dtype})", file=sys.stderr)
     if qlora:
         lora = None if qlora is True else qlora
         n = quantize_base(model, lora)
@@ -202,7 +211,7 @@ def cmd_bench(args) -> int:
     """``mbf bench``: ``mbf.bench.suite.main`` with the same flags."""
     from mbf.bench.suite import main as bench_main
 
-    argv = (["--out", args.out] if args.out else []) + ["--quick"] * args.quick
+    argv = (["--out", args.out] if args.out else []) + ["--quick"] * args.quick + ["--dtype", args.dtype]
     return bench_main(argv + ["--no-boundary"] * args.no_boundary)
 
 

@@ -24,6 +24,11 @@ def _checked(convert, ok, message: str):
 _positive_int = _checked(int, lambda v: v >= 1, "must be a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "must be >= 0")
 _positive_float = _checked(float, lambda v: v > 0, "must be > 0")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # mbf.experiment.models.DTYPES, plus auto
+DTYPE_HELP = (
+    "the base model's dtype; auto: bfloat16 on a CPU with AMX-BF16 or AVX-512-BF16 (or a bf16 GPU), "
+    "else float32. Adapters and optimizer state stay float32"
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +40,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--load-in-4bit", action="store_true", help="QLoRA: the base's projection linears in NF4 (4-bit)"
     )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     p.add_argument(
         "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -128,4 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="results JSON (default bench/results/<device>-<date>.json)")
     b.add_argument("--quick", action="store_true", help="the CPU set even on CUDA")
     b.add_argument("--no-boundary", action="store_true", help="skip the task-boundary benchmark")
+    b.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="the training step's base dtype; auto: float32 and, where auto picks it, bfloat16 as well",
+    )
     return parser

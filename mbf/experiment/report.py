@@ -15,7 +15,7 @@ from mbf.io import atomic_write_text
 __all__ = ["compare_runs", "run_markdown", "write_run"]
 
 # settings that make two runs of one method different experiments rather than two seeds of one
-_SETTINGS = ("model", "suite_seed", "n_train", "n_test", "train", "lora")
+_SETTINGS = ("model", "dtype", "suite_seed", "n_train", "n_test", "train", "lora")
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -28,7 +28,8 @@ def run_markdown(results: dict) -> str:
     lines = [
         f"# {results['method']} on {results.get('suite', '?')} (seed {results['seed']})",
         "",
-        f"model: {results.get('model', '?')}; options: {results.get('options')}; "
+        f"model: {results.get('model', '?')} ({results_file.base_dtype(results)}); "
+        f"options: {results.get('options')}; "
         f"LoRA r={lora['r']} alpha={lora['alpha']} on {', '.join(lora['target_modules'])}",
         "",
         f"**AA {pct(m['AA'])}%, BWT {pct(m['BWT'])} points**, wall {m['wall_s']:.0f} s"
@@ -72,7 +73,7 @@ def _pm(xs: list[float | None]) -> str:
 def _flat(r: dict) -> dict:
     flat = {}
     for k in _SETTINGS:
-        v = r.get(k)
+        v = results_file.base_dtype(r) if k == "dtype" else r.get(k)
         if isinstance(v, dict):
             flat.update({sk: sv for sk, sv in v.items() if sk != "seed"})
         else:

@@ -12,6 +12,8 @@ Schema ``"mbf-continual-results/1"``::
     train         TrainOptions: {"lr", "epochs", "max_steps", "batch_size", "eval_batch_size",
                   "max_length", "weight_decay", "warmup_steps", "seed"}
     suite, suite_seed, model, n_train, n_test, data_dir, order   where the tasks and model came from
+    dtype         "float32" | "bfloat16" | "float16": the base model's dtype (the adapters are float32
+                  whatever it is); files written before the field existed were float32 runs
     stages        [str]: the task trained at each stage ("all" for the multi-task baseline's one stage)
     accuracy      [[float]]: accuracy[i][j] = exact-match accuracy (0..1) on task j's test set after
                   stage i, j = 0..i, computed with the adapter inference uses (SLAO: the merged one).
@@ -38,9 +40,15 @@ from pathlib import Path
 from mbf.experiment.metrics import accuracy_metrics
 from mbf.io import atomic_write_json, versions
 
-__all__ = ["SCHEMA", "add_stage", "finish", "new", "read", "write"]
+__all__ = ["SCHEMA", "add_stage", "base_dtype", "finish", "new", "read", "write"]
 
 SCHEMA = "mbf-continual-results/1"
+LEGACY_DTYPE = "float32"  # every run before "dtype" was recorded loaded its model in float32
+
+
+def base_dtype(results: dict) -> str:
+    """The base model's dtype a run used (``"float32"`` for files older than the field)."""
+    return results.get("dtype") or LEGACY_DTYPE
 
 
 def _now() -> str:

@@ -32,15 +32,22 @@ from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions, train_steps
 from mbf.inject import inject, lora_layers
 
-__all__ = ["peak_rss_mb", "run_continual"]
+__all__ = ["model_dtype", "peak_rss_mb", "run_continual"]
 
 # the settings a resumed run must share with the saved one
-_RESUME_KEYS = ("method", "options", "seed", "tasks", "lora")
+_RESUME_KEYS = ("method", "options", "seed", "tasks", "lora", "dtype")
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def model_dtype(model: nn.Module) -> str:
+    """The base model's dtype as a name (its input embeddings': never quantised, never an adapter)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = emb.weight if emb is not None else next(p for p in model.parameters() if p.is_floating_point())
+    return str(weight.dtype).removeprefix("torch.")
 
 
 def _measure(train: Callable[[], dict], evaluate: Callable[[], list[float]]) -> dict:
@@ -75,7 +82,8 @@ def _open_results(out: Path, settings: dict, resume: bool) -> dict:
         return results_file.new(settings)
     saved = results_file.read(path)
     for key in _RESUME_KEYS:
-        was, now = saved.get(key), settings[key]
+        was = results_file.base_dtype(saved) if key == "dtype" else saved.get(key)
+        now = settings[key]
         if not (_same_options(was, now) if key == "options" else was == now):
             raise ValueError(f"--resume: {out} was run with {key}={was!r}, now {now!r}")
     return saved
@@ -214,6 +222,7 @@ def run_continual(
         "lora": lora.to_dict(),
         "train": asdict(opts),
         **(meta or {}),
+        "dtype": model_dtype(model),
     }
     results = _open_results(out, settings, resume)
     run = _Run(model, codec, tasks, opts, out, results, method, log)
