@@ -8,7 +8,7 @@ Stages, each written under ``--out`` (default ``$OUT`` or ``bench/results``) as 
 1. ``environment.json`` and ``nvidia-smi.txt``: device, driver, CUDA capability, torch, triton;
 2. the kernels import (``mbf.kernels``): the run stops here, loudly, when they do not;
 3. the GPU tests (kernel, NF4, ortho, merge, QLoRA test files) with one pinned config per kernel
-   (``MBF_TRITON_ONE_CONFIG=1``: no autotuning, a few compiles), never stopping at a failure:
+   (``MBF_PIN_CONFIGS=1``: no autotuning, a few compiles), never stopping at a failure:
    ``gpu-tests.log`` and ``gpu-tests.xml``;
 4. the headline benchmarks, each row appended to ``<device>-<date>.json`` as it is measured: fused
    LoRA fwd+bwd and fwd vs the cuBLAS floor, PEFT and mbf's torch path (M = 8192, 4096→4096 and
@@ -39,7 +39,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-PIN_ENV = "MBF_TRITON_ONE_CONFIG"  # one config per kernel in the tests: correctness, not speed
+PIN_ENV = "MBF_PIN_CONFIGS"  # one config per kernel in the tests: correctness, not speed (kernels/lora_configs.py)
 TEST_FILES = ("test_kernel_lora.py", "test_kernel_nf4.py", "test_ortho.py", "test_merge.py", "test_qlora.py")
 ROOT = Path(__file__).resolve().parents[2]
 
