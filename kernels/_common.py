@@ -4,26 +4,41 @@
   through its CPU interpreter, decided at launch, never at import.
 - ``dot``: ``tl.dot`` with fp32 accumulation. Under the interpreter, Triton 3.9 multiplies bf16
   operands as raw bit patterns (triton-lang/triton#11584), so the launchers pass ``UPCAST`` there
-  and the tiles go through fp32 first; ``PRECISION`` is ``"ieee"`` (true fp32, as torch's matmul with
-  TF32 off) or ``"tf32"`` (when torch allows TF32) for fp32 operands, ignored for 16-bit ones.
+  and the tiles go through fp32 first; ``PRECISION`` is ``"tf32x3"`` (fp32-class accuracy on tensor
+  cores) or ``"tf32"`` (an fp32 GEMM where torch allows TF32) for fp32 operands, ignored for 16-bit
+  ones (``dot_flags``).
 - ``tile_ids``: the L2-friendly swizzle of a 1-D grid over an ``(M, N)`` output (Triton's matmul
   tutorial): ``GROUP_M`` row tiles share the column tiles they read.
 - ``pad_rank``: ``tl.dot`` needs every dimension ≥ 16, so a rank r is padded to a power of two ≥ 16
   (masked loads fill the padding with zeros).
 - ``cast``: the fp32 → 16-bit store conversion, rounding to nearest even under the interpreter too.
+- ``configs_pinned``: whether launchers skip autotuning and run one fixed config per kernel.
 - ``TL_DTYPES``: torch → Triton element types the kernels accept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
 import triton.language as tl
 from mbf.kernels import interpreting
 
-__all__ = ["TL_DTYPES", "cast", "device_of", "dot", "dot_flags", "interpreting", "pad_rank", "tile_ids"]
+__all__ = [
+    "TL_DTYPES",
+    "bf16_pieces",
+    "cast",
+    "configs_pinned",
+    "device_of",
+    "dot",
+    "dot_flags",
+    "interpreting",
+    "pad_rank",
+    "tf32_allowed",
+    "tile_ids",
+]
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 MIN_DOT = 16  # smallest dimension tl.dot takes
@@ -34,10 +49,33 @@ def pad_rank(r: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(r))
 
 
-def dot_flags(t: torch.Tensor) -> dict:
-    """The ``UPCAST`` and ``PRECISION`` constexprs of ``dot`` for operands living like ``t``."""
-    tf32 = t.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return {"UPCAST": interpreting(), "PRECISION": "tf32" if tf32 else "ieee"}
+def tf32_allowed(t: torch.Tensor) -> bool:
+    """Whether torch would multiply fp32 tensors living like ``t`` in TF32."""
+    return t.is_cuda and torch.backends.cuda.matmul.allow_tf32
+
+
+def dot_flags(main: torch.Tensor) -> dict:
+    """The ``UPCAST`` and ``PRECISION`` constexprs of ``dot`` for a kernel whose main GEMM reads ``main``.
+
+    fp32 operands multiply in one TF32 pass where torch would (an fp32 main operand and TF32 allowed),
+    else in three (``"tf32x3"``: hi/lo TF32 splits on tensor cores, ~2⁻²¹ relative error per product,
+    fp32-class accuracy without the FMA path's registers and spills). So fp32 adapters over a 16-bit
+    base keep fp32-class LoRA products whatever the flag, and a kernel without fp32 operands has one
+    variant only (``PRECISION`` is ignored for 16-bit operands). The interpreter computes in IEEE fp32.
+    """
+    if interpreting():
+        return {"UPCAST": True, "PRECISION": "ieee"}
+    tf32 = main.dtype == torch.float32 and tf32_allowed(main)
+    return {"UPCAST": False, "PRECISION": "tf32" if tf32 else "tf32x3"}
+
+
+def configs_pinned() -> bool:
+    """Launch one fixed config per kernel instead of autotuning: under
+    ``torch.use_deterministic_algorithms(True)`` (a timing-dependent choice would change the bits
+    between processes) or with ``MBF_PIN_CONFIGS=1`` (GPU correctness runs: one compile per variant).
+    """
+    pinned = os.environ.get("MBF_PIN_CONFIGS", "0") not in ("", "0")
+    return pinned or torch.are_deterministic_algorithms_enabled()
 
 
 def device_of(t: torch.Tensor):
@@ -46,11 +84,37 @@ def device_of(t: torch.Tensor):
 
 
 @triton.jit
+def bf16_pieces(x):
+    """Three bf16 tiles summing to the fp32 tile ``x`` within 2⁻²⁶ relative: each piece is the rest
+    rounded, and each rest ``x − Σ pieces`` is exact in fp32."""
+    p1 = x.to(tl.bfloat16)
+    rest = x - p1.to(tl.float32)
+    p2 = rest.to(tl.bfloat16)
+    p3 = (rest - p2.to(tl.float32)).to(tl.bfloat16)
+    return p1, p2, p3
+
+
+@triton.jit
 def dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` in fp32 (see the module docstring for the two flags)."""
+    """``acc + a @ b`` in fp32 (see the module docstring for the two flags).
+
+    One operand fp32 and the other 16-bit (fp32 adapters over a 16-bit base: x or dY against an fp32
+    LoRA tile): the product is kept fp32-class. Against bf16, the fp32 tile goes as three bf16 pieces
+    (``bf16_pieces``): three bf16 MMAs whose products are exact, and the big 16-bit tile (x, dY) stays
+    16-bit in registers. Against fp16 (whose narrow exponent would lose the small pieces) both go as
+    fp32 with ``PRECISION``: fp16 is exact in TF32, so tf32x3 is fp32-class there too.
+    """
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if a.dtype == b.dtype:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    if a.dtype == tl.bfloat16:
+        b1, b2, b3 = bf16_pieces(b.to(tl.float32))
+        return tl.dot(a, b3, tl.dot(a, b2, tl.dot(a, b1, acc)))
+    if b.dtype == tl.bfloat16:
+        a1, a2, a3 = bf16_pieces(a.to(tl.float32))
+        return tl.dot(a3, b, tl.dot(a2, b, tl.dot(a1, b, acc)))
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
 
 
 @triton.jit

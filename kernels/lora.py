@@ -1,6 +1,7 @@
 """Fused LoRA linear kernels, the time-aware merge inside: two launches forward, two backward.
 
-The launchers and the ``torch.library`` op are in ``lora_op.py``.
+The autotune configs are in ``lora_configs.py``; the launchers and the ``torch.library`` op in
+``lora_op.py``.
 
 With x flattened to ``(M, K)``, ``W0: (N, K)``, ``A: (r, K)``, ``B`` and ``B_m: (N, r)``::
 
@@ -13,90 +14,57 @@ With x flattened to ``(M, K)``, ``W0: (N, K)``, ``A: (r, K)``, ``B`` and ``B_m: 
     dX    = dY W0 + s · drop(dS A)     (M, K)  launch 4: one GEMM with the LoRA term joined, whose
     dA    = s · dSᵀ drop(x)            (r, K)           epilogue reads the x tile at the same (m, k)
 
-``drop(z)[m, k] = z[m, k] · keep[m, k] / (1 − p)`` with ``keep[m, k] = philox(seed, m·K + k) ≥
-floor(p · 2³²)``, exactly ``mbf.reference.dropout_keep_mask``: the mask is regenerated from the seed
-wherever it is needed and never stored. Saved for backward: x and S (plus references to the
-parameters). s, λ, p and the seed are runtime arguments; only whether a bias / merged B / dropout
-exists is a constexpr, so a new task or a new λ never recompiles. fp32 accumulation, cast at the
-store. W0, the bias and the merged B are frozen: they never get a gradient.
+dA and dB are sums over the M tiles, added with fp32 atomics in any order. Under
+``torch.use_deterministic_algorithms(True)`` the launcher instead turns them off in launches 3 and
+4 and runs ``_lora_wgrad_kernel`` twice: one program per column tile sweeps all of M in a fixed
+order (one more pass over x and over dY, no atomics, same bits every run).
+
+Dropout: ``drop(z)[m, k] = z[m, k] · keep[m, k] / (1 − p)``, with one Philox-4x32 call per four
+columns: ``keep[m, k] = philox4x(seed, m · ⌈K/4⌉ + ⌊k/4⌋)[k mod 4] ≥ floor(p · 2³²)``, exactly
+``mbf.reference.dropout_keep_mask``. The mask is regenerated from the seed wherever it is needed and
+never stored; it travels as a 0/1 factor in the compute dtype, which Triton can move between the
+layouts of its two consumers (an i1 tile cannot pass through shared memory).
+
+Precision: the base GEMM runs in x's dtype, the LoRA operands in the adapter's dtype (read from
+the adapter pointer), fp32 accumulation everywhere, cast at the store. fp32 adapters over a 16-bit
+base keep fp32 tiles: a product of a 16-bit tile (x, dY) with an fp32 one stays fp32-class
+(``_common.dot``), so S, dS, dA and dB carry no 16-bit rounding. Saved for backward: x and S.
+
+s, λ, p and the seed are runtime arguments; only whether a bias / merged B / dropout exists is a
+constexpr, so a new task or a new λ never recompiles. Arguments equal to the rank (R and the strides
+over it) and M are not specialised by Triton either: ranks 8 and 16 share one binary, as do all
+token counts. Row offsets (and column offsets with a non-unit stride) are int64, since M·K and N·K
+may pass 2³¹; the launcher keeps every per-step pointer increment inside int32.
 """
 
 import triton
 import triton.language as tl
-from mbf.kernels._common import cast, dot, interpreting, tile_ids
+from mbf.kernels._common import cast, dot, tile_ids
+from mbf.kernels.lora_configs import autotune
 
-__all__ = ["down", "dy", "linear"]
-
-# ---------------------------------------------------------------------------------------------------
-# Constants and autotune configs
-# ---------------------------------------------------------------------------------------------------
-
-# One small config per kernel under TRITON_INTERPRET=1: the interpreter runs every program in
-# numpy, so autotuning there only costs time; these blocks are small enough that the tests' odd
-# shapes still span several tiles and exercise every edge mask.
-_INTERPRET_CONFIGS = {
-    "down": triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}),
-    "linear": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}),
-    "dy": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}),
-}
-
-
-def _configs(kernel: str) -> list[triton.Config]:
-    """Autotune candidates per kernel, pruned by M at launch.
-
-    Starting points, not yet measured here: the GEMM tiles are the Triton matmul tutorial's Hopper
-    ones; bench/test_bench_lora.py is where to check them on a GPU.
-    """
-    if kernel == "linear":  # compute-bound GEMM: the Triton matmul tutorial's best Hopper tiles
-        shapes = [
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 4, 4),
-            (128, 128, 64, 8, 3),
-            (64, 256, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (32, 128, 64, 4, 4),
-            (16, 128, 128, 4, 4),
-        ]
-        return [
-            triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st
-            )
-            for bm, bn, bk, w, st in shapes
-        ]
-    if kernel == "down":  # memory-bound over x: enough rows per program to stream K, enough programs
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4, num_stages=st)
-            for bm, bk, st in [(64, 128, 3), (64, 64, 4), (32, 128, 4), (16, 256, 3)]
-        ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=st)  # "dy"
-        for bm, bn, st in [(128, 64, 3), (64, 128, 3), (64, 64, 4), (32, 128, 4), (16, 128, 4)]
-    ]
-
-
-def _pruner(kernel: str):
-    """early_config_prune: the interpreter's one config, else the configs whose BLOCK_M fits M."""
-
-    def prune(configs, nargs, **kwargs):
-        if interpreting():
-            return [_INTERPRET_CONFIGS[kernel]]
-        m_bucket = {**nargs, **kwargs}["m_bucket"]
-        fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(m_bucket, 16)]
-        return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
-
-    return prune
-
-
-# ---------------------------------------------------------------------------------------------------
-# Triton kernels
-# ---------------------------------------------------------------------------------------------------
+__all__ = ["down", "dy", "linear", "wgrad"]
 
 
 @triton.jit
-def _keep(seed, threshold, offs_m, offs_k, n_cols):
-    """Dropout keep-mask of a tile of an (M, n_cols) input: philox(seed, m·n_cols + k) ≥ threshold."""
-    offsets = offs_m.to(tl.int64)[:, None] * n_cols + offs_k[None, :]  # int64: M·K may pass 2³¹
-    return tl.randint(seed, offsets) >= threshold.to(tl.uint32)
+def _keep(
+    seed,  # dropout seed (int64)
+    threshold,  # Philox draws below it drop their element (int64 holding a uint32)
+    offs_m,  # (BLOCK_M,) rows of the tile
+    k0,  # first column of the tile: a multiple of 4
+    n_cols,  # columns of the whole (M, n_cols) input
+    BLOCK_K: tl.constexpr,  # columns of the tile
+    dtype: tl.constexpr,  # dtype of the returned factor (that of the tile it multiplies)
+    UPCAST: tl.constexpr,  # interpreter: an fp32 factor (it multiplies 16-bit floats as bit patterns)
+):
+    """0/1 keep factor of the ``(BLOCK_M, BLOCK_K)`` tile at columns ``k0 + [0, BLOCK_K)``."""
+    quads = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # one Philox counter per 4 columns
+    counters = offs_m.to(tl.int64)[:, None] * ((n_cols + 3) // 4) + quads[None, :]  # int64: M·K/4 > 2³¹
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4j + i <- r_i[j]
+    keep = bits >= threshold.to(tl.uint32)
+    if UPCAST:
+        return keep.to(tl.float32)
+    return keep.to(dtype)
 
 
 @triton.jit
@@ -109,10 +77,10 @@ def _load_b_eff(b_ptrs, bm_ptrs, mask, lam, HAS_MERGED: tl.constexpr):
     return b
 
 
-@triton.jit(do_not_specialize=["M", "seed", "threshold"])
+@triton.jit(do_not_specialize=["M", "R", "stride_sm", "seed", "threshold", "m_bucket"])
 def _lora_down_kernel(
     x_ptr,  # (M, K) layer input
-    a_ptr,  # (R, K) lora_A
+    a_ptr,  # (R, K) lora_A, in the LoRA compute dtype
     s_ptr,  # (M, R) fp32 output S = drop(x) Aᵀ
     M,  # rows of x (tokens)
     K,  # in features
@@ -124,8 +92,8 @@ def _lora_down_kernel(
     stride_sm,  # ... one row of S
     stride_sr,  # ... one column of S
     keep_scale,  # 1 / (1 - p): applied once to the fp32 accumulator instead of to every x element
-    seed,  # dropout seed
-    threshold,  # uint32 Philox draws below it drop their element
+    seed: tl.int64,  # dropout seed (typed: a small seed must not compile another variant)
+    threshold: tl.int64,  # uint32 Philox draws below it drop their element
     m_bucket,  # next power of two of M: autotune key only
     HAS_DROPOUT: tl.constexpr,  # p > 0
     R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
@@ -138,25 +106,25 @@ def _lora_down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     m_ok, r_ok = offs_m < M, offs_r < R
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # (BLOCK_K, R_PAD): Aᵀ
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, threshold, offs_m, k0 + offs_k, K), x, tl.zeros_like(x))
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(x.dtype)
+            x = x * _keep(seed, threshold, offs_m, k0, K, BLOCK_K, x.dtype, UPCAST)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot(x, a, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
     tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed", "threshold"])
+@triton.jit(do_not_specialize=["M", "R", "stride_lm", "stride_un", "seed", "threshold", "m_bucket"])
 def _lora_linear_kernel(
     a_ptr,  # (M, K) main left operand: x (forward) or dY (dX)
     w_ptr,  # main right operand read as (K, N) through its strides: W0ᵀ (forward) or W0 (dX)
@@ -165,7 +133,7 @@ def _lora_linear_kernel(
     u_ptr,  # LoRA right operand read as (R, N) through its strides: Bᵀ (forward) or A (backward)
     um_ptr,  # merged right operand B_mᵀ (same strides as u), if HAS_MERGED
     x_ptr,  # (M, N) layer input for the dA epilogue, if ACC_DA
-    da_ptr,  # (R, N) fp32 dA accumulator (atomic adds over M tiles), if ACC_DA
+    da_ptr,  # (R, N) contiguous fp32 dA accumulator (atomic adds over M tiles), if ACC_DA
     c_ptr,  # (M, N) output y or dX, if HAS_MAIN
     M,  # rows (tokens)
     N,  # output columns: out features (forward) or in features (dX)
@@ -186,8 +154,8 @@ def _lora_linear_kernel(
     lora_scale,  # s forward; s / (1 - p) for dX
     lam,  # λ of B_eff
     da_scale,  # s / (1 - p)
-    seed,  # dropout seed, as in _lora_down_kernel (the mask is over the (M, N) tile of x for dX and dA)
-    threshold,  # uint32 Philox draws below it drop their element
+    seed: tl.int64,  # dropout seed, as in _lora_down_kernel (the mask is over the (M, N) tile of x)
+    threshold: tl.int64,  # uint32 Philox draws below it drop their element
     m_bucket,  # autotune key only
     HAS_MAIN: tl.constexpr,  # compute the GEMM and store c (False: only the dA epilogue)
     HAS_BIAS: tl.constexpr,  # add the bias (forward)
@@ -205,14 +173,57 @@ def _lora_linear_kernel(
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
-    m_ok, n_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
-    dt = a_ptr.dtype.element_ty
+    m_ok, n_ok = offs_m < M, offs_n < N
+    rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]  # int64: N·K may pass 2³¹
+    dt = a_ptr.dtype.element_ty  # the base GEMM's dtype
+    ldt = u_ptr.dtype.element_ty  # the LoRA branch's (the adapter's)
+    # The dA epilogue and the LoRA term come BEFORE the K loop, rank chunk by rank chunk, so that
+    # their operands (the mask, the x tile, (BLOCK, R) tiles) are dead when the loop starts: it then
+    # carries the accumulator alone (after the loop they sat on top of it: 255 registers, spills).
+    # dA first, while the accumulator is still empty; then the LoRA term into it.
+    R_CHUNK: tl.constexpr = 32 if R_PAD > 32 else R_PAD
+    # fp32 LoRA tiles feeding a 16-bit output (y, dX) need no more than one TF32 pass: its 2⁻¹¹ is
+    # under the output's rounding, and the three-pass split would double the tiles in registers
+    LORA_PRECISION: tl.constexpr = PRECISION if dt == tl.float32 else "tf32"
+    if HAS_DROPOUT:
+        keep = _keep(seed, threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
+    if ACC_DA:  # the x tile at this (m, n) is exactly the one dA needs: no second pass over x
+        x_mask = m_ok[:, None] & n_ok[None, :]
+        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xn, mask=x_mask, other=0.0)
+        x = x.to(dt)  # stays 16-bit: against fp32 dS, dot keeps the products fp32-class
+        if HAS_DROPOUT:
+            x = x * keep
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            l_c = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
+                          mask=m_ok[:, None] & (offs_r < R)[None, :], other=0.0).to(ldt)  # fmt: skip
+            da = dot(tl.trans(l_c), x, tl.zeros((R_CHUNK, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+            tl.atomic_add(
+                da_ptr + offs_r[:, None] * N + offs_n[None, :],
+                da * da_scale,
+                mask=(offs_r < R)[:, None] & n_ok[None, :],
+                sem="relaxed",
+            )  # order-free sum: no fence
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_MAIN:
+        # without dropout s is folded into the (R_CHUNK, BLOCK_N) tiles; with it the mask sits between
+        # the LoRA product and the sum, so the product is formed alone first (acc is still empty)
+        u_scale = 1.0 if HAS_DROPOUT else lora_scale
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            r_ok = offs_r < R
+            l_c = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
+                          mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ldt)  # fmt: skip
+            u_off = offs_r[:, None] * stride_ur + cols * stride_un
+            u = _load_b_eff(u_ptr + u_off, um_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
+            acc = dot(l_c, (u_scale * u).to(ldt), acc, UPCAST, LORA_PRECISION)
+        if HAS_DROPOUT:
+            acc = lora_scale * (acc * keep)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        a_ptrs = a_ptr + rows * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + cols * stride_wn
         for k0 in range(0, K, BLOCK_K):
             k_ok = offs_k < K - k0
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -220,44 +231,14 @@ def _lora_linear_kernel(
             acc = dot(a, w, acc, UPCAST, PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
-    # the LoRA operands are loaded after the K loop: no registers held across it
-    l_tile = tl.load(
-        l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-        mask=m_ok[:, None] & r_ok[None, :],
-        other=0.0,
-    ).to(dt)  # (BLOCK_M, R_PAD)
-    if HAS_DROPOUT:
-        keep = _keep(seed, threshold, offs_m, offs_n, N)
-    if HAS_MAIN:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        u_off = offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un
-        u = _load_b_eff(u_ptr + u_off, um_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
-        if HAS_DROPOUT:  # the mask sits between the LoRA product and the sum: its own small dot
-            lora = dot(l_tile, u.to(dt), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-            acc += lora_scale * tl.where(keep, lora, 0.0)
-        else:  # s folded into the (R_PAD, BLOCK_N) tile: the LoRA term lands in the same accumulator
-            acc = dot(l_tile, (lora_scale * u).to(dt), acc, UPCAST, PRECISION)
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_ptrs = c_ptr + rows * stride_cm + cols * stride_cn
         tl.store(c_ptrs, cast(acc, c_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
-    if ACC_DA:  # the x tile at this (m, n) is exactly the one dA needs: no second pass over x
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_n[None, :] * stride_xn
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
-        if HAS_DROPOUT:
-            x = tl.where(keep, x, tl.zeros_like(x))
-        da = dot(tl.trans(l_tile), x, tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-        tl.atomic_add(
-            da_ptr + offs_r[:, None] * N + offs_n[None, :],
-            da * da_scale,
-            mask=r_ok[:, None] & n_ok[None, :],
-            sem="relaxed",
-        )  # order-free sum: no fence
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "R", "stride_bn", "stride_sm", "m_bucket"])
 def _lora_dy_kernel(
     dy_ptr,  # (M, N) upstream gradient
-    b_ptr,  # (N, R) lora_B
+    b_ptr,  # (N, R) lora_B, in the LoRA compute dtype
     bm_ptr,  # (N, R) merged B (same strides as B), if HAS_MERGED
     s_ptr,  # (M, R) fp32 S saved by the forward, if ACC_DB
     ds_ptr,  # (M, R) fp32 output dS = dY B_eff (same strides as S)
@@ -274,8 +255,8 @@ def _lora_dy_kernel(
     lam,  # λ of B_eff
     db_scale,  # s · λ with a merged B, s without
     m_bucket,  # autotune key only
-    HAS_MERGED: tl.constexpr,
-    ACC_DB: tl.constexpr,  # B needs a gradient
+    HAS_MERGED: tl.constexpr,  # form B_eff from B and B_m with λ
+    ACC_DB: tl.constexpr,  # accumulate dB (B needs a gradient and atomics are allowed)
     R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
     BLOCK_M: tl.constexpr,  # rows of dY per program (each program sweeps all of N)
     BLOCK_N: tl.constexpr,  # columns per step of the N loop
@@ -286,18 +267,18 @@ def _lora_dy_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     m_ok, r_ok = offs_m < M, offs_r < R
-    dt = dy_ptr.dtype.element_ty
-    s_off = offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    ldt = b_ptr.dtype.element_ty  # the LoRA compute dtype
+    s_off = offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
     if ACC_DB:
-        s_tile = tl.load(s_ptr + s_off, mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(dt)
+        s_tile = tl.load(s_ptr + s_off, mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ldt)
     dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :] * stride_dn
     b_off = offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BLOCK_N, R_PAD)
     ds = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_ok = offs_n < N - n0
-        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # 16-bit vs fp32 B: see dot
         b_eff = _load_b_eff(b_ptr + b_off, bm_ptr + b_off, n_ok[:, None] & r_ok[None, :], lam, HAS_MERGED)
-        ds = dot(dy, b_eff.to(dt), ds, UPCAST, PRECISION)
+        ds = dot(dy, b_eff.to(ldt), ds, UPCAST, PRECISION)
         if ACC_DB:  # the same dY tile, while it is in registers
             db = dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
             tl.atomic_add(
@@ -311,27 +292,58 @@ def _lora_dy_kernel(
     tl.store(ds_ptr + s_off, ds, mask=m_ok[:, None] & r_ok[None, :])
 
 
-def _tune_bench(fn, quantiles):
-    # a short timing per candidate: tuning runs once per key, and a few configs per kernel suffice
-    import triton.testing
+@triton.jit(do_not_specialize=["M", "R", "stride_lm", "stride_oc", "seed", "threshold"])
+def _lora_wgrad_kernel(
+    l_ptr,  # (M, R) fp32 left factor: dS (for dA) or S (for dB)
+    x_ptr,  # (M, C) right factor: x (for dA) or dY (for dB)
+    out_ptr,  # (R, C) output through its strides, in the adapter dtype: dA, or dB (N, R) read as dBᵀ
+    M,  # rows (tokens): the reduction
+    C,  # columns: in features (dA) or out features (dB)
+    R,  # rank
+    stride_lm,  # elements to step one row of the left factor
+    stride_lr,  # ... one column of it
+    stride_xm,  # ... one row of the right factor
+    stride_xc,  # ... one column of it
+    stride_or,  # ... one row of the output as (R, C)
+    stride_oc,  # ... one column of it
+    scale,  # s / (1 - p) for dA, s · λ for dB
+    seed: tl.int64,  # dropout seed: the mask over x (dA only)
+    threshold: tl.int64,  # uint32 Philox draws below it drop their element
+    HAS_DROPOUT: tl.constexpr,  # mask the right factor (dA with p > 0)
+    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # rows per step of the M loop
+    BLOCK_C: tl.constexpr,  # output columns per program
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
+):
+    """``out = scale · Lᵀ drop(X)``, M swept in one fixed order by one program per column tile."""
+    c0 = tl.program_id(0) * BLOCK_C
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    c_ok, r_ok = offs_c < C, offs_r < R
+    ldt = out_ptr.dtype.element_ty  # the adapter's dtype
+    cols = offs_c.to(tl.int64)[None, :] * stride_xc
+    acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + offs_m
+        m_ok = rows < M
+        lt = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ldt)  # fmt: skip
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols,
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+        if HAS_DROPOUT:
+            x = x * _keep(seed, threshold, rows, c0, C, BLOCK_C, x.dtype, UPCAST)
+        acc = dot(tl.trans(lt), x, acc, UPCAST, PRECISION)
+    out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_c.to(tl.int64)[None, :] * stride_oc
+    tl.store(out_ptrs, cast(acc * scale, ldt, UPCAST), mask=r_ok[:, None] & c_ok[None, :])
 
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
-
-def _autotune(kernel: str, key: list[str], reset: list[str] | None = None):
-    return triton.autotune(
-        _configs(kernel),
-        key=key,
-        reset_to_zero=reset,
-        do_bench=_tune_bench,
-        prune_configs_by={"early_config_prune": _pruner(kernel)},
-    )
-
-
-# keyed on (M bucket, N, K, r) plus the flags that change the work; atomically accumulated outputs
-# are zeroed between candidates
-down = _autotune("down", ["m_bucket", "K", "R_PAD", "HAS_DROPOUT"])(_lora_down_kernel)
-linear = _autotune(
+# keyed on (M bucket, N, K, r) plus the flags that change the work (the tensors' dtypes join every
+# key by themselves); atomically accumulated outputs are zeroed between candidates
+down = autotune("down", ["m_bucket", "K", "R_PAD", "HAS_DROPOUT"])(_lora_down_kernel)
+linear = autotune(
     "linear", ["m_bucket", "N", "K", "R_PAD", "HAS_MAIN", "ACC_DA", "HAS_DROPOUT"], ["da_ptr"]
 )(_lora_linear_kernel)
-dy = _autotune("dy", ["m_bucket", "N", "R_PAD", "ACC_DB"], ["db_ptr"])(_lora_dy_kernel)
+dy = autotune("dy", ["m_bucket", "N", "R_PAD", "ACC_DB"], ["db_ptr"])(_lora_dy_kernel)
+wgrad = _lora_wgrad_kernel  # deterministic mode only: one fixed config (lora_configs.wgrad_config)

@@ -10,9 +10,13 @@ import math
 import torch
 import triton
 from mbf.kernels import lora
-from mbf.kernels._common import device_of, dot_flags, pad_rank
+from mbf.kernels._common import TL_DTYPES, device_of, dot_flags, pad_rank
+from mbf.kernels.lora_configs import launch, wgrad_config
 
-__all__ = ["lora_linear"]
+__all__ = ["MAX_RANK", "lora_linear"]
+
+MAX_RANK = 128  # the rank is one (R_PAD)-wide tile in registers; beyond it the torch path is the one
+_MAX_STEP_BLOCK = 256  # largest BLOCK of any config: a pointer advances by BLOCK · stride in int32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -25,9 +29,24 @@ def _threshold(p: float) -> int:
     return min(math.floor(p * 2**32), 2**32 - 1)
 
 
-def _launch_flags(x: torch.Tensor, r: int) -> dict:
+def _int32_steps(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy, such that every in-kernel pointer step ``BLOCK · stride`` fits int32.
+
+    Base offsets are int64 in the kernels; the per-iteration steps are not (they would cost a 64-bit
+    multiply per step). A transposed view whose stride is the other extent gets copied.
+
+    Raises:
+        ValueError: when even the contiguous tensor has rows too long for it.
+    """
+    for cand in (t, t.contiguous()):
+        if max(cand.stride(), default=0) * _MAX_STEP_BLOCK < 2**31:
+            return cand
+    raise ValueError(f"{name}: rows of {t.shape[-1]} elements exceed the kernels' int32 pointer steps")
+
+
+def _flags(x2: torch.Tensor, A: torch.Tensor) -> dict:
     """Constexprs decided per call: rank padding, interpreter upcast, fp32 dot precision."""
-    return {"R_PAD": pad_rank(r), **dot_flags(x)}
+    return {"R_PAD": pad_rank(A.shape[0]), **dot_flags(x2)}
 
 
 def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
@@ -37,11 +56,13 @@ def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
     S = torch.empty((M, r), device=x2.device, dtype=torch.float32)
     if M == 0:
         return y, S
+    x2, weight = _int32_steps("x", x2), _int32_steps("weight", weight)
     A, B = A.contiguous(), B.contiguous()
     Bm = merged_B.contiguous() if merged_B is not None else B
-    flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
+    flags, m_bucket = _flags(x2, A), triton.next_power_of_2(M)
     with device_of(x2):
-        lora.down[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+        launch(
+            lora.down, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
             x_ptr=x2, a_ptr=A, s_ptr=S, M=M, K=K, R=r,
             stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_ar=A.stride(0), stride_ak=A.stride(1),
             stride_sm=S.stride(0), stride_sr=S.stride(1),
@@ -49,8 +70,10 @@ def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
             HAS_DROPOUT=dropout > 0.0, **flags,
         )  # fmt: skip
         # y = x W0ᵀ + b + s S B_effᵀ: W0 read as (K, N) and B as (R, N) through their strides. Unused
-        # pointers get y; dA a fresh empty buffer (the autotuner zeroes it between candidates).
-        lora.linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+        # pointers get a tensor of the dtype they would have (no second binary for a dtype); dA an
+        # empty fp32 one, since the autotuner zeroes it between candidates.
+        launch(
+            lora.linear, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
             a_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else y, l_ptr=S, u_ptr=B, um_ptr=Bm,
             x_ptr=x2, da_ptr=S.new_empty(0), c_ptr=y, M=M, N=N, K=K, R=r,
             stride_am=x2.stride(0), stride_ak=x2.stride(1),
@@ -64,42 +87,75 @@ def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
     return y, S
 
 
+def _wgrad(left, right, out, scale, dropout, seed, flags):
+    """Deterministic ``out (R, C) = scale · leftᵀ drop(right)`` (``out`` may be a transposed view)."""
+    (M, C), R = right.shape, left.shape[1]
+    cfg = wgrad_config(max(right.element_size(), out.element_size()))
+    lora.wgrad[(triton.cdiv(C, cfg["BLOCK_C"]),)](
+        l_ptr=left, x_ptr=right, out_ptr=out, M=M, C=C, R=R,
+        stride_lm=left.stride(0), stride_lr=left.stride(1), stride_xm=right.stride(0),
+        stride_xc=right.stride(1), stride_or=out.stride(0), stride_oc=out.stride(1),
+        scale=scale, seed=seed, threshold=_threshold(dropout), HAS_DROPOUT=dropout > 0.0, **flags, **cfg,
+    )  # fmt: skip
+
+
 def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
-    """Launches 3 and 4: dX (M, K) in x's dtype, dA and dB in A's and B's dtypes (empty if not needed)."""
+    """Launches 3 and 4: dX (M, K) in x's dtype and the flat ``[dA | dB]`` in the adapters' dtype.
+
+    dA and dB share one buffer: one zeroing launch for both atomic accumulators, and (16-bit
+    adapters) one cast; none of either in deterministic mode, where ``_lora_wgrad_kernel`` writes
+    them in the adapters' dtype.
+    """
     (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
+    n_da, n_db = r * K if need_da else 0, N * r if need_db else 0
     dx = torch.empty((M, K) if need_dx else (0,), device=x2.device, dtype=x2.dtype)
-    dA = torch.zeros((r, K) if need_da else (0,), device=x2.device, dtype=torch.float32)
-    dB = torch.zeros((N, r) if need_db else (0,), device=x2.device, dtype=torch.float32)
     if M == 0 or not (need_dx or need_da or need_db):
-        return dx.zero_(), dA.to(A.dtype), dB.to(B.dtype)
+        return dx.zero_(), torch.zeros(n_da + n_db, device=x2.device, dtype=A.dtype)
+    det = torch.are_deterministic_algorithms_enabled()
+    acc_dtype = A.dtype if det else torch.float32  # atomics add in fp32; the wgrad kernel stores A's dtype
+    grads = (torch.empty if det else torch.zeros)(n_da + n_db, device=x2.device, dtype=acc_dtype)
+    dA, dB = grads[:n_da].view(r, K) if need_da else grads, grads[n_da:].view(N, r) if need_db else grads
+    x2, weight, dY = _int32_steps("x", x2), _int32_steps("weight", weight), _int32_steps("dY", dY)
     A, B = A.contiguous(), B.contiguous()
     Bm = merged_B.contiguous() if merged_B is not None else B
     dS = torch.empty_like(S)
-    flags, m_bucket = _launch_flags(x2, r), triton.next_power_of_2(M)
+    flags, m_bucket = _flags(x2, A), triton.next_power_of_2(M)
     drop_scale = float(scaling) / (1.0 - dropout)  # s / (1 − p): the mask's rescale folded into s
+    db_scale = float(scaling) * (float(lam) if merged_B is not None else 1.0)  # ∂B_eff/∂B = λ
+    has_main, acc_da, acc_db = need_dx, need_da and not det, need_db and not det
     out = dx if need_dx else dY  # a valid pointer when dX is not wanted (HAS_MAIN off)
+    unused = S.new_empty(0)  # fp32 like the accumulators it stands for; zeroing it touches nothing
     with device_of(x2):
-        lora.dy[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            dy_ptr=dY, b_ptr=B, bm_ptr=Bm, s_ptr=S, ds_ptr=dS, db_ptr=dB, M=M, N=N, R=r,
-            stride_dm=dY.stride(0), stride_dn=dY.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
-            stride_sm=S.stride(0), stride_sr=S.stride(1),
-            lam=float(lam), db_scale=float(scaling) * (float(lam) if merged_B is not None else 1.0),
-            m_bucket=m_bucket, HAS_MERGED=merged_B is not None, ACC_DB=need_db, **flags,
-        )  # fmt: skip
-        if need_dx or need_da:
+        if need_dx or need_da or acc_db:
+            launch(
+                lora.dy, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+                dy_ptr=dY, b_ptr=B, bm_ptr=Bm, s_ptr=S, ds_ptr=dS, db_ptr=dB if acc_db else unused,
+                M=M, N=N, R=r,
+                stride_dm=dY.stride(0), stride_dn=dY.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
+                stride_sm=S.stride(0), stride_sr=S.stride(1), lam=float(lam), db_scale=db_scale,
+                m_bucket=m_bucket, HAS_MERGED=merged_B is not None, ACC_DB=acc_db, **flags,
+            )  # fmt: skip
+        if has_main or acc_da:
             # dX = dY W0 + s drop(dS A): W0 read as (N, K) as stored, A as (R, K); dA in the epilogue
-            lora.linear[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
-                a_ptr=dY, w_ptr=weight, bias_ptr=dY, l_ptr=dS, u_ptr=A, um_ptr=A, x_ptr=x2, da_ptr=dA,
+            launch(
+                lora.linear,
+                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
+                a_ptr=dY, w_ptr=weight, bias_ptr=dY, l_ptr=dS, u_ptr=A, um_ptr=A, x_ptr=x2,
+                da_ptr=dA if acc_da else unused,
                 c_ptr=out, M=M, N=K, K=N, R=r,
                 stride_am=dY.stride(0), stride_ak=dY.stride(1), stride_wk=weight.stride(0),
                 stride_wn=weight.stride(1), stride_lm=dS.stride(0), stride_lr=dS.stride(1),
                 stride_ur=A.stride(0), stride_un=A.stride(1), stride_xm=x2.stride(0), stride_xn=x2.stride(1),
                 stride_cm=out.stride(0), stride_cn=out.stride(1),
                 lora_scale=drop_scale, lam=1.0, da_scale=drop_scale, seed=seed, threshold=_threshold(dropout),
-                m_bucket=m_bucket, HAS_MAIN=need_dx, HAS_BIAS=False, HAS_MERGED=False,
-                HAS_DROPOUT=dropout > 0.0, ACC_DA=need_da, **flags,
+                m_bucket=m_bucket, HAS_MAIN=has_main, HAS_BIAS=False, HAS_MERGED=False,
+                HAS_DROPOUT=dropout > 0.0, ACC_DA=acc_da, **flags,
             )  # fmt: skip
-    return dx, dA.to(A.dtype), dB.to(B.dtype)
+        if det and need_da:  # one program per column tile sums all of M in order: the same bits every run
+            _wgrad(dS, x2, dA, drop_scale, dropout, seed, flags)
+        if det and need_db:
+            _wgrad(S, dY, dB.T, db_scale, 0.0, 0, flags)
+    return dx, grads.to(A.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,18 +201,15 @@ def _lora_bwd_op(
     need_dx: bool,
     need_da: bool,
     need_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     args = (scaling, lam, dropout, seed, need_dx, need_da, need_db)
     return _backward(dY, x2, S, weight, A, B, merged_B, *args)
 
 
 @_lora_bwd_op.register_fake
 def _(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
-    return (
-        x2.new_empty(x2.shape if need_dx else (0,)),
-        A.new_empty(A.shape if need_da else (0,)),
-        B.new_empty(B.shape if need_db else (0,)),
-    )
+    n_grads = (A.numel() if need_da else 0) + (B.numel() if need_db else 0)
+    return x2.new_empty(x2.shape if need_dx else (0,)), A.new_empty(n_grads)
 
 
 def _setup_context(ctx, inputs, output):
@@ -168,13 +221,14 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, dY, _dS):
     x2, S, weight, A, B, merged_B = ctx.saved_tensors
     need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
-    dx, dA, dB = _lora_bwd_op(dY, x2, S, weight, A, B, merged_B, *ctx.args, need_dx, need_da, need_db)
+    dx, grads = _lora_bwd_op(dY, x2, S, weight, A, B, merged_B, *ctx.args, need_dx, need_da, need_db)
+    n_da = A.numel() if need_da else 0  # [dA | dB] come as one flat buffer: split it into views
     return (
         dx if need_dx else None,
         None,
         None,
-        dA if need_da else None,
-        dB if need_db else None,
+        grads[:n_da].view(A.shape) if need_da else None,
+        grads[n_da:].view(B.shape) if need_db else None,
         None,
         None,
         None,
@@ -202,16 +256,21 @@ def lora_linear(
 
     Args:
         x: ``(..., K)`` in fp32, fp16 or bf16. weight: ``(N, K)``, frozen. bias: ``(N,)`` or None.
-        A: ``(r, K)``. B: ``(N, r)``. merged_B: ``(N, r)`` or None (then ``B_eff = B``).
+        A: ``(r, K)``, ``1 <= r <= MAX_RANK``. B: ``(N, r)``. merged_B: ``(N, r)`` or None (then
+            ``B_eff = B``). The adapters in x's dtype run the LoRA branch in it; otherwise (fp32
+            adapters over a 16-bit base) the branch runs in fp32 and dA, dB keep fp32.
         scaling: ``s = alpha / r``. lam: λ of ``B_eff = merged_B + λ (B − merged_B)``.
         dropout: p in [0, 1) on the adapter's input. seed: the mask's seed (required when p > 0).
 
     Returns:
-        ``(..., N)`` in x's dtype; differentiable in x, A and B.
+        ``(..., N)`` in x's dtype; differentiable in x, A and B. Under
+        ``torch.use_deterministic_algorithms(True)`` every launch runs one fixed config and dA, dB
+        are summed without atomics: the same bits on every run.
 
     Raises:
-        ValueError: when p > 0 and no seed is given, p is outside [0, 1), or a frozen tensor
-            (weight, bias, merged_B) requires grad.
+        ValueError: when p > 0 and no seed is given, p is outside [0, 1), a frozen tensor
+            (weight, bias, merged_B) requires grad, a dtype is not fp32 / fp16 / bf16, or r is
+            outside [1, MAX_RANK].
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout {dropout} must be in [0, 1)")
@@ -219,7 +278,18 @@ def lora_linear(
         raise ValueError(f"dropout {dropout} needs a seed: the backward regenerates the mask from it")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, merged_B)):
         raise ValueError("the fused LoRA kernel keeps weight, bias and merged_B frozen; one requires grad")
+    adapters = [t for t in (A, B, merged_B) if t is not None]
+    if any(t.dtype not in TL_DTYPES for t in (x, weight, *adapters)):
+        raise ValueError(f"the fused LoRA kernel takes {list(TL_DTYPES)}; got x {x.dtype}, A {A.dtype}")
+    if not 1 <= A.shape[0] <= MAX_RANK:
+        raise ValueError(f"rank {A.shape[0]} must be in [1, {MAX_RANK}] for the fused LoRA kernel")
+    # the LoRA branch runs in x's dtype when the adapters share it, else in fp32 (exact upcasts; the
+    # casts are differentiable, so each gradient returns in its parameter's dtype)
+    ct = x.dtype if all(t.dtype == x.dtype for t in adapters) else torch.float32
+    A, B, merged_B = (None if t is None else t.to(ct) for t in (A, B, merged_B))
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if x2.shape[0] >= 2**31:
+        raise ValueError(f"{x2.shape[0]} rows: the kernels count tokens in int32")
     y, _ = _lora_fwd_op(
         x2,
         weight,

@@ -24,6 +24,7 @@ __all__ = [
     "lora_linear",
     "orthonormal_rows",
     "philox_randint",
+    "philox_randint4x",
     "project_out",
     "time_aware_merge",
 ]
@@ -52,15 +53,15 @@ def _mul_u32(a: torch.Tensor | int, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return high & _U32, low & _U32
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.randint(seed, offsets)`` of Triton (Philox 4x32, 10 rounds) in plain PyTorch.
+def philox_randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tl.randint4x(seed, offsets)`` of Triton (Philox 4x32, 10 rounds) in plain PyTorch.
 
     Args:
         seed: integer in [0, 2**63).
-        offsets: int64 tensor of non-negative offsets < 2**32 (any shape).
+        offsets: int64 tensor of non-negative counters (any shape; the high 32 bits go in word 1).
 
     Returns:
-        int64 tensor of the same shape holding the uint32 random values.
+        Four int64 tensors of the offsets' shape holding the four uint32 output words.
     """
     c0 = offsets.to(torch.int64) & _U32
     c1 = (offsets.to(torch.int64) >> 32) & _U32
@@ -73,18 +74,26 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c0, c2 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1
         c1, c3 = lo_b, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randint(seed, offsets)``: the first word of ``philox_randint4x``."""
+    return philox_randint4x(seed, offsets)[0]
 
 
 def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) -> torch.Tensor:
     """Keep-mask of LoRA dropout over a 2-D ``[M, K]`` input, regenerated from ``seed``.
 
-    Element (m, k) is kept iff ``philox_randint(seed, m * K + k) >= floor(p * 2**32)``: an integer
-    comparison, so the Triton kernel and this twin agree bit for bit.
+    One Philox call serves four columns: element (m, k) is kept iff word ``k mod 4`` of
+    ``philox_randint4x(seed, m * ceil(K / 4) + k // 4)`` is ``>= floor(p * 2**32)``. An integer
+    comparison, so the Triton kernels (``tl.randint4x``) and this twin agree bit for bit.
     """
     m, k = shape
-    offsets = torch.arange(m * k, device=device, dtype=torch.int64).view(m, k)
-    return philox_randint(seed, offsets) >= dropout_threshold(p)
+    quads = (k + 3) // 4
+    counters = torch.arange(m * quads, device=device, dtype=torch.int64).view(m, quads)
+    words = torch.stack(philox_randint4x(seed, counters), dim=-1).view(m, 4 * quads)[:, :k]  # k -> word k%4
+    return words >= dropout_threshold(p)
 
 
 def apply_dropout(x2: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from conftest import assert_close
 from mbf import functional, reference
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 lora_kernel = pytest.importorskip("mbf.kernels.lora")
 lora_op = pytest.importorskip("mbf.kernels.lora_op")
 
@@ -272,3 +273,127 @@ def test_gpu_torch_compile_inductor():
     assert_close(y, y_ref, torch.bfloat16)
     for k in ("x", "A", "B"):
         assert_close(leaves[k].grad, g_ref[k], torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout mask, mixed precision, determinism, pinned configs, index guards
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep_probe(out_ptr, M, K, seed: tl.int64, threshold: tl.int64, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # noqa: E501
+    # the kernels' own mask helper, tile by tile, written out as 0/1
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    keep = lora_kernel._keep(seed, threshold, offs_m, k0, K, BLOCK_K, tl.float32, True)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], keep, mask=mask)
+
+
+@pytest.mark.parametrize("M,K,block_k", [(5, 37, 16), (33, 64, 32), (1, 3, 16), (20, 130, 64)])
+@pytest.mark.parametrize("seed,p", [(0, 0.5), (2**40 + 7, 0.1), (123456789, 0.9)])
+def test_kernel_mask_is_the_reference_mask_bit_for_bit(M, K, block_k, seed, p):
+    # one Philox-4x32 call per four columns; K not a multiple of 4 and any tile width give one mask
+    out = torch.full((M, K), -1.0, device=KERNEL_DEVICE)
+    grid = (triton.cdiv(M, 16), triton.cdiv(K, block_k))
+    _keep_probe[grid](out, M, K, seed, lora_op._threshold(p), BLOCK_M=16, BLOCK_K=block_k)
+    want = reference.dropout_keep_mask((M, K), p, seed)
+    assert torch.equal(out.cpu(), want.float())
+    assert abs(want.float().mean().item() - (1 - p)) < 0.25  # not all kept, not all dropped
+
+
+@pytest.mark.parametrize("base", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("p", (0.0, 0.3))
+def test_fp32_adapters_over_a_16_bit_base_keep_fp32(base, p):
+    # The LoRA branch reads fp32 A / B / B_m tiles and returns fp32 dA, dB with no 16-bit rounding:
+    # they match the float64 reference to the fp32 tolerance (a bf16 rounding would be ~300x off).
+    t, dY = _inputs((3, 7), 40, 24, 5, base, merged=True)
+    t = {k: (v.float() if k in ("A", "B", "merged_B") else v) for k, v in t.items()}
+    kw = dict(scaling=0.75, lam=0.6, dropout=p, seed=11 if p else None)
+    y, g = _run(t, dY, "triton", **kw)
+    y_t, g_t = _run(t, dY, "torch", **kw)
+    y_ref, g_ref = _run(t, dY, None, **kw)
+    assert y.dtype == base and g["x"].dtype == base
+    assert g["A"].dtype == torch.float32 and g["B"].dtype == torch.float32
+    assert_close(y, y_ref, base)
+    assert_close(g["x"], g_ref["x"], base)
+    for name in ("A", "B"):
+        assert_close(g[name], g_ref[name], torch.float32)
+        assert_close(g_t[name], g_ref[name], torch.float32)  # the torch path keeps fp32 the same way
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_deterministic_mode_is_bit_identical_and_matches_reference(dtype, monkeypatch):
+    # Under torch.use_deterministic_algorithms(True), dA and dB come from one program per column
+    # tile that sums all of M in a fixed order (no atomics) and every launch runs one pinned config.
+    # The interpreter runs programs one after another, so it cannot show the atomics' run-to-run
+    # differences on a GPU; this checks that the deterministic path is taken, writes every element
+    # (deterministic mode fills new tensors with NaN) and equals the reference, twice, bit for bit.
+    calls = []
+    monkeypatch.setattr(lora_op, "_wgrad", lambda *a, _f=lora_op._wgrad: calls.append(1) or _f(*a))
+    t, dY = _inputs((2, 19), 40, 33, 6, dtype, merged=True)
+    kw = dict(scaling=0.5, lam=0.3, dropout=0.2, seed=9)
+    torch.use_deterministic_algorithms(True)
+    try:
+        y1, g1 = _run(t, dY, "triton", **kw)
+        y2, g2 = _run(t, dY, "triton", **kw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(calls) == 4  # dA and dB, twice
+    y_ref, g_ref = _run(t, dY, None, **kw)
+    assert torch.equal(y1, y2)
+    for name in ("x", "A", "B"):
+        assert torch.equal(g1[name], g2[name]), name
+        assert_close(g1[name], g_ref[name], dtype)
+
+
+def test_pinned_configs_skip_the_autotuner(monkeypatch):
+    # MBF_PIN_CONFIGS=1: one config per kernel, no candidate timed (GPU correctness runs)
+    monkeypatch.setenv("MBF_PIN_CONFIGS", "1")
+    for tuner in (lora_kernel.down, lora_kernel.linear, lora_kernel.dy):
+        monkeypatch.setattr(tuner, "run", lambda *a, **k: pytest.fail("the autotuner ran"))
+    t, dY = _inputs((9,), 40, 17, 4, torch.float32, merged=True)
+    _check(t, dY, torch.float32, scaling=0.5, lam=0.6, dropout=0.3, seed=5)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,adapter_dtype", [(torch.bfloat16,) * 2, (torch.bfloat16, torch.float32), (torch.float32,) * 2]
+)
+def test_pruning_keeps_two_candidates_for_every_variant_and_token_count(x_dtype, adapter_dtype, monkeypatch):
+    # the GPU pruning (the interpreter's is one fixed config); M <= 16 used to keep a single config
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, ad = torch.empty(0, dtype=x_dtype), torch.empty(0, dtype=adapter_dtype)
+    launches = {
+        lora_kernel.down: [dict(x_ptr=x, a_ptr=ad, HAS_DROPOUT=p) for p in (False, True)],
+        lora_kernel.dy: [dict(dy_ptr=x, b_ptr=ad, ACC_DB=db) for db in (False, True)],
+        lora_kernel.linear: [
+            dict(a_ptr=x, u_ptr=ad, ACC_DA=da, HAS_DROPOUT=p) for da in (False, True) for p in (False, True)
+        ],
+    }
+    for tuner, variants in launches.items():
+        for args in variants:
+            for r_pad in (16, 32, 64, 128):
+                for m_bucket in (2**i for i in range(17)):
+                    kept = tuner.early_config_prune(tuner.configs, {}, **args, R_PAD=r_pad, m_bucket=m_bucket)
+                    assert len(kept) >= 2, (tuner.fn.__name__, args, r_pad, m_bucket)
+                    assert all(c.kwargs["BLOCK_M"] <= max(16, m_bucket) for c in kept)
+
+
+def test_int32_pointer_steps_are_guarded():
+    # in-kernel pointers advance by BLOCK x stride in int32: a stride of 2**23 + 1 would overflow
+    tall = torch.randint(0, 9, (2, 2**23 + 1), dtype=torch.uint8).T  # (2**23 + 1, 2), column stride 2**23 + 1
+    fixed = lora_op._int32_steps("x", tall)
+    assert fixed.is_contiguous() and torch.equal(fixed, tall)  # a transposed view gets copied
+    view = torch.randn(5, 3).T
+    assert lora_op._int32_steps("x", view) is view  # small strides: no copy
+    with pytest.raises(ValueError, match="x: rows of 8388609 elements exceed the kernels' int32 pointer"):
+        lora_op._int32_steps("x", torch.empty(1, 2**23 + 1, dtype=torch.uint8))
+
+
+def test_unsupported_rank_and_dtype_are_refused():
+    t, _ = _inputs((3,), 24, 17, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"rank 129 must be in \[1, 128\]"):
+        lora_op.lora_linear(t["x"], t["weight"], None, torch.randn(129, 24), torch.randn(17, 129), 1.0)
+    with pytest.raises(ValueError, match="the fused LoRA kernel takes"):
+        lora_op.lora_linear(t["x"].double(), t["weight"].double(), None, t["A"], t["B"], 1.0)

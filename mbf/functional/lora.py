@@ -20,7 +20,8 @@ from mbf.reference import apply_dropout
 
 __all__ = ["MAX_FUSED_RANK", "LoRALinearFunction", "lora_linear", "lora_linear_nf4"]
 
-# The fused kernel pads r into one tile; above this rank "auto" keeps the torch path on CUDA too.
+# The fused kernel pads r into one register tile (mbf.kernels.lora_op.MAX_RANK); above this rank the
+# torch path runs, with backend="triton" too (the kernel would spill its (BLOCK, R_PAD) tiles).
 MAX_FUSED_RANK = 128
 
 
@@ -90,7 +91,8 @@ def lora_linear(
         A: ``(r, in)``. B: ``(out, r)``. merged_B: ``(out, r)`` or None.
         scaling: ``alpha / r``. lam: λ, with ``B_eff = merged_B + λ (B − merged_B)``.
         dropout: probability on the adapter input. seed: dropout mask seed (random when None).
-        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"`` (over a dense W0,
+            ranks above ``MAX_FUSED_RANK`` still run the torch path).
         nf4_path: over an NF4 weight with Triton, ``"fused"`` (dequantise inside the GEMM tiles),
             ``"dequant"`` (one dequant pass + cuBLAS) or ``"auto"`` (``mbf.kernels.nf4.choose_path``).
         name: the layer's name, to start every error message with (``LoRALinear`` passes its own).
@@ -120,8 +122,8 @@ def lora_linear(
         elif nf4_path == "auto":
             nf4_path = kernel("nf4", "choose_path")(x.numel() // x.shape[-1])
         base = nf4_base(weight, nf4_path)
-    elif chosen == "triton" and (backend == "triton" or A.shape[0] <= MAX_FUSED_RANK):
-        A, B, merged_B = (None if t is None else t.to(x.dtype) for t in (A, B, merged_B))  # x's tiles
+    elif chosen == "triton" and A.shape[0] <= MAX_FUSED_RANK:
+        # the adapters go in as they are: fp32 adapters over a 16-bit base keep fp32 tiles and grads
         return kernel("lora_op", "lora_linear")(x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed)
     else:
         base = DenseBase(weight)

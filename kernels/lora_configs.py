@@ -1,0 +1,163 @@
+"""Autotune candidates of the fused LoRA kernels (``lora.py``): one table per kernel and element size.
+
+Every candidate is compiled for sm_90 and sm_80 by ``mbf.kernels.compile_check`` (the test suite
+runs it on CPU): each fits both targets' shared memory (232,448 / 166,912 bytes per block) and none
+spills more than a few bytes. fp32 operands need twice the shared memory per stage, so their tiles
+take half the BLOCK_K; 128-row tiles use 8 warps (with 4, a 128×128 fp32 accumulator spills ~42 KB).
+The tables are starting points, not measurements: ``bench/test_bench_lora.py`` is where a GPU
+checks them. Pruning keeps, for an M bucket ``m`` (next power of two of M), the tiles with
+``min(64, max(16, m/4)) <= BLOCK_M <= max(16, m)``: never taller than the input, never so short at
+large M that W is re-read hundreds of times, and at least three candidates in every bucket.
+
+Pinned configs: under ``torch.use_deterministic_algorithms(True)`` or ``MBF_PIN_CONFIGS=1`` the
+launcher runs the first candidate that survives pruning, without timing anything: results are the
+same bits in every process, and a correctness run compiles one config per kernel, not all of them.
+"""
+
+from __future__ import annotations
+
+import triton
+from mbf.kernels._common import configs_pinned, interpreting
+
+__all__ = ["CANDIDATES", "autotune", "launch", "m_range", "wgrad_config"]
+
+# One small config per kernel under TRITON_INTERPRET=1: the interpreter runs every program in
+# numpy, so autotuning there only costs time; these blocks are small enough that the tests' odd
+# shapes still span several tiles and exercise every edge mask.
+_INTERPRET_CONFIGS = {
+    "down": triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}),
+    "linear": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}),
+    "dy": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}),
+    "wgrad": triton.Config({"BLOCK_M": 16, "BLOCK_C": 16}),
+}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per element size of the GEMM operands, tallest first
+# (the first fit is the pinned config). 16-bit: the Triton matmul tutorial's Hopper tiles.
+_LINEAR = {
+    2: [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (64, 256, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 128, 64, 4, 4),
+        (16, 128, 128, 4, 4),
+        (16, 64, 128, 4, 4),
+    ],
+    4: [
+        (128, 128, 32, 8, 3),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (32, 128, 32, 4, 4),
+        (16, 128, 64, 4, 3),
+        (16, 64, 64, 4, 4),
+    ],
+}
+# down: (BLOCK_M, BLOCK_K, warps, stages), memory-bound over x: enough rows to stream K, enough programs
+_DOWN = {
+    2: [(128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (16, 128, 4, 4)],
+    4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 128, 4, 3), (16, 64, 4, 4)],
+}
+# dy: (BLOCK_M, BLOCK_N, warps, stages), memory-bound over dY: each program sweeps all of N
+_DY = {
+    2: [(128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4)],
+    4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 128, 4, 3), (16, 64, 4, 4)],
+}
+
+
+def _table(kernel: str, size: int) -> list[triton.Config]:
+    if kernel == "linear":
+        return [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in _LINEAR[size]
+        ]
+    name = "BLOCK_K" if kernel == "down" else "BLOCK_N"
+    rows = _DOWN[size] if kernel == "down" else _DY[size]
+    return [triton.Config({"BLOCK_M": bm, name: b}, num_warps=w, num_stages=s) for bm, b, w, s in rows]
+
+
+# the candidates of every kernel per element size of its main (streamed) operand
+CANDIDATES = {kernel: {size: _table(kernel, size) for size in (2, 4)} for kernel in ("down", "linear", "dy")}
+# the operands whose widest element picks the table: down and dy convert their streamed tile to the
+# adapter's dtype before the dot (fp32 adapters: fp32 tiles); linear's big dot is the base GEMM's
+_SIZED_BY = {"down": ("x_ptr", "a_ptr"), "linear": ("a_ptr",), "dy": ("dy_ptr", "b_ptr")}
+
+
+def m_range(m_bucket: int) -> tuple[int, int]:
+    """``(lowest, highest)`` BLOCK_M worth trying for an M bucket (see the module docstring)."""
+    hi = max(16, m_bucket)
+    return min(64, max(16, hi // 4)), hi
+
+
+def _per_thread(config: triton.Config, width: str) -> float:
+    """Elements of the config's (BLOCK_M, width) tile per thread: what its fp32 accumulator costs."""
+    return config.kwargs["BLOCK_M"] * config.kwargs[width] / (32 * config.num_warps)
+
+
+def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
+    """Whether ``config``'s tiles fit the registers of this launch's variant without spilling.
+
+    The budgets are what the compile check measured on sm_90 (ptxas): the plain GEMM takes the
+    tutorial's 128 elements per thread; the backward with the dA epilogue or dropout also holds the
+    x tile and the mask before its K loop, so 64, and 32 with a wide rank (R_PAD >= 64) or fp32
+    LoRA tiles beside a 16-bit x (three bf16 pieces per fp32 operand).
+    """
+    if kernel != "linear":
+        return True
+    if not (args["ACC_DA"] or args["HAS_DROPOUT"]):
+        return _per_thread(config, "BLOCK_N") <= 128
+    mixed = args["u_ptr"].dtype != args["a_ptr"].dtype
+    return _per_thread(config, "BLOCK_N") <= (64 if args["R_PAD"] <= (16 if mixed else 32) else 32)
+
+
+def _pruner(kernel: str):
+    """early_config_prune: the interpreter's one config, else the dtype's table cut to the variant's
+    register budget and to M's bucket (the two tallest that fit when the budget rules M's out)."""
+
+    def prune(configs, nargs, **kwargs):
+        if interpreting():
+            return [_INTERPRET_CONFIGS[kernel]]
+        args = {**nargs, **kwargs}
+        table = CANDIDATES[kernel][max(args[name].element_size() for name in _SIZED_BY[kernel])]
+        table = [c for c in table if _fits(kernel, c, args)]
+        lo, hi = m_range(args["m_bucket"])
+        kept = [c for c in table if lo <= c.kwargs["BLOCK_M"] <= hi]
+        return kept if len(kept) >= 2 else [c for c in table if c.kwargs["BLOCK_M"] <= hi][:2]
+
+    return prune
+
+
+def _tune_bench(fn, quantiles):
+    # a short timing per candidate: tuning runs once per key, and a few configs per kernel suffice
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def autotune(kernel: str, key: list[str], reset: list[str] | None = None):
+    """``triton.autotune`` over every candidate of ``kernel``; the pruner picks the dtype's table."""
+    every = [c for size in (2, 4) for c in CANDIDATES[kernel][size]]
+    return triton.autotune(
+        every,
+        key=key,
+        reset_to_zero=reset,
+        do_bench=_tune_bench,
+        prune_configs_by={"early_config_prune": _pruner(kernel)},
+    )
+
+
+def launch(tuner, grid, **kwargs) -> None:
+    """``tuner[grid](**kwargs)``, or its first pruned candidate alone when configs are pinned."""
+    if configs_pinned():
+        config = tuner.early_config_prune(tuner.configs, {}, **kwargs)[0]
+        tuner.fn[grid](**kwargs, **config.all_kwargs())
+    else:
+        tuner[grid](**kwargs)
+
+
+def wgrad_config(element_size: int) -> dict:
+    """The deterministic dA / dB kernel's one config (it only runs pinned): BLOCK_C 32 keeps K/32
+    programs busy (128 at K = 4096) while each streams all of M."""
+    if interpreting():
+        return dict(_INTERPRET_CONFIGS["wgrad"].all_kwargs())
+    return dict(BLOCK_M=128 if element_size == 2 else 64, BLOCK_C=32, num_warps=4, num_stages=3)
