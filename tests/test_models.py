@@ -91,7 +91,8 @@ def test_embedded_model_loads_from_the_cache(monkeypatch):
     assert models.default_model_dir() == folder
     model, tok = models.load_model()
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
-    assert model.dtype == models.auto_dtype("cpu") and tok.eos_token == "<|im_end|>" and tok.pad_token is not None
+    assert model.dtype == models.auto_dtype("cpu")
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         nxt = model(**ids).logits[0, -1].argmax().item()

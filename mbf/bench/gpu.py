@@ -39,7 +39,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-PIN_ENV = "MBF_PIN_CONFIGS"  # one config per kernel in the tests: correctness, not speed (kernels/lora_configs.py)
+PIN_ENV = "MBF_PIN_CONFIGS"  # one config per kernel in the tests (kernels/lora_configs.py): correctness
 TEST_FILES = ("test_kernel_lora.py", "test_kernel_nf4.py", "test_ortho.py", "test_merge.py", "test_qlora.py")
 ROOT = Path(__file__).resolve().parents[2]
 
