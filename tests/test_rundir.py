@@ -1,0 +1,55 @@
+"""Run directories: one writer at a time, a user's files never touched, only our checkpoints pruned."""
+
+import multiprocessing as mp
+import os
+
+import pytest
+
+from mbf.experiment import rundir
+
+
+def _hold_lock(path, ready, release):
+    with rundir.lock(path):
+        ready.set()
+        release.wait(10)
+
+
+def test_a_second_writer_is_refused_and_a_dead_one_leaves_no_stale_lock(tmp_path):
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(tmp_path, ready, release))
+    holder.start()
+    assert ready.wait(30)
+    with pytest.raises(rundir.RunLocked, match=rf"being written by another mbf process \(pid {holder.pid}\)"):
+        with rundir.lock(tmp_path):
+            pass
+    holder.kill()  # kill -9: the kernel drops its flock
+    holder.join()
+    with rundir.lock(tmp_path):  # a crashed holder leaves nothing stale behind
+        assert (tmp_path / rundir.LOCK_NAME).read_text().strip() == str(os.getpid())
+
+
+def test_out_must_be_new_empty_or_a_run(tmp_path):
+    rundir.check_out(tmp_path / "new", resume=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"is not empty and holds no mbf run \(notes\.txt\)"):
+        rundir.check_out(tmp_path / "mine", resume=False)
+    with pytest.raises(FileExistsError, match="is not empty and holds no mbf run"):
+        rundir.check_out(tmp_path / "mine", resume=True)  # --resume does not make it a run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
+        rundir.check_out(tmp_path / "run", resume=False)
+    rundir.check_out(tmp_path / "run", resume=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        rundir.check_out(tmp_path / "file", resume=False)
+
+
+def test_only_this_runs_checkpoints_are_pruned(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for name in ("task-01", "task-02", "task-03", "task-final", "task-2b", "mine"):
+        (ckpts / name).mkdir(parents=True)
+    rundir.prune_checkpoints(tmp_path, keep="task-03")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["mine", "task-03", "task-2b", "task-final"]
