@@ -47,7 +47,7 @@ class ContinualLoRA:
     Args:
         model: a model with LoRA layers (see ``mbf.inject``).
         config: the method (default ``ContinualConfig()``: SLAO). Keyword options (``schedule``,
-            ``init``, ``constant``, ``orthogonal_updates``) override its fields.
+            ``init``, ``constant``, ``orthogonal_updates``, ``train``, ``merge``) override its fields.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the QR and the merge.
         distributed: under DDP / FSDP2, every rank runs each task boundary, save and load, and a rank
             that does not is an error on all ranks (default: when torch.distributed is initialised
