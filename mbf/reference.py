@@ -25,6 +25,7 @@ __all__ = [
     "orthonormal_rows",
     "philox_randint",
     "philox_randint4x",
+    "torch_keep_mask",
     "project_out",
     "time_aware_merge",
 ]
@@ -96,11 +97,24 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) 
     return words >= dropout_threshold(p)
 
 
-def apply_dropout(x2: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
-    """LoRA dropout of a 2-D ``[M, K]`` tensor: ``x2 · keep / (1 − p)`` with ``dropout_keep_mask``."""
+def torch_keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) -> torch.Tensor:
+    """Keep-mask of the torch paths' LoRA dropout: ``torch.rand`` from a generator seeded with ``seed``,
+    kept where ``>= p``. One vectorised draw (the Philox twin above costs ~15x more on a CPU); the
+    Triton kernels use ``dropout_keep_mask`` instead, so the two families of paths draw different
+    (equally distributed) masks for one seed."""
+    generator = torch.Generator(device=device or "cpu").manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+RNGS = ("philox", "torch")  # the Triton kernels' mask, the torch paths' mask
+
+
+def apply_dropout(x2: torch.Tensor, p: float, seed: int | None, rng: str = "philox") -> torch.Tensor:
+    """LoRA dropout of a 2-D ``[M, K]`` tensor: ``x2 · keep / (1 − p)``, the mask of ``rng``."""
     if p == 0.0:
         return x2
-    keep = dropout_keep_mask(tuple(x2.shape), p, seed, device=x2.device)
+    mask = dropout_keep_mask if rng == "philox" else torch_keep_mask
+    keep = mask(tuple(x2.shape), p, seed, device=x2.device)
     return x2 * keep.to(x2.dtype) / (1.0 - p)
 
 
@@ -120,6 +134,7 @@ def lora_linear(
     lam: float = 1.0,
     dropout: float = 0.0,
     seed: int | None = None,
+    rng: str = "philox",
 ) -> torch.Tensor:
     """``x W0ᵀ + b + scaling · (drop(x) Aᵀ) B_effᵀ`` with ``B_eff = merged_B + lam (B − merged_B)``.
 
@@ -130,7 +145,8 @@ def lora_linear(
         A: ``(r, in)``; B: ``(out, r)``; merged_B: ``(out, r)`` or None (then ``B_eff = B``).
         scaling: ``alpha / r``. lam: the time-aware merge coefficient λ.
         dropout: LoRA dropout probability on the adapter branch's input. seed: its mask's seed
-            (drawn from torch's generator when None).
+            (drawn from torch's generator when None). rng: the mask family, ``"philox"`` (the Triton
+            kernels') or ``"torch"`` (the torch paths').
 
     Returns:
         ``(..., out)`` in x's dtype.
@@ -140,7 +156,7 @@ def lora_linear(
     if dropout > 0.0:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        xa = apply_dropout(x.reshape(-1, x.shape[-1]), dropout, seed).reshape(x.shape)
+        xa = apply_dropout(x.reshape(-1, x.shape[-1]), dropout, seed, rng).reshape(x.shape)
     lora = (xa.to(A.dtype) @ A.T) @ B_eff.to(A.dtype).T  # the adapter's dtype (fp32 adapters: fp32 branch)
     return torch.nn.functional.linear(x, weight, bias) + scaling * lora.to(x.dtype)
 
