@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.add_argument("--seed", type=int, default=0, help="seed of data order and adapter init")
-    d.add_argument("--n-test", type=_positive_int, default=30, help="test examples per task")
-    d.add_argument("--max-steps", type=_positive_int, default=12, help="optimizer steps per task")
+    d.add_argument("--n-test", type=_positive_int, default=20, help="test examples per task")
+    d.add_argument("--max-steps", type=_positive_int, default=8, help="optimizer steps per task")
     d.add_argument(
         "--suite", choices=("auto", "real", "domains"), default="auto", help="auto: real if installed"
     )
