@@ -225,3 +225,21 @@ def test_paper_preset_and_flags_on_top():
     assert resolve({}, "quick")[1] == PRESETS["quick"]
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         resolve({}, "fast")
+
+
+def test_pieces_encode_as_the_whole_prompt_in_smollm2():
+    """Encoding head, input and cue apart gives the whole prompt's tokens (each piece starts at a word
+    boundary): the conflict suite's committed runs see the same ids as before the cut moved."""
+    from mbf.experiment.models import cache_dir
+
+    folder = cache_dir() / "SmolLM2-135M-Instruct-from-gguf"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("the converted SmolLM2 is not cached yet (run `mbf demo` once)")
+    from transformers import AutoTokenizer
+
+    codec = Codec.from_tokenizer(AutoTokenizer.from_pretrained(folder))
+    for suite, data_dir in (("conflict", None), ("domains", None), ("real", PACKAGES)):
+        tasks, _ = load_suite(suite, n_train=2, n_test=10, data_dir=data_dir)
+        for t in tasks:
+            for ex in t.test:
+                assert encode_example(codec, t, ex, 4096)[0] == codec.encode(t.prompt(ex)), (t.name, ex)
