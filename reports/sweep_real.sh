@@ -37,6 +37,6 @@ if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else default_jobs; fi | xargs
   echo "$(date -u +%T) done  $name rc=$rc $(tail -2 '"$OUT"'/logs/$name.log | head -1)"
 '
 # one comparison per order (compare refuses to average different task sequences of different suites)
-"$MBF" compare $(ls -d "$OUT"/run/*/ | grep -v /long1-) --out "$OUT/std1" > "$OUT/logs/compare-std1.log" 2>&1
-"$MBF" compare "$OUT"/run/long1-*/ --out "$OUT/long1" > "$OUT/logs/compare-long1.log" 2>&1
+$MBF compare $(ls -d "$OUT"/run/*/ | grep -v /long1-) --out "$OUT/std1" > "$OUT/logs/compare-std1.log" 2>&1
+$MBF compare "$OUT"/run/long1-*/ --out "$OUT/long1" > "$OUT/logs/compare-long1.log" 2>&1
 echo "$(date -u +%T) sweep finished: $OUT"
