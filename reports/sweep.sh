@@ -20,7 +20,7 @@ printf '%s\n' "${jobs[@]}" | xargs -P 2 -L 1 bash -c '
   if [ -f $run/results.json ] && grep -q "\"complete\": true" $run/results.json; then exit 0; fi
   resume=""; [ -f $run/results.json ] && resume=--resume
   echo "$(date -u +%T) start $method seed $seed"
-  '"$MBF"' continual --suite builtin --method $method --seed $seed --out $run --threads 1 \
+  '"$MBF"' continual --suite conflict --method $method --seed $seed --out $run --threads 1 \
       --max-steps 20 --n-test 100 '"${EXTRA:-}"' $resume > '"$OUT"'/logs/$method-s$seed.log 2>&1
   rc=$?
   echo "$(date -u +%T) done  $method seed $seed rc=$rc $(tail -2 '"$OUT"'/logs/$method-s$seed.log | head -1)"

@@ -16,7 +16,7 @@ done | xargs -P 2 -L 1 bash -c '
   if [ -f $run/results.json ] && grep -q "\"complete\": true" $run/results.json; then exit 0; fi
   resume=""; [ -f $run/results.json ] && resume=--resume
   echo "$(date -u +%T) start $name seed $seed"
-  '"$MBF"' continual --suite builtin "$@" --seed $seed --out $run --threads 1 \
+  '"$MBF"' continual --suite conflict "$@" --seed $seed --out $run --threads 1 \
       --max-steps 20 --n-test 100 $resume > '"$OUT"'/logs/$name-s$seed.log 2>&1
   rc=$?
   echo "$(date -u +%T) done  $name seed $seed rc=$rc $(tail -2 '"$OUT"'/logs/$name-s$seed.log | head -1)"

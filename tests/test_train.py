@@ -16,10 +16,11 @@ import mbf
 from mbf.experiment import results as results_file
 from mbf.experiment.batches import encode_example
 from mbf.experiment.evaluate import evaluate, greedy_decode
-from mbf.experiment.methods import METHODS, method_config, method_label
+from mbf.experiment.methods import METHODS, PAPER_ABLATIONS, method_config, method_label
 from mbf.experiment.report import compare_runs
 from mbf.experiment.run import run_continual
-from mbf.experiment.tasks import Example, Task, builtin_suite
+from mbf.experiment.suites.conflict import conflict_suite as builtin_suite
+from mbf.experiment.tasks import Example, Task
 from mbf.experiment.train import TrainOptions, answer_loss, train_steps
 
 LORA = mbf.LoRAConfig(r=4, alpha=8)
@@ -203,9 +204,13 @@ def test_continual_run_writes_a_complete_report(slao_run):
     assert saved == json.loads(json.dumps(returned))
     assert saved["complete"] and saved["stages"] == ["color", "first", "animal"]
     assert saved["options"] == method_config("slao").to_dict() and saved["lora"] == LORA.to_dict()
-    assert [len(r) for r in saved["accuracy"]] == [1, 2, 3]
+    assert [len(r) for r in saved["accuracy"]] == [2, 3, 3]  # the seen tasks and the next one (FWT)
     assert all(0 <= a <= 1 for r in saved["accuracy"] for a in r)
     assert saved["metrics"]["AA"] == pytest.approx(sum(saved["accuracy"][-1]) / 3, abs=1e-4)
+    z, acc = saved["zero_shot"], saved["accuracy"]
+    assert len(z) == 3 and all(0 <= x <= 1 for x in z)
+    fwt = ((acc[0][1] - z[1]) + (acc[1][2] - z[2])) / 2
+    assert saved["metrics"]["FWT"] == pytest.approx(fwt, abs=1e-4)
     # SLAO state is two adapters per layer, the same after every task
     assert len({p["adapter_bytes"] for p in saved["per_task"]}) == 1
     assert all(p["train_s"] > 0 and p["peak_rss_mb"] > 0 for p in saved["per_task"])
@@ -271,86 +276,52 @@ def test_seq_lora_and_multitask_runs(tmp_path):
     assert "| seq-lora |" in text and "| multi-task |" in text and png.stat().st_size > 1000
 
 
-# -- results files and comparisons (synthetic runs) ------------------------------------------------
+def test_gradient_accumulation_equals_one_big_batch():
+    """Two micro-batches of 2 accumulated = one batch of 4 (answers of one length: same token mean)."""
+    task = Task("t", "Say", [Example(w, w[:2]) for w in ("abc", "abd", "acd", "bcd")], [])
+    examples = [(task, ex) for ex in task.train]
+    weights = []
+    for batch, accum in ((4, 1), (2, 2)):
+        model = tiny_llama()
+        mbf.inject(model, LORA)
+        cl = mbf.ContinualLoRA(model)
+        cl.begin_task()
+        torch.nn.init.normal_(next(iter(cl.layers.values())).lora_B)  # a non-zero B: A gets a gradient
+        opts = TrainOptions(lr=1e-2, max_steps=1, batch_size=batch, grad_accum=accum, warmup_steps=1)
+        stats = train_steps(model, cl.trainable_parameters(), char_codec(), examples, opts, seed=0)
+        assert stats["steps"] == 1
+        weights.append([p.detach().clone() for p in cl.trainable_parameters()])
+    for big, accumulated in zip(*weights):
+        torch.testing.assert_close(accumulated, big, rtol=1e-4, atol=1e-6)
+    assert TrainOptions(batch_size=1, grad_accum=8).steps_for(20) == 3
+    with pytest.raises(ValueError, match="grad_accum=0"):
+        TrainOptions(grad_accum=0)
 
 
-def _synthetic(
-    path, *, seed=1, lr=5e-3, rows=((0.9,), (0.5, 0.8), (0.5, 0.6, 0.7)), method="slao", done=True
-):
-    """A results.json as a run of ``method`` that measured ``rows`` would write (nothing trained)."""
-    tasks = ["color", "first", "animal"][: len(rows)]
+@pytest.mark.parametrize("method", PAPER_ABLATIONS)
+def test_the_papers_ablations_run_and_merge_what_they_say(tmp_path, method):
+    res = _run(tmp_path / method, method=method, tasks=small_suite(2, n_train=8, n_test=4))
     config = method_config(method)
-    results = results_file.new(
-        {
-            "method": method,
-            "options": config.to_dict() if config else None,
-            "seed": seed,
-            "tasks": tasks,
-            "lora": LORA.to_dict(),
-            "train": {"lr": lr, "max_steps": 4, "seed": seed},
-            **META,
-        }
+    assert (
+        res["complete"]
+        and res["options"]["train"] == config.train
+        and res["options"]["merge"] == config.merge
     )
-    for task, row in zip(tasks, rows):
-        stats = {"steps": 4, "first_loss": 3.0, "final_loss": 1.0}
-        results_file.add_stage(
-            results,
-            task=task,
-            accuracy=list(row),
-            stats=stats,
-            train_s=2.0,
-            eval_s=1.0,
-            adapter_bytes=4096,
-            peak_rss_mb=100.0,
-            checkpoint="checkpoints/x",
-        )
-    if done:
-        results_file.finish(results)
-    results_file.write(path, results)
-    return path
+    assert config.init == "none" and config.schedule == "sqrt"  # the plain carried-over init, SLAO's λ
 
 
-def test_results_bookkeeping(tmp_path):
-    run = _synthetic(tmp_path / "a")
-    saved = results_file.read(run)
-    assert saved["schema"] == results_file.SCHEMA and saved["complete"]
-    assert saved["metrics"] == {"AA": 0.6, "BWT": pytest.approx(-0.3), "wall_s": 9.0}
-    assert {"python", "torch", "mbf"} <= set(saved["versions"])
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "results.json").write_text(json.dumps({"schema": "other/2"}))
-    with pytest.raises(ValueError, match="schema 'other/2' is not 'mbf-continual-results/1'"):
-        results_file.read(tmp_path / "b")
+def test_orthogonal_updates_run_projects_every_step(tmp_path):
+    """Strict mode through the run: task 2's A moved only orthogonally to task 1's row space."""
+    from mbf.continual import ContinualLoRA
 
-
-def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
-    a = _synthetic(tmp_path / "a", seed=1)
-    b = _synthetic(tmp_path / "b", seed=2, rows=((0.9,), (0.7, 0.8), (0.7, 0.8, 0.9)))
-    md, png = compare_runs([a, b], tmp_path / "cmp")
-    text = md.read_text()
-    # AA 0.6 and 0.8: 70.0 ± 14.1; BWT -0.3 and -0.1: -20.0 ± 14.1; LA 0.8 and 0.867: 83.3 ± 4.7
-    assert "| slao | 1, 2 | 70.0 ± 14.1 | -20.0 ± 14.1 | 83.3 ± 4.7 | 60 / 70 / 80 | 9 | 4 | 100 |" in text
-    assert png.stat().st_size > 1000
-    # a run with other settings is labelled apart, never averaged in as another seed
-    lr = _synthetic(tmp_path / "lr", lr=1e-3)
-    text = compare_runs([a, b, lr], tmp_path / "cmp3")[0].read_text()
-    assert "| slao [lr=0.005] | 1, 2 |" in text and "| slao [lr=0.001] | 1 | 60.0 |" in text
-    # incomplete runs are left out; none complete is an error
-    cut = _synthetic(tmp_path / "cut", seed=3, done=False)
-    assert "| slao | 1, 2 |" in compare_runs([a, b, cut], tmp_path / "cmp4")[0].read_text()
-    with pytest.raises(ValueError, match="no complete run"):
-        compare_runs([cut], tmp_path / "cmp5")
-    c = _synthetic(tmp_path / "c", rows=((0.9,), (0.5, 0.8)))
-    with pytest.raises(ValueError, match="different task sequences"):
-        compare_runs([a, c], tmp_path / "cmp2")
-
-
-def test_compare_orders_seq_lora_first_and_labels_overrides(tmp_path):
-    slao = _synthetic(tmp_path / "slao")
-    seq = _synthetic(tmp_path / "seq", method="seq-lora")
-    inv = _synthetic(tmp_path / "inv")
-    saved = results_file.read(inv)
-    saved["options"]["schedule"] = "inverse"
-    results_file.write(inv, saved)
-    text = compare_runs([slao, inv, seq], tmp_path / "cmp")[0].read_text()
-    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| s")]
-    assert rows == ["| seq-lora", "| slao", "| slao (orthogonal, inverse)"]
+    tasks = small_suite(2, n_train=8, n_test=4)
+    _run(tmp_path / "o", tasks=tasks[:1], orthogonal_updates=True)
+    one = ContinualLoRA.load(tiny_llama(), tmp_path / "o" / "checkpoints" / "task-01")
+    res = _run(tmp_path / "o2", tasks=tasks, orthogonal_updates=True)
+    assert res["options"]["orthogonal_updates"] is True
+    two = ContinualLoRA.load(tiny_llama(), tmp_path / "o2" / "checkpoints" / "task-02")
+    for (name, l1), l2 in zip(one.layers.items(), two.layers.values()):
+        q = torch.linalg.qr(l1.lora_A.detach().T).Q.T  # (r, in): task 1's row space
+        # task 2 began at A0 = D q (D: signs) and moved by ΔA with ΔA qᵀ = 0, so A qᵀ = D
+        torch.testing.assert_close((l2.lora_A.detach() @ q.T).abs(), torch.eye(q.shape[0]), atol=1e-5, rtol=0)
+        assert not torch.allclose(l2.lora_A.detach(), l1.lora_A.detach()), name  # it did train

@@ -1,10 +1,10 @@
 """The ``mbf`` command: parses arguments and calls ``mbf.experiment`` / ``mbf.bench``.
 
-mbf continual --suite builtin --method slao --out runs/slao       # one continual run
+mbf continual --suite real --method slao --out runs/slao          # one continual run (real text)
 mbf continual --suite olora --data-dir CL_Benchmark --order O1 --method slao --out runs/o1
 mbf compare runs/slao runs/seq --out runs/compare                  # methods side by side
 mbf eval --run runs/slao                                           # re-evaluate a saved adapter
-mbf demo                                                           # SLAO vs seq-lora, ~5-10 min on CPU
+mbf demo                                                           # SLAO, seq-lora, multi-task on real text
 mbf bench                                                          # training-step and task-boundary benchmark
 """
 

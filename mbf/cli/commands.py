@@ -17,14 +17,14 @@ __all__ = ["COMMANDS"]
 
 def _tasks(args) -> tuple[list, dict]:
     """``load_suite`` of the suite arguments, after the checks of their combinations."""
-    from mbf.experiment.tasks import load_suite
+    from mbf.experiment.suites import load_suite
 
-    if args.suite == "builtin" and args.data_dir:
-        raise SystemExit("mbf: error: --data-dir needs --suite olora")
     if args.suite == "olora" and not args.data_dir:
         raise SystemExit(
             "mbf: error: --suite olora needs --data-dir (the CL_Benchmark folder of O-LoRA or SAPT)"
         )
+    if args.data_dir and args.suite not in ("olora", "real"):
+        raise SystemExit(f"mbf: error: --data-dir needs --suite olora or real, not {args.suite}")
     return load_suite(
         args.suite,
         n_train=args.n_train,
@@ -65,15 +65,35 @@ def _load(args, qlora: object = None):
     return model, Codec.from_tokenizer(tok)
 
 
-def _lora(args):
-    """The ``LoRAConfig`` of ``--r --alpha --target-modules --load-in-4bit``."""
+def _lora(args, values: dict | None = None):
+    """The ``LoRAConfig`` of ``--r --alpha --lora-dropout --target-modules --load-in-4bit`` (``values``:
+    the resolved preset, else the quick preset under the flags)."""
     from mbf.config import LoRAConfig
 
-    targets = args.target_modules
+    if values is None:
+        values = _train_values(args)[1]
+    targets = values["target_modules"]
     targets = targets if targets == "all-linear" else tuple(targets.split(","))
     return LoRAConfig(
-        r=args.r, alpha=args.alpha, target_modules=targets, quantize="nf4" if args.load_in_4bit else None
+        r=values["r"],
+        alpha=values["alpha"],
+        dropout=values["lora_dropout"],
+        target_modules=targets,
+        quantize="nf4" if args.load_in_4bit else None,
     )
+
+
+_PRESET_KEYS = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_steps", "weight_decay",
+                "max_length", "r", "alpha", "lora_dropout", "target_modules")  # fmt: skip
+
+
+def _train_values(args, tasks: list | None = None) -> tuple[str, dict]:
+    """``(preset applied, values)``: ``--preset``'s training values under the flags given."""
+    from mbf.experiment.presets import resolve
+
+    generation = bool(tasks) and all(t.metric == "rougeL" for t in tasks)
+    given = {k: getattr(args, k, None) for k in _PRESET_KEYS}
+    return resolve(given, getattr(args, "preset", "quick"), generation)
 
 
 def _qlora(lora):
@@ -92,23 +112,30 @@ def _refuse_existing(run_dir: Path, resume: bool) -> None:
 
 
 def cmd_continual(args) -> int:
-    """``mbf continual``: one method on one suite; prints AA/BWT and where the report is."""
+    """``mbf continual``: one method on one suite; prints AA/BWT/FWT and where the report is."""
     from mbf.experiment.methods import method_config
+    from mbf.experiment.models import cache_dir
     from mbf.experiment.run import run_continual
     from mbf.experiment.train import TrainOptions
 
-    method_config(args.method, args.init, args.schedule, args.constant)  # fail before loading anything
-    lora, out = _lora(args), Path(args.out)
+    # fail before loading anything
+    method_config(args.method, args.init, args.schedule, args.constant, args.orthogonal_updates)
+    out = Path(args.out)
     _refuse_existing(out, args.resume)
     tasks, meta = _tasks(args)
+    preset, values = _train_values(args, tasks)
+    lora = _lora(args, values)
     model, codec = _load(args, _qlora(lora))
     opts = TrainOptions(
-        lr=args.lr,
-        epochs=args.epochs,
-        max_steps=args.max_steps or None,
-        batch_size=args.batch_size,
+        lr=values["lr"],
+        epochs=values["epochs"],
+        max_steps=values["max_steps"] or None,
+        batch_size=values["batch_size"],
+        grad_accum=values["grad_accum"],
         eval_batch_size=args.eval_batch_size,
-        max_length=args.max_length,
+        max_length=values["max_length"],
+        weight_decay=values["weight_decay"],
+        warmup_steps=values["warmup_steps"],
         seed=args.seed,
     )
     results = run_continual(
@@ -122,12 +149,15 @@ def cmd_continual(args) -> int:
         init=args.init,
         schedule=args.schedule,
         constant=args.constant,
+        orthogonal_updates=args.orthogonal_updates,
         resume=args.resume,
-        meta={**meta, "model": args.model or DEFAULT_MODEL},
+        meta={**meta, "model": args.model or DEFAULT_MODEL, "preset": preset},
+        zero_shot_cache=cache_dir() / "zero-shot",
     )
     m = results["metrics"]
-    bwt = "–" if m["BWT"] is None else f"{100 * m['BWT']:.1f}"
-    print(f"{args.method}: AA {100 * m['AA']:.1f}%  BWT {bwt} points  ({m['wall_s']:.0f} s)")
+    fmt = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    scores = f"AA {fmt(m['AA'])}%  BWT {fmt(m['BWT'])}  FWT {fmt(m.get('FWT'))} points"
+    print(f"{args.method}: {scores}  ({m['wall_s']:.0f} s)")
     print(f"report: {out / 'results.md'}  {out / 'accuracy.png'}  {out / 'results.json'}")
     return 0
 
@@ -159,6 +189,7 @@ def cmd_eval(args) -> int:
         for key in ("suite", "suite_seed", "n_train", "n_test", "data_dir", "order"):  # the run's own tasks
             if key in saved:
                 setattr(args, key, saved[key])
+        args.max_length = saved["train"]["max_length"]  # the prompts the run was scored on
         if not args.model and saved.get("model") != DEFAULT_MODEL:
             args.model = saved.get("model")
         targets = saved["lora"]["target_modules"]
@@ -174,33 +205,73 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# The demo's size: three methods on four tasks in under 5 minutes on 2 shared CPU cores (measured in
+# the README). Fewer steps than `--preset quick`, shorter prompts (only the input is cut), smaller test sets.
+DEMO = {
+    "n_train": 200,
+    "lr": 1e-3,
+    "batch_size": 8,
+    "max_length": 128,
+    "methods": ("slao", "seq-lora", "multi-task"),
+}
+
+
+def _demo_suite(args) -> tuple[list, dict]:
+    """The real standard order, or the generated domains suite when a data package is missing (said)."""
+    from mbf.experiment.suites import MissingData, load_suite
+
+    sizes = {"n_train": DEMO["n_train"], "n_test": args.n_test, "suite_seed": args.seed}
+    if args.suite in ("auto", "real"):
+        try:
+            return load_suite("real", **sizes)
+        except MissingData as e:
+            if args.suite == "real":
+                raise
+            print(f"demo: the real suite's data is not installed ({e}); running the generated domains suite",
+                  file=sys.stderr)  # fmt: skip
+    return load_suite("domains", **sizes)
+
+
 def cmd_demo(args) -> int:
-    """SLAO and seq-lora on the built-in suite, a fresh base model each, then the comparison."""
+    """SLAO, seq-lora and the multi-task bound on the real standard order (a fresh base model each),
+    then the comparison."""
     from mbf.config import LoRAConfig
+    from mbf.experiment.models import cache_dir
     from mbf.experiment.report import compare_runs
     from mbf.experiment.run import run_continual
-    from mbf.experiment.tasks import load_suite
     from mbf.experiment.train import TrainOptions
 
     out, t_start = Path(args.out), time.time()
-    tasks, meta = load_suite("builtin", n_train=300, n_test=args.n_test)
-    lora = LoRAConfig(quantize="nf4" if args.load_in_4bit else None)  # the default adapter
-    opts = TrainOptions(lr=1e-3, max_steps=args.max_steps, batch_size=8, seed=args.seed)
-    runs = [out / "slao", out / "seq-lora"]
+    tasks, meta = _demo_suite(args)
+    lora = LoRAConfig(quantize="nf4" if args.load_in_4bit else None)  # the default adapter: r 8 on q, v
+    opts = TrainOptions(
+        lr=DEMO["lr"], max_steps=args.max_steps, batch_size=DEMO["batch_size"], max_length=DEMO["max_length"],
+        seed=args.seed,
+    )  # fmt: skip
+    runs = [out / m for m in DEMO["methods"]]
     for run_dir in runs:
         _refuse_existing(run_dir, args.resume)
         model, codec = _load(args, _qlora(lora))  # inject() modifies the model in place: one per method
         print(
-            f"== {run_dir.name}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}) -> {run_dir}",
+            f"== {run_dir.name}: {meta['suite']} suite, {len(tasks)} tasks "
+            f"({', '.join(t.name for t in tasks)}) -> {run_dir}",
             file=sys.stderr,
         )
         meta["model"] = args.model or DEFAULT_MODEL
         common = {"lora": lora, "opts": opts, "resume": args.resume, "meta": meta}
-        run_continual(model, codec, tasks, run_dir, method=run_dir.name, **common)
+        run_continual(
+            model,
+            codec,
+            tasks,
+            run_dir,
+            method=run_dir.name,
+            zero_shot_cache=cache_dir() / "zero-shot",
+            **common,
+        )
         del model
     md, png = compare_runs(runs, out / "compare")
     print(md.read_text())
-    print(f"demo finished in {time.time() - t_start:.0f} s")
+    print(f"demo finished in {time.time() - t_start:.0f} s ({meta['suite']} suite)")
     print(f"report: {md}  {png}")
     for r in runs:
         print(f"        {r / 'results.md'}  {r / 'accuracy.png'}")

@@ -9,6 +9,24 @@ __all__ = ["DEFAULT_MODEL", "build_parser"]
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # results.json's "model" for the embedded default
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default; options whose default comes from --preset say so in their help
+    (their argparse default is None, which would print as "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _preset_default(key: str) -> str:
+    """``"default: quick X, paper Y"`` for a training option that --preset sets."""
+    from mbf.experiment.presets import PRESETS
+
+    quick, paper = PRESETS["quick"][key], PRESETS["paper"][key]
+    return f"default: {quick} (--preset quick), {paper} (--preset paper)"
+
+
 def _checked(convert, ok, message: str):
     """An argparse ``type``: ``convert(s)``, rejected with ``"<s> <message>"`` unless ``ok``."""
 
@@ -47,38 +65,114 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_suite_args(p: argparse.ArgumentParser) -> None:
+    from mbf.experiment.suites import ORDERS, SUITES
+
     p.add_argument(
         "--suite",
-        choices=("builtin", "olora"),
-        default="builtin",
-        help="builtin: 5 generated tasks; olora: the O-LoRA/SAPT benchmark from --data-dir",
+        choices=SUITES,
+        default="real",
+        help="real: human-written text from installed data packages (--order std1..std3, long1..long3); "
+        "domains: 5 generated tasks with distinct domains and answers (offline, fast); conflict "
+        "(alias builtin): 5 generated tasks on identical inputs, a stress test; olora: the "
+        "O-LoRA/SAPT benchmark folders under --data-dir",
     )
     p.add_argument(
-        "--data-dir", default=None, help="root of the O-LoRA/SAPT CL_Benchmark folders (--suite olora)"
+        "--data-dir",
+        default=None,
+        help="olora: root of the CL_Benchmark folders; real: a folder holding the data packages' folders "
+        "instead of the installed packages (default: none)",
     )
     p.add_argument(
-        "--order", default="O1", help="task order O1..O6, or comma-separated task names (--suite olora)"
+        "--order",
+        default=None,
+        help=f"task order (default: std1 for real, O1 for olora): real {', '.join(ORDERS['real'])}; olora "
+        f"{', '.join(ORDERS['olora'])}; or comma-separated task names",
     )
-    p.add_argument("--suite-seed", type=int, default=0, help="seed of the generated built-in tasks")
+    p.add_argument(
+        "--suite-seed",
+        type=int,
+        default=0,
+        help="seed of the generated suites and of the real suite's sampling",
+    )
     p.add_argument("--n-train", type=_positive_int, default=300, help="training examples per task (at most)")
     p.add_argument("--n-test", type=_positive_int, default=100, help="test examples per task (at most)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=0, help="seed of data order and adapter init")
-    g.add_argument("--lr", type=_positive_float, default=1e-3)
-    g.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over each task's training set")
+    g = p.add_argument_group("training (defaults from --preset; a flag given here wins)")
     g.add_argument(
-        "--max-steps", type=_non_negative_int, default=20, help="cap on optimizer steps per task (0: no cap)"
+        "--preset",
+        choices=("quick", "paper"),
+        default="quick",
+        help="quick: 20 steps of batch 8 at lr 1e-3 per task (CPU-sized, this package's default); paper: the "
+        "paper's r 8 on q/v, lr 1e-4, 1 epoch, batch 1 x 8 accumulation (all-generation suites: lr 5e-5, "
+        "batch 2 x 4, 5 epochs)",
     )
-    g.add_argument("--batch-size", type=_positive_int, default=8)
-    g.add_argument("--eval-batch-size", type=_positive_int, default=50)
-    g.add_argument("--max-length", type=_positive_int, default=256, help="prompt tokens kept per example")
-    g.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
-    g.add_argument("--alpha", type=_positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order and adapter init")
     g.add_argument(
-        "--target-modules", default="q_proj,v_proj", help="comma-separated linear names, or all-linear"
+        "--lr", type=_positive_float, default=None, help=f"AdamW learning rate ({_preset_default('lr')})"
+    )
+    g.add_argument(
+        "--epochs",
+        type=_positive_float,
+        default=None,
+        help=f"passes over each task's training set "
+        f"({_preset_default('epochs')}; paper on generation suites: 5)",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=_non_negative_int,
+        default=None,
+        help=f"cap on optimizer steps per task, 0 for none ({_preset_default('max_steps')})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help=f"examples per forward/backward ({_preset_default('batch_size')})",
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=None,
+        help=f"micro-batches per optimizer step ({_preset_default('grad_accum')})",
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=_non_negative_int,
+        default=None,
+        help=f"linear warm-up steps, then a constant lr ({_preset_default('warmup_steps')})",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=f"AdamW weight decay ({_preset_default('weight_decay')})",
+    )
+    g.add_argument("--eval-batch-size", type=_positive_int, default=50, help="prompts decoded at once")
+    g.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=None,
+        help=f"prompt tokens kept per example; only the input is cut ({_preset_default('max_length')})",
+    )
+    g.add_argument("--r", type=_positive_int, default=None, help=f"LoRA rank ({_preset_default('r')})")
+    g.add_argument(
+        "--alpha",
+        type=_positive_float,
+        default=None,
+        help=f"LoRA alpha, scaling = alpha / r ({_preset_default('alpha')})",
+    )
+    g.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=None,
+        help=f"dropout on the LoRA branch's input in training ({_preset_default('lora_dropout')})",
+    )
+    g.add_argument(
+        "--target-modules",
+        default=None,
+        help=f"comma-separated linear names, or all-linear ({_preset_default('target_modules')})",
     )
 
 
@@ -89,48 +183,93 @@ def build_parser() -> argparse.ArgumentParser:
         MissingDependency: when the ``app`` extra is not installed.
     """
     from mbf.config import INITS
-    from mbf.experiment.methods import METHODS
+    from mbf.experiment.methods import EXTENSIONS, METHODS, PAPER_ABLATIONS
     from mbf.reference import SCHEDULES
 
     parser = argparse.ArgumentParser(
-        prog="mbf", description="Continual LoRA fine-tuning with one adapter (SLAO)."
+        prog="mbf",
+        description="Continual LoRA fine-tuning with one adapter (SLAO).",
+        formatter_class=_Formatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("continual", help="train a task sequence with one method; writes OUT/results.json")
-    c.add_argument("--method", choices=list(METHODS), default="slao")
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_Formatter, **kw)
+
+    c = add("continual", help="train a task sequence with one method; writes OUT/results.json")
+    c.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="slao",
+        help=f"slao (the paper's method), seq-lora (the baseline), multi-task (the upper bound); the paper's "
+        f"ablations {', '.join(PAPER_ABLATIONS)} and slao-random; this package's extensions, not the "
+        f"paper's: {', '.join(EXTENSIONS)}",
+    )
     c.add_argument("--out", required=True, help="run directory")
     c.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last finished task"
     )
-    c.add_argument("--schedule", choices=SCHEDULES, default=None, help="override the method's λ schedule")
-    c.add_argument("--init", choices=INITS, default=None, help="override the method's task-init")
-    c.add_argument("--constant", type=float, default=None, help="λ of --schedule constant (default 0.5)")
+    c.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="override the method's λ schedule (default: the method's; the paper's is sqrt = 1/√i; "
+        "inverse, constant and none are this package's extensions)",
+    )
+    c.add_argument(
+        "--init", choices=INITS, default=None, help="override the method's task-init (default: the method's)"
+    )
+    c.add_argument(
+        "--constant", type=float, default=None, help="λ of --schedule constant (default: 0.5; an extension)"
+    )
+    c.add_argument(
+        "--orthogonal-updates",
+        action="store_true",
+        default=None,
+        help="strict mode: a task's A updates stay out of the previous task's row space (default: off; "
+        "this package's extension, not the paper's)",
+    )
     _add_suite_args(c)
     _add_model_args(c)
     _add_train_args(c)
 
-    cmp = sub.add_parser("compare", help="draw runs side by side (AA/BWT bars, per-task curves)")
-    cmp.add_argument("runs", nargs="+", help="run directories (or their results.json)")
+    cmp = add("compare", help="draw runs side by side (AA/BWT bars, per-task curves)")
+    cmp.add_argument(
+        "runs",
+        nargs="+",
+        help="run directories (or their results.json); runs of several orders of one suite "
+        "are averaged over orders and seeds",
+    )
     cmp.add_argument("--out", default=None, help="output dir (default: beside the first run, 'compare')")
 
-    e = sub.add_parser("eval", help="evaluate a run's merged adapter (or the bare model) on a suite")
+    e = add("eval", help="evaluate a run's merged adapter (or the bare model) on a suite")
     e.add_argument("--run", default=None, help="run directory: its checkpoint and its tasks")
-    e.add_argument("--adapter", choices=("merged", "finetuned"), default="merged")
+    e.add_argument(
+        "--adapter", choices=("merged", "finetuned"), default="merged", help="which adapter to use"
+    )
     _add_suite_args(e)
     _add_model_args(e)
-    e.add_argument("--eval-batch-size", type=_positive_int, default=50)
-    e.add_argument("--max-length", type=_positive_int, default=256)
+    e.add_argument("--eval-batch-size", type=_positive_int, default=50, help="prompts decoded at once")
+    e.add_argument(
+        "--max-length", type=_positive_int, default=256, help="prompt tokens kept; only the input is cut"
+    )
 
-    d = sub.add_parser("demo", help="SLAO and seq-lora on the built-in suite with SmolLM2, then a comparison")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--n-test", type=_positive_int, default=50)
-    d.add_argument("--max-steps", type=_positive_int, default=20)
-    d.add_argument("--resume", action="store_true")
+    d = add(
+        "demo",
+        help="SLAO, seq-lora and the multi-task bound on the real standard order (the generated domains "
+        "suite when its data packages are missing), then a comparison",
+    )
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--seed", type=int, default=0, help="seed of data order and adapter init")
+    d.add_argument("--n-test", type=_positive_int, default=20, help="test examples per task")
+    d.add_argument("--max-steps", type=_positive_int, default=8, help="optimizer steps per task")
+    d.add_argument(
+        "--suite", choices=("auto", "real", "domains"), default="auto", help="auto: real if installed"
+    )
+    d.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     _add_model_args(d)
 
-    b = sub.add_parser("bench", help="training-step and task-boundary benchmark that fits this machine")
+    b = add("bench", help="training-step and task-boundary benchmark that fits this machine")
     b.add_argument("--out", default=None, help="results JSON (default bench/results/<device>-<date>.json)")
     b.add_argument("--quick", action="store_true", help="the CPU set even on CUDA")
     b.add_argument("--no-boundary", action="store_true", help="skip the task-boundary benchmark")

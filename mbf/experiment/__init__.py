@@ -3,12 +3,16 @@
 Modules, in import order (each imports only those above it and the core):
 
 - ``methods``: method presets, name → ``ContinualConfig`` (``None``: the multi-task baseline);
-- ``metrics``: exact match, AA and BWT;
-- ``tasks``: ``Task``/``Example``, the built-in suite and the O-LoRA/SAPT folder loader;
+- ``presets``: the training presets (``quick``, the paper's);
+- ``metrics``: exact match, Rouge-L, AA, BWT and FWT;
+- ``tasks``: ``Task``/``Example`` and the prompt format (only the input is ever cut);
+- ``suites``: ``load_suite`` and the suites: ``real`` (installed data packages), ``domains`` and
+  ``conflict`` (generated), ``olora`` (the O-LoRA/SAPT folders);
 - ``models``: the embedded SmolLM2 (converted once, cached), local checkpoints, the QLoRA base;
 - ``batches``: ``Codec`` (text ↔ ids) and left-padded batches;
 - ``train``: ``TrainOptions``, the answer-only loss, the optimizer loop;
-- ``evaluate``: greedy decoding with the KV cache, exact-match accuracy, a saved run re-evaluated;
+- ``evaluate``: greedy decoding with the KV cache, each task's score, a saved run re-evaluated;
+- ``zero_shot``: the bare model's scores (FWT's reference), cached by model and test-set fingerprint;
 - ``results``: the ``results.json`` schema (``mbf-continual-results/1``);
 - ``plots`` and ``report``: a run's markdown and heatmap, comparisons of runs;
 - ``run``: ``run_continual``, a whole continual run, resumable after a crash.

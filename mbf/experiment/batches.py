@@ -38,9 +38,27 @@ class Codec:
 
 
 def encode_example(codec: Codec, task: Task, ex: Example, max_length: int) -> tuple[list[int], list[int]]:
-    """``(prompt ids, answer ids + eos)``; the prompt is cut from the left to ``max_length``."""
-    prompt = codec.encode(task.prompt(ex))[-max_length:]
-    return prompt, codec.encode(task.target(ex)) + [codec.eos_id]
+    """``(prompt ids, answer ids + eos)``, the prompt at most ``max_length`` tokens.
+
+    The instruction, the options and the answer cue (``task.prompt_parts``' head and tail) are kept
+    whole; a prompt that is too long loses the end of its input. Cutting from the left, as a plain
+    ``ids[-max_length:]`` would, removes the instruction and the options first: the model then no
+    longer sees what it is asked. The three pieces are encoded separately (each piece starts at a
+    word boundary, so this is the whole prompt's tokenization up to merges across the boundary),
+    the same way for training and evaluation.
+
+    Raises:
+        ValueError: when the head and tail alone exceed ``max_length`` (names the task and the flag).
+    """
+    head, body, tail = (codec.encode(part) for part in task.prompt_parts(ex))
+    room = max_length - len(head) - len(tail)
+    if room < 1:
+        raise ValueError(
+            f"task {task.name!r}: the instruction, options and answer cue take {len(head) + len(tail)} "
+            f"tokens; --max-length {max_length} leaves no room for the input (use at least "
+            f"{len(head) + len(tail) + 16})"
+        )
+    return head + body[:room] + tail, codec.encode(task.target(ex)) + [codec.eos_id]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

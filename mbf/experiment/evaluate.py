@@ -1,4 +1,4 @@
-"""Evaluation: greedy decoding with the KV cache, scored by exact match."""
+"""Evaluation: greedy decoding with the KV cache, scored by each task's metric (exact match or Rouge-L)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from mbf.continual import ContinualLoRA
 from mbf.experiment.batches import Codec, encode_example, left_pad, positions
-from mbf.experiment.metrics import exact_match
+from mbf.experiment.metrics import answer_score
 from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions, progress
 
@@ -66,20 +66,24 @@ def greedy_decode(
 def evaluate(
     model: nn.Module, codec: Codec, task: Task, opts: TrainOptions, desc: str | None = None
 ) -> float:
-    """Exact-match accuracy (0..1) of greedy decoding on ``task.test``.
+    """Mean score (0..1) of greedy decoding on ``task.test``: exact-match accuracy, or Rouge-L F1 for a
+    generation task (``task.metric``).
 
     The model is used as it is: choose the adapter first (``with cl.merged():``). Decoding stops one
-    token past the longest answer: a longer output cannot match anyway.
+    token past the longest answer (exact match: a longer output cannot match anyway), or at twice
+    its length for Rouge-L, which gives partial credit.
     """
     model.eval()
     prompts = [encode_example(codec, task, ex, opts.max_length)[0] for ex in task.test]
-    max_new = max(len(codec.encode(task.target(ex))) for ex in task.test) + 1
-    correct = 0
+    longest = max(len(codec.encode(task.target(ex))) for ex in task.test)
+    max_new = longest + 1 if task.metric == "exact" else 2 * longest
+    total = 0.0
     bs = opts.eval_batch_size
     for s in progress(range(0, len(prompts), bs), desc or f"eval {task.name}"):
         outs = greedy_decode(model, prompts[s : s + bs], max_new, codec.eos_id, codec.pad_id)
-        correct += sum(exact_match(codec.decode(o), ex.output) for o, ex in zip(outs, task.test[s : s + bs]))
-    return correct / len(task.test)
+        batch = task.test[s : s + bs]
+        total += sum(answer_score(task.metric, codec.decode(o), ex.output) for o, ex in zip(outs, batch))
+    return total / len(task.test)
 
 
 def evaluate_tasks(

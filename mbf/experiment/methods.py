@@ -3,6 +3,13 @@
 ``slao`` and its ablations are ContinualLoRA configurations; ``seq-lora`` is one LoRA fine-tuned on
 and on (no QR, λ ≡ 1: the merged adapter is the fine-tuned one); ``multi-task`` (``None``) trains one
 LoRA on all tasks' data at once, the upper bound, evaluated once at the end.
+
+The paper's merge-strategy ablations are named as in the paper: FTBA / FREA / FREB = fine-tune both
+factors / freeze A / freeze B, MB / MA / MBA = merge B / A / both with λ(i) = 1/√i. They start each
+task from the previous task's adapter as it is (``init="none"``: no orthogonal init), so that they
+isolate the merge; ``slao`` is FTBA-MB plus the orthogonal init. ``slao-random`` re-initialises the
+adapter for every task (the paper's random-init ablation). ``slao-inverse``, ``slao-constant``,
+``slao-last-merge`` and ``orthogonal_updates`` are this package's own extensions, not the paper's.
 """
 
 from __future__ import annotations
@@ -11,24 +18,37 @@ from dataclasses import replace
 
 from mbf.config import ContinualConfig
 
-__all__ = ["METHODS", "method_config", "method_label"]
+__all__ = ["EXTENSIONS", "METHODS", "PAPER_ABLATIONS", "method_config", "method_label"]
 
 METHODS: dict[str, ContinualConfig | None] = {
     "slao": ContinualConfig(init="orthogonal", schedule="sqrt"),
     "seq-lora": ContinualConfig(init="none", schedule="none"),
-    "ftba-mb": ContinualConfig(init="none", schedule="sqrt"),  # SLAO without the orthogonal (QR) init
+    # the paper's merge-strategy ablations (train: factors fine-tuned; merge: factors merged with λ)
+    "ftba-mb": ContinualConfig(init="none", schedule="sqrt", train="AB", merge="B"),
+    "ftba-mba": ContinualConfig(init="none", schedule="sqrt", train="AB", merge="AB"),
+    "ftba-ma": ContinualConfig(init="none", schedule="sqrt", train="AB", merge="A"),
+    "frea-mb": ContinualConfig(init="none", schedule="sqrt", train="B", merge="B"),
+    "freb-ma": ContinualConfig(init="none", schedule="sqrt", train="A", merge="A"),
+    "slao-random": ContinualConfig(init="random", schedule="sqrt"),
+    # this package's extensions (not in the paper)
     "slao-inverse": ContinualConfig(init="orthogonal", schedule="inverse"),
     "slao-constant": ContinualConfig(init="orthogonal", schedule="constant"),
-    "slao-random": ContinualConfig(init="random", schedule="sqrt"),
     "slao-last-merge": ContinualConfig(init="last_merge", schedule="sqrt"),
     "multi-task": None,
 }
+PAPER_ABLATIONS = ("ftba-mb", "ftba-mba", "frea-mb", "ftba-ma", "freb-ma")  # the paper's expected order
+EXTENSIONS = ("slao-inverse", "slao-constant", "slao-last-merge")
 
 
 def method_config(
-    method: str, init: str | None = None, schedule: str | None = None, constant: float | None = None
+    method: str,
+    init: str | None = None,
+    schedule: str | None = None,
+    constant: float | None = None,
+    orthogonal_updates: bool | None = None,
 ) -> ContinualConfig | None:
-    """The configuration of ``method`` with the ``init`` / ``schedule`` / ``constant`` overrides applied.
+    """The configuration of ``method`` with the ``init`` / ``schedule`` / ``constant`` /
+    ``orthogonal_updates`` overrides applied (None: the preset's).
 
     Returns:
         A ``ContinualConfig``, or None for ``multi-task`` (not a ContinualLoRA sequence; a ``constant``
@@ -42,10 +62,17 @@ def method_config(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset = METHODS[method]
     if preset is None:
-        if init or schedule:
-            raise ValueError("multi-task trains one adapter once: --init/--schedule do not apply")
+        if init or schedule or orthogonal_updates:
+            raise ValueError(
+                "multi-task trains one adapter once: --init/--schedule/--orthogonal-updates do not apply"
+            )
         return None
-    overrides = {"init": init, "schedule": schedule, "constant": constant}
+    overrides = {
+        "init": init,
+        "schedule": schedule,
+        "constant": constant,
+        "orthogonal_updates": orthogonal_updates,
+    }
     return replace(preset, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -40,7 +40,8 @@ def heatmap(results: dict, path: Path) -> None:
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training")
     m = results["metrics"]
-    title = f"{results['method']} seed {results['seed']}: AA {pct(m['AA'])} BWT {pct(m['BWT'])}"
+    scores = f"AA {pct(m['AA'])} BWT {pct(m['BWT'])} FWT {pct(m.get('FWT'))}"
+    title = f"{results['method']} seed {results['seed']}: {scores}"
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -48,52 +49,63 @@ def heatmap(results: dict, path: Path) -> None:
 
 
 def _bars(ax, groups: dict[str, list[dict]]) -> None:
-    """AA and BWT per group, with the std over seeds as error bars."""
+    """AA, BWT and FWT per group, with the std over runs as error bars."""
     labels = list(groups)
     x = range(len(labels))
-    w = 0.4
-    for offset, key in ((-w / 2, "AA"), (w / 2, "BWT")):
-        stats = [mean_std([r["metrics"][key] for r in groups[k]]) for k in labels]
+    w = 0.27
+    for offset, key in ((-w, "AA"), (0.0, "BWT"), (w, "FWT")):
+        stats = [mean_std([r["metrics"].get(key) for r in groups[k]]) for k in labels]
         means = [100 * (0 if math.isnan(m) else m) for m, _ in stats]
         stds = [100 * (0 if math.isnan(s) else s) for _, s in stats]
         ax.bar([i + offset for i in x], means, w, yerr=stds, label=key, capsize=3)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
-    ax.set_title("AA and BWT (mean ± std over seeds)")
+    ax.set_title("AA, BWT and FWT (mean ± std over runs)")
     ax.legend()
+
+
+def _seen_mean(row: list[float], i: int) -> float:
+    """Mean over the tasks trained by stage ``i`` (the row also holds the next task, for FWT)."""
+    return statistics.fmean(row[: i + 1])
 
 
 def _curves(
     ax,
     groups: dict[str, list[dict]],
     tasks: list[str],
-    value: Callable[[list[float]], float],
+    value: Callable[[list[float], int], float],
     ylabel: str,
     title: str,
+    by_stage: bool = False,
 ) -> None:
-    """One line per group: ``value(accuracy row)`` after each stage, averaged over seeds."""
+    """One line per group: ``value(accuracy row, stage)`` after each stage, averaged over runs."""
     T = len(tasks)
     for label, runs in groups.items():
         full = [r for r in runs if len(r["accuracy"]) == T]
         if full:
-            curve = [statistics.fmean(value(r["accuracy"][i]) for r in full) for i in range(T)]
+            curve = [statistics.fmean(value(r["accuracy"][i], i) for r in full) for i in range(T)]
             ax.plot(range(1, T + 1), [100 * c for c in curve], "o-", label=label)
-        elif value is statistics.fmean:  # multi-task: one point, after the whole sequence
+        elif value is _seen_mean:  # multi-task: one point, after the whole sequence
             ax.plot([T], [100 * statistics.fmean(r["metrics"]["AA"] for r in runs)], "*", ms=12, label=label)
-    ax.set_xticks(range(1, T + 1), tasks, rotation=30, ha="right", fontsize=8)
+    names = [f"stage {i}" for i in range(1, T + 1)] if by_stage else tasks  # orders differ: by position
+    ax.set_xticks(range(1, T + 1), names, rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("after training")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
 
 
-def compare_figure(groups: dict[str, list[dict]], tasks: list[str], path: Path) -> None:
+def compare_figure(
+    groups: dict[str, list[dict]], tasks: list[str], path: Path, by_stage: bool = False
+) -> None:
     """Three panels written to ``path``: AA/BWT bars, mean accuracy so far, the first task's accuracy.
 
     Args:
-        groups: label → complete results of that method (one per seed).
-        tasks: the task names in training order.
+        groups: label → complete results of that method (one per seed and order).
+        tasks: the task names in training order (of the first run).
+        by_stage: the runs follow different orders: the x axis is the stage, the last panel each
+            order's own first task.
     """
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -102,17 +114,20 @@ def compare_figure(groups: dict[str, list[dict]], tasks: list[str], path: Path) 
         axes[1],
         groups,
         tasks,
-        statistics.fmean,
-        "mean accuracy on tasks seen so far (%)",
-        "Average accuracy along the sequence",
+        _seen_mean,
+        "mean score on tasks seen so far (%)",
+        "Average score along the sequence",
+        by_stage,
     )
+    first = "each order's first task" if by_stage else f"task 1 '{tasks[0]}'"
     _curves(
         axes[2],
         groups,
         tasks,
-        lambda row: row[0],
-        f"accuracy on task 1 '{tasks[0]}' (%)",
+        lambda row, i: row[0],
+        f"score on {first} (%)",
         "Forgetting of the first task",
+        by_stage,
     )
     fig.tight_layout()
     _save(plt, fig, path, dpi=100)

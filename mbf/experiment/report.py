@@ -32,14 +32,21 @@ def run_markdown(results: dict) -> str:
         f"options: {results.get('options')}; "
         f"LoRA r={lora['r']} alpha={lora['alpha']} on {', '.join(lora['target_modules'])}",
         "",
-        f"**AA {pct(m['AA'])}%, BWT {pct(m['BWT'])} points**, wall {m['wall_s']:.0f} s"
+        f"**AA {pct(m['AA'])}%, BWT {pct(m['BWT'])} points, FWT {pct(m.get('FWT'))} points**, "
+        f"wall {m['wall_s']:.0f} s"
         + ("" if results["complete"] else f" (incomplete: {len(acc)}/{len(tasks)} stages)"),
         "",
-        "Accuracy (%) on each task (columns) after each stage (rows):",
+        "Score (%) on each task (columns) after each stage (rows; the entry right of the diagonal is the "
+        "next task before it is trained, for FWT; exact match, or Rouge-L where the task is scored so: "
+        f"{_metric_note(results)}):",
         "",
         "| after \\ on | " + " | ".join(tasks) + " | steps | train s | eval s | adapter KiB | peak RSS MiB |",
         "|---" * (len(tasks) + 6) + "|",
     ]
+    if results.get("zero_shot"):
+        lines.append(
+            "| zero-shot (bare model) | " + " | ".join(pct(z) for z in results["zero_shot"]) + " |" + " |" * 5
+        )
     for stage, row, p in zip(results["stages"], acc, results["per_task"]):
         cells = [pct(row[j]) if j < len(row) else "" for j in range(len(tasks))]
         lines.append(
@@ -49,6 +56,12 @@ def run_markdown(results: dict) -> str:
             f"{p['adapter_bytes'] / 1024:.0f} | {p['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _metric_note(results: dict) -> str:
+    metrics = results.get("task_metrics") or ["exact"] * len(results["tasks"])
+    rouge = [t for t, m in zip(results["tasks"], metrics) if m == "rougeL"]
+    return f"Rouge-L on {', '.join(rouge)}" if rouge else "all exact match"
 
 
 def write_run(run_dir: str | Path, results: dict) -> None:
@@ -107,11 +120,21 @@ def _group(complete: list[dict]) -> dict[str, list[dict]]:
     return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[1][0]["method"], len(rank)), kv[0])))
 
 
-def _compare_row(label: str, rs: list[dict], T: int) -> str:
-    per_task = " / ".join(f"{100 * statistics.fmean(r['accuracy'][-1][j] for r in rs):.0f}" for j in range(T))
+def _final(r: dict, task: str) -> float:
+    """The run's final score on ``task`` (runs of different orders hold their tasks in different columns)."""
+    return r["accuracy"][-1][r["tasks"].index(task)]
+
+
+def _who(r: dict, several_orders: bool) -> str:
+    return f"{r.get('order')}:{r['seed']}" if several_orders else str(r["seed"])
+
+
+def _compare_row(label: str, rs: list[dict], tasks: list[str], several_orders: bool) -> str:
+    per_task = " / ".join(f"{100 * statistics.fmean(_final(r, t) for r in rs):.0f}" for t in tasks)
     return (
-        f"| {label} | {', '.join(str(r['seed']) for r in rs)} | "
+        f"| {label} | {', '.join(_who(r, several_orders) for r in rs)} | "
         f"{_pm([r['metrics']['AA'] for r in rs])} | {_pm([r['metrics']['BWT'] for r in rs])} | "
+        f"{_pm([r['metrics'].get('FWT') for r in rs])} | "
         f"{_pm([_learning_accuracy(r) for r in rs])} | {per_task} | "
         f"{statistics.fmean(r['metrics']['wall_s'] for r in rs):.0f} | "
         f"{max(r['per_task'][-1]['adapter_bytes'] for r in rs) / 1024:.0f} | "
@@ -122,34 +145,42 @@ def _compare_row(label: str, rs: list[dict], T: int) -> str:
 def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     """Group complete runs by method, write ``compare.md`` and ``compare.png`` into ``out``.
 
-    Runs of one method with different seeds are averaged (mean ± sample std over seeds).
+    Runs of one method with different seeds, or different orders of the same tasks (the paper's
+    three orders), are averaged: mean ± sample std over every (order, seed) run of the method.
 
     Returns:
         (markdown path, png path).
 
     Raises:
-        ValueError: when no complete run is given, or runs trained different task sequences.
+        ValueError: when no complete run is given, or runs trained different sets of tasks.
     """
     complete = [r for r in (results_file.read(p) for p in runs) if r["complete"]]
     if not complete:
         raise ValueError("no complete run to compare (a run is complete when every task was evaluated)")
-    if len({tuple(r["tasks"]) for r in complete}) > 1:
+    if len({frozenset(r["tasks"]) for r in complete}) > 1 or len({r.get("suite") for r in complete}) > 1:
         raise ValueError(
-            "runs trained different task sequences: " + "; ".join({",".join(r["tasks"]) for r in complete})
+            "runs trained different tasks (orders of one suite's tasks can be compared): "
+            + "; ".join(sorted({f"{r.get('suite')}: {','.join(r['tasks'])}" for r in complete}))
         )
+    several_orders = len({tuple(r["tasks"]) for r in complete}) > 1
     groups = _group(complete)
     tasks = complete[0]["tasks"]
+    orders = sorted({str(r.get("order")) for r in complete}) if several_orders else []
+    who = "orders:seeds" if several_orders else "seeds"
     lines = [
-        f"# Comparison on {complete[0].get('suite', '?')} ({len(tasks)} tasks: {', '.join(tasks)})",
+        f"# Comparison on {complete[0].get('suite', '?')} ({len(tasks)} tasks: {', '.join(tasks)})"
+        + (f", orders {', '.join(orders)}" if several_orders else ""),
         "",
-        f"model: {complete[0].get('model', '?')}. AA = mean final accuracy (%), BWT = mean change (points) "
-        "on earlier tasks between learning them and the end, LA = mean accuracy on each task right after "
-        "learning it (plasticity, with the adapter inference uses); mean ± std over seeds.",
+        f"model: {complete[0].get('model', '?')}. AA = mean final score (%), BWT = mean change (points) "
+        "on earlier tasks between learning them and the end, FWT = mean score on each task before training "
+        "it minus the bare model's (points), LA = mean score on each task right after learning it "
+        "(plasticity); all with the adapter inference uses; mean ± std over "
+        + ("every order and seed." if several_orders else "seeds."),
         "",
-        "| method | seeds | AA | BWT | LA | final accuracy per task | wall s / run | adapter KiB "
+        f"| method | {who} | AA | BWT | FWT | LA | final score per task | wall s / run | adapter KiB "
         "| peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *[_compare_row(label, rs, len(tasks)) for label, rs in groups.items()],
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[_compare_row(label, rs, tasks, several_orders) for label, rs in groups.items()],
         "",
         "Runs: " + ", ".join(str(Path(r)) for r in runs),
         "",
@@ -157,5 +188,5 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     md, png = out / "compare.md", out / "compare.png"
     atomic_write_text("\n".join(lines), md)
-    compare_figure(groups, tasks, png)
+    compare_figure(groups, tasks, png, by_stage=several_orders)
     return md, png

@@ -3,27 +3,34 @@
 Schema ``"mbf-continual-results/1"``::
 
     schema        "mbf-continual-results/1"
-    method        "slao" | "seq-lora" | "ftba-mb" | "slao-inverse" | "slao-random" | ... | "multi-task"
-    options       ContinualConfig.to_dict(): {"schedule", "init", "constant", "orthogonal_updates"};
-                  null for multi-task (older files lack "orthogonal_updates": false)
+    method        "slao" | "seq-lora" | "ftba-mb" | "ftba-mba" | "frea-mb" | "ftba-ma" | "freb-ma" |
+                  "slao-random" | "slao-inverse" | ... | "multi-task"
+    options       ContinualConfig.to_dict(): {"schedule", "init", "constant", "orthogonal_updates",
+                  "train", "merge"}; null for multi-task (older files lack the later fields: defaults)
     seed          int: seeds data order and adapter init (the suite's own seed is in "suite_seed")
     tasks         [str]: task names in training order (T of them)
     lora          LoRAConfig.to_dict(): {"r", "alpha", "dropout", "target_modules", "quantize", "backend"}
     train         TrainOptions: {"lr", "epochs", "max_steps", "batch_size", "eval_batch_size",
-                  "max_length", "weight_decay", "warmup_steps", "seed"}
+                  "max_length", "weight_decay", "warmup_steps", "seed", "grad_accum"}; "preset"
+                  beside it names the --preset the options came from
     suite, suite_seed, model, n_train, n_test, data_dir, order   where the tasks and model came from
     dtype         "float32" | "bfloat16" | "float16": the base model's dtype (the adapters are float32
                   whatever it is); files written before the field existed were float32 runs
     stages        [str]: the task trained at each stage ("all" for the multi-task baseline's one stage)
-    accuracy      [[float]]: accuracy[i][j] = exact-match accuracy (0..1) on task j's test set after
-                  stage i, j = 0..i, computed with the adapter inference uses (SLAO: the merged one).
-                  multi-task: one row of T entries
+    accuracy      [[float]]: accuracy[i][j] = score (0..1) on task j's test set after stage i, j = 0..i+1
+                  (j = i+1: the next task, not trained yet, for FWT; older runs stop at j = i), computed
+                  with the adapter inference uses (SLAO: the merged one); the score is exact-match
+                  accuracy, or Rouge-L F1 for a generation task (task_metrics). multi-task: one row of T
+    zero_shot     [float]: the bare model's score on each task (the reference of FWT; absent in older runs)
+    task_metrics  [str]: "exact" or "rougeL" per task (absent in older runs: all "exact")
+    order, sources    the real suite's order name and each task's package:path
     per_task      [{"task", "steps", "first_loss", "final_loss", "train_s", "eval_s",
                     "adapter_bytes", "peak_rss_mb"}]: one per stage; adapter_bytes = bytes of adapter
                   state held after the stage (SLAO: two adapters per layer, constant in T);
                   peak_rss_mb = the process's peak resident memory so far
     metrics       {"AA": mean_j accuracy[T-1][j],
                    "BWT": mean_{j<T-1} (accuracy[T-1][j] - accuracy[j][j]) (null for multi-task),
+                   "FWT": mean_{j>=1} (accuracy[j-1][j] - zero_shot[j]) (null for multi-task, older runs),
                    "wall_s": total train + eval seconds}; AA/BWT null until the run is complete
     complete      bool: every task trained and evaluated
     checkpoint    path (relative to the run dir) of the adapter state after the last finished stage
@@ -68,7 +75,7 @@ def new(config: dict) -> dict:
         "stages": [],
         "accuracy": [],
         "per_task": [],
-        "metrics": {"AA": None, "BWT": None, "wall_s": 0.0},
+        "metrics": {"AA": None, "BWT": None, "FWT": None, "wall_s": 0.0},
         "complete": False,
         "checkpoint": None,
         "versions": versions(),
@@ -120,12 +127,12 @@ def add_stage(
 
 
 def finish(results: dict, multi_task: bool = False) -> None:
-    """Mark the run complete and fill AA and BWT (multi-task: AA of its one row, no BWT)."""
+    """Mark the run complete and fill AA, BWT and FWT (multi-task: AA of its one row, no BWT/FWT)."""
     if multi_task:
         row = results["accuracy"][-1]
-        results["metrics"].update({"AA": round(sum(row) / len(row), 4), "BWT": None})
+        results["metrics"].update({"AA": round(sum(row) / len(row), 4), "BWT": None, "FWT": None})
     else:
-        m = accuracy_metrics(results["accuracy"])
+        m = accuracy_metrics(results["accuracy"], results.get("zero_shot"))
         results["metrics"].update({k: None if v is None else round(v, 4) for k, v in m.items()})
     results["complete"] = True
 

@@ -1,8 +1,10 @@
 """A continual run: train a task sequence with one method, evaluate, and commit after every task.
 
-After each task every task seen so far is evaluated with the adapter inference uses (SLAO's merged
-adapter) and the run directory is written, atomically, so that ``resume=True`` continues from the
-last finished task and a crash loses at most the task in progress::
+After each task every task seen so far, and the next one (for forward transfer), is evaluated with
+the adapter inference uses (SLAO's merged adapter) and the run directory is written, atomically, so
+that ``resume=True`` continues from the last finished task and a crash loses at most the task in
+progress. Before the first task the bare model is evaluated once on every task (the zero-shot
+reference of FWT; cached by model fingerprint and test set when a cache folder is given)::
 
     OUT/results.json          the results (schema in mbf/experiment/results.py): the commit point
     OUT/results.md, accuracy.png   the same as a table and a heatmap
@@ -30,6 +32,7 @@ from mbf.experiment.evaluate import evaluate
 from mbf.experiment.methods import method_config
 from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions, train_steps
+from mbf.experiment.zero_shot import zero_shot_scores
 from mbf.inject import inject, lora_layers
 
 __all__ = ["model_dtype", "peak_rss_mb", "run_continual"]
@@ -132,14 +135,21 @@ class _Run:
             examples = [(task, ex) for ex in task.train]
             desc = f"train {i + 1}/{len(self.tasks)} {task.name}"
             stats = train_steps(
-                self.model, cl.trainable_parameters(), self.codec, examples, self.opts, seed, desc
+                self.model,
+                cl.trainable_parameters(),
+                self.codec,
+                examples,
+                self.opts,
+                seed,
+                desc,
+                after_step=cl.project_updates,  # a no-op unless orthogonal_updates (strict mode)
             )
             cl.end_task()
             return stats
 
         def evaluate_merged() -> list[float]:
-            with cl.merged():  # what inference uses
-                return self.evaluate(self.tasks[: i + 1], after=task.name)
+            with cl.merged():  # what inference uses; the next task too, untrained yet (FWT)
+                return self.evaluate(self.tasks[: i + 2], after=task.name)
 
         measured = _measure(train, evaluate_merged)
         checkpoint = f"checkpoints/task-{i + 1:02d}"
@@ -149,9 +159,10 @@ class _Run:
             if old.name != Path(checkpoint).name:
                 shutil.rmtree(old, ignore_errors=True)
         stats, row = measured["stats"], measured["accuracy"]
+        nxt = f" (next {row[i + 1]:.2f})" if len(row) > i + 1 else ""
         self.log(
             f"[{self.method}] task {i + 1}/{len(self.tasks)} {task.name}: loss {stats['first_loss']:.3f}->"
-            f"{stats['final_loss']:.3f}, acc {' '.join(f'{a:.2f}' for a in row)} "
+            f"{stats['final_loss']:.3f}, acc {' '.join(f'{a:.2f}' for a in row[: i + 1])}{nxt} "
             f"(train {measured['train_s']:.0f}s, eval {measured['eval_s']:.0f}s)"
         )
 
@@ -189,6 +200,8 @@ def run_continual(
     resume: bool = False,
     meta: dict | None = None,
     log: Callable[[str], None] = print,
+    orthogonal_updates: bool | None = None,
+    zero_shot_cache: Path | None = None,
 ) -> dict:
     """Train ``tasks`` in order with ``method``; write ``out/results.json`` after every task.
 
@@ -197,12 +210,14 @@ def run_continual(
         codec: its tokenizer as a ``Codec``.
         tasks: the task sequence.
         out: the run directory.
-        method: one of ``METHODS``; ``init`` / ``schedule`` / ``constant`` override its configuration.
+        method: one of ``METHODS``; ``init`` / ``schedule`` / ``constant`` / ``orthogonal_updates``
+            override its configuration.
         lora: the adapter configuration (default ``LoRAConfig()``: r 8, q_proj and v_proj).
         opts: training options (seeds per task derive from ``opts.seed``).
         resume: continue the run in ``out`` from its last finished task.
         meta: extra fields for results.json (suite, model name...).
         log: receives one line per finished task.
+        zero_shot_cache: a folder where the bare model's scores are kept between runs (None: none).
 
     Returns:
         The results dict (also in ``out/results.json``).
@@ -213,7 +228,7 @@ def run_continual(
             options, seed, tasks or LoRA config differ.
     """
     out, lora, opts = Path(out), lora or LoRAConfig(), opts or TrainOptions()
-    config = method_config(method, init, schedule, constant)
+    config = method_config(method, init, schedule, constant, orthogonal_updates)
     settings = {
         "method": method,
         "options": None if config is None else config.to_dict(),
@@ -227,6 +242,8 @@ def run_continual(
     results = _open_results(out, settings, resume)
     run = _Run(model, codec, tasks, opts, out, results, method, log)
     done = len(results["per_task"])
+    if results.get("zero_shot") is None:  # before inject: the bare model, the reference of FWT
+        results["zero_shot"] = zero_shot_scores(model, codec, tasks, opts, cache=zero_shot_cache, log=log)
     torch.manual_seed(opts.seed)
     inject(model, lora)
     if config is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,16 +24,22 @@ class TrainOptions:
     lr: float = 1e-3  # AdamW learning rate (constant, after a short warm-up)
     epochs: float = 1.0  # passes over a task's training set (fractions allowed)
     max_steps: int | None = None  # cap on optimizer steps per task (None: from epochs)
-    batch_size: int = 8
+    batch_size: int = 8  # examples per forward/backward (micro-batch)
     eval_batch_size: int = 50
-    max_length: int = 256  # prompt tokens kept (the end of a longer prompt is kept)
+    max_length: int = 256  # prompt tokens kept: a longer input is cut, never the instruction or options
     weight_decay: float = 0.0
     warmup_steps: int = 3
     seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step (the paper: batch 1 x 8 accumulation)
+
+    def __post_init__(self) -> None:
+        if self.grad_accum < 1 or self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} and grad_accum={self.grad_accum} must be >= 1")
 
     def steps_for(self, n_examples: int) -> int:
-        """Optimizer steps for ``n_examples``: ``epochs`` passes, capped by ``max_steps``; at least 1."""
-        steps = max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+        """Optimizer steps for ``n_examples``: ``epochs`` passes of ``batch_size × grad_accum`` examples
+        per step, capped by ``max_steps``; at least 1."""
+        steps = max(1, math.ceil(self.epochs * n_examples / (self.batch_size * self.grad_accum)))
         return min(steps, self.max_steps) if self.max_steps else steps
 
 
@@ -73,10 +79,15 @@ def train_steps(
     opts: TrainOptions,
     seed: int,
     desc: str = "train",
+    after_step: Callable[[], None] | None = None,
 ) -> dict:
     """Train ``params`` with AdamW on ``examples`` for ``opts.steps_for(len(examples))`` steps.
 
-    Batches are drawn without replacement from reshuffled passes over ``examples`` (``seed``).
+    Micro-batches of ``opts.batch_size`` are drawn without replacement from reshuffled passes over
+    ``examples`` (``seed``); ``opts.grad_accum`` of them make one optimizer step, each loss scaled by
+    ``1 / grad_accum`` so a step's gradient is the mean over its examples (up to the per-micro-batch
+    averaging over answer tokens). ``after_step`` runs after every optimizer step (SLAO's strict mode
+    projects the A updates there).
 
     Returns:
         ``{"steps", "first_loss", "final_loss"}`` (final: mean of the last 5 steps).
@@ -94,19 +105,24 @@ def train_steps(
     model.train()
     bar = progress(range(steps), desc)
     for _ in bar:
-        if len(order) < opts.batch_size:
-            perm = list(range(len(encoded)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[: opts.batch_size], order[opts.batch_size :]
-        loss = answer_loss(model, [encoded[i] for i in idx], codec.pad_id)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {len(losses)}; lower --lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for _ in range(opts.grad_accum):
+            if len(order) < opts.batch_size:
+                perm = list(range(len(encoded)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[: opts.batch_size], order[opts.batch_size :]
+            loss = answer_loss(model, [encoded[i] for i in idx], codec.pad_id)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {len(losses)}; lower --lr")
+            (loss / opts.grad_accum).backward()
+            step_loss += loss.item() / opts.grad_accum
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        if after_step is not None:
+            after_step()
+        losses.append(step_loss)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:])}

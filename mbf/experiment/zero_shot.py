@@ -1,0 +1,67 @@
+"""The bare model's score on each task: the zero-shot reference of forward transfer (FWT).
+
+Every run of a sweep shares it (same model, same test sets), so it is kept in a small JSON cache keyed
+by a fingerprint of the model's weights and of the test prompts, answers, metric and prompt length:
+one evaluation per suite instead of one per run, and never a stale score for another model or set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mbf.experiment.batches import Codec, encode_example
+from mbf.experiment.evaluate import evaluate
+from mbf.experiment.tasks import Task
+from mbf.experiment.train import TrainOptions
+from mbf.io import atomic_write_json
+
+__all__ = ["fingerprint", "zero_shot_scores"]
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module, codec: Codec, tasks: list[Task], max_length: int) -> str:
+    """SHA-256 over every parameter's name, shape, dtype and first and last 64 values, and over the
+    encoded test prompts and answers: cheap (no pass over the weights) and specific enough that two
+    checkpoints or two test sets never share an entry."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(torch.cat([flat[:64], flat[-64:]]).float().numpy().tobytes())
+    for t in tasks:
+        h.update(f"{t.name}|{t.metric}|{max_length}".encode())
+        for ex in t.test:
+            prompt, answer = encode_example(codec, t, ex, max_length)
+            h.update(json.dumps([prompt, answer]).encode())
+    return h.hexdigest()
+
+
+def zero_shot_scores(
+    model: nn.Module,
+    codec: Codec,
+    tasks: list[Task],
+    opts: TrainOptions,
+    cache: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> list[float]:
+    """The model's score on each task as it is (call before injecting LoRA), from ``cache`` when there.
+
+    Returns:
+        One score (0..1) per task, rounded to 4 decimals as results.json keeps them.
+    """
+    path = None
+    if cache is not None:
+        path = Path(cache) / f"{fingerprint(model, codec, tasks, opts.max_length)[:32]}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["scores"]
+    scores = [round(evaluate(model, codec, t, opts, desc=f"zero-shot {t.name}"), 4) for t in tasks]
+    log(f"zero-shot (bare model): {' '.join(f'{t.name} {s:.2f}' for t, s in zip(tasks, scores))}")
+    if path is not None:
+        atomic_write_json({"tasks": [t.name for t in tasks], "scores": scores}, path)
+    return scores

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The committed real-text sweep (issue 14): the real suite's standard order std1 (dbpedia -> amazon ->
+# yahoo -> bbc) with SLAO, seq-lora, multi-task, the paper's five merge ablations and slao-random,
+# seeds 0-2, and SLAO / seq-lora / multi-task on the long order long1 (8 tasks). Embedded
+# SmolLM2-135M-Instruct on CPU, two runs at a time with one thread each (2 shared cores).
+#
+# Sized for a 2-core machine shared with other jobs, not the paper's regime: 12 optimizer steps of
+# batch 8 per task (96 of the 200 drawn training examples), lr 1e-3, prompts cut to 96 tokens (only the
+# input is cut), 30 test examples per task (20 on the long order). The jobs run in priority order, so
+# a cut sweep still holds the main comparison; reruns resume (a finished run is skipped, a cut one
+# continues from its last finished task).
+#   usage: bash reports/sweep_real.sh [OUT=reports/real]
+#   env: JOBS (override the job list: "name method seed order n_test" lines), MBF
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-reports/real}
+MBF=${MBF:-.venv/bin/mbf}
+export OMP_WAIT_POLICY=PASSIVE
+mkdir -p "$OUT/run" "$OUT/logs"
+default_jobs() {
+  for seed in 0 1 2; do for m in slao seq-lora multi-task; do echo "$m-s$seed $m $seed std1 30"; done; done
+  for m in ftba-mb ftba-mba frea-mb ftba-ma freb-ma slao-random; do echo "$m-s0 $m 0 std1 30"; done
+  for m in slao seq-lora multi-task; do echo "long1-$m-s0 $m 0 long1 20"; done
+  for seed in 1 2; do
+    for m in ftba-mb ftba-mba frea-mb ftba-ma freb-ma slao-random; do echo "$m-s$seed $m $seed std1 30"; done
+  done
+}
+if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else default_jobs; fi | xargs -P 2 -L 1 bash -c '
+  name=$0; method=$1; seed=$2; order=$3; ntest=$4; run='"$OUT"'/run/$name
+  if [ -f $run/results.json ] && grep -q "\"complete\": true" $run/results.json; then exit 0; fi
+  resume=""; [ -f $run/results.json ] && resume=--resume
+  echo "$(date -u +%T) start $name"
+  '"$MBF"' continual --suite real --order $order --method $method --seed $seed --out $run --threads 1 \
+      --n-train 200 --n-test $ntest --max-steps 12 --batch-size 8 --lr 1e-3 --max-length 96 \
+      $resume > '"$OUT"'/logs/$name.log 2>&1
+  rc=$?
+  echo "$(date -u +%T) done  $name rc=$rc $(tail -2 '"$OUT"'/logs/$name.log | head -1)"
+'
+# one comparison per order (compare refuses to average different task sequences of different suites)
+$MBF compare $(ls -d "$OUT"/run/*/ | grep -v /long1-) --out "$OUT/std1" > "$OUT/logs/compare-std1.log" 2>&1
+$MBF compare "$OUT"/run/long1-*/ --out "$OUT/long1" > "$OUT/logs/compare-long1.log" 2>&1
+echo "$(date -u +%T) sweep finished: $OUT"

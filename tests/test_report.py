@@ -1,0 +1,114 @@
+"""Results files and comparisons of runs, on synthetic results.json files (nothing trained)."""
+
+import json
+
+import pytest
+
+import mbf
+from mbf.experiment import results as results_file
+from mbf.experiment.methods import method_config
+from mbf.experiment.report import compare_runs
+
+LORA = mbf.LoRAConfig(r=4, alpha=8)
+META = {"suite": "builtin", "model": "tiny"}
+
+
+# -- results files and comparisons (synthetic runs) ------------------------------------------------
+
+
+def _synthetic(
+    path, *, seed=1, lr=5e-3, rows=((0.9,), (0.5, 0.8), (0.5, 0.6, 0.7)), method="slao", done=True
+):
+    """A results.json as a run of ``method`` that measured ``rows`` would write (nothing trained)."""
+    tasks = ["color", "first", "animal"][: len(rows)]
+    config = method_config(method)
+    results = results_file.new(
+        {
+            "method": method,
+            "options": config.to_dict() if config else None,
+            "seed": seed,
+            "tasks": tasks,
+            "lora": LORA.to_dict(),
+            "train": {"lr": lr, "max_steps": 4, "seed": seed},
+            **META,
+        }
+    )
+    for task, row in zip(tasks, rows):
+        stats = {"steps": 4, "first_loss": 3.0, "final_loss": 1.0}
+        results_file.add_stage(
+            results,
+            task=task,
+            accuracy=list(row),
+            stats=stats,
+            train_s=2.0,
+            eval_s=1.0,
+            adapter_bytes=4096,
+            peak_rss_mb=100.0,
+            checkpoint="checkpoints/x",
+        )
+    if done:
+        results_file.finish(results)
+    results_file.write(path, results)
+    return path
+
+
+def test_results_bookkeeping(tmp_path):
+    run = _synthetic(tmp_path / "a")
+    saved = results_file.read(run)
+    assert saved["schema"] == results_file.SCHEMA and saved["complete"]
+    assert saved["metrics"] == {"AA": 0.6, "BWT": pytest.approx(-0.3), "FWT": None, "wall_s": 9.0}
+    assert {"python", "torch", "mbf"} <= set(saved["versions"])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps({"schema": "other/2"}))
+    with pytest.raises(ValueError, match="schema 'other/2' is not 'mbf-continual-results/1'"):
+        results_file.read(tmp_path / "b")
+
+
+def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
+    a = _synthetic(tmp_path / "a", seed=1)
+    b = _synthetic(tmp_path / "b", seed=2, rows=((0.9,), (0.7, 0.8), (0.7, 0.8, 0.9)))
+    md, png = compare_runs([a, b], tmp_path / "cmp")
+    text = md.read_text()
+    # AA 0.6 and 0.8: 70.0 ± 14.1; BWT -0.3 and -0.1: -20.0 ± 14.1; LA 0.8 and 0.867: 83.3 ± 4.7
+    assert (
+        "| slao | 1, 2 | 70.0 ± 14.1 | -20.0 ± 14.1 | – | 83.3 ± 4.7 | 60 / 70 / 80 | 9 | 4 | 100 |" in text
+    )
+    assert png.stat().st_size > 1000
+    # a run with other settings is labelled apart, never averaged in as another seed
+    lr = _synthetic(tmp_path / "lr", lr=1e-3)
+    text = compare_runs([a, b, lr], tmp_path / "cmp3")[0].read_text()
+    assert "| slao [lr=0.005] | 1, 2 |" in text and "| slao [lr=0.001] | 1 | 60.0 |" in text
+    # incomplete runs are left out; none complete is an error
+    cut = _synthetic(tmp_path / "cut", seed=3, done=False)
+    assert "| slao | 1, 2 |" in compare_runs([a, b, cut], tmp_path / "cmp4")[0].read_text()
+    with pytest.raises(ValueError, match="no complete run"):
+        compare_runs([cut], tmp_path / "cmp5")
+    c = _synthetic(tmp_path / "c", rows=((0.9,), (0.5, 0.8)))
+    with pytest.raises(ValueError, match="runs trained different tasks"):
+        compare_runs([a, c], tmp_path / "cmp2")
+
+
+def test_compare_averages_over_orders_of_the_same_tasks(tmp_path):
+    """The paper's three orders: runs of one method over different orders are one group; each task's
+    final score is read from its own column."""
+    a = _synthetic(tmp_path / "a", rows=((0.9,), (0.5, 0.8), (0.5, 0.6, 0.7)))  # color, first, animal
+    b = _synthetic(tmp_path / "b", rows=((0.9,), (0.5, 0.8), (0.1, 0.2, 0.3)))
+    saved = results_file.read(b)
+    saved["tasks"], saved["order"] = ["animal", "first", "color"], "o2"
+    results_file.write(b, saved)
+    text = compare_runs([a, b], tmp_path / "cmp")[0].read_text()
+    assert "orders None, o2" in text.splitlines()[0]
+    # color 0.5 and 0.3, first 0.6 and 0.2, animal 0.7 and 0.1 -> 40 / 40 / 40
+    assert "| slao | None:1, o2:1 | 40.0 ± 28.3 |" in text and "| 40 / 40 / 40 |" in text
+
+
+def test_compare_orders_seq_lora_first_and_labels_overrides(tmp_path):
+    slao = _synthetic(tmp_path / "slao")
+    seq = _synthetic(tmp_path / "seq", method="seq-lora")
+    inv = _synthetic(tmp_path / "inv")
+    saved = results_file.read(inv)
+    saved["options"]["schedule"] = "inverse"
+    results_file.write(inv, saved)
+    text = compare_runs([slao, inv, seq], tmp_path / "cmp")[0].read_text()
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| s")]
+    assert rows == ["| seq-lora", "| slao", "| slao (orthogonal, inverse)"]
