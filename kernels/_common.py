@@ -112,25 +112,27 @@ def dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     goes as fp32, exact in TF32, and the fp32 one as a TF32 high part and the exact rest: two TF32
     MMAs, ~2⁻²¹ relative per product (tf32x3 would also split the fp16 side, whose low part is 0).
     """
+    # one if / elif chain and one return: Triton's code generator visits what follows a return
+    # inside a compile-time branch, so early returns would still type-check the other branches
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if a.dtype == b.dtype:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    if a.dtype == tl.bfloat16:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == b.dtype:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    elif a.dtype == tl.bfloat16:
         b1, b2, b3 = bf16_pieces(b.to(tl.float32))
-        return tl.dot(a, b3, tl.dot(a, b2, tl.dot(a, b1, acc)))
-    if b.dtype == tl.bfloat16:
+        out = tl.dot(a, b3, tl.dot(a, b2, tl.dot(a, b1, acc)))
+    elif b.dtype == tl.bfloat16:
         a1, a2, a3 = bf16_pieces(a.to(tl.float32))
-        return tl.dot(a3, b, tl.dot(a2, b, tl.dot(a1, b, acc)))
-    if a.dtype == tl.float16:  # fp16 is exact in TF32: only the fp32 side needs a low part
-        a = a.to(tl.float32)
-        b_hi = tf32_high(b)
-        return tl.dot(a, b - b_hi, tl.dot(a, b_hi, acc, input_precision="tf32"), input_precision="tf32")
-    if b.dtype == tl.float16:
-        b = b.to(tl.float32)
-        a_hi = tf32_high(a)
-        return tl.dot(a - a_hi, b, tl.dot(a_hi, b, acc, input_precision="tf32"), input_precision="tf32")
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        out = tl.dot(a3, b, tl.dot(a2, b, tl.dot(a1, b, acc)))
+    elif a.dtype == tl.float16:  # fp16 is exact in TF32: only the fp32 side needs a low part
+        a32, b_hi = a.to(tl.float32), tf32_high(b.to(tl.float32))
+        out = tl.dot(a32, b - b_hi, tl.dot(a32, b_hi, acc, input_precision="tf32"), input_precision="tf32")
+    elif b.dtype == tl.float16:
+        b32, a_hi = b.to(tl.float32), tf32_high(a.to(tl.float32))
+        out = tl.dot(a - a_hi, b32, tl.dot(a_hi, b32, acc, input_precision="tf32"), input_precision="tf32")
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
