@@ -52,3 +52,14 @@ sweep-conflict: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Compile checks of the Triton kernels for sm_90 and sm_80 on CPU (no GPU): `make test` runs the
+# default subset; these compile every variant x config (slow when the cache is cold) and regenerate
+# the committed table bench/results/compile-sm90-sm80.md. Cache: ~/.cache/mbf-lora/triton.
+COMPILE_JOBS ?= 2
+.PHONY: compile-check compile-table
+compile-check: $(STAMP)
+	$(PY) -m pytest tests/gpu_compile -q -m compile_full $(PYTEST_ARGS)
+
+compile-table: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m mbf.kernels.compile_check --full --jobs $(COMPILE_JOBS) --out bench/results/compile-sm90-sm80

@@ -37,6 +37,7 @@ __all__ = [
     "interpreting",
     "pad_rank",
     "tf32_allowed",
+    "tf32_high",
     "tile_ids",
 ]
 
@@ -95,26 +96,43 @@ def bf16_pieces(x):
 
 
 @triton.jit
+def tf32_high(x):
+    """The fp32 tile ``x`` cut to TF32's 10 mantissa bits: ``x − tf32_high(x)`` is exact and ~2⁻¹¹ x."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b`` in fp32 (see the module docstring for the two flags).
 
     One operand fp32 and the other 16-bit (fp32 adapters over a 16-bit base: x or dY against an fp32
     LoRA tile): the product is kept fp32-class. Against bf16, the fp32 tile goes as three bf16 pieces
     (``bf16_pieces``): three bf16 MMAs whose products are exact, and the big 16-bit tile (x, dY) stays
-    16-bit in registers. Against fp16 (whose narrow exponent would lose the small pieces) both go as
-    fp32 with ``PRECISION``: fp16 is exact in TF32, so tf32x3 is fp32-class there too.
+    16-bit in registers. Against fp16 (whose narrow exponent would lose small pieces) the fp16 tile
+    goes as fp32, exact in TF32, and the fp32 one as a TF32 high part and the exact rest: two TF32
+    MMAs, ~2⁻²¹ relative per product (tf32x3 would also split the fp16 side, whose low part is 0).
     """
+    # one if / elif chain and one return: Triton's code generator visits what follows a return
+    # inside a compile-time branch, so early returns would still type-check the other branches
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if a.dtype == b.dtype:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    if a.dtype == tl.bfloat16:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == b.dtype:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    elif a.dtype == tl.bfloat16:
         b1, b2, b3 = bf16_pieces(b.to(tl.float32))
-        return tl.dot(a, b3, tl.dot(a, b2, tl.dot(a, b1, acc)))
-    if b.dtype == tl.bfloat16:
+        out = tl.dot(a, b3, tl.dot(a, b2, tl.dot(a, b1, acc)))
+    elif b.dtype == tl.bfloat16:
         a1, a2, a3 = bf16_pieces(a.to(tl.float32))
-        return tl.dot(a3, b, tl.dot(a2, b, tl.dot(a1, b, acc)))
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        out = tl.dot(a3, b, tl.dot(a2, b, tl.dot(a1, b, acc)))
+    elif a.dtype == tl.float16:  # fp16 is exact in TF32: only the fp32 side needs a low part
+        a32, b_hi = a.to(tl.float32), tf32_high(b.to(tl.float32))
+        out = tl.dot(a32, b - b_hi, tl.dot(a32, b_hi, acc, input_precision="tf32"), input_precision="tf32")
+    elif b.dtype == tl.float16:
+        b32, a_hi = b.to(tl.float32), tf32_high(a.to(tl.float32))
+        out = tl.dot(a - a_hi, b32, tl.dot(a_hi, b32, acc, input_precision="tf32"), input_precision="tf32")
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return out
 
 
 @triton.jit

@@ -14,10 +14,11 @@ With x flattened to ``(M, K)``, ``W0: (N, K)``, ``A: (r, K)``, ``B`` and ``B_m: 
     dX    = dY W0 + s · drop(dS A)     (M, K)  launch 4: one GEMM with the LoRA term joined, whose
     dA    = s · dSᵀ drop(x)            (r, K)           epilogue reads the x tile at the same (m, k)
 
-dA and dB are sums over the M tiles, added with fp32 atomics in any order. Under
-``torch.use_deterministic_algorithms(True)`` the launcher instead turns them off in launches 3 and
-4 and runs ``_lora_wgrad_kernel`` twice: one program per column tile sweeps all of M in a fixed
-order (one more pass over x and over dY, no atomics, same bits every run).
+dA and dB are sums over the M tiles, added with fp32 atomics in any order, while the padded rank
+is at most ``lora_op.FUSE_MAX_R_PAD`` (32). Above it, and under
+``torch.use_deterministic_algorithms(True)``, the launcher turns them off in launches 3 and 4 and
+runs ``_lora_wgrad_kernel`` twice: one program per column tile sweeps all of M in a fixed order
+(one more pass over x and over dY, no atomics, the same bits every run).
 
 Dropout: ``drop(z)[m, k] = z[m, k] · keep[m, k] / (1 − p)``, with one Philox-4x32 call per four
 columns: ``keep[m, k] = philox4x(seed, m · ⌈K/4⌉ + ⌊k/4⌋)[k mod 4] ≥ floor(p · 2³²)``, exactly

@@ -16,6 +16,7 @@ same bits in every process, and a correctness run compiles one config per kernel
 
 from __future__ import annotations
 
+import torch
 import triton
 from mbf.kernels._common import configs_pinned, interpreting
 
@@ -37,7 +38,6 @@ _LINEAR = {
     2: [
         (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 3),
-        (64, 256, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
         (32, 128, 64, 4, 4),
@@ -56,12 +56,13 @@ _LINEAR = {
 # down: (BLOCK_M, BLOCK_K, warps, stages), memory-bound over x: enough rows to stream K, enough programs
 _DOWN = {
     2: [(128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (16, 128, 4, 4)],
-    4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 128, 4, 3), (16, 64, 4, 4)],
+    4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 32, 4, 4), (16, 128, 4, 3), (16, 64, 4, 4),
+        (16, 32, 4, 4)],
 }
 # dy: (BLOCK_M, BLOCK_N, warps, stages), memory-bound over dY: each program sweeps all of N
 _DY = {
-    2: [(128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4)],
-    4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 128, 4, 3), (16, 64, 4, 4)],
+    2: [(128, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4)],
+    4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 3)],
 }
 
 
@@ -94,20 +95,37 @@ def _per_thread(config: triton.Config, width: str) -> float:
     return config.kwargs["BLOCK_M"] * config.kwargs[width] / (32 * config.num_warps)
 
 
-def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
-    """Whether ``config``'s tiles fit the registers of this launch's variant without spilling.
+def _split(args: dict, main: str, lora: str) -> bool:
+    """Whether this launch's fp32 products are split into TF32 parts in registers: fp32 tiles under
+    tf32x3, or fp32 LoRA tiles beside fp16 ones (two TF32 passes). Those double the tiles held."""
+    a, b = args[main].dtype, args[lora].dtype
+    fp32 = a == b == torch.float32 and args["PRECISION"] == "tf32x3"
+    return fp32 or {a, b} == {torch.float16, torch.float32}
 
-    The budgets are what the compile check measured on sm_90 (ptxas): the plain GEMM takes the
-    tutorial's 128 elements per thread; the backward with the dA epilogue or dropout also holds the
-    x tile and the mask before its K loop, so 64, and 32 with a wide rank (R_PAD >= 64) or fp32
-    LoRA tiles beside a 16-bit x (three bf16 pieces per fp32 operand).
+
+def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
+    """Whether ``config``'s tiles fit the registers of this launch's variant: what the compile check
+    measured on sm_90 with ptxas (more than 64 bytes of spills is a misfit).
+
+    linear: the plain GEMM takes the tutorial's 128 fp32 accumulator elements per thread (64 at
+    R_PAD 64: the LoRA tiles join); the backward with the dA epilogue or dropout also holds the x
+    tile and the mask, so 64, and 32 with fp32 LoRA tiles above R_PAD 16. Split fp32 products
+    (``_split``) quarter these, down to 16. Split, dy with dB keeps BLOCK_M x R_PAD <= 1024 and down
+    at R_PAD 64 BLOCK_M x BLOCK_K <= 1024.
     """
-    if kernel != "linear":
-        return True
-    if not (args["ACC_DA"] or args["HAS_DROPOUT"]):
-        return _per_thread(config, "BLOCK_N") <= 128
+    R, c = args["R_PAD"], config.kwargs
+    if kernel == "down":
+        return not (_split(args, "x_ptr", "a_ptr") and R >= 64 and c["BLOCK_M"] * c["BLOCK_K"] > 1024)
+    if kernel == "dy":
+        return not (_split(args, "dy_ptr", "b_ptr") and args["ACC_DB"] and c["BLOCK_M"] * R > 1024)
     mixed = args["u_ptr"].dtype != args["a_ptr"].dtype
-    return _per_thread(config, "BLOCK_N") <= (64 if args["R_PAD"] <= (16 if mixed else 32) else 32)
+    if args["ACC_DA"] or args["HAS_DROPOUT"]:
+        budget = 64 if R <= (16 if mixed else 32) else 32
+    else:
+        budget = 128 if R <= 32 else 64
+    if _split(args, "a_ptr", "u_ptr"):
+        budget = max(16, budget // 4)
+    return _per_thread(config, "BLOCK_N") <= budget
 
 
 def _pruner(kernel: str):

@@ -13,9 +13,15 @@ from mbf.kernels import lora
 from mbf.kernels._common import TL_DTYPES, device_of, dot_flags, pad_rank
 from mbf.kernels.lora_configs import launch, wgrad_config
 
-__all__ = ["MAX_RANK", "lora_linear"]
+__all__ = ["FUSE_MAX_R_PAD", "MAX_RANK", "lora_linear"]
 
-MAX_RANK = 128  # the rank is one (R_PAD)-wide tile in registers; beyond it the torch path is the one
+# The rank is one (R_PAD)-wide tile in registers. At R_PAD 128 every kernel spills hundreds of bytes
+# to KBs on sm_90 (compile check), so the fused op stops at 64; the torch path (cuBLAS) takes the rest.
+MAX_RANK = 64
+# dA and dB join the dY and dX passes as fp32 atomics up to this padded rank; beyond it their
+# (BLOCK, R_PAD) tiles crowd those kernels (spills at R_PAD 64), and _lora_wgrad_kernel sums them in
+# a pass of its own over x and dY (in a fixed order: deterministic as well).
+FUSE_MAX_R_PAD = 32
 _MAX_STEP_BLOCK = 256  # largest BLOCK of any config: a pointer advances by BLOCK · stride in int32
 
 
@@ -103,26 +109,28 @@ def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, ne
     """Launches 3 and 4: dX (M, K) in x's dtype and the flat ``[dA | dB]`` in the adapters' dtype.
 
     dA and dB share one buffer: one zeroing launch for both atomic accumulators, and (16-bit
-    adapters) one cast; none of either in deterministic mode, where ``_lora_wgrad_kernel`` writes
-    them in the adapters' dtype.
+    adapters) one cast; none of either when ``_lora_wgrad_kernel`` writes them in the adapters'
+    dtype (deterministic mode, or a padded rank above ``FUSE_MAX_R_PAD``).
     """
     (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
     n_da, n_db = r * K if need_da else 0, N * r if need_db else 0
     dx = torch.empty((M, K) if need_dx else (0,), device=x2.device, dtype=x2.dtype)
     if M == 0 or not (need_dx or need_da or need_db):
         return dx.zero_(), torch.zeros(n_da + n_db, device=x2.device, dtype=A.dtype)
-    det = torch.are_deterministic_algorithms_enabled()
-    acc_dtype = A.dtype if det else torch.float32  # atomics add in fp32; the wgrad kernel stores A's dtype
-    grads = (torch.empty if det else torch.zeros)(n_da + n_db, device=x2.device, dtype=acc_dtype)
+    flags = _flags(x2, A)
+    # atomics (fp32, any order) inside the dY and dX passes, or the fixed-order wgrad kernel
+    fused = flags["R_PAD"] <= FUSE_MAX_R_PAD and not torch.are_deterministic_algorithms_enabled()
+    acc_dtype = torch.float32 if fused else A.dtype  # the wgrad kernel stores A's dtype
+    grads = (torch.zeros if fused else torch.empty)(n_da + n_db, device=x2.device, dtype=acc_dtype)
     dA, dB = grads[:n_da].view(r, K) if need_da else grads, grads[n_da:].view(N, r) if need_db else grads
     x2, weight, dY = _int32_steps("x", x2), _int32_steps("weight", weight), _int32_steps("dY", dY)
     A, B = A.contiguous(), B.contiguous()
     Bm = merged_B.contiguous() if merged_B is not None else B
     dS = torch.empty_like(S)
-    flags, m_bucket = _flags(x2, A), triton.next_power_of_2(M)
+    m_bucket = triton.next_power_of_2(M)
     drop_scale = float(scaling) / (1.0 - dropout)  # s / (1 − p): the mask's rescale folded into s
     db_scale = float(scaling) * (float(lam) if merged_B is not None else 1.0)  # ∂B_eff/∂B = λ
-    has_main, acc_da, acc_db = need_dx, need_da and not det, need_db and not det
+    has_main, acc_da, acc_db = need_dx, need_da and fused, need_db and fused
     out = dx if need_dx else dY  # a valid pointer when dX is not wanted (HAS_MAIN off)
     unused = S.new_empty(0)  # fp32 like the accumulators it stands for; zeroing it touches nothing
     with device_of(x2):
@@ -151,9 +159,9 @@ def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, ne
                 m_bucket=m_bucket, HAS_MAIN=has_main, HAS_BIAS=False, HAS_MERGED=False,
                 HAS_DROPOUT=dropout > 0.0, ACC_DA=acc_da, **flags,
             )  # fmt: skip
-        if det and need_da:  # one program per column tile sums all of M in order: the same bits every run
+        if need_da and not fused:  # one program per column tile sums all of M in order
             _wgrad(dS, x2, dA, drop_scale, dropout, seed, flags)
-        if det and need_db:
+        if need_db and not fused:
             _wgrad(S, dY, dB.T, db_scale, 0.0, 0, flags)
     return dx, grads.to(A.dtype)
 

@@ -19,8 +19,8 @@ Which one runs (``choose_path``): fused while the token count M is small, where 
 by reading W and reading 0.52 instead of 2 bytes per weight is the win; dequant + cuBLAS beyond,
 since the fused kernel dequantises each W tile once per M-tile (M / BLOCK_M times) while the
 dequant pass reads W once whatever M is, and from a few hundred tokens on the GEMM is compute-bound.
-``FUSED_MAX_M`` is that switch: one documented setting, conservative until a GPU measures the
-crossover (``bench/test_bench_nf4.py`` times both paths).
+``FUSED_MAX_M`` is that switch: one documented setting, unmeasured and conservative (16) until a GPU
+measures the crossover with ``bench/test_bench_nf4.py``, which times both paths over M.
 """
 
 from __future__ import annotations
@@ -32,20 +32,35 @@ from mbf.kernels._common import cast, device_of, dot, dot_flags, interpreting, p
 
 __all__ = ["FUSED_MAX_M", "choose_path", "nf4_dequantize", "nf4_lora_dx", "nf4_lora_forward"]
 
-# Tokens per call up to which the fused kernel is used; above it, one dequant pass + cuBLAS. Kept
-# at the decode-sized batches where bitsandbytes and Unsloth also fuse, until a GPU measures better.
+# Tokens per call up to which the fused kernel is used; above it, one dequant pass + cuBLAS.
+# UNMEASURED: no GPU has timed either path yet. 16 is a conservative guess at decode-sized batches,
+# where bitsandbytes and Unsloth also fuse. To set it, run bench/test_bench_nf4.py on the target GPU
+# (it times the fused path against dequant + cuBLAS over M) and put the crossover here.
 FUSED_MAX_M = 16
 QBLOCK = 64  # elements per absmax block (bitsandbytes blocksize)
 _QBYTES: tl.constexpr = tl.constexpr(QBLOCK // 2)  # bytes per absmax block, for the kernels
 
 
-def _gemm_config(M: int) -> dict:
-    """Tile sizes (one place; keyed on M). Fixed, not autotuned: nothing was measured on a GPU yet."""
+def _gemm_config(M: int, element_size: int) -> dict:
+    """Tile sizes (one place; keyed on M and the activations' element size). Fixed, not autotuned:
+    nothing was measured on a GPU yet. Each compiles for sm_90 and sm_80 within their shared memory
+    and without spills (``mbf.kernels.compile_check``): fp32 tiles take half the columns of 16-bit
+    ones (the 16-bit 128x128x64 tile at 3 stages needed 196-262 KB of shared memory in fp32)."""
     if interpreting():  # small tiles: the interpreter's cost grows with the tile volume
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
     block_m = 64 if M <= 64 else 128
     warps = 8 if block_m == 128 else 4
+    if element_size == 4:
+        stages = 3 if block_m == 64 else 2
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages)
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=3)
+
+
+def _dot_flags(x: torch.Tensor) -> dict:
+    # fp32 always multiplies in tf32x3 here: Triton 3.9 cannot lower the dX kernel's one-pass TF32
+    # wgmma on a dequantised tile ("LLVM ERROR: Illegal shared layout", found by the compile check)
+    flags = dot_flags(x)
+    return {**flags, "PRECISION": "tf32x3"} if flags["PRECISION"] == "tf32" else flags
 
 
 def choose_path(M: int) -> str:
@@ -129,12 +144,12 @@ def _lora_term(
     OUT,
     R,
     scaling,  # s
-    BLOCK_R: tl.constexpr,  # rank padded
+    R_PAD: tl.constexpr,  # rank padded
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """``acc + s · l @ u``: the LoRA term in the same fp32 accumulator as the base GEMM."""
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.arange(0, R_PAD)
     lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r[None, :],
                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)  # fmt: skip
     ut = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_o[None, :] * stride_uo,
@@ -165,7 +180,7 @@ def _nf4_dequant_kernel(
     tl.store(out_ptr + offs_out, cast(w, out_ptr.dtype.element_ty, UPCAST), mask=offs_out < 2 * n_bytes)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "stride_sm"])  # M = 1 or r = 16 compile no other binary
 def _nf4_lora_fwd_kernel(
     x_ptr,  # (M, K) activations, unit column stride
     packed_ptr,  # NF4 codes of W (N, K)
@@ -189,7 +204,7 @@ def _nf4_lora_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -199,7 +214,7 @@ def _nf4_lora_fwd_kernel(
                         pid_n * BLOCK_N,
                         True, BLOCK_M, BLOCK_K, BLOCK_N, UPCAST, PRECISION)  # fmt: skip
     acc = _lora_term(acc, s_ptr, stride_sm, b_ptr, 1, R, offs_m, offs_n, M, N, R, scaling,
-                     BLOCK_R, UPCAST, PRECISION)  # fmt: skip
+                     R_PAD, UPCAST, PRECISION)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -208,7 +223,7 @@ def _nf4_lora_fwd_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "stride_dsm"])
 def _nf4_lora_dx_kernel(
     dy_ptr,  # (M, N) upstream gradient, unit column stride
     packed_ptr,  # NF4 codes of W (N, K)
@@ -231,7 +246,7 @@ def _nf4_lora_dx_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -242,7 +257,7 @@ def _nf4_lora_dx_kernel(
                         False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)  # fmt: skip
     if HAS_LORA:
         acc = _lora_term(acc, ds_ptr, stride_dsm, a_ptr, K, 1, offs_m, offs_k, M, K, R, scaling,
-                         BLOCK_R, UPCAST, PRECISION)  # fmt: skip
+                         R_PAD, UPCAST, PRECISION)  # fmt: skip
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
     tl.store(
         dx_ptrs,
@@ -314,14 +329,14 @@ def nf4_lora_forward(
         )
     x, S, B_eff = _unit_cols(x), S.to(x.dtype).contiguous(), B_eff.contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    cfg = _gemm_config(M)
+    cfg = _gemm_config(M, x.element_size())
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     with device_of(x):
         _nf4_lora_fwd_kernel[grid](
             x_ptr=x, packed_ptr=packed, scales_ptr=scales, code_ptr=code,
             bias_ptr=bias if bias is not None else y, s_ptr=S, b_ptr=B_eff, y_ptr=y,
             M=M, N=N, K=K, R=r, stride_xm=x.stride(0), stride_sm=S.stride(0), stride_ym=y.stride(0),
-            scaling=float(scaling), HAS_BIAS=bias is not None, BLOCK_R=pad_rank(r), **dot_flags(x), **cfg,
+            scaling=float(scaling), HAS_BIAS=bias is not None, R_PAD=pad_rank(r), **_dot_flags(x), **cfg,
         )  # fmt: skip
     return y
 
@@ -346,14 +361,14 @@ def nf4_lora_dx(
     dy, A = _unit_cols(dy), A.to(dy.dtype).contiguous()
     dS = None if dS is None else dS.to(dy.dtype).contiguous()
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
-    cfg = _gemm_config(M)
+    cfg = _gemm_config(M, dy.element_size())
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     with device_of(dy):
         _nf4_lora_dx_kernel[grid](
             dy_ptr=dy, packed_ptr=packed, scales_ptr=scales, code_ptr=code,
             ds_ptr=dS if dS is not None else dy, a_ptr=A, dx_ptr=dx,
             M=M, N=N, K=K, R=r, stride_dym=dy.stride(0), stride_dsm=dS.stride(0) if dS is not None else 0,
-            stride_dxm=dx.stride(0), scaling=float(scaling), HAS_LORA=dS is not None, BLOCK_R=pad_rank(r),
-            **dot_flags(dy), **cfg,
+            stride_dxm=dx.stride(0), scaling=float(scaling), HAS_LORA=dS is not None, R_PAD=pad_rank(r),
+            **_dot_flags(dy), **cfg,
         )  # fmt: skip
     return dx

@@ -57,8 +57,10 @@ _TILE = 8192  # elements per (R_PAD, BLOCK_D) tile: 32 KiB of fp32 registers per
 _DOT_TILE = 2048  # projection tiles: its fp32 tl.dot (FMA path) spills beyond this (sm_90 AOT, ptxas)
 
 
-def _block_d(r_pad: int, d: int, tile: int = _TILE) -> int:
-    return max(16, min(triton.next_power_of_2(d), tile // r_pad))
+def _block_d(r_pad: int, tile: int = _TILE) -> int:
+    # A function of the rank alone: one compiled variant per rank, whatever the widths (a narrow
+    # matrix leaves lanes masked, which costs nothing next to Llama's d = 4096 / 14336).
+    return max(16, tile // r_pad)
 
 
 def _num_warps(r_pad: int) -> int:
@@ -161,7 +163,7 @@ def _least_covered_column(W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr)
     return best_j
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["r"])  # a rank of 1 or 16 must not compile another binary
 def _cgs2_rows_kernel(
     A_ptrs,  # (G,) int64 addresses of the matrices: (r, d_g) each, contiguous, dtype A_DTYPE
     Scales,  # (G,) fp32 power of two per matrix: its largest entry times it lies in [1, 2)
@@ -218,7 +220,7 @@ def _rows_tile(X_g, n, cols, d, N_PAD: tl.constexpr):
     return tl.load(X_g + rows[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "r"])
 def _project_out_kernel(
     U,  # (G, k, d) contiguous rows to clean
     Q,  # (G, r, d) contiguous orthonormal rows to remove
@@ -296,7 +298,7 @@ def orthonormal_rows_many(As: Sequence[torch.Tensor], tau: float) -> tuple[list[
     with device_of(W):
         _cgs2_rows_kernel[(len(As),)](
             A_ptrs=table[0], Scales=scales[perm], W=W, Out=out, Offsets=table[1], Dims=dims_t, Flags=status,
-            r=r, tau=float(tau), A_DTYPE=TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad, max(dims)),
+            r=r, tau=float(tau), A_DTYPE=TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad),
             SEPARATE_OUT=out is not W, num_warps=_num_warps(r_pad),
         )  # fmt: skip
     status_in_order = torch.empty_like(status)
@@ -353,6 +355,6 @@ def project_out(U: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
         with device_of(out):
             _project_out_kernel[(G,)](
                 U=U3, Q=Q3, Out=out, k=k, r=r, d=d, K_PAD=k_pad, R_PAD=r_pad,
-                BLOCK_D=_block_d(widest, d, _DOT_TILE), num_warps=_num_warps(widest),
+                BLOCK_D=_block_d(widest, _DOT_TILE), num_warps=_num_warps(widest),
             )  # fmt: skip
     return out[0] if squeeze else out

@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 lora_kernel = pytest.importorskip("mbf.kernels.lora")
 lora_op = pytest.importorskip("mbf.kernels.lora_op")
+common = pytest.importorskip("mbf.kernels._common")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -348,6 +349,20 @@ def test_deterministic_mode_is_bit_identical_and_matches_reference(dtype, monkey
         assert_close(g1[name], g_ref[name], dtype)
 
 
+def test_wide_ranks_sum_dA_and_dB_in_their_own_pass(monkeypatch):
+    # R_PAD above FUSE_MAX_R_PAD: dA and dB leave the dY / dX passes for the fixed-order kernel
+    calls = []
+    monkeypatch.setattr(lora_op, "_wgrad", lambda *a, _f=lora_op._wgrad: calls.append(1) or _f(*a))
+    t, dY = _inputs((2, 9), 40, 17, 37, torch.bfloat16, merged=True)
+    _check(t, dY, torch.bfloat16, scaling=0.5, lam=0.6, dropout=0.3, seed=5)
+    assert len(calls) == 2 and lora_op.pad_rank(37) > lora_op.FUSE_MAX_R_PAD
+
+
+def test_ranks_above_the_fused_limit_take_the_torch_path():
+    t, dY = _inputs((5,), 24, 17, functional.MAX_FUSED_RANK + 1, torch.float32)
+    _check(t, dY, torch.float32, scaling=0.5)  # backend="triton" over a dense W0: the torch Function
+
+
 def test_pinned_configs_skip_the_autotuner(monkeypatch):
     # MBF_PIN_CONFIGS=1: one config per kernel, no candidate timed (GPU correctness runs)
     monkeypatch.setenv("MBF_PIN_CONFIGS", "1")
@@ -358,7 +373,9 @@ def test_pinned_configs_skip_the_autotuner(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "x_dtype,adapter_dtype", [(torch.bfloat16,) * 2, (torch.bfloat16, torch.float32), (torch.float32,) * 2]
+    "x_dtype,adapter_dtype",
+    [(torch.bfloat16,) * 2, (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    + [(torch.float32,) * 2],
 )
 def test_pruning_keeps_two_candidates_for_every_variant_and_token_count(x_dtype, adapter_dtype, monkeypatch):
     # the GPU pruning (the interpreter's is one fixed config); M <= 16 used to keep a single config
@@ -373,9 +390,10 @@ def test_pruning_keeps_two_candidates_for_every_variant_and_token_count(x_dtype,
     }
     for tuner, variants in launches.items():
         for args in variants:
-            for r_pad in (16, 32, 64, 128):
+            for r_pad in (16, 32, 64):
                 for m_bucket in (2**i for i in range(17)):
-                    kept = tuner.early_config_prune(tuner.configs, {}, **args, R_PAD=r_pad, m_bucket=m_bucket)
+                    args.update(R_PAD=r_pad, m_bucket=m_bucket, PRECISION="tf32x3")  # the tightest
+                    kept = tuner.early_config_prune(tuner.configs, {}, **args)
                     assert len(kept) >= 2, (tuner.fn.__name__, args, r_pad, m_bucket)
                     assert all(c.kwargs["BLOCK_M"] <= max(16, m_bucket) for c in kept)
 
@@ -393,7 +411,26 @@ def test_int32_pointer_steps_are_guarded():
 
 def test_unsupported_rank_and_dtype_are_refused():
     t, _ = _inputs((3,), 24, 17, 2, torch.float32)
-    with pytest.raises(ValueError, match=r"rank 129 must be in \[1, 128\]"):
-        lora_op.lora_linear(t["x"], t["weight"], None, torch.randn(129, 24), torch.randn(17, 129), 1.0)
+    with pytest.raises(ValueError, match=r"rank 65 must be in \[1, 64\]"):
+        lora_op.lora_linear(t["x"], t["weight"], None, torch.randn(65, 24), torch.randn(17, 65), 1.0)
     with pytest.raises(ValueError, match="the fused LoRA kernel takes"):
         lora_op.lora_linear(t["x"].double(), t["weight"].double(), None, t["A"], t["B"], 1.0)
+
+
+@triton.jit
+def _split_probe(x_ptr, sum_ptr, hi_ptr, N: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, N))
+    p1, p2, p3 = common.bf16_pieces(x)
+    tl.store(sum_ptr + tl.arange(0, N), (p1.to(tl.float32) + p2.to(tl.float32)) + p3.to(tl.float32))
+    tl.store(hi_ptr + tl.arange(0, N), common.tf32_high(x))
+
+
+def test_fp32_splits_for_16_bit_tensor_cores_are_exact_enough():
+    # the pieces that keep fp32-class products against a 16-bit tile: three bf16 pieces sum to x
+    # within 2**-24 relative; the TF32 high part keeps 10 mantissa bits and the rest is below 2**-10 x
+    x = torch.randn(64, device=KERNEL_DEVICE) * torch.logspace(-6, 6, 64, device=KERNEL_DEVICE)
+    total, hi = torch.empty_like(x), torch.empty_like(x)
+    _split_probe[(1,)](x, total, hi, N=64)
+    assert ((total - x).abs() <= 2.0**-24 * x.abs()).all()
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()
+    assert ((x - hi).abs() <= 2.0**-10 * x.abs()).all() and not torch.equal(hi, x)

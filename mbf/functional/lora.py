@@ -21,8 +21,8 @@ from mbf.reference import apply_dropout
 __all__ = ["MAX_FUSED_RANK", "LoRALinearFunction", "lora_linear", "lora_linear_nf4"]
 
 # The fused kernel pads r into one register tile (mbf.kernels.lora_op.MAX_RANK); above this rank the
-# torch path runs, with backend="triton" too (the kernel would spill its (BLOCK, R_PAD) tiles).
-MAX_FUSED_RANK = 128
+# torch path runs, with backend="triton" too (at 128 its (BLOCK, R_PAD) tiles spill on sm_90).
+MAX_FUSED_RANK = 64
 
 
 def _b_eff(B: torch.Tensor, merged_B: torch.Tensor | None, lam: float, ct: torch.dtype) -> torch.Tensor:
