@@ -229,13 +229,13 @@ def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_load_in_4bit_trains_on_an_nf4_base(tiny_checkpoint, tmp_path, capsys):
-    """QLoRA through the command: every projection of the base is NF4, the run completes and evaluates."""
+    """QLoRA through the command: every projection of the base is NF4 computing in the chosen dtype, the
+    run completes and evaluates."""
     run = tmp_path / "q"
-    assert (
-        main(["continual", "--out", str(run), "--model", str(tiny_checkpoint), "--load-in-4bit", *SMALL]) == 0
-    )
+    argv = ["continual", "--out", str(run), "--model", str(tiny_checkpoint), "--load-in-4bit", *SMALL]
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
     res = results_file.read(run)
-    assert res["complete"] and res["lora"]["quantize"] == "nf4"
+    assert res["complete"] and res["lora"]["quantize"] == "nf4" and res["dtype"] == "bfloat16"
     capsys.readouterr()
     assert main(["eval", "--run", str(run)]) == 0
     captured = capsys.readouterr()
