@@ -216,9 +216,17 @@ def test_compare_and_eval(slao_run, tmp_path, capsys):
 
 
 def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
+    """Side by side (two processes of one thread each: the default) as in turn with one thread."""
     out = tmp_path / "demo"
     demo = ["demo", "--model", str(tiny_checkpoint), "--out", str(out)]
-    assert main([*demo, "--n-test", "4", "--max-steps", "2"]) == 0
+    assert main([*demo, "--n-test", "4", "--max-steps", "2", "--threads", "2"]) == 0
+    in_turn = ["demo", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "in-turn"), "--jobs", "1"]
+    assert main([*in_turn, "--n-test", "4", "--max-steps", "2", "--threads", "1"]) == 0
+    for method in ("slao", "seq-lora"):
+        both = [results_file.read(d / method) for d in (out, tmp_path / "in-turn")]
+        assert both[0]["accuracy"] == both[1]["accuracy"]
+        losses = [[p["final_loss"] for p in r["per_task"]] for r in both]
+        assert losses[0] == losses[1]
     printed = capsys.readouterr().out
     assert f"report: {out / 'compare' / 'compare.md'}" in printed
     text = (out / "compare" / "compare.md").read_text()

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-test", type=_positive_int, default=50)
     d.add_argument("--max-steps", type=_positive_int, default=20)
     d.add_argument("--resume", action="store_true")
+    d.add_argument(
+        "--jobs",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: the two methods side by side, each in its own process with half the threads; 1: in turn",
+    )
     _add_model_args(d)
 
     b = sub.add_parser("bench", help="training-step and task-boundary benchmark that fits this machine")
