@@ -1,11 +1,15 @@
-"""CPU LoRA linear: frozen base (the floor) vs PEFT's LoRA vs mbf's torch path, fwd+bwd, fp32.
+"""CPU LoRA linear: frozen base (the floor) vs PEFT's LoRA vs mbf's torch path, fwd+bwd, in float32
+and over a bfloat16 base (fp32 adapters for both PEFT and mbf, as each keeps them by default).
 
 The shape is SmolLM2-135M's up_proj (576 -> 1536) at 2048 tokens, r = 16: the CPU path is a
-product too. Run: ``python -m pytest bench/test_bench_lora_cpu.py -q -s``. Measures and writes
-rows to ``bench/results/<device>-<date>.json``; it never asserts a speed.
+product too. The three providers take turns call by call, so that a shared machine's changing load
+falls on all of them alike. Run: ``python -m pytest bench/test_bench_lora_cpu.py -q -s``. Measures and
+writes rows to ``bench/results/<device>-<date>.json``; it never asserts a speed.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -13,16 +17,17 @@ from torch import nn
 
 from mbf.bench.providers import peft_lora
 from mbf.bench.rows import FLOOR, device_name, timed_row
-from mbf.bench.timing import time_fn
+from mbf.bench.timing import summarize
 
 IN_F, OUT_F, M, R = 576, 1536, 2048, 16
 PROVIDERS = (FLOOR, "peft", "mbf-torch")  # the floor first: the others' reference
 REFERENCES = {"lora_linear": FLOOR}
+WARMUP, REP = 3, 25
 
 
-def _module(provider: str) -> nn.Module:
+def _module(provider: str, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
-    base = nn.Linear(IN_F, OUT_F)
+    base = nn.Linear(IN_F, OUT_F).to(dtype)
     if provider == FLOOR:
         base.requires_grad_(False)
         return base
@@ -38,16 +43,26 @@ def _step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     module(x).backward(dy)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_bench_lora_cpu_fwd_bwd(provider, rows):
-    torch.set_num_threads(torch.get_num_threads())
-    module = _module(provider)
-    x = torch.randn(M, IN_F, requires_grad=True)
-    dy = torch.randn(M, OUT_F)
-    # fwd: base GEMM 2·M·in·out; bwd: dX GEMM of the same size (no dW: the base is frozen)
-    flops = 4 * M * IN_F * OUT_F + (0 if provider == FLOOR else 6 * M * R * (IN_F + OUT_F))
-    t = time_fn(lambda: _step(module, x, dy), "cpu", warmup=3, rep=15)
-    case = dict(
-        op="lora_linear", provider=provider, mode="full", shape=f"{IN_F}->{OUT_F}", M=M, r=R, dtype="float32"
-    )
-    rows.append(timed_row(**case, device=device_name("cpu"), timing=t, flops=flops, peak_mem_bytes=None))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_lora_cpu_fwd_bwd(dtype, rows):
+    dt = getattr(torch, dtype)
+    modules = {p: _module(p, dt) for p in PROVIDERS}
+    x = torch.randn(M, IN_F, dtype=dt, requires_grad=True)
+    dy = torch.randn(M, OUT_F, dtype=dt)
+    samples: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+    for i in range(WARMUP + REP):
+        for p, module in modules.items():
+            t0 = time.perf_counter()
+            _step(module, x, dy)
+            if i >= WARMUP:
+                samples[p].append((time.perf_counter() - t0) * 1e3)
+    for p in PROVIDERS:
+        # fwd: base GEMM 2·M·in·out; bwd: dX GEMM of the same size (no dW: the base is frozen)
+        flops = 4 * M * IN_F * OUT_F + (0 if p == FLOOR else 6 * M * R * (IN_F + OUT_F))
+        case = dict(
+            op="lora_linear", provider=p, mode="full", shape=f"{IN_F}->{OUT_F}", M=M, r=R, dtype=dtype
+        )
+        timing = summarize(samples[p])
+        rows.append(
+            timed_row(**case, device=device_name("cpu"), timing=timing, flops=flops, peak_mem_bytes=None)
+        )

@@ -151,19 +151,29 @@ def test_the_bench_dtypes_and_the_interleaved_cpu_rounds(monkeypatch):
 
     configs = suite.default_suite(cuda=False, dtypes=("float32", "bfloat16"))
     assert [(c.dtype, c.provider) for c in configs[:3]] == [("float32", p) for p in (FLOOR, "peft", "mbf")]
-    order = []
+    order, clock = [], [0.0]
 
-    def fake(cfg):  # every step of a configuration takes its index + 1 ms, plus the round
-        order.append(cfg)
-        ms = configs.index(cfg) + 1 + 0.1 * (len(order) > len(configs))
-        row = {"op": "train_step", "provider": cfg.provider, "dtype": cfg.dtype, "shape": "s", "M": 512}
-        return {**row, "samples": [ms, ms], "peak_mem_bytes": len(order), "extra_keys": []}
+    def fake_step_fn(cfg):  # a step of the floor takes 1 ms of the fake clock, PEFT's 2, mbf's 3
+        def step():
+            order.append(cfg.provider)
+            clock[0] += 1e-3 * (1 + [FLOOR, "peft", "mbf"].index(cfg.provider))
 
-    monkeypatch.setattr(train_step, "measure_step_isolated", fake)
-    rows = suite._interleaved(configs, rounds=2)
-    assert order[: len(configs)] == configs and order[len(configs)] == configs[1]  # rotated
-    assert [r["provider"] for r in rows] == [c.provider for c in configs] and rows[0]["rounds"] == 2
-    assert rows[1]["ms"] == pytest.approx(2.05) and rows[1]["samples"] == [2, 2, 2.1, 2.1]
+        return step, []
+
+    monkeypatch.setattr(train_step, "_step_fn", fake_step_fn)
+    monkeypatch.setattr(train_step.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(
+        train_step,
+        "measure_step_isolated",
+        lambda cfg: {"peak_mem_bytes": 7 if cfg.dtype == "float32" else 5},
+    )
+    rows = suite._cpu_rows(configs, rounds=2)
+    warmup = [FLOOR, "peft", "mbf"]  # then each round in turn, the order rotated
+    assert order == 2 * [*warmup, FLOOR, "peft", "mbf", "peft", "mbf", FLOOR]
+    assert [(r["dtype"], r["provider"]) for r in rows] == [(c.dtype, c.provider) for c in configs]
+    assert [len(r["samples"]) for r in rows] == [2] * 6 and rows[2]["rounds"] == 2
+    assert [r["ms"] for r in rows] == pytest.approx([1, 2, 3, 1, 2, 3])
+    assert [r["peak_mem_bytes"] for r in rows] == [7, 7, 7, 5, 5, 5]
     suite._cross_dtype_ratio(rows)
     assert rows[5]["ratio_to_peft_float32"] == pytest.approx(rows[5]["ms"] / rows[1]["ms"])  # bf16 mbf
     assert "ratio_to_peft_float32" not in rows[2]

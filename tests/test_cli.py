@@ -222,9 +222,17 @@ def test_compare_and_eval(slao_run, tmp_path, capsys):
 
 
 def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
+    """Side by side (two processes of one thread each: the default) gives what one after another does."""
     out = tmp_path / "demo"
     demo = ["demo", "--model", str(tiny_checkpoint), "--out", str(out), "--suite", "domains"]
-    assert main([*demo, "--n-test", "4", "--max-steps", "2"]) == 0
+    assert main([*demo, "--n-test", "4", "--max-steps", "2", "--threads", "2"]) == 0
+    in_turn = ["demo", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "in-turn"), "--jobs", "1"]
+    assert main([*in_turn, "--suite", "domains", "--n-test", "4", "--max-steps", "2", "--threads", "1"]) == 0
+    for method in ("slao", "seq-lora", "multi-task"):
+        both = [results_file.read(d / method) for d in (out, tmp_path / "in-turn")]
+        assert both[0]["accuracy"] == both[1]["accuracy"]
+        losses = [[p["final_loss"] for p in r["per_task"]] for r in both]
+        assert losses[0] == losses[1]
     printed = capsys.readouterr().out
     assert f"report: {out / 'compare' / 'compare.md'}" in printed and "(domains suite)" in printed
     text = (out / "compare" / "compare.md").read_text()
@@ -235,13 +243,13 @@ def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_load_in_4bit_trains_on_an_nf4_base(tiny_checkpoint, tmp_path, capsys):
-    """QLoRA through the command: every projection of the base is NF4, the run completes and evaluates."""
+    """QLoRA through the command: every projection of the base is NF4 computing in the chosen dtype, the
+    run completes and evaluates."""
     run = tmp_path / "q"
-    assert (
-        main(["continual", "--out", str(run), "--model", str(tiny_checkpoint), "--load-in-4bit", *SMALL]) == 0
-    )
+    argv = ["continual", "--out", str(run), "--model", str(tiny_checkpoint), "--load-in-4bit", *SMALL]
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
     res = results_file.read(run)
-    assert res["complete"] and res["lora"]["quantize"] == "nf4"
+    assert res["complete"] and res["lora"]["quantize"] == "nf4" and res["dtype"] == "bfloat16"
     capsys.readouterr()
     assert main(["eval", "--run", str(run)]) == 0
     captured = capsys.readouterr()

@@ -79,7 +79,8 @@ def test_gguf_is_found_without_importing_the_package():
 
 
 def test_embedded_model_loads_from_the_cache(monkeypatch):
-    """The cached SmolLM2 is reused, never converted again, and is a 30-layer Llama (when converted)."""
+    """The cached SmolLM2 is reused, never converted again, and is a 30-layer Llama in the dtype auto
+    picks here (when converted)."""
     folder = models.cache_dir() / f"{models.DEFAULT_NAME}-from-gguf"
     if not (folder / "model.safetensors").is_file():
         pytest.skip("SmolLM2 not converted yet (the first `mbf demo` does it, ~30 s)")

@@ -105,8 +105,9 @@ def test_training_learns_a_task():
     assert stats["steps"] == 25 and stats["final_loss"] < 0.6 * stats["first_loss"]
 
 
-class ScriptedLM(torch.nn.Module):
-    """Replies to each prompt with a scripted token sequence, then eos, through greedy_decode's calls.
+class ScriptedDecoder(torch.nn.Module):
+    """Replies to each prompt with a scripted token sequence, then eos, through greedy_decode's calls:
+    its last hidden state is the one-hot of the next token (the LM head is the identity).
 
     The first call sees the left-padded prompts; each later call one token per row and the cache it
     returned, which here carries the replies and the step.
@@ -116,23 +117,23 @@ class ScriptedLM(torch.nn.Module):
         super().__init__()
         self.replies, self.vocab = replies, vocab
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask,
-        position_ids=None,
-        use_cache=True,
-        past_key_values=None,
-        logits_to_keep=None,
-    ):
+    def forward(self, input_ids, attention_mask, position_ids=None, use_cache=True, past_key_values=None):
         if past_key_values is None:
             prompts = [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids, attention_mask)]
             state = {"replies": [self.replies[p] for p in prompts], "step": 0}
         else:
             state = {**past_key_values, "step": past_key_values["step"] + 1}
         nxt = [r[state["step"]] if state["step"] < len(r) else EOS for r in state["replies"]]
-        logits = torch.nn.functional.one_hot(torch.tensor(nxt), self.vocab).float()[:, None]  # (B, 1, V)
-        return SimpleNamespace(logits=logits, past_key_values=state)
+        hidden = torch.nn.functional.one_hot(torch.tensor(nxt), self.vocab).float()[:, None]  # (B, 1, V)
+        return SimpleNamespace(last_hidden_state=hidden, past_key_values=state)
+
+
+class ScriptedLM(torch.nn.Module):
+    """A causal LM as greedy_decode reads one: ``model`` the decoder, ``lm_head`` the head."""
+
+    def __init__(self, replies: dict[tuple[int, ...], list[int]], vocab: int) -> None:
+        super().__init__()
+        self.model, self.lm_head = ScriptedDecoder(replies, vocab), torch.nn.Identity()
 
 
 def test_evaluate_scores_exactly_the_right_answers():

@@ -22,6 +22,7 @@ __all__ = [
     "device_name",
     "make_row",
     "ratio_label",
+    "ratio_labels",
     "results_path",
     "same_case",
     "slug",
@@ -102,18 +103,25 @@ RATES = (("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("tokens_per_s", "tokens/s"))
 def case_label(row: dict, sep: str = "\n") -> str:
     """``4096->4096 / M=8192 r=16 / full`` (``ckpt`` for activation checkpointing)."""
     parts = [str(row.get("shape", "")), f"M={row.get('M')} r={row.get('r')}", str(row.get("mode", ""))]
+    parts[-1] += f" {row['dtype']}" if row.get("dtype") else ""  # one case per dtype, side by side
     if row.get("checkpointing"):
         parts.append("ckpt")
     return sep.join(parts)
 
 
 def ratio_label(row: dict) -> str:
-    """``"1.180× floor"``, ``"0.920× peft"`` or ``""``."""
+    """``"1.180× floor"``, ``"0.920× peft"`` or ``""`` (the floor's when a row has both)."""
+    return next(iter(ratio_labels(row)), "")
+
+
+def ratio_labels(row: dict) -> list[str]:
+    """Every ratio of a row: ``["1.180× floor", "0.920× peft"]``."""
+    labels = []
     if row.get("ratio_to_floor") is not None:
-        return f"{row['ratio_to_floor']:.3f}× floor"
+        labels.append(f"{row['ratio_to_floor']:.3f}× floor")
     if row.get("ratio_to_baseline") is not None:
-        return f"{row['ratio_to_baseline']:.3f}× {row['baseline']}"
-    return ""
+        labels.append(f"{row['ratio_to_baseline']:.3f}× {row['baseline']}")
+    return labels
 
 
 class RowWriter:
@@ -168,5 +176,5 @@ class RowWriter:
         for r in self.rows:
             rate = next((f"{r[k]:9.3f} {unit}" for k, unit in RATES if r.get(k) is not None), "")
             case = f"{r['op']:>15} {case_label(r, sep=' '):<40} {r['provider']:>16}"
-            lines.append(f"{case}: {r['ms']:9.3f} ms {rate}  {ratio_label(r)}")
+            lines.append(f"{case}: {r['ms']:9.3f} ms {rate}  {', '.join(ratio_labels(r))}")
         return "\n".join(lines)

@@ -3,8 +3,9 @@
 On CUDA: Llama-3-8B and Llama-2-7B (4 layers) and SmolLM2-135M, 512 and 2048 tokens, batch 1 and 4,
 with and without activation checkpointing, every provider. On CPU (or ``--quick``): SmolLM2-135M,
 batch 4 × 128 tokens, r = 16 on q_proj and v_proj (the ``mbf`` command's adapter), the end-to-end
-floor, PEFT and mbf, in float32 and in the dtype ``auto`` picks; each configuration runs in its own
-process, in interleaved rounds. It never asserts a speed.
+floor, PEFT and mbf, in float32 and in the dtype ``auto`` picks; each dtype's providers step in turn in
+one process (their ratios hold on a loaded machine), then each runs alone once for its peak memory.
+It never asserts a speed.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import torch
 from mbf.bench import boundary, train_step
 from mbf.bench.plot import plot_file
 from mbf.bench.rows import FLOOR, RowWriter, device_name, make_row
-from mbf.bench.timing import summarize
 from mbf.bench.train_step import PROVIDERS, StepConfig
 
 __all__ = ["collect", "bench_dtypes", "default_suite", "main"]
 
 REFERENCES = {"train_step": (FLOOR, train_step.BASELINE), "task_boundary": boundary.BASELINE}
-CPU_ROUNDS = 3  # interleaved rounds of every CPU configuration: a shared machine's load drifts
+CPU_ROUNDS = 8  # timed steps of each CPU configuration, interleaved with the others' (after one warm-up)
 
 
 def bench_dtypes(dtype: str, cuda: bool) -> tuple[str, ...]:
@@ -58,37 +58,23 @@ def default_suite(cuda: bool, dtypes: tuple[str, ...] = ("float32",)) -> list[St
     ]
 
 
-def _interleaved(configs: list[StepConfig], rounds: int) -> list[dict]:
-    """Every CPU configuration in its own process, ``rounds`` times, the order rotated each round.
-
-    Returns:
-        One row per configuration that ran, in ``configs`` order: the median and percentiles of every
-        timed step of every round pooled, the largest peak RSS, and ``rounds``.
-    """
+def _cpu_rows(configs: list[StepConfig], rounds: int) -> list[dict]:
+    """Each dtype's configurations interleaved step by step in one process (the time), then each one
+    alone in a fresh process for one step (its peak RSS). Rows in ``configs`` order."""
     from tqdm import tqdm
 
-    runs: dict[StepConfig, list[dict]] = {cfg: [] for cfg in configs}
-    bar = tqdm(total=rounds * len(configs), desc="train steps", unit="run")
-    for k in range(rounds):
-        for cfg in configs[k % len(configs) :] + configs[: k % len(configs)]:
-            try:
-                runs[cfg].append(train_step.measure_step_isolated(cfg))
-            except RuntimeError as err:
-                tqdm.write(f"skipped {cfg.provider} {cfg.dtype}: {str(err).splitlines()[-1]}")
-            bar.update()
-    bar.close()
-    rows = []
-    for cfg, measured in runs.items():
-        if measured:
-            samples = [ms for row in measured for ms in row["samples"]]
-            pooled = summarize(samples)
-            tokens = cfg.batch * cfg.seq / (pooled["ms"] * 1e-3)
-            peak = max(row["peak_mem_bytes"] for row in measured)
-            rows.append(
-                {**measured[0], **pooled, "samples": samples, "tokens_per_s": tokens, "peak_mem_bytes": peak}
-                | {"rounds": len(measured)}
-            )
-    return rows
+    rows = {}
+    for dtype in dict.fromkeys(cfg.dtype for cfg in configs):
+        group = [cfg for cfg in configs if cfg.dtype == dtype]
+        tqdm.write(f"train steps in {dtype}: {', '.join(c.provider for c in group)}, {rounds} rounds")
+        rows.update(zip(group, train_step.measure_interleaved(group, rounds)))
+    for cfg in tqdm(configs, desc="peak memory", unit="config"):
+        try:
+            alone = train_step.measure_step_isolated(replace(cfg, warmup=1, steps=1))
+            rows[cfg]["peak_mem_bytes"] = alone["peak_mem_bytes"]
+        except RuntimeError as err:
+            tqdm.write(f"no peak memory for {cfg.provider} {cfg.dtype}: {str(err).splitlines()[-1]}")
+    return [rows[cfg] for cfg in configs]
 
 
 def _cross_dtype_ratio(rows: list[dict]) -> None:
@@ -121,7 +107,7 @@ def collect(
                 reason = str(err).splitlines()[-1]
                 tqdm.write(f"skipped {cfg.provider} {cfg.model} seq={cfg.seq} batch={cfg.batch}: {reason}")
     else:
-        rows = _interleaved(configs, CPU_ROUNDS)
+        rows = _cpu_rows(configs, CPU_ROUNDS)
     _cross_dtype_ratio(rows)
     for row in rows:
         writer.append(make_row(device=device, **row))

@@ -12,7 +12,8 @@ layers when memory demands — the count is recorded — and SmolLM2-135M). Prov
 - ``mbf-nf4``: ``mbf.inject`` with ``LoRAConfig(quantize="nf4")``.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak RSS of a fresh process on
-CPU (each CPU configuration runs in its own subprocess for that reason).
+CPU (``measure_step_isolated``). On CPU the time comes from ``measure_interleaved``: the providers'
+models side by side in one process, one step of each in turn.
 """
 
 from __future__ import annotations
@@ -21,16 +22,26 @@ import json
 import resource
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from mbf.bench.providers import bnb_nf4_linear
 from mbf.bench.rows import FLOOR
-from mbf.bench.timing import time_fn
+from mbf.bench.timing import summarize, time_fn
 from mbf.config import LLAMA_LINEARS
 
-__all__ = ["MODEL_CONFIGS", "PROVIDERS", "StepConfig", "build_model", "measure_step", "measure_step_isolated"]
+__all__ = [
+    "MODEL_CONFIGS",
+    "PROVIDERS",
+    "StepConfig",
+    "build_model",
+    "measure_interleaved",
+    "measure_step",
+    "measure_step_isolated",
+]
 
 _CONFIG_FIELDS = (
     "vocab_size",
@@ -116,17 +127,12 @@ def _to_bnb4(model: torch.nn.Module, dtype: torch.dtype) -> None:
             setattr(model.get_submodule(parent), leaf, bnb_nf4_linear(mod, dtype))
 
 
-def measure_step(cfg: StepConfig) -> dict:
-    """Tokens/s (median over ``cfg.steps``) and peak memory of one training-step configuration.
-
-    Returns:
-        A row without ``device``, ``date`` and ``versions`` (``make_row`` adds them).
-    """
+def _step_fn(cfg: StepConfig) -> tuple[Callable[[], None], list[torch.nn.Parameter]]:
+    """``(one training step of cfg's model, its trainable parameters)``: forward, backward, AdamW."""
     model, params = build_model(cfg)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None  # the floor trains nothing
     vocab = MODEL_CONFIGS[cfg.model]["vocab_size"]
     ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), device=cfg.device)
-    cuda = torch.device(cfg.device).type == "cuda"
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -135,16 +141,11 @@ def measure_step(cfg: StepConfig) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for _ in range(cfg.warmup):  # before the peak-memory reset: optimizer state is allocated here
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time_fn(step, cfg.device, warmup=0, rep=cfg.steps, events=False, samples=True)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return step, params
+
+
+def _row(cfg: StepConfig, params: list[torch.nn.Parameter], t: dict, peak: int | None) -> dict:
+    """The row of ``cfg`` timed ``t`` (``time_fn``'s dict), without ``device``, ``date``, ``versions``."""
     return {
         "op": "train_step",
         "provider": cfg.provider,
@@ -163,6 +164,53 @@ def measure_step(cfg: StepConfig) -> dict:
         "checkpointing": cfg.checkpointing,
         "threads": torch.get_num_threads(),
     }
+
+
+def measure_step(cfg: StepConfig) -> dict:
+    """Tokens/s (median over ``cfg.steps``) and peak memory of one training-step configuration.
+
+    Returns:
+        A row without ``device``, ``date`` and ``versions`` (``make_row`` adds them).
+    """
+    step, params = _step_fn(cfg)
+    cuda = torch.device(cfg.device).type == "cuda"
+    for _ in range(cfg.warmup):  # before the peak-memory reset: optimizer state is allocated here
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time_fn(step, cfg.device, warmup=0, rep=cfg.steps, events=False, samples=True)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return _row(cfg, params, t, peak)
+
+
+def measure_interleaved(configs: list[StepConfig], rounds: int) -> list[dict]:
+    """CPU configurations side by side in this process: one step of each in turn, ``rounds`` times.
+
+    On a shared machine the load drifts by the minute; steps of the providers taken seconds apart see
+    the same load, so their ratio holds where separate runs would not. The order rotates each round.
+    No peak memory here (the models share the process): ``measure_step_isolated`` gives it.
+
+    Returns:
+        One row per configuration, in ``configs`` order, with every step's ms in ``samples``.
+    """
+    steps = [_step_fn(cfg) for cfg in configs]
+    for cfg, (step, _) in zip(configs, steps):
+        for _ in range(cfg.warmup):
+            step()
+    samples: list[list[float]] = [[] for _ in configs]
+    for k in range(rounds):
+        for i in [*range(k % len(configs), len(configs)), *range(k % len(configs))]:
+            t0 = time.perf_counter()
+            steps[i][0]()
+            samples[i].append((time.perf_counter() - t0) * 1e3)
+    return [
+        _row(cfg, params, {**summarize(ms), "samples": ms, "rounds": rounds}, None)
+        for cfg, (_, params), ms in zip(configs, steps, samples)
+    ]
 
 
 def measure_step_isolated(cfg: StepConfig) -> dict:

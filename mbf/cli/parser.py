@@ -267,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite", choices=("auto", "real", "domains"), default="auto", help="auto: real if installed"
     )
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    d.add_argument(
+        "--jobs",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: two methods side by side, each in its own process with half the threads; 1: in turn",
+    )
     _add_model_args(d)
 
     b = add("bench", help="training-step and task-boundary benchmark that fits this machine")

@@ -26,11 +26,23 @@ def _cache_kwarg(model: nn.Module, out) -> dict:
     return {name: cache}
 
 
+def _last_logits(model: nn.Module, **kwargs) -> tuple[torch.Tensor, object]:
+    """``(logits of each sequence's last position (B, V), the decoder's output with its KV cache)``.
+
+    The LM head gets a contiguous ``(B, H)``: handed the strided ``(B, 1, H)`` slice that
+    ``logits_to_keep=1`` takes, torch's matmul goes the batched way and copies the head's weight once
+    per sequence (SmolLM2, 50 prompts: 0.8 s in float32 and 9 s in bfloat16, against 0.1 s and 0.03 s).
+    """
+    out = model.model(**kwargs)
+    return model.lm_head(out.last_hidden_state[:, -1].contiguous()), out
+
+
 @torch.no_grad()
 def greedy_decode(
     model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int
 ) -> list[list[int]]:
-    """Greedy continuation of a batch of prompts with the KV cache.
+    """Greedy continuation of a batch of prompts with the KV cache (``model.model`` the decoder,
+    ``model.lm_head`` the head, as a Llama has them).
 
     Returns:
         One list of generated ids per prompt, each stopped at ``eos_id`` (excluded) or after
@@ -38,11 +50,11 @@ def greedy_decode(
     """
     ids, mask = left_pad(prompts, pad_id)
     pos = positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    logits, out = _last_logits(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     generated: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)  # (B,)
+        nxt = logits.argmax(-1)  # (B,)
         for i in range(len(prompts)):
             if not done[i]:
                 if nxt[i].item() == eos_id:
@@ -53,12 +65,13 @@ def greedy_decode(
             break
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(
+        logits, out = _last_logits(
+            model,
             input_ids=nxt[:, None],
             attention_mask=mask,
             position_ids=pos,
             use_cache=True,
-            **_cache_kwarg(model, out),
+            **_cache_kwarg(model.model, out),
         )
     return generated
 

@@ -57,12 +57,14 @@ def answer_loss(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad_
         pad_id: the padding id.
 
     The LM head (a 49k-vocab GEMM, the costliest layer of a small model) runs only on the answer
-    columns, which left padding puts last.
+    columns, which left padding puts last, made contiguous first: on the strided slice torch's matmul
+    goes the batched way and copies the head's weight once per sequence (SmolLM2, 8 sequences, 3
+    answer columns: 0.42 s in float32 and 1.5 s in bfloat16, against 0.07 s and 0.02 s).
     """
     ids, mask = left_pad([p + a for p, a in batch], pad_id)  # (B, T)
     K = max(len(a) for _, a in batch)  # answer columns
     hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-    logits = model.lm_head(hidden[:, -K - 1 : -1]).float()  # (B, K, V): column t predicts token t+1
+    logits = model.lm_head(hidden[:, -K - 1 : -1].contiguous()).float()  # (B, K, V): t predicts t+1
     labels = torch.full((len(batch), K), -100, dtype=torch.long)
     for i, (_, a) in enumerate(batch):
         labels[i, K - len(a) :] = torch.tensor(a)
