@@ -54,13 +54,14 @@ __all__ = ["MAX_RANK", "orthonormal_rows_many", "project_out"]
 
 MAX_RANK = 128  # the projection's (K_PAD, R_PAD) accumulator lives in registers; beyond, use torch
 _TILE = 8192  # elements per (R_PAD, BLOCK_D) tile: 32 KiB of fp32 registers per program
+_MAX_BLOCK_D = 4096  # the (BLOCK_D,) row vectors beside the tile: at rank 1, 8192 of them spilled ~0.4-0.9 KB
 _DOT_TILE = 2048  # projection tiles: its fp32 tl.dot (FMA path) spills beyond this (sm_90 AOT, ptxas)
 
 
 def _block_d(r_pad: int, tile: int = _TILE) -> int:
     # A function of the rank alone: one compiled variant per rank, whatever the widths (a narrow
     # matrix leaves lanes masked, which costs nothing next to Llama's d = 4096 / 14336).
-    return max(16, tile // r_pad)
+    return min(_MAX_BLOCK_D, max(16, tile // r_pad))
 
 
 def _num_warps(r_pad: int) -> int:
