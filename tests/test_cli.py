@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny import tiny_llama
+from fixtures.tiny import save_tiny_checkpoint
 
 from mbf.cli import build_parser, main
 from mbf.experiment import results as results_file
@@ -108,43 +108,7 @@ def test_import_mbf_loads_no_app_dependency():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Llama saved with a tiny word-level tokenizer: a local checkpoint like any other."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from mbf.experiment.suites.conflict import ANIMALS, COLORS, FRUITS, OBJECTS
-
-    prompt_words = [
-        "Which",
-        "word",
-        "is",
-        "a",
-        "an",
-        "comes",
-        "first?",
-        "last?",
-        "color?",
-        "animal?",
-        "fruit?",
-    ]
-    words = [
-        "<pad>",
-        "</s>",
-        *prompt_words,
-        "Input:",
-        "Answer:",
-        "[UNK]",
-        *ANIMALS,
-        *COLORS,
-        *FRUITS,
-        *OBJECTS,
-    ]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="[UNK]")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(vocab_size=len(words), pad_token_id=0, eos_token_id=1, bos_token_id=1).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +143,52 @@ def test_continual_needs_resume_and_resume_checks_the_options(slao_run, tiny_che
     # an override reaches the run's options: here it differs from the saved run's
     assert main([*argv, "--resume", "--schedule", "inverse"]) == 2
     assert "options.schedule: 'sqrt' -> 'inverse'" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_data_training_or_model(slao_run, tiny_checkpoint, tmp_path, capsys):
+    """What would make the remaining tasks train or test on other data or settings is refused, each
+    difference listed; the data and training checks come before the model loads."""
+    run = tmp_path / "slao"
+    shutil.copytree(slao_run[0], run)
+    argv = ["continual", "--method", "slao", "--out", str(run), "--model", str(tiny_checkpoint), *SMALL]
+    changed = ["--lr", "5e-4", "--n-train", "6", "--suite-seed", "3", "--warmup-steps", "1", "--resume"]
+    assert main([*argv, *changed]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mbf: error: --resume: ") and err.count("\n") == 1
+    for diff in ("train.lr: 0.001 -> 0.0005", "train.warmup_steps: 3 -> 1", "n_train: 8 -> 6",
+                 "suite_seed: 0 -> 3", "data_fingerprint: "):  # fmt: skip
+        assert diff in err
+    assert "model loaded" not in err  # refused before loading it
+    # a checkpoint of the same shape with other weights is another model
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_checkpoint, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 0.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert main([*argv[:-len(SMALL) - 2], "--model", str(other), *SMALL, "--resume"]) == 2
+    assert "model_fingerprint: " in capsys.readouterr().err
+
+
+def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path, capsys):
+    run = tmp_path / "cut"
+    shutil.copytree(slao_run[0], run)
+    saved = results_file.read(run)  # as a run stopped after task 2 of 5 leaves it
+    saved["complete"] = False
+    for key in ("stages", "accuracy", "per_task"):
+        saved[key] = saved[key][:2]
+    results_file.write(run, saved)
+    assert main(["eval", "--run", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert f"mbf: note: {run} is incomplete: 2 of 5 tasks trained; not trained yet: animal, last, fruit" in (
+        captured.err
+    )
+    lines = captured.out.strip().splitlines()
+    assert [line.endswith("(not trained yet)") for line in lines[:5]] == [False, False, True, True, True]
+    assert lines[-1].endswith("(over the 2 trained tasks of 5)")
+    mean = sum(float(line.split()[1].rstrip("%")) for line in lines[:2]) / 2
+    assert float(lines[-1].split()[1].rstrip("%")) == pytest.approx(mean, abs=0.05)
 
 
 def test_the_base_dtype_is_chosen_recorded_and_kept_on_resume(

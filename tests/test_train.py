@@ -240,8 +240,11 @@ def test_resume_equals_uninterrupted_run(tmp_path, method, slao_run):
         _run(tmp_path / "cut", method=method, log=interrupt_after_task_2)
     partial = results_file.read(tmp_path / "cut")
     assert len(partial["per_task"]) == 2 and not partial["complete"] and partial["metrics"]["AA"] is None
+    mine = tmp_path / "cut" / "checkpoints" / "task-final"  # a user's folder beside the run's own
+    mine.mkdir()
     resumed = _run(tmp_path / "cut", method=method, resume=True)
     assert resumed["complete"]
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["task-03", "task-final"]  # only task-02 pruned
     assert resumed["accuracy"] == full["accuracy"]
     assert [p["final_loss"] for p in resumed["per_task"]] == pytest.approx(
         [p["final_loss"] for p in full["per_task"]]

@@ -41,6 +41,7 @@ def _load(args, qlora: object = None):
     """``(model, Codec)``; with ``qlora`` (True, or the LoRAConfig to inject), a QLoRA base: every
     projection in NF4 but the config's targets, which inject quantises itself."""
     import torch
+    from safetensors import SafetensorError
 
     from mbf.experiment.batches import Codec
     from mbf.experiment.models import SlowDtypeWarning, load_model, quantize_base
@@ -50,7 +51,10 @@ def _load(args, qlora: object = None):
     t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SlowDtypeWarning)
-        model, tok = load_model(args.model, dtype=args.dtype)
+        try:
+            model, tok = load_model(args.model, dtype=args.dtype)
+        except SafetensorError as err:  # a damaged download: the message alone would not say which file
+            raise ValueError(f"--model {args.model}: its weights cannot be read ({err})") from err
     for w in caught:  # the slow-dtype warning as one line; anything else as Python shows it
         if issubclass(w.category, SlowDtypeWarning):
             print(f"mbf: warning: --dtype {args.dtype}: {w.message}", file=sys.stderr)
@@ -117,7 +121,7 @@ def cmd_continual(args) -> int:
     from mbf.experiment.methods import method_config
     from mbf.experiment.models import cache_dir
     from mbf.experiment.run import run_continual, run_settings
-    from mbf.experiment.rundir import check_out, check_resume
+    from mbf.experiment.rundir import check_out, check_resume, lock
     from mbf.experiment.train import TrainOptions
 
     # fail before loading anything: the method, the run directory, the data, the settings of a resume
@@ -142,6 +146,8 @@ def cmd_continual(args) -> int:
     meta = {**meta, "model": _model_name(args), "preset": preset}
     if args.resume:  # the model's own settings (dtype, weights) are checked once it is loaded
         check_resume(out, run_settings(args.method, config, tasks, lora, opts, meta))
+    with lock(out):  # another process writing --out: said now, not after the model has loaded
+        pass  # run_continual takes the lock for the run itself
     model, codec = _load(args, _qlora(lora))
     results = run_continual(
         model,
