@@ -103,6 +103,26 @@ def test_training_learns_a_task():
     assert stats["steps"] == 25 and stats["final_loss"] < 0.6 * stats["first_loss"]
 
 
+def test_a_non_finite_loss_says_what_to_change():
+    """Before the first update the learning rate is not the cause; after it, lr and alpha are."""
+    tasks = small_suite(1, n_train=8, n_test=2)
+    examples = [(tasks[0], e) for e in tasks[0].train]
+
+    def train(model, lr):
+        mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opts = TrainOptions(lr=lr, epochs=3, batch_size=4)  # 6 steps
+        return train_steps(model, params, char_codec(), examples, opts, seed=0)
+
+    broken = tiny_llama()
+    with torch.no_grad():
+        broken.model.norm.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="at step 0; before the first update, so not --lr"):
+        train(broken, lr=1e-3)
+    with pytest.raises(FloatingPointError, match=r"at step [1-5]; lower --lr or --alpha"):
+        train(tiny_llama(), lr=1e38)  # B = 1e38 after one step: B @ A overflows
+
+
 class ScriptedDecoder(torch.nn.Module):
     """Replies to each prompt with a scripted token sequence, then eos, through greedy_decode's calls:
     its last hidden state is the one-hot of the next token (the LM head is the identity).
