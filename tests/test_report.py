@@ -125,3 +125,27 @@ def test_compare_orders_seq_lora_first_and_labels_overrides(tmp_path):
     text = compare_runs([slao, inv, seq], tmp_path / "cmp")[0].read_text()
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| s")]
     assert rows == ["| seq-lora", "| slao", "| slao (orthogonal, inverse)"]
+
+
+def test_two_writers_of_one_figure_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """A second process drawing the heatmap while the first is mid-write (issue 12: a fixed temporary
+    name made one crash): each writes its own temporary file, and only the figure is left."""
+    from mbf.experiment import plots
+
+    results = results_file.read(_synthetic(tmp_path / "run"))
+    path, real, temporaries = tmp_path / "fig" / "accuracy.png", plots.atomic_write, []
+    path.parent.mkdir()
+
+    def interleaved(target, write):
+        def first_writes_after_the_second(tmp):
+            temporaries.append(tmp)
+            if len(temporaries) == 1:
+                plots.heatmap(results, target)  # the other writer, start to finish
+            write(tmp)
+
+        return real(target, first_writes_after_the_second)
+
+    monkeypatch.setattr(plots, "atomic_write", interleaved)
+    plots.heatmap(results, path)
+    assert len(set(temporaries)) == 2 and all(t.parent == path.parent for t in temporaries)
+    assert [p.name for p in path.parent.iterdir()] == ["accuracy.png"] and path.stat().st_size > 1000
