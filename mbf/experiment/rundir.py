@@ -62,8 +62,23 @@ def lock(out: str | Path) -> Iterator[Path]:
         os.close(fd)  # releases the flock; the file stays (harmless: the lock is the flock)
 
 
+# the temporary files of mbf.io.atomic_write (".results.json.k3j2x.json"), left behind by a kill -9
+_TEMPORARY = re.compile(r"\.(results\.json|results\.md|accuracy\.png)\..+")
+
+
+def _ours(p: Path) -> bool:
+    """What a run killed before its first commit (results.json) can leave: the lock file, a temporary
+    file, a ``checkpoints/`` of ``task-NN`` folders only. Such a directory is started again, not refused."""
+    if p.name == LOCK_NAME or _TEMPORARY.fullmatch(p.name):
+        return True
+    return p.name == "checkpoints" and p.is_dir() and all(_CHECKPOINT.fullmatch(c.name) for c in p.iterdir())
+
+
 def check_out(out: str | Path, resume: bool) -> None:
     """Refuse an ``--out`` that holds files but no run, and a run without ``--resume``.
+
+    A directory holding only what a run killed before its first commit leaves (see ``_ours``) is no
+    one else's: it is accepted, and the run starts from the beginning.
 
     Raises:
         FileExistsError: naming the directory and what to do.
@@ -77,7 +92,7 @@ def check_out(out: str | Path, resume: bool) -> None:
                 f"{out} already holds a run; pass --resume to continue it or choose another --out"
             )
         return
-    others = [p.name for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    others = [p.name for p in out.iterdir() if not _ours(p)] if out.is_dir() else []
     if others:
         shown = ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else "")
         raise FileExistsError(
