@@ -72,6 +72,9 @@ def test_semantic_errors_before_loading_a_model(tmp_path, capsys):
     assert "multi-task" in capsys.readouterr().err
     assert main(["continual", *out, "--method", "slao-constant", "--constant", "2"]) == 2
     assert "constant λ=2.0 must be in (0, 1]" in capsys.readouterr().err
+    for bad in ("nan", "-3", "inf"):  # issue 12: nan finished with rc 0 and NaN in results.json
+        assert main(["continual", *out, "--method", "slao-constant", "--constant", bad]) == 2
+        assert f"constant λ={float(bad)} must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--data-dir"):
         main(["continual", *out, "--suite", "olora"])
     with pytest.raises(SystemExit, match="--suite olora or real, not conflict"):
@@ -151,12 +154,14 @@ def test_resume_refuses_other_data_training_or_model(slao_run, tiny_checkpoint, 
     run = tmp_path / "slao"
     shutil.copytree(slao_run[0], run)
     argv = ["continual", "--method", "slao", "--out", str(run), "--model", str(tiny_checkpoint), *SMALL]
-    changed = ["--lr", "5e-4", "--n-train", "6", "--suite-seed", "3", "--warmup-steps", "1", "--resume"]
+    changed = ["--lr", "5e-4", "--n-train", "6", "--n-test", "3", "--suite-seed", "3", "--warmup-steps", "1",
+               "--weight-decay", "0.1", "--seed", "2", "--resume"]  # fmt: skip
     assert main([*argv, *changed]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mbf: error: --resume: ") and err.count("\n") == 1
-    for diff in ("train.lr: 0.001 -> 0.0005", "train.warmup_steps: 3 -> 1", "n_train: 8 -> 6",
-                 "suite_seed: 0 -> 3", "data_fingerprint: "):  # fmt: skip
+    for diff in ("train.lr: 0.001 -> 0.0005", "train.warmup_steps: 3 -> 1", "train.weight_decay: 0.0 -> 0.1",
+                 "seed: 0 -> 2", "n_train: 8 -> 6", "n_test: 4 -> 3", "suite_seed: 0 -> 3",
+                 "data_fingerprint: "):  # fmt: skip
         assert diff in err
     assert "model loaded" not in err  # refused before loading it
     # a checkpoint of the same shape with other weights is another model
@@ -169,6 +174,16 @@ def test_resume_refuses_other_data_training_or_model(slao_run, tiny_checkpoint, 
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     assert main([*argv[:-len(SMALL) - 2], "--model", str(other), *SMALL, "--resume"]) == 2
     assert "model_fingerprint: " in capsys.readouterr().err
+
+
+def test_the_model_path_is_kept_absolute(tiny_checkpoint, tmp_path, monkeypatch):
+    """A run started with a relative --model can be resumed or evaluated from any directory."""
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    run = tmp_path / "mt"
+    argv = ["continual", "--out", str(run), "--model", tiny_checkpoint.name, "--method", "multi-task", *SMALL]
+    assert main([*argv, "--max-steps", "1"]) == 0
+    model = Path(results_file.read(run)["model"])
+    assert model.is_absolute() and model.samefile(tiny_checkpoint)
 
 
 def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path, capsys):
