@@ -196,6 +196,7 @@ def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path,
     results_file.write(run, saved)
     assert main(["eval", "--run", str(run)]) == 0
     captured = capsys.readouterr()
+    assert "mbf: warning" not in captured.err  # the same data as the run's
     assert f"mbf: note: {run} is incomplete: 2 of 5 tasks trained; not trained yet: animal, last, fruit" in (
         captured.err
     )
@@ -204,6 +205,9 @@ def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path,
     assert lines[-1].endswith("(over the 2 trained tasks of 5)")
     mean = sum(float(line.split()[1].rstrip("%")) for line in lines[:2]) / 2
     assert float(lines[-1].split()[1].rstrip("%")) == pytest.approx(mean, abs=0.05)
+    results_file.write(run, {**saved, "data_fingerprint": "0" * 64})  # as if the data changed since
+    assert main(["eval", "--run", str(run)]) == 0
+    assert f"mbf: warning: the run's tasks now hold other examples than {run} used" in capsys.readouterr().err
 
 
 def test_the_base_dtype_is_chosen_recorded_and_kept_on_resume(

@@ -189,6 +189,7 @@ def cmd_eval(args) -> int:
     from mbf.config import LoRAConfig
     from mbf.experiment import results as results_file
     from mbf.experiment.evaluate import evaluate_tasks
+    from mbf.experiment.tasks import tasks_fingerprint
     from mbf.experiment.train import TrainOptions
 
     checkpoint, qlora, trained = None, args.load_in_4bit, None
@@ -214,6 +215,9 @@ def cmd_eval(args) -> int:
         saved_lora = LoRAConfig(target_modules=targets, quantize=saved["lora"].get("quantize"))
         qlora = _qlora(saved_lora)  # the run's base, as it was trained
     tasks, _ = _tasks(args)
+    if args.run and saved.get("data_fingerprint") not in (None, tasks_fingerprint(tasks)):
+        print(f"mbf: warning: the run's tasks now hold other examples than {args.run} used (its data changed "
+              "since): the scores below are on today's", file=sys.stderr)  # fmt: skip
     model, codec = _load(args, qlora)
     opts = TrainOptions(eval_batch_size=args.eval_batch_size, max_length=args.max_length)
     accs = evaluate_tasks(model, codec, tasks, opts, checkpoint=checkpoint, adapter=args.adapter)
