@@ -210,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--out", required=True, help="run directory")
     c.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last finished task"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last finished task, with the settings it was started "
+        "with (a changed one is refused, naming it)",
     )
     c.add_argument(
         "--schedule",
