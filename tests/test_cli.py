@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny import tiny_llama
+from fixtures.tiny import save_tiny_checkpoint
 
 from mbf.cli import build_parser, main
 from mbf.experiment import results as results_file
@@ -42,7 +42,13 @@ SMALL = [
         (["continual", "--method", "slao"], "--out"),
         (["continual", "--out", "x", "--method", "lora"], "invalid choice: 'lora'"),
         (["continual", "--out", "x", "--schedule", "cubic"], "invalid choice: 'cubic'"),
-        (["continual", "--out", "x", "--lr", "-1"], "must be > 0"),
+        (["continual", "--out", "x", "--lr", "-1"], "must be a finite number > 0"),
+        (["continual", "--out", "x", "--alpha", "inf"], "argument --alpha: inf must be a finite number > 0"),
+        (["continual", "--out", "x", "--alpha", "nan"], "argument --alpha: nan must be a finite number > 0"),
+        (["continual", "--out", "x", "--alpha", "0"], "argument --alpha: 0 must be a finite number > 0"),
+        (["continual", "--out", "x", "--alpha", "-2"], "argument --alpha: -2 must be a finite number > 0"),
+        (["continual", "--out", "x", "--lr", "inf"], "argument --lr: inf must be a finite number > 0"),
+        (["continual", "--out", "x", "--weight-decay", "nan"], "nan must be a finite number >= 0"),
         (["continual", "--out", "x", "--batch-size", "0"], "must be a positive integer"),
         (["continual", "--out", "x", "--max-steps", "-3"], "must be >= 0"),
         (["continual", "--out", "x", "--suite", "glue"], "invalid choice: 'glue'"),
@@ -66,6 +72,9 @@ def test_semantic_errors_before_loading_a_model(tmp_path, capsys):
     assert "multi-task" in capsys.readouterr().err
     assert main(["continual", *out, "--method", "slao-constant", "--constant", "2"]) == 2
     assert "constant λ=2.0 must be in (0, 1]" in capsys.readouterr().err
+    for bad in ("nan", "-3", "inf"):  # issue 12: nan finished with rc 0 and NaN in results.json
+        assert main(["continual", *out, "--method", "slao-constant", "--constant", bad]) == 2
+        assert f"constant λ={float(bad)} must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--data-dir"):
         main(["continual", *out, "--suite", "olora"])
     with pytest.raises(SystemExit, match="--suite olora or real, not conflict"):
@@ -102,43 +111,7 @@ def test_import_mbf_loads_no_app_dependency():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Llama saved with a tiny word-level tokenizer: a local checkpoint like any other."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from mbf.experiment.suites.conflict import ANIMALS, COLORS, FRUITS, OBJECTS
-
-    prompt_words = [
-        "Which",
-        "word",
-        "is",
-        "a",
-        "an",
-        "comes",
-        "first?",
-        "last?",
-        "color?",
-        "animal?",
-        "fruit?",
-    ]
-    words = [
-        "<pad>",
-        "</s>",
-        *prompt_words,
-        "Input:",
-        "Answer:",
-        "[UNK]",
-        *ANIMALS,
-        *COLORS,
-        *FRUITS,
-        *OBJECTS,
-    ]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="[UNK]")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(vocab_size=len(words), pad_token_id=0, eos_token_id=1, bos_token_id=1).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +137,77 @@ def test_continual_needs_resume_and_resume_checks_the_options(slao_run, tiny_che
     run = tmp_path / "slao"
     shutil.copytree(slao_run[0], run)
     argv = ["continual", "--method", "slao", "--out", str(run), "--model", str(tiny_checkpoint), *SMALL]
-    with pytest.raises(SystemExit, match="--resume"):
-        main(argv)
+    assert main(argv) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
     before = (run / "results.json").read_text()
     assert main([*argv, "--resume"]) == 0  # a complete run: nothing to do
     assert json.loads((run / "results.json").read_text()) == json.loads(before)
     capsys.readouterr()
     # an override reaches the run's options: here it differs from the saved run's
     assert main([*argv, "--resume", "--schedule", "inverse"]) == 2
-    assert "'schedule': 'inverse'" in capsys.readouterr().err
+    assert "options.schedule: 'sqrt' -> 'inverse'" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_data_training_or_model(slao_run, tiny_checkpoint, tmp_path, capsys):
+    """What would make the remaining tasks train or test on other data or settings is refused, each
+    difference listed; the data and training checks come before the model loads."""
+    run = tmp_path / "slao"
+    shutil.copytree(slao_run[0], run)
+    argv = ["continual", "--method", "slao", "--out", str(run), "--model", str(tiny_checkpoint), *SMALL]
+    changed = ["--lr", "5e-4", "--n-train", "6", "--n-test", "3", "--suite-seed", "3", "--warmup-steps", "1",
+               "--weight-decay", "0.1", "--seed", "2", "--resume"]  # fmt: skip
+    assert main([*argv, *changed]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mbf: error: --resume: ") and err.count("\n") == 1
+    for diff in ("train.lr: 0.001 -> 0.0005", "train.warmup_steps: 3 -> 1", "train.weight_decay: 0.0 -> 0.1",
+                 "seed: 0 -> 2", "n_train: 8 -> 6", "n_test: 4 -> 3", "suite_seed: 0 -> 3",
+                 "data_fingerprint: "):  # fmt: skip
+        assert diff in err
+    assert "model loaded" not in err  # refused before loading it
+    # a checkpoint of the same shape with other weights is another model
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_checkpoint, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 0.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert main([*argv[:-len(SMALL) - 2], "--model", str(other), *SMALL, "--resume"]) == 2
+    assert "model_fingerprint: " in capsys.readouterr().err
+
+
+def test_the_model_path_is_kept_absolute(tiny_checkpoint, tmp_path, monkeypatch):
+    """A run started with a relative --model can be resumed or evaluated from any directory."""
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    run = tmp_path / "mt"
+    argv = ["continual", "--out", str(run), "--model", tiny_checkpoint.name, "--method", "multi-task", *SMALL]
+    assert main([*argv, "--max-steps", "1"]) == 0
+    model = Path(results_file.read(run)["model"])
+    assert model.is_absolute() and model.samefile(tiny_checkpoint)
+
+
+def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path, capsys):
+    run = tmp_path / "cut"
+    shutil.copytree(slao_run[0], run)
+    saved = results_file.read(run)  # as a run stopped after task 2 of 5 leaves it
+    saved["complete"] = False
+    for key in ("stages", "accuracy", "per_task"):
+        saved[key] = saved[key][:2]
+    results_file.write(run, saved)
+    assert main(["eval", "--run", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "mbf: warning" not in captured.err  # the same data as the run's
+    assert f"mbf: note: {run} is incomplete: 2 of 5 tasks trained; not trained yet: animal, last, fruit" in (
+        captured.err
+    )
+    lines = captured.out.strip().splitlines()
+    assert [line.endswith("(not trained yet)") for line in lines[:5]] == [False, False, True, True, True]
+    assert lines[-1].endswith("(over the 2 trained tasks of 5)")
+    mean = sum(float(line.split()[1].rstrip("%")) for line in lines[:2]) / 2
+    assert float(lines[-1].split()[1].rstrip("%")) == pytest.approx(mean, abs=0.05)
+    results_file.write(run, {**saved, "data_fingerprint": "0" * 64})  # as if the data changed since
+    assert main(["eval", "--run", str(run)]) == 0
+    assert f"mbf: warning: the run's tasks now hold other examples than {run} used" in capsys.readouterr().err
 
 
 def test_the_base_dtype_is_chosen_recorded_and_kept_on_resume(
@@ -191,7 +226,7 @@ def test_the_base_dtype_is_chosen_recorded_and_kept_on_resume(
     res = results_file.read(run)
     assert res["dtype"] == "float16" and "(float16)" in (run / "results.md").read_text()
     assert main([*argv, "--dtype", "bfloat16", "--resume"]) == 2  # another base: another experiment
-    assert "dtype='float16', now 'bfloat16'" in capsys.readouterr().err
+    assert "dtype: 'float16' -> 'bfloat16'" in capsys.readouterr().err
     # compare keeps dtypes apart; a file older than the field was a float32 run
     legacy, bf16 = tmp_path / "legacy", tmp_path / "bf16"
     saved = results_file.read(slao_run[0])
@@ -238,8 +273,9 @@ def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
     text = (out / "compare" / "compare.md").read_text()
     assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text and "| multi-task | 0 |" in text
     assert results_file.read(out / "seq-lora")["options"]["init"] == "none"
-    with pytest.raises(SystemExit, match="--resume"):
-        main(demo)
+    capsys.readouterr()
+    assert main(demo) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
 
 
 def test_load_in_4bit_trains_on_an_nf4_base(tiny_checkpoint, tmp_path, capsys):

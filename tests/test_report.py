@@ -78,14 +78,27 @@ def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
     lr = _synthetic(tmp_path / "lr", lr=1e-3)
     text = compare_runs([a, b, lr], tmp_path / "cmp3")[0].read_text()
     assert "| slao [lr=0.005] | 1, 2 |" in text and "| slao [lr=0.001] | 1 | 60.0 |" in text
-    # incomplete runs are left out; none complete is an error
-    cut = _synthetic(tmp_path / "cut", seed=3, done=False)
-    assert "| slao | 1, 2 |" in compare_runs([a, b, cut], tmp_path / "cmp4")[0].read_text()
-    with pytest.raises(ValueError, match="no complete run"):
-        compare_runs([cut], tmp_path / "cmp5")
     c = _synthetic(tmp_path / "c", rows=((0.9,), (0.5, 0.8)))
     with pytest.raises(ValueError, match="runs trained different tasks"):
         compare_runs([a, c], tmp_path / "cmp2")
+
+
+def test_compare_names_the_incomplete_runs_it_leaves_out(tmp_path):
+    """An incomplete run is not averaged with finished ones, and compare.md says so (never silently)."""
+    a = _synthetic(tmp_path / "a", seed=1)
+    b = _synthetic(tmp_path / "b", seed=2, rows=((0.9,), (0.7, 0.8), (0.7, 0.8, 0.9)))
+    cut = _synthetic(tmp_path / "cut", seed=3, done=False)
+    saved = results_file.read(cut)  # stopped after task 2 of 3
+    for key in ("stages", "accuracy", "per_task"):
+        saved[key] = saved[key][:2]
+    results_file.write(cut, saved)
+    text = compare_runs([a, b, cut], tmp_path / "cmp4")[0].read_text()
+    assert "| slao | 1, 2 |" in text
+    assert f"Runs: {a}, {b}" in text
+    note = "Not compared, incomplete (finish them with `mbf continual --resume`)"
+    assert f"{note}: {cut} (2 of 3 tasks trained)" in text
+    with pytest.raises(ValueError, match=rf"no complete run to compare .*incomplete: {cut} \(2 of 3 tasks"):
+        compare_runs([cut], tmp_path / "cmp5")
 
 
 def test_compare_averages_over_orders_of_the_same_tasks(tmp_path):
@@ -112,3 +125,27 @@ def test_compare_orders_seq_lora_first_and_labels_overrides(tmp_path):
     text = compare_runs([slao, inv, seq], tmp_path / "cmp")[0].read_text()
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| s")]
     assert rows == ["| seq-lora", "| slao", "| slao (orthogonal, inverse)"]
+
+
+def test_two_writers_of_one_figure_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """A second process drawing the heatmap while the first is mid-write (issue 12: a fixed temporary
+    name made one crash): each writes its own temporary file, and only the figure is left."""
+    from mbf.experiment import plots
+
+    results = results_file.read(_synthetic(tmp_path / "run"))
+    path, real, temporaries = tmp_path / "fig" / "accuracy.png", plots.atomic_write, []
+    path.parent.mkdir()
+
+    def interleaved(target, write):
+        def first_writes_after_the_second(tmp):
+            temporaries.append(tmp)
+            if len(temporaries) == 1:
+                plots.heatmap(results, target)  # the other writer, start to finish
+            write(tmp)
+
+        return real(target, first_writes_after_the_second)
+
+    monkeypatch.setattr(plots, "atomic_write", interleaved)
+    plots.heatmap(results, path)
+    assert len(set(temporaries)) == 2 and all(t.parent == path.parent for t in temporaries)
+    assert [p.name for p in path.parent.iterdir()] == ["accuracy.png"] and path.stat().st_size > 1000

@@ -42,6 +42,15 @@ def test_out_must_be_new_empty_or_a_run(tmp_path):
     with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
         rundir.check_out(tmp_path / "run", resume=False)
     rundir.check_out(tmp_path / "run", resume=True)
+    # what a run killed before its first commit leaves is ours: started again, not refused
+    killed = tmp_path / "killed"
+    (killed / "checkpoints" / "task-01").mkdir(parents=True)
+    (killed / rundir.LOCK_NAME).write_text("123\n")
+    (killed / ".results.json.x8k2q1.json").write_text("{")
+    rundir.check_out(killed, resume=False)
+    (killed / "checkpoints" / "task-final").mkdir()  # not a folder a run makes: the user's
+    with pytest.raises(FileExistsError, match=r"holds no mbf run \(checkpoints\)"):
+        rundir.check_out(killed, resume=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         rundir.check_out(tmp_path / "file", resume=False)

@@ -33,16 +33,14 @@ def small_suite(n_tasks=3, n_train=16, n_test=6):
 
 
 def _run(out, method="slao", resume=False, tasks=None, log=lambda s: None, **kw):
+    kw = {"lora": LORA, "opts": OPTS, "meta": META, **kw}
     return run_continual(
         tiny_llama(),
         char_codec(),
         tasks or small_suite(),
         out,
         method=method,
-        lora=LORA,
-        opts=OPTS,
         resume=resume,
-        meta=META,
         log=log,
         **kw,
     )
@@ -103,6 +101,26 @@ def test_training_learns_a_task():
     )
     # a random tiny model first learns the answer space (12 color words), then the eos
     assert stats["steps"] == 25 and stats["final_loss"] < 0.6 * stats["first_loss"]
+
+
+def test_a_non_finite_loss_says_what_to_change():
+    """Before the first update the learning rate is not the cause; after it, lr and alpha are."""
+    tasks = small_suite(1, n_train=8, n_test=2)
+    examples = [(tasks[0], e) for e in tasks[0].train]
+
+    def train(model, lr):
+        mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opts = TrainOptions(lr=lr, epochs=3, batch_size=4)  # 6 steps
+        return train_steps(model, params, char_codec(), examples, opts, seed=0)
+
+    broken = tiny_llama()
+    with torch.no_grad():
+        broken.model.norm.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="at step 0; before the first update, so not --lr"):
+        train(broken, lr=1e-3)
+    with pytest.raises(FloatingPointError, match=r"at step [1-5]; lower --lr or --alpha"):
+        train(tiny_llama(), lr=1e38)  # B = 1e38 after one step: B @ A overflows
 
 
 class ScriptedDecoder(torch.nn.Module):
@@ -217,8 +235,9 @@ def test_continual_run_writes_a_complete_report(slao_run):
     assert all(p["train_s"] > 0 and p["peak_rss_mb"] > 0 for p in saved["per_task"])
     assert (run / "results.md").read_text().startswith("# slao")
     assert (run / "accuracy.png").stat().st_size > 1000
-    # no temporary file left behind; only the last checkpoint is kept
+    # no temporary file left behind (the lock file stays: the lock is its flock); only the last checkpoint
     assert sorted(p.name for p in run.iterdir()) == [
+        ".mbf-lock",
         "accuracy.png",
         "checkpoints",
         "results.json",
@@ -241,8 +260,11 @@ def test_resume_equals_uninterrupted_run(tmp_path, method, slao_run):
         _run(tmp_path / "cut", method=method, log=interrupt_after_task_2)
     partial = results_file.read(tmp_path / "cut")
     assert len(partial["per_task"]) == 2 and not partial["complete"] and partial["metrics"]["AA"] is None
+    mine = tmp_path / "cut" / "checkpoints" / "task-final"  # a user's folder beside the run's own
+    mine.mkdir()
     resumed = _run(tmp_path / "cut", method=method, resume=True)
     assert resumed["complete"]
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["task-03", "task-final"]  # only task-02 pruned
     assert resumed["accuracy"] == full["accuracy"]
     assert [p["final_loss"] for p in resumed["per_task"]] == pytest.approx(
         [p["final_loss"] for p in full["per_task"]]
@@ -250,15 +272,32 @@ def test_resume_equals_uninterrupted_run(tmp_path, method, slao_run):
 
 
 def test_resume_checks_the_saved_settings(tmp_path, slao_run):
+    """Every setting that decides what the remaining tasks train and test on must match; the error lists
+    each difference as ``name: saved -> given``. The run is complete, so an accepted resume trains nothing."""
     run = tmp_path / "r"
     shutil.copytree(slao_run[0], run)
-    with pytest.raises(ValueError, match="method='slao'"):
+    with pytest.raises(ValueError, match="method: 'slao' -> 'seq-lora'; options.init: 'orthogonal' -> "):
         _run(run, method="seq-lora", resume=True)
-    with pytest.raises(ValueError, match="options=.*'schedule': 'sqrt'"):
+    with pytest.raises(ValueError, match="options.schedule: 'sqrt' -> 'inverse'"):
         _run(run, schedule="inverse", resume=True)
-    # options written before a field existed resume as that field's default
+    other = TrainOptions(**{**OPTS.__dict__, "lr": 1e-3, "max_steps": 2, "batch_size": 2, "grad_accum": 2})
+    with pytest.raises(ValueError, match=r"train.batch_size: 4 -> 2; train.grad_accum: 1 -> 2; "
+                                         r"train.lr: 0.005 -> 0.001; train.max_steps: 4 -> 2\)"):  # fmt: skip
+        _run(run, resume=True, opts=other)
+    with pytest.raises(ValueError, match=r"lora.dropout: 0.0 -> 0.1"):
+        _run(run, resume=True, lora=mbf.LoRAConfig(r=4, alpha=8, dropout=0.1))
+    with pytest.raises(ValueError, match=r"data_fingerprint: \w{12} -> \w{12}"):
+        _run(run, resume=True, tasks=small_suite(n_train=8), meta={**META, "n_train": 8})
+    with pytest.raises(ValueError, match=r"model_fingerprint: \w{12} -> \w{12}"):  # same shape, other weights
+        run_continual(tiny_llama(seed=1), char_codec(), small_suite(), run, lora=LORA, opts=OPTS, meta=META,
+                      resume=True)  # fmt: skip
+    # the same weights from another path resume (a moved checkpoint); so does another eval batch size
+    eval_only = TrainOptions(**{**OPTS.__dict__, "eval_batch_size": 2})
+    assert _run(run, resume=True, meta={**META, "model": "/moved/tiny"}, opts=eval_only)["complete"]
+    # options written before a field existed resume as that field's default; fingerprints absent from
+    # an older file are not compared
     saved = json.loads((run / "results.json").read_text())
-    del saved["options"]["orthogonal_updates"]
+    del saved["options"]["orthogonal_updates"], saved["data_fingerprint"], saved["model_fingerprint"]
     (run / "results.json").write_text(json.dumps(saved))
     assert _run(run, resume=True)["accuracy"] == slao_run[1]["accuracy"]
 

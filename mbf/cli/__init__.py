@@ -19,8 +19,30 @@ from mbf.cli.parser import build_parser
 
 __all__ = ["build_parser", "main"]
 
-# errors a user can fix: printed in one line, no traceback
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, MissingDependency)
+# errors a user can fix (a flag, a file, a directory, data that trains to NaN): printed in one line, no
+# traceback. ValueError covers json.JSONDecodeError and UnicodeDecodeError, whose messages the loaders
+# prefix with the file's name. MBF_DEBUG=1 shows the traceback instead.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,  # rundir.RunLocked too: names the pid holding the run directory
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    NotImplementedError,
+    FloatingPointError,  # the loss became non-finite
+    OverflowError,
+    MissingDependency,
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """``USER_ERRORS`` and safetensors' error (a damaged model or adapter file), imported lazily."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
+        return USER_ERRORS
+    return (*USER_ERRORS, SafetensorError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         require("mbf", EXPERIMENT)  # before the parser, which imports mbf.experiment
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except USER_ERRORS as e:
-        print(f"mbf: error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        if os.environ.get("MBF_DEBUG"):
+            raise
+        print(f"mbf: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a SafetensorError may span several), after the type's name where the
+    message alone would not say what went wrong (Python's "cannot convert float infinity to integer")."""
+    text = " ".join(str(e).split())
+    if isinstance(e, OverflowError) or not text:
+        return f"{type(e).__name__}: {text}".rstrip(": ")
+    return text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -40,6 +41,7 @@ def _load(args, qlora: object = None):
     """``(model, Codec)``; with ``qlora`` (True, or the LoRAConfig to inject), a QLoRA base: every
     projection in NF4 but the config's targets, which inject quantises itself."""
     import torch
+    from safetensors import SafetensorError
 
     from mbf.experiment.batches import Codec
     from mbf.experiment.models import SlowDtypeWarning, load_model, quantize_base
@@ -49,7 +51,10 @@ def _load(args, qlora: object = None):
     t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SlowDtypeWarning)
-        model, tok = load_model(args.model, dtype=args.dtype)
+        try:
+            model, tok = load_model(args.model, dtype=args.dtype)
+        except SafetensorError as err:  # a damaged download: the message alone would not say which file
+            raise ValueError(f"--model {args.model}: its weights cannot be read ({err})") from err
     for w in caught:  # the slow-dtype warning as one line; anything else as Python shows it
         if issubclass(w.category, SlowDtypeWarning):
             print(f"mbf: warning: --dtype {args.dtype}: {w.message}", file=sys.stderr)
@@ -102,11 +107,10 @@ def _qlora(lora):
     return lora if lora.quantize else None
 
 
-def _refuse_existing(run_dir: Path, resume: bool) -> None:
-    if (run_dir / "results.json").exists() and not resume:
-        raise SystemExit(
-            f"mbf: error: {run_dir} already holds a run; pass --resume to continue it or choose another --out"
-        )
+def _model_name(args) -> str:
+    """results.json's ``model``: the checkpoint's absolute path (a run is resumed or re-evaluated from
+    anywhere), or the embedded model's name."""
+    return os.path.abspath(args.model) if args.model else DEFAULT_MODEL
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -116,17 +120,17 @@ def cmd_continual(args) -> int:
     """``mbf continual``: one method on one suite; prints AA/BWT/FWT and where the report is."""
     from mbf.experiment.methods import method_config
     from mbf.experiment.models import cache_dir
-    from mbf.experiment.run import run_continual
+    from mbf.experiment.run import run_continual, run_settings
+    from mbf.experiment.rundir import check_out, check_resume, lock
     from mbf.experiment.train import TrainOptions
 
-    # fail before loading anything
-    method_config(args.method, args.init, args.schedule, args.constant, args.orthogonal_updates)
+    # fail before loading anything: the method, the run directory, the data, the settings of a resume
+    config = method_config(args.method, args.init, args.schedule, args.constant, args.orthogonal_updates)
     out = Path(args.out)
-    _refuse_existing(out, args.resume)
+    check_out(out, args.resume)
     tasks, meta = _tasks(args)
     preset, values = _train_values(args, tasks)
     lora = _lora(args, values)
-    model, codec = _load(args, _qlora(lora))
     opts = TrainOptions(
         lr=values["lr"],
         epochs=values["epochs"],
@@ -139,6 +143,12 @@ def cmd_continual(args) -> int:
         warmup_steps=values["warmup_steps"],
         seed=args.seed,
     )
+    meta = {**meta, "model": _model_name(args), "preset": preset}
+    if args.resume:  # the model's own settings (dtype, weights) are checked once it is loaded
+        check_resume(out, run_settings(args.method, config, tasks, lora, opts, meta))
+    with lock(out):  # another process writing --out: said now, not after the model has loaded
+        pass  # run_continual takes the lock for the run itself
+    model, codec = _load(args, _qlora(lora))
     results = run_continual(
         model,
         codec,
@@ -152,7 +162,7 @@ def cmd_continual(args) -> int:
         constant=args.constant,
         orthogonal_updates=args.orthogonal_updates,
         resume=args.resume,
-        meta={**meta, "model": args.model or DEFAULT_MODEL, "preset": preset},
+        meta=meta,
         zero_shot_cache=cache_dir() / "zero-shot",
     )
     m = results["metrics"]
@@ -179,13 +189,21 @@ def cmd_eval(args) -> int:
     from mbf.config import LoRAConfig
     from mbf.experiment import results as results_file
     from mbf.experiment.evaluate import evaluate_tasks
+    from mbf.experiment.tasks import tasks_fingerprint
     from mbf.experiment.train import TrainOptions
 
-    checkpoint, qlora = None, args.load_in_4bit
+    checkpoint, qlora, trained = None, args.load_in_4bit, None
     if args.run:
         saved = results_file.read(args.run)
         if not saved.get("checkpoint"):
-            raise SystemExit(f"mbf: error: {args.run} has no saved adapter (multi-task runs keep none)")
+            why = "multi-task runs keep none" if saved.get("options") is None else "it trained no task yet"
+            raise ValueError(f"{args.run} has no saved adapter ({why})")
+        trained = set(saved["stages"])
+        if not saved["complete"]:
+            untrained = [t for t in saved["tasks"] if t not in trained]
+            print(f"mbf: note: {args.run} is incomplete: {len(trained)} of {len(saved['tasks'])} tasks "
+                  f"trained; not trained yet: {', '.join(untrained)} (scored as the adapter stands)",
+                  file=sys.stderr)  # fmt: skip
         checkpoint = Path(args.run) / saved["checkpoint"]
         for key in ("suite", "suite_seed", "n_train", "n_test", "data_dir", "order"):  # the run's own tasks
             if key in saved:
@@ -197,12 +215,18 @@ def cmd_eval(args) -> int:
         saved_lora = LoRAConfig(target_modules=targets, quantize=saved["lora"].get("quantize"))
         qlora = _qlora(saved_lora)  # the run's base, as it was trained
     tasks, _ = _tasks(args)
+    if args.run and saved.get("data_fingerprint") not in (None, tasks_fingerprint(tasks)):
+        print(f"mbf: warning: the run's tasks now hold other examples than {args.run} used (its data changed "
+              "since): the scores below are on today's", file=sys.stderr)  # fmt: skip
     model, codec = _load(args, qlora)
     opts = TrainOptions(eval_batch_size=args.eval_batch_size, max_length=args.max_length)
     accs = evaluate_tasks(model, codec, tasks, opts, checkpoint=checkpoint, adapter=args.adapter)
+    seen = [a for t, a in zip(tasks, accs) if trained is None or t.name in trained]
     for t, a in zip(tasks, accs):
-        print(f"{t.name:>12s}  {100 * a:5.1f}%")
-    print(f"{'mean':>12s}  {100 * sum(accs) / len(accs):5.1f}%")
+        print(f"{t.name:>12s}  {100 * a:5.1f}%" + ("" if trained is None or t.name in trained else
+                                                  "  (not trained yet)"))  # fmt: skip
+    note = "" if len(seen) == len(accs) else f"  (over the {len(seen)} trained tasks of {len(accs)})"
+    print(f"{'mean':>12s}  {100 * sum(seen) / len(seen):5.1f}%{note}")
     return 0
 
 
@@ -252,7 +276,7 @@ def _demo_method(args, run_dir: Path, tasks: list, meta: dict) -> None:
         f"({', '.join(t.name for t in tasks)}) -> {run_dir}",
         file=sys.stderr,
     )
-    meta = {**meta, "model": args.model or DEFAULT_MODEL}
+    meta = {**meta, "model": _model_name(args)}
     run_continual(
         model, codec, tasks, run_dir, method=run_dir.name, lora=lora, opts=opts, resume=args.resume,
         meta=meta, zero_shot_cache=cache_dir() / "zero-shot",
@@ -273,12 +297,13 @@ def cmd_demo(args) -> int:
     import torch
 
     from mbf.experiment.report import compare_runs
+    from mbf.experiment.rundir import check_out
 
     out, t_start = Path(args.out), time.time()
     tasks, meta = _demo_suite(args)
     runs = [out / m for m in DEMO["methods"]]
     for run_dir in runs:
-        _refuse_existing(run_dir, args.resume)
+        check_out(run_dir, args.resume)
     if args.jobs == 1:
         for run_dir in runs:
             _demo_method(args, run_dir, tasks, meta)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 __all__ = ["DEFAULT_MODEL", "build_parser"]
 
@@ -41,7 +42,9 @@ def _checked(convert, ok, message: str):
 
 _positive_int = _checked(int, lambda v: v >= 1, "must be a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "must be >= 0")
-_positive_float = _checked(float, lambda v: v > 0, "must be > 0")
+# inf and nan parse as floats: refused here, so `--alpha inf` is an error about --alpha, not a NaN loss
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+_non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # mbf.experiment.models.DTYPES, plus auto
 DTYPE_HELP = (
     "the base model's dtype; auto: bfloat16 on a CPU with AMX-BF16 or AVX-512-BF16 (or a bf16 GPU), "
@@ -145,7 +148,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--weight-decay",
-        type=float,
+        type=_non_negative_float,
         default=None,
         help=f"AdamW weight decay ({_preset_default('weight_decay')})",
     )
@@ -207,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--out", required=True, help="run directory")
     c.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last finished task"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last finished task, with the settings it was started "
+        "with (a changed one is refused, naming it)",
     )
     c.add_argument(
         "--schedule",

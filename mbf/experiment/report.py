@@ -151,12 +151,23 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     Returns:
         (markdown path, png path).
 
+    An incomplete run is not averaged with the others; ``compare.md`` names it and how far it got.
+
     Raises:
-        ValueError: when no complete run is given, or runs trained different sets of tasks.
+        ValueError: when no complete run is given (naming the incomplete ones), or runs trained
+            different sets of tasks.
     """
-    complete = [r for r in (results_file.read(p) for p in runs) if r["complete"]]
+    read = [(Path(p), results_file.read(p)) for p in runs]
+    complete = [r for _, r in read if r["complete"]]
+    paths = [str(p) for p, r in read if r["complete"]]
+    # an incomplete run is said, never silently left out: its scores would mix stages with finished runs
+    incomplete = [f"{p} ({len(r['per_task'])} of {len(r['tasks'])} tasks trained)" for p, r in read
+                  if not r["complete"]]  # fmt: skip
     if not complete:
-        raise ValueError("no complete run to compare (a run is complete when every task was evaluated)")
+        raise ValueError(
+            "no complete run to compare (a run is complete when every task was evaluated; "
+            f"incomplete: {', '.join(incomplete)}; finish them with mbf continual --resume)"
+        )
     if len({frozenset(r["tasks"]) for r in complete}) > 1 or len({r.get("suite") for r in complete}) > 1:
         raise ValueError(
             "runs trained different tasks (orders of one suite's tasks can be compared): "
@@ -182,9 +193,14 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
         "|---|---|---|---|---|---|---|---|---|---|",
         *[_compare_row(label, rs, tasks, several_orders) for label, rs in groups.items()],
         "",
-        "Runs: " + ", ".join(str(Path(r)) for r in runs),
+        "Runs: " + ", ".join(paths),
         "",
     ]
+    if incomplete:
+        lines += [
+            f"Not compared, incomplete (finish them with `mbf continual --resume`): {', '.join(incomplete)}",
+            "",
+        ]
     out = Path(out)
     md, png = out / "compare.md", out / "compare.png"
     atomic_write_text("\n".join(lines), md)

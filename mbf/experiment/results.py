@@ -14,6 +14,11 @@ Schema ``"mbf-continual-results/1"``::
                   "max_length", "weight_decay", "warmup_steps", "seed", "grad_accum"}; "preset"
                   beside it names the --preset the options came from
     suite, suite_seed, model, n_train, n_test, data_dir, order   where the tasks and model came from
+                  ("model": the checkpoint's absolute path, or the embedded model's name; older runs
+                  kept the path as given)
+    data_fingerprint    SHA-256 of every task's instruction, options and examples (absent in older runs)
+    model_fingerprint   SHA-256 of the base model's weights as loaded (absent in older runs); with the
+                  fields above, what --resume checks before it continues a run
     dtype         "float32" | "bfloat16" | "float16": the base model's dtype (the adapters are float32
                   whatever it is); files written before the field existed were float32 runs
     stages        [str]: the task trained at each stage ("all" for the multi-task baseline's one stage)
@@ -142,14 +147,23 @@ def read(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: when there is no such file.
-        ValueError: when the file is not an mbf results file of a known schema.
+        ValueError: when the file is not UTF-8 JSON (naming it) or not an mbf results file of a known
+            schema.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
-    data = json.loads(path.read_text())
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {data.get('schema')!r} is not {SCHEMA!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}"
+        ) from err
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA:
+        raise ValueError(f"{path}: schema {schema!r} is not {SCHEMA!r}")
     return data
 
 

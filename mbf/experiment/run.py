@@ -9,12 +9,12 @@ reference of FWT; cached by model fingerprint and test set when a cache folder i
     OUT/results.json          the results (schema in mbf/experiment/results.py): the commit point
     OUT/results.md, accuracy.png   the same as a table and a heatmap
     OUT/checkpoints/task-NN   ContinualLoRA.save() after task NN (only the latest is kept)
+    OUT/.mbf-lock             held (flock) while a process writes the run: one writer at a time
 """
 
 from __future__ import annotations
 
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,20 +25,17 @@ from torch import nn
 
 from mbf.config import ContinualConfig, LoRAConfig
 from mbf.continual import ContinualLoRA
-from mbf.experiment import report
+from mbf.experiment import report, rundir
 from mbf.experiment import results as results_file
 from mbf.experiment.batches import Codec
 from mbf.experiment.evaluate import evaluate
 from mbf.experiment.methods import method_config
-from mbf.experiment.tasks import Task
+from mbf.experiment.tasks import Task, check_tasks, tasks_fingerprint
 from mbf.experiment.train import TrainOptions, train_steps
-from mbf.experiment.zero_shot import zero_shot_scores
+from mbf.experiment.zero_shot import weights_fingerprint, zero_shot_scores
 from mbf.inject import inject, lora_layers
 
-__all__ = ["model_dtype", "peak_rss_mb", "run_continual"]
-
-# the settings a resumed run must share with the saved one
-_RESUME_KEYS = ("method", "options", "seed", "tasks", "lora", "dtype")
+__all__ = ["model_dtype", "peak_rss_mb", "run_continual", "run_settings"]
 
 
 def peak_rss_mb() -> float:
@@ -62,34 +59,26 @@ def _measure(train: Callable[[], dict], evaluate: Callable[[], list[float]]) -> 
     return {"stats": stats, "train_s": t1 - t0, "accuracy": accuracy, "eval_s": time.time() - t1}
 
 
-def _same_options(saved: dict | None, now: dict | None) -> bool:
-    """Options of older results lack fields added since; they compare as the defaults."""
-    if saved is None or now is None:
-        return saved is now
-    return ContinualConfig.from_dict(saved) == ContinualConfig.from_dict(now)
-
-
-def _open_results(out: Path, settings: dict, resume: bool) -> dict:
-    """The saved results to continue (``resume``), or new ones.
-
-    Raises:
-        FileExistsError: when ``out`` holds a run and ``resume`` is False.
-        ValueError: when the saved run's method, options, seed, tasks or LoRA config differ.
-    """
-    path = out / "results.json"
-    if path.exists() and not resume:
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    if not path.exists():
-        return results_file.new(settings)
-    saved = results_file.read(path)
-    for key in _RESUME_KEYS:
-        was = results_file.base_dtype(saved) if key == "dtype" else saved.get(key)
-        now = settings[key]
-        if not (_same_options(was, now) if key == "options" else was == now):
-            raise ValueError(f"--resume: {out} was run with {key}={was!r}, now {now!r}")
-    return saved
+def run_settings(
+    method: str,
+    config: ContinualConfig | None,
+    tasks: list[Task],
+    lora: LoRAConfig,
+    opts: TrainOptions,
+    meta: dict | None = None,
+) -> dict:
+    """results.json's settings of a run, all but those of the loaded model (``dtype``,
+    ``model_fingerprint``): what ``--resume`` can check before a model is loaded."""
+    return {
+        "method": method,
+        "options": None if config is None else config.to_dict(),
+        "seed": opts.seed,
+        "tasks": [t.name for t in tasks],
+        "lora": lora.to_dict(),
+        "train": asdict(opts),
+        **(meta or {}),
+        "data_fingerprint": tasks_fingerprint(tasks),
+    }
 
 
 @dataclass
@@ -155,9 +144,8 @@ class _Run:
         checkpoint = f"checkpoints/task-{i + 1:02d}"
         cl.save(self.out / checkpoint)
         self.commit(task.name, measured, adapter_bytes=cl.adapter_bytes(), checkpoint=checkpoint)
-        for old in (self.out / "checkpoints").glob("task-*"):  # after the commit: the new one is named
-            if old.name != Path(checkpoint).name:
-                shutil.rmtree(old, ignore_errors=True)
+        # after the commit, which names the new one; never a folder this run did not make
+        rundir.prune_checkpoints(self.out, keep=Path(checkpoint).name)
         stats, row = measured["stats"], measured["accuracy"]
         nxt = f" (next {row[i + 1]:.2f})" if len(row) > i + 1 else ""
         self.log(
@@ -223,38 +211,39 @@ def run_continual(
         The results dict (also in ``out/results.json``).
 
     Raises:
-        FileExistsError: when ``out`` holds a run and ``resume`` is False.
-        ValueError: on an unknown method or override; on resume, when the saved run's method,
-            options, seed, tasks or LoRA config differ.
+        FileExistsError: when ``out`` holds a run and ``resume`` is False, or files but no run;
+            ``rundir.RunLocked`` when another process is writing it.
+        ValueError: on an unknown method or override, a task without examples; on resume, when any
+            setting differs from the saved run's (each listed as ``name: saved -> given``).
     """
     out, lora, opts = Path(out), lora or LoRAConfig(), opts or TrainOptions()
+    check_tasks(tasks)
     config = method_config(method, init, schedule, constant, orthogonal_updates)
     settings = {
-        "method": method,
-        "options": None if config is None else config.to_dict(),
-        "seed": opts.seed,
-        "tasks": [t.name for t in tasks],
-        "lora": lora.to_dict(),
-        "train": asdict(opts),
-        **(meta or {}),
+        **run_settings(method, config, tasks, lora, opts, meta),
         "dtype": model_dtype(model),
+        "model_fingerprint": weights_fingerprint(model),
     }
-    results = _open_results(out, settings, resume)
-    run = _Run(model, codec, tasks, opts, out, results, method, log)
-    done = len(results["per_task"])
-    if results.get("zero_shot") is None:  # before inject: the bare model, the reference of FWT
-        results["zero_shot"] = zero_shot_scores(model, codec, tasks, opts, cache=zero_shot_cache, log=log)
-    torch.manual_seed(opts.seed)
-    inject(model, lora)
-    if config is None:
-        if not done:
-            run.multi_task_stage()
+    rundir.check_out(out, resume)  # before the lock creates the directory or its lock file
+    with rundir.lock(out):
+        rundir.check_out(out, resume)  # again, now that no other process can write it
+        saved = rundir.check_resume(out, settings) if resume else None
+        results = saved or results_file.new(settings)
+        run = _Run(model, codec, tasks, opts, out, results, method, log)
+        done = len(results["per_task"])
+        if results.get("zero_shot") is None:  # before inject: the bare model, the reference of FWT
+            results["zero_shot"] = zero_shot_scores(model, codec, tasks, opts, cache=zero_shot_cache, log=log)
+        torch.manual_seed(opts.seed)
+        inject(model, lora)
+        if config is None:
+            if not done:
+                run.multi_task_stage()
+            return results
+        if done:
+            cl = ContinualLoRA.load(model, out / results["checkpoint"])
+            log(f"resuming {out} after task {done}/{len(tasks)} ({tasks[done - 1].name})")
+        else:
+            cl = ContinualLoRA(model, config)
+        for i in range(done, len(tasks)):
+            run.continual_stage(cl, i)
         return results
-    if done:
-        cl = ContinualLoRA.load(model, out / results["checkpoint"])
-        log(f"resuming {out} after task {done}/{len(tasks)} ({tasks[done - 1].name})")
-    else:
-        cl = ContinualLoRA(model, config)
-    for i in range(done, len(tasks)):
-        run.continual_stage(cl, i)
-    return results

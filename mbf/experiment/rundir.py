@@ -7,6 +7,9 @@
   a directory of other files is refused rather than written into.
 - ``prune_checkpoints(out, keep)``: removes ``checkpoints/task-NN`` folders of this run other than
   ``keep``; nothing else under ``checkpoints/`` is ever deleted.
+- ``check_resume(out, settings)``: ``--resume`` continues a run only with the settings it was started
+  with (training, data, method, LoRA, model); otherwise the remaining tasks would train and test on
+  other data or settings than results.json records. The error lists every difference.
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["RunLocked", "check_out", "lock", "prune_checkpoints"]
+from mbf.config import ContinualConfig, LoRAConfig
+from mbf.experiment import results as results_file
+from mbf.experiment.train import TrainOptions
+
+__all__ = ["RunLocked", "check_out", "check_resume", "lock", "prune_checkpoints", "resume_differences"]
 
 LOCK_NAME = ".mbf-lock"
 RESULTS = "results.json"
@@ -54,8 +62,23 @@ def lock(out: str | Path) -> Iterator[Path]:
         os.close(fd)  # releases the flock; the file stays (harmless: the lock is the flock)
 
 
+# the temporary files of mbf.io.atomic_write (".results.json.k3j2x.json"), left behind by a kill -9
+_TEMPORARY = re.compile(r"\.(results\.json|results\.md|accuracy\.png)\..+")
+
+
+def _ours(p: Path) -> bool:
+    """What a run killed before its first commit (results.json) can leave: the lock file, a temporary
+    file, a ``checkpoints/`` of ``task-NN`` folders only. Such a directory is started again, not refused."""
+    if p.name == LOCK_NAME or _TEMPORARY.fullmatch(p.name):
+        return True
+    return p.name == "checkpoints" and p.is_dir() and all(_CHECKPOINT.fullmatch(c.name) for c in p.iterdir())
+
+
 def check_out(out: str | Path, resume: bool) -> None:
     """Refuse an ``--out`` that holds files but no run, and a run without ``--resume``.
+
+    A directory holding only what a run killed before its first commit leaves (see ``_ours``) is no
+    one else's: it is accepted, and the run starts from the beginning.
 
     Raises:
         FileExistsError: naming the directory and what to do.
@@ -69,7 +92,7 @@ def check_out(out: str | Path, resume: bool) -> None:
                 f"{out} already holds a run; pass --resume to continue it or choose another --out"
             )
         return
-    others = [p.name for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    others = [p.name for p in out.iterdir() if not _ours(p)] if out.is_dir() else []
     if others:
         shown = ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else "")
         raise FileExistsError(
@@ -85,3 +108,78 @@ def prune_checkpoints(out: str | Path, keep: str) -> None:
     for old in folder.iterdir():
         if old.is_dir() and _CHECKPOINT.fullmatch(old.name) and old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# What a resumed run must share with the saved one. A key absent from the saved file (a run written
+# before it was recorded) is not compared; "model" (the path) only when the saved run lacks the weights'
+# fingerprint, so a checkpoint folder that moved still resumes, another one of the same shape does not.
+RESUME_KEYS = ("method", "options", "seed", "tasks", "lora", "train", "dtype", "suite", "suite_seed",
+               "n_train", "n_test", "order", "data_dir", "task_metrics", "data_fingerprint",
+               "model_fingerprint")  # fmt: skip
+# how many prompts are decoded at once: a memory knob, not the experiment
+RESUME_FREE = frozenset({"train.eval_batch_size"})
+
+
+def _normalised(key: str, value):
+    """Older files lack fields added since: they compare as the defaults."""
+    if value is None:
+        return None
+    if key == "model":  # older runs kept the path as given: relative to where the run started
+        return os.path.abspath(value)
+    if key == "options":
+        return ContinualConfig.from_dict(value).to_dict()
+    if key == "lora":
+        return LoRAConfig.from_dict(value).to_dict()
+    if key == "train":
+        return {**asdict(TrainOptions()), **value}
+    return value
+
+
+def _show(key: str, value) -> str:
+    if key.endswith("fingerprint") and isinstance(value, str):
+        return value[:12]
+    return repr(value)
+
+
+def resume_differences(saved: dict, settings: dict) -> list[str]:
+    """``"name: saved -> given"`` for each setting in ``settings`` that differs from ``saved``'s.
+
+    Args:
+        saved: the run's results.json.
+        settings: the new invocation's settings (results.json's fields; those absent are not compared).
+    """
+    diffs = []
+    keys = [k for k in RESUME_KEYS if k in settings and (k in saved or k == "dtype")]
+    if "model" in settings and "model" in saved and "model_fingerprint" not in saved:
+        keys.append("model")  # a run older than the fingerprint: its path is all there is
+    for key in keys:
+        was = results_file.base_dtype(saved) if key == "dtype" else saved.get(key)
+        was, now = _normalised(key, was), _normalised(key, settings[key])
+        if isinstance(was, dict) and isinstance(now, dict):
+            for field in sorted(set(was) | set(now)):
+                name = f"{key}.{field}"
+                if name not in RESUME_FREE and was.get(field) != now.get(field):
+                    diffs.append(f"{name}: {was.get(field)!r} -> {now.get(field)!r}")
+        elif was != now:
+            diffs.append(f"{key}: {_show(key, was)} -> {_show(key, now)}")
+    return diffs
+
+
+def check_resume(out: str | Path, settings: dict) -> dict | None:
+    """The saved results of the run in ``out`` if ``settings`` agree with them (None: no run yet).
+
+    Raises:
+        ValueError: listing every differing setting as ``name: saved -> given``.
+    """
+    path = Path(out) / RESULTS
+    if not path.exists():
+        return None
+    saved = results_file.read(path)
+    diffs = resume_differences(saved, settings)
+    if diffs:
+        raise ValueError(
+            f"--resume: {out} was run with other settings; the remaining tasks would train or test on "
+            f"other data or settings than results.json records ({'; '.join(diffs)}). Give the run's own "
+            "settings, or choose another --out"
+        )
+    return saved

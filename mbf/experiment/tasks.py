@@ -18,9 +18,11 @@ so the model always sees what it is asked and which answers are allowed. The los
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 
-__all__ = ["METRICS", "Example", "Task"]
+__all__ = ["METRICS", "Example", "Task", "check_tasks", "tasks_fingerprint"]
 
 METRICS = ("exact", "rougeL")  # how an answer is scored: exact match, or Rouge-L F1 (generation)
 
@@ -61,3 +63,33 @@ class Task:
 
     def target(self, ex: Example) -> str:
         return " " + ex.output.strip()
+
+
+def check_tasks(tasks: list[Task]) -> None:
+    """Refuse a suite a run cannot use, before any model is loaded.
+
+    Raises:
+        ValueError: on no tasks, a task without training or test examples (naming the task and where
+            its examples came from), or an example whose input or output is not a string.
+    """
+    if not tasks:
+        raise ValueError("the suite has no tasks")
+    for t in tasks:
+        where = f" ({t.source})" if t.source else ""
+        for split, examples in (("training", t.train), ("test", t.test)):
+            if not examples:
+                raise ValueError(f"task {t.name!r}{where} has no {split} examples")
+            for i, ex in enumerate(examples):
+                if not (isinstance(ex.input, str) and isinstance(ex.output, str)):
+                    raise ValueError(f"task {t.name!r}{where}: {split} example {i} is not text: {ex!r}")
+
+
+def tasks_fingerprint(tasks: list[Task]) -> str:
+    """SHA-256 over every task's name, instruction, options, metric and examples: the data a run used
+    (results.json ``data_fingerprint``), so that ``--resume`` never continues on other data."""
+    h = hashlib.sha256()
+    for t in tasks:
+        h.update(json.dumps([t.name, t.instruction, t.labels, t.metric]).encode())
+        for examples in (t.train, t.test):
+            h.update(json.dumps([asdict(ex) for ex in examples]).encode())
+    return h.hexdigest()

@@ -73,6 +73,14 @@ def answer_loss(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad_
     )
 
 
+def _why(losses: list[float]) -> str:
+    """What to change when the loss is non-finite: before the first update the learning rate is not the
+    cause (nor, for a fresh adapter, alpha: B starts at zero); after it, the step size is lr × alpha / r."""
+    if not losses:
+        return "before the first update, so not --lr: check the model, its --dtype and the data"
+    return "lower --lr or --alpha (the update scales with lr x alpha / r)"
+
+
 def train_steps(
     model: nn.Module,
     params: Sequence[nn.Parameter],
@@ -117,7 +125,8 @@ def train_steps(
             idx, order = order[: opts.batch_size], order[opts.batch_size :]
             loss = answer_loss(model, [encoded[i] for i in idx], codec.pad_id)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {len(losses)}; lower --lr")
+                why = _why(losses)
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {len(losses)}; {why}")
             (loss / opts.grad_accum).backward()
             step_loss += loss.item() / opts.grad_accum
         opt.step()

@@ -21,7 +21,23 @@ from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions
 from mbf.io import atomic_write_json
 
-__all__ = ["fingerprint", "zero_shot_scores"]
+__all__ = ["fingerprint", "weights_fingerprint", "zero_shot_scores"]
+
+
+@torch.no_grad()
+def _hash_weights(h, model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(torch.cat([flat[:64], flat[-64:]]).float().numpy().tobytes())
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter's name, shape, dtype and first and last 64 values: which model a
+    run trained (results.json ``model_fingerprint``), whatever path it was loaded from."""
+    h = hashlib.sha256()
+    _hash_weights(h, model)
+    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -30,10 +46,7 @@ def fingerprint(model: nn.Module, codec: Codec, tasks: list[Task], max_length: i
     encoded test prompts and answers: cheap (no pass over the weights) and specific enough that two
     checkpoints or two test sets never share an entry."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(torch.cat([flat[:64], flat[-64:]]).float().numpy().tobytes())
+    _hash_weights(h, model)
     for t in tasks:
         h.update(f"{t.name}|{t.metric}|{max_length}".encode())
         for ex in t.test:

@@ -19,7 +19,7 @@ from mbf.experiment.suites.olora import ORDERS as OLORA_ORDERS
 from mbf.experiment.suites.olora import load_benchmark
 from mbf.experiment.suites.real import ORDERS as REAL_ORDERS
 from mbf.experiment.suites.real import MissingData, real_suite
-from mbf.experiment.tasks import Task
+from mbf.experiment.tasks import Task, check_tasks
 
 __all__ = ["DEFAULT_ORDER", "SUITES", "MissingData", "load_suite"]
 
@@ -54,7 +54,8 @@ def load_suite(
 
     Raises:
         ValueError: on an unknown suite or order, an order or data dir given to a suite without one,
-            or a missing ``data_dir`` for ``olora``.
+            a missing ``data_dir`` for ``olora``, a task without training or test examples, or a data
+            file that cannot be read (naming it).
         FileNotFoundError: on a missing data dir or task folder (``MissingData``: a data package).
     """
     if suite not in SUITES:
@@ -82,6 +83,7 @@ def load_suite(
         names = order.split(",") if "," in order else order
         tasks = load_benchmark(data_dir, names, max_train=n_train, max_test=n_test)
         meta.update(order=order, data_dir=str(data_dir))
+    check_tasks(tasks)  # an empty split or a bad record fails here, before any model is loaded
     meta["task_metrics"] = [t.metric for t in tasks]
     return tasks, {**meta, "n_train": n_train, "n_test": n_test}
 

@@ -44,21 +44,54 @@ _DEFAULT_INSTRUCTION = "Answer with one of the options."
 CLASSIFICATION_MAX_LABELS = 50  # more distinct answers than this: a generation task (Rouge-L)
 
 
-def _read_records(path: Path) -> tuple[list[dict], str | None]:
-    """Records and the file's own instruction (SAPT's ``Definition``) from JSON or JSONL."""
-    text = path.read_text(encoding="utf-8")
+def _read_json(path: Path, text: str | None = None, line: int | None = None):
+    """``json.loads`` of the file (or of one of its lines), its errors naming the file and line.
+
+    Raises:
+        ValueError: on text that is not UTF-8 or not JSON.
+    """
+    try:
+        if text is None:
+            text = path.read_text(encoding="utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+    except json.JSONDecodeError as err:
+        at = f"line {line}" if line is not None else f"line {err.lineno} column {err.colno}"
+        raise ValueError(f"{path}: not valid JSON at {at}: {err.msg}") from err
+
+
+def _read_records(path: Path) -> tuple[list, str | None]:
+    """Records and the file's own instruction (SAPT's ``Definition``) from JSON or JSONL.
+
+    Raises:
+        ValueError: on a file that is not UTF-8 JSON (JSONL), or holds no list of records.
+    """
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()], None
-    data = json.loads(text)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+        return [_read_json(path, s, i + 1) for i, s in enumerate(lines) if s.strip()], None
+    data = _read_json(path)
+    definition = None
     if isinstance(data, dict):  # SAPT / SuperNI: {"Definition": [...], "Instances": [...]}
         definition = data.get("Definition")
         if isinstance(definition, list):
             definition = definition[0] if definition else None
-        return list(data.get("Instances", [])), definition
-    return list(data), None
+        data = data.get("Instances", [])
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{path}: expected a list of records (or SAPT's Instances), got {type(data).__name__}"
+        )
+    return data, definition if isinstance(definition, str) else None
 
 
 def _to_example(rec: dict, path: Path, i: int) -> Example:
+    if not isinstance(rec, dict):
+        raise ValueError(
+            f"{path}: record {i} is a {type(rec).__name__}, not an object with input/output fields"
+        )
     inp = rec.get("input", rec.get("sentence"))
     out = rec.get("output", rec.get("label"))
     if isinstance(out, list):  # SuperNI keeps a list of acceptable outputs
@@ -92,7 +125,8 @@ def load_task_dir(
 
     Raises:
         FileNotFoundError: when the folder lacks a train or a test/dev file.
-        ValueError: on a record without an input or an output.
+        ValueError: on a file that is not UTF-8 JSON, a record that is not an object or lacks an input
+            or an output (each naming the file).
     """
     folder = Path(folder)
     name = name or folder.name
@@ -104,7 +138,9 @@ def load_task_dir(
         )
     train_recs, definition = _read_records(train_path)
     test_recs, _ = _read_records(test_path)
-    labels = json.loads((folder / "labels.json").read_text()) if (folder / "labels.json").is_file() else []
+    labels = _read_json(folder / "labels.json") if (folder / "labels.json").is_file() else []
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise ValueError(f"{folder / 'labels.json'}: expected a list of label strings")
     instruction = definition or _FAMILY_INSTRUCTIONS.get(folder.parent.name, _DEFAULT_INSTRUCTION)
     train = [_to_example(r, train_path, i) for i, r in enumerate(train_recs)][:max_train]
     test = [_to_example(r, test_path, i) for i, r in enumerate(test_recs)][:max_test]

@@ -264,7 +264,8 @@ def real_suite(
             of the installed packages (tests use a fixture laid out so).
 
     Raises:
-        ValueError: on an unknown order or task, or non-positive sizes.
+        ValueError: on an unknown order or task, non-positive sizes, or a data file that cannot be read
+            (naming it).
         MissingData: when a task's data package is not installed (names the pip command).
     """
     if n_train < 1 or n_test < 1:
@@ -272,7 +273,11 @@ def real_suite(
     tasks = []
     for name in order_names(order):
         source = SOURCES[name]
-        train_pool, test_pool = source.read(_locate(name, source, data_dir))
+        where = _locate(name, source, data_dir)
+        try:
+            train_pool, test_pool = source.read(where)
+        except (UnicodeDecodeError, ValueError) as err:  # a damaged or foreign file under --data-dir
+            raise ValueError(f"{where}: cannot be read as task {name!r}'s data: {err}") from err
         rng = random.Random(f"mbf-real-{seed}-{name}")
         tasks.append(
             Task(
