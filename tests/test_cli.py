@@ -164,6 +164,7 @@ def test_resume_refuses_other_data_training_or_model(slao_run, tiny_checkpoint, 
                  "data_fingerprint: "):  # fmt: skip
         assert diff in err
     assert "model loaded" not in err  # refused before loading it
+    assert "--accept-changes" in err  # the explicit override is named
     # a checkpoint of the same shape with other weights is another model
     other = tmp_path / "other-model"
     shutil.copytree(tiny_checkpoint, other)

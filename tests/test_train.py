@@ -302,6 +302,27 @@ def test_resume_checks_the_saved_settings(tmp_path, slao_run):
     assert _run(run, resume=True)["accuracy"] == slao_run[1]["accuracy"]
 
 
+def test_an_accepted_change_on_resume_is_recorded(tmp_path):
+    """``accept_changes``: the remaining tasks run with the new settings, and results.json / results.md
+    say after which task and what changed."""
+
+    def interrupt_after_task_1(line: str) -> None:
+        if "task 1/3" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut", log=interrupt_after_task_1)
+    lower = TrainOptions(**{**OPTS.__dict__, "lr": 1e-3})
+    with pytest.raises(ValueError, match="--accept-changes"):
+        _run(tmp_path / "cut", resume=True, opts=lower)
+    resumed = _run(tmp_path / "cut", resume=True, opts=lower, accept_changes=True)
+    assert resumed["complete"]
+    assert resumed["resumed_with_changes"] == [{"after_task": 1, "changes": ["train.lr: 0.005 -> 0.001"]}]
+    assert resumed["train"]["lr"] == 5e-3  # the recorded settings stay those the run started with
+    md = (tmp_path / "cut" / "results.md").read_text()
+    assert "Resumed after task 1 with changed settings (--accept-changes): train.lr: 0.005 -> 0.001" in md
+
+
 def test_seq_lora_and_multitask_runs(tmp_path):
     seq = _run(tmp_path / "seq", method="seq-lora")
     assert seq["options"]["init"] == "none" and seq["complete"]

@@ -145,7 +145,7 @@ def cmd_continual(args) -> int:
     )
     meta = {**meta, "model": _model_name(args), "preset": preset}
     if args.resume:  # the model's own settings (dtype, weights) are checked once it is loaded
-        check_resume(out, run_settings(args.method, config, tasks, lora, opts, meta))
+        check_resume(out, run_settings(args.method, config, tasks, lora, opts, meta), args.accept_changes)
     with lock(out):  # another process writing --out: said now, not after the model has loaded
         pass  # run_continual takes the lock for the run itself
     model, codec = _load(args, _qlora(lora))
@@ -164,6 +164,7 @@ def cmd_continual(args) -> int:
         resume=args.resume,
         meta=meta,
         zero_shot_cache=cache_dir() / "zero-shot",
+        accept_changes=args.accept_changes,
     )
     m = results["metrics"]
     fmt = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731

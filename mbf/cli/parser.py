@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with (a changed one is refused, naming it)",
     )
     c.add_argument(
+        "--accept-changes",
+        action="store_true",
+        help="with --resume: continue although settings differ from the saved run's, and record each "
+        "difference in results.json (resumed_with_changes) and results.md",
+    )
+    c.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default=None,

@@ -35,6 +35,11 @@ def run_markdown(results: dict) -> str:
         f"**AA {pct(m['AA'])}%, BWT {pct(m['BWT'])} points, FWT {pct(m.get('FWT'))} points**, "
         f"wall {m['wall_s']:.0f} s"
         + ("" if results["complete"] else f" (incomplete: {len(acc)}/{len(tasks)} stages)"),
+        *[
+            f"Resumed after task {c['after_task']} with changed settings (--accept-changes): "
+            + "; ".join(c["changes"])
+            for c in results.get("resumed_with_changes", [])
+        ],
         "",
         "Score (%) on each task (columns) after each stage (rows; the entry right of the diagonal is the "
         "next task before it is trained, for FWT; exact match, or Rouge-L where the task is scored so: "

@@ -190,6 +190,7 @@ def run_continual(
     log: Callable[[str], None] = print,
     orthogonal_updates: bool | None = None,
     zero_shot_cache: Path | None = None,
+    accept_changes: bool = False,
 ) -> dict:
     """Train ``tasks`` in order with ``method``; write ``out/results.json`` after every task.
 
@@ -206,6 +207,8 @@ def run_continual(
         meta: extra fields for results.json (suite, model name...).
         log: receives one line per finished task.
         zero_shot_cache: a folder where the bare model's scores are kept between runs (None: none).
+        accept_changes: on resume, continue with settings that differ from the saved run's and record
+            the differences in results.json (``resumed_with_changes``) instead of refusing.
 
     Returns:
         The results dict (also in ``out/results.json``).
@@ -227,7 +230,7 @@ def run_continual(
     rundir.check_out(out, resume)  # before the lock creates the directory or its lock file
     with rundir.lock(out):
         rundir.check_out(out, resume)  # again, now that no other process can write it
-        saved = rundir.check_resume(out, settings) if resume else None
+        saved = rundir.check_resume(out, settings, accept_changes) if resume else None
         results = saved or results_file.new(settings)
         run = _Run(model, codec, tasks, opts, out, results, method, log)
         done = len(results["per_task"])

@@ -165,8 +165,12 @@ def resume_differences(saved: dict, settings: dict) -> list[str]:
     return diffs
 
 
-def check_resume(out: str | Path, settings: dict) -> dict | None:
+def check_resume(out: str | Path, settings: dict, accept_changes: bool = False) -> dict | None:
     """The saved results of the run in ``out`` if ``settings`` agree with them (None: no run yet).
+
+    With ``accept_changes`` a difference is not an error: the results get a ``resumed_with_changes``
+    entry ``{"after_task": k, "changes": [...]}`` (the recorded settings stay those of the first tasks),
+    and ``results.md`` says so.
 
     Raises:
         ValueError: listing every differing setting as ``name: saved -> given``.
@@ -176,10 +180,13 @@ def check_resume(out: str | Path, settings: dict) -> dict | None:
         return None
     saved = results_file.read(path)
     diffs = resume_differences(saved, settings)
-    if diffs:
+    if diffs and not accept_changes:
         raise ValueError(
             f"--resume: {out} was run with other settings; the remaining tasks would train or test on "
             f"other data or settings than results.json records ({'; '.join(diffs)}). Give the run's own "
-            "settings, or choose another --out"
+            "settings, choose another --out, or pass --accept-changes to continue and record the changes"
         )
+    if diffs:
+        entry = {"after_task": len(saved.get("per_task", [])), "changes": diffs}
+        saved.setdefault("resumed_with_changes", []).append(entry)
     return saved
