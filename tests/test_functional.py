@@ -59,18 +59,46 @@ def test_torch_path_matches_reference(dtype, M_shape, K, N, r, bias, merged):
         assert_close(got, want, dtype)
 
 
-def test_torch_path_dropout_matches_reference_mask():
-    x, W, b, A, B, _ = _inputs((13,), 24, 10, 3, torch.float64)
-    dY = torch.randn(13, 10, dtype=torch.float64)
-    run = lambda fn, seed: _grads(  # noqa: E731
-        lambda x, W, b, A, B, Bm: fn(x, W, b, A, B, 2.0, dropout=0.3, seed=seed), x, W, b, A, B, None, dY
-    )
-    want = run(reference.lora_linear, 11)
-    got = run(lambda *a, **k: functional.lora_linear(*a, **k, backend="torch"), 11)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_torch_path_dropout_matches_reference_mask(dtype):
+    """The torch paths draw ``reference.torch_keep_mask(seed)``: forward and every gradient equal the
+    reference with ``rng="torch"``, the mask of the backward being the forward's."""
+    x, W, b, A, B, Bm = _inputs((2, 13), 24, 10, 3, dtype, merged=True)
+    dY = torch.randn(2, 13, 10, dtype=torch.float64).to(dtype).double()
+
+    def run(seed, fast=True, rng="torch"):
+        def fn(x, W, b, A, B, Bm):
+            if not fast:
+                return reference.lora_linear(x, W, b, A, B, 2.0, Bm, 0.6, dropout=0.3, seed=seed, rng=rng)
+            cast = lambda t: t.to(dtype)  # noqa: E731
+            args = (cast(x), cast(W), cast(b), cast(A), cast(B), 2.0, cast(Bm), 0.6)
+            return functional.lora_linear(*args, dropout=0.3, seed=seed, backend="torch")
+
+        return _grads(fn, x, W, b, A, B, Bm, dY)
+
+    want = run(11, fast=False)
+    got = run(11)
     for g_, w_ in zip(got, want):
+        assert_close(g_, w_, dtype)
+    assert not torch.allclose(run(12)[0], got[0])  # another seed, another mask
+    philox = run(11, fast=False, rng="philox")  # the Triton kernels' family: a different mask
+    assert not torch.allclose(philox[0], want[0])
+
+
+def test_torch_path_dropout_without_seed_reads_torch_generator():
+    """No seed: the mask is ``torch.rand`` from torch's global generator (no ``.item()``), so
+    ``torch.manual_seed(s)`` gives the mask of ``seed=s`` (both CPU Mersenne twisters seeded with s)."""
+    x, W, b, A, B, _ = _inputs((9,), 16, 7, 2, torch.float64)
+    dY = torch.randn(9, 7, dtype=torch.float64)
+    spec = lambda *a: reference.lora_linear(*a[:5], 1.5, dropout=0.4, seed=5, rng="torch")  # noqa: E731
+    want = _grads(spec, x, W, b, A, B, None, dY)
+
+    def fast(*a):
+        torch.manual_seed(5)
+        return functional.lora_linear(*a[:5], 1.5, dropout=0.4, backend="torch")
+
+    for g_, w_ in zip(_grads(fast, x, W, b, A, B, None, dY), want):
         assert_close(g_, w_, torch.float64)
-    other = run(lambda *a, **k: functional.lora_linear(*a, **k, backend="torch"), 12)
-    assert not torch.allclose(other[0], got[0])
 
 
 def test_frozen_tensors_get_no_gradient():

@@ -91,8 +91,8 @@ def test_autograd_paths_against_reference(path, dtype, dropout):
 
     leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
     W64 = nf4.dequantize_nf4(w).double()
-    ref = reference.lora_linear(
-        leaves[0], W64, b.double(), leaves[1], leaves[2], 2.0, Bm.double(), 0.6, dropout, 7
+    ref = reference.lora_linear(  # the NF4 paths run LoRALinearFunction: the torch mask family
+        leaves[0], W64, b.double(), leaves[1], leaves[2], 2.0, Bm.double(), 0.6, dropout, 7, rng="torch"
     )
     rx, rA, rB = torch.autograd.grad(ref, leaves, dy.double())
     for got, want in ((y, ref), (gx, rx), (gA, rA), (gB, rB)):

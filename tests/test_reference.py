@@ -35,14 +35,19 @@ def test_lora_linear_time_aware_B_eff():
     torch.testing.assert_close(y0, reference.lora_linear(x, W, None, A, Bm, 2.0), rtol=1e-12, atol=1e-12)
 
 
-def test_dropout_mask_is_seeded_and_has_the_right_rate():
-    keep1 = reference.dropout_keep_mask((64, 96), 0.3, seed=7)
-    keep2 = reference.dropout_keep_mask((64, 96), 0.3, seed=7)
-    keep3 = reference.dropout_keep_mask((64, 96), 0.3, seed=8)
-    assert torch.equal(keep1, keep2)
+@pytest.mark.parametrize(
+    "mask", [reference.dropout_keep_mask, reference.torch_keep_mask], ids=["philox", "torch"]
+)
+def test_dropout_mask_is_seeded_and_has_the_right_rate(mask):
+    keep1 = mask((64, 96), 0.3, seed=7)
+    keep2 = mask((64, 96), 0.3, seed=7)
+    keep3 = mask((64, 96), 0.3, seed=8)
+    assert keep1.dtype == torch.bool and torch.equal(keep1, keep2)
     assert not torch.equal(keep1, keep3)
     assert abs(keep1.float().mean().item() - 0.7) < 0.02
-    assert reference.dropout_keep_mask((8, 8), 0.0, seed=1).all()
+    assert mask((8, 8), 0.0, seed=1).all()
+    torch.rand(3)  # the global generator does not enter a seeded mask
+    assert torch.equal(mask((64, 96), 0.3, seed=7), keep1)
 
 
 def test_dropout_applies_to_adapter_branch_only():

@@ -8,13 +8,14 @@ from torch import nn
 __all__ = ["bnb_nf4_linear", "peft_lora"]
 
 
-def peft_lora(base: nn.Module, r: int, four_bit: bool = False) -> nn.Module:
+def peft_lora(base: nn.Module, r: int, four_bit: bool = False, dropout: float = 0.0) -> nn.Module:
     """PEFT's LoRA (``lora_alpha = 2r``) on one linear, wrapped as the module ``proj``.
 
     Args:
         base: an ``nn.Linear`` or a bitsandbytes ``Linear4bit``.
         r: the rank.
         four_bit: ``base`` is a ``Linear4bit``: PEFT then uses its bitsandbytes LoRA layer.
+        dropout: PEFT's ``lora_dropout`` (active while the model is in train mode).
 
     Returns:
         The PEFT model; call it on ``x (..., in)``.
@@ -25,7 +26,8 @@ def peft_lora(base: nn.Module, r: int, four_bit: bool = False) -> nn.Module:
     wrapper.add_module("proj", base)
     if four_bit:
         wrapper.is_loaded_in_4bit = True
-    return get_peft_model(wrapper, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"])
+    return get_peft_model(wrapper, config)
 
 
 def bnb_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:

@@ -31,7 +31,7 @@ __all__ = [
 
 FLOOR = "floor"  # the provider name of the plain frozen linear
 # fields that identify what was measured: rows equal on all of them are the same case
-CASE_FIELDS = ("op", "shape", "M", "r", "mode", "dtype", "checkpointing", "targets")
+CASE_FIELDS = ("op", "shape", "M", "r", "mode", "dtype", "checkpointing", "targets", "dropout")
 
 
 def _default_results_dir() -> Path:
@@ -101,8 +101,10 @@ RATES = (("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("tokens_per_s", "tokens/s"))
 
 
 def case_label(row: dict, sep: str = "\n") -> str:
-    """``4096->4096 / M=8192 r=16 / full`` (``ckpt`` for activation checkpointing)."""
+    """``4096->4096 / M=8192 r=16 / full`` (``p=0.1``: LoRA dropout, ``ckpt``: activation checkpointing)."""
     parts = [str(row.get("shape", "")), f"M={row.get('M')} r={row.get('r')}", str(row.get("mode", ""))]
+    if row.get("dropout"):
+        parts[1] += f" p={row['dropout']:g}"
     parts[-1] += f" {row['dtype']}" if row.get("dtype") else ""  # one case per dtype, side by side
     if row.get("checkpointing"):
         parts.append("ckpt")

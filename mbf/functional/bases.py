@@ -3,7 +3,9 @@
 Each base provides the two GEMMs that touch W0, with the LoRA term joined to them:
 
 - ``forward(x2, bias, S, B_eff, s)``: ``x2 W0ᵀ + b + s · S B_effᵀ``, ``(M, out)`` in x2's dtype;
-- ``grad_input(dY2, dS, A, s, dropout, seed)``: ``dY2 W0 + s · drop(dS A)``, ``(M, in)`` in dY2's dtype.
+- ``grad_input(dY2, dS, A, s, keep)``: ``dY2 W0 + s · (dS A) ⊙ keep``, ``(M, in)`` in dY2's dtype,
+  where ``keep`` is the dropout's boolean ``(M, in)`` mask (None: no dropout) and s already carries
+  its ``1 / (1 − p)`` rescale.
 
 The LoRA operands (S, B_eff, dS, A) come in the adapter's compute dtype; fp32 adapters over a
 16-bit base join the base GEMM as a 16-bit addend (``lora_term_16``). ``DenseBase`` is the
@@ -19,7 +21,6 @@ import torch.nn.functional as F
 
 from mbf.functional._backend import kernel
 from mbf.nf4 import NF4Weight, dequantize_nf4
-from mbf.reference import apply_dropout
 
 __all__ = ["DenseBase", "NF4DequantBase", "NF4FusedBase", "NF4TorchBase", "nf4_base"]
 
@@ -32,6 +33,12 @@ def add_scaled(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) ->
     ``addmm``'s ``alpha`` is also the form torch.compile's inductor keeps (``add_(alpha=)`` it drops).
     """
     return torch.addmm(out, a, b, alpha=s)
+
+
+def masked_(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``t ⊙ keep`` in place (t is a fresh product), or t without a mask: the dropout is linear, so its
+    mask applies to the product ``dS A`` as it did to x."""
+    return t if keep is None else t.mul_(keep)
 
 
 def lora_term_16(
@@ -71,13 +78,13 @@ class DenseBase:
         lora = lora_term_16(S, B_eff.T, s, dt, bias=b)  # fp32 adapters over a 16-bit base
         return torch.addmm(lora, x2, W.T)  # x W0ᵀ + (b + lora), the base product rounded once
 
-    def grad_input(self, dY2, dS, A, s, dropout, seed):
+    def grad_input(self, dY2, dS, A, s, keep):
         W = self.dense(dY2.dtype)
         if dS.dtype == dY2.dtype:
-            lora_dx = apply_dropout(dS @ A, dropout, seed)  # the mask is linear: applied to the product
+            lora_dx = masked_(dS @ A, keep)
             return torch.addmm(lora_dx, dY2, W, beta=s)  # s · lora_dx + dY W, rounded once
-        lora_dx = apply_dropout(lora_term_16(dS, A, s, dY2.dtype), dropout, seed)  # a 16-bit base
-        return torch.addmm(lora_dx, dY2, W)  # dY W + s · drop(dS A), rounded once
+        lora_dx = masked_(lora_term_16(dS, A, s, dY2.dtype), keep)  # a 16-bit base
+        return torch.addmm(lora_dx, dY2, W)  # dY W + s · (dS A) ⊙ keep, rounded once
 
 
 class NF4TorchBase(DenseBase):
@@ -114,14 +121,14 @@ class NF4FusedBase(NF4TorchBase):
         fwd = kernel("nf4", "nf4_lora_forward")
         return fwd(x2, *self._storage(), bias=bias, S=S.to(dt), B_eff=B_eff.to(dt), scaling=s)
 
-    def grad_input(self, dY2, dS, A, s, dropout, seed):
+    def grad_input(self, dY2, dS, A, s, keep):
         dt = dY2.dtype
         dx_kernel = kernel("nf4", "nf4_lora_dx")
-        if dropout == 0.0:
+        if keep is None:
             return dx_kernel(dY2, *self._storage(), dS=dS.to(dt), A=A.to(dt), scaling=s)
         # the dropout mask sits on the LoRA term only: that term is added outside the kernel
         base = dx_kernel(dY2, *self._storage(), dS=None, A=A.to(dt), scaling=s)
-        return base + (s * apply_dropout(dS @ A, dropout, seed)).to(dt)
+        return base + masked_((dS @ A).mul_(s), keep).to(dt)
 
 
 def nf4_base(w: NF4Weight, path: str) -> NF4TorchBase:
