@@ -44,6 +44,10 @@ def test_rows_reach_the_file_as_measured_with_their_ratio(tmp_path):
     assert {"date", "versions"} <= set(rows[1]) and "torch" in rows[1]["versions"]
     summary = writer.summary()
     assert f"wrote 5 rows to {path}" in summary and "1.250× floor" in summary and "0.750× peft" in summary
+    # a rerun of a case replaces its row (its ratio belongs to the new run); other rows stay
+    RowWriter(path, {"lora_linear": FLOOR}).append(_row(FLOOR, 40.0, flops=4e10))
+    rows = json.loads(path.read_text())
+    assert len(rows) == 6 and [r["ms"] for r in rows if r["provider"] == FLOOR] == [40.0]
 
 
 def test_a_non_finite_row_is_refused_and_the_file_kept(tmp_path):

@@ -25,6 +25,10 @@ def _fmt(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+def _dropout(r: dict) -> str:
+    return f", LoRA dropout {r['dropout']:g}" if r.get("dropout") else ""
+
+
 def _line(r: dict) -> str:
     peak = r.get("peak_mem_bytes")
     extra = ", ".join(
@@ -34,7 +38,7 @@ def _line(r: dict) -> str:
     )
     baseline = "" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.3f} × {r['baseline']}"
     return (
-        f"| {r['provider']} | {r.get('mode', '')} | {r.get('shape', '')} | {r.get('M', '')} | "
+        f"| {r['provider']} | {r.get('mode', '')} | {r.get('shape', '')}{_dropout(r)} | {r.get('M', '')} | "
         f"{r.get('r', '')} | {r.get('dtype', '')} | {_fmt(r.get('ms'), '.3f')} | "
         f"{_fmt(r.get('tflops'), '.3f')} | {_fmt(r.get('ratio_to_floor'), '.3f')} | {baseline} | "
         f"{'' if peak is None else format(peak / 2**20, '.1f')} | {extra} |"
@@ -53,12 +57,13 @@ def table_for(rows: list[dict]) -> str:
 
 
 def render(results_dir: Path = RESULTS_DIR) -> str:
-    """The tables of every results file in ``results_dir``, in file-name order."""
+    """The tables of every results file in ``results_dir``, in file-name order (a JSON file that is not a
+    list of rows, such as the compile check's report, is not a results file)."""
     files = sorted(Path(results_dir).glob("*.json"))
     out = []
     for f in files:
         rows = json.loads(f.read_text())
-        if rows:
+        if isinstance(rows, list) and rows:
             out.append(f"#### {rows[0]['device']} — {rows[0]['date']} (`bench/results/{f.name}`)\n")
             out.append(table_for(rows))
     return "\n".join(out) if out else "No benchmark results are committed yet.\n"

@@ -127,7 +127,8 @@ def ratio_labels(row: dict) -> list[str]:
 
 
 class RowWriter:
-    """Appends rows to a results file as each is measured, with its ratio to its reference.
+    """Appends rows to a results file as each is measured, with its ratio to its reference; a row of
+    the same case and provider already in the file is replaced.
 
     Every ``append`` rewrites the file atomically (``mbf.io.atomic_write_json``): a benchmark that is
     stopped keeps every row measured so far, and a reader never sees half a file.
@@ -159,7 +160,9 @@ class RowWriter:
         self._add_ratio(row)
         self.path = self.path or results_path(row["device"])
         existing = json.loads(self.path.read_text()) if self.path.exists() else []
-        atomic_write_json([*existing, row], self.path)
+        # a case measured again supersedes the earlier row: its ratios belong to the earlier run
+        kept = [r for r in existing if not (r["provider"] == row["provider"] and same_case(r, row))]
+        atomic_write_json([*kept, row], self.path)
         self.rows.append(row)
 
     def _add_ratio(self, row: dict) -> None:
