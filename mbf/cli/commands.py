@@ -305,16 +305,18 @@ def cmd_demo(args) -> int:
     runs = [out / m for m in DEMO["methods"]]
     for run_dir in runs:
         check_out(run_dir, args.resume)
-    if args.jobs == 1:
-        for run_dir in runs:
-            _demo_method(args, run_dir, tasks, meta)
-    else:
+    # the continual methods side by side, then the multi-task bound alone with every thread (it
+    # would otherwise run on one thread while the other core idles)
+    together, alone = (runs[: args.jobs], runs[args.jobs :]) if args.jobs > 1 else ([], runs)
+    if together:
         threads = max(1, (args.threads or torch.get_num_threads()) // args.jobs)
         side_by_side = argparse.Namespace(**{**vars(args), "threads": threads})
         spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP pool
         with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
-            for done in [pool.submit(_demo_method, side_by_side, r, tasks, meta) for r in runs]:
+            for done in [pool.submit(_demo_method, side_by_side, r, tasks, meta) for r in together]:
                 done.result()  # re-raises a method's error here
+    for run_dir in alone:
+        _demo_method(args, run_dir, tasks, meta)
     md, png = compare_runs(runs, out / "compare")
     print(md.read_text())
     print(f"demo finished in {time.time() - t_start:.0f} s ({meta['suite']} suite)")
