@@ -10,19 +10,23 @@
 # a cut sweep still holds the main comparison; reruns resume (a finished run is skipped, a cut one
 # continues from its last finished task).
 #   usage: bash reports/sweep_real.sh [OUT=reports/real]
-#   env: JOBS (override the job list: "name method seed order n_test" lines), MBF
+#   env: JOBS (override the job list: "name method seed order n_test" lines), MBF, STEPS (optimizer
+#        steps per task, 12), N_TRAIN (training examples drawn per task, 200), N_TEST / N_TEST_LONG
+#        (test examples per task of the default jobs, 30 / 20), EXTRA (more flags)
+#   the main result (reports/real-30, `make sweep`): STEPS=30 N_TRAIN=240 N_TEST=40
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/real}
 MBF=${MBF:-.venv/bin/mbf}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$OUT/run" "$OUT/logs"
+NT=${N_TEST:-30}; NT_LONG=${N_TEST_LONG:-20}
 default_jobs() {
-  for seed in 0 1 2; do for m in slao seq-lora multi-task; do echo "$m-s$seed $m $seed std1 30"; done; done
-  for m in ftba-mb ftba-mba frea-mb ftba-ma freb-ma slao-random; do echo "$m-s0 $m 0 std1 30"; done
-  for m in slao seq-lora multi-task; do echo "long1-$m-s0 $m 0 long1 20"; done
+  for seed in 0 1 2; do for m in slao seq-lora multi-task; do echo "$m-s$seed $m $seed std1 $NT"; done; done
+  for m in ftba-mb ftba-mba frea-mb ftba-ma freb-ma slao-random; do echo "$m-s0 $m 0 std1 $NT"; done
+  for m in slao seq-lora multi-task; do echo "long1-$m-s0 $m 0 long1 $NT_LONG"; done
   for seed in 1 2; do
-    for m in ftba-mb ftba-mba frea-mb ftba-ma freb-ma slao-random; do echo "$m-s$seed $m $seed std1 30"; done
+    for m in ftba-mb ftba-mba frea-mb ftba-ma freb-ma slao-random; do echo "$m-s$seed $m $seed std1 $NT"; done
   done
 }
 if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else default_jobs; fi | xargs -P 2 -L 1 bash -c '
@@ -31,8 +35,8 @@ if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else default_jobs; fi | xargs
   resume=""; [ -f $run/results.json ] && resume=--resume
   echo "$(date -u +%T) start $name"
   '"$MBF"' continual --suite real --order $order --method $method --seed $seed --out $run --threads 1 \
-      --n-train 200 --n-test $ntest --max-steps 12 --batch-size 8 --lr 1e-3 --max-length 96 \
-      $resume > '"$OUT"'/logs/$name.log 2>&1
+      --n-train '"${N_TRAIN:-200}"' --n-test $ntest --max-steps '"${STEPS:-12}"' --batch-size 8 --lr 1e-3 \
+      --max-length 96 '"${EXTRA:-}"' $resume > '"$OUT"'/logs/$name.log 2>&1
   rc=$?
   echo "$(date -u +%T) done  $name rc=$rc $(tail -2 '"$OUT"'/logs/$name.log | head -1)"
 '
