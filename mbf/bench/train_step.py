@@ -19,7 +19,6 @@ models side by side in one process, one step of each in turn.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 from mbf.bench.providers import bnb_nf4_linear
 from mbf.bench.rows import FLOOR
-from mbf.bench.timing import summarize, time_fn
+from mbf.bench.timing import peak_rss, reset_peak_rss, summarize, time_fn
 from mbf.config import LLAMA_LINEARS
 
 __all__ = [
@@ -179,34 +178,12 @@ def measure_step(cfg: StepConfig) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    reset = not cuda and _reset_peak_rss()
-    t = time_fn(step, cfg.device, warmup=0, rep=cfg.steps, events=False, samples=True)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _peak_rss() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
+        reset_peak_rss()  # the peak of the training steps, not of loading the model
+    t = time_fn(step, cfg.device, warmup=0, rep=cfg.steps, events=False, samples=True)
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     return _row(cfg, params, t, peak)
 
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's RSS high-water mark (Linux: ``5`` into /proc/self/clear_refs), so the peak
-    measured is the training steps', not loading the model's (which otherwise set it for every
-    provider alike). False where the kernel does not offer it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    """``VmHWM`` of /proc/self/status in bytes: the peak RSS since the last reset."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
 
 
 def measure_interleaved(configs: list[StepConfig], rounds: int) -> list[dict]:

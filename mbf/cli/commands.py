@@ -288,9 +288,9 @@ def cmd_demo(args) -> int:
     """SLAO, seq-lora and the multi-task bound on the real standard order (a fresh base model each),
     then the comparison.
 
-    With ``--jobs 2`` (the default) two methods train side by side, each in a process of its own with
-    half the threads: their small GEMMs use one core nearly as well as two, so on a 2-core CPU the demo
-    finishes sooner than one method after the other. Results are identical either way (tested).
+    With ``--jobs 2`` (the default) SLAO and seq-lora train side by side, each in a process of its own
+    with half the threads (their small GEMMs use one core nearly as well as two), then multi-task runs
+    alone with every thread. Results are identical with ``--jobs 1`` (tested).
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
