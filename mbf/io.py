@@ -1,4 +1,4 @@
-"""Files: one atomic writer (a crash never leaves a half-written file), safetensors, versions."""
+"""Files: one atomic writer (a crash never leaves a half-written file), safetensors, versions, cache dir."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
+    "cache_dir",
     "load_safetensors",
     "versions",
 ]
@@ -78,6 +79,14 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def cache_dir() -> Path:
+    """``$MBF_CACHE``, else ``$XDG_CACHE_HOME/mbf-lora``, else ``~/.cache/mbf-lora``."""
+    if os.environ.get("MBF_CACHE"):
+        return Path(os.environ["MBF_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mbf-lora"
 
 
 def versions() -> dict[str, str]:

@@ -25,6 +25,7 @@ import torch
 
 from mbf._optional import require
 from mbf.config import LoRAConfig
+from mbf.io import cache_dir  # the core's (the kernel dispatch caches there too); re-exported
 
 __all__ = [
     "DEFAULT_GGUF",
@@ -104,14 +105,6 @@ def slow_dtype_message(dtype: torch.dtype, device: torch.device | str = "cpu") -
         f"{name} on a CPU without {needs}: torch emulates its matrix products, several times slower "
         f"than float32 (a training step too); use dtype auto or float32"
     )
-
-
-def cache_dir() -> Path:
-    """``$MBF_CACHE``, else ``$XDG_CACHE_HOME/mbf-lora``, else ``~/.cache/mbf-lora``."""
-    if os.environ.get("MBF_CACHE"):
-        return Path(os.environ["MBF_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mbf-lora"
 
 
 def gguf_path() -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from mbf import reference
+from mbf.functional import dispatch
 from mbf.functional._backend import kernel, resolve_backend
 from mbf.functional.bases import DenseBase, nf4_base
 from mbf.kernels import interpreting
@@ -105,8 +106,9 @@ def lora_linear(
             the mask with ``reference.torch_keep_mask(seed)``, or from torch's global generator when
             None; the fused Triton op draws Philox (``reference.dropout_keep_mask``) from the seed, or
             from one drawn from torch's generator when None.
-        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"`` (over a dense W0,
-            ranks above ``MAX_FUSED_RANK`` still run the torch path).
+        backend: ``"auto"`` (CUDA tensors over a dense W0: the fastest path measured for this GPU
+            and shape, ``mbf.functional.dispatch``; NF4: Triton; CPU: torch), ``"torch"`` or
+            ``"triton"`` (over a dense W0, ranks above ``MAX_FUSED_RANK`` still run the torch path).
         nf4_path: over an NF4 weight with Triton, ``"fused"`` (dequantise inside the GEMM tiles),
             ``"dequant"`` (one dequant pass + cuBLAS) or ``"auto"`` (``mbf.kernels.nf4.choose_path``).
         name: the layer's name, to start every error message with (``LoRALinear`` passes its own).
@@ -122,6 +124,10 @@ def lora_linear(
     _check_shapes(where, x, weight.shape, bias, A, B, merged_B)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{where}dropout {dropout} must be in [0, 1)")
+    if backend == "auto" and x.is_cuda and not isinstance(weight, NF4Weight):  # measured: see dispatch.py
+        backend = dispatch.auto_backend(
+            x, weight, bias, A, B, scaling, merged_B, lam, dropout, run=lora_linear
+        )
     chosen = resolve_backend(backend, x)
     is_nf4 = isinstance(weight, NF4Weight)
     if is_nf4:
