@@ -1,10 +1,12 @@
-"""Files: one atomic writer (a crash never leaves a half-written file), safetensors, versions, cache dir."""
+"""Files: one atomic writer (a crash never leaves a half-written file), safetensors, versions, cache dir;
+and the process's peak resident memory, which results and benchmarks record beside them."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import resource
 import tempfile
 from collections.abc import Callable
 from importlib import metadata
@@ -20,6 +22,8 @@ __all__ = [
     "atomic_write_text",
     "cache_dir",
     "load_safetensors",
+    "peak_rss",
+    "reset_peak_rss",
     "versions",
 ]
 
@@ -98,3 +102,27 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def reset_peak_rss() -> None:
+    """Reset the process's RSS high-water mark (Linux: ``5`` into /proc/self/clear_refs), so that
+    ``peak_rss`` reports the peak of what runs next (e.g. training steps, not loading the model, which
+    otherwise sets it for every provider alike). Does nothing where the kernel does not offer it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process since the last ``reset_peak_rss`` (``VmHWM``), or over its
+    life where /proc is not there (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,6 +1,7 @@
 """The real-text suite (on small synthetic fixtures laid out as each data package is), the generated
 domains suite, prompts that cut only the input, Rouge-L, FWT and the training presets."""
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from mbf.experiment.batches import Codec, encode_example
 from mbf.experiment.metrics import accuracy_metrics, answer_score
-from mbf.experiment.presets import PRESETS, resolve
+from mbf.experiment.presets import PRESETS, preset
 from mbf.experiment.suites import load_suite
 from mbf.experiment.suites.dbpedia_types import DBPEDIA_TYPE, DBPEDIA_TYPES
 from mbf.experiment.suites.domains import domains_suite
@@ -212,19 +213,27 @@ def test_fwt_is_the_score_before_training_minus_the_bare_models():
 
 
 def test_paper_preset_and_flags_on_top():
-    name, v = resolve({"lr": None, "max_steps": None}, "paper")
-    assert name == "paper" and (v["lr"], v["batch_size"], v["grad_accum"], v["epochs"]) == (1e-4, 1, 8, 1.0)
-    assert (v["r"], v["target_modules"], v["max_steps"]) == (8, "q_proj,v_proj", 0)
-    name, v = resolve({"lr": 3e-4}, "paper", generation=True)
-    assert name == "paper-superni" and (v["lr"], v["batch_size"], v["grad_accum"], v["epochs"]) == (
-        3e-4,
-        2,
-        4,
-        5.0,
-    )
-    assert resolve({}, "quick")[1] == PRESETS["quick"]
+    """Presets are TrainOptions / LoRAConfig instances; a flag given wins; a bad value names its field."""
+    p = preset("paper").with_values(lr=None, max_steps=None)
+    v = p.train
+    assert p.name == "paper" and (v.lr, v.batch_size, v.grad_accum, v.epochs) == (1e-4, 1, 8, 1.0)
+    assert v.max_steps is None
+    assert (p.lora.r, p.lora.target_modules) == (8, ("q_proj", "v_proj"))
+    p = preset("paper", generation=True).with_values(lr=3e-4, dropout=0.1)
+    v = p.train
+    assert p.name == "paper-superni" and (v.lr, v.batch_size, v.grad_accum, v.epochs) == (3e-4, 2, 4, 5.0)
+    assert p.lora.dropout == 0.1 and PRESETS["paper-superni"].lora.dropout == 0.0  # frozen: a new object
+    assert preset("quick") is PRESETS["quick"] and PRESETS["quick"].train.max_steps == 20
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
-        resolve({}, "fast")
+        preset("fast")
+    with pytest.raises(ValueError, match=r"LoRAConfig: dropout 1.5 must be in \[0, 1\)"):
+        preset("quick").with_values(dropout=1.5)
+    with pytest.raises(ValueError, match="TrainOptions: scoring 'vote'"):
+        preset("quick").with_values(scoring="vote")
+    with pytest.raises(ValueError, match="unknown option.s. depth"):
+        preset("quick").with_values(depth=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["quick"].train.lr = 1.0
 
 
 def test_pieces_encode_as_the_whole_prompt_in_smollm2():

@@ -163,7 +163,7 @@ def test_load_suite_describes_where_the_tasks_came_from():
         "n_test": 1,
         "task_metrics": ["exact", "exact"],
     }
-    with pytest.raises(ValueError, match="needs a data dir"):
+    with pytest.raises(ValueError, match="--suite olora needs --data-dir"):
         load_suite("olora", n_train=1, n_test=1)
     with pytest.raises(ValueError, match="unknown suite 'glue'"):
         load_suite("glue", n_train=1, n_test=1)

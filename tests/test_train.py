@@ -32,8 +32,10 @@ def small_suite(n_tasks=3, n_train=16, n_test=6):
     return builtin_suite(0, n_train=n_train, n_test=n_test, n_tasks=n_tasks)
 
 
-def _run(out, method="slao", resume=False, tasks=None, log=lambda s: None, **kw):
+def _run(out, method="slao", resume=False, tasks=None, log=lambda s: None, overrides=None, **kw):
     kw = {"lora": LORA, "opts": OPTS, "meta": META, **kw}
+    if overrides:  # the method's configuration with these changes, built once, as the CLI does
+        kw["config"] = method_config(method, **overrides)
     return run_continual(
         tiny_llama(),
         char_codec(),
@@ -279,7 +281,7 @@ def test_resume_checks_the_saved_settings(tmp_path, slao_run):
     with pytest.raises(ValueError, match="method: 'slao' -> 'seq-lora'; options.init: 'orthogonal' -> "):
         _run(run, method="seq-lora", resume=True)
     with pytest.raises(ValueError, match="options.schedule: 'sqrt' -> 'inverse'"):
-        _run(run, schedule="inverse", resume=True)
+        _run(run, overrides={"schedule": "inverse"}, resume=True)
     other = TrainOptions(**{**OPTS.__dict__, "lr": 1e-3, "max_steps": 2, "batch_size": 2, "grad_accum": 2})
     with pytest.raises(ValueError, match=r"train.batch_size: 4 -> 2; train.grad_accum: 1 -> 2; "
                                          r"train.lr: 0.005 -> 0.001; train.max_steps: 4 -> 2\)"):  # fmt: skip
@@ -376,9 +378,9 @@ def test_orthogonal_updates_run_projects_every_step(tmp_path):
     from mbf.continual import ContinualLoRA
 
     tasks = small_suite(2, n_train=8, n_test=4)
-    _run(tmp_path / "o", tasks=tasks[:1], orthogonal_updates=True)
+    _run(tmp_path / "o", tasks=tasks[:1], overrides={"orthogonal_updates": True})
     one = ContinualLoRA.load(tiny_llama(), tmp_path / "o" / "checkpoints" / "task-01")
-    res = _run(tmp_path / "o2", tasks=tasks, orthogonal_updates=True)
+    res = _run(tmp_path / "o2", tasks=tasks, overrides={"orthogonal_updates": True})
     assert res["options"]["orthogonal_updates"] is True
     two = ContinualLoRA.load(tiny_llama(), tmp_path / "o2" / "checkpoints" / "task-02")
     for (name, l1), l2 in zip(one.layers.items(), two.layers.values()):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from mbf.io import peak_rss, reset_peak_rss  # one home, shared with mbf.experiment
 
 __all__ = ["peak_memory", "peak_rss", "reset_peak_rss", "summarize", "time_fn"]
 
@@ -71,27 +72,3 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int | N
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
-
-
-def reset_peak_rss() -> None:
-    """Reset the process's RSS high-water mark (Linux: ``5`` into /proc/self/clear_refs), so that
-    ``peak_rss`` reports the peak of what runs next (e.g. training steps, not loading the model, which
-    otherwise sets it for every provider alike). Does nothing where the kernel does not offer it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    """Peak resident bytes of this process since the last ``reset_peak_rss`` (``VmHWM``), or over its
-    life where /proc is not there (``ru_maxrss``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

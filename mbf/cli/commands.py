@@ -18,28 +18,25 @@ __all__ = ["COMMANDS"]
 
 
 def _tasks(args) -> tuple[list, dict]:
-    """``load_suite`` of the suite arguments, after the checks of their combinations."""
+    """``load_suite`` of the suite arguments (it checks their combinations). The suite seed follows
+    ``--seed`` unless ``--suite-seed`` pins it: seeds then replicate the experiment, data included."""
     from mbf.experiment.suites import load_suite
 
-    if args.suite == "olora" and not args.data_dir:
-        raise SystemExit(
-            "mbf: error: --suite olora needs --data-dir (the CL_Benchmark folder of O-LoRA or SAPT)"
-        )
-    if args.data_dir and args.suite not in ("olora", "real"):
-        raise SystemExit(f"mbf: error: --data-dir needs --suite olora or real, not {args.suite}")
+    suite_seed = args.suite_seed if args.suite_seed is not None else getattr(args, "seed", 0)
     return load_suite(
         args.suite,
         n_train=args.n_train,
         n_test=args.n_test,
-        suite_seed=args.suite_seed,
+        suite_seed=suite_seed,
         data_dir=args.data_dir,
         order=args.order,
     )
 
 
-def _load(args, qlora: object = None):
+def _load(args, qlora: object = None, *, prompt_format: str = "plain"):
     """``(model, Codec)``; with ``qlora`` (True, or the LoRAConfig to inject), a QLoRA base: every
-    projection in NF4 but the config's targets, which inject quantises itself."""
+    projection in NF4 but the config's targets, which inject quantises itself. ``prompt_format``
+    ``"chat"``: the codec writes prompts inside the tokenizer's chat template."""
     import torch
     from safetensors import SafetensorError
 
@@ -68,38 +65,52 @@ def _load(args, qlora: object = None):
         n = quantize_base(model, lora)
         later = " (+ the LoRA targets at inject)" if lora is not None else ""
         print(f"QLoRA base: {n} linears quantised to NF4{later}", file=sys.stderr)
-    return model, Codec.from_tokenizer(tok)
+    return model, Codec.from_tokenizer(tok, chat=prompt_format == "chat")
 
 
-def _lora(args, values: dict | None = None):
-    """The ``LoRAConfig`` of ``--r --alpha --lora-dropout --target-modules --load-in-4bit`` (``values``:
-    the resolved preset, else the quick preset under the flags)."""
-    from mbf.config import LoRAConfig
-
-    if values is None:
-        values = _train_values(args)[1]
-    targets = values["target_modules"]
-    targets = targets if targets == "all-linear" else tuple(targets.split(","))
-    return LoRAConfig(
-        r=values["r"],
-        alpha=values["alpha"],
-        dropout=values["lora_dropout"],
-        target_modules=targets,
-        quantize="nf4" if args.load_in_4bit else None,
-    )
+# the flag of each LoRAConfig field, to name it in LoRAConfig's own range errors
+_LORA_FLAGS = {"r": "--r", "alpha": "--alpha", "dropout": "--lora-dropout",
+               "target_modules": "--target-modules"}  # fmt: skip
 
 
-_PRESET_KEYS = ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_steps", "weight_decay",
-                "max_length", "r", "alpha", "lora_dropout", "target_modules")  # fmt: skip
+def _preset(args, tasks: list | None = None):
+    """The ``Preset`` of ``--preset`` with the training and LoRA flags given on top, built once: its
+    ``train`` and ``lora`` go to the run as they are.
 
-
-def _train_values(args, tasks: list | None = None) -> tuple[str, dict]:
-    """``(preset applied, values)``: ``--preset``'s training values under the flags given."""
-    from mbf.experiment.presets import resolve
+    Raises:
+        ValueError: a flag's value that TrainOptions or LoRAConfig refuses, naming the flag.
+    """
+    from mbf.experiment.presets import preset
 
     generation = bool(tasks) and all(t.metric == "rougeL" for t in tasks)
-    given = {k: getattr(args, k, None) for k in _PRESET_KEYS}
-    return resolve(given, getattr(args, "preset", "quick"), generation)
+    targets = getattr(args, "target_modules", None)
+    if targets is not None and targets != "all-linear":
+        targets = tuple(targets.split(","))
+    max_steps = getattr(args, "max_steps", None)
+    given = {name: getattr(args, name, None) for name in _TRAIN_FLAGS}
+    if given["prompt_format"] == "auto":
+        from mbf.experiment.models import has_chat_template
+
+        given["prompt_format"] = "chat" if has_chat_template(args.model) else "plain"
+    try:
+        return preset(getattr(args, "preset", "quick"), generation).with_values(
+            **given,
+            max_steps=None if max_steps is None else (max_steps or None),  # 0: no cap
+            seed=getattr(args, "seed", None),
+            r=getattr(args, "r", None),
+            alpha=getattr(args, "alpha", None),
+            dropout=getattr(args, "lora_dropout", None),
+            target_modules=targets,
+            quantize="nf4" if getattr(args, "load_in_4bit", False) else None,
+        )
+    except ValueError as err:
+        field = str(err).removeprefix("LoRAConfig: ").split(" ")[0]
+        raise ValueError(f"{_LORA_FLAGS[field]}: {err}" if field in _LORA_FLAGS else str(err)) from err
+
+
+# flags named as TrainOptions' fields (--max-steps is translated: 0 means no cap)
+_TRAIN_FLAGS = ("lr", "epochs", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "eval_batch_size",
+                "max_length", "scoring", "prompt_format")  # fmt: skip
 
 
 def _qlora(lora):
@@ -122,47 +133,33 @@ def cmd_continual(args) -> int:
     from mbf.experiment.models import cache_dir
     from mbf.experiment.run import run_continual, run_settings
     from mbf.experiment.rundir import check_out, check_resume, lock
-    from mbf.experiment.train import TrainOptions
 
     # fail before loading anything: the method, the run directory, the data, the settings of a resume
-    config = method_config(args.method, args.init, args.schedule, args.constant, args.orthogonal_updates)
+    config = method_config(
+        args.method,
+        init=args.init,
+        schedule=args.schedule,
+        constant=args.constant,
+        orthogonal_updates=args.orthogonal_updates,
+    )
     out = Path(args.out)
     check_out(out, args.resume)
     tasks, meta = _tasks(args)
-    preset, values = _train_values(args, tasks)
-    lora = _lora(args, values)
-    opts = TrainOptions(
-        lr=values["lr"],
-        epochs=values["epochs"],
-        max_steps=values["max_steps"] or None,
-        batch_size=values["batch_size"],
-        grad_accum=values["grad_accum"],
-        eval_batch_size=args.eval_batch_size,
-        max_length=values["max_length"],
-        weight_decay=values["weight_decay"],
-        warmup_steps=values["warmup_steps"],
-        seed=args.seed,
-    )
-    meta = {**meta, "model": _model_name(args), "preset": preset}
+    preset = _preset(args, tasks)
+    meta = {**meta, "model": _model_name(args), "preset": preset.name}
+    run = dict(method=args.method, config=config, lora=preset.lora, opts=preset.train, meta=meta)
     if args.resume:  # the model's own settings (dtype, weights) are checked once it is loaded
-        check_resume(out, run_settings(args.method, config, tasks, lora, opts, meta), args.accept_changes)
+        check_resume(out, run_settings(tasks=tasks, **run), args.accept_changes)
     with lock(out):  # another process writing --out: said now, not after the model has loaded
         pass  # run_continual takes the lock for the run itself
-    model, codec = _load(args, _qlora(lora))
+    model, codec = _load(args, _qlora(preset.lora), prompt_format=preset.train.prompt_format)
     results = run_continual(
         model,
         codec,
         tasks,
         out,
-        method=args.method,
-        lora=lora,
-        opts=opts,
-        init=args.init,
-        schedule=args.schedule,
-        constant=args.constant,
-        orthogonal_updates=args.orthogonal_updates,
+        **run,
         resume=args.resume,
-        meta=meta,
         zero_shot_cache=cache_dir() / "zero-shot",
         accept_changes=args.accept_changes,
     )
@@ -209,7 +206,8 @@ def cmd_eval(args) -> int:
         for key in ("suite", "suite_seed", "n_train", "n_test", "data_dir", "order"):  # the run's own tasks
             if key in saved:
                 setattr(args, key, saved[key])
-        args.max_length = saved["train"]["max_length"]  # the prompts the run was scored on
+        args.max_length = saved["train"]["max_length"]  # the prompts the run was scored on, as written
+        args.prompt_format = saved["train"].get("prompt_format", "plain")  # older runs: plain
         if not args.model and saved.get("model") != DEFAULT_MODEL:
             args.model = saved.get("model")
         targets = saved["lora"]["target_modules"]
@@ -219,8 +217,13 @@ def cmd_eval(args) -> int:
     if args.run and saved.get("data_fingerprint") not in (None, tasks_fingerprint(tasks)):
         print(f"mbf: warning: the run's tasks now hold other examples than {args.run} used (its data changed "
               "since): the scores below are on today's", file=sys.stderr)  # fmt: skip
-    model, codec = _load(args, qlora)
-    opts = TrainOptions(eval_batch_size=args.eval_batch_size, max_length=args.max_length)
+    if args.prompt_format == "auto":
+        from mbf.experiment.models import has_chat_template
+
+        args.prompt_format = "chat" if has_chat_template(args.model) else "plain"
+    opts = TrainOptions(eval_batch_size=args.eval_batch_size or 50, max_length=args.max_length,
+                        scoring=args.scoring or "generate", prompt_format=args.prompt_format)  # fmt: skip
+    model, codec = _load(args, qlora, prompt_format=opts.prompt_format)
     accs = evaluate_tasks(model, codec, tasks, opts, checkpoint=checkpoint, adapter=args.adapter)
     seen = [a for t, a in zip(tasks, accs) if trained is None or t.name in trained]
     for t, a in zip(tasks, accs):
@@ -232,14 +235,9 @@ def cmd_eval(args) -> int:
 
 
 # The demo's size: three methods on four tasks in under 5 minutes on 2 shared CPU cores (measured in
-# the README). Fewer steps than `--preset quick`, shorter prompts (only the input is cut), smaller test sets.
-DEMO = {
-    "n_train": 200,
-    "lr": 1e-3,
-    "batch_size": 8,
-    "max_length": 128,
-    "methods": ("slao", "seq-lora", "multi-task"),
-}
+# the README). Fewer steps than `--preset quick`, shorter prompts (only the input is cut), smaller test
+# sets; the training options are TrainOptions' defaults (lr 1e-3, batch 8) but these.
+DEMO = {"n_train": 200, "max_length": 128, "methods": ("slao", "seq-lora", "multi-task")}
 
 
 def _demo_suite(args) -> tuple[list, dict]:
@@ -262,16 +260,16 @@ def _demo_method(args, run_dir: Path, tasks: list, meta: dict) -> None:
     """One method of the demo (``run_dir.name``) on a fresh base model: in a process of its own when
     the demo runs methods side by side."""
     from mbf.config import LoRAConfig
-    from mbf.experiment.models import cache_dir
+    from mbf.experiment.models import cache_dir, has_chat_template
     from mbf.experiment.run import run_continual
     from mbf.experiment.train import TrainOptions
 
     lora = LoRAConfig(quantize="nf4" if args.load_in_4bit else None)  # the default adapter: r 8 on q, v
-    opts = TrainOptions(
-        lr=DEMO["lr"], max_steps=args.max_steps, batch_size=DEMO["batch_size"], max_length=DEMO["max_length"],
-        seed=args.seed,
-    )  # fmt: skip
-    model, codec = _load(args, _qlora(lora))  # inject() modifies the model in place: one per method
+    chat = has_chat_template(args.model)
+    opts = TrainOptions(max_steps=args.max_steps, max_length=DEMO["max_length"], seed=args.seed,
+                        prompt_format="chat" if chat else "plain")  # fmt: skip
+    # inject() modifies the model in place: one per method
+    model, codec = _load(args, _qlora(lora), prompt_format=opts.prompt_format)
     print(
         f"== {run_dir.name}: {meta['suite']} suite, {len(tasks)} tasks "
         f"({', '.join(t.name for t in tasks)}) -> {run_dir}",

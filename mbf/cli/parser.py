@@ -21,11 +21,16 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _preset_default(key: str) -> str:
-    """``"default: quick X, paper Y"`` for a training option that --preset sets."""
+    """``"default: quick X, paper Y"`` for an option that --preset sets (a TrainOptions or LoRAConfig
+    field, read from the Preset objects)."""
     from mbf.experiment.presets import PRESETS
 
-    quick, paper = PRESETS["quick"][key], PRESETS["paper"][key]
-    return f"default: {quick} (--preset quick), {paper} (--preset paper)"
+    def value(name: str):
+        p = PRESETS[name]
+        v = getattr(p.train, key) if hasattr(p.train, key) else getattr(p.lora, key)
+        return ",".join(v) if isinstance(v, tuple) else (0 if v is None and key == "max_steps" else v)
+
+    return f"default: {value('quick')} (--preset quick), {value('paper')} (--preset paper)"
 
 
 def _checked(convert, ok, message: str):
@@ -94,11 +99,35 @@ def _add_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite-seed",
         type=int,
-        default=0,
-        help="seed of the generated suites and of the real suite's sampling",
+        default=None,
+        help="seed of the generated suites and of the real suite's sampling (default: --seed, so that "
+        "seeds replicate the experiment, data included; give it to pin the data across seeds)",
     )
     p.add_argument("--n-train", type=_positive_int, default=300, help="training examples per task (at most)")
     p.add_argument("--n-test", type=_positive_int, default=100, help="test examples per task (at most)")
+
+
+def _add_eval_args(g) -> None:
+    """How test answers are scored and prompts are written (continual and eval)."""
+    from mbf.experiment.train import PROMPT_FORMATS, SCORERS
+
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None, help="test prompts scored at once "
+                   "(default: 50)")  # fmt: skip
+    g.add_argument(
+        "--scoring",
+        choices=SCORERS,
+        default=None,
+        help="generate: exact match of greedy decoding (the paper's; the headline); rank: the option of "
+        "highest log-likelihood given the prompt (lm-eval-harness's multiple choice, faster); both: "
+        "generate is the headline, rank recorded beside it (default: generate)",
+    )
+    g.add_argument(
+        "--prompt-format",
+        choices=("auto", *PROMPT_FORMATS),
+        default="auto",
+        help="chat: the prompt inside the model's chat template; plain: bare text; auto: chat when the "
+        "model's tokenizer has a chat template (the embedded instruct model has)",
+    )
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -152,7 +181,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"AdamW weight decay ({_preset_default('weight_decay')})",
     )
-    g.add_argument("--eval-batch-size", type=_positive_int, default=50, help="prompts decoded at once")
+    _add_eval_args(g)
     g.add_argument(
         "--max-length",
         type=_positive_int,
@@ -170,7 +199,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--lora-dropout",
         type=float,
         default=None,
-        help=f"dropout on the LoRA branch's input in training ({_preset_default('lora_dropout')})",
+        help=f"dropout on the LoRA branch's input in training, in [0, 1) ({_preset_default('dropout')})",
     )
     g.add_argument(
         "--target-modules",
@@ -261,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_suite_args(e)
     _add_model_args(e)
-    e.add_argument("--eval-batch-size", type=_positive_int, default=50, help="prompts decoded at once")
+    _add_eval_args(e)
     e.add_argument(
         "--max-length", type=_positive_int, default=256, help="prompt tokens kept; only the input is cut"
     )

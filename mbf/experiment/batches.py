@@ -16,24 +16,45 @@ from mbf.experiment.tasks import Example, Task
 __all__ = ["Codec", "encode_example", "left_pad", "positions"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Codec:
     """Text ↔ token ids. ``Codec.from_tokenizer(hf_tokenizer)``, or any callables (tests use characters)."""
 
-    encode: Callable[[str], list[int]]
-    decode: Callable[[list[int]], str]
-    eos_id: int
-    pad_id: int
+    encode: Callable[[str], list[int]]  # text -> ids, no special tokens added
+    decode: Callable[[list[int]], str]  # ids -> text, special tokens dropped
+    eos_id: int  # ends every answer
+    pad_id: int  # fills left-padded rows
+    chat: tuple[str, str] | None = None  # the chat template around one user turn; None: plain prompts
+
+    @property
+    def prompt_format(self) -> str:
+        """``"chat"`` or ``"plain"`` (results.json's ``train.prompt_format``)."""
+        return "plain" if self.chat is None else "chat"
 
     @classmethod
-    def from_tokenizer(cls, tok) -> Codec:
-        """A Hugging Face tokenizer without special tokens added; pad falls back to eos."""
+    def from_tokenizer(cls, tok, chat: bool = False) -> Codec:
+        """A Hugging Face tokenizer without special tokens added; pad falls back to eos. ``chat``: prompts
+        go inside the tokenizer's chat template (one user turn, then the assistant's cue).
+
+        Raises:
+            ValueError: with ``chat`` when the tokenizer has no chat template.
+        """
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        wrap = None
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise ValueError("--prompt-format chat: the model's tokenizer has no chat template")
+            mark = "\x00"  # a character no prompt holds: what stands before and after it is the template
+            text = tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                           add_generation_prompt=True)  # fmt: skip
+            before, after = text.split(mark)
+            wrap = (before, after)
         return cls(
             encode=lambda s: tok(s, add_special_tokens=False)["input_ids"],
             decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
             eos_id=tok.eos_token_id,
             pad_id=pad,
+            chat=wrap,
         )
 
 
@@ -47,10 +68,17 @@ def encode_example(codec: Codec, task: Task, ex: Example, max_length: int) -> tu
     word boundary, so this is the whole prompt's tokenization up to merges across the boundary),
     the same way for training and evaluation.
 
+    With ``codec.chat`` the head opens with the template's user turn and the tail closes it with the
+    assistant's cue; the answer then starts the assistant's turn, without the leading space.
+
     Raises:
         ValueError: when the head and tail alone exceed ``max_length`` (names the task and the flag).
     """
-    head, body, tail = (codec.encode(part) for part in task.prompt_parts(ex))
+    head, body, tail = task.prompt_parts(ex)
+    answer = task.target(ex)
+    if codec.chat is not None:
+        head, tail, answer = codec.chat[0] + head, tail + codec.chat[1], answer.lstrip()
+    head, body, tail = (codec.encode(part) for part in (head, body, tail))
     room = max_length - len(head) - len(tail)
     if room < 1:
         raise ValueError(
@@ -58,7 +86,7 @@ def encode_example(codec: Codec, task: Task, ex: Example, max_length: int) -> tu
             f"tokens; --max-length {max_length} leaves no room for the input (use at least "
             f"{len(head) + len(tail) + 16})"
         )
-    return head + body[:room] + tail, codec.encode(task.target(ex)) + [codec.eos_id]
+    return head + body[:room] + tail, codec.encode(answer) + [codec.eos_id]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

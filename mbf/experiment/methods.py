@@ -42,6 +42,7 @@ EXTENSIONS = ("slao-inverse", "slao-constant", "slao-last-merge")
 
 def method_config(
     method: str,
+    *,
     init: str | None = None,
     schedule: str | None = None,
     constant: float | None = None,

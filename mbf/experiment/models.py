@@ -15,6 +15,7 @@ float32 elsewhere. The adapters stay float32 whatever the base (``mbf.LoRALinear
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ __all__ = [
     "cache_dir",
     "cpu_fast_dtypes",
     "default_model_dir",
+    "has_chat_template",
     "load_model",
     "quantize_base",
     "resolve_dtype",
@@ -162,6 +164,22 @@ def default_model_dir() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def has_chat_template(path: str | Path | None) -> bool:
+    """Whether the checkpoint at ``path`` (None: the embedded instruct model, which has one) ships a chat
+    template: a ``chat_template.jinja`` file or a ``chat_template`` in ``tokenizer_config.json``. Read from
+    the files, before any model is loaded."""
+    if path is None:
+        return True
+    folder = Path(path)
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
 
 
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "auto"):

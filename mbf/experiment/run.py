@@ -14,10 +14,9 @@ reference of FWT; cached by model fingerprint and test set when a cache folder i
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,13 +33,9 @@ from mbf.experiment.tasks import Task, check_tasks, tasks_fingerprint
 from mbf.experiment.train import TrainOptions, train_steps
 from mbf.experiment.zero_shot import weights_fingerprint, zero_shot_scores
 from mbf.inject import inject, lora_layers
+from mbf.io import peak_rss
 
-__all__ = ["model_dtype", "peak_rss_mb", "run_continual", "run_settings"]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+__all__ = ["model_dtype", "run_continual", "run_settings"]
 
 
 def model_dtype(model: nn.Module) -> str:
@@ -60,6 +55,7 @@ def _measure(train: Callable[[], dict], evaluate: Callable[[], list[float]]) -> 
 
 
 def run_settings(
+    *,
     method: str,
     config: ContinualConfig | None,
     tasks: list[Task],
@@ -75,7 +71,7 @@ def run_settings(
         "seed": opts.seed,
         "tasks": [t.name for t in tasks],
         "lora": lora.to_dict(),
-        "train": asdict(opts),
+        "train": opts.to_dict(),
         **(meta or {}),
         "data_fingerprint": tasks_fingerprint(tasks),
     }
@@ -105,7 +101,7 @@ class _Run:
             task=task,
             **measured,
             adapter_bytes=adapter_bytes,
-            peak_rss_mb=peak_rss_mb(),
+            peak_rss_mb=peak_rss() / 2**20,  # the process's peak so far (never reset here)
             checkpoint=checkpoint,
         )
         multi_task = checkpoint is None  # the multi-task baseline keeps no adapter: one stage, the last
@@ -158,7 +154,7 @@ class _Run:
         """One LoRA on every task's data at once, as many steps as the whole sequence; evaluated once."""
         mixed = [(t, ex) for t in self.tasks for ex in t.train]
         cap = (self.opts.max_steps or 0) * len(self.tasks) or None
-        opts = TrainOptions(**{**asdict(self.opts), "max_steps": cap})
+        opts = replace(self.opts, max_steps=cap)
         params = [p for p in self.model.parameters() if p.requires_grad]
 
         def train() -> dict:
@@ -180,15 +176,12 @@ def run_continual(
     out: str | Path,
     *,
     method: str = "slao",
+    config: ContinualConfig | None | str = "preset",
     lora: LoRAConfig | None = None,
     opts: TrainOptions | None = None,
-    init: str | None = None,
-    schedule: str | None = None,
-    constant: float | None = None,
     resume: bool = False,
     meta: dict | None = None,
     log: Callable[[str], None] = print,
-    orthogonal_updates: bool | None = None,
     zero_shot_cache: Path | None = None,
     accept_changes: bool = False,
 ) -> dict:
@@ -199,8 +192,9 @@ def run_continual(
         codec: its tokenizer as a ``Codec``.
         tasks: the task sequence.
         out: the run directory.
-        method: one of ``METHODS``; ``init`` / ``schedule`` / ``constant`` / ``orthogonal_updates``
-            override its configuration.
+        method: the method's name (results.json's ``method``; one of ``METHODS``).
+        config: its configuration, as ``method_config`` makes it with any overrides (None: the
+            multi-task baseline); ``"preset"``: ``METHODS[method]`` as it is.
         lora: the adapter configuration (default ``LoRAConfig()``: r 8, q_proj and v_proj).
         opts: training options (seeds per task derive from ``opts.seed``).
         resume: continue the run in ``out`` from its last finished task.
@@ -221,9 +215,14 @@ def run_continual(
     """
     out, lora, opts = Path(out), lora or LoRAConfig(), opts or TrainOptions()
     check_tasks(tasks)
-    config = method_config(method, init, schedule, constant, orthogonal_updates)
+    if config == "preset":
+        config = method_config(method)
+    if opts.prompt_format != codec.prompt_format:
+        raise ValueError(
+            f"opts.prompt_format {opts.prompt_format!r}, but the codec writes {codec.prompt_format} prompts"
+        )
     settings = {
-        **run_settings(method, config, tasks, lora, opts, meta),
+        **run_settings(method=method, config=config, tasks=tasks, lora=lora, opts=opts, meta=meta),
         "dtype": model_dtype(model),
         "model_fingerprint": weights_fingerprint(model),
     }

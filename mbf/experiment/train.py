@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -14,27 +14,62 @@ from tqdm.auto import tqdm
 from mbf.experiment.batches import Codec, encode_example, left_pad, positions
 from mbf.experiment.tasks import Example, Task
 
-__all__ = ["TrainOptions", "answer_loss", "progress", "train_steps"]
+__all__ = ["PROMPT_FORMATS", "SCORERS", "TrainOptions", "answer_loss", "progress", "train_steps"]
 
 
-@dataclass
+SCORERS = ("generate", "rank", "both")  # how a test answer is scored (see evaluate.py)
+PROMPT_FORMATS = ("plain", "chat")  # the prompt as plain text, or inside the model's chat template
+
+
+@dataclass(frozen=True)
 class TrainOptions:
-    """How each task is trained and evaluated."""
+    """How each task is trained and evaluated. Every default is written here once: the presets
+    (``mbf.experiment.presets``) and the command line state only what they change.
+
+    Raises:
+        ValueError: on a value out of range, naming the field.
+    """
 
     lr: float = 1e-3  # AdamW learning rate (constant, after a short warm-up)
     epochs: float = 1.0  # passes over a task's training set (fractions allowed)
     max_steps: int | None = None  # cap on optimizer steps per task (None: from epochs)
     batch_size: int = 8  # examples per forward/backward (micro-batch)
-    eval_batch_size: int = 50
+    eval_batch_size: int = 50  # test prompts scored at once (a memory knob: never changes a score)
     max_length: int = 256  # prompt tokens kept: a longer input is cut, never the instruction or options
-    weight_decay: float = 0.0
-    warmup_steps: int = 3
-    seed: int = 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 3  # linear warm-up of the learning rate over the first steps of each task
+    seed: int = 0  # seeds the data order of each task, the adapter init and (by default) the suite
     grad_accum: int = 1  # micro-batches per optimizer step (the paper: batch 1 x 8 accumulation)
+    scoring: str = "generate"  # "generate" (exact match of greedy decoding), "rank" (best option), "both"
+    prompt_format: str = "plain"  # "plain" text, or "chat": inside the model's chat template
 
     def __post_init__(self) -> None:
-        if self.grad_accum < 1 or self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} and grad_accum={self.grad_accum} must be >= 1")
+        if self.grad_accum < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(
+                f"TrainOptions: batch_size={self.batch_size}, grad_accum={self.grad_accum} and "
+                f"eval_batch_size={self.eval_batch_size} must be >= 1"
+            )
+        if not (self.lr > 0 and self.epochs > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0):
+            raise ValueError(
+                f"TrainOptions: lr={self.lr} and epochs={self.epochs} must be > 0, weight_decay="
+                f"{self.weight_decay} and warmup_steps={self.warmup_steps} >= 0"
+            )
+        if self.scoring not in SCORERS:
+            raise ValueError(f"TrainOptions: scoring {self.scoring!r} must be one of {', '.join(SCORERS)}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(
+                f"TrainOptions: prompt_format {self.prompt_format!r} must be one of "
+                f"{', '.join(PROMPT_FORMATS)}"
+            )
+
+    def to_dict(self) -> dict:
+        """results.json's ``train``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainOptions:
+        """Inverse of ``to_dict``; fields an older file lacks take their defaults."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def steps_for(self, n_examples: int) -> int:
         """Optimizer steps for ``n_examples``: ``epochs`` passes of ``batch_size × grad_accum`` examples

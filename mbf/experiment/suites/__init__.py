@@ -79,7 +79,7 @@ def load_suite(
             meta["data_dir"] = str(data_dir)
     else:
         if data_dir is None:
-            raise ValueError("the olora suite needs a data dir (the CL_Benchmark folder of O-LoRA or SAPT)")
+            raise ValueError("--suite olora needs --data-dir (the CL_Benchmark folder of O-LoRA or SAPT)")
         names = order.split(",") if "," in order else order
         tasks = load_benchmark(data_dir, names, max_train=n_train, max_test=n_test)
         meta.update(order=order, data_dir=str(data_dir))
