@@ -2,7 +2,8 @@
 
 CUDA tensors take the Triton kernels of ``mbf.kernels`` (the dense LoRA linear: whichever of its
 paths ``dispatch.py`` measured fastest on this GPU); CPU tensors take the PyTorch path;
-``backend="triton"|"torch"`` (or ``$MBF_BACKEND``) forces one. ``mbf.reference`` is the specification of each function.
+``backend="triton"|"torch"`` (or ``$MBF_BACKEND``) forces one. ``mbf.reference`` is the specification
+of each function.
 
 - ``lora_linear`` (``lora_linear_nf4``): the LoRA linear over a dense or NF4 base (``lora.py``,
   base GEMMs in ``bases.py``);
