@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # SmolLM2 step instead of 0.9 s, and a 4x slower test suite); passive waiting costs nothing alone.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench sweep sweep-conflict setup clean
+.PHONY: demo test bench bnb-wheel sweep sweep-conflict setup clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/mbf bench
+
+# bitsandbytes' manylinux wheel (43 MB, its CUDA 13 library inside) for a GPU machine without a registry:
+# bench/run_gpu.sh installs it from wheels/ (git-ignored; carry the folder with the run)
+BNB_VERSION ?= 0.50.2
+bnb-wheel:
+	$(PYTHON) -m pip download --no-deps --platform manylinux_2_24_x86_64 --only-binary=:all: bitsandbytes==$(BNB_VERSION) -d wheels/
 
 # the real-text sweep of the README's main result (reports/real-30/, resumable: finished runs are skipped,
 # then the long order and the ablations' other seeds run); sweep-conflict: the stress test (reports/sweep/)

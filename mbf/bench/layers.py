@@ -1,9 +1,13 @@
 """One LoRA (or QLoRA) linear per provider, ready to time: the cases of the kernel-level benchmarks.
 
-``lora_case`` times the dense LoRA linear (providers: the plain frozen linear ``floor``, ``peft``,
-``mbf-torch``, ``mbf-triton``) in mode ``fwd``, ``bwd`` or ``full`` (fwd + bwd); ``nf4_case`` the
-QLoRA linear, fwd + bwd (``floor`` = the 16-bit frozen linear, ``mbf-bf16``, ``mbf-nf4`` and its two
-forced paths ``mbf-nf4-fused`` / ``mbf-nf4-dequant``, ``peft-bnb4`` = PEFT over bitsandbytes).
+``lora_case`` times the dense LoRA linear in mode ``fwd``, ``bwd`` or ``full`` (fwd + bwd). Providers:
+the plain frozen linear ``floor`` (cuBLAS), ``peft`` (PEFT's LoRA with the adapters in the same dtype
+as mbf's: like for like), mbf's paths ``mbf-torch`` (cuBLAS + the LoRA term as the GEMM's addend),
+``mbf-triton`` (the fused kernels), ``mbf-hybrid`` (when that backend exists) and ``mbf-auto`` (what
+``backend="auto"``'s measuring dispatch picks), and ``triton-gemm`` (fwd only: the fused forward's
+base GEMM alone in Triton, ``mbf.bench.triton_gemm``). ``nf4_case`` times the QLoRA linear, fwd + bwd
+(``floor`` = the 16-bit frozen linear, ``mbf-bf16``, ``mbf-nf4`` and its two forced paths
+``mbf-nf4-fused`` / ``mbf-nf4-dequant``, ``peft-bnb4`` = PEFT over bitsandbytes).
 x needs a gradient in every provider (as inside a network); W0 is frozen, so the floor's backward
 is the dX GEMM alone. Used by ``bench/test_bench_lora.py``, ``bench/test_bench_nf4.py`` and the
 one-go GPU run ``python -m mbf.bench.gpu``.
@@ -19,9 +23,10 @@ from torch import nn
 from mbf.bench.providers import bnb_nf4_linear, peft_lora
 from mbf.bench.rows import FLOOR
 
-__all__ = ["LORA_PROVIDERS", "NF4_PROVIDERS", "lora_case", "lora_flops", "nf4_case"]
+__all__ = ["LORA_PROVIDERS", "MBF_PATHS", "NF4_PROVIDERS", "lora_case", "lora_flops", "nf4_case"]
 
 LORA_PROVIDERS = (FLOOR, "peft", "mbf-torch", "mbf-triton")  # the floor first: the others' reference
+MBF_PATHS = {"mbf-torch": "torch", "mbf-triton": "triton", "mbf-hybrid": "hybrid", "mbf-auto": "auto"}
 NF4_PROVIDERS = (FLOOR, "mbf-bf16", "mbf-nf4", "mbf-nf4-fused", "mbf-nf4-dequant", "peft-bnb4")
 
 
@@ -33,24 +38,38 @@ def lora_flops(provider: str, mode: str, M: int, K: int, N: int, r: int) -> int:
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
-def _lora_layer(provider: str, K: int, N: int, r: int, dtype: torch.dtype, device: torch.device):
+def _lora_layer(provider: str, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype, device):
     """A callable x -> y for the provider, and its trainable tensors (whose .grad the timing resets)."""
     W = (torch.randn(N, K, device=device) / K**0.5).to(dtype)  # Llama linears have no bias
     if provider == FLOOR:
         return (lambda x: torch.nn.functional.linear(x, W)), []
-    A = (torch.randn(r, K, device=device) / K**0.5).to(dtype).requires_grad_()
-    B = (torch.randn(N, r, device=device) / r**0.5).to(dtype).requires_grad_()  # random: not the zero init
+    if provider == "triton-gemm":
+        from mbf.bench.triton_gemm import triton_gemm
+
+        return (lambda x: triton_gemm(x, W)), []
+    A = (torch.randn(r, K, device=device) / K**0.5).to(adapter_dtype).requires_grad_()
+    B = (torch.randn(N, r, device=device) / r**0.5).to(adapter_dtype).requires_grad_()  # not the zero init
     if provider == "peft":
         linear = nn.Linear(K, N, bias=False, device=device, dtype=dtype)
         linear.weight.data.copy_(W)
         model = peft_lora(linear, r)
         proj = model.base_model.model.proj
-        proj.lora_A["default"].weight.data.copy_(A.detach())
-        proj.lora_B["default"].weight.data.copy_(B.detach())
+        # PEFT keeps 16-bit bases' adapters in fp32 (its autocast_adapter_dtype); cast to match mbf's
+        proj.lora_A["default"].to(adapter_dtype).weight.data.copy_(A.detach())
+        proj.lora_B["default"].to(adapter_dtype).weight.data.copy_(B.detach())
         return model, [p for p in model.parameters() if p.requires_grad]
     from mbf import functional
 
-    backend = "torch" if provider == "mbf-torch" else "triton"
+    backend = MBF_PATHS[provider]
+    if backend == "auto" and device.type != "cuda":  # the dispatch only routes CUDA tensors: ask it here
+
+        def auto(x):
+            chosen = functional.dispatch.auto_backend(
+                x, W, None, A, B, 2.0, None, 1.0, 0.0, run=functional.lora_linear
+            )
+            return functional.lora_linear(x, W, None, A, B, 2.0, backend=chosen)
+
+        return auto, [A, B]
     return (lambda x: functional.lora_linear(x, W, None, A, B, 2.0, backend=backend)), [A, B]
 
 
@@ -80,15 +99,32 @@ def _timed(mode: str, layer, x: torch.Tensor, dy: torch.Tensor, params: list[tor
 
 
 def lora_case(
-    provider: str, K: int, N: int, M: int, r: int, mode: str, dtype: torch.dtype, device: str
+    provider: str,
+    K: int,
+    N: int,
+    M: int,
+    r: int,
+    mode: str,
+    dtype: torch.dtype,
+    device: str,
+    adapter_dtype: torch.dtype | None = None,
 ) -> tuple[Callable[[], object], int]:
-    """``(the callable to time, its useful FLOPs)`` for one dense LoRA case."""
+    """``(the callable to time, its useful FLOPs)`` for one dense LoRA case (adapters in
+    ``adapter_dtype``, default the base's ``dtype``).
+
+    Raises:
+        ValueError: ``triton-gemm`` in a mode other than ``fwd``; an unknown backend (``mbf-hybrid``
+            before that path exists).
+    """
+    if provider == "triton-gemm" and mode != "fwd":
+        raise ValueError(f"provider triton-gemm is the forward GEMM alone; mode {mode!r} must be 'fwd'")
     torch.manual_seed(0)
     device = torch.device(device)
-    layer, params = _lora_layer(provider, K, N, r, dtype, device)
+    layer, params = _lora_layer(provider, K, N, r, dtype, adapter_dtype or dtype, device)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    return _timed(mode, layer, x, dy, params), lora_flops(provider, mode, M, K, N, r)
+    flops = lora_flops(FLOOR if provider == "triton-gemm" else provider, mode, M, K, N, r)
+    return _timed(mode, layer, x, dy, params), flops
 
 
 def _lora_over_nf4(base: nn.Module, r: int) -> nn.Module:

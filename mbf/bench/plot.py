@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mbf._optional import pyplot
-from mbf.bench.rows import CASE_FIELDS, RESULTS_DIR, case_label, ratio_label
+from mbf.bench.rows import CASE_FIELDS, RESULTS_DIR, WILDCARD_FIELDS, case_label, ratio_label, same_case
 from mbf.io import atomic_write
 
 __all__ = ["main", "plot_file", "plot_op"]
@@ -23,11 +23,22 @@ def _case(row: dict) -> tuple:
     return tuple(row.get(f) for f in CASE_FIELDS)
 
 
-def _panel(ax, rows: list[dict], cases: list[tuple], providers: list[str], key: str, annotate: bool) -> None:
+def _cases(rows: list[dict]) -> list[dict]:
+    """One row per case, in order; a row without a wildcard field (the floor: no adapter dtype) joins
+    the cases it matches instead of making its own."""
+    full = [r for r in rows if all(r.get(f) is not None for f in WILDCARD_FIELDS)]
+    reps: dict[tuple, dict] = {}
+    for r in rows:
+        if r in full or not any(same_case(r, f) for f in full):
+            reps.setdefault(_case(r), r)
+    return list(reps.values())
+
+
+def _panel(ax, rows: list[dict], cases: list[dict], providers: list[str], key: str, annotate: bool) -> None:
     """Grouped bars: one group per case, one bar per provider (the last row of a repeated case)."""
     width = 0.8 / len(providers)
     for j, provider in enumerate(providers):
-        hits = [[r for r in rows if r["provider"] == provider and _case(r) == c] for c in cases]
+        hits = [[r for r in rows if r["provider"] == provider and same_case(r, c)] for c in cases]
         values = [h[-1].get(key) if h else None for h in hits]
         xs = [i + j * width for i in range(len(cases))]
         bars = ax.bar(xs, [0.0 if v is None else v for v in values], width, label=provider)
@@ -35,15 +46,14 @@ def _panel(ax, rows: list[dict], cases: list[tuple], providers: list[str], key: 
             labels = [ratio_label(h[-1]).split(" ")[0] if h else "" for h in hits]
             ax.bar_label(bars, labels, fontsize=6, rotation=90, padding=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    first = {c: next(r for r in rows if _case(r) == c) for c in cases}
-    ax.set_xticklabels([case_label(first[c]) for c in cases], fontsize=6)
+    ax.set_xticklabels([case_label(c) for c in cases], fontsize=6)
     ax.grid(axis="y", alpha=0.3)
 
 
 def plot_op(rows: list[dict], path: Path) -> Path:
     """The figure of one op's rows, written to ``path``."""
     plt = pyplot()
-    cases = list(dict.fromkeys(_case(r) for r in rows))
+    cases = _cases(rows)
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     memory = [r for r in rows if r.get("peak_mem_bytes") is not None]
     fig, axes = plt.subplots(

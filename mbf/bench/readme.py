@@ -2,11 +2,15 @@
 
 Run: ``python -m mbf.bench.readme [README.md]`` (rewrites the file between the perf markers). One
 table per op and results file, headed by its device and date; numbers are never typed by hand.
+After a GPU run: ``python -m mbf.bench.readme --import <the files bench/run_gpu.sh returned>`` takes
+the results in (plots included) first.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -14,7 +18,7 @@ from pathlib import Path
 from mbf.bench.rows import RESULTS_DIR
 from mbf.io import atomic_write_text
 
-__all__ = ["END", "START", "main", "render", "table_for", "update_readme"]
+__all__ = ["END", "START", "import_run", "is_results", "main", "render", "table_for", "update_readme"]
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 _COLUMNS = ("provider", "mode", "shape", "M", "r", "dtype", "median ms", "TFLOP/s", "× floor", "× baseline")
@@ -45,15 +49,39 @@ def _line(r: dict) -> str:
     )
 
 
+def _breakdown(rows: list[dict]) -> str:
+    """Per-kernel ms of each provider's fwd+bwd (``mbf.bench.launches``), its share of the total."""
+    lines = ["| provider | shape | M | r | adapters | kernel | ms | share | launches |", "|---" * 9 + "|"]
+    for r in rows:
+        for name, k in r["kernels"].items():
+            share = k["ms"] / r["ms"] if r["ms"] else 0.0
+            lines.append(
+                f"| {r['provider']} | {r['shape']} | {r['M']} | {r['r']} | {r.get('adapter_dtype', '')} | "
+                f"`{name}` | {k['ms']:.3f} | {share:.0%} | {k['launches']:g} |"
+            )
+    return "\n".join(lines)
+
+
 def table_for(rows: list[dict]) -> str:
     """One markdown table per op, in the order the ops were measured."""
     by_op: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_op[r["op"]].append(r)
     return "\n".join(
-        f"**{op}**\n\n{_HEADER}\n" + "\n".join(_line(r) for r in op_rows) + "\n"
+        f"**{op}**\n\n"
+        + (
+            _breakdown(op_rows)
+            if op == "kernel_breakdown"
+            else _HEADER + "\n" + "\n".join(map(_line, op_rows))
+        )
+        + "\n"
         for op, op_rows in by_op.items()
     )
+
+
+def is_results(data) -> bool:
+    """Whether parsed JSON is a results file: a list of rows (not a report, timeline or environment)."""
+    return isinstance(data, list) and bool(data) and all(isinstance(r, dict) and "op" in r for r in data)
 
 
 def render(results_dir: Path = RESULTS_DIR) -> str:
@@ -63,7 +91,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     out = []
     for f in files:
         rows = json.loads(f.read_text())
-        if isinstance(rows, list) and rows:
+        if is_results(rows):
             out.append(f"#### {rows[0]['device']} — {rows[0]['date']} (`bench/results/{f.name}`)\n")
             out.append(table_for(rows))
     return "\n".join(out) if out else "No benchmark results are committed yet.\n"
@@ -83,15 +111,49 @@ def update_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> None:
     atomic_write_text(f"{head}{START}\n{render(results_dir)}\n{END}{tail}", readme)
 
 
+def import_run(folder: Path, results_dir: Path = RESULTS_DIR) -> list[Path]:
+    """Take in what a GPU run returned (``bench/run_gpu.sh``'s ``$OUT``): each results file goes to
+    ``results_dir`` (its rows replacing a file of the same name), everything else (run.log,
+    environment, timeline, JUnit XML) to ``results_dir/gpu-runs/<results file's stem>/``; then a plot
+    per op beside each results file.
+
+    Raises:
+        FileNotFoundError: when ``folder`` holds no results file.
+    """
+    from mbf.bench.plot import plot_file
+
+    files = sorted(Path(folder).iterdir())
+    results = [f for f in files if f.suffix == ".json" and is_results(json.loads(f.read_text()))]
+    if not results:
+        raise FileNotFoundError(f"{folder}: no results file (a JSON list of rows) to import")
+    for f in files:
+        if f.is_file() and f not in results:
+            dest = results_dir / "gpu-runs" / results[0].stem / f.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+    imported = [Path(shutil.copyfile(f, results_dir / f.name)) for f in results]
+    for f in imported:
+        for png in plot_file(f):
+            print(f"plot: {png}")
+    return imported
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    readme = Path(argv[0]) if argv else RESULTS_DIR.parents[1] / "README.md"
+    """``python -m mbf.bench.readme [README.md] [--import FOLDER]``."""
+    parser = argparse.ArgumentParser(prog="python -m mbf.bench.readme", description=__doc__.splitlines()[0])
+    parser.add_argument("readme", nargs="?", type=Path, default=RESULTS_DIR.parents[1] / "README.md")
+    parser.add_argument("--import", dest="folder", type=Path, default=None,
+                        help="first take in a GPU run's files (run_gpu.sh's $OUT)")  # fmt: skip
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        update_readme(readme)
+        if args.folder is not None:
+            for f in import_run(args.folder):
+                print(f"imported {f}")
+        update_readme(args.readme)
     except (ValueError, FileNotFoundError) as e:
         print(f"mbf.bench.readme: {e}", file=sys.stderr)
         return 1
-    print(f"updated {readme}")
+    print(f"updated {args.readme}")
     return 0
 
 

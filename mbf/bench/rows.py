@@ -31,7 +31,20 @@ __all__ = [
 
 FLOOR = "floor"  # the provider name of the plain frozen linear
 # fields that identify what was measured: rows equal on all of them are the same case
-CASE_FIELDS = ("op", "shape", "M", "r", "mode", "dtype", "checkpointing", "targets", "dropout")
+CASE_FIELDS = (
+    "op",
+    "shape",
+    "M",
+    "r",
+    "mode",
+    "dtype",
+    "adapter_dtype",
+    "checkpointing",
+    "targets",
+    "dropout",
+)
+# a row without one of these (the floor: no adapter) matches every value of it
+WILDCARD_FIELDS = ("adapter_dtype",)
 
 
 def _default_results_dir() -> Path:
@@ -93,7 +106,9 @@ def timed_row(*, timing: dict, flops: int | None = None, nbytes: int | None = No
 
 def same_case(a: dict, b: dict) -> bool:
     """Whether two rows measured the same thing (possibly by different providers)."""
-    return all(a.get(f) == b.get(f) for f in CASE_FIELDS)
+    return all(
+        a.get(f) == b.get(f) or (f in WILDCARD_FIELDS and None in (a.get(f), b.get(f))) for f in CASE_FIELDS
+    )
 
 
 # the physical rate a row may carry, by preference, for the one-line summary
@@ -106,6 +121,7 @@ def case_label(row: dict, sep: str = "\n") -> str:
     if row.get("dropout"):
         parts[1] += f" p={row['dropout']:g}"
     parts[-1] += f" {row['dtype']}" if row.get("dtype") else ""  # one case per dtype, side by side
+    parts[-1] += f"/{row['adapter_dtype']} A,B" if row.get("adapter_dtype") else ""
     if row.get("checkpointing"):
         parts.append("ckpt")
     return sep.join(parts)

@@ -185,7 +185,6 @@ def measure_step(cfg: StepConfig) -> dict:
     return _row(cfg, params, t, peak)
 
 
-
 def measure_interleaved(configs: list[StepConfig], rounds: int) -> list[dict]:
     """CPU configurations side by side in this process: one step of each in turn, ``rounds`` times.
 

@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ __all__ = [
     "cuda_event_timer",
     "default_dispatcher",
     "register_candidate",
+    "use_dispatcher",
 ]
 
 ENV = "MBF_BACKEND"  # a backend name that replaces auto's measured choice on CUDA
@@ -123,16 +125,22 @@ def case_key(case: Case) -> str:
 
 
 def cuda_event_timer(fn: Callable[[], object], reps: int = 5) -> float:
-    """Median ms of ``reps`` calls timed by CUDA events, after one untimed call (compile, autotune)."""
+    """Median ms of ``reps`` calls of ``fn`` after one untimed call (compile, autotune): CUDA events
+    where CUDA is available, else a wall clock (the CPU dry run of the GPU script)."""
     fn()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -246,6 +254,13 @@ def default_dispatcher() -> Dispatcher:
     if _DEFAULT is None:
         _DEFAULT = Dispatcher()
     return _DEFAULT
+
+
+def use_dispatcher(dispatcher: Dispatcher | None) -> None:
+    """Make ``dispatcher`` the process's (None: a fresh default on next use); e.g. a memory-only one,
+    or one with another timer (the GPU script's dry run)."""
+    global _DEFAULT
+    _DEFAULT = dispatcher
 
 
 def _env_choice() -> str | None:
