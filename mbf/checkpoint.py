@@ -12,10 +12,11 @@ A checkpoint is a directory holding
     config          ContinualConfig fields
     lora_config     LoRAConfig fields, or null when the model was not injected by mbf.inject
     tensors_file    the safetensors file of this save
-    tensors_sha256  hex SHA-256 of that file: flipped bytes are caught on load, not trained on
+    tensors_sha256  hex SHA-256 of that file (required): flipped bytes are caught on load, not trained on
 
 Until ``continual.json`` is replaced, the previous save's json and tensors stay together, so a crash
-at any point leaves a loadable checkpoint; the previous tensor file is removed only afterwards.
+at any point leaves a loadable checkpoint; the previous tensor file (the one the replaced json named,
+never another file of the directory) is removed only afterwards.
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from mbf.config import ContinualConfig, LoRAConfig
 from mbf.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 
-__all__ = ["FORMAT", "Checkpoint", "read_checkpoint", "write_checkpoint"]
+__all__ = [
+    "FORMAT", "STATE_KEYS", "Checkpoint", "check_lora_config", "read_checkpoint", "state_pairs",
+    "write_checkpoint",
+]  # fmt: skip
 
 FORMAT = "mbf-continual-checkpoint/1"
 META = "continual.json"
+STATE_KEYS = ("lora_A", "lora_B", "merged_A", "merged_B")  # a layer's tensors in a checkpoint
 _TENSORS_FILE = re.compile(r"adapters-[0-9a-f]{8,64}\.safetensors")
 
 
@@ -63,8 +68,9 @@ def write_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` into directory ``path`` (created); see the module docstring for the guarantees."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    previous = _previous_tensors_file(path)
     tensors_file = f"adapters-{uuid.uuid4().hex[:12]}.safetensors"
-    atomic_save_safetensors(ckpt.tensors, path / tensors_file)
+    atomic_save_safetensors(ckpt.tensors, path / tensors_file, metadata={"mbf": FORMAT})
     meta = {
         "format": FORMAT,
         "task_index": ckpt.task_index,
@@ -75,10 +81,30 @@ def write_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "tensors_sha256": _sha256(path / tensors_file),
     }
     atomic_write_json(meta, path / META, indent=2)
+    # the file the replaced continual.json named, and orphans of saves killed before their commit
+    # (marked as ours inside the file): never another file of the directory, whatever its name
     for stale in path.glob("adapters-*.safetensors"):
-        if stale.name != tensors_file:
+        if stale.name != tensors_file and (stale.name == previous or _written_here(stale)):
             stale.unlink(missing_ok=True)
     return path
+
+
+def _written_here(file: Path) -> bool:
+    """True for a tensor file that ``write_checkpoint`` wrote (its safetensors metadata says so)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get("mbf") == FORMAT
+    except Exception:  # not a safetensors file at all: a user's
+        return False
+
+
+def _previous_tensors_file(path: Path) -> str | None:
+    """The tensor file of the checkpoint already in ``path`` (None: none, or not readable as one)."""
+    try:
+        name = json.loads((path / META).read_text(encoding="utf-8")).get("tensors_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and _TENSORS_FILE.fullmatch(name) else None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -122,7 +148,12 @@ def _read_tensors(path: Path, meta: dict, meta_path: Path) -> dict[str, torch.Te
     if not file.is_file():
         raise FileNotFoundError(f"{file}: the tensor file named by {meta_path} is missing")
     expected = meta.get("tensors_sha256")
-    if expected is not None and _sha256(file) != expected:
+    if not (isinstance(expected, str) and re.fullmatch(r"[0-9a-f]{64}", expected)):
+        raise ValueError(
+            f"{meta_path}: tensors_sha256={expected!r} must be the hex SHA-256 of {name}; without it the "
+            "tensors cannot be checked"
+        )
+    if _sha256(file) != expected:
         raise ValueError(f"{file}: SHA-256 differs from {meta_path}: the file was modified or corrupted")
     try:
         tensors = load_safetensors(file)
@@ -132,3 +163,38 @@ def _read_tensors(path: Path, meta: dict, meta_path: Path) -> dict[str, torch.Te
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{file}: tensor {key} has non-finite values")
     return tensors
+
+
+def state_pairs(layers: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(layer tensor, saved tensor)`` for every ``STATE_KEYS`` tensor of ``layers``, all checked first.
+
+    Raises:
+        KeyError: a LoRA tensor of these layers is missing, or ``tensors`` has one they lack.
+        ValueError: a saved tensor's shape differs from the layer's (all name the tensor).
+    """
+    pairs = []
+    for name, layer in layers.items():
+        for key in STATE_KEYS:
+            full = f"{name}.{key}"
+            if full not in tensors:
+                raise KeyError(f"{full}: missing from the saved state")
+            dst = getattr(layer, key)
+            if tuple(tensors[full].shape) != tuple(dst.shape):
+                raise ValueError(f"{full}: saved shape {tuple(tensors[full].shape)} != {tuple(dst.shape)}")
+            pairs.append((dst, tensors[full]))
+    unexpected = sorted(set(tensors) - {f"{n}.{k}" for n in layers for k in STATE_KEYS})
+    if unexpected:
+        raise KeyError(f"{unexpected[0]}: in the saved state but not a LoRA tensor of this model")
+    return pairs
+
+
+def check_lora_config(path, saved: LoRAConfig | None, current: LoRAConfig | None) -> None:
+    """Raise ValueError unless a checkpoint's LoRAConfig fits the model's (when both are known)."""
+    if saved is None or current is None:
+        return
+    for field in ("r", "alpha", "target_modules", "quantize"):
+        if getattr(saved, field) != getattr(current, field):
+            raise ValueError(
+                f"{path}: saved LoRAConfig.{field}={getattr(saved, field)!r} but the model "
+                f"was injected with {field}={getattr(current, field)!r}"
+            )

@@ -65,7 +65,10 @@ class LoRAConfig:
     - ``"all-linear"``: every linear module (dense or 4-bit) but the model's output embedding
       (``lm_head``), by module type, whatever the architecture.
 
-    ``exclude_modules`` (same forms but "all-linear") removes matches.
+    ``exclude_modules`` (same forms but "all-linear") removes matches. PEFT's ``task_type`` is accepted
+    and ignored (it does not change LoRA's math). Defaults that differ from PEFT's ``LoraConfig``:
+    ``alpha`` 16 (PEFT: 8, i.e. scaling 2 instead of 1 at r 8: the paper's and most LoRA recipes'
+    setting); ``r`` 8, ``dropout`` 0 and, for a Llama, ``target_modules`` q_proj, v_proj are PEFT's too.
     """
 
     r: int = 8  # rank of the adapter
@@ -88,7 +91,16 @@ class LoRAConfig:
         *,
         lora_alpha: float | None = None,
         lora_dropout: float | None = None,
+        task_type: object = None,
+        **unknown,
     ) -> None:
+        # PEFT's task_type (CAUSAL_LM, ...) picks which PeftModel class wraps the model; the LoRA layers
+        # compute the same whatever it is, so it is accepted and ignored (PEFT users write it by habit)
+        if unknown:
+            raise TypeError(
+                f"LoRAConfig: unknown argument(s) {', '.join(sorted(unknown))} (PEFT options mbf does not "
+                "implement are refused rather than ignored)"
+            )
         values = {
             "r": r,
             "alpha": _one_name("alpha", alpha, "lora_alpha", lora_alpha, 16.0),
@@ -126,6 +138,12 @@ class LoRAConfig:
         return _match(self.target_modules, name) and not (
             self.exclude_modules is not None and _match(self.exclude_modules, name)
         )
+
+    def unmatched_targets(self, names: Sequence[str]) -> list[str]:
+        """The listed ``target_modules`` that match none of ``names`` (empty for a regex or "all-linear")."""
+        if not isinstance(self.target_modules, tuple):
+            return []
+        return [t for t in self.target_modules if not any(_match((t,), n) for n in names)]
 
     def to_dict(self) -> dict:
         """JSON-ready fields (tuples as lists)."""

@@ -24,6 +24,7 @@ is the fine-tuned one.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -32,13 +33,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mbf import functional, reference
-from mbf.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from mbf import checkpoint, functional, reference
 from mbf.config import INITS, ContinualConfig
 from mbf.distributed import assign_, check_ranks, full, is_writer, world_size
 from mbf.inject import eject, inject, lora_layers
+from mbf.nn.lora import MODES
+from mbf.nn.model import use_adapter
 
-__all__ = ["INITS", "ContinualConfig", "ContinualLoRA"]
+__all__ = ["EVAL_ADAPTERS", "INITS", "ContinualConfig", "ContinualLoRA"]
+
+EVAL_ADAPTERS = ("auto", *MODES, None)  # what set_eval_adapter takes
 
 
 class ContinualLoRA:
@@ -53,11 +57,12 @@ class ContinualLoRA:
             that does not is an error on all ranks (default: when torch.distributed is initialised
             with more than one rank; ``False`` for a rank-local copy).
 
-    Strict mode (``orthogonal_updates=True``) keeps every task's A updates out of the previous
-    task's row space (``project_updates()``). Use it when the tasks conflict and forgetting (BWT)
-    matters more than how well each new task is learnt: a new task can then only add input
-    directions, never turn the ones the previous tasks use. Costs two extra ``(r, in)`` copies per
-    layer during a task and one batched projection per call.
+    Strict mode (``orthogonal_updates=True``, ``project_updates()``): for conflicting tasks where
+    forgetting (BWT) matters more than learning each new task; a new task can only add input directions.
+    Costs two extra ``(r, in)`` copies per layer during a task and one batched projection per call.
+
+    The newest ContinualLoRA of a model drives it: an older one, or one whose layers were ejected,
+    refuses to act (RuntimeError) instead of training and saving layers the model no longer runs.
 
     Raises:
         ValueError: on an unknown option or value, or a model without LoRA layers.
@@ -88,6 +93,9 @@ class ContinualLoRA:
         self.in_task = False
         self._basis: list[torch.Tensor] | None = None  # strict mode: previous task's orthonormal rows
         self._start: list[torch.Tensor] | None = None  # strict mode: each lora_A as the task began
+        self._eval_adapter: str | None = "auto"  # see set_eval_adapter
+        model.__dict__[_OWNER] = weakref.ref(self)  # the newest drives the model (see _check_live)
+        self._apply_eval_adapter()
 
     # -- task boundaries --------------------------------------------------------------------------
 
@@ -105,6 +113,7 @@ class ContinualLoRA:
         """
         if self.in_task:
             raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
+        self._check_live("begin_task", training=True)
         self._check_ranks("begin_task")
         layers, cfg = list(self.layers.values()), self.config
         basis = None  # orthonormal rows of the previous task's A (QR init, strict mode)
@@ -171,6 +180,7 @@ class ContinualLoRA:
         """
         if not self.in_task:
             raise RuntimeError("end_task() without begin_task()")
+        self._check_live("end_task", training=True)
         self._check_ranks("end_task")
         self.project_updates()  # strict mode: the merged A obeys the constraint too
         whole = {f: self._whole(f) for f in "AB"}  # the fine-tuned factors, gathered once if sharded
@@ -191,6 +201,7 @@ class ContinualLoRA:
         self.task_index += 1
         self.in_task = False
         self._basis = self._start = None
+        self._apply_eval_adapter()  # from now on eval() uses the merged adapter (unless told otherwise)
 
     def _merged(self, factor: str) -> list[torch.Tensor]:
         """Every layer's ``merged_A`` (factor ``"A"``) or ``merged_B`` buffer."""
@@ -199,6 +210,21 @@ class ContinualLoRA:
     def _whole(self, factor: str) -> list[torch.Tensor]:
         """Every layer's fine-tuned ``lora_A`` / ``lora_B``, detached and whole (gathered under FSDP2)."""
         return [full(getattr(layer, f"lora_{factor}").detach()) for layer in self.layers.values()]
+
+    def _check_live(self, op: str, training: bool = False) -> None:
+        """Raise RuntimeError unless this object still drives the model's LoRA layers (``training``: and
+        none has an adapter folded into its weight, which would take no gradient)."""
+        modules, owner = dict(self.model.named_modules()), self.model.__dict__.get(_OWNER)
+        why = None
+        if any(modules.get(n) is not layer for n, layer in self.layers.items()):
+            why = "its LoRA layers were ejected or replaced"
+        elif owner is None or owner() is not self:
+            why = "another ContinualLoRA was created on the same model; use that one"
+        if why:
+            raise RuntimeError(f"ContinualLoRA.{op}: this ContinualLoRA no longer drives the model: {why}")
+        folded = [n for n, layer in self.layers.items() if layer.folded] if training else []
+        if folded:
+            raise RuntimeError(f"ContinualLoRA.{op}: {folded[0]} has an adapter folded in; unmerge() it")
 
     def _check_ranks(self, op: str) -> None:
         if self.distributed:
@@ -221,25 +247,36 @@ class ContinualLoRA:
 
     @contextmanager
     def adapter_mode(self, mode: str, lam: float | None = None) -> Iterator[nn.Module]:
-        """Run the model with ``mode`` (``"finetuned"``, ``"merged"``, ``"preview"`` at ``lam``), in
-        training and in eval() alike (an ``eval_adapter_mode`` is set aside inside the block)."""
-        layers = list(self.layers.values())
-        saved = [(layer.adapter_mode, layer.eval_adapter_mode, layer.lam) for layer in layers]
-        try:
-            for layer in layers:
-                layer.adapter_mode, layer.eval_adapter_mode = mode, None
-                layer.lam = self.lam() if lam is None else float(lam)
+        """Run the model with ``mode`` (``"finetuned"``, ``"merged"``, ``"preview"`` at ``lam``, default
+        the current task's λ), in training and in eval() alike (``mbf.nn.model.use_adapter``).
+
+        Raises:
+            ValueError: an unknown mode, or a layer with another adapter folded into its weight.
+        """
+        self._check_live("adapter_mode")
+        with use_adapter(self.layers.values(), mode, self.lam() if lam is None else lam):
             yield self.model
-        finally:
-            for layer, (m, em, lm) in zip(layers, saved):
-                layer.adapter_mode, layer.eval_adapter_mode, layer.lam = m, em, lm
 
     def set_eval_adapter(self, mode: str | None) -> None:
-        """The adapter every layer uses in eval() from now on (None: the same as in training).
+        """The adapter every layer uses in eval() from now on.
 
-        ``"preview"`` evaluates what the merge of the current task would give (λ of the current
-        task); ``"merged"`` what inference uses between tasks.
+        Args:
+            mode: ``"auto"`` (the default): the merged adapter once a task has been merged (what
+                inference uses, what ``save_peft_adapter`` exports), the fine-tuned one before;
+                ``"merged"``, ``"finetuned"``; ``"preview"``: what the merge of the current task would
+                give (λ of the current task); None: the same adapter as in training.
+
+        Raises:
+            ValueError: an unknown mode.
         """
+        if mode not in EVAL_ADAPTERS:
+            raise ValueError(f"set_eval_adapter: {mode!r} must be one of {EVAL_ADAPTERS}")
+        self._check_live("set_eval_adapter")
+        self._eval_adapter = mode
+        self._apply_eval_adapter()
+
+    def _apply_eval_adapter(self) -> None:
+        mode = self._eval_adapter if self._eval_adapter != "auto" else "merged" if self.task_index else None
         for layer in self.layers.values():
             layer.eval_adapter_mode, layer.lam = mode, self.lam()
 
@@ -254,7 +291,7 @@ class ContinualLoRA:
         """Both adapters of every layer (whole, also under FSDP2) plus the task counter and options."""
         tensors = {}
         for name, layer in self.layers.items():
-            for key in _STATE_KEYS:
+            for key in checkpoint.STATE_KEYS:
                 tensors[f"{name}.{key}"] = full(getattr(layer, key).detach())
         return {
             "task_index": self.task_index,
@@ -271,25 +308,12 @@ class ContinualLoRA:
             KeyError: a LoRA tensor of this model is missing, or the state has one this model lacks.
             ValueError: a saved tensor's shape differs from the layer's (all name the tensor).
         """
-        tensors = state["tensors"]
-        pairs = []
-        for name, layer in self.layers.items():
-            for key in _STATE_KEYS:
-                full = f"{name}.{key}"
-                if full not in tensors:
-                    raise KeyError(f"{full}: missing from the saved state")
-                dst = getattr(layer, key)
-                if tuple(tensors[full].shape) != tuple(dst.shape):
-                    saved = tuple(tensors[full].shape)
-                    raise ValueError(f"{full}: saved shape {saved} != {tuple(dst.shape)}")
-                pairs.append((dst, tensors[full]))
-        unexpected = sorted(set(tensors) - {f"{n}.{k}" for n in self.layers for k in _STATE_KEYS})
-        if unexpected:
-            raise KeyError(f"{unexpected[0]}: in the saved state but not a LoRA tensor of this model")
-        for dst, src in pairs:
+        self._check_live("load_state_dict")
+        for dst, src in checkpoint.state_pairs(self.layers, state["tensors"]):
             assign_(dst, src)
         self.task_index = int(state["task_index"])
         self.in_task = bool(state.get("in_task", False))
+        self._apply_eval_adapter()
 
     def adapter_bytes(self) -> int:
         """Bytes of adapter state held: two adapters per layer, whatever the number of tasks."""
@@ -305,55 +329,72 @@ class ContinualLoRA:
             raise RuntimeError(
                 "strict mode (orthogonal_updates) cannot be saved mid-task; save after end_task()"
             )
+        self._check_live("save")
         self._check_ranks("save")
-        ckpt = Checkpoint(
+        ckpt = checkpoint.Checkpoint(
             self.task_index, self.in_task, self.config, getattr(self.model, "mbf_lora_config", None),
             self.state_dict()["tensors"],
         )  # fmt: skip
-        return write_checkpoint(path, ckpt) if not self.distributed or is_writer() else Path(path)
+        return checkpoint.write_checkpoint(path, ckpt) if not self.distributed or is_writer() else Path(path)
 
     @classmethod
     def load(
-        cls, model: nn.Module, path: str | Path, backend: str = "auto", distributed: bool | None = None
+        cls,
+        model: nn.Module,
+        path: str | Path,
+        backend: str = "auto",
+        distributed: bool | None = None,
+        config: ContinualConfig | None = None,
     ) -> ContinualLoRA:
         """Rebuild from ``save(path)``; injects the saved LoRAConfig first when the model has no LoRA.
 
         All or nothing: the checkpoint is validated completely before the model's adapters change,
-        and a model this call injected is ejected again when loading fails.
+        and a model this call injected is ejected again when loading fails. ``config``: the method
+        from now on (None: the saved one), e.g. a resumed run's accepted change.
+
 
         Raises:
             FileNotFoundError, ValueError, KeyError: a missing, malformed, corrupted or mismatched
                 checkpoint (the message names the file, field or tensor).
         """
-        ckpt = read_checkpoint(path)
+        ckpt = checkpoint.read_checkpoint(path)
         injected = False
         if not lora_layers(model):
             if ckpt.lora_config is None:
                 raise ValueError(f"{path}: model has no LoRA layers and no LoRAConfig was saved")
             inject(model, ckpt.lora_config)
             injected = True
+        previous = model.__dict__.get(_OWNER)
         try:
-            _check_lora_config(path, ckpt.lora_config, getattr(model, "mbf_lora_config", None))
-            cl = cls(model, ckpt.config, backend=backend, distributed=distributed)
-            cl._check_ranks("load")
-            state = {"task_index": ckpt.task_index, "in_task": ckpt.in_task, "tensors": ckpt.tensors}
-            cl.load_state_dict(state)
+            checkpoint.check_lora_config(path, ckpt.lora_config, getattr(model, "mbf_lora_config", None))
+            cl = cls(model, config or ckpt.config, backend=backend, distributed=distributed)
+            cl._restore(ckpt)
         except BaseException:
             if injected:
                 eject(model)
+            elif previous is not None and previous() is not None:  # the one that drove it still does
+                model.__dict__[_OWNER] = previous
+                previous()._apply_eval_adapter()
             raise
         return cl
 
+    def restore(self, path: str | Path) -> None:
+        """Load ``save(path)`` into this object, in place (a Trainer's resume keeps its callback's object).
 
-_STATE_KEYS = ("lora_A", "lora_B", "merged_A", "merged_B")
+        Raises:
+            FileNotFoundError, ValueError, KeyError: as ``load``; ValueError also when the checkpoint
+                was saved with another ``ContinualConfig`` than this object's.
+        """
+        ckpt = checkpoint.read_checkpoint(path)
+        checkpoint.check_lora_config(path, ckpt.lora_config, getattr(self.model, "mbf_lora_config", None))
+        if ckpt.config != self.config:
+            raise ValueError(f"{path}: saved with {ckpt.config} but this ContinualLoRA runs {self.config}")
+        self._restore(ckpt)
+
+    def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        self._check_ranks("load")
+        state = {"task_index": ckpt.task_index, "in_task": ckpt.in_task, "tensors": ckpt.tensors}
+        self.load_state_dict(state)
 
 
-def _check_lora_config(path, saved, current) -> None:
-    if saved is None or current is None:
-        return
-    for field in ("r", "alpha", "target_modules", "quantize"):
-        if getattr(saved, field) != getattr(current, field):
-            raise ValueError(
-                f"{path}: saved LoRAConfig.{field}={getattr(saved, field)!r} but the model "
-                f"was injected with {field}={getattr(current, field)!r}"
-            )
+_OWNER = "mbf_continual_owner"  # model.__dict__ key: a weak reference to the ContinualLoRA driving it

@@ -6,6 +6,7 @@ Module instances are replaced on the model given; no class inside transformers i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from mbf.config import LoRAConfig
+from mbf.export import LORA_KEYS, save_pretrained_adapters
 from mbf.nf4 import is_bnb_linear4bit
-from mbf.nn import LoRALinear, NF4Linear
+from mbf.nn import LoRALinear, NF4Linear, inference_adapter, linear_names, lora_layers, resolve_adapter
 
 __all__ = [
     "disable_adapter",
@@ -25,17 +27,6 @@ __all__ = [
     "print_trainable_parameters",
     "target_names",
 ]
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear of ``model`` by its qualified name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, module)
 
 
 def _is_peft_layer(module: nn.Module) -> bool:
@@ -56,7 +47,7 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
         raise ValueError(
             "model carries PEFT LoRA layers: convert it with mbf.from_peft(model) instead of inject"
         )
-    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+    linears = linear_names(model)
     if config.target_modules == "all-linear":
         get_out = getattr(model, "get_output_embeddings", None)
         head = get_out() if callable(get_out) else None
@@ -64,9 +55,7 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     chosen = [n for n in linears if config.matches(n)]
     leaves = ", ".join(sorted({n.rpartition(".")[2] for n in linears})) or "none"
     if isinstance(config.target_modules, tuple):
-        missing = [
-            t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in linears)
-        ]
+        missing = config.unmatched_targets(linears)
         if missing:
             missing_names = ", ".join(map(repr, missing))
             raise ValueError(f"target module(s) {missing_names} not found; available linear names: {leaves}")
@@ -122,29 +111,20 @@ def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in new_layers.items():
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     model.mbf_requires_grad = flags  # so that eject() gives the model back exactly as it came
     model.mbf_lora_config = config  # read by ContinualLoRA.save / load
     if callable(getattr(model, "save_pretrained", None)):
-        model.save_pretrained = _refuse_save_pretrained  # this instance only; eject removes it
+        # this instance only (eject removes both): save_pretrained writes the adapters alone, as a
+        # PeftModel's does (a Trainer's checkpoints and save_model() included), and a Trainer that
+        # resumes from them loads the LoRA tensors without listing every frozen weight as "missing"
+        model.save_pretrained = functools.partial(save_pretrained_adapters, model)
+        frozen = [k for k in model.state_dict() if k.rpartition(".")[2] not in LORA_KEYS]
+        model._keys_to_ignore_on_save = frozen
     return model
 
 
-def _refuse_save_pretrained(*args, **kwargs):
-    # A transformers checkpoint of an injected model holds base.weight / lora_A / merged_A keys
-    # that a plain from_pretrained silently re-initialises: refuse and say what works instead.
-    raise ValueError(
-        "the model carries mbf LoRA layers: save the adapter with mbf.save_peft_adapter(model, dir) or "
-        "ContinualLoRA.save(dir), or call mbf.eject(model, fold=True) first to save a plain model"
-    )
-
-
-def inference_adapter(layers: dict[str, LoRALinear]) -> str:
-    """``"merged"`` once a task has been merged (SLAO's inference adapter), else ``"finetuned"``."""
-    return "merged" if any(layer.has_merged_adapter() for layer in layers.values()) else "finetuned"
-
-
-def eject(model: nn.Module, fold: bool = False, adapter: str = "auto") -> nn.Module:
+def eject(model: nn.Module, fold: bool = False, adapter: str | None = "auto") -> nn.Module:
     """Put the original linears back. With ``fold=True`` an adapter is folded into W first.
 
     All or nothing: with ``fold=True`` every folded weight is checked before any layer changes, so
@@ -163,14 +143,13 @@ def eject(model: nn.Module, fold: bool = False, adapter: str = "auto") -> nn.Mod
     the bnb ``Linear4bit`` that was injected comes back (or the NF4Linear of ``quantize="nf4"``).
 
     Raises:
-        ValueError: with ``fold=True``, when a folded weight would be non-finite (names the layer),
-            or on an unknown ``adapter``.
+        ValueError: with ``fold=True``, when a folded weight would be non-finite, a layer has the
+            other adapter folded already (both name the layer), on an unknown ``adapter``, or
+            ``"merged"`` before any task was merged (the model is left as it was).
     """
     layers = lora_layers(model)
-    if adapter not in ("auto", "merged", "finetuned"):
-        raise ValueError(f"adapter={adapter!r} must be 'auto', 'merged' or 'finetuned'")
     if fold:
-        adapter = inference_adapter(layers) if adapter == "auto" else adapter
+        adapter = resolve_adapter(layers, adapter)
         for layer in layers.values():  # check every layer before changing any
             layer.check_fold(adapter)
     for name, layer in layers.items():
@@ -179,10 +158,11 @@ def eject(model: nn.Module, fold: bool = False, adapter: str = "auto") -> nn.Mod
         elif layer.folded:
             layer.unmerge()
         base = layer.base
-        _set_submodule(model, name, base.restore() if isinstance(base, NF4Linear) else base)
+        model.set_submodule(name, base.restore() if isinstance(base, NF4Linear) else base)
     if fold:
         _dequantize_rest(model)
-    model.__dict__.pop("save_pretrained", None)  # the guard inject set
+    for attr in ("save_pretrained", "_keys_to_ignore_on_save"):  # what inject set on this instance
+        model.__dict__.pop(attr, None)
     flags = getattr(model, "mbf_requires_grad", {})
     for n, p in model.named_parameters():
         p.requires_grad_(flags.get(n, p.requires_grad))
@@ -198,13 +178,7 @@ def _dequantize_rest(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear) or is_bnb_linear4bit(module):
             nf4 = module if isinstance(module, NF4Linear) else NF4Linear.from_bnb(module, name=name)
-            device = nf4.weight_packed.device
-            dense = nn.Linear(nf4.in_features, nf4.out_features, bias=nf4.bias is not None, device=device,
-                              dtype=nf4.compute_dtype)  # fmt: skip
-            dense.weight.copy_(nf4.dequantize())
-            if nf4.bias is not None:
-                dense.bias.copy_(nf4.bias)
-            _set_submodule(model, name, dense.requires_grad_(False))
+            model.set_submodule(name, nf4.to_linear())
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         model.hf_quantizer, model.is_quantized = None, False
         for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method"):

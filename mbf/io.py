@@ -76,9 +76,11 @@ def atomic_write_json(data, path: str | Path, indent: int = 1) -> Path:
     return atomic_write_text(json.dumps(data, indent=indent, allow_nan=False), path)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

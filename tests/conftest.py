@@ -61,3 +61,26 @@ def make_tiny_llama(seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@torch.no_grad()
+def fake_training(cl, g: torch.Generator) -> None:
+    """'Train' every adapter of ``cl`` a step: B random, A nudged (drawn from ``g``)."""
+    for layer in cl.layers.values():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+        layer.lora_A.add_(0.1 * torch.randn(layer.lora_A.shape, generator=g))
+
+
+def slao_tasks(model, tasks: int = 2, seed: int = 0):
+    """Inject r=4 on q/v and run ``tasks`` SLAO tasks of ``fake_training``; returns the ContinualLoRA."""
+    import mbf
+
+    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    cl = mbf.ContinualLoRA(model, backend="torch")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(tasks):
+        cl.begin_task()
+        fake_training(cl, g)
+        cl.end_task()
+    return cl
+

@@ -73,12 +73,14 @@ def test_merged_context_switches_the_adapter(tiny_llama):
     cl.end_task()
     cl.begin_task()
     _fake_training(cl, 2)
+    tiny_llama.train()  # training computes with the fine-tuned adapter (no dropout here)
     with torch.no_grad():
         ft_out = tiny_llama(ids).logits
         with cl.merged():
             merged_out = tiny_llama(ids).logits
         assert torch.equal(tiny_llama(ids).logits, ft_out)  # restored on exit
     assert not torch.allclose(ft_out, merged_out)
+    tiny_llama.eval()
     # the merged adapter alone, computed by hand for one layer
     name, layer = next(iter(cl.layers.items()))
     x = torch.randn(3, layer.in_features)

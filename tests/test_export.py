@@ -1,5 +1,6 @@
 """Export that round-trips: eject to a plain transformers model that save_pretrained/from_pretrained
-reload identically; disable_adapter(); print_trainable_parameters(); a guarded save_pretrained."""
+reload identically; disable_adapter(); print_trainable_parameters(); save_pretrained of an injected
+model writes the adapter alone."""
 
 import pytest
 import torch
@@ -34,10 +35,9 @@ def test_dense_export_reloads_identically(tmp_path):
     cl = _trained(model)
     with cl.merged():
         want = _logits(model, ids)
-    with pytest.raises(
-        ValueError, match=r"carries mbf LoRA layers: save the adapter with mbf\.save_peft_adapter"
-    ):
-        model.save_pretrained(tmp_path / "refused")
+    model.save_pretrained(tmp_path / "adapter")  # as a PeftModel's: the adapter alone, never a plain model
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "adapter" / "config.json").exists()
     mbf.eject(model, fold=True)
     model.save_pretrained(tmp_path / "plain")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()

@@ -39,7 +39,7 @@ def test_peft_export_errors(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         mbf.save_peft_adapter(make_tiny_llama(), tmp_path)
     model = mbf.inject(make_tiny_llama(), mbf.LoRAConfig(r=2))
-    with pytest.raises(ValueError, match="which='best' must be"):
+    with pytest.raises(ValueError, match="adapter='best' must be one of"):
         mbf.save_peft_adapter(model, tmp_path, which="best")
 
 

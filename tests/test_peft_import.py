@@ -126,3 +126,38 @@ def test_inject_refuses_a_peft_model_and_a_mismatched_adapter_leaves_the_model_a
         mbf.load_peft_adapter(other, tmp_path / "adapter")
     assert not mbf.lora_layers(other)
     assert lora_config_from_peft(pm.peft_config["default"]).target_modules == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize(
+    "targets, exclude",
+    [
+        (["q_proj", "v_proj"], None),
+        (["self_attn.q_proj"], None),
+        (r".*\.layers\.0\.self_attn\.(q|v)_proj", None),
+        (["q_proj", "v_proj"], ["model.layers.1.self_attn.q_proj"]),
+        ("all-linear", None),
+        ("all-linear", r".*mlp.*"),
+    ],
+)
+def test_the_peft_export_selects_exactly_the_exported_layers_and_round_trips(tmp_path, targets, exclude):
+    """Every targeting form: mbf.load_peft_adapter and PeftModel rebuild the same layers and logits."""
+    import warnings
+
+    ids = torch.randint(0, 97, (2, 9))
+    model = make_tiny_llama()
+    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8, target_modules=targets, exclude_modules=exclude))
+    with torch.no_grad():
+        for layer in mbf.lora_layers(model).values():
+            layer.lora_B.normal_()
+    want, names = _logits(model, ids), set(mbf.lora_layers(model))
+    mbf.save_peft_adapter(model, tmp_path)
+
+    back = mbf.load_peft_adapter(make_tiny_llama(), tmp_path)
+    assert set(mbf.lora_layers(back)) == names
+    torch.testing.assert_close(_logits(back, ids), want, atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT warns on missing or unexpected adapter keys
+        pm = peft.PeftModel.from_pretrained(make_tiny_llama(), tmp_path).eval()
+    peft_names = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert peft_names == names
+    torch.testing.assert_close(_logits(pm, ids), want, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 import torch
-from conftest import assert_close, make_tiny_llama
+from conftest import assert_close, make_tiny_llama, slao_tasks
 from torch import nn
 
 import mbf
@@ -21,19 +21,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _slao(model, tasks: int = 2, seed: int = 0) -> mbf.ContinualLoRA:
-    """Inject r=4 on q/v and run ``tasks`` SLAO tasks with random 'training' (B random, A nudged)."""
-    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
-    cl = mbf.ContinualLoRA(model, backend="torch")
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(tasks):
-        cl.begin_task()
-        with torch.no_grad():
-            for layer in cl.layers.values():
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-                layer.lora_A.add_(0.1 * torch.randn(layer.lora_A.shape, generator=g))
-        cl.end_task()
-    return cl
+_slao = slao_tasks
 
 
 # -- LoRALinear -------------------------------------------------------------------------------------
@@ -78,7 +66,8 @@ def test_eject_folds_the_adapter_inference_uses():
             layer.lora_B.add_(1.0)
         with cl.merged():
             want = model(ids).logits
-        finetuned = model(ids).logits
+        with cl.adapter_mode("finetuned"):
+            finetuned = model(ids).logits
     assert not torch.allclose(want, finetuned)
     mbf.eject(model, fold=True)
     with torch.no_grad():
@@ -94,7 +83,8 @@ def test_eject_folds_the_named_adapter_and_the_finetuned_one_before_any_merge():
     with torch.no_grad():
         for layer in cl.layers.values():
             layer.lora_B.add_(1.0)
-        want = model(ids).logits  # the fine-tuned adapter (adapter_mode "finetuned")
+        with cl.adapter_mode("finetuned"):
+            want = model(ids).logits
     mbf.eject(model, fold=True, adapter="finetuned")
     with torch.no_grad():
         assert_close(model(ids).logits, want, torch.float32)

@@ -98,8 +98,51 @@ def test_checkpoints_hold_only_the_adapters_and_a_killed_task_resumes_exactly(tm
     got = _adapters(cl3)
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="carries mbf LoRA layers"):  # inject's guard is given back
-        model3.save_pretrained(tmp_path / "after")
+    # SLAO's state after each task: a run killed between two trainer.train() calls resumes from it
+    between = mbf.ContinualLoRA.load(make_tiny_llama(), tmp_path / "run" / "slao", backend="torch")
+    assert between.task_index == 2
+    assert all(torch.equal(between.state_dict()["tensors"][k], got[k]) for k in got)
+
+
+def _peft_logits(folder, ids):
+    peft = pytest.importorskip("peft")
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(make_tiny_llama(), folder).eval()(ids).logits
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_a_trainer_checkpoints_saves_and_resumes_adapters_only_with_or_without_the_callback(
+    tmp_path, with_callback, caplog
+):
+    """The Trainer's checkpoints, save_model() and resume work on an injected model; no "missing keys"."""
+    ids = torch.randint(0, 97, (2, 9))
+    model, cl = _slao_model()
+    callbacks = [SLAOCallback(cl)] if with_callback else []
+    args = _args(tmp_path / "run", save_strategy="steps", save_steps=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(0), callbacks=callbacks)
+    trainer.train()
+    trainer.save_model(tmp_path / "final")
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits  # what inference uses: merged with the callback, fine-tuned without
+    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-4"):
+        assert {"adapter_model.safetensors", "adapter_config.json", SHARD, INDEX} <= {
+            p.name for p in folder.iterdir()
+        }
+        assert not (folder / "config.json").exists() and not (folder / "model.safetensors").exists()
+    torch.testing.assert_close(_peft_logits(tmp_path / "final", ids), want, atol=1e-5, rtol=1e-5)
+
+    model2, cl2 = _slao_model()  # a new process resumes the Trainer from checkpoint-2
+    callbacks = [SLAOCallback(cl2)] if with_callback else []
+    if not with_callback:
+        cl2.begin_task()
+    with caplog.at_level("WARNING", logger="transformers.trainer"):
+        transformers.Trainer(model=model2, args=args, train_dataset=_data(0), callbacks=callbacks).train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")
+        )
+    assert "missing keys" not in caplog.text
+    for k, v in cl.state_dict()["tensors"].items():
+        torch.testing.assert_close(cl2.state_dict()["tensors"][k], v, atol=1e-6, rtol=1e-5)
 
 
 def test_a_bnb_4bit_model_with_mbf_adapters_trains_under_trainer(tmp_path):

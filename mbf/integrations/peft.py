@@ -1,5 +1,6 @@
-"""PEFT interop: export to and import from PEFT's LoRA adapter format (``adapter_model.safetensors`` +
-``adapter_config.json``), and convert a live ``PeftModel``. peft itself is imported only by ``from_peft``."""
+"""PEFT interop: import from PEFT's LoRA adapter format (``adapter_model.safetensors`` +
+``adapter_config.json``; the export, ``save_peft_adapter``, lives in ``mbf.export``), and convert a live
+``PeftModel``. peft itself is imported only by ``from_peft``."""
 
 from __future__ import annotations
 
@@ -10,52 +11,11 @@ import torch
 from torch import nn
 
 from mbf.config import LoRAConfig
-from mbf.inject import eject, inference_adapter, inject, lora_layers
-from mbf.io import atomic_save_safetensors, atomic_write_text, load_safetensors
+from mbf.export import save_peft_adapter
+from mbf.inject import eject, inject, lora_layers
+from mbf.io import load_safetensors
 
 __all__ = ["from_peft", "load_peft_adapter", "lora_config_from_peft", "save_peft_adapter"]
-
-
-def save_peft_adapter(model: nn.Module, path: str | Path, which: str = "auto") -> Path:
-    """Export one adapter of every LoRALinear in PEFT's format (loadable by ``PeftModel.from_pretrained``).
-
-    Args:
-        model: a model after ``mbf.inject``.
-        path: output directory (``adapter_model.safetensors`` + ``adapter_config.json``).
-        which: ``"merged"`` (SLAO's merged adapter), ``"finetuned"``, or ``"auto"``: the one inference
-            uses (the merged adapter once a task has been merged, the fine-tuned one before).
-
-    Raises:
-        ValueError: on an unknown ``which`` or a model without LoRA layers.
-    """
-    if which not in ("auto", "merged", "finetuned"):
-        raise ValueError(f"which={which!r} must be 'auto', 'merged' or 'finetuned'")
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRA layers to export")
-    which = inference_adapter(layers) if which == "auto" else which
-    tensors = {}
-    for name, layer in layers.items():
-        A, B = (layer.merged_A, layer.merged_B) if which == "merged" else (layer.lora_A, layer.lora_B)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B
-    first = next(iter(layers.values()))
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": first.r,
-        "lora_alpha": first.lora_alpha,
-        "lora_dropout": first.lora_dropout,
-        "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
-    }
-    path = Path(path)
-    atomic_save_safetensors(tensors, path / "adapter_model.safetensors")
-    atomic_write_text(json.dumps(config, indent=2), path / "adapter_config.json")
-    return path
 
 
 # PEFT LoRA options whose adapter computes something else than y = x W0ᵀ + (alpha / r) x Aᵀ Bᵀ, or
@@ -94,6 +54,9 @@ def lora_config_from_peft(peft_config, *, quantize: str | None = None, backend: 
             raise ValueError(f"PEFT adapter uses {what} ({key}={d[key]!r}); mbf cannot import it")
     if d.get("bias", "none") != "none":
         raise ValueError(f"PEFT adapter trains biases (bias={d['bias']!r}); mbf cannot import it")
+    for key, what in (("r", "the LoRA rank"), ("lora_alpha", "the scaling's numerator")):
+        if key not in d:
+            raise ValueError(f"no {key!r} ({what}) in the PEFT adapter config")
     targets = d.get("target_modules")
     if targets is None:
         raise ValueError("PEFT adapter config has no target_modules")
@@ -147,6 +110,8 @@ def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], where: str
                 raise ValueError(
                     f"{where}: {name}.{part} has shape {tuple(src.shape)}, the layer {tuple(dst.shape)}"
                 )
+            if not bool(torch.isfinite(src).all()):
+                raise ValueError(f"{where}: {name}.{part} has non-finite values; not imported")
             pairs.append((dst, src))
     for dst, src in pairs:
         dst.copy_(src)
@@ -184,7 +149,13 @@ def load_peft_adapter(
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no adapter_config.json (not a PEFT adapter directory)")
-    config = lora_config_from_peft(json.loads(config_file.read_text()), quantize=quantize, backend=backend)
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        config = lora_config_from_peft(raw, quantize=quantize, backend=backend)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+    except (AttributeError, TypeError, ValueError) as err:  # AttributeError: not a JSON object
+        raise ValueError(f"{config_file}: {err}") from err
     return _inject_and_copy(model, config, _adapter_tensors(path), str(path))
 
 

@@ -14,12 +14,14 @@ What the callback does:
 - ``on_train_begin``: resumes the SLAO state of the checkpoint the Trainer resumed from (when
   there is one), then ``begin_task()`` unless that checkpoint was taken inside the task;
   evaluation while training uses ``"preview"`` (what the merge of this task would give).
-- ``on_train_end``: ``end_task()`` (the time-aware merge); evaluation then uses ``"merged"``.
-- While training, the Trainer's checkpoints hold only the adapters and the SLAO state, not the
-  base model: ``checkpoint-N/`` gets the LoRA tensors as a one-shard checkpoint (which the
-  Trainer's own resume loads into the model), ``slao/`` (``ContinualLoRA.save``) and the model's
-  ``config.json``. This is done by the model's ``save_pretrained`` being replaced on that one
-  instance between train begin and train end (restored afterwards; no class is changed).
+- ``on_train_end``: ``end_task()`` (the time-aware merge), then saves SLAO's state into
+  ``state_dir`` (default ``<output_dir>/slao``): a run killed between two ``trainer.train()`` calls
+  resumes with ``ContinualLoRA.load(model, state_dir)``; evaluation then uses the merged adapter.
+- ``on_save``: SLAO's state beside the Trainer's checkpoint (``checkpoint-N/slao``).
+
+The Trainer's checkpoints and ``save_model()`` hold the adapters alone, callback or not: ``inject``
+makes the model's ``save_pretrained`` write them (``mbf.export``), in PEFT's format plus the one
+shard of LoRA tensors that the Trainer's resume loads.
 
 A model loaded in 4 bits by bitsandbytes and injected has trainable adapters, but transformers
 only recognises PEFT's: build its Trainer inside ``with adapters_attached(model):``.
@@ -28,16 +30,12 @@ only recognises PEFT's: build its Trainer inside ``with adapters_attached(model)
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from mbf.continual import ContinualLoRA
-from mbf.io import atomic_save_safetensors, atomic_write_text
+from mbf.export import INDEX, SHARD
 
-__all__ = ["SLAOCallback", "adapters_attached"]
-
-SHARD = "mbf-adapters-00001-of-00001.safetensors"
-INDEX = "model.safetensors.index.json"  # the name the Trainer's resume looks for (sharded checkpoints)
+__all__ = ["INDEX", "SHARD", "SLAOCallback", "adapters_attached"]
 
 
 @contextlib.contextmanager
@@ -69,20 +67,16 @@ def _trainer_callback_base():
 
 
 class SLAOCallback(_trainer_callback_base()):
-    """SLAO's task boundaries and adapter-only checkpoints for a transformers ``Trainer`` (one per task).
+    """SLAO's task boundaries and state for a transformers ``Trainer`` (one Trainer per task).
 
     Args:
         continual: the ``ContinualLoRA`` of the model the Trainer trains.
-        adapter_only_checkpoints: replace the Trainer's full-model checkpoints by the adapters and
-            the SLAO state (default; see the module docstring).
+        state_dir: where SLAO's state is saved after every task (default ``<output_dir>/slao``).
     """
 
-    def __init__(self, continual: ContinualLoRA, adapter_only_checkpoints: bool = True) -> None:
+    def __init__(self, continual: ContinualLoRA, state_dir: str | Path | None = None) -> None:
         self.cl = continual
-        self.adapter_only = adapter_only_checkpoints
-        self._saved_save_pretrained = None
-
-    # -- Trainer events -------------------------------------------------------------------------------
+        self.state_dir = state_dir
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:
@@ -90,22 +84,17 @@ class SLAOCallback(_trainer_callback_base()):
         if not self.cl.in_task:
             self.cl.begin_task()
         self.cl.set_eval_adapter("preview")
-        if self.adapter_only:
-            self._patch_save(self.cl.model)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._unpatch_save(self.cl.model)
         self.cl.end_task()
-        self.cl.set_eval_adapter("merged")
+        self.cl.set_eval_adapter("auto")  # the merged adapter: what inference uses
+        self.cl.save(self.state_dir or Path(args.output_dir) / "slao")  # every rank calls it; rank 0 writes
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if self.adapter_only and state.is_world_process_zero:
-            self.cl.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / "slao")
+        self.cl.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / "slao")
         return control
-
-    # -- the pieces -----------------------------------------------------------------------------------
 
     def _resume(self, checkpoint: Path) -> None:
         """Restore the SLAO state saved with the checkpoint the Trainer resumed from."""
@@ -114,44 +103,4 @@ class SLAOCallback(_trainer_callback_base()):
                 f"{checkpoint}: resuming a task needs the SLAO state its checkpoint holds (slao/); "
                 "resume with resume_from_checkpoint=True or a checkpoint-N folder of args.output_dir"
             )
-        loaded = ContinualLoRA.load(self.cl.model, checkpoint / "slao", backend=self.cl.backend)
-        self.cl.task_index, self.cl.in_task = loaded.task_index, loaded.in_task
-
-    def _patch_save(self, model) -> None:
-        if self._saved_save_pretrained is None:
-            self._saved_save_pretrained = model.__dict__.get("save_pretrained")
-            cl = self.cl
-
-            def save_adapters(save_directory, *args, is_main_process: bool = True, **kwargs):
-                if is_main_process:
-                    _save_adapter_checkpoint(cl, Path(save_directory))
-
-            model.save_pretrained = save_adapters  # this instance only, until on_train_end
-
-    def _unpatch_save(self, model) -> None:
-        if "save_pretrained" in model.__dict__:
-            del model.save_pretrained
-        if self._saved_save_pretrained is not None:
-            model.save_pretrained = self._saved_save_pretrained
-        self._saved_save_pretrained = None
-
-
-def _save_adapter_checkpoint(cl: ContinualLoRA, folder: Path) -> None:
-    """The LoRA tensors under their state_dict keys as a one-shard checkpoint the Trainer can resume.
-
-    The Trainer's resume loads shards non-strictly, so the frozen base weights (absent) stay as they
-    are; ``_keys_to_ignore_on_save`` would not help: the shard is the only file.
-    """
-    model = cl.model
-    tensors = {k: v for k, v in model.state_dict().items() if _is_lora_key(k)}
-    atomic_save_safetensors(tensors, folder / SHARD)
-    index = {"metadata": {"format": "mbf-adapter-only"}, "weight_map": {k: SHARD for k in tensors}}
-    atomic_write_text(json.dumps(index, indent=1), folder / INDEX)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        atomic_write_text(config.to_json_string(), folder / "config.json")
-
-
-def _is_lora_key(key: str) -> bool:
-    return key.rpartition(".")[2] in ("lora_A", "lora_B", "merged_A", "merged_B")
-
+        self.cl.restore(checkpoint / "slao")

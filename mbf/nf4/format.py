@@ -135,7 +135,7 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
 
 
 def quantize_nf4_checks(weight: torch.Tensor, name: str) -> None:
-    """Raise ValueError (naming ``name``) unless ``weight`` is a 2-D float with in_features % 64 == 0."""
+    """Raise ValueError (naming ``name``) unless ``weight`` is a finite 2-D float, in_features % 64 == 0."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
             f"{name}: expected a 2-D floating point weight, got {tuple(weight.shape)} {weight.dtype}"
@@ -143,6 +143,12 @@ def quantize_nf4_checks(weight: torch.Tensor, name: str) -> None:
     if weight.shape[1] % BLOCKSIZE:
         raise ValueError(
             f"{name}: in_features {weight.shape[1]} must be a multiple of {BLOCKSIZE} for the NF4 kernels"
+        )
+    bad = ~torch.isfinite(weight.detach())
+    if bool(bad.any()):  # one NaN would make its block's absmax NaN, and the dequantised matrix NaN
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}: weight has {int(bad.sum())} non-finite value(s), first at {first}; not quantised to NF4"
         )
 
 
@@ -156,7 +162,8 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True, name: str = "w
     midpoint (~0.1 % of blocks): valid storage, but its absmax, so its output, differs by ~3e-5.
 
     Raises:
-        ValueError: when ``in`` is not a multiple of 64 or the weight is not 2-D floating point.
+        ValueError: when ``in`` is not a multiple of 64, or the weight is not 2-D floating point or
+            holds a NaN or an infinity.
     """
     quantize_nf4_checks(weight, name)
     out_f, in_f = weight.shape

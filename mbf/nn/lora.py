@@ -29,6 +29,33 @@ __all__ = ["LoRALinear"]
 
 MODES = ("finetuned", "merged", "preview")
 ADAPTERS = ("finetuned", "merged")  # the two adapters a layer holds
+# how a function picks one of them: "auto" is the adapter inference uses (the merged one once a task
+# has been merged, the fine-tuned one before); None, the old default of ``merge()``, means "auto"
+ADAPTER_CHOICES = ("auto", *ADAPTERS)
+
+
+def choose_adapter(adapter: str | None, merged_exists: bool, where: str = "") -> str:
+    """The one rule behind every ``adapter=`` argument: ``"merged"`` or ``"finetuned"``.
+
+    Args:
+        adapter: ``"auto"`` (or None): the merged adapter once a task has been merged, else the
+            fine-tuned one; ``"merged"``; ``"finetuned"``.
+        merged_exists: whether a task has been merged (the merged adapter is not zero).
+        where: what the error message starts with (a layer name and ``": "``).
+
+    Raises:
+        ValueError: an unknown choice, or ``"merged"`` while it is zero.
+    """
+    if adapter is None or adapter == "auto":
+        return "merged" if merged_exists else "finetuned"
+    if adapter not in ADAPTERS:
+        raise ValueError(f"{where}adapter={adapter!r} must be one of {', '.join(map(repr, ADAPTER_CHOICES))}")
+    if adapter == "merged" and not merged_exists:
+        raise ValueError(
+            f"{where}no task has been merged yet: the merged adapter is zero; use adapter='finetuned' "
+            "(or 'auto')"
+        )
+    return adapter
 
 
 class LoRALinear(nn.Module):
@@ -93,7 +120,7 @@ class LoRALinear(nn.Module):
         self.adapter_mode = "finetuned"
         self.eval_adapter_mode: str | None = None  # the mode in eval() when set (e.g. under a Trainer)
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
-        self.folded = False  # True while the delta is folded into the base weight (merge()/unmerge())
+        self.folded_adapter: str | None = None  # the adapter folded into the base weight (merge()/unmerge())
         self.disabled = False  # True inside mbf.disable_adapter(model): the base alone
         self._folded_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
         self._nf4_base: NF4Linear | None = None  # the 4-bit base while folded into a 16-bit copy
@@ -103,6 +130,11 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, **kwargs) -> LoRALinear:
         """Wrap an ``nn.Linear``, NF4Linear or bnb ``Linear4bit`` (its weight is shared, not copied)."""
         return cls(linear, r=r, alpha=alpha, **kwargs)
+
+    @property
+    def folded(self) -> bool:
+        """True while an adapter is folded into the base weight (``merge()`` / ``unmerge()``)."""
+        return self.folded_adapter is not None
 
     @property
     def is_4bit(self) -> bool:
@@ -152,7 +184,10 @@ class LoRALinear(nn.Module):
             ValueError: x has the wrong number of features (the messages name the layer).
         """
         self._check_input(x)
-        if self.folded or self.disabled:
+        if self.disabled:
+            return self.base(x)
+        if self.folded:
+            self.check_mode(self.mode)
             return self.base(x)
         A, B, merged_B, lam = self._active()
         dropout = self.lora_dropout if self.training and self.mode == "finetuned" else 0.0
@@ -180,25 +215,45 @@ class LoRALinear(nn.Module):
         """True once a task has been merged (``merged_A`` is the last task's A, never all zeros)."""
         return bool(self.merged_A.detach().any())
 
+    def resolve_adapter(self, adapter: str | None) -> str:
+        """``"merged"`` or ``"finetuned"`` for an adapter choice (``"auto"``/None: what inference uses).
+
+        Raises:
+            ValueError: an unknown choice, or ``"merged"`` before any task was merged (it is zero).
+        """
+        return choose_adapter(adapter, self.has_merged_adapter(), f"{self.layer_name}: ")
+
+    def check_mode(self, mode: str) -> None:
+        """Raise ValueError (naming the layer) when an adapter is folded and ``mode`` would compute
+        with another one (the forward would silently use the folded one)."""
+        if self.folded and mode != self.folded_adapter:
+            raise ValueError(
+                f"{self.layer_name}: the {self.folded_adapter} adapter is folded into the weight; unmerge() "
+                f"it before using the {mode} one"
+            )
+
+    def _fold_choice(self, adapter: str | None) -> str:
+        """What a fold of ``adapter`` folds: None, the forward's current mode (PEFT: merging leaves the
+        output unchanged), else ``resolve_adapter``'s choice."""
+        return self.mode if adapter is None else self.resolve_adapter(adapter)
+
     def get_delta_weight(self, adapter: str | None = None) -> torch.Tensor:
         """``s · B Aᵀ`` (``(out, in)``, fp32 math, base weight dtype) of ``adapter``: ``"finetuned"``,
-        ``"merged"``, or None for the one the forward uses now (``adapter_mode``)."""
+        ``"merged"``, ``"auto"`` (the one inference uses) or None (the one the forward uses now)."""
         return self._delta_fp32(adapter).to(self._base_dtype())
 
     def _delta_fp32(self, adapter: str | None = None) -> torch.Tensor:
-        if adapter is None:
-            A, B, merged_B, lam = self._active()
-            B = B if merged_B is None else torch.lerp(merged_B.float(), B.float(), lam)
-        elif adapter == "merged":
+        adapter = self._fold_choice(adapter)
+        if adapter == "merged":
             A, B = self.merged_A, self.merged_B
-        elif adapter == "finetuned":
-            A, B = self.lora_A, self.lora_B
+        elif adapter == "preview":
+            A, B = self.lora_A, torch.lerp(self.merged_B.float(), self.lora_B.float(), float(self.lam))
         else:
-            raise ValueError(f"{self.layer_name}: adapter {adapter!r} must be one of {ADAPTERS} or None")
+            A, B = self.lora_A, self.lora_B
         return self.scaling * (B.float() @ A.float())
 
-    def _folded_weight(self, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W0 + s B Aᵀ, the delta added)``, computed without changing anything.
+    def _folded_weight(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W0 + s B Aᵀ, the delta added)`` of a resolved ``adapter``, computed without changing anything.
 
         Over a 4-bit base: fp32 (one rounding, at the 16-bit copy) and no delta to remember.
         """
@@ -209,8 +264,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def check_fold(self, adapter: str | None = None) -> None:
-        """Raise ValueError (naming the layer) when folding ``adapter`` would give non-finite weights."""
-        if not self.folded and not torch.isfinite(self._folded_weight(adapter)[0]).all():
+        """Raise ValueError (naming the layer) when folding ``adapter`` is impossible: unknown, a zero
+        merged adapter, another adapter already folded, or non-finite folded weights."""
+        adapter = self._fold_choice(adapter)
+        if self.folded:
+            self.check_mode(adapter)
+        elif not torch.isfinite(self._folded_weight(adapter)[0]).all():
             raise ValueError(f"{self.layer_name}: folding would produce non-finite weights; not folded")
 
     @torch.no_grad()
@@ -219,17 +278,22 @@ class LoRALinear(nn.Module):
 
         Args:
             safe_merge: check the folded weight is finite before writing it (PEFT's flag).
-            adapter: ``"finetuned"``, ``"merged"`` (SLAO's merged adapter), or None for the one the
-                forward uses now.
+            adapter: ``"finetuned"``, ``"merged"`` (SLAO's merged adapter), ``"auto"`` (the one
+                inference uses), or None: the one the forward uses now (a ``"preview"`` included), so
+                that merging leaves the output as it was. Folding the folded adapter again does nothing.
 
         Over a 4-bit base the result is a new 16-bit ``nn.Linear`` (dequantised base + delta, in the
         compute dtype): a folded 4-bit weight is never re-quantised, which would destroy what was
         learned. ``unmerge()`` puts the untouched 4-bit base back.
 
         Raises:
-            ValueError: with ``safe_merge``, when the folded weight would be non-finite (nothing changes).
+            ValueError: with ``safe_merge``, when the folded weight would be non-finite; when another
+                adapter is folded already, or ``"merged"`` is asked for before any task was merged
+                (nothing changes).
         """
+        adapter = self._fold_choice(adapter)
         if self.folded:
+            self.check_mode(adapter)
             return
         new_w, delta = self._folded_weight(adapter)
         if safe_merge and not torch.isfinite(new_w).all():
@@ -239,20 +303,12 @@ class LoRALinear(nn.Module):
         else:
             self.base.weight.copy_(new_w)
             self._folded_delta = delta  # unmerge() subtracts this very delta: the mode or λ may change
-        self.folded = True
+        self.folded_adapter = adapter
 
     def _swap_in_dense(self, new_w: torch.Tensor) -> None:
         nf4 = self.base
-        dense = nn.Linear(
-            self.in_features, self.out_features, bias=nf4.bias is not None, device=new_w.device,
-            dtype=nf4.compute_dtype,
-        )  # fmt: skip
-        dense.weight.copy_(new_w)
-        if nf4.bias is not None:
-            dense.bias.copy_(nf4.bias)
-        dense.requires_grad_(False)
         self.__dict__["_nf4_base"] = nf4  # not a submodule: the folded state_dict is the 16-bit one
-        self.base = dense
+        self.base = nf4.to_linear(new_w)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -261,11 +317,10 @@ class LoRALinear(nn.Module):
             return
         if self._nf4_base is not None:
             self.base, self.__dict__["_nf4_base"] = self._nf4_base, None
-            self.folded = False
-            return
-        self.base.weight.sub_(self._folded_delta)
-        self._folded_delta = None
-        self.folded = False
+        else:
+            self.base.weight.sub_(self._folded_delta)
+            self._folded_delta = None
+        self.folded_adapter = None
 
     def extra_repr(self) -> str:
         return (

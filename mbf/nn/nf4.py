@@ -95,6 +95,18 @@ class NF4Linear(nn.Module):
         """A fresh 16-bit (or ``dtype``) ``(out, in)`` copy of the weight."""
         return dequantize_nf4(self.nf4, dtype)
 
+    @torch.no_grad()
+    def to_linear(self, weight: torch.Tensor | None = None) -> nn.Linear:
+        """A frozen 16-bit ``nn.Linear`` (the compute dtype) with this bias: of the dequantised weight, or
+        of ``weight`` (``(out, in)``, e.g. the dequantised weight plus a folded adapter; rounded once).
+        The one way mbf turns a 4-bit linear into a dense one (a fold over it, ``eject(fold=True)``)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight_packed.device, dtype=self.compute_dtype)  # fmt: skip
+        dense.weight.copy_(self.dequantize() if weight is None else weight)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

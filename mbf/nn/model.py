@@ -1,0 +1,70 @@
+"""A model's LoRA layers and linears, and which of the two adapters a model-wide call means."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from mbf.nn.lora import MODES, LoRALinear, choose_adapter
+from mbf.nn.nf4 import NF4Linear
+
+__all__ = ["inference_adapter", "linear_names", "lora_layers", "resolve_adapter", "use_adapter"]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of ``model`` by its qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's linears (``nn.Linear``, bitsandbytes' ``Linear4bit``, NF4Linear),
+    counting a LoRALinear as the linear it wraps: what ``LoRAConfig.target_modules`` selects from."""
+    names, inside = [], ()
+    for name, m in model.named_modules():
+        if inside and name.startswith(inside):
+            continue  # a LoRALinear's own base
+        if isinstance(m, LoRALinear):
+            inside = name + "."
+            names.append(name)
+        elif isinstance(m, (nn.Linear, NF4Linear)):
+            names.append(name)
+    return names
+
+
+def inference_adapter(layers: dict[str, LoRALinear]) -> str:
+    """``"merged"`` once a task has been merged (SLAO's inference adapter), else ``"finetuned"``."""
+    return "merged" if any(layer.has_merged_adapter() for layer in layers.values()) else "finetuned"
+
+
+def resolve_adapter(layers: dict[str, LoRALinear], adapter: str | None) -> str:
+    """``"merged"`` or ``"finetuned"`` for a model-wide adapter choice (``choose_adapter``'s rule).
+
+    Raises:
+        ValueError: an unknown choice, or ``"merged"`` before any task has been merged (it is zero).
+    """
+    return choose_adapter(adapter, inference_adapter(layers) == "merged")
+
+
+@contextmanager
+def use_adapter(layers: Iterable[LoRALinear], mode: str, lam: float) -> Iterator[None]:
+    """Inside the block every layer computes with ``mode`` (``"preview"``: at ``lam``), in training and
+    in eval() alike (each layer's ``eval_adapter_mode`` is set aside, then restored).
+
+    Raises:
+        ValueError: an unknown mode, or a layer with another adapter folded into its weight.
+    """
+    if mode not in MODES:
+        raise ValueError(f"adapter_mode: {mode!r} must be one of {', '.join(map(repr, MODES))}")
+    layers = list(layers)
+    for layer in layers:
+        layer.check_mode(mode)
+    saved = [(layer.adapter_mode, layer.eval_adapter_mode, layer.lam) for layer in layers]
+    try:
+        for layer in layers:
+            layer.adapter_mode, layer.eval_adapter_mode, layer.lam = mode, None, float(lam)
+        yield
+    finally:
+        for layer, (m, em, lm) in zip(layers, saved):
+            layer.adapter_mode, layer.eval_adapter_mode, layer.lam = m, em, lm
