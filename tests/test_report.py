@@ -56,7 +56,7 @@ def test_results_bookkeeping(tmp_path):
     run = _synthetic(tmp_path / "a")
     saved = results_file.read(run)
     assert saved["schema"] == results_file.SCHEMA and saved["complete"]
-    assert saved["metrics"] == {"AA": 0.6, "BWT": pytest.approx(-0.3), "FWT": None, "wall_s": 9.0}
+    assert saved["metrics"] == {"AA": 0.6, "BWT": pytest.approx(-0.3), "FWT": None, "LA": 0.8, "wall_s": 9.0}
     assert {"python", "torch", "mbf"} <= set(saved["versions"])
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text(json.dumps({"schema": "other/2"}))

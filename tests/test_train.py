@@ -4,6 +4,7 @@ Whole runs are the slow part: one SLAO run is shared by every test that only rea
 comparison tests read synthetic results.json files.
 """
 
+import dataclasses
 import json
 import shutil
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ import torch
 from fixtures.tiny import CHARS, EOS, OFFSET, char_codec, tiny_llama
 
 import mbf
+from mbf.experiment import predictions
 from mbf.experiment import results as results_file
 from mbf.experiment.batches import encode_example
 from mbf.experiment.evaluate import evaluate, greedy_decode
@@ -125,11 +127,19 @@ def test_a_non_finite_loss_says_what_to_change():
         train(tiny_llama(), lr=1e38)  # B = 1e38 after one step: B @ A overflows
 
 
+class ScriptedCache(dict):
+    """What ScriptedDecoder hands back as its KV cache: the shared head, then the replies and the step."""
+
+    def batch_repeat_interleave(self, n: int) -> None:  # the head is shared by every row already
+        pass
+
+
 class ScriptedDecoder(torch.nn.Module):
-    """Replies to each prompt with a scripted token sequence, then eos, through greedy_decode's calls:
+    """Replies to each prompt with a scripted token sequence, then eos, through the evaluator's calls:
     its last hidden state is the one-hot of the next token (the LM head is the identity).
 
-    The first call sees the left-padded prompts; each later call one token per row and the cache it
+    The first call sees the task's head (the prompt's part every example shares), the second the
+    left-padded rest of each prompt after it; each later call one token per row and the cache it
     returned, which here carries the replies and the step.
     """
 
@@ -137,12 +147,19 @@ class ScriptedDecoder(torch.nn.Module):
         super().__init__()
         self.replies, self.vocab = replies, vocab
 
-    def forward(self, input_ids, attention_mask, position_ids=None, use_cache=True, past_key_values=None):
-        if past_key_values is None:
-            prompts = [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids, attention_mask)]
-            state = {"replies": [self.replies[p] for p in prompts], "step": 0}
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, use_cache=True, past_key_values=None
+    ):
+        if attention_mask is None:  # the shared head
+            return SimpleNamespace(
+                last_hidden_state=None, past_key_values=ScriptedCache(head=input_ids[0].tolist())
+            )
+        if "replies" not in past_key_values:
+            head = past_key_values["head"]
+            rests = [ids[m[len(head) :].bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+            state = ScriptedCache(replies=[self.replies[tuple(head + r)] for r in rests], step=0)
         else:
-            state = {**past_key_values, "step": past_key_values["step"] + 1}
+            state = ScriptedCache(past_key_values, step=past_key_values["step"] + 1)
         nxt = [r[state["step"]] if state["step"] < len(r) else EOS for r in state["replies"]]
         hidden = torch.nn.functional.one_hot(torch.tensor(nxt), self.vocab).float()[:, None]  # (B, 1, V)
         return SimpleNamespace(last_hidden_state=hidden, past_key_values=state)
@@ -242,10 +259,39 @@ def test_continual_run_writes_a_complete_report(slao_run):
         ".mbf-lock",
         "accuracy.png",
         "checkpoints",
+        "predictions",
         "results.json",
         "results.md",
     ]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["task-03"]
+
+
+def test_every_evaluation_keeps_its_predictions(slao_run):
+    """Per-example records of the zero-shot pass and of every stage agree with results.json's matrix; the
+    fine-tuned adapter's diagonal is recorded beside the merged one's, and LA of both."""
+    run, saved = slao_run
+    names = sorted(p.name for p in (run / "predictions").iterdir())
+    assert names == ["stage-01.json", "stage-02.json", "stage-03.json", "zero-shot.json"]
+    zero = predictions.read(run, 0)
+    assert [e["score"] for e in zero["evals"]] == pytest.approx(saved["zero_shot"], abs=1e-4)
+    tasks = small_suite()
+    for i, row in enumerate(saved["accuracy"]):
+        stage = predictions.read(run, i + 1)
+        assert stage["after"] == saved["stages"][i]
+        merged = [e for e in stage["evals"] if e["adapter"] == "merged"]
+        assert [e["task"] for e in merged] == saved["tasks"][: len(row)]
+        for e, a, t in zip(merged, row, tasks):
+            assert e["gold"] == [ex.output for ex in t.test] and e["ids"] == list(range(len(t.test)))
+            assert sum(e["correct"]) / len(e["correct"]) == pytest.approx(a, abs=1e-4)
+            assert e["correct"] == [float(p.strip() == g) for p, g in zip(e["pred"], e["gold"])]
+        (own,) = [e for e in stage["evals"] if e["adapter"] == "finetuned"]
+        assert own["task"] == saved["stages"][i] and own["score"] == pytest.approx(
+            saved["finetuned_diagonal"][i], abs=1e-4
+        )
+    m = saved["metrics"]
+    assert m["LA"] == pytest.approx(sum(saved["accuracy"][j][j] for j in range(3)) / 3, abs=1e-4)
+    assert m["LA_finetuned"] == pytest.approx(sum(saved["finetuned_diagonal"]) / 3, abs=1e-4)
+    assert m["by_scorer"]["generate"]["AA"] == m["AA"]
     with pytest.raises(FileExistsError, match="--resume"):
         _run(run)
 
@@ -325,15 +371,34 @@ def test_an_accepted_change_on_resume_is_recorded(tmp_path):
     assert "Resumed after task 1 with changed settings (--accept-changes): train.lr: 0.005 -> 0.001" in md
 
 
+def _labelled(tasks):
+    """The tasks with their answer vocabulary as options (what --scoring rank needs)."""
+    return [dataclasses.replace(t, labels=sorted({e.output for e in t.train + t.test})) for t in tasks]
+
+
 def test_seq_lora_and_multitask_runs(tmp_path):
-    seq = _run(tmp_path / "seq", method="seq-lora")
+    both = dataclasses.replace(OPTS, scoring="both")
+    seq = _run(tmp_path / "seq", method="seq-lora", tasks=_labelled(small_suite()), opts=both)
     assert seq["options"]["init"] == "none" and seq["complete"]
-    mt = _run(tmp_path / "mt", method="multi-task")
+    assert (
+        seq["accuracy_by_scorer"]["generate"] == seq["accuracy"]
+        and len(seq["accuracy_by_scorer"]["rank"]) == 3
+    )
+    assert seq["zero_shot_by_scorer"]["generate"] == seq["zero_shot"]
+    assert set(seq["metrics"]["by_scorer"]) == {"generate", "rank"}
+    # λ ≡ 1: the fine-tuned adapter is the merged one, its diagonal taken as it is
+    assert seq["finetuned_diagonal"] == [seq["accuracy"][j][j] for j in range(3)]
+    ranked = predictions.read(tmp_path / "seq", 3)["evals"]
+    assert {(e["scorer"], "option_scores" in e) for e in ranked} == {("generate", False), ("rank", True)}
+    mt = _run(tmp_path / "mt", method="multi-task", tasks=_labelled(small_suite()), opts=both)
     assert mt["stages"] == ["all"] and len(mt["accuracy"][0]) == 3 and mt["metrics"]["BWT"] is None
     assert mt["options"] is None and mt["checkpoint"] is None
     assert mt["per_task"][0]["steps"] == 12  # same total steps as the sequence: 4 per task
     assert mt["metrics"]["AA"] == pytest.approx(sum(mt["accuracy"][0]) / 3, abs=1e-4)
-    assert _run(tmp_path / "mt", method="multi-task", resume=True) == results_file.read(tmp_path / "mt")
+    resumed = _run(
+        tmp_path / "mt", method="multi-task", resume=True, tasks=_labelled(small_suite()), opts=both
+    )
+    assert resumed == results_file.read(tmp_path / "mt")
     md, png = compare_runs([tmp_path / "seq", tmp_path / "mt"], tmp_path / "cmp")
     text = md.read_text()
     assert "| seq-lora |" in text and "| multi-task |" in text and png.stat().st_size > 1000

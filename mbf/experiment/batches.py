@@ -13,7 +13,7 @@ import torch
 
 from mbf.experiment.tasks import Example, Task
 
-__all__ = ["Codec", "encode_example", "left_pad", "positions"]
+__all__ = ["Codec", "encode_answer", "encode_example", "encode_prompt", "left_pad", "positions"]
 
 
 @dataclass(frozen=True)
@@ -58,26 +58,31 @@ class Codec:
         )
 
 
-def encode_example(codec: Codec, task: Task, ex: Example, max_length: int) -> tuple[list[int], list[int]]:
-    """``(prompt ids, answer ids + eos)``, the prompt at most ``max_length`` tokens.
+def encode_answer(codec: Codec, task: Task, output: str) -> list[int]:
+    """The ids of the answer ``output`` as the model is trained to give it (no eos): `` {output}`` after a
+    plain prompt, ``{output}`` at the start of the assistant's turn with ``codec.chat``."""
+    answer = task.target(Example("", output))
+    return codec.encode(answer.lstrip() if codec.chat is not None else answer)
 
-    The instruction, the options and the answer cue (``task.prompt_parts``' head and tail) are kept
-    whole; a prompt that is too long loses the end of its input. Cutting from the left, as a plain
-    ``ids[-max_length:]`` would, removes the instruction and the options first: the model then no
-    longer sees what it is asked. The three pieces are encoded separately (each piece starts at a
-    word boundary, so this is the whole prompt's tokenization up to merges across the boundary),
-    the same way for training and evaluation.
 
-    With ``codec.chat`` the head opens with the template's user turn and the tail closes it with the
-    assistant's cue; the answer then starts the assistant's turn, without the leading space.
+def encode_prompt(codec: Codec, task: Task, ex: Example, max_length: int) -> tuple[list[int], list[int]]:
+    """``(head ids, rest ids)``: the prompt at most ``max_length`` tokens, split where the input starts.
+
+    The head (instruction, options, ``"Input:"``; with ``codec.chat`` the template's user turn opens
+    it) is the same for every example of a task: evaluation runs it once per batch and shares its KV
+    cache. The instruction, the options and the answer cue are kept whole; a prompt that is too long
+    loses the end of its input. Cutting from the left, as a plain ``ids[-max_length:]`` would, removes
+    the instruction and the options first: the model then no longer sees what it is asked. The three
+    pieces are encoded separately (each piece starts at a word boundary, so this is the whole prompt's
+    tokenization up to merges across the boundary), the same way for training and evaluation. With
+    ``codec.chat`` the tail closes the user turn with the assistant's cue.
 
     Raises:
         ValueError: when the head and tail alone exceed ``max_length`` (names the task and the flag).
     """
     head, body, tail = task.prompt_parts(ex)
-    answer = task.target(ex)
     if codec.chat is not None:
-        head, tail, answer = codec.chat[0] + head, tail + codec.chat[1], answer.lstrip()
+        head, tail = codec.chat[0] + head, tail + codec.chat[1]
     head, body, tail = (codec.encode(part) for part in (head, body, tail))
     room = max_length - len(head) - len(tail)
     if room < 1:
@@ -86,7 +91,18 @@ def encode_example(codec: Codec, task: Task, ex: Example, max_length: int) -> tu
             f"tokens; --max-length {max_length} leaves no room for the input (use at least "
             f"{len(head) + len(tail) + 16})"
         )
-    return head + body[:room] + tail, codec.encode(answer) + [codec.eos_id]
+    return head, body[:room] + tail
+
+
+def encode_example(codec: Codec, task: Task, ex: Example, max_length: int) -> tuple[list[int], list[int]]:
+    """``(prompt ids, answer ids + eos)``: ``encode_prompt``'s head and rest joined, and
+    ``encode_answer``'s ids of ``ex.output``.
+
+    Raises:
+        ValueError: when the head and tail alone exceed ``max_length`` (names the task and the flag).
+    """
+    head, rest = encode_prompt(codec, task, ex, max_length)
+    return head + rest, encode_answer(codec, task, ex.output) + [codec.eos_id]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

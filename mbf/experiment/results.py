@@ -11,7 +11,8 @@ Schema ``"mbf-continual-results/1"``::
     tasks         [str]: task names in training order (T of them)
     lora          LoRAConfig.to_dict(): {"r", "alpha", "dropout", "target_modules", "quantize", "backend"}
     train         TrainOptions: {"lr", "epochs", "max_steps", "batch_size", "eval_batch_size",
-                  "max_length", "weight_decay", "warmup_steps", "seed", "grad_accum"}; "preset"
+                  "max_length", "weight_decay", "warmup_steps", "seed", "grad_accum", "scoring",
+                  "prompt_format"} (older runs lack the last two: generate, plain); "preset"
                   beside it names the --preset the options came from
     suite, suite_seed, model, n_train, n_test, data_dir, order   where the tasks and model came from
                   ("model": the checkpoint's absolute path, or the embedded model's name; older runs
@@ -27,6 +28,14 @@ Schema ``"mbf-continual-results/1"``::
                   with the adapter inference uses (SLAO: the merged one); the score is exact-match
                   accuracy, or Rouge-L F1 for a generation task (task_metrics). multi-task: one row of T
     zero_shot     [float]: the bare model's score on each task (the reference of FWT; absent in older runs)
+    accuracy_by_scorer, zero_shot_by_scorer   {scorer: the same, by that scorer}: every scorer of
+                  train.scoring ("generate": exact match of greedy decoding, the headline; "rank": the
+                  option of highest log-likelihood); "accuracy"/"zero_shot" are the headline's (absent
+                  in older runs: generation only)
+    finetuned_diagonal  [float]: score on each task right after training it with the fine-tuned adapter
+                  (the diagonal of "accuracy" is the merged one's; seq-lora: equal by construction;
+                  absent for multi-task and older runs)
+    predictions   "predictions": the folder of per-example predictions (schema in predictions.py)
     task_metrics  [str]: "exact" or "rougeL" per task (absent in older runs: all "exact")
     order, sources    the real suite's order name and each task's package:path
     per_task      [{"task", "steps", "first_loss", "final_loss", "train_s", "eval_s",
@@ -36,6 +45,8 @@ Schema ``"mbf-continual-results/1"``::
     metrics       {"AA": mean_j accuracy[T-1][j],
                    "BWT": mean_{j<T-1} (accuracy[T-1][j] - accuracy[j][j]) (null for multi-task),
                    "FWT": mean_{j>=1} (accuracy[j-1][j] - zero_shot[j]) (null for multi-task, older runs),
+                   "LA": mean_j accuracy[j][j] (plasticity, merged adapter), "LA_finetuned": the same with
+                   the fine-tuned adapter, "by_scorer": {scorer: {"AA", "BWT", "FWT", "LA"}},
                    "wall_s": total train + eval seconds}; AA/BWT null until the run is complete
     complete      bool: every task trained and evaluated
     checkpoint    path (relative to the run dir) of the adapter state after the last finished stage
@@ -100,6 +111,8 @@ def add_stage(
     adapter_bytes: int,
     peak_rss_mb: float,
     checkpoint: str | None,
+    by_scorer: dict[str, list[float]] | None = None,
+    finetuned: float | None = None,
 ) -> None:
     """Record one finished stage in place.
 
@@ -113,9 +126,15 @@ def add_stage(
         adapter_bytes: bytes of adapter state held after the stage.
         peak_rss_mb: the process's peak resident memory so far.
         checkpoint: the adapter state's directory relative to the run dir (None: not saved).
+        by_scorer: every scorer's row (the headline's is ``accuracy``), when the run records them.
+        finetuned: the score on the task just trained with the fine-tuned adapter (continual methods).
     """
     results["stages"].append(task)
     results["accuracy"].append([round(a, 4) for a in accuracy])
+    for scorer, row in (by_scorer or {}).items():
+        results.setdefault("accuracy_by_scorer", {}).setdefault(scorer, []).append([round(a, 4) for a in row])
+    if finetuned is not None:
+        results.setdefault("finetuned_diagonal", []).append(round(finetuned, 4))
     results["per_task"].append(
         {
             "task": task,
@@ -131,14 +150,26 @@ def add_stage(
     results["updated"] = _now()
 
 
-def finish(results: dict, multi_task: bool = False) -> None:
-    """Mark the run complete and fill AA, BWT and FWT (multi-task: AA of its one row, no BWT/FWT)."""
+def _metrics(matrix: list[list[float]], zero_shot: list[float] | None, multi_task: bool) -> dict:
     if multi_task:
-        row = results["accuracy"][-1]
-        results["metrics"].update({"AA": round(sum(row) / len(row), 4), "BWT": None, "FWT": None})
-    else:
-        m = accuracy_metrics(results["accuracy"], results.get("zero_shot"))
-        results["metrics"].update({k: None if v is None else round(v, 4) for k, v in m.items()})
+        row = matrix[-1]
+        return {"AA": round(sum(row) / len(row), 4), "BWT": None, "FWT": None, "LA": None}
+    m = accuracy_metrics(matrix, zero_shot)
+    m["LA"] = sum(matrix[j][j] for j in range(len(matrix))) / len(matrix)
+    return {k: None if v is None else round(v, 4) for k, v in m.items()}
+
+
+def finish(results: dict, multi_task: bool = False) -> None:
+    """Mark the run complete and fill AA, BWT, FWT and LA (multi-task: AA of its one row, no others),
+    the fine-tuned adapter's LA where recorded, and every scorer's metrics where several ran."""
+    results["metrics"].update(_metrics(results["accuracy"], results.get("zero_shot"), multi_task))
+    if results.get("finetuned_diagonal"):
+        diag = results["finetuned_diagonal"]
+        results["metrics"]["LA_finetuned"] = round(sum(diag) / len(diag), 4)
+    zero = results.get("zero_shot_by_scorer") or {}
+    by = {s: _metrics(m, zero.get(s), multi_task) for s, m in results.get("accuracy_by_scorer", {}).items()}
+    if by:
+        results["metrics"]["by_scorer"] = by
     results["complete"] = True
 
 

@@ -24,14 +24,14 @@ from torch import nn
 
 from mbf.config import ContinualConfig, LoRAConfig
 from mbf.continual import ContinualLoRA
-from mbf.experiment import report, rundir
+from mbf.experiment import predictions, report, rundir
 from mbf.experiment import results as results_file
 from mbf.experiment.batches import Codec
-from mbf.experiment.evaluate import evaluate
+from mbf.experiment.evaluate import headline, score_task, scorers_of
 from mbf.experiment.methods import method_config
 from mbf.experiment.tasks import Task, check_tasks, tasks_fingerprint
 from mbf.experiment.train import TrainOptions, train_steps
-from mbf.experiment.zero_shot import weights_fingerprint, zero_shot_scores
+from mbf.experiment.zero_shot import weights_fingerprint, zero_shot_records
 from mbf.inject import inject, lora_layers
 from mbf.io import peak_rss
 
@@ -45,13 +45,13 @@ def model_dtype(model: nn.Module) -> str:
     return str(weight.dtype).removeprefix("torch.")
 
 
-def _measure(train: Callable[[], dict], evaluate: Callable[[], list[float]]) -> dict:
-    """Train, then evaluate, each timed: ``{"stats", "train_s", "accuracy", "eval_s"}``."""
+def _measure(train: Callable[[], dict], evaluate: Callable[[], dict]) -> dict:
+    """Train, then evaluate, each timed: ``{"stats", "train_s", "evaluation", "eval_s"}``."""
     t0 = time.time()
     stats = train()
     t1 = time.time()
-    accuracy = evaluate()
-    return {"stats": stats, "train_s": t1 - t0, "accuracy": accuracy, "eval_s": time.time() - t1}
+    evaluation = evaluate()
+    return {"stats": stats, "train_s": t1 - t0, "evaluation": evaluation, "eval_s": time.time() - t1}
 
 
 def run_settings(
@@ -90,16 +90,35 @@ class _Run:
     method: str
     log: Callable[[str], None]
 
-    def evaluate(self, tasks: list[Task], after: str | None = None) -> list[float]:
-        desc = (lambda t: f"eval {t.name} after {after}") if after else (lambda t: None)
-        return [evaluate(self.model, self.codec, t, self.opts, desc=desc(t)) for t in tasks]
+    def evaluate(self, tasks: list[Task], after: str, adapter: str = "merged") -> list[dict]:
+        """Every example of ``tasks`` scored by each scorer of the run, with the model as it is."""
+        return [
+            {**rec, "adapter": adapter}
+            for t in tasks
+            for rec in score_task(
+                self.model, self.codec, t, self.opts, desc=f"eval {t.name} after {after}"
+            ).values()
+        ]
 
     def commit(self, task: str, measured: dict, *, adapter_bytes: int, checkpoint: str | None) -> None:
-        """Record the stage and write the run directory; ``results.json`` is the commit point."""
+        """Record the stage and write the run directory: its predictions first, then ``results.json``,
+        the commit point."""
+        records, finetuned = measured["evaluation"]
+        stage = len(self.results["per_task"]) + 1
+        predictions.write(self.out, stage, task, records)
+        merged = [r for r in records if r["adapter"] == "merged"]
+        by_scorer = {
+            s: [r["score"] for r in merged if r["scorer"] == s] for s in scorers_of(self.opts.scoring)
+        }
         results_file.add_stage(
             self.results,
             task=task,
-            **measured,
+            stats=measured["stats"],
+            train_s=measured["train_s"],
+            eval_s=measured["eval_s"],
+            accuracy=by_scorer[headline(self.opts.scoring)],
+            by_scorer=by_scorer,
+            finetuned=finetuned,
             adapter_bytes=adapter_bytes,
             peak_rss_mb=peak_rss() / 2**20,  # the process's peak so far (never reset here)
             checkpoint=checkpoint,
@@ -132,17 +151,25 @@ class _Run:
             cl.end_task()
             return stats
 
-        def evaluate_merged() -> list[float]:
+        def evaluate() -> tuple[list[dict], float]:
             with cl.merged():  # what inference uses; the next task too, untrained yet (FWT)
-                return self.evaluate(self.tasks[: i + 2], after=task.name)
+                records = self.evaluate(self.tasks[: i + 2], after=task.name)
+            best = headline(self.opts.scoring)
+            if cl.config.schedule == "none":  # λ ≡ 1: the merged adapter is the fine-tuned one
+                return records, next(
+                    r["score"] for r in records if r["task"] == task.name and r["scorer"] == best
+                )
+            with cl.adapter_mode("finetuned"):  # plasticity alone, without the merge's dilution
+                own = self.evaluate([task], after=f"{task.name} (fine-tuned)", adapter="finetuned")
+            return records + own, next(r["score"] for r in own if r["scorer"] == best)
 
-        measured = _measure(train, evaluate_merged)
+        measured = _measure(train, evaluate)
         checkpoint = f"checkpoints/task-{i + 1:02d}"
         cl.save(self.out / checkpoint)
         self.commit(task.name, measured, adapter_bytes=cl.adapter_bytes(), checkpoint=checkpoint)
         # after the commit, which names the new one; never a folder this run did not make
         rundir.prune_checkpoints(self.out, keep=Path(checkpoint).name)
-        stats, row = measured["stats"], measured["accuracy"]
+        stats, row = measured["stats"], self.results["accuracy"][-1]
         nxt = f" (next {row[i + 1]:.2f})" if len(row) > i + 1 else ""
         self.log(
             f"[{self.method}] task {i + 1}/{len(self.tasks)} {task.name}: loss {stats['first_loss']:.3f}->"
@@ -163,7 +190,7 @@ class _Run:
                 self.model, params, self.codec, mixed, opts, self.opts.seed, "train multi-task"
             )
 
-        measured = _measure(train, lambda: self.evaluate(self.tasks))
+        measured = _measure(train, lambda: (self.evaluate(self.tasks, after="multi-task"), None))
         adapters = [t for m in lora_layers(self.model).values() for t in (m.lora_A, m.lora_B)]
         adapter_bytes = sum(t.numel() * t.element_size() for t in adapters)
         self.commit("all", measured, adapter_bytes=adapter_bytes, checkpoint=None)
@@ -234,7 +261,15 @@ def run_continual(
         run = _Run(model, codec, tasks, opts, out, results, method, log)
         done = len(results["per_task"])
         if results.get("zero_shot") is None:  # before inject: the bare model, the reference of FWT
-            results["zero_shot"] = zero_shot_scores(model, codec, tasks, opts, cache=zero_shot_cache, log=log)
+            records = zero_shot_records(model, codec, tasks, opts, cache=zero_shot_cache, log=log)
+            predictions.write(out, 0, "zero-shot", records)
+            by = {
+                s: [round(r["score"], 4) for r in records if r["scorer"] == s]
+                for s in scorers_of(opts.scoring)
+            }
+            results.update(
+                zero_shot=by[headline(opts.scoring)], zero_shot_by_scorer=by, predictions=predictions.FOLDER
+            )
         torch.manual_seed(opts.seed)
         inject(model, lora)
         if config is None:

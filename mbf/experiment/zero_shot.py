@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from mbf.experiment.batches import Codec, encode_example
-from mbf.experiment.evaluate import evaluate
+from mbf.experiment.evaluate import headline, score_task
 from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions
 from mbf.io import atomic_write_json
 
-__all__ = ["fingerprint", "weights_fingerprint", "zero_shot_scores"]
+__all__ = ["fingerprint", "weights_fingerprint", "zero_shot_records"]
 
 
 @torch.no_grad()
@@ -41,12 +41,15 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def fingerprint(model: nn.Module, codec: Codec, tasks: list[Task], max_length: int) -> str:
-    """SHA-256 over every parameter's name, shape, dtype and first and last 64 values, and over the
-    encoded test prompts and answers: cheap (no pass over the weights) and specific enough that two
-    checkpoints or two test sets never share an entry."""
+def fingerprint(
+    model: nn.Module, codec: Codec, tasks: list[Task], max_length: int, scoring: str = "generate"
+) -> str:
+    """SHA-256 over every parameter's name, shape, dtype and first and last 64 values, over the
+    encoded test prompts and answers, and over the scorers: cheap (no pass over the weights) and
+    specific enough that two checkpoints or two test sets never share an entry."""
     h = hashlib.sha256()
     _hash_weights(h, model)
+    h.update(f"scoring={scoring}".encode())
     for t in tasks:
         h.update(f"{t.name}|{t.metric}|{max_length}".encode())
         for ex in t.test:
@@ -55,26 +58,35 @@ def fingerprint(model: nn.Module, codec: Codec, tasks: list[Task], max_length: i
     return h.hexdigest()
 
 
-def zero_shot_scores(
+def zero_shot_records(
     model: nn.Module,
     codec: Codec,
     tasks: list[Task],
     opts: TrainOptions,
+    *,
     cache: Path | None = None,
     log: Callable[[str], None] = print,
-) -> list[float]:
-    """The model's score on each task as it is (call before injecting LoRA), from ``cache`` when there.
+) -> list[dict]:
+    """The model's per-example records on each task as it is (call before injecting LoRA), for every
+    scorer of ``opts.scoring``, from ``cache`` when there.
 
     Returns:
-        One score (0..1) per task, rounded to 4 decimals as results.json keeps them.
+        ``score_task``'s records, one per (task, scorer), each with ``"adapter": "none"``.
     """
     path = None
     if cache is not None:
-        path = Path(cache) / f"{fingerprint(model, codec, tasks, opts.max_length)[:32]}.json"
+        key = fingerprint(model, codec, tasks, opts.max_length, scoring=opts.scoring)
+        path = Path(cache) / f"{key[:32]}.json"
         if path.is_file():
-            return json.loads(path.read_text())["scores"]
-    scores = [round(evaluate(model, codec, t, opts, desc=f"zero-shot {t.name}"), 4) for t in tasks]
-    log(f"zero-shot (bare model): {' '.join(f'{t.name} {s:.2f}' for t, s in zip(tasks, scores))}")
+            saved = json.loads(path.read_text())
+            if "records" in saved:  # older cache files kept the scores alone: evaluated again
+                return saved["records"]
+    records = []
+    for t in tasks:
+        for rec in score_task(model, codec, t, opts, desc=f"zero-shot {t.name}").values():
+            records.append({**rec, "adapter": "none"})
+    scores = [f"{r['task']} {r['score']:.2f}" for r in records if r["scorer"] == headline(opts.scoring)]
+    log(f"zero-shot (bare model): {' '.join(scores)}")
     if path is not None:
-        atomic_write_json({"tasks": [t.name for t in tasks], "scores": scores}, path)
-    return scores
+        atomic_write_json({"tasks": [t.name for t in tasks], "records": records}, path, indent=None)
+    return records
