@@ -181,3 +181,26 @@ def test_the_bench_dtypes_and_the_interleaved_cpu_rounds(monkeypatch):
     suite._cross_dtype_ratio(rows)
     assert rows[5]["ratio_to_peft_float32"] == pytest.approx(rows[5]["ms"] / rows[1]["ms"])  # bf16 mbf
     assert "ratio_to_peft_float32" not in rows[2]
+
+
+def test_a_step_reports_its_bytes_by_kind_and_nf4_holds_the_weights_in_a_quarter():
+    """The low-VRAM evidence's accounting on a 1-layer SmolLM2 (float32): the same adapters and AdamW
+    state over both bases, the NF4 projections at ~0.52 bytes a weight against 4, activations saved."""
+    from mbf.bench.train_step import MEMORY_KEYS, StepConfig, measure_step
+
+    rows = {}
+    for provider in ("mbf", "mbf-nf4"):
+        cfg = StepConfig(layers=1, provider=provider, seq=8, dtype="float32", device="cpu", warmup=1, steps=1)
+        rows[provider] = measure_step(cfg)
+        assert set(MEMORY_KEYS) <= set(rows[provider]["extra_keys"])
+    dense, nf4 = rows["mbf"], rows["mbf-nf4"]
+    r, h, inter, kv = 16, 576, 1536, 192  # SmolLM2: every projection of the layer adapted
+    adapter = (
+        4 * r * sum(i + o for i, o in [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)])
+    )
+    assert dense["adapter_bytes"] == nf4["adapter_bytes"] == adapter
+    assert dense["optimizer_bytes"] == nf4["optimizer_bytes"]
+    assert 2 * adapter <= nf4["optimizer_bytes"] <= 2 * adapter + 14 * 8  # exp_avg, exp_avg_sq, a step each
+    proj = 4 * (2 * h * h + 2 * h * kv + 3 * h * inter)  # the layer's projections in float32
+    assert dense["weights_bytes"] - nf4["weights_bytes"] == pytest.approx(proj * (1 - 0.516 / 4), rel=0.01)
+    assert 0 < nf4["activation_bytes"] and 0 < dense["activation_bytes"]

@@ -5,7 +5,9 @@ with and without activation checkpointing, every provider. On CPU (or ``--quick`
 batch 4 × 128 tokens, r = 16 on q_proj and v_proj (the ``mbf`` command's adapter), the end-to-end
 floor, PEFT and mbf, in float32 and in the dtype ``auto`` picks; each dtype's providers step in turn in
 one process (their ratios hold on a loaded machine), then each runs alone once for its peak memory.
-It never asserts a speed.
+``--qlora``: the low-VRAM evidence instead (``qlora_suite``): the QLoRA step on the embedded model's
+real weights against PEFT + bitsandbytes and the dense bf16 step, each row with the bytes of weights,
+adapters, optimizer state and activations (``train_step.memory_bytes``). It never asserts a speed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from mbf.bench.plot import plot_file
 from mbf.bench.rows import FLOOR, RowWriter, device_name, make_row
 from mbf.bench.train_step import PROVIDERS, StepConfig
 
-__all__ = ["collect", "bench_dtypes", "default_suite", "main"]
+__all__ = ["collect", "bench_dtypes", "default_suite", "main", "qlora_suite"]
 
 REFERENCES = {"train_step": (FLOOR, train_step.BASELINE), "task_boundary": boundary.BASELINE}
 CPU_ROUNDS = 8  # timed steps of each CPU configuration, interleaved with the others' (after one warm-up)
@@ -58,6 +60,23 @@ def default_suite(cuda: bool, dtypes: tuple[str, ...] = ("float32",)) -> list[St
     ]
 
 
+def qlora_suite(cuda: bool) -> tuple[list[StepConfig], list[StepConfig]]:
+    """The low-VRAM set: the QLoRA step (NF4 base, every projection adapted, r 16) on the embedded
+    SmolLM2-135M's real weights, batch 4 × 128, against PEFT + bitsandbytes and the dense step, in
+    bf16 (on a CPU: the dtype ``auto`` picks there). Returns ``(timed, bytes_only)``: where that dtype
+    is not bf16, the dense bf16 step is added for its bytes, one isolated step (its time, bf16
+    emulated on such a CPU, compares with nothing)."""
+    from mbf.experiment.models import auto_dtype
+
+    dtype = "bfloat16" if cuda else str(auto_dtype("cpu")).removeprefix("torch.")
+    base = StepConfig(
+        model=train_step.EMBEDDED, seq=128, batch=4, dtype=dtype, warmup=1, steps=3,
+        device="cuda" if cuda else "cpu",
+    )  # fmt: skip
+    timed = [replace(base, provider=p) for p in ("peft-bnb4", "mbf-nf4", "peft", "mbf")]
+    return timed, ([] if dtype == "bfloat16" else [replace(base, provider="mbf", dtype="bfloat16")])
+
+
 def _cpu_rows(configs: list[StepConfig], rounds: int) -> list[dict]:
     """Each dtype's configurations interleaved step by step in one process (the time), then each one
     alone in a fresh process for one step (its peak RSS). Rows in ``configs`` order."""
@@ -72,6 +91,8 @@ def _cpu_rows(configs: list[StepConfig], rounds: int) -> list[dict]:
         try:
             alone = train_step.measure_step_isolated(replace(cfg, warmup=1, steps=1))
             rows[cfg]["peak_mem_bytes"] = alone["peak_mem_bytes"]
+            rows[cfg].update({k: alone[k] for k in train_step.MEMORY_KEYS if k in alone})
+            rows[cfg]["extra_keys"] = list(dict.fromkeys([*rows[cfg]["extra_keys"], *train_step.MEMORY_KEYS]))
         except RuntimeError as err:
             tqdm.write(f"no peak memory for {cfg.provider} {cfg.dtype}: {str(err).splitlines()[-1]}")
     return [rows[cfg] for cfg in configs]
@@ -133,11 +154,25 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the base dtype; auto: on CPU float32 and, where auto picks it, bfloat16 as well",
     )
+    parser.add_argument("--qlora", action="store_true",
+                        help="the low-VRAM set instead: the QLoRA step on the embedded model vs PEFT + "
+                             "bitsandbytes and the dense bf16 step, with bytes of weights, adapters, "
+                             "optimizer state and activations")  # fmt: skip
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
-    writer = RowWriter(args.out, REFERENCES)
-    configs = default_suite(cuda, bench_dtypes(args.dtype, cuda))
-    collect(writer, configs, boundary_cases=not args.no_boundary, cuda=cuda)
+    if args.qlora:
+        writer = RowWriter(args.out, {"train_step": "peft-bnb4"})
+        timed, bytes_only = qlora_suite(cuda)
+        collect(writer, timed, boundary_cases=False, cuda=cuda)
+        for cfg in bytes_only:
+            row = train_step.measure_step_isolated(replace(cfg, steps=1))
+            note = f"{cfg.dtype} emulated on this CPU: measured for its bytes; its time compares with nothing"
+            row["extra_keys"] = [*row["extra_keys"], "note"]
+            writer.append(make_row(device=device_name("cpu"), **row, note=note))
+    else:
+        writer = RowWriter(args.out, REFERENCES)
+        configs = default_suite(cuda, bench_dtypes(args.dtype, cuda))
+        collect(writer, configs, boundary_cases=not args.no_boundary, cuda=cuda)
     print(writer.summary())
     if writer.path is not None:
         for png in plot_file(writer.path):

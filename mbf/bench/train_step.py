@@ -61,6 +61,8 @@ MODEL_CONFIGS = {
         ("llama-2-7b", (32000, 4096, 11008, 32, 32, 32, 10000.0, False)),
     )
 }
+EMBEDDED = "smollm2-135m-embedded"  # SmolLM2-135M-Instruct's real weights (mbf.experiment.models)
+MODEL_CONFIGS[EMBEDDED] = MODEL_CONFIGS["smollm2-135m"]
 # the references first: a row's ratios are taken against references measured before it
 PROVIDERS = ("floor", "peft", "mbf", "peft-bnb4", "mbf-nf4")
 BASELINE = "peft"
@@ -88,13 +90,22 @@ def build_model(cfg: StepConfig) -> tuple[torch.nn.Module, list[torch.nn.Paramet
     """A random-weight Llama with ``cfg.provider``'s adapters; returns (model, trainable params)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fields = dict(MODEL_CONFIGS[cfg.model])
-    if cfg.layers is not None:
-        fields["num_hidden_layers"] = cfg.layers
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(0)
-    with torch.device(cfg.device):
-        model = LlamaForCausalLM(LlamaConfig(**fields, max_position_embeddings=max(cfg.seq, 2048))).to(dtype)
+    if cfg.model == EMBEDDED:  # the real weights of the package's embedded model
+        from mbf.experiment.models import load_model
+
+        model = load_model(dtype=dtype)[0].to(cfg.device)
+        if cfg.layers is not None:
+            del model.model.layers[cfg.layers :]
+            model.config.num_hidden_layers = cfg.layers
+    else:
+        fields = dict(MODEL_CONFIGS[cfg.model])
+        if cfg.layers is not None:
+            fields["num_hidden_layers"] = cfg.layers
+        with torch.device(cfg.device):
+            config = LlamaConfig(**fields, max_position_embeddings=max(cfg.seq, 2048))
+            model = LlamaForCausalLM(config).to(dtype)
     targets = tuple(LLAMA_LINEARS) if cfg.targets == "all-linear" else tuple(cfg.targets.split(","))
     if cfg.provider == FLOOR:
         model.requires_grad_(False)
@@ -126,10 +137,56 @@ def _to_bnb4(model: torch.nn.Module, dtype: torch.dtype) -> None:
             setattr(model.get_submodule(parent), leaf, bnb_nf4_linear(mod, dtype))
 
 
-def _step_fn(cfg: StepConfig) -> tuple[Callable[[], None], list[torch.nn.Parameter]]:
-    """``(one training step of cfg's model, its trainable parameters)``: forward, backward, AdamW."""
+def _bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a tied or viewed tensor counts once)."""
+    seen = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def memory_bytes(step: Callable[[], None], model: torch.nn.Module, opt) -> dict:
+    """What one step holds, by kind (bytes; they carry over from CPU to GPU, the times do not):
+    ``weights_bytes`` (frozen parameters and buffers: NF4 codes, absmax, constants, or 16-bit weights),
+    ``adapter_bytes`` (trainable parameters; their gradients as much again), ``optimizer_bytes``
+    (AdamW's state) and ``activation_bytes`` (tensors saved for backward that are not weights, read by
+    ``saved_tensors_hooks`` during one more step)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    weights = {t.untyped_storage().data_ptr() for t in frozen}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    state = [
+        v for s in (opt.state.values() if opt else ()) for v in s.values() if isinstance(v, torch.Tensor)
+    ]
+    return {
+        "weights_bytes": _bytes(frozen),
+        "adapter_bytes": _bytes([p for p in model.parameters() if p.requires_grad]),
+        "optimizer_bytes": _bytes(state),
+        "activation_bytes": sum(saved.values()),
+    }
+
+
+MEMORY_KEYS = ("weights_bytes", "adapter_bytes", "optimizer_bytes", "activation_bytes")
+
+
+def _step_fn(
+    cfg: StepConfig, model_out: list | None = None
+) -> tuple[Callable[[], None], list[torch.nn.Parameter]]:
+    """``(one training step of cfg's model, its trainable parameters)``: forward, backward, AdamW
+    (``model_out`` receives the model and the optimizer)."""
     model, params = build_model(cfg)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None  # the floor trains nothing
+    if model_out is not None:
+        model_out.extend((model, opt))
     vocab = MODEL_CONFIGS[cfg.model]["vocab_size"]
     ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), device=cfg.device)
 
@@ -171,7 +228,8 @@ def measure_step(cfg: StepConfig) -> dict:
     Returns:
         A row without ``device``, ``date`` and ``versions`` (``make_row`` adds them).
     """
-    step, params = _step_fn(cfg)
+    held: list = []
+    step, params = _step_fn(cfg, held)
     cuda = torch.device(cfg.device).type == "cuda"
     for _ in range(cfg.warmup):  # before the peak-memory reset: optimizer state is allocated here
         step()
@@ -182,7 +240,10 @@ def measure_step(cfg: StepConfig) -> dict:
         reset_peak_rss()  # the peak of the training steps, not of loading the model
     t = time_fn(step, cfg.device, warmup=0, rep=cfg.steps, events=False, samples=True)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
-    return _row(cfg, params, t, peak)
+    row = _row(cfg, params, t, peak)
+    row.update(memory_bytes(step, *held))
+    row["extra_keys"] = [*row["extra_keys"], *MEMORY_KEYS]
+    return row
 
 
 def measure_interleaved(configs: list[StepConfig], rounds: int) -> list[dict]:
