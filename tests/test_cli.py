@@ -175,7 +175,7 @@ def test_resume_refuses_other_data_training_or_model(slao_run, tiny_checkpoint, 
     weights = load_file(other / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"] + 0.01
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
-    assert main([*argv[:-len(SMALL) - 2], "--model", str(other), *SMALL, "--resume"]) == 2
+    assert main([*argv[: -len(SMALL) - 2], "--model", str(other), *SMALL, "--resume"]) == 2
     assert "model_fingerprint: " in capsys.readouterr().err
 
 
@@ -247,9 +247,18 @@ def test_compare_and_eval(slao_run, tmp_path, capsys):
     saved = results_file.read(run)
     saved["options"]["schedule"] = "inverse"  # as `--schedule inverse` records it
     results_file.write(ablation, saved)
-    assert main(["compare", str(run), str(ablation), "--out", str(tmp_path / "cmp")]) == 0
+    shutil.copytree(run / "predictions", ablation / "predictions")  # the same answers: a difference of 0
+    argv = ["compare", str(run), str(ablation), "--out", str(tmp_path / "cmp"), "--baseline", "slao"]
+    assert main(argv) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| slao |" in text and "| slao (orthogonal, inverse) |" in text
+    assert "## Paired 95% intervals" in text and "Difference against **slao**" in text
+    row = next(
+        line for line in text.splitlines() if line.startswith("| slao (orthogonal, inverse) | 1 | +0.0")
+    )
+    assert "+0.0 [+0.0, +0.0] n.s." in row
+    summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert summary["intervals"]["vs_baseline"]["slao (orthogonal, inverse)"]["AA"]["significant"] is False
     assert (tmp_path / "cmp" / "compare.png").is_file()
     capsys.readouterr()
     assert main(["eval", "--run", str(run)]) == 0

@@ -176,9 +176,9 @@ def cmd_compare(args) -> int:
     from mbf.experiment.report import compare_runs
 
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare"
-    md, png = compare_runs(args.runs, out)
+    md, png = compare_runs(args.runs, out, baseline=None if args.baseline == "none" else args.baseline)
     print(md.read_text())
-    print(f"comparison: {md}  {png}")
+    print(f"comparison: {md}  {md.with_suffix('.json')}  {png}")
     return 0
 
 

@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         "are averaged over orders and seeds",
     )
     cmp.add_argument("--out", default=None, help="output dir (default: beside the first run, 'compare')")
+    cmp.add_argument(
+        "--baseline",
+        default="seq-lora",
+        help="the method every other is compared with: paired 95%% intervals of each difference (bootstrap "
+        "over test examples and seeds, from the runs' saved predictions); 'none' for no differences",
+    )
 
     e = add("eval", help="evaluate a run's merged adapter (or the bare model) on a suite")
     e.add_argument("--run", default=None, help="run directory: its checkpoint and its tasks")

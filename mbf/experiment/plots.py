@@ -48,21 +48,57 @@ def heatmap(results: dict, path: Path) -> None:
     _save(plt, fig, path, dpi=110)
 
 
-def _bars(ax, groups: dict[str, list[dict]]) -> None:
-    """AA, BWT and FWT per group, with the std over runs as error bars."""
+def _bars(ax, groups: dict[str, list[dict]], intervals: dict | None = None) -> None:
+    """AA, BWT and FWT per group, with the paired-bootstrap interval as error bars where ``intervals``
+    has it (else the std over runs)."""
     labels = list(groups)
     x = range(len(labels))
     w = 0.27
+    cis = (intervals or {}).get("methods", {})
     for offset, key in ((-w, "AA"), (0.0, "BWT"), (w, "FWT")):
-        stats = [mean_std([r["metrics"].get(key) for r in groups[k]]) for k in labels]
-        means = [100 * (0 if math.isnan(m) else m) for m, _ in stats]
-        stds = [100 * (0 if math.isnan(s) else s) for _, s in stats]
-        ax.bar([i + offset for i in x], means, w, yerr=stds, label=key, capsize=3)
+        means, errs = [], [[], []]
+        for k in labels:
+            iv = cis.get(k, {}).get(key)
+            if iv is not None:
+                means.append(100 * iv.estimate)
+                errs[0].append(100 * (iv.estimate - iv.low))
+                errs[1].append(100 * (iv.high - iv.estimate))
+                continue
+            m, sd = mean_std([r["metrics"].get(key) for r in groups[k]])
+            means.append(100 * (0 if math.isnan(m) else m))
+            errs[0].append(100 * (0 if math.isnan(sd) else sd))
+            errs[1].append(errs[0][-1])
+        ax.bar([i + offset for i in x], means, w, yerr=errs, label=key, capsize=3)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
-    ax.set_title("AA, BWT and FWT (mean ± std over runs)")
+    what = "paired 95% interval" if cis else "mean ± std over runs"
+    ax.set_title(f"AA, BWT and FWT ({what})", fontsize=9)
     ax.legend()
+
+
+def _differences(ax, intervals: dict) -> None:
+    """ΔAA, ΔBWT, ΔFWT of each method minus the baseline with their paired intervals; ``n.s.`` over a
+    bar whose interval crosses 0."""
+    diffs = intervals["vs_baseline"]
+    labels = list(diffs)
+    w = 0.27
+    for offset, key in ((-w, "AA"), (0.0, "BWT"), (w, "FWT")):
+        for i, k in enumerate(labels):
+            iv = diffs[k].get(key)
+            if iv is None:
+                continue
+            err = [[100 * (iv.estimate - iv.low)], [100 * (iv.high - iv.estimate)]]
+            color = {"AA": "C0", "BWT": "C1", "FWT": "C2"}[key]
+            ax.bar([i + offset], [100 * iv.estimate], w, yerr=err, capsize=3, color=color,
+                   label=key if i == 0 else None)  # fmt: skip
+            if not iv.significant:
+                ax.text(i + offset, 100 * iv.high, "n.s.", ha="center", va="bottom", fontsize=7)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("points")
+    ax.set_title(f"minus {intervals['baseline']} (paired 95% interval)", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def _seen_mean(row: list[float], i: int) -> float:
@@ -97,9 +133,14 @@ def _curves(
 
 
 def compare_figure(
-    groups: dict[str, list[dict]], tasks: list[str], path: Path, by_stage: bool = False
+    groups: dict[str, list[dict]],
+    tasks: list[str],
+    path: Path,
+    by_stage: bool = False,
+    intervals: dict | None = None,
 ) -> None:
-    """Three panels written to ``path``: AA/BWT bars, mean accuracy so far, the first task's accuracy.
+    """Panels written to ``path``: AA/BWT bars, mean accuracy so far, the first task's accuracy, and
+    with ``intervals`` (``paired.compare_intervals``) each method's difference from the baseline.
 
     Args:
         groups: label → complete results of that method (one per seed and order).
@@ -108,8 +149,11 @@ def compare_figure(
             order's own first task.
     """
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    _bars(axes[0], groups)
+    diff = bool(intervals and intervals.get("vs_baseline"))
+    fig, axes = plt.subplots(1, 3 + diff, figsize=(15 + 5 * diff, 4.2))
+    _bars(axes[0], groups, intervals)
+    if diff:
+        _differences(axes[3], intervals)
     _curves(
         axes[1],
         groups,

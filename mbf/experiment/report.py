@@ -9,8 +9,9 @@ from pathlib import Path
 from mbf.experiment import results as results_file
 from mbf.experiment.methods import METHODS, method_label
 from mbf.experiment.metrics import mean_std, pct
+from mbf.experiment.paired import METRICS, compare_intervals, to_json
 from mbf.experiment.plots import compare_figure, heatmap
-from mbf.io import atomic_write_text
+from mbf.io import atomic_write_json, atomic_write_text
 
 __all__ = ["compare_runs", "run_markdown", "write_run"]
 
@@ -147,14 +148,64 @@ def _compare_row(label: str, rs: list[dict], tasks: list[str], several_orders: b
     )
 
 
-def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
-    """Group complete runs by method, write ``compare.md`` and ``compare.png`` into ``out``.
+def _ci(iv, diff: bool = False) -> str:
+    """``"54.2 [50.1, 58.3]"`` in points; a difference signed, with ``n.s.`` when it crosses 0."""
+    if iv is None:
+        return "–"
+    f = "{:+.1f}" if diff else "{:.1f}"
+    text = f"{f.format(100 * iv.estimate)} [{f.format(100 * iv.low)}, {f.format(100 * iv.high)}]"
+    return text + (" n.s." if diff and not iv.significant else "")
+
+
+def _interval_lines(iv: dict, tasks: list[str]) -> list[str]:
+    """compare.md's paired-interval tables (each method; each minus the baseline)."""
+    head = f"| method | units | AA | BWT | FWT | LA | final score per task ({' / '.join(tasks)}) |"
+    lines = [
+        f"## Paired {100 * iv['level']:.0f}% intervals ({iv['scorer']} scores; bootstrap over test examples "
+        f"and over orders × seeds, {iv['n_boot']} replicates; points)",
+        "",
+        head,
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, m in iv["methods"].items():
+        per_task = " / ".join(_ci(m["tasks"][t]) for t in tasks)
+        lines.append(
+            f"| {label} | {m['units']} | " + " | ".join(_ci(m[k]) for k in METRICS) + f" | {per_task} |"
+        )
+    if iv["missing"]:
+        lines += ["", f"No saved predictions (runs older than them): {', '.join(iv['missing'])}."]
+    if iv["baseline"] is None:
+        return lines + [""]
+    lines += [
+        "",
+        f"Difference against **{iv['baseline']}**, paired on the orders, seeds and test examples both ran "
+        "(n.s.: not significant, the interval crosses 0):",
+        "",
+        head.replace("| AA | BWT | FWT | LA | final", "| ΔAA | ΔBWT | ΔFWT | ΔLA | Δ final"),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, m in iv["vs_baseline"].items():
+        per_task = " / ".join(_ci(m["tasks"][t], diff=True) for t in tasks)
+        lines.append(
+            f"| {label} | {m['units']} | "
+            + " | ".join(_ci(m[k], diff=True) for k in METRICS)
+            + f" | {per_task} |"
+        )
+    return lines + [""]
+
+
+def compare_runs(
+    runs: list[str | Path], out: str | Path, *, baseline: str | None = "seq-lora"
+) -> tuple[Path, Path]:
+    """Group complete runs by method, write ``compare.md``, ``compare.json`` and ``compare.png`` into
+    ``out``: mean ± std over runs, and paired-bootstrap intervals of each method and of its
+    difference against ``baseline`` (``mbf.experiment.paired``) where the runs saved predictions.
 
     Runs of one method with different seeds, or different orders of the same tasks (the paper's
     three orders), are averaged: mean ± sample std over every (order, seed) run of the method.
 
     Returns:
-        (markdown path, png path).
+        (markdown path, png path); ``compare.json`` beside them holds every number.
 
     An incomplete run is not averaged with the others; ``compare.md`` names it and how far it got.
 
@@ -181,6 +232,8 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     several_orders = len({tuple(r["tasks"]) for r in complete}) > 1
     groups = _group(complete)
     tasks = complete[0]["tasks"]
+    where = {id(r): (p if p.is_dir() else p.parent) for p, r in read}
+    intervals = compare_intervals({k: [(where[id(r)], r) for r in rs] for k, rs in groups.items()}, baseline)
     orders = sorted({str(r.get("order")) for r in complete}) if several_orders else []
     who = "orders:seeds" if several_orders else "seeds"
     lines = [
@@ -198,6 +251,7 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
         "|---|---|---|---|---|---|---|---|---|---|",
         *[_compare_row(label, rs, tasks, several_orders) for label, rs in groups.items()],
         "",
+        *_interval_lines(intervals, tasks),
         "Runs: " + ", ".join(paths),
         "",
     ]
@@ -209,5 +263,18 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     md, png = out / "compare.md", out / "compare.png"
     atomic_write_text("\n".join(lines), md)
-    compare_figure(groups, tasks, png, by_stage=several_orders)
+    summary = {
+        "runs": paths,
+        "incomplete": incomplete,
+        "methods": {
+            k: {
+                "runs": [str(where[id(r)]) for r in rs],
+                **{m: [r["metrics"].get(m) for r in rs] for m in ("AA", "BWT", "FWT", "LA")},
+            }
+            for k, rs in groups.items()
+        },  # fmt: skip
+        "intervals": to_json(intervals),
+    }
+    atomic_write_json(summary, out / "compare.json")
+    compare_figure(groups, tasks, png, by_stage=several_orders, intervals=intervals)
     return md, png
