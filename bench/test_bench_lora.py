@@ -1,4 +1,4 @@
-"""Fused LoRA linear on CUDA: frozen base linear (the floor) vs PEFT vs mbf's torch and Triton paths.
+"""Fused LoRA linear on CUDA: frozen base linear (the floor) vs PEFT vs mbf's torch and Triton paths and auto.
 
 Llama-3-8B linears (4096→4096, 4096→1024, 4096→14336, 14336→4096), M ∈ {512, 2048, 8192} tokens,
 r ∈ {8, 16, 64}, bf16, modes fwd / bwd / full (fwd+bwd). x needs a gradient in every provider (as

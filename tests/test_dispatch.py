@@ -120,6 +120,12 @@ def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="not a dispatch cache of this GPU and these versions"):
         Dispatcher(timer, tmp_path).choose(_case(), timer.bench)
     assert len(timer.calls) == 2
+    # an entry naming a backend this install lacks is measured again, not handed to lora_linear
+    data = json.loads(path.read_text())
+    data["choices"][case_key(_case())]["backend"] = "cublaslt"
+    path.write_text(json.dumps(data))
+    timer.calls.clear()
+    assert Dispatcher(timer, tmp_path).choose(_case(), timer.bench) == "triton" and len(timer.calls) == 2
 
 
 def test_a_second_process_entries_are_merged_not_lost(tmp_path):

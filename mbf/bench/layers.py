@@ -25,7 +25,7 @@ from mbf.bench.rows import FLOOR
 
 __all__ = ["LORA_PROVIDERS", "MBF_PATHS", "NF4_PROVIDERS", "lora_case", "lora_flops", "nf4_case"]
 
-LORA_PROVIDERS = (FLOOR, "peft", "mbf-torch", "mbf-triton")  # the floor first: the others' reference
+LORA_PROVIDERS = (FLOOR, "peft", "mbf-torch", "mbf-triton", "mbf-auto")  # the floor first: the reference
 MBF_PATHS = {"mbf-torch": "torch", "mbf-triton": "triton", "mbf-hybrid": "hybrid", "mbf-auto": "auto"}
 NF4_PROVIDERS = (FLOOR, "mbf-bf16", "mbf-nf4", "mbf-nf4-fused", "mbf-nf4-dequant", "peft-bnb4")
 

@@ -189,7 +189,9 @@ class Dispatcher:
             data = json.loads(path.read_text())
             if data.get("tag") != _versions_tag(device) or not isinstance(data.get("choices"), dict):
                 raise ValueError("not a dispatch cache of this GPU and these versions")
-            return {k: v for k, v in data["choices"].items() if isinstance(v, dict) and "backend" in v}
+            # an entry naming a backend this install does not have (a removed path) is measured again
+            choices = data["choices"].items()
+            return {k: v for k, v in choices if isinstance(v, dict) and v.get("backend") in BACKENDS[1:]}
         except (OSError, ValueError, AttributeError) as err:
             warnings.warn(f"{path}: dispatch cache ignored ({err}); it will be measured again", stacklevel=3)
             return {}
