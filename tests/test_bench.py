@@ -1,6 +1,7 @@
 """The measurement library (``mbf.bench``): rows appended as measured, one ratio convention, the
 README tables and the one plotter. Synthetic rows: nothing is timed here."""
 
+import importlib.util
 import json
 
 import pytest
@@ -189,7 +190,10 @@ def test_a_step_reports_its_bytes_by_kind_and_nf4_holds_the_weights_in_a_quarter
     from mbf.bench.train_step import MEMORY_KEYS, StepConfig, measure_step
 
     rows = {}
-    for provider in ("mbf", "mbf-nf4"):
+    providers = (
+        ("mbf", "mbf-nf4", "peft-bnb4") if importlib.util.find_spec("bitsandbytes") else ("mbf", "mbf-nf4")
+    )
+    for provider in providers:
         cfg = StepConfig(layers=1, provider=provider, seq=8, dtype="float32", device="cpu", warmup=1, steps=1)
         rows[provider] = measure_step(cfg)
         assert set(MEMORY_KEYS) <= set(rows[provider]["extra_keys"])
@@ -204,3 +208,8 @@ def test_a_step_reports_its_bytes_by_kind_and_nf4_holds_the_weights_in_a_quarter
     proj = 4 * (2 * h * h + 2 * h * kv + 3 * h * inter)  # the layer's projections in float32
     assert dense["weights_bytes"] - nf4["weights_bytes"] == pytest.approx(proj * (1 - 0.516 / 4), rel=0.01)
     assert 0 < nf4["activation_bytes"] and 0 < dense["activation_bytes"]
+    assert dense["merged_adapter_bytes"] == nf4["merged_adapter_bytes"] == adapter  # SLAO's merged copy
+    if "peft-bnb4" in rows:  # bitsandbytes' layout, absmax and nested constants included, is mbf's
+        bnb = rows["peft-bnb4"]
+        assert bnb["weights_bytes"] == nf4["weights_bytes"] and bnb["merged_adapter_bytes"] == 0
+        assert bnb["adapter_bytes"] == adapter and bnb["optimizer_bytes"] == nf4["optimizer_bytes"]

@@ -21,8 +21,10 @@ to ``<device>-<date>.json`` under ``--out`` (default ``$OUT``, else ``bench/resu
    configs pinned (a few compiles), JUnit XML written even on a timeout (``gpu-tests.xml``).
 
 ``timeline.json`` records each stage's start, end, status, rows written and the Triton variants it
-launched for the first time (each one a compile, times its autotune candidates, on a cold GPU
-machine); ``run.log`` holds everything printed. At most 7 files, as the device tool returns 8.
+launched for the first time in this process (each a compile on a cold GPU machine; under the
+interpreter one config per autotuned kernel, on a GPU every candidate the pruner keeps; the two
+pytest stages run in their own processes and are not counted); ``run.log`` holds everything
+printed. At most 7 files, as the device tool returns 8.
 ``--dry-run`` runs every stage on this CPU through Triton's interpreter with tiny shapes and a
 2-test smoke of the tests (CI runs it). It measures; it never asserts a speed.
 """

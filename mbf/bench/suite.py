@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         timed, bytes_only = qlora_suite(cuda)
         collect(writer, timed, boundary_cases=False, cuda=cuda)
         for cfg in bytes_only:
-            row = train_step.measure_step_isolated(replace(cfg, steps=1))
+            row = train_step.measure_step_isolated(replace(cfg, warmup=0, steps=1))
             note = f"{cfg.dtype} emulated on this CPU: measured for its bytes; its time compares with nothing"
             row["extra_keys"] = [*row["extra_keys"], "note"]
             writer.append(make_row(device=device_name("cpu"), **row, note=note))

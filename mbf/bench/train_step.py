@@ -146,14 +146,34 @@ def _bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _quant_state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """bitsandbytes keeps an NF4 weight's absmax, code and their nested quantisation in the weight's
+    ``quant_state``, not in parameters or buffers: they count as weights too."""
+    out = []
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        for state in (qs, getattr(qs, "state2", None)):
+            out += [
+                getattr(state, a)
+                for a in ("absmax", "code", "offset")
+                if isinstance(getattr(state, a, None), torch.Tensor)
+            ]
+    return out
+
+
 def memory_bytes(step: Callable[[], None], model: torch.nn.Module, opt) -> dict:
     """What one step holds, by kind (bytes; they carry over from CPU to GPU, the times do not):
     ``weights_bytes`` (frozen parameters and buffers: NF4 codes, absmax, constants, or 16-bit weights),
-    ``adapter_bytes`` (trainable parameters; their gradients as much again), ``optimizer_bytes``
-    (AdamW's state) and ``activation_bytes`` (tensors saved for backward that are not weights, read by
-    ``saved_tensors_hooks`` during one more step)."""
+    ``adapter_bytes`` (trainable parameters; their gradients as much again), ``merged_adapter_bytes``
+    (mbf's frozen copy of the adapter: SLAO's merged adapter, which plain LoRA does not keep),
+    ``optimizer_bytes`` (AdamW's state) and ``activation_bytes`` (tensors saved for backward that
+    are not weights, read by ``saved_tensors_hooks`` during one more step)."""
+    merged = [b for n, b in model.named_buffers() if n.rpartition(".")[2] in ("merged_A", "merged_B")]
+    merged_ptrs = {b.untyped_storage().data_ptr() for b in merged}
     frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
-    weights = {t.untyped_storage().data_ptr() for t in frozen}
+    frozen = [t for t in frozen if t.untyped_storage().data_ptr() not in merged_ptrs]
+    frozen += _quant_state_tensors(model)
+    weights = {t.untyped_storage().data_ptr() for t in [*frozen, *merged]}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -170,12 +190,19 @@ def memory_bytes(step: Callable[[], None], model: torch.nn.Module, opt) -> dict:
     return {
         "weights_bytes": _bytes(frozen),
         "adapter_bytes": _bytes([p for p in model.parameters() if p.requires_grad]),
+        "merged_adapter_bytes": _bytes(merged),
         "optimizer_bytes": _bytes(state),
         "activation_bytes": sum(saved.values()),
     }
 
 
-MEMORY_KEYS = ("weights_bytes", "adapter_bytes", "optimizer_bytes", "activation_bytes")
+MEMORY_KEYS = (
+    "weights_bytes",
+    "adapter_bytes",
+    "merged_adapter_bytes",
+    "optimizer_bytes",
+    "activation_bytes",
+)
 
 
 def _step_fn(
