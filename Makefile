@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # SmolLM2 step instead of 0.9 s, and a 4x slower test suite); passive waiting costs nothing alone.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench bnb-wheel sweep sweep-conflict setup clean
+.PHONY: demo test bench bnb-wheel sweep sweep-paired sweep-conflict setup clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ bnb-wheel:
 # then the long order and the ablations' other seeds run); sweep-conflict: the stress test (reports/sweep/)
 sweep: $(STAMP)
 	STEPS=30 N_TRAIN=240 N_TEST=40 bash reports/sweep_real.sh reports/real-30
+
+# issue 21's re-run (reports/paired/, resumable): orders std1-std3 x seeds 0-2 x seq-lora, slao, multi-task,
+# ftba-mb, ftba-mba; 200 test examples per task, both scorers, chat prompts, paired intervals at the end
+sweep-paired: $(STAMP)
+	bash reports/sweep_paired.sh reports/paired
 
 sweep-conflict: $(STAMP)
 	bash reports/sweep.sh && bash reports/sweep_extra.sh

@@ -282,6 +282,7 @@ def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
         assert losses[0] == losses[1]
     printed = capsys.readouterr().out
     assert f"report: {out / 'compare' / 'compare.md'}" in printed and "(domains suite)" in printed
+    assert "SLAO − seq-lora: AA " in printed and "95% paired interval [" in printed  # the demo's last line
     text = (out / "compare" / "compare.md").read_text()
     assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text and "| multi-task | 0 |" in text
     assert results_file.read(out / "seq-lora")["options"]["init"] == "none"

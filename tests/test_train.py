@@ -453,3 +453,14 @@ def test_orthogonal_updates_run_projects_every_step(tmp_path):
         # task 2 began at A0 = D q (D: signs) and moved by ΔA with ΔA qᵀ = 0, so A qᵀ = D
         torch.testing.assert_close((l2.lora_A.detach() @ q.T).abs(), torch.eye(q.shape[0]), atol=1e-5, rtol=0)
         assert not torch.allclose(l2.lora_A.detach(), l1.lora_A.detach()), name  # it did train
+
+
+def test_offdiag_cells_can_use_fewer_test_examples(tmp_path):
+    """``offdiag_test``: the cells no metric reads (j < i < T-1) on the first N examples; the diagonal,
+    the next task and the final row keep every example."""
+    res = _run(tmp_path / "o", opts=dataclasses.replace(OPTS, offdiag_test=2))
+    sizes = [{(e["task"], e["adapter"]): len(e["ids"]) for e in predictions.read(tmp_path / "o", s)["evals"]}
+             for s in (1, 2, 3)]  # fmt: skip
+    assert sizes[1][("color", "merged")] == 2 and sizes[1][("first", "merged")] == 6
+    assert all(n == 6 for s in (sizes[0], sizes[2]) for n in s.values())
+    assert res["complete"] and res["train"]["offdiag_test"] == 2

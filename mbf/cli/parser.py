@@ -183,6 +183,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     _add_eval_args(g)
     g.add_argument(
+        "--offdiag-test",
+        type=_positive_int,
+        default=None,
+        help="evaluate the off-diagonal cells no metric reads (task j after stage i, j < i < T-1) on the "
+        "first N test examples only (default: all); AA, BWT, FWT and LA keep every example",
+    )
+    g.add_argument(
         "--max-length",
         type=_positive_int,
         default=None,

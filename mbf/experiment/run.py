@@ -152,8 +152,12 @@ class _Run:
             return stats
 
         def evaluate() -> tuple[list[dict], float]:
+            seen = self.tasks[: i + 2]
+            if self.opts.offdiag_test and i < len(self.tasks) - 1:  # cells no metric reads: fewer examples
+                n = self.opts.offdiag_test
+                seen = [replace(t, test=t.test[:n]) if j < i else t for j, t in enumerate(seen)]
             with cl.merged():  # what inference uses; the next task too, untrained yet (FWT)
-                records = self.evaluate(self.tasks[: i + 2], after=task.name)
+                records = self.evaluate(seen, after=task.name)
             best = headline(self.opts.scoring)
             if cl.config.schedule == "none":  # λ ≡ 1: the merged adapter is the fine-tuned one
                 return records, next(

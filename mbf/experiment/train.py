@@ -42,6 +42,7 @@ class TrainOptions:
     grad_accum: int = 1  # micro-batches per optimizer step (the paper: batch 1 x 8 accumulation)
     scoring: str = "generate"  # "generate" (exact match of greedy decoding), "rank" (best option), "both"
     prompt_format: str = "plain"  # "plain" text, or "chat": inside the model's chat template
+    offdiag_test: int | None = None  # off-diagonal cells (j < i < T-1, used by no metric): first N tests only
 
     def __post_init__(self) -> None:
         if self.grad_accum < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -54,6 +55,8 @@ class TrainOptions:
                 f"TrainOptions: lr={self.lr} and epochs={self.epochs} must be > 0, weight_decay="
                 f"{self.weight_decay} and warmup_steps={self.warmup_steps} >= 0"
             )
+        if self.offdiag_test is not None and self.offdiag_test < 1:
+            raise ValueError(f"TrainOptions: offdiag_test={self.offdiag_test} must be >= 1 or None")
         if self.scoring not in SCORERS:
             raise ValueError(f"TrainOptions: scoring {self.scoring!r} must be one of {', '.join(SCORERS)}")
         if self.prompt_format not in PROMPT_FORMATS:
