@@ -213,3 +213,17 @@ def test_a_step_reports_its_bytes_by_kind_and_nf4_holds_the_weights_in_a_quarter
         bnb = rows["peft-bnb4"]
         assert bnb["weights_bytes"] == nf4["weights_bytes"] and bnb["merged_adapter_bytes"] == 0
         assert bnb["adapter_bytes"] == adapter and bnb["optimizer_bytes"] == nf4["optimizer_bytes"]
+
+
+def test_the_bytes_by_kind_get_their_own_panel(tmp_path, monkeypatch):
+    from mbf.bench import plot
+
+    panels = []
+    real = plot._bytes_panel
+    monkeypatch.setattr(plot, "_bytes_panel", lambda ax, rows: real(ax, rows) or panels.append(rows))
+    held = dict(weights_bytes=2**20, adapter_bytes=2**10, optimizer_bytes=2**11, activation_bytes=2**21)
+    rows = [_row("peft-bnb4", 8.0, op="train_step", **held), _row("mbf", 6.0, op="train_step")]
+    (tmp_path / "q.json").write_text(json.dumps(rows))
+    plot_file(tmp_path / "q.json")
+    assert [[r["provider"] for r in rows] for rows in panels] == [["peft-bnb4"]]  # the rows with bytes
+    assert (tmp_path / "q.train_step.png").stat().st_size > 1000

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mbf._optional import pyplot
 from mbf.bench.rows import CASE_FIELDS, RESULTS_DIR, WILDCARD_FIELDS, case_label, ratio_label, same_case
+from mbf.bench.train_step import MEMORY_KEYS
 from mbf.io import atomic_write
 
 __all__ = ["main", "plot_file", "plot_op"]
@@ -50,16 +51,32 @@ def _panel(ax, rows: list[dict], cases: list[dict], providers: list[str], key: s
     ax.grid(axis="y", alpha=0.3)
 
 
+def _bytes_panel(ax, rows: list[dict]) -> None:
+    """Stacked bars: what each row's step holds, by kind (``train_step.memory_bytes``), in MiB."""
+    bottom = [0.0] * len(rows)
+    for key in MEMORY_KEYS:
+        values = [r.get(key, 0) / 2**20 for r in rows]
+        ax.bar(
+            range(len(rows)), values, 0.6, bottom=bottom, label=key.removesuffix("_bytes").replace("_", " ")
+        )
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['provider']}\n{r.get('dtype', '')}" for r in rows], fontsize=6)
+    ax.set_ylabel("held by one step, by kind (MiB)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def plot_op(rows: list[dict], path: Path) -> Path:
     """The figure of one op's rows, written to ``path``."""
     plt = pyplot()
     cases = _cases(rows)
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     memory = [r for r in rows if r.get("peak_mem_bytes") is not None]
-    fig, axes = plt.subplots(
-        1, 2 if memory else 1, figsize=((2 if memory else 1) * max(6, 0.9 * len(cases) + 3), 4.8)
-    )
-    axes = list(axes) if memory else [axes]
+    held = [r for r in rows if any(k in r for k in MEMORY_KEYS)]
+    panels = 1 + bool(memory) + bool(held)
+    fig, axes = plt.subplots(1, panels, figsize=(panels * max(6, 0.9 * len(cases) + 3), 4.8))
+    axes = list(axes) if panels > 1 else [axes]
     _panel(axes[0], rows, cases, providers, "ms", annotate=True)
     axes[0].set_yscale("log")
     axes[0].margins(y=0.15)  # room for the ratio labels above the bars
@@ -72,6 +89,8 @@ def plot_op(rows: list[dict], path: Path) -> Path:
         scaled = [{**r, "peak_gib": r["peak_mem_bytes"] / 2**30} for r in memory]
         _panel(axes[1], scaled, cases, providers, "peak_gib", annotate=False)
         axes[1].set_ylabel("peak memory (GiB)")
+    if held:
+        _bytes_panel(axes[-1], held)
     fig.suptitle(f"{rows[0]['op']} — {rows[0]['device']} — {rows[0]['date']}", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
