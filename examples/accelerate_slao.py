@@ -1,14 +1,21 @@
 """SLAO with Hugging Face accelerate: one process per GPU (or CPU process), the same code on every rank.
 
-    accelerate launch --num_processes 2 examples/accelerate_slao.py          # 2 GPUs (DDP)
-    accelerate launch --cpu --num_processes 2 examples/accelerate_slao.py    # 2 CPU processes (gloo)
-    python examples/accelerate_slao.py                                       # one process
+    torchrun --standalone --nproc-per-node 2 examples/accelerate_slao.py   # 2 processes: CPU (gloo) or GPUs
+    accelerate launch --num_processes 2 examples/accelerate_slao.py        # 2 GPUs (DDP)
+    python examples/accelerate_slao.py                                     # one process
+
+On a machine without a GPU the script asks accelerate for its CPU mode, so ``torchrun`` gives one
+world of 2 ranks over gloo. (``accelerate launch --cpu --num_processes 2`` starts one process only:
+accelerate's launcher spreads CPU processes with MPI, not by itself; use ``torchrun`` on CPUs.)
 
 Every rank runs every task boundary (``begin_task`` / ``end_task``) and ``save``: the adapters
-stay identical replicas (DDP) and ``mbf`` checks that no rank skips one. Rank 0 writes the files.
-Tiny random Llama and random token data, so it runs anywhere in seconds: swap in your model and
-your tasks' data loaders.
+stay identical replicas (DDP) and ``mbf`` checks that no rank skips one. Rank 0 writes the files. At
+the end every rank compares its adapters with the others' and says whether they agree (CI runs the
+``torchrun`` line with 2 CPU processes and checks it). Tiny random Llama and random token data, so it
+runs anywhere in seconds: swap in your model and your tasks' data loaders.
 """
+
+import argparse
 
 import torch
 from accelerate import Accelerator
@@ -24,7 +31,12 @@ def task_batches(task: int, steps: int, batch: int = 4, length: int = 16) -> lis
 
 
 def main() -> None:
-    accelerator = Accelerator()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/accelerate-slao", help="where rank 0 saves SLAO's state")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per task")
+    args = parser.parse_args()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU: gloo across torchrun's ranks
+    accelerator.print(f"world {accelerator.num_processes} ({accelerator.distributed_type.value})")
     torch.manual_seed(0)  # the same base weights and adapter init on every rank
     model = LlamaForCausalLM(
         LlamaConfig(
@@ -42,15 +54,22 @@ def main() -> None:
     for task in range(3):
         cl.begin_task()  # every rank
         opt = accelerator.prepare(torch.optim.AdamW(cl.trainable_parameters(), lr=1e-2))
-        for ids in task_batches(task, steps=10):
+        for ids in task_batches(task, steps=args.steps):  # your DataLoader, through accelerator.prepare
             loss = wrapped(input_ids=ids.to(accelerator.device), labels=ids.to(accelerator.device)).loss
             accelerator.backward(loss)
             opt.step()
             opt.zero_grad()
         cl.end_task()  # every rank: the time-aware merge
         accelerator.print(f"task {task + 1}: loss {loss.item():.3f}, lambda {cl.lam(task + 1):.3f}")
-    cl.save("runs/accelerate-slao")  # every rank calls it; rank 0 writes
-    accelerator.print("saved runs/accelerate-slao (ContinualLoRA.load(model, path) reads it back)")
+    cl.save(args.out)  # every rank calls it; rank 0 writes
+    # every rank's adapters, both of them, as one fingerprint: replicas must be equal
+    tensors = cl.state_dict()["tensors"]
+    mine = torch.stack([tensors[k].double().sum() for k in sorted(tensors)]).to(accelerator.device)
+    every = accelerator.gather(mine[None])  # (world, n)
+    if not torch.equal(every, mine[None].expand_as(every)):
+        raise SystemExit(f"rank {accelerator.process_index}: the ranks' adapters differ")
+    accelerator.print(f"ranks agree: {accelerator.num_processes} identical replicas after 3 tasks")
+    accelerator.print(f"saved {args.out} (ContinualLoRA.load(model, path) reads it back)")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,8 @@ def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path,
     saved["complete"] = False
     for key in ("stages", "accuracy", "per_task"):
         saved[key] = saved[key][:2]
+    saved["checkpoint"] = "checkpoints/task-02"
+    (run / "checkpoints" / "task-05").rename(run / "checkpoints" / "task-02")
     results_file.write(run, saved)
     assert main(["eval", "--run", str(run)]) == 0
     captured = capsys.readouterr()

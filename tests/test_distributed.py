@@ -23,3 +23,21 @@ def test_fsdp2_boundaries_merge_save_and_load(tmp_path):
 
 def test_ddp_replicas_agree_and_a_rank_that_skips_a_boundary_is_an_error(tmp_path):
     _spawn("ddp_and_a_skipping_rank", tmp_path)
+
+
+def test_the_multi_process_example_starts_two_ranks_that_agree(tmp_path):
+    """The README's CPU command for examples/accelerate_slao.py: one world of 2 gloo ranks, replicas equal."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("accelerate", reason="needs accelerate (pip install accelerate)")
+    example = Path(__file__).parent.parent / "examples" / "accelerate_slao.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(example), "--out", str(tmp_path / "state"), "--steps", "4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world 2 (MULTI_CPU)" in done.stdout and "ranks agree: 2 identical replicas" in done.stdout
+    assert (tmp_path / "state" / "continual.json").is_file()

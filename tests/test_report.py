@@ -33,7 +33,7 @@ def _synthetic(
             **META,
         }
     )
-    for task, row in zip(tasks, rows):
+    for i, (task, row) in enumerate(zip(tasks, rows)):
         stats = {"steps": 4, "first_loss": 3.0, "final_loss": 1.0}
         results_file.add_stage(
             results,
@@ -44,7 +44,7 @@ def _synthetic(
             eval_s=1.0,
             adapter_bytes=4096,
             peak_rss_mb=100.0,
-            checkpoint="checkpoints/x",
+            checkpoint=f"checkpoints/task-{i + 1:02d}" if config else None,
         )
     if done:
         results_file.finish(results)
@@ -91,6 +91,7 @@ def test_compare_names_the_incomplete_runs_it_leaves_out(tmp_path):
     saved = results_file.read(cut)  # stopped after task 2 of 3
     for key in ("stages", "accuracy", "per_task"):
         saved[key] = saved[key][:2]
+    saved["checkpoint"] = "checkpoints/task-02"
     results_file.write(cut, saved)
     text = compare_runs([a, b, cut], tmp_path / "cmp4")[0].read_text()
     assert "| slao | 1, 2 |" in text

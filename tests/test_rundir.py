@@ -62,3 +62,19 @@ def test_only_this_runs_checkpoints_are_pruned(tmp_path):
         (ckpts / name).mkdir(parents=True)
     rundir.prune_checkpoints(tmp_path, keep="task-03")
     assert sorted(p.name for p in ckpts.iterdir()) == ["mine", "task-03", "task-2b", "task-final"]
+
+
+def test_a_users_file_inside_a_task_folder_is_never_deleted(tmp_path):
+    """``checkpoints/task-07/notes.txt``: refused as --out, never pruned (it used to go after task 1)."""
+    notes = tmp_path / "checkpoints" / "task-07" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"holds no mbf run \(checkpoints\)"):
+        rundir.check_out(tmp_path, resume=False)
+    ours = tmp_path / "checkpoints" / "task-01"
+    ours.mkdir()
+    (ours / "continual.json").write_text("{}")
+    (ours / "adapters-0123456789ab.safetensors").write_bytes(b"")
+    (ours / ".continual.json.k2j3.json").write_text("")  # a temporary a kill -9 left
+    rundir.prune_checkpoints(tmp_path, keep="task-02")
+    assert notes.read_text() == "my notes" and not ours.exists()

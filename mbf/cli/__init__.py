@@ -10,6 +10,7 @@ mbf bench                                                          # training-st
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -34,6 +35,10 @@ USER_ERRORS = (
     OverflowError,
     MissingDependency,
 )
+
+
+# OSErrors a user can fix: no space or quota left, a read-only file system, no permission
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except _user_errors() as e:
         if os.environ.get("MBF_DEBUG"):
+            raise
+        print(f"mbf: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only --out or model cache: the user's to fix, in one line
+        if os.environ.get("MBF_DEBUG") or e.errno not in USER_ERRNOS:
             raise
         print(f"mbf: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -60,7 +60,8 @@ def _load(args, qlora: object = None, *, prompt_format: str = "plain"):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     name = args.model or f"{DEFAULT_MODEL} (embedded)"
     dtype = str(model.dtype).removeprefix("torch.")
-    print(f"model {name} loaded in {time.time() - t0:.1f} s ({dtype}, --dtype {args.dtype})", file=sys.stderr)
+    asked = "auto: " + args.dtype_note if getattr(args, "dtype_note", None) else args.dtype
+    print(f"model {name} loaded in {time.time() - t0:.1f} s ({dtype}, --dtype {asked})", file=sys.stderr)
     if qlora:
         lora = None if qlora is True else qlora
         n = quantize_base(model, lora)
@@ -151,19 +152,18 @@ def cmd_continual(args) -> int:
     run = dict(method=args.method, config=config, lora=preset.lora, opts=preset.train, meta=meta)
     if args.resume:  # the model's own settings (dtype, weights) are checked once it is loaded
         check_resume(out, run_settings(tasks=tasks, **run), args.accept_changes)
-    with lock(out):  # another process writing --out: said now, not after the model has loaded
-        pass  # run_continual takes the lock for the run itself
-    model, codec = _load(args, _qlora(preset.lora), prompt_format=preset.train.prompt_format)
-    results = run_continual(
-        model,
-        codec,
-        tasks,
-        out,
-        **run,
-        resume=args.resume,
-        zero_shot_cache=cache_dir() / "zero-shot",
-        accept_changes=args.accept_changes,
-    )
+    with lock(out, for_callees=True):  # from before the model loads to the end (run_continual's lock)
+        model, codec = _load(args, _qlora(preset.lora), prompt_format=preset.train.prompt_format)
+        results = run_continual(
+            model,
+            codec,
+            tasks,
+            out,
+            **run,
+            resume=args.resume,
+            zero_shot_cache=cache_dir() / "zero-shot",
+            accept_changes=args.accept_changes,
+        )
     m = results["metrics"]
     fmt = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
     scores = f"AA {fmt(m['AA'])}%  BWT {fmt(m['BWT'])}  FWT {fmt(m.get('FWT'))} points"
@@ -176,6 +176,13 @@ def cmd_compare(args) -> int:
     """``mbf compare``: prints compare.md and writes it with compare.png."""
     from mbf.experiment.report import compare_runs
 
+    seen: dict[str, str] = {}
+    for given in args.runs:  # a run directory or its results.json: one run counted twice is not two seeds
+        path = Path(given)
+        key = os.path.realpath(path.parent if path.name == "results.json" else path)
+        if key in seen:
+            raise ValueError(f"{given}: the same run as {seen[key]} (given twice); each run counts once")
+        seen[key] = given
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare"
     md, png = compare_runs(args.runs, out, baseline=None if args.baseline == "none" else args.baseline)
     print(md.read_text())
@@ -204,9 +211,19 @@ def cmd_eval(args) -> int:
                   f"trained; not trained yet: {', '.join(untrained)} (scored as the adapter stands)",
                   file=sys.stderr)  # fmt: skip
         checkpoint = Path(args.run) / saved["checkpoint"]
+        for key in ("suite", "order"):  # given with --run: they must be the run's own
+            given = getattr(args, key, None)
+            if given is not None and key in saved and given != saved[key]:
+                raise ValueError(f"--{key} {given}: the run was trained on the {saved[key]} {key}; --run "
+                                 f"evaluates on the run's own tasks (drop --{key})")  # fmt: skip
         for key in ("suite", "suite_seed", "n_train", "n_test", "data_dir", "order"):  # the run's own tasks
             if key in saved:
                 setattr(args, key, saved[key])
+        if args.dtype == "auto":  # the base the run trained on (older files: float32)
+            args.dtype, args.dtype_note = results_file.base_dtype(saved), "the run's"
+        elif args.dtype != (trained_in := results_file.base_dtype(saved)):
+            print(f"mbf: note: {args.run} trained on a {trained_in} base; scored here in {args.dtype} "
+                  "(--dtype): the scores may differ from its own", file=sys.stderr)  # fmt: skip
         args.max_length = saved["train"]["max_length"]  # the prompts the run was scored on, as written
         args.prompt_format = saved["train"].get("prompt_format", "plain")  # older runs: plain
         if not args.model and saved.get("model") != DEFAULT_MODEL:
@@ -214,6 +231,7 @@ def cmd_eval(args) -> int:
         targets = saved["lora"]["target_modules"]
         saved_lora = LoRAConfig(target_modules=targets, quantize=saved["lora"].get("quantize"))
         qlora = _qlora(saved_lora)  # the run's base, as it was trained
+    args.suite = args.suite or "real"
     tasks, _ = _tasks(args)
     if args.run and saved.get("data_fingerprint") not in (None, tasks_fingerprint(tasks)):
         print(f"mbf: warning: the run's tasks now hold other examples than {args.run} used (its data changed "

@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", choices=("merged", "finetuned"), default="merged", help="which adapter to use"
     )
     _add_suite_args(e)
+    e.set_defaults(suite=None)  # with --run, the run's own suite; else real (a --suite given must agree)
     _add_model_args(e)
     _add_eval_args(e)
     e.add_argument(

@@ -56,6 +56,7 @@ Schema ``"mbf-continual-results/1"``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -195,13 +196,40 @@ def read(path: str | Path) -> dict:
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema != SCHEMA:
         raise ValueError(f"{path}: schema {schema!r} is not {SCHEMA!r}")
+    _check(path, data)
     return data
 
 
+def _digest(results: dict) -> str:
+    """SHA-256 of every field but ``sha256`` itself, in a canonical JSON form."""
+    body = {k: v for k, v in results.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def _check(path: Path, data: dict) -> None:
+    """Refuse a results file that was edited (its checksum) or whose parts disagree: the scores, the
+    stages and the checkpoint that --resume and ``mbf eval --run`` trust. Files older than the checksum
+    have none; their structure is still checked."""
+    if "sha256" in data and data["sha256"] != _digest(data):
+        raise ValueError(
+            f"{path}: its SHA-256 differs from its content: the file was edited or damaged after mbf wrote it"
+        )
+    n = len(data.get("stages") or [])
+    for key in ("accuracy", "per_task"):
+        if len(data.get(key) or []) != n:
+            raise ValueError(f"{path}: {key} has {len(data.get(key) or [])} entries for {n} stages")
+    checkpoint, want = data.get("checkpoint"), f"checkpoints/task-{n:02d}"
+    continual = data.get("options") is not None  # multi-task keeps no checkpoint
+    if (checkpoint is not None or (continual and n)) and checkpoint != want:
+        raise ValueError(f"{path}: checkpoint={checkpoint!r} is not the last stage's ({want!r})")
+
+
 def write(run_dir: str | Path, results: dict) -> Path:
-    """Write ``run_dir/results.json`` atomically: readers see the previous stage's or this one's.
+    """Write ``run_dir/results.json`` atomically (with its ``sha256``): readers see the previous stage's
+    or this one's.
 
     Raises:
         ValueError: on a NaN or infinite number (the file stays as it was).
     """
+    results["sha256"] = _digest(results)
     return atomic_write_json(results, Path(run_dir) / "results.json")

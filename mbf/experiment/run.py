@@ -255,7 +255,7 @@ def run_continual(
     settings = {
         **run_settings(method=method, config=config, tasks=tasks, lora=lora, opts=opts, meta=meta),
         "dtype": model_dtype(model),
-        "model_fingerprint": weights_fingerprint(model),
+        "model_fingerprint": weights_fingerprint(model, legacy=resume and rundir.legacy_fingerprint(out)),
     }
     rundir.check_out(out, resume)  # before the lock creates the directory or its lock file
     with rundir.lock(out):
@@ -280,8 +280,11 @@ def run_continual(
             if not done:
                 run.multi_task_stage()
             return results
-        if done:
-            cl = ContinualLoRA.load(model, out / results["checkpoint"])
+        if done:  # with the method given (an --accept-changes resume applies the change)
+            cl = ContinualLoRA.load(model, out / results["checkpoint"], config=config)
+            if cl.task_index != done:
+                raise ValueError(f"{out / results['checkpoint']} holds {cl.task_index} finished tasks, "
+                                 f"results.json records {done}: the run's files disagree")  # fmt: skip
             log(f"resuming {out} after task {done}/{len(tasks)} ({tasks[done - 1].name})")
         else:
             cl = ContinualLoRA(model, config)

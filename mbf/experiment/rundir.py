@@ -4,9 +4,10 @@
   The kernel drops it when the process dies (``kill -9`` included), so a crash never leaves a
   stale lock; a second process on the same directory fails at once, naming the holder's pid.
 - ``check_out(out, resume)``: ``--out`` must be new, empty, or a run (it holds ``results.json``);
-  a directory of other files is refused rather than written into.
-- ``prune_checkpoints(out, keep)``: removes ``checkpoints/task-NN`` folders of this run other than
-  ``keep``; nothing else under ``checkpoints/`` is ever deleted.
+  a directory of other files is refused rather than written into; ``--resume`` needs it to exist.
+- ``prune_checkpoints(out, keep)``: removes ``checkpoints/task-NN`` folders other than ``keep`` that
+  hold only checkpoint files; nothing else under ``checkpoints/`` (a user's file in a ``task-NN``
+  folder included) is ever deleted.
 - ``check_resume(out, settings)``: ``--resume`` continues a run only with the settings it was started
   with (training, data, method, LoRA, model); otherwise the remaining tasks would train and test on
   other data or settings than results.json records. The error lists every difference.
@@ -27,11 +28,17 @@ from mbf.config import ContinualConfig, LoRAConfig
 from mbf.experiment import results as results_file
 from mbf.experiment.train import TrainOptions
 
-__all__ = ["RunLocked", "check_out", "check_resume", "lock", "prune_checkpoints", "resume_differences"]
+__all__ = [
+    "RunLocked", "check_out", "check_resume", "legacy_fingerprint", "lock", "prune_checkpoints",
+    "resume_differences",
+]  # fmt: skip
 
 LOCK_NAME = ".mbf-lock"
 RESULTS = "results.json"
 _CHECKPOINT = re.compile(r"task-\d{2,}")  # what run.py names them: task-01, task-02, ...
+
+
+_HELD: set[str] = set()  # run directories locked with for_callees=True by this process
 
 
 class RunLocked(FileExistsError):
@@ -39,13 +46,21 @@ class RunLocked(FileExistsError):
 
 
 @contextlib.contextmanager
-def lock(out: str | Path) -> Iterator[Path]:
+def lock(out: str | Path, for_callees: bool = False) -> Iterator[Path]:
     """Hold ``out``'s lock while the block runs.
+
+    ``for_callees``: a ``lock`` of the same directory inside the block is this one (the command holds
+    the lock from before its model loads, and the run it calls takes it again); without it, any
+    second ``lock`` is refused, in this process as in another.
 
     Raises:
         RunLocked: another live process holds it (its pid is named).
     """
     out = Path(out)
+    key = os.path.realpath(out)
+    if key in _HELD:  # held for this process's callees (the command, then its run): already taken
+        yield out
+        return
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -57,7 +72,12 @@ def lock(out: str | Path) -> Iterator[Path]:
                             "choose another --out") from None  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield out
+        if for_callees:
+            _HELD.add(key)
+        try:
+            yield out
+        finally:
+            _HELD.discard(key)
     finally:
         os.close(fd)  # releases the flock; the file stays (harmless: the lock is the flock)
 
@@ -66,12 +86,27 @@ def lock(out: str | Path) -> Iterator[Path]:
 _TEMPORARY = re.compile(r"\.(results\.json|results\.md|accuracy\.png)\..+")
 
 
+# what ContinualLoRA.save writes into a checkpoint folder, and the temporaries a kill -9 may leave there
+_SAVED = r"(continual\.json|adapters-[0-9a-f]+\.safetensors)"
+_CHECKPOINT_FILE = re.compile(rf"{_SAVED}|\.{_SAVED}\..+")
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A ``task-NN`` folder holding only what ``ContinualLoRA.save`` writes: this run's (or an earlier
+    run's) checkpoint, never a user's folder, whatever its name."""
+    return (
+        folder.is_dir()
+        and _CHECKPOINT.fullmatch(folder.name) is not None
+        and all(f.is_file() and _CHECKPOINT_FILE.fullmatch(f.name) for f in folder.iterdir())
+    )
+
+
 def _ours(p: Path) -> bool:
     """What a run killed before its first commit (results.json) can leave: the lock file, a temporary
-    file, a ``checkpoints/`` of ``task-NN`` folders only. Such a directory is started again, not refused."""
+    file, a ``checkpoints/`` of checkpoint folders only. Such a directory is started again, not refused."""
     if p.name == LOCK_NAME or _TEMPORARY.fullmatch(p.name):
         return True
-    return p.name == "checkpoints" and p.is_dir() and all(_CHECKPOINT.fullmatch(c.name) for c in p.iterdir())
+    return p.name == "checkpoints" and p.is_dir() and all(_is_checkpoint(c) for c in p.iterdir())
 
 
 def check_out(out: str | Path, resume: bool) -> None:
@@ -86,6 +121,8 @@ def check_out(out: str | Path, resume: bool) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory")
+    if resume and not out.exists():
+        raise FileNotFoundError(f"--resume: {out} does not exist: no run to resume (drop --resume to start)")
     if (out / RESULTS).exists():
         if not resume:
             raise FileExistsError(
@@ -106,7 +143,7 @@ def prune_checkpoints(out: str | Path, keep: str) -> None:
     if not folder.is_dir():
         return
     for old in folder.iterdir():
-        if old.is_dir() and _CHECKPOINT.fullmatch(old.name) and old.name != keep:
+        if old.name != keep and _is_checkpoint(old):
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -137,7 +174,7 @@ def _normalised(key: str, value):
 
 def _show(key: str, value) -> str:
     if key.endswith("fingerprint") and isinstance(value, str):
-        return value[:12]
+        return value.rpartition(":")[2][:12]  # "sha256:<hex>" or an older file's bare hex
     return repr(value)
 
 
@@ -163,6 +200,16 @@ def resume_differences(saved: dict, settings: dict) -> list[str]:
         elif was != now:
             diffs.append(f"{key}: {_show(key, was)} -> {_show(key, now)}")
     return diffs
+
+
+def legacy_fingerprint(out: str | Path) -> bool:
+    """True when the run in ``out`` recorded its model with the older fingerprint (of each tensor's first
+    and last 64 values): a resume compares it with the same one."""
+    try:
+        saved = results_file.read(out).get("model_fingerprint")
+    except (FileNotFoundError, ValueError):
+        return False
+    return isinstance(saved, str) and ":" not in saved
 
 
 def check_resume(out: str | Path, settings: dict, accept_changes: bool = False) -> dict | None:

@@ -25,28 +25,33 @@ __all__ = ["fingerprint", "weights_fingerprint", "zero_shot_records"]
 
 
 @torch.no_grad()
-def _hash_weights(h, model: nn.Module) -> None:
+def _hash_weights(h, model: nn.Module, legacy: bool = False) -> None:
+    """Every parameter's name, shape, dtype and bytes (``legacy``: its first and last 64 values only,
+    the fingerprint of runs recorded before: a model that differs elsewhere passed for the same)."""
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(torch.cat([flat[:64], flat[-64:]]).float().numpy().tobytes())
+        if legacy:
+            h.update(torch.cat([flat[:64], flat[-64:]]).float().numpy().tobytes())
+        else:
+            h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every parameter's name, shape, dtype and first and last 64 values: which model a
-    run trained (results.json ``model_fingerprint``), whatever path it was loaded from."""
+def weights_fingerprint(model: nn.Module, legacy: bool = False) -> str:
+    """``"sha256:<hex>"`` over every parameter's name, shape, dtype and values: which model a run trained
+    (results.json ``model_fingerprint``), whatever path it was loaded from. ``legacy``: the bare hex of
+    the older fingerprint, to compare with a run that recorded one."""
     h = hashlib.sha256()
-    _hash_weights(h, model)
-    return h.hexdigest()
+    _hash_weights(h, model, legacy)
+    return h.hexdigest() if legacy else f"sha256:{h.hexdigest()}"
 
 
 @torch.no_grad()
 def fingerprint(
     model: nn.Module, codec: Codec, tasks: list[Task], max_length: int, scoring: str = "generate"
 ) -> str:
-    """SHA-256 over every parameter's name, shape, dtype and first and last 64 values, over the
-    encoded test prompts and answers, and over the scorers: cheap (no pass over the weights) and
-    specific enough that two checkpoints or two test sets never share an entry."""
+    """SHA-256 over every parameter (as ``weights_fingerprint``), over the encoded test prompts and
+    answers, and over the scorers: two checkpoints or two test sets never share an entry."""
     h = hashlib.sha256()
     _hash_weights(h, model)
     h.update(f"scoring={scoring}".encode())

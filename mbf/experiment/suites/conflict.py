@@ -26,6 +26,9 @@ COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink", "
 FRUITS = ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum")
 OBJECTS = ("table", "chair", "spoon", "knife", "cup", "lamp", "door", "bed", "shoe", "hat", "box", "pen")
 
+# every input is one word of each kind in one of 4! orders: 342,144 distinct inputs
+DISTINCT_INPUTS = len(ANIMALS) * len(COLORS) * len(FRUITS) * len(OBJECTS) * 24
+
 # (name, instruction, which word of the shuffled (animal, color, fruit, object) list is the answer)
 BUILTIN_TASKS = (
     ("color", "Which word is a color?", lambda words, cats: words[cats.index("color")]),
@@ -53,12 +56,18 @@ def conflict_suite(seed: int = 0, n_train: int = 300, n_test: int = 100, n_tasks
     Test inputs never occur in the same task's training set. Same seed, same suite.
 
     Raises:
-        ValueError: on ``n_tasks`` outside ``[1, 5]`` or non-positive sizes.
+        ValueError: on ``n_tasks`` outside ``[1, 5]``, non-positive sizes, or more examples than the
+            suite has distinct inputs.
     """
     if not 1 <= n_tasks <= len(BUILTIN_TASKS):
         raise ValueError(f"n_tasks={n_tasks} must be in [1, {len(BUILTIN_TASKS)}]")
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train={n_train} and n_test={n_test} must be positive")
+    if n_train + n_test > DISTINCT_INPUTS:  # train never repeats an input nor uses a test one: no end
+        raise ValueError(
+            f"n_train={n_train} + n_test={n_test} is more than the conflict suite's {DISTINCT_INPUTS:,} "
+            "distinct inputs"
+        )
     tasks = []
     for t, (name, instruction, answer) in enumerate(BUILTIN_TASKS[:n_tasks]):
         # str seeds hash deterministically; the suite's old name keeps committed runs reproducible
