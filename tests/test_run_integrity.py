@@ -204,3 +204,36 @@ def test_a_run_that_recorded_the_older_fingerprint_still_resumes(runs, tmp_path)
     _edit(run, lambda d: d.__setitem__("model_fingerprint", weights_fingerprint(tiny_llama(1), legacy=True)))
     with pytest.raises(ValueError, match=r"model_fingerprint: \w{12} -> \w{12}"):
         _run(run, resume=True)
+
+
+# -- O-LoRA / SAPT folders ----------------------------------------------------------------------------------
+
+
+def _benchmark(tmp_path):
+    from pathlib import Path
+
+    root = tmp_path / "CL_Benchmark"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "cl_benchmark", root)
+    return root
+
+
+def test_a_label_missing_from_labels_json_is_named(tmp_path):
+    from mbf.experiment.suites.olora import load_benchmark
+
+    root = _benchmark(tmp_path)
+    labels = root / "SC" / "amazon" / "labels.json"
+    labels.write_text(json.dumps(["negative", "neutral", "positive"]))
+    with pytest.raises(ValueError, match=r"amazon/train.json: record 0: label 'very positive' is not in"):
+        load_benchmark(root, ["amazon"])
+
+
+def test_two_folders_for_one_task_or_a_task_given_twice_are_refused(tmp_path):
+    from mbf.experiment.suites.olora import load_benchmark
+    from mbf.experiment.tasks import check_tasks
+
+    root = _benchmark(tmp_path)
+    with pytest.raises(ValueError, match=r"task 'dbpedia' is given twice"):
+        check_tasks(load_benchmark(root, ["dbpedia", "amazon", "dbpedia"]))
+    shutil.copytree(root / "TC" / "dbpedia", root / "Long_Sequence" / "dbpedia")
+    with pytest.raises(ValueError, match=r"2 folders for task 'dbpedia': .*Long_Sequence/dbpedia, .*TC/db"):
+        load_benchmark(root, ["dbpedia"])

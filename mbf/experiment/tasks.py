@@ -69,11 +69,16 @@ def check_tasks(tasks: list[Task]) -> None:
     """Refuse a suite a run cannot use, before any model is loaded.
 
     Raises:
-        ValueError: on no tasks, a task without training or test examples (naming the task and where
-            its examples came from), or an example whose input or output is not a string.
+        ValueError: on no tasks, a task given twice, a task without training or test examples (naming
+            the task and where its examples came from), or an example whose input or output is not a
+            string.
     """
     if not tasks:
         raise ValueError("the suite has no tasks")
+    names = [t.name for t in tasks]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:  # one task trained twice would count twice in AA and BWT
+        raise ValueError(f"task {twice!r} is given twice in the order ({', '.join(names)})")
     for t in tasks:
         where = f" ({t.source})" if t.source else ""
         for split, examples in (("training", t.train), ("test", t.test)):

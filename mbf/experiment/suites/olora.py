@@ -126,7 +126,7 @@ def load_task_dir(
     Raises:
         FileNotFoundError: when the folder lacks a train or a test/dev file.
         ValueError: on a file that is not UTF-8 JSON, a record that is not an object or lacks an input
-            or an output (each naming the file).
+            or an output, or a label missing from ``labels.json`` (each naming the file).
     """
     folder = Path(folder)
     name = name or folder.name
@@ -144,6 +144,10 @@ def load_task_dir(
     instruction = definition or _FAMILY_INSTRUCTIONS.get(folder.parent.name, _DEFAULT_INSTRUCTION)
     train = [_to_example(r, train_path, i) for i, r in enumerate(train_recs)][:max_train]
     test = [_to_example(r, test_path, i) for i, r in enumerate(test_recs)][:max_test]
+    for path, examples in ((train_path, train), (test_path, test)):
+        for i, ex in enumerate(examples):
+            if labels and ex.output not in labels:  # never an answer the prompt's options cannot give
+                raise ValueError(f"{path}: record {i}: label {ex.output!r} is not in {folder}/labels.json")
     classification = labels or len({ex.output for ex in train}) <= CLASSIFICATION_MAX_LABELS
     metric = "exact" if classification else "rougeL"
     return Task(name, instruction, train, test, labels=list(labels), metric=metric, source=str(folder))
@@ -157,6 +161,9 @@ def _task_folder(data_dir: Path, name: str) -> Path:
         raise FileNotFoundError(
             f"{data_dir}: no folder for task {name!r} (looked for {sorted(wanted)} with train.json)"
         )
+    if len(hits) > 1:  # which one a run used would depend on the search order
+        shown = ", ".join(str(p.relative_to(data_dir)) for p in hits)
+        raise ValueError(f"{data_dir}: {len(hits)} folders for task {name!r}: {shown}; keep one")
     return hits[0]
 
 
