@@ -54,21 +54,21 @@ def main() -> None:
     rows = [("generate, before", lambda t, o: before(model, codec, t, o), "generate")]
     for scoring in ("generate", "rank", "both"):
         rows.append((f"{scoring}, after", lambda t, o: score_task(model, codec, t, o), scoring))
-    base = None
-    for name, fn, scoring in rows:
-        opts = TrainOptions(max_length=args.max_length, scoring=scoring, prompt_format=args.prompt_format)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            scores = [fn(t, opts) for t in tasks]
-        dt = time.perf_counter() - t0
-        base = base or n / dt
-        acc = [
-            s if isinstance(s, float) else " / ".join(f"{r['score']:.2f}" for r in s.values()) for s in scores
-        ]
-        print(
-            f"{name:18s} {n / dt:6.2f} examples/s  ({(n / dt) / base:.2f}x)  {dt:6.1f} s   scores {acc}",
-            flush=True,
-        )
+    # interleaved, task by task, so that a change in the machine's load falls on every row alike
+    seconds, scores = {name: 0.0 for name, _, _ in rows}, {name: [] for name, _, _ in rows}
+    for t in tasks:
+        for name, fn, scoring in rows:
+            opts = TrainOptions(max_length=args.max_length, scoring=scoring, prompt_format=args.prompt_format)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                s = fn(t, opts)
+            seconds[name] += time.perf_counter() - t0
+            text = f"{s:.2f}" if isinstance(s, float) else "/".join(f"{r['score']:.2f}" for r in s.values())
+            scores[name].append(text)
+    base = n / seconds[rows[0][0]]
+    for name, _, _ in rows:
+        rate = n / seconds[name]
+        print(f"{name:18s} {rate:6.2f} examples/s  ({rate / base:.2f}x) {seconds[name]:6.1f} s", scores[name])
 
 
 if __name__ == "__main__":
