@@ -3,17 +3,20 @@
 Modules, in import order (each imports only those above it and the core):
 
 - ``methods``: method presets, name → ``ContinualConfig`` (``None``: the multi-task baseline);
-- ``presets``: the training presets (``quick``, the paper's);
 - ``metrics``: exact match, Rouge-L, AA, BWT and FWT;
 - ``tasks``: ``Task``/``Example`` and the prompt format (only the input is ever cut);
 - ``suites``: ``load_suite`` and the suites: ``real`` (installed data packages), ``domains`` and
   ``conflict`` (generated), ``olora`` (the O-LoRA/SAPT folders);
 - ``models``: the embedded SmolLM2 (converted once, cached), local checkpoints, the QLoRA base;
 - ``batches``: ``Codec`` (text ↔ ids) and left-padded batches;
-- ``train``: ``TrainOptions``, the answer-only loss, the optimizer loop;
-- ``evaluate``: greedy decoding with the KV cache, each task's score, a saved run re-evaluated;
-- ``zero_shot``: the bare model's scores (FWT's reference), cached by model and test-set fingerprint;
+- ``train``: ``TrainOptions`` (frozen), the answer-only loss, the optimizer loop;
+- ``presets``: the training presets, ``Preset(TrainOptions, LoRAConfig)`` instances (quick, paper);
+- ``evaluate``: every test example scored by greedy decoding and/or by ranking the options (one shared
+  prompt pass, the task's head cached once per batch), a saved run re-evaluated;
+- ``zero_shot``: the bare model's records (FWT's reference), cached by model and test-set fingerprint;
+- ``predictions``: the per-example predictions of every evaluation (``mbf-predictions/1``);
 - ``results``: the ``results.json`` schema (``mbf-continual-results/1``);
+- ``stats`` and ``paired``: paired-bootstrap intervals (pure), and those of ``mbf compare``;
 - ``plots`` and ``report``: a run's markdown and heatmap, comparisons of runs;
 - ``run``: ``run_continual``, a whole continual run, resumable after a crash.
 

@@ -1,8 +1,8 @@
 """Tasks: ``Example(input, output)`` lists under an instruction, and the one prompt format.
 
 A task is a name, an instruction, optionally the list of answer options, and lists of examples for
-training and testing; a suite (``mbf.experiment.suites``) is an ordered list of tasks. Prompts are
-plain text (no chat template: it would add ~20 tokens per example for nothing)::
+training and testing; a suite (``mbf.experiment.suites``) is an ordered list of tasks. A prompt is
+this text, inside the model's chat template with ``--prompt-format chat`` (``batches.Codec.chat``)::
 
     {instruction}
     Options: {label 1}, {label 2}, ...        (classification tasks only)
