@@ -194,7 +194,9 @@ class ContinualConfig:
     constant: float = 0.5  # λ of the "constant" schedule, in (0, 1]
     orthogonal_updates: bool = False  # keep each task's A updates out of the previous task's row space
     train: str = "AB"  # factors that train: "AB" (SLAO), "A" (B frozen), "B" (A frozen)
-    merge: str = "B"  # factors merged with λ: "B" (SLAO: A_m = A_ft), "A" (B_m = B_ft) or "AB"
+    # factors the time-aware merge averages with λ: "B" (SLAO: A_m = A_ft), "A" (B_m = B_ft) or "AB".
+    # (Not LoRALinear.merge(), which folds an adapter into W; files before the rename say "merge".)
+    merged_factors: str = "B"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -208,7 +210,7 @@ class ContinualConfig:
             # λ outside (0, 1] extrapolates past the fine-tuned adapter (or away from it)
             raise ValueError(f"ContinualConfig: constant λ={c!r} must be in (0, 1]")
         object.__setattr__(self, "constant", float(c))
-        for field in ("train", "merge"):
+        for field in ("train", "merged_factors"):
             value = getattr(self, field)
             if value not in FACTORS:
                 raise ValueError(f"ContinualConfig: {field}={value!r} must be one of {FACTORS}")
@@ -220,13 +222,18 @@ class ContinualConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ContinualConfig:
-        """Inverse of ``to_dict``. Raises ValueError naming an unknown field."""
+        """Inverse of ``to_dict`` (older field names too). Raises ValueError naming an unknown field."""
         return cls(**_known_fields(cls, data))
+
+
+RENAMED = {"merge": "merged_factors"}  # ContinualConfig's older field names -> the current ones
 
 
 def _known_fields(cls, data: dict) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__}: expected a mapping of fields, got {type(data).__name__}")
+    if cls is ContinualConfig:
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -10,16 +10,15 @@ Task ``i = task_index + 1``:
 
 The paper's merge-strategy ablations are two more options: ``train`` (which factors train: "AB",
 or "A" with B frozen — B then starts from a random init and A from zero, else the adapter would
-stay zero — or "B" with A frozen) and ``merge`` (which factors are merged with λ: "B" as SLAO,
-"A" with ``B_m ← B_ft``, or "AB"). E.g. FREB-MA is ``train="A", merge="A"``.
+stay zero — or "B" with A frozen) and ``merged_factors`` (which factors are merged with λ: "B" as SLAO,
+"A" with ``B_m ← B_ft``, or "AB"). E.g. FREB-MA is ``train="A", merged_factors="A"``.
 
 Strict mode (``orthogonal_updates=True``): during task ``i ≥ 2`` the fine-tuned A may only move
 orthogonally to the previous task's row space, ``A = A₀ + ΔA`` with ``ΔA Qᵀ = 0`` (``Q``: orthonormal
 rows of the previous task's A); see ``project_updates()``.
 
 State is two adapters per layer whatever the number of tasks. Sequential LoRA (the baseline that
-forgets) is ``init="none", schedule="none"``: the adapter trains on and on and the merged copy
-is the fine-tuned one.
+forgets) is ``init="none", schedule="none"``: the merged copy is the fine-tuned one.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from mbf import checkpoint, functional, reference
-from mbf.config import INITS, ContinualConfig
+from mbf.config import INITS, RENAMED, ContinualConfig
 from mbf.distributed import assign_, check_ranks, full, is_writer, world_size
 from mbf.inject import eject, inject, lora_layers
 from mbf.nn.lora import MODES
@@ -50,8 +49,8 @@ class ContinualLoRA:
 
     Args:
         model: a model with LoRA layers (see ``mbf.inject``).
-        config: the method (default ``ContinualConfig()``: SLAO). Keyword options (``schedule``,
-            ``init``, ``constant``, ``orthogonal_updates``, ``train``, ``merge``) override its fields.
+        config: the method (default ``ContinualConfig()``: SLAO); keyword options (its field names)
+            override its fields.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the QR and the merge.
         distributed: under DDP / FSDP2, every rank runs each task boundary, save and load, and a rank
             that does not is an error on all ranks (default: when torch.distributed is initialised
@@ -78,6 +77,7 @@ class ContinualLoRA:
         **options,
     ) -> None:
         config = config or ContinualConfig()
+        options = {RENAMED.get(k, k): v for k, v in options.items()}  # "merge": an old name
         unknown = sorted(set(options) - set(config.to_dict()))
         if unknown:
             raise ValueError(f"ContinualLoRA: unknown option(s) {', '.join(unknown)}")
@@ -186,8 +186,8 @@ class ContinualLoRA:
         whole = {f: self._whole(f) for f in "AB"}  # the fine-tuned factors, gathered once if sharded
         self._check_finite("fine-tuned adapter", list(zip(whole["A"], whole["B"])))
         lam = self.lam(self.task_index + 1)
-        merged = [m for f in "AB" if f in self.config.merge for m in self._merged(f)]
-        finetuned = [t for f in "AB" if f in self.config.merge for t in whole[f]]
+        merged = [m for f in "AB" if f in self.config.merged_factors for m in self._merged(f)]
+        finetuned = [t for f in "AB" if f in self.config.merged_factors for t in whole[f]]
         before = [m.clone() for m in merged]  # (out, r) / (r, in) each: insurance for all-or-nothing
         functional.time_aware_merge_(merged, finetuned, lam, backend=self.backend)
         try:  # overflow is possible with finite inputs: check the result before committing it
@@ -196,7 +196,7 @@ class ContinualLoRA:
             torch._foreach_copy_(merged, before)
             raise
         for f in "AB":  # the factor that is not merged is taken as it was fine-tuned (SLAO: A)
-            if f not in self.config.merge:
+            if f not in self.config.merged_factors:
                 torch._foreach_copy_(self._merged(f), whole[f])
         self.task_index += 1
         self.in_task = False

@@ -341,5 +341,5 @@ def test_preset_paper_and_training_flags_reach_the_run(tiny_checkpoint, tmp_path
         and res["train"]["weight_decay"] == 0.01
     )
     assert res["train"]["warmup_steps"] == 2 and res["lora"]["dropout"] == 0.1 and res["lora"]["r"] == 8
-    assert res["options"]["train"] == "A" and res["options"]["merge"] == "A"
+    assert res["options"]["train"] == "A" and res["options"]["merged_factors"] == "A"
     assert len(res["zero_shot"]) == 5 and res["metrics"]["FWT"] is not None

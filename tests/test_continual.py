@@ -306,7 +306,7 @@ def test_a_failed_begin_task_can_be_retried(tiny_llama):
 @pytest.mark.parametrize("merge", ["A", "AB"])
 def test_merge_strategy_ablations_merge_the_named_factors(tiny_llama, merge):
     """FTBA-MA: A_m is λ-merged and B_m = B_ft; FTBA-MBA: both λ-merged (λ(2) = 1/√2)."""
-    cl = _setup(tiny_llama, init="none", merge=merge)
+    cl = _setup(tiny_llama, init="none", merged_factors=merge)
     ft = []
     for task in range(2):
         cl.begin_task()
@@ -324,7 +324,7 @@ def test_merge_strategy_ablations_merge_the_named_factors(tiny_llama, merge):
 @pytest.mark.parametrize("train", ["A", "B"])
 def test_frozen_factor_ablations(tiny_llama, train):
     """FREB (train A) / FREA (train B): the frozen factor gets no gradient and never changes."""
-    cl = _setup(tiny_llama, init="none", train=train, merge=train)
+    cl = _setup(tiny_llama, init="none", train=train, merged_factors=train)
     frozen = "B" if train == "A" else "A"
     cl.begin_task()
     layers = list(cl.layers.values())

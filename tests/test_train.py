@@ -434,7 +434,7 @@ def test_the_papers_ablations_run_and_merge_what_they_say(tmp_path, method):
     assert (
         res["complete"]
         and res["options"]["train"] == config.train
-        and res["options"]["merge"] == config.merge
+        and res["options"]["merged_factors"] == config.merged_factors
     )
     assert config.init == "none" and config.schedule == "sqrt"  # the plain carried-over init, SLAO's λ
 

@@ -219,3 +219,19 @@ def test_non_finite_adapter_tensors_are_not_imported(tmp_path):
     with pytest.raises(ValueError, match=r"non-finite values"):
         mbf.load_peft_adapter(fresh, tmp_path / "src")
     assert not mbf.lora_layers(fresh) and cl.task_index == 1
+
+
+def test_the_ablation_field_is_merged_factors_and_older_files_still_load(tmp_path):
+    """``ContinualConfig.merge`` is now ``merged_factors`` (``merge()`` folds); old files still load."""
+    assert mbf.ContinualConfig.from_dict({"merge": "A"}).merged_factors == "A"
+    cl = _slao(make_tiny_llama(), tasks=1)
+    cl.save(tmp_path)
+    meta = json.loads((tmp_path / "continual.json").read_text())
+    meta["config"]["merge"] = meta["config"].pop("merged_factors")  # as a checkpoint from before
+    (tmp_path / "continual.json").write_text(json.dumps(meta))
+    assert mbf.ContinualLoRA.load(make_tiny_llama(), tmp_path).config.merged_factors == "B"
+    assert mbf.ContinualLoRA(make_tiny_llama_injected(), merge="AB").config.merged_factors == "AB"
+
+
+def make_tiny_llama_injected():
+    return mbf.inject(make_tiny_llama(), mbf.LoRAConfig(r=4, alpha=8))

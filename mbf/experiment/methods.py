@@ -23,12 +23,12 @@ __all__ = ["EXTENSIONS", "METHODS", "PAPER_ABLATIONS", "method_config", "method_
 METHODS: dict[str, ContinualConfig | None] = {
     "slao": ContinualConfig(init="orthogonal", schedule="sqrt"),
     "seq-lora": ContinualConfig(init="none", schedule="none"),
-    # the paper's merge-strategy ablations (train: factors fine-tuned; merge: factors merged with λ)
-    "ftba-mb": ContinualConfig(init="none", schedule="sqrt", train="AB", merge="B"),
-    "ftba-mba": ContinualConfig(init="none", schedule="sqrt", train="AB", merge="AB"),
-    "ftba-ma": ContinualConfig(init="none", schedule="sqrt", train="AB", merge="A"),
-    "frea-mb": ContinualConfig(init="none", schedule="sqrt", train="B", merge="B"),
-    "freb-ma": ContinualConfig(init="none", schedule="sqrt", train="A", merge="A"),
+    # the paper's merge-strategy ablations (train: factors fine-tuned; merged_factors: merged with λ)
+    "ftba-mb": ContinualConfig(init="none", schedule="sqrt", train="AB", merged_factors="B"),
+    "ftba-mba": ContinualConfig(init="none", schedule="sqrt", train="AB", merged_factors="AB"),
+    "ftba-ma": ContinualConfig(init="none", schedule="sqrt", train="AB", merged_factors="A"),
+    "frea-mb": ContinualConfig(init="none", schedule="sqrt", train="B", merged_factors="B"),
+    "freb-ma": ContinualConfig(init="none", schedule="sqrt", train="A", merged_factors="A"),
     "slao-random": ContinualConfig(init="random", schedule="sqrt"),
     # this package's extensions (not in the paper)
     "slao-inverse": ContinualConfig(init="orthogonal", schedule="inverse"),

@@ -237,8 +237,7 @@ def quantize_base(model: torch.nn.Module, lora: LoRAConfig | None = None) -> int
     skip = set(target_names(model, lora)) if lora is not None else set()
     n = 0
     for name, module in list(model.named_modules()):
-        parent_name, _, leaf = name.rpartition(".")
-        if isinstance(module, nn.Linear) and leaf in LLAMA_LINEARS and name not in skip:
-            setattr(model.get_submodule(parent_name), leaf, NF4Linear.from_linear(module, name=name))
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in LLAMA_LINEARS and name not in skip:
+            model.set_submodule(name, NF4Linear.from_linear(module, name=name))  # as inject swaps modules
             n += 1
     return n

@@ -6,7 +6,8 @@ Schema ``"mbf-continual-results/1"``::
     method        "slao" | "seq-lora" | "ftba-mb" | "ftba-mba" | "frea-mb" | "ftba-ma" | "freb-ma" |
                   "slao-random" | "slao-inverse" | ... | "multi-task"
     options       ContinualConfig.to_dict(): {"schedule", "init", "constant", "orthogonal_updates",
-                  "train", "merge"}; null for multi-task (older files lack the later fields: defaults)
+                  "train", "merged_factors"}; null for multi-task (older files lack the later fields:
+                  defaults; they name merged_factors "merge")
     seed          int: seeds data order and adapter init (the suite's own seed is in "suite_seed")
     tasks         [str]: task names in training order (T of them)
     lora          LoRAConfig.to_dict(): {"r", "alpha", "dropout", "target_modules", "quantize", "backend"}
@@ -18,7 +19,8 @@ Schema ``"mbf-continual-results/1"``::
                   ("model": the checkpoint's absolute path, or the embedded model's name; older runs
                   kept the path as given)
     data_fingerprint    SHA-256 of every task's instruction, options and examples (absent in older runs)
-    model_fingerprint   SHA-256 of the base model's weights as loaded (absent in older runs); with the
+    model_fingerprint   "sha256:<hex>" of every value of the base model's weights as loaded (older runs:
+                  the bare hex of each tensor's first and last 64 values, or absent); with the
                   fields above, what --resume checks before it continues a run
     dtype         "float32" | "bfloat16" | "float16": the base model's dtype (the adapters are float32
                   whatever it is); files written before the field existed were float32 runs
@@ -49,7 +51,10 @@ Schema ``"mbf-continual-results/1"``::
                    the fine-tuned adapter, "by_scorer": {scorer: {"AA", "BWT", "FWT", "LA"}},
                    "wall_s": total train + eval seconds}; AA/BWT null until the run is complete
     complete      bool: every task trained and evaluated
-    checkpoint    path (relative to the run dir) of the adapter state after the last finished stage
+    checkpoint    "checkpoints/task-NN" (NN: the number of stages; null for multi-task): the adapter
+              state after the last finished stage, inside the run directory
+sha256        hex SHA-256 of the file's other fields (canonical JSON): a hand-edited file is refused
+              by --resume, eval and compare (absent in older runs: their structure alone is checked)
     versions      mbf.io.versions(): {"python", "torch", "mbf", ...} the installed packages that shape it
     started, updated   ISO-8601 UTC times
 """
