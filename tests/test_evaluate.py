@@ -27,14 +27,25 @@ def _loglik(model, prompt: list[int], option: list[int]) -> float:
     return sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(option))
 
 
-def test_rank_is_each_options_loglikelihood_after_the_whole_prompt():
+@pytest.mark.parametrize("made", ["labels", "ids"])
+def test_rank_is_each_options_loglikelihood_after_the_whole_prompt(made):
+    """Each option's summed log-likelihood after the whole prompt, or NaN for one left unfinished because
+    its first tokens already score below a finished option of the row; the argmax is brute force's.
+    ``ids``: options with distinct first tokens and 1-3 tokens, where that pruning happens."""
     model, codec, task = tiny_llama(3), char_codec(), _task()
-    parts = [encode_prompt(codec, task, ex, 128) for ex in task.test[:3]]
+    parts = [encode_prompt(codec, task, ex, 128) for ex in task.test[:5]]
     options = [encode_answer(codec, task, w) for w in task.labels]
+    if made == "ids":
+        options = [[10 + j] + [20 + j] * (j % 3) for j in range(8)]
     state = _Prompted(model, parts[0][0], [r for _, r in parts], codec.pad_id)
-    got = _rank(model, state, options)  # (3, 6)
+    got = _rank(model, state, options)  # (5, L)
     want = torch.tensor([[_loglik(model, h + r, o) for o in options] for h, r in parts])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    scored = ~got.isnan()
+    torch.testing.assert_close(got[scored], want[scored], rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.nan_to_num(nan=-torch.inf).argmax(-1), want.argmax(-1))
+    best = want.max(-1, keepdim=True).values.expand_as(want)
+    assert bool((want[~scored] < best[~scored]).all())  # unfinished: could not have won
+    assert (~scored).any() == (made == "ids")  # the labels all start with a space: none is pruned
     assert state.cache.get_seq_length() == state.mask.shape[1]  # cropped back after the options
 
 
@@ -50,7 +61,9 @@ def test_shared_head_and_sorted_batches_change_no_prediction():
         assert rec["generate"]["pred"] == alone
         assert rec["generate"]["ids"] == list(range(9))
         assert rec["generate"]["gold"] == [e.output for e in task.test]
-        scores = torch.tensor(rec["rank"]["option_scores"])
+        scores = torch.tensor(
+            [[-torch.inf if x is None else x for x in row] for row in rec["rank"]["option_scores"]]
+        )
         assert rec["rank"]["pred"] == [task.labels[j] for j in scores.argmax(-1).tolist()]
         right = [float(p == g) for p, g in zip(rec["rank"]["pred"], rec["rank"]["gold"])]
         assert rec["rank"]["correct"] == right

@@ -6,7 +6,8 @@ answer options (``rank``), with one prompt pass shared by both.
 - ``rank`` (lm-eval-harness's multiple choice): the option whose tokens have the highest summed
   log-likelihood given the prompt is the prediction. The options reuse the prompt's KV cache: a
   single-token option costs nothing beyond the prompt pass, a longer one a forward of its own tokens
-  over the cache (then cropped back).
+  over the cache (then cropped back), only on the rows where its first tokens still beat every
+  finished option (a log-likelihood only falls as tokens are added: the argmax is exact).
 
 Two costs are cut for both: prompts are batched by length (less padding), and the task's head
 (instruction, options, and the chat template's opening), the same for every example, runs once per
@@ -16,6 +17,7 @@ batch and its KV cache is shared by the batch's rows.
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 
 import torch
@@ -127,25 +129,52 @@ def greedy_decode(
     return _decode(model, _Prompted(model, list(head), prompts, pad_id), max_new_tokens, eos_id)
 
 
+def _rows(cache, rows: torch.Tensor):
+    """A new KV cache holding ``rows`` of ``cache`` (the cache itself when every row is kept)."""
+    if rows.numel() == cache.layers[0].keys.shape[0]:
+        return cache
+    sub = type(cache)()
+    for i, layer in enumerate(cache.layers):
+        sub.update(layer.keys[rows], layer.values[rows], i)
+    return sub
+
+
 @torch.no_grad()
 def _rank(model: nn.Module, state: _Prompted, options: list[list[int]]) -> torch.Tensor:
-    """Summed log-likelihood (B, L) of each option's ids after each row's prompt. ``state``'s cache is
-    extended by each option of more than one token, then cropped back: the state is left as it was."""
+    """Summed log-likelihood (B, L) of each option's ids after each row's prompt; NaN where an option
+    was left unfinished because it cannot win.
+
+    A log-likelihood only falls as tokens are added, so an option whose first tokens already score
+    below a finished option of the row cannot be the row's best: its later tokens are computed only
+    on the rows where it still can (options in order of their first token's mean score, so that the
+    likely ones finish first). The argmax is exactly that of every option scored in full.
+    ``state``'s cache is extended by each option of more than one token, then cropped back.
+    """
     first = torch.log_softmax(state.logits.float(), dim=-1)  # (B, V): every option's first token
     scores = first[:, [o[0] for o in options]].clone()  # (B, L)
     B = first.shape[0]
-    for j, o in enumerate(options):
+    done = torch.tensor([len(o) == 1 for o in options]).expand(B, -1).clone()  # (B, L) finished
+    for j in sorted(range(len(options)), key=lambda j: -scores[:, j].mean().item()):
+        o = options[j]
         if len(o) == 1:
             continue
+        best = torch.where(done, scores, torch.tensor(-torch.inf)).max(dim=1).values  # (B,)
+        rows = torch.nonzero(scores[:, j] > best).flatten()
+        scores[:, j] = torch.nan  # rows where it cannot win stay unfinished
+        if rows.numel() == 0:
+            continue
+        cache = _rows(state.cache, rows)
         k = len(o) - 1  # tokens o[0..k-1] predict o[1..k]
-        ids = torch.tensor(o[:-1]).expand(B, k)
-        mask = torch.cat([state.mask, torch.ones(B, k, dtype=state.mask.dtype)], dim=1)
-        pos = state.pos + torch.arange(1, k + 1)
+        ids = torch.tensor(o[:-1]).expand(len(rows), k)
+        mask = torch.cat([state.mask[rows], torch.ones(len(rows), k, dtype=state.mask.dtype)], dim=1)
+        pos = state.pos[rows] + torch.arange(1, k + 1)
         out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                          **_cache_kwarg(model.model, state.cache))  # fmt: skip
-        logp = torch.log_softmax(model.lm_head(out.last_hidden_state).float(), dim=-1)  # (B, k, V)
-        scores[:, j] += logp[:, torch.arange(k), torch.tensor(o[1:])].sum(-1)
-        state.cache.crop(-k)  # a negative count: the tokens to remove (transformers 5)
+                          **_cache_kwarg(model.model, cache))  # fmt: skip
+        logp = torch.log_softmax(model.lm_head(out.last_hidden_state).float(), dim=-1)  # (R, k, V)
+        scores[rows, j] = first[rows, o[0]] + logp[:, torch.arange(k), torch.tensor(o[1:])].sum(-1)
+        done[rows, j] = True
+        if cache is state.cache:
+            cache.crop(-k)  # a negative count: the tokens to remove (transformers 5)
     return scores
 
 
@@ -162,7 +191,8 @@ def score_task(
         ``{scorer: {"task", "scorer", "score", "ids", "pred", "gold", "correct"[, "option_scores"]}}``:
         ``score`` the mean of ``correct`` (0..1 per example: exact match, or Rouge-L F1), ``ids`` the
         examples' indices in ``task.test``; ``option_scores`` (rank) each option's summed
-        log-likelihood, in ``task.labels``' order.
+        log-likelihood, in ``task.labels``' order (None: an option left unfinished because its first
+        tokens already scored below a finished option: it cannot be the prediction).
 
     Raises:
         ValueError: ranking a task without answer options (naming it).
@@ -186,10 +216,12 @@ def score_task(
         batch = order[s : s + bs]
         state = _Prompted(model, head, [rests[i] for i in batch], codec.pad_id)
         if "rank" in scorers:
-            ranked = _rank(model, state, options)  # (B, L)
-            for i, row in zip(batch, ranked.tolist()):
-                preds["rank"][i] = task.labels[max(range(len(row)), key=row.__getitem__)]
-                option_scores[i] = [round(x, 3) for x in row]
+            ranked = _rank(model, state, options)  # (B, L), NaN: cannot win
+            for i, best, row in zip(
+                batch, torch.nan_to_num(ranked, nan=-torch.inf).argmax(-1).tolist(), ranked.tolist()
+            ):
+                preds["rank"][i] = task.labels[best]
+                option_scores[i] = [None if math.isnan(x) else round(x, 3) for x in row]
         if "generate" in scorers:
             for i, out in zip(batch, _decode(model, state, max_new, codec.eos_id)):
                 preds["generate"][i] = codec.decode(out)

@@ -15,7 +15,8 @@ Schema ``"mbf-predictions/1"``: ``{"schema", "stage" (0 for zero-shot), "after" 
     pred      [str]: what the model answered (generate: the decoded text; rank: the chosen option)
     gold      [str]: the reference answer
     correct   [float]: 1/0 exact match (or Rouge-L F1 for a generation task)
-    option_scores  [[float]]: rank only, each option's summed log-likelihood, in the task's label order
+    option_scores  [[float | null]]: rank only, each option's summed log-likelihood, in the task's label
+              order; null: left unfinished, its first tokens already below a finished option's score
     score     float: the mean of correct
 """
 
