@@ -3,8 +3,9 @@
 from mbf import functional, nf4, reference
 from mbf.config import ContinualConfig, LoRAConfig
 from mbf.continual import ContinualLoRA
+from mbf.export import save_peft_adapter
 from mbf.inject import disable_adapter, eject, inject, lora_layers, print_trainable_parameters
-from mbf.integrations.peft import from_peft, load_peft_adapter, save_peft_adapter
+from mbf.integrations.peft import from_peft, load_peft_adapter
 from mbf.nn import LoRALinear, NF4Linear
 
 __version__ = "0.1.0"

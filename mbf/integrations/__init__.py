@@ -1,5 +1,5 @@
-"""Bridges to the ecosystem: PEFT's adapter format in and out (``peft.py``) and the transformers
-Trainer (``trainer.py``: ``SLAOCallback``, ``adapters_attached``).
+"""Bridges to the ecosystem: PEFT's adapter format in (``peft.py``; out: ``mbf.export``, re-exported
+here) and the transformers Trainer (``trainer.py``: ``SLAOCallback``, ``adapters_attached``).
 
 Third-party packages are imported lazily: ``import mbf`` never needs them, and
 ``from mbf.integrations import SLAOCallback`` is what imports transformers.
