@@ -72,7 +72,10 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
 def inject(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Replace every linear ``config`` selects (see ``target_names``) by a LoRALinear.
 
-    All other parameters are frozen; only the adapters' ``lora_A`` and ``lora_B`` train. A bitsandbytes
+    All other parameters are frozen; only the adapters' ``lora_A`` and ``lora_B`` train. The model's
+    ``save_pretrained`` (on this instance, until ``eject``) then writes the adapters alone, as a
+    ``PeftModel``'s does (``mbf.export.save_pretrained_adapters``: a Trainer checkpoints, saves and
+    resumes the injected model without a callback). A bitsandbytes
     NF4 ``Linear4bit`` (a model loaded with ``BitsAndBytesConfig(load_in_4bit=True,
     bnb_4bit_quant_type="nf4")``) becomes a LoRALinear over its 4-bit weight, zero-copy; with
     ``config.quantize="nf4"`` dense targets are quantised to NF4 first (QLoRA; ``eject`` then gives
