@@ -227,3 +227,18 @@ def test_the_bytes_by_kind_get_their_own_panel(tmp_path, monkeypatch):
     plot_file(tmp_path / "q.json")
     assert [[r["provider"] for r in rows] for rows in panels] == [["peft-bnb4"]]  # the rows with bytes
     assert (tmp_path / "q.train_step.png").stat().st_size > 1000
+
+
+def test_the_qlora_set_is_the_embedded_model_against_peft_bnb4_first(monkeypatch):
+    import torch
+
+    from mbf.bench import suite, train_step
+    from mbf.experiment import models
+
+    monkeypatch.setattr(models, "auto_dtype", lambda device: torch.float32)
+    configs = suite.qlora_suite(cuda=False)
+    assert [c.provider for c in configs] == ["peft-bnb4", "mbf-nf4", "peft", "mbf"]  # the baseline first
+    assert {(c.model, c.dtype, c.targets, c.device) for c in configs} == {
+        (train_step.EMBEDDED, "float32", "all-linear", "cpu")
+    }
+    assert {c.dtype for c in suite.qlora_suite(cuda=True)} == {"bfloat16"}

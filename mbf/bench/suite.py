@@ -60,12 +60,11 @@ def default_suite(cuda: bool, dtypes: tuple[str, ...] = ("float32",)) -> list[St
     ]
 
 
-def qlora_suite(cuda: bool) -> tuple[list[StepConfig], list[StepConfig]]:
+def qlora_suite(cuda: bool) -> list[StepConfig]:
     """The low-VRAM set: the QLoRA step (NF4 base, every projection adapted, r 16) on the embedded
     SmolLM2-135M's real weights, batch 4 × 128, against PEFT + bitsandbytes and the dense step, in
-    bf16 (on a CPU: the dtype ``auto`` picks there). Returns ``(timed, bytes_only)``: where that dtype
-    is not bf16, the dense bf16 step is added for its bytes, one isolated step (its time, bf16
-    emulated on such a CPU, compares with nothing)."""
+    bf16 on CUDA and on a CPU in the dtype ``auto`` picks there (a CPU without fast bf16 emulates its
+    matrix products: a full-model bf16 step takes many minutes there)."""
     from mbf.experiment.models import auto_dtype
 
     dtype = "bfloat16" if cuda else str(auto_dtype("cpu")).removeprefix("torch.")
@@ -73,8 +72,7 @@ def qlora_suite(cuda: bool) -> tuple[list[StepConfig], list[StepConfig]]:
         model=train_step.EMBEDDED, seq=128, batch=4, dtype=dtype, warmup=1, steps=3,
         device="cuda" if cuda else "cpu",
     )  # fmt: skip
-    timed = [replace(base, provider=p) for p in ("peft-bnb4", "mbf-nf4", "peft", "mbf")]
-    return timed, ([] if dtype == "bfloat16" else [replace(base, provider="mbf", dtype="bfloat16")])
+    return [replace(base, provider=p) for p in ("peft-bnb4", "mbf-nf4", "peft", "mbf")]
 
 
 def _cpu_rows(configs: list[StepConfig], rounds: int) -> list[dict]:
@@ -162,13 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.quick
     if args.qlora:
         writer = RowWriter(args.out, {"train_step": "peft-bnb4"})
-        timed, bytes_only = qlora_suite(cuda)
-        collect(writer, timed, boundary_cases=False, cuda=cuda)
-        for cfg in bytes_only:
-            row = train_step.measure_step_isolated(replace(cfg, warmup=0, steps=1))
-            note = f"{cfg.dtype} emulated on this CPU: measured for its bytes; its time compares with nothing"
-            row["extra_keys"] = [*row["extra_keys"], "note"]
-            writer.append(make_row(device=device_name("cpu"), **row, note=note))
+        collect(writer, qlora_suite(cuda), boundary_cases=False, cuda=cuda)
     else:
         writer = RowWriter(args.out, REFERENCES)
         configs = default_suite(cuda, bench_dtypes(args.dtype, cuda))
