@@ -10,7 +10,8 @@
 # a cut sweep still holds the main comparison; reruns resume (a finished run is skipped, a cut one
 # continues from its last finished task).
 #   usage: bash reports/sweep_real.sh [OUT=reports/real]
-#   env: SUITE_SEED (the data sample of every job, 0: this sweep predates seeds that replicate), JOBS (override the job list: "name method seed order n_test" lines), MBF, STEPS (optimizer
+#   env: SUITE_SEED (the data sample of every job, 0: this sweep predates seeds that replicate, as it
+#        predates chat prompts: --prompt-format plain), JOBS (override the job list: "name method seed order n_test" lines), MBF, STEPS (optimizer
 #        steps per task, 12), N_TRAIN (training examples drawn per task, 200), N_TEST / N_TEST_LONG
 #        (test examples per task of the default jobs, 30 / 20), EXTRA (more flags)
 #   the main result (reports/real-30, `make sweep`): STEPS=30 N_TRAIN=240 N_TEST=40
@@ -36,7 +37,7 @@ if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else default_jobs; fi | xargs
   echo "$(date -u +%T) start $name"
   '"$MBF"' continual --suite real --order $order --method $method --seed $seed --out $run --threads 1 \
       --n-train '"${N_TRAIN:-200}"' --n-test $ntest --max-steps '"${STEPS:-12}"' --batch-size 8 --lr 1e-3 \
-      --max-length 96 --suite-seed '"${SUITE_SEED:-0}"' '"${EXTRA:-}"' $resume > '"$OUT"'/logs/$name.log 2>&1
+      --max-length 96 --suite-seed '"${SUITE_SEED:-0}"' --prompt-format plain '"${EXTRA:-}"' $resume > '"$OUT"'/logs/$name.log 2>&1
   rc=$?
   echo "$(date -u +%T) done  $name rc=$rc $(tail -2 '"$OUT"'/logs/$name.log | head -1)"
 '
