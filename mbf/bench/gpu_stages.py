@@ -226,6 +226,7 @@ def train_step(ctx: Ctx) -> None:
         cfg = ts.StepConfig(
             model=model, layers=layers, provider=provider, seq=seq, batch=1, r=4 if ctx.dry_run else 16,
             device=ctx.dev, warmup=1, steps=2 if ctx.dry_run else 5,
+            dtype="float32" if ctx.dry_run else "bfloat16",  # a CPU without fast bf16 emulates it
         )  # fmt: skip
         run_case(ctx, f"train step {model} x{layers}L {provider}", lambda: ctx.writer.append(
             make_row(device=ctx.label, **ts.measure_step(cfg))))  # fmt: skip
