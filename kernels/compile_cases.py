@@ -51,6 +51,7 @@ def _empty(*shape, dtype, grad=False):
 def lora_cases() -> Iterator[Callable[[], None]]:
     """``mbf.kernels.lora_op.lora_linear`` forward and backward over its whole option domain."""
     from mbf.kernels.lora_op import MAX_RANK, lora_linear
+    from mbf.kernels.policy import decide_policy
 
     ranks = [r for r in RANKS if r <= MAX_RANK]  # the op refuses wider ranks (the torch path runs them)
     needs = [n for n in itertools.product((False, True), repeat=3) if any(n)]  # grads of x, A, B
@@ -70,14 +71,15 @@ def lora_cases() -> Iterator[Callable[[], None]]:
                         W, b = _empty(N, K, dtype=x_dt), _empty(N, dtype=x_dt) if bias else None
                         Bm = _empty(N, r, dtype=ad_dt) if merged else None
                         with _torch_flags(tf32=tf32, deterministic=det):
-                            y = lora_linear(x, W, b, A, B, 2.0, Bm, 0.5, p, 7 if p else None)
+                            policy = decide_policy(x, (A, B, Bm), p, 7)
+                            y = lora_linear(x, W, b, A, B, 2.0, Bm, 0.5, policy)
                             y.backward(torch.empty_like(y))
 
                     yield run
 
 
 def nf4_cases() -> Iterator[Callable[[], None]]:
-    """``mbf.kernels.nf4``'s dequant pass and fused forward / dX at every token count."""
+    """``mbf.kernels.nf4``'s dequant pass and fused addmm (forward, dX) at every token count."""
     from mbf.kernels import nf4
 
     N = K = _SIZE
@@ -86,16 +88,13 @@ def nf4_cases() -> Iterator[Callable[[], None]]:
     storage = (packed, scales, code, (N, K))
     for dt in DTYPES:
         yield lambda dt=dt: nf4.nf4_dequantize(*storage, dt)
-        for tf32, M, r, with_term in itertools.product((False, True) if dt == torch.float32 else (False,),
-                                                       M_VALUES, RANKS, (False, True)):  # fmt: skip
+        for tf32, M in itertools.product((False, True) if dt == torch.float32 else (False,), M_VALUES):
 
-            def run(dt=dt, tf32=tf32, M=M, r=r, with_term=with_term):
+            def run(dt=dt, tf32=tf32, M=M):
                 x, dy = _empty(M, K, dtype=dt), _empty(M, N, dtype=dt)
-                S, B_eff, A = _empty(M, r, dtype=dt), _empty(N, r, dtype=dt), _empty(r, K, dtype=dt)
-                bias = _empty(N, dtype=dt) if with_term else None  # bias (forward), dS (dX): both optional
                 with _torch_flags(tf32=tf32, deterministic=False):
-                    nf4.nf4_lora_forward(x, *storage, bias=bias, S=S, B_eff=B_eff, scaling=2.0)
-                    nf4.nf4_lora_dx(dy, *storage, dS=S if with_term else None, A=A, scaling=2.0)
+                    nf4.nf4_addmm(_empty(M, N, dtype=dt), x, *storage, True)  # forward
+                    nf4.nf4_addmm(_empty(M, K, dtype=dt), dy, *storage, False)  # dX
 
             yield run
 

@@ -26,16 +26,20 @@ columns: ``keep[m, k] = philox4x(seed, m · ⌈K/4⌉ + ⌊k/4⌋)[k mod 4] ≥ 
 never stored; it travels as a 0/1 factor in the compute dtype, which Triton can move between the
 layouts of its two consumers (an i1 tile cannot pass through shared memory).
 
-Precision: the base GEMM runs in x's dtype, the LoRA operands in the adapter's dtype (read from
-the adapter pointer), fp32 accumulation everywhere, cast at the store. fp32 adapters over a 16-bit
-base keep fp32 tiles: a product of a 16-bit tile (x, dY) with an fp32 one stays fp32-class
-(``_common.dot``), so S, dS, dA and dB carry no 16-bit rounding. Saved for backward: x and S.
+Precision (the policy of ``mbf.kernels.policy``): the base GEMM runs in x's dtype, the LoRA branch
+in the adapter's (read from the adapter pointer), fp32 accumulation everywhere, cast at the store.
+The LoRA term of y and dX is the GEMM's addend: formed before the K loop from operands rounded to
+the output dtype (a 16-bit MMA over a 16-bit base), plus the bias, rounded once to the output dtype,
+masked; the K loop then adds the base product to it. S, dS, dA and dB keep the adapter's dtype:
+fp32 adapters over a 16-bit base multiply 16-bit tiles (x, dY) by fp32 ones fp32-class
+(``_common.dot``). Saved for backward: x and S.
 
-s, λ, p and the seed are runtime arguments; only whether a bias / merged B / dropout exists is a
-constexpr, so a new task or a new λ never recompiles. Arguments equal to the rank (R and the strides
-over it) and M are not specialised by Triton either: ranks 8 and 16 share one binary, as do all
-token counts. Row offsets (and column offsets with a non-unit stride) are int64, since M·K and N·K
-may pass 2³¹; the launcher keeps every per-step pointer increment inside int32.
+s, λ, p and the seed (loaded from a 0-d int64 tensor: no host sync) are runtime arguments; only
+whether a bias / merged B / dropout exists is a constexpr, so a new task or a new λ never
+recompiles. Arguments equal to the rank (R and the strides over it) and M are not specialised by
+Triton either: ranks 8 and 16 share one binary, as do all token counts. Row offsets (and column
+offsets with a non-unit stride) are int64, since M·K and N·K may pass 2³¹; the launcher keeps every
+per-step pointer increment inside int32.
 """
 
 import triton
@@ -43,12 +47,12 @@ import triton.language as tl
 from mbf.kernels._common import cast, dot, tile_ids
 from mbf.kernels.lora_configs import autotune
 
-__all__ = ["down", "dy", "linear", "wgrad"]
+__all__ = ["down", "dy", "keep_mask", "linear", "wgrad"]
 
 
 @triton.jit
 def _keep(
-    seed,  # dropout seed (int64)
+    seed,  # dropout seed (int64, loaded from the policy's key tensor)
     threshold,  # Philox draws below it drop their element (int64 holding a uint32)
     offs_m,  # (BLOCK_M,) rows of the tile
     k0,  # first column of the tile: a multiple of 4
@@ -69,6 +73,25 @@ def _keep(
 
 
 @triton.jit
+def _keep_mask_kernel(
+    out_ptr,  # (M, K) contiguous bool output
+    M,  # rows
+    K,  # columns
+    seed_ptr,  # () int64 Philox key
+    threshold: tl.int64,  # uint32 Philox draws below it drop their element
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # columns per program (a multiple of 4)
+):
+    """The keep mask written out (the torch paths on a GPU keep it for their backward)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    keep = _keep(tl.load(seed_ptr), threshold, offs_m, k0, K, BLOCK_K, tl.int8, False)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep != 0, mask=mask)
+
+
+@triton.jit
 def _load_b_eff(b_ptrs, bm_ptrs, mask, lam, HAS_MERGED: tl.constexpr):
     """A tile of B_eff = B_m + λ (B − B_m) in fp32 (B alone without a merged B)."""
     b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -78,7 +101,7 @@ def _load_b_eff(b_ptrs, bm_ptrs, mask, lam, HAS_MERGED: tl.constexpr):
     return b
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_sm", "seed", "threshold", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_sm", "threshold", "m_bucket"])
 def _lora_down_kernel(
     x_ptr,  # (M, K) layer input
     a_ptr,  # (R, K) lora_A, in the LoRA compute dtype
@@ -93,7 +116,7 @@ def _lora_down_kernel(
     stride_sm,  # ... one row of S
     stride_sr,  # ... one column of S
     keep_scale,  # 1 / (1 - p): applied once to the fp32 accumulator instead of to every x element
-    seed: tl.int64,  # dropout seed (typed: a small seed must not compile another variant)
+    seed_ptr,  # () int64 dropout seed (the Philox key), if HAS_DROPOUT
     threshold: tl.int64,  # uint32 Philox draws below it drop their element
     m_bucket,  # next power of two of M: autotune key only
     HAS_DROPOUT: tl.constexpr,  # p > 0
@@ -114,7 +137,7 @@ def _lora_down_kernel(
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = x * _keep(seed, threshold, offs_m, k0, K, BLOCK_K, x.dtype, UPCAST)
+            x = x * _keep(tl.load(seed_ptr), threshold, offs_m, k0, K, BLOCK_K, x.dtype, UPCAST)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot(x, a, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -125,7 +148,7 @@ def _lora_down_kernel(
     tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_lm", "stride_un", "seed", "threshold", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_lm", "stride_un", "threshold", "m_bucket"])
 def _lora_linear_kernel(
     a_ptr,  # (M, K) main left operand: x (forward) or dY (dX)
     w_ptr,  # main right operand read as (K, N) through its strides: W0ᵀ (forward) or W0 (dX)
@@ -155,7 +178,7 @@ def _lora_linear_kernel(
     lora_scale,  # s forward; s / (1 - p) for dX
     lam,  # λ of B_eff
     da_scale,  # s / (1 - p)
-    seed: tl.int64,  # dropout seed, as in _lora_down_kernel (the mask is over the (M, N) tile of x)
+    seed_ptr,  # () int64 dropout seed, as in _lora_down_kernel (the mask is over the (M, N) tile of x)
     threshold: tl.int64,  # uint32 Philox draws below it drop their element
     m_bucket,  # autotune key only
     HAS_MAIN: tl.constexpr,  # compute the GEMM and store c (False: only the dA epilogue)
@@ -183,11 +206,8 @@ def _lora_linear_kernel(
     # carries the accumulator alone (after the loop they sat on top of it: 255 registers, spills).
     # dA first, while the accumulator is still empty; then the LoRA term into it.
     R_CHUNK: tl.constexpr = 32 if R_PAD > 32 else R_PAD
-    # fp32 LoRA tiles feeding a 16-bit output (y, dX) need no more than one TF32 pass: its 2⁻¹¹ is
-    # under the output's rounding, and the three-pass split would double the tiles in registers
-    LORA_PRECISION: tl.constexpr = PRECISION if dt == tl.float32 else "tf32"
     if HAS_DROPOUT:
-        keep = _keep(seed, threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
+        keep = _keep(tl.load(seed_ptr), threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
     if ACC_DA:  # the x tile at this (m, n) is exactly the one dA needs: no second pass over x
         x_mask = m_ok[:, None] & n_ok[None, :]
         x = tl.load(x_ptr + rows * stride_xm + cols * stride_xn, mask=x_mask, other=0.0)
@@ -197,7 +217,8 @@ def _lora_linear_kernel(
         for r0 in tl.static_range(0, R_PAD, R_CHUNK):
             offs_r = r0 + tl.arange(0, R_CHUNK)
             l_c = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
-                          mask=m_ok[:, None] & (offs_r < R)[None, :], other=0.0).to(ldt)  # fmt: skip
+                          mask=m_ok[:, None] & (offs_r < R)[None, :], other=0.0)  # fmt: skip
+            l_c = cast(l_c, ldt, UPCAST)  # dS in the compute dtype
             da = dot(tl.trans(l_c), x, tl.zeros((R_CHUNK, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
             tl.atomic_add(
                 da_ptr + offs_r[:, None] * N + offs_n[None, :],
@@ -207,21 +228,24 @@ def _lora_linear_kernel(
             )  # order-free sum: no fence
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_MAIN:
-        # without dropout s is folded into the (R_CHUNK, BLOCK_N) tiles; with it the mask sits between
-        # the LoRA product and the sum, so the product is formed alone first (acc is still empty)
-        u_scale = 1.0 if HAS_DROPOUT else lora_scale
+        # the policy's addend (mbf.kernels.policy): round(b + round(l) round(s u)) ⊙ keep, formed
+        # alone while acc is still empty, rounded once to the output dtype, then the K loop adds
+        # the base product to it: 16-bit operands, so the term's MMA is a 16-bit one
         for r0 in tl.static_range(0, R_PAD, R_CHUNK):
             offs_r = r0 + tl.arange(0, R_CHUNK)
             r_ok = offs_r < R
             l_c = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
-                          mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ldt)  # fmt: skip
+                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
+            l_c = cast(cast(l_c, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # S (dS) in ct, then od
             u_off = offs_r[:, None] * stride_ur + cols * stride_un
             u = _load_b_eff(u_ptr + u_off, um_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
-            acc = dot(l_c, (u_scale * u).to(ldt), acc, UPCAST, LORA_PRECISION)
-        if HAS_DROPOUT:
-            acc = lora_scale * (acc * keep)
+            u = cast(lora_scale * cast(u, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # s · B_eff in od
+            acc = dot(l_c, u, acc, UPCAST, PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = cast(acc, dt, UPCAST).to(tl.float32)
+        if HAS_DROPOUT:
+            acc = acc * keep
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows * stride_am + offs_k[None, :] * stride_ak
         w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + cols * stride_wn
@@ -271,7 +295,7 @@ def _lora_dy_kernel(
     ldt = b_ptr.dtype.element_ty  # the LoRA compute dtype
     s_off = offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
     if ACC_DB:
-        s_tile = tl.load(s_ptr + s_off, mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ldt)
+        s_tile = cast(tl.load(s_ptr + s_off, mask=m_ok[:, None] & r_ok[None, :], other=0.0), ldt, UPCAST)
     dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :] * stride_dn
     b_off = offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BLOCK_N, R_PAD)
     ds = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -279,7 +303,7 @@ def _lora_dy_kernel(
         n_ok = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # 16-bit vs fp32 B: see dot
         b_eff = _load_b_eff(b_ptr + b_off, bm_ptr + b_off, n_ok[:, None] & r_ok[None, :], lam, HAS_MERGED)
-        ds = dot(dy, b_eff.to(ldt), ds, UPCAST, PRECISION)
+        ds = dot(dy, cast(b_eff, ldt, UPCAST), ds, UPCAST, PRECISION)
         if ACC_DB:  # the same dY tile, while it is in registers
             db = dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
             tl.atomic_add(
@@ -293,7 +317,7 @@ def _lora_dy_kernel(
     tl.store(ds_ptr + s_off, ds, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_lm", "stride_oc", "seed", "threshold"])
+@triton.jit(do_not_specialize=["M", "R", "stride_lm", "stride_oc", "threshold"])
 def _lora_wgrad_kernel(
     l_ptr,  # (M, R) fp32 left factor: dS (for dA) or S (for dB)
     x_ptr,  # (M, C) right factor: x (for dA) or dY (for dB)
@@ -308,7 +332,7 @@ def _lora_wgrad_kernel(
     stride_or,  # ... one row of the output as (R, C)
     stride_oc,  # ... one column of it
     scale,  # s / (1 - p) for dA, s · λ for dB
-    seed: tl.int64,  # dropout seed: the mask over x (dA only)
+    seed_ptr,  # () int64 dropout seed: the mask over x (dA only)
     threshold: tl.int64,  # uint32 Philox draws below it drop their element
     HAS_DROPOUT: tl.constexpr,  # mask the right factor (dA with p > 0)
     R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
@@ -330,11 +354,12 @@ def _lora_wgrad_kernel(
         rows = m0 + offs_m
         m_ok = rows < M
         lt = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ldt)  # fmt: skip
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
+        lt = cast(lt, ldt, UPCAST)
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols,
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         if HAS_DROPOUT:
-            x = x * _keep(seed, threshold, rows, c0, C, BLOCK_C, x.dtype, UPCAST)
+            x = x * _keep(tl.load(seed_ptr), threshold, rows, c0, C, BLOCK_C, x.dtype, UPCAST)
         acc = dot(tl.trans(lt), x, acc, UPCAST, PRECISION)
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_c.to(tl.int64)[None, :] * stride_oc
     tl.store(out_ptrs, cast(acc * scale, ldt, UPCAST), mask=r_ok[:, None] & c_ok[None, :])
@@ -347,4 +372,5 @@ linear = autotune(
     "linear", ["m_bucket", "N", "K", "R_PAD", "HAS_MAIN", "ACC_DA", "HAS_DROPOUT"], ["da_ptr"]
 )(_lora_linear_kernel)
 dy = autotune("dy", ["m_bucket", "N", "R_PAD", "ACC_DB"], ["db_ptr"])(_lora_dy_kernel)
+keep_mask = _keep_mask_kernel
 wgrad = _lora_wgrad_kernel  # deterministic mode only: one fixed config (lora_configs.wgrad_config)

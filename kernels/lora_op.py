@@ -5,19 +5,14 @@ Forward ``y = x W0ᵀ + b + s · S B_effᵀ`` with ``S = drop(x) Aᵀ``; backwar
 ``mbf::lora_linear_bwd`` are custom ops so ``torch.compile`` traces them as opaque calls.
 """
 
-import math
-
 import torch
 import triton
 from mbf.kernels import lora
 from mbf.kernels._common import TL_DTYPES, device_of, dot_flags, pad_rank
 from mbf.kernels.lora_configs import launch, wgrad_config
+from mbf.kernels.policy import MAX_RANK, LoRAPolicy
 
-__all__ = ["FUSE_MAX_R_PAD", "MAX_RANK", "lora_linear"]
-
-# The rank is one (R_PAD)-wide tile in registers. At R_PAD 128 every kernel spills hundreds of bytes
-# to KBs on sm_90 (compile check), so the fused op stops at 64; the torch path (cuBLAS) takes the rest.
-MAX_RANK = 64
+__all__ = ["FUSE_MAX_R_PAD", "MAX_RANK", "keep_mask", "lora_linear"]
 # dA and dB join the dY and dX passes as fp32 atomics up to this padded rank; beyond it their
 # (BLOCK, R_PAD) tiles crowd those kernels (spills at R_PAD 64), and _lora_wgrad_kernel sums them in
 # a pass of its own over x and dY (in a fixed order: deterministic as well).
@@ -28,11 +23,6 @@ _MAX_STEP_BLOCK = 256  # largest BLOCK of any config: a pointer advances by BLOC
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
-
-
-def _threshold(p: float) -> int:
-    # the same integer as mbf.reference.dropout_threshold (tests hold the masks bit-identical)
-    return min(math.floor(p * 2**32), 2**32 - 1)
 
 
 def _int32_steps(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -55,7 +45,7 @@ def _flags(x2: torch.Tensor, A: torch.Tensor) -> dict:
     return {"R_PAD": pad_rank(A.shape[0]), **dot_flags(x2)}
 
 
-def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
+def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, threshold, seed):
     """Launches 1 and 2: returns y (M, N) in x's dtype and S (M, r) fp32."""
     (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
@@ -72,7 +62,7 @@ def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
             x_ptr=x2, a_ptr=A, s_ptr=S, M=M, K=K, R=r,
             stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_ar=A.stride(0), stride_ak=A.stride(1),
             stride_sm=S.stride(0), stride_sr=S.stride(1),
-            keep_scale=1.0 / (1.0 - dropout), seed=seed, threshold=_threshold(dropout), m_bucket=m_bucket,
+            keep_scale=1.0 / (1.0 - dropout), seed_ptr=_key(seed, S), threshold=threshold, m_bucket=m_bucket,
             HAS_DROPOUT=dropout > 0.0, **flags,
         )  # fmt: skip
         # y = x W0ᵀ + b + s S B_effᵀ: W0 read as (K, N) and B as (R, N) through their strides. Unused
@@ -86,14 +76,21 @@ def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
             stride_wk=weight.stride(1), stride_wn=weight.stride(0),
             stride_lm=S.stride(0), stride_lr=S.stride(1), stride_ur=B.stride(1), stride_un=B.stride(0),
             stride_xm=x2.stride(0), stride_xn=x2.stride(1), stride_cm=y.stride(0), stride_cn=y.stride(1),
-            lora_scale=float(scaling), lam=float(lam), da_scale=0.0, seed=0, threshold=0, m_bucket=m_bucket,
+            lora_scale=float(scaling), lam=float(lam), da_scale=0.0, seed_ptr=S, threshold=0,
+            m_bucket=m_bucket,
             HAS_MAIN=True, HAS_BIAS=bias is not None, HAS_MERGED=merged_B is not None, HAS_DROPOUT=False,
             ACC_DA=False, **flags,
         )  # fmt: skip
     return y, S
 
 
-def _wgrad(left, right, out, scale, dropout, seed, flags):
+def _key(seed: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """The seed pointer: the policy's key, or (no dropout: never read) a tensor of a fixed dtype, so
+    that the variants without dropout compile one binary."""
+    return stand_in if seed is None else seed
+
+
+def _wgrad(left, right, out, scale, threshold, seed, flags):
     """Deterministic ``out (R, C) = scale · leftᵀ drop(right)`` (``out`` may be a transposed view)."""
     (M, C), R = right.shape, left.shape[1]
     cfg = wgrad_config(max(right.element_size(), out.element_size()))
@@ -101,11 +98,13 @@ def _wgrad(left, right, out, scale, dropout, seed, flags):
         l_ptr=left, x_ptr=right, out_ptr=out, M=M, C=C, R=R,
         stride_lm=left.stride(0), stride_lr=left.stride(1), stride_xm=right.stride(0),
         stride_xc=right.stride(1), stride_or=out.stride(0), stride_oc=out.stride(1),
-        scale=scale, seed=seed, threshold=_threshold(dropout), HAS_DROPOUT=dropout > 0.0, **flags, **cfg,
+        scale=scale, seed_ptr=_key(seed, left), threshold=threshold, HAS_DROPOUT=seed is not None, **flags,
+        **cfg,
     )  # fmt: skip
 
 
-def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
+def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, threshold, seed, need_dx, need_da,
+              need_db):  # fmt: skip
     """Launches 3 and 4: dX (M, K) in x's dtype and the flat ``[dA | dB]`` in the adapters' dtype.
 
     dA and dB share one buffer: one zeroing launch for both atomic accumulators, and (16-bit
@@ -155,14 +154,15 @@ def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, ne
                 stride_wn=weight.stride(1), stride_lm=dS.stride(0), stride_lr=dS.stride(1),
                 stride_ur=A.stride(0), stride_un=A.stride(1), stride_xm=x2.stride(0), stride_xn=x2.stride(1),
                 stride_cm=out.stride(0), stride_cn=out.stride(1),
-                lora_scale=drop_scale, lam=1.0, da_scale=drop_scale, seed=seed, threshold=_threshold(dropout),
+                lora_scale=drop_scale, lam=1.0, da_scale=drop_scale, seed_ptr=_key(seed, S),
+                threshold=threshold,
                 m_bucket=m_bucket, HAS_MAIN=has_main, HAS_BIAS=False, HAS_MERGED=False,
                 HAS_DROPOUT=dropout > 0.0, ACC_DA=acc_da, **flags,
             )  # fmt: skip
         if need_da and not fused:  # one program per column tile sums all of M in order
-            _wgrad(dS, x2, dA, drop_scale, dropout, seed, flags)
+            _wgrad(dS, x2, dA, drop_scale, threshold, seed, flags)
         if need_db and not fused:
-            _wgrad(S, dY, dB.T, db_scale, 0.0, 0, flags)
+            _wgrad(S, dY, dB.T, db_scale, 0, None, flags)
     return dx, grads.to(A.dtype)
 
 
@@ -182,13 +182,14 @@ def _lora_fwd_op(
     scaling: float,
     lam: float,
     dropout: float,
-    seed: int,
+    threshold: int,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed)
+    return _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, threshold, seed)
 
 
 @_lora_fwd_op.register_fake
-def _(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, seed):
+def _(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, threshold, seed):
     M = x2.shape[0]
     return x2.new_empty((M, weight.shape[0])), x2.new_empty((M, A.shape[0]), dtype=torch.float32)
 
@@ -205,25 +206,26 @@ def _lora_bwd_op(
     scaling: float,
     lam: float,
     dropout: float,
-    seed: int,
+    threshold: int,
+    seed: torch.Tensor | None,
     need_dx: bool,
     need_da: bool,
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (scaling, lam, dropout, seed, need_dx, need_da, need_db)
+    args = (scaling, lam, dropout, threshold, seed, need_dx, need_da, need_db)
     return _backward(dY, x2, S, weight, A, B, merged_B, *args)
 
 
 @_lora_bwd_op.register_fake
-def _(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, seed, need_dx, need_da, need_db):
+def _(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, threshold, seed, need_dx, need_da, need_db):
     n_grads = (A.numel() if need_da else 0) + (B.numel() if need_db else 0)
     return x2.new_empty(x2.shape if need_dx else (0,)), A.new_empty(n_grads)
 
 
 def _setup_context(ctx, inputs, output):
-    x2, weight, _bias, A, B, merged_B, scaling, lam, dropout, seed = inputs
+    x2, weight, _bias, A, B, merged_B, scaling, lam, dropout, threshold, seed = inputs
     ctx.save_for_backward(x2, output[1], weight, A, B, merged_B)  # x and S: the only activations
-    ctx.args = (scaling, lam, dropout, seed)
+    ctx.args = (scaling, lam, dropout, threshold, seed)
 
 
 def _autograd_backward(ctx, dY, _dS):
@@ -242,6 +244,7 @@ def _autograd_backward(ctx, dY, _dS):
         None,
         None,
         None,
+        None,
     )
 
 
@@ -255,35 +258,30 @@ def lora_linear(
     A: torch.Tensor,
     B: torch.Tensor,
     scaling: float,
-    merged_B: torch.Tensor | None = None,
-    lam: float = 1.0,
-    dropout: float = 0.0,
-    seed: int | None = None,
+    merged_B: torch.Tensor | None,
+    lam: float,
+    policy: LoRAPolicy,
 ) -> torch.Tensor:
     """Fused ``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ``: the Triton twin of ``mbf.reference.lora_linear``.
 
     Args:
         x: ``(..., K)`` in fp32, fp16 or bf16. weight: ``(N, K)``, frozen. bias: ``(N,)`` or None.
         A: ``(r, K)``, ``1 <= r <= MAX_RANK``. B: ``(N, r)``. merged_B: ``(N, r)`` or None (then
-            ``B_eff = B``). The adapters in x's dtype run the LoRA branch in it; otherwise (fp32
-            adapters over a 16-bit base) the branch runs in fp32 and dA, dB keep fp32.
+            ``B_eff = B``).
         scaling: ``s = alpha / r``. lam: λ of ``B_eff = merged_B + λ (B − merged_B)``.
-        dropout: p in [0, 1) on the adapter's input. seed: the mask's seed (required when p > 0).
+        policy: the call's numerics (``mbf.kernels.policy.decide_policy``, which checked p): the
+            LoRA branch runs in its compute dtype, the term rounds to x's dtype, dropout draws
+            Philox from its key and threshold.
 
     Returns:
-        ``(..., N)`` in x's dtype; differentiable in x, A and B. Under
+        ``(..., N)`` in x's dtype; differentiable in x, A and B (each gradient in its dtype). Under
         ``torch.use_deterministic_algorithms(True)`` every launch runs one fixed config and dA, dB
         are summed without atomics: the same bits on every run.
 
     Raises:
-        ValueError: when p > 0 and no seed is given, p is outside [0, 1), a frozen tensor
-            (weight, bias, merged_B) requires grad, a dtype is not fp32 / fp16 / bf16, or r is
-            outside [1, MAX_RANK].
+        ValueError: when a frozen tensor (weight, bias, merged_B) requires grad, a dtype is not
+            fp32 / fp16 / bf16, or r is outside [1, MAX_RANK].
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout {dropout} must be in [0, 1)")
-    if dropout > 0.0 and seed is None:
-        raise ValueError(f"dropout {dropout} needs a seed: the backward regenerates the mask from it")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, merged_B)):
         raise ValueError("the fused LoRA kernel keeps weight, bias and merged_B frozen; one requires grad")
     adapters = [t for t in (A, B, merged_B) if t is not None]
@@ -291,23 +289,24 @@ def lora_linear(
         raise ValueError(f"the fused LoRA kernel takes {list(TL_DTYPES)}; got x {x.dtype}, A {A.dtype}")
     if not 1 <= A.shape[0] <= MAX_RANK:
         raise ValueError(f"rank {A.shape[0]} must be in [1, {MAX_RANK}] for the fused LoRA kernel")
-    # the LoRA branch runs in x's dtype when the adapters share it, else in fp32 (exact upcasts; the
-    # casts are differentiable, so each gradient returns in its parameter's dtype)
-    ct = x.dtype if all(t.dtype == x.dtype for t in adapters) else torch.float32
-    A, B, merged_B = (None if t is None else t.to(ct) for t in (A, B, merged_B))
+    # the casts are differentiable, so each gradient returns in its parameter's dtype
+    A, B, merged_B = (None if t is None else t.to(policy.compute_dtype) for t in (A, B, merged_B))
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] >= 2**31:
         raise ValueError(f"{x2.shape[0]} rows: the kernels count tokens in int32")
     y, _ = _lora_fwd_op(
-        x2,
-        weight,
-        bias,
-        A,
-        B,
-        merged_B,
-        float(scaling),
-        float(lam),
-        float(dropout),
-        int(seed) if seed is not None else 0,
-    )
+        x2, weight, bias, A, B, merged_B, float(scaling), float(lam), policy.dropout, policy.threshold,
+        policy.seed,
+    )  # fmt: skip
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def keep_mask(M: int, K: int, threshold: int, seed: torch.Tensor) -> torch.Tensor:
+    """The boolean keep mask ``(M, K)`` of Philox key ``seed`` (a 0-d int64 tensor): one launch."""
+    out = torch.empty((M, K), dtype=torch.bool, device=seed.device)
+    block_m, block_k = 16, 64
+    with device_of(seed):
+        lora.keep_mask[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+            out, M, K, seed, threshold, BLOCK_M=block_m, BLOCK_K=block_k
+        )
+    return out

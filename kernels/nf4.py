@@ -11,9 +11,9 @@ and K is a multiple of 64, so a row starts on a byte and a block, and byte ``(n�
 ``n·K/2 + k//2``. Kernels:
 
 - ``_nf4_dequant_kernel``: one pass, packed → dense ``(N, K)`` in the compute dtype (feeds cuBLAS).
-- ``_nf4_lora_fwd_kernel``: ``Y = X Wᵀ + b + s · S B_effᵀ``; W tiles are dequantised in registers
-  and the LoRA term joins the same fp32 accumulator.
-- ``_nf4_lora_dx_kernel``: ``dX = dY W + s · dS A``, the same main loop reducing over N.
+- ``_nf4_addmm_kernel``: ``C + A Wᵀ`` (forward: ``Y = C_y + X Wᵀ``) or ``C + A W`` (``dX = C_dx + dY W``);
+  W tiles are dequantised in registers and the addend ``C`` (the LoRA term, bias and dropout mask
+  in it, rounded once by the policy of ``mbf.kernels.policy``) starts the fp32 accumulator.
 
 Which one runs (``choose_path``): fused while the token count M is small, where the GEMM is bound
 by reading W and reading 0.52 instead of 2 bytes per weight is the win; dequant + cuBLAS beyond,
@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mbf.kernels._common import cast, device_of, dot, dot_flags, interpreting, pad_rank, tile_ids
+from mbf.kernels._common import cast, device_of, dot, dot_flags, interpreting, tile_ids
 
-__all__ = ["FUSED_MAX_M", "choose_path", "nf4_dequantize", "nf4_lora_dx", "nf4_lora_forward"]
+__all__ = ["FUSED_MAX_M", "choose_path", "nf4_addmm", "nf4_dequantize"]
 
 # Tokens per call up to which the fused kernel is used; above it, one dequant pass + cuBLAS.
 # UNMEASURED: no GPU has timed either path yet. 16 is a conservative guess at decode-sized batches,
@@ -95,6 +95,7 @@ def _load_w_tile(
 
 @triton.jit
 def _nf4_mainloop(
+    acc,  # (BLOCK_M, BLOCK_OUT) fp32 accumulator to add into
     a_ptr,  # (M, L) left operand, unit column stride: x (forward) or dY (dX)
     stride_am,  # elements to step one row of it
     offs_m,  # (BLOCK_M,) its rows
@@ -107,18 +108,16 @@ def _nf4_mainloop(
     K,  # columns of W
     out0,  # first output column of this tile
     TRANS_W: tl.constexpr,  # forward: a @ Wᵀ (reduce over K); dX: a @ W (reduce over N)
-    BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_L: tl.constexpr,  # reduction step
     BLOCK_OUT: tl.constexpr,  # output columns per tile
     UPCAST: tl.constexpr,  # interpreter: dot in fp32 (and rounding casts)
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
-    """``a @ Wᵀ`` or ``a @ W`` over one ``(BLOCK_M, BLOCK_OUT)`` output tile, W read from its 4 bits."""
+    """``acc + a @ Wᵀ`` or ``acc + a @ W`` over one output tile, W read from its 4 bits."""
     offs_l = tl.arange(0, BLOCK_L)
     offs_out = out0 + tl.arange(0, BLOCK_OUT)
     dt = a_ptr.dtype.element_ty
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am  # int64: M·L may pass 2³¹
-    acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         a_mask = (offs_m[:, None] < M) & ((l0 + offs_l)[None, :] < L)
         a = tl.load(a_rows + (l0 + offs_l)[None, :], mask=a_mask, other=0.0)
@@ -128,35 +127,6 @@ def _nf4_mainloop(
             w = _load_w_tile(packed_ptr, scales_ptr, code_ptr, l0 + offs_l, out0, N, K, BLOCK_OUT)
         acc = dot(a, cast(w, dt, UPCAST), acc, UPCAST, PRECISION)  # W rounded to x's dtype, as dequant does
     return acc
-
-
-@triton.jit
-def _lora_term(
-    acc,  # (BLOCK_M, BLOCK_OUT) fp32 accumulator the term joins
-    l_ptr,  # (M, R) left LoRA operand, unit column stride: S (forward) or dS (dX)
-    stride_lm,  # elements to step one row of it
-    u_ptr,  # right LoRA operand read as (R, OUT) through its strides: B_effᵀ or A
-    stride_ur,  # elements to step one r
-    stride_uo,  # elements to step one output column
-    offs_m,  # (BLOCK_M,) rows
-    offs_o,  # (BLOCK_OUT,) output columns
-    M,
-    OUT,
-    R,
-    scaling,  # s
-    R_PAD: tl.constexpr,  # rank padded
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``acc + s · l @ u``: the LoRA term in the same fp32 accumulator as the base GEMM."""
-    offs_r = tl.arange(0, R_PAD)
-    lt = tl.load(l_ptr + offs_m.to(tl.int64)[:, None] * stride_lm + offs_r[None, :],
-                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)  # fmt: skip
-    ut = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_o[None, :] * stride_uo,
-                 mask=(offs_r[:, None] < R) & (offs_o[None, :] < OUT), other=0.0)  # fmt: skip
-    lora = dot(lt, cast(ut.to(tl.float32), lt.dtype, UPCAST), tl.zeros(acc.shape, dtype=tl.float32), UPCAST,
-               PRECISION)  # fmt: skip
-    return acc + scaling * lora
 
 
 @triton.jit
@@ -180,93 +150,38 @@ def _nf4_dequant_kernel(
     tl.store(out_ptr + offs_out, cast(w, out_ptr.dtype.element_ty, UPCAST), mask=offs_out < 2 * n_bytes)
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_sm"])  # M = 1 or r = 16 compile no other binary
-def _nf4_lora_fwd_kernel(
-    x_ptr,  # (M, K) activations, unit column stride
+@triton.jit(do_not_specialize=["M"])  # M = 1 compiles no other binary
+def _nf4_addmm_kernel(
+    c_ptr,  # (M, OUT) addend in the output dtype, unit column stride
+    a_ptr,  # (M, L) activations (x or dY), unit column stride
     packed_ptr,  # NF4 codes of W (N, K)
     scales_ptr,  # fp32 absmax per 64-block of W
     code_ptr,  # fp32 NF4 table
-    bias_ptr,  # (N,), if HAS_BIAS
-    s_ptr,  # (M, R) S = drop(x) Aᵀ in x's dtype
-    b_ptr,  # (N, R) contiguous B_eff = B_m + λ (B − B_m), formed by the caller (N·r: negligible)
-    y_ptr,  # (M, N) output
+    out_ptr,  # (M, OUT) output, contiguous
     M,  # tokens
-    N,  # out features
-    K,  # in features
-    R,  # rank
-    stride_xm,  # elements to step one row of x
-    stride_sm,  # ... one row of S
-    stride_ym,  # ... one row of y
-    scaling,  # s = alpha / r: runtime, no recompile
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
-    GROUP_M: tl.constexpr,
+    N,  # out features (rows of W)
+    K,  # in features (columns of W)
+    stride_cm,  # elements to step one row of C
+    stride_am,  # ... one row of the activations
+    TRANS_W: tl.constexpr,  # forward: OUT = N, reduce over K; dX: OUT = K, reduce over N
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32 (and rounding casts)
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
+    BLOCK_M: tl.constexpr,  # output tile rows
+    BLOCK_OUT: tl.constexpr,  # output tile columns
+    BLOCK_L: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # M tiles per L2-friendly group
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    OUT = N if TRANS_W else K
+    pid_m, pid_o = tile_ids(M, OUT, BLOCK_M, BLOCK_OUT, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _nf4_mainloop(x_ptr, stride_xm, offs_m, M, K, packed_ptr, scales_ptr, code_ptr, N, K,
-                        pid_n * BLOCK_N,
-                        True, BLOCK_M, BLOCK_K, BLOCK_N, UPCAST, PRECISION)  # fmt: skip
-    acc = _lora_term(acc, s_ptr, stride_sm, b_ptr, 1, R, offs_m, offs_n, M, N, R, scaling,
-                     R_PAD, UPCAST, PRECISION)  # fmt: skip
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(
-        y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N)
-    )
-
-
-@triton.jit(do_not_specialize=["M", "R", "stride_dsm"])
-def _nf4_lora_dx_kernel(
-    dy_ptr,  # (M, N) upstream gradient, unit column stride
-    packed_ptr,  # NF4 codes of W (N, K)
-    scales_ptr,  # fp32 absmax per 64-block of W
-    code_ptr,  # fp32 NF4 table
-    ds_ptr,  # (M, R) dS = dY B_eff in dY's dtype, if HAS_LORA
-    a_ptr,  # (R, K) A, contiguous
-    dx_ptr,  # (M, K) output
-    M,  # tokens
-    N,  # out features
-    K,  # in features
-    R,  # rank
-    stride_dym,  # elements to step one row of dY
-    stride_dsm,  # ... one row of dS
-    stride_dxm,  # ... one row of dX
-    scaling,  # s: runtime
-    HAS_LORA: tl.constexpr,  # False with dropout: the masked LoRA term is added by the caller
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
-    GROUP_M: tl.constexpr,
-):
-    pid_m, pid_k = tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = _nf4_mainloop(dy_ptr, stride_dym, offs_m, M, N, packed_ptr, scales_ptr, code_ptr, N, K,
-                        pid_k * BLOCK_K,
-                        False, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)  # fmt: skip
-    if HAS_LORA:
-        acc = _lora_term(acc, ds_ptr, stride_dsm, a_ptr, K, 1, offs_m, offs_k, M, K, R, scaling,
-                         R_PAD, UPCAST, PRECISION)  # fmt: skip
-    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :]
-    tl.store(
-        dx_ptrs,
-        cast(acc, dx_ptr.dtype.element_ty, UPCAST),
-        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-    )
-
-
-# -- launchers --------------------------------------------------------------------------------------
+    offs_o = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    mask = (offs_m[:, None] < M) & (offs_o[None, :] < OUT)
+    rows = offs_m.to(tl.int64)[:, None]
+    acc = tl.load(c_ptr + rows * stride_cm + offs_o[None, :], mask=mask, other=0.0).to(tl.float32)
+    acc = _nf4_mainloop(acc, a_ptr, stride_am, offs_m, M, K if TRANS_W else N, packed_ptr, scales_ptr,
+                        code_ptr, N, K, pid_o * BLOCK_OUT, TRANS_W, BLOCK_L, BLOCK_OUT, UPCAST,
+                        PRECISION)  # fmt: skip
+    tl.store(out_ptr + rows * OUT + offs_o[None, :], cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 def _check_nf4(
@@ -307,68 +222,36 @@ def nf4_dequantize(
     return out
 
 
-def nf4_lora_forward(
-    x: torch.Tensor,
+def nf4_addmm(
+    C: torch.Tensor,
+    a: torch.Tensor,
     packed: torch.Tensor,
     scales: torch.Tensor,
     code: torch.Tensor,
     shape: tuple[int, int],
-    *,
-    bias: torch.Tensor | None,
-    S: torch.Tensor,
-    B_eff: torch.Tensor,
-    scaling: float,
+    transposed: bool,
 ) -> torch.Tensor:
-    """``x Wᵀ + b + s · S B_effᵀ``: x ``(M, K)``, S ``(M, r)``, B_eff ``(N, r)`` → ``(M, N)`` in x's dtype."""
+    """``C + a Wᵀ`` (``transposed``: a ``(M, K)`` → ``(M, N)``) or ``C + a W`` (a ``(M, N)`` → ``(M, K)``).
+
+    ``C`` is the LoRA addend in a's dtype, the output's shape; W is read from its NF4 storage.
+    """
     _check_nf4(packed, scales, code, shape)
     N, K = shape
-    M, r = x.shape[0], S.shape[1]
-    if x.shape[1] != K or S.shape[0] != M or B_eff.shape != (N, r):
-        raise ValueError(
-            f"x {tuple(x.shape)}, S {tuple(S.shape)}, B {tuple(B_eff.shape)} do not fit W ({N}, {K})"
-        )
-    x, S, B_eff = _unit_cols(x), S.to(x.dtype).contiguous(), B_eff.contiguous()
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    cfg = _gemm_config(M, x.element_size())
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    with device_of(x):
-        _nf4_lora_fwd_kernel[grid](
-            x_ptr=x, packed_ptr=packed, scales_ptr=scales, code_ptr=code,
-            bias_ptr=bias if bias is not None else y, s_ptr=S, b_ptr=B_eff, y_ptr=y,
-            M=M, N=N, K=K, R=r, stride_xm=x.stride(0), stride_sm=S.stride(0), stride_ym=y.stride(0),
-            scaling=float(scaling), HAS_BIAS=bias is not None, R_PAD=pad_rank(r), **_dot_flags(x), **cfg,
+    L, OUT = (K, N) if transposed else (N, K)
+    M = a.shape[0]
+    if a.shape[1] != L or C.shape != (M, OUT):
+        raise ValueError(f"a {tuple(a.shape)} and C {tuple(C.shape)} do not fit W ({N}, {K})")
+    a, C = _unit_cols(a), _unit_cols(C.to(a.dtype))
+    out = torch.empty((M, OUT), dtype=a.dtype, device=a.device)
+    cfg = _gemm_config(M, a.element_size())
+    tiles = {"BLOCK_OUT": cfg.pop("BLOCK_N"), "BLOCK_L": cfg.pop("BLOCK_K")}
+    if not transposed:  # dX: the output runs along K, the reduction along N
+        tiles = {"BLOCK_OUT": tiles["BLOCK_L"], "BLOCK_L": tiles["BLOCK_OUT"]}
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(OUT, tiles["BLOCK_OUT"]),)
+    with device_of(a):
+        _nf4_addmm_kernel[grid](
+            c_ptr=C, a_ptr=a, packed_ptr=packed, scales_ptr=scales, code_ptr=code, out_ptr=out,
+            M=M, N=N, K=K, stride_cm=C.stride(0), stride_am=a.stride(0), TRANS_W=transposed,
+            **_dot_flags(a), **tiles, **cfg,
         )  # fmt: skip
-    return y
-
-
-def nf4_lora_dx(
-    dy: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    code: torch.Tensor,
-    shape: tuple[int, int],
-    *,
-    dS: torch.Tensor | None,
-    A: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """``dY W + s · dS A`` (``dS`` None: ``dY W`` only) for ``dY (M, N)``, ``A (r, K)`` → ``(M, K)``."""
-    _check_nf4(packed, scales, code, shape)
-    N, K = shape
-    M, r = dy.shape[0], A.shape[0]
-    if dy.shape[1] != N or A.shape[1] != K or (dS is not None and dS.shape != (M, r)):
-        raise ValueError(f"dY {tuple(dy.shape)}, A {tuple(A.shape)} do not fit W ({N}, {K})")
-    dy, A = _unit_cols(dy), A.to(dy.dtype).contiguous()
-    dS = None if dS is None else dS.to(dy.dtype).contiguous()
-    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
-    cfg = _gemm_config(M, dy.element_size())
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
-    with device_of(dy):
-        _nf4_lora_dx_kernel[grid](
-            dy_ptr=dy, packed_ptr=packed, scales_ptr=scales, code_ptr=code,
-            ds_ptr=dS if dS is not None else dy, a_ptr=A, dx_ptr=dx,
-            M=M, N=N, K=K, R=r, stride_dym=dy.stride(0), stride_dsm=dS.stride(0) if dS is not None else 0,
-            stride_dxm=dx.stride(0), scaling=float(scaling), HAS_LORA=dS is not None, R_PAD=pad_rank(r),
-            **_dot_flags(dy), **cfg,
-        )  # fmt: skip
-    return dx
+    return out

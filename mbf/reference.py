@@ -25,7 +25,6 @@ __all__ = [
     "orthonormal_rows",
     "philox_randint",
     "philox_randint4x",
-    "torch_keep_mask",
     "project_out",
     "time_aware_merge",
 ]
@@ -97,30 +96,25 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) 
     return words >= dropout_threshold(p)
 
 
-def torch_keep_mask(shape: tuple[int, int], p: float, seed: int, device=None) -> torch.Tensor:
-    """Keep-mask of the torch paths' LoRA dropout: ``torch.rand`` from a generator seeded with ``seed``,
-    kept where ``>= p``. One vectorised draw (the Philox twin above costs ~15x more on a CPU); the
-    Triton kernels use ``dropout_keep_mask`` instead, so the two families of paths draw different
-    (equally distributed) masks for one seed."""
-    generator = torch.Generator(device=device or "cpu").manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) >= p
-
-
-RNGS = ("philox", "torch")  # the Triton kernels' mask, the torch paths' mask
-
-
-def apply_dropout(x2: torch.Tensor, p: float, seed: int | None, rng: str = "philox") -> torch.Tensor:
-    """LoRA dropout of a 2-D ``[M, K]`` tensor: ``x2 · keep / (1 − p)``, the mask of ``rng``."""
+def apply_dropout(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """LoRA dropout of a 2-D ``[M, K]`` tensor: ``x2 · keep / (1 − p)`` with ``dropout_keep_mask``."""
     if p == 0.0:
         return x2
-    mask = dropout_keep_mask if rng == "philox" else torch_keep_mask
-    keep = mask(tuple(x2.shape), p, seed, device=x2.device)
+    keep = dropout_keep_mask(tuple(x2.shape), p, seed, device=x2.device)
     return x2 * keep.to(x2.dtype) / (1.0 - p)
 
 
 def dropout_threshold(p: float) -> int:
     """The uint32 threshold below which a Philox draw drops an element (p in [0, 1))."""
     return min(int(math.floor(p * 2**32)), 2**32 - 1)
+
+
+def _rounded(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` and back (the identity for None): a rounding point of the policy.
+
+    The rounding is a constant to autograd (its gradient is the identity): gradients are the exact
+    algebra's, not rounded to ``dtype`` on their way back."""
+    return t if dtype is None else t + (t.to(dtype).to(t.dtype) - t).detach()
 
 
 def lora_linear(
@@ -134,9 +128,24 @@ def lora_linear(
     lam: float = 1.0,
     dropout: float = 0.0,
     seed: int | None = None,
-    rng: str = "philox",
+    *,
+    compute_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``x W0ᵀ + b + scaling · (drop(x) Aᵀ) B_effᵀ`` with ``B_eff = merged_B + lam (B − merged_B)``.
+
+    The numerical policy every backend follows (``mbf.kernels.policy`` decides it per call), with
+    ``ct`` the LoRA branch's compute dtype (the promotion of x's and the adapters' dtypes) and
+    ``od`` the output's (x's), ``round_t`` a rounding to t::
+
+        B_eff = round_ct(B_m + λ (B − B_m))        S = round_ct(drop(x) Aᵀ)
+        C     = round_od(b + round_od(S) · round_od(s · B_eff)ᵀ)       (the base GEMM's addend)
+        y     = round_od(x W0ᵀ + C)
+
+    and in the backward ``dS = round_ct(dY B_eff)``, ``dX = round_od(dY W0 + C')`` with
+    ``C' = round_od(round_od(dS) · round_od(s/(1−p) · A)) ⊙ keep``, dA and dB in ct. Run in
+    float64 with ``compute_dtype`` / ``out_dtype`` given, this function rounds where the policy
+    rounds (the forward); without them it is the exact algebra.
 
     Args:
         x: ``(..., in)``.
@@ -144,21 +153,29 @@ def lora_linear(
         bias: ``(out,)`` or None.
         A: ``(r, in)``; B: ``(out, r)``; merged_B: ``(out, r)`` or None (then ``B_eff = B``).
         scaling: ``alpha / r``. lam: the time-aware merge coefficient λ.
-        dropout: LoRA dropout probability on the adapter branch's input. seed: its mask's seed
-            (drawn from torch's generator when None). rng: the mask family, ``"philox"`` (the Triton
-            kernels') or ``"torch"`` (the torch paths').
+        dropout: LoRA dropout probability on the adapter branch's input. seed: its Philox key
+            (``dropout_keep_mask``; drawn from torch's generator when None).
+        compute_dtype, out_dtype: the policy's ``ct`` and ``od`` to round to (None: no rounding).
 
     Returns:
         ``(..., out)`` in x's dtype.
     """
+    wt = torch.promote_types(x.dtype, A.dtype)  # the working dtype (float64 in the tests)
     B_eff = B if merged_B is None else merged_B + lam * (B - merged_B)
-    xa = x
+    B_eff = _rounded(B_eff.to(wt), compute_dtype)
+    xa = x.to(wt)
     if dropout > 0.0:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        xa = apply_dropout(x.reshape(-1, x.shape[-1]), dropout, seed, rng).reshape(x.shape)
-    lora = (xa.to(A.dtype) @ A.T) @ B_eff.to(A.dtype).T  # the adapter's dtype (fp32 adapters: fp32 branch)
-    return torch.nn.functional.linear(x, weight, bias) + scaling * lora.to(x.dtype)
+        xa = apply_dropout(xa.reshape(-1, x.shape[-1]), dropout, seed).reshape(x.shape)
+    S = _rounded(xa @ A.to(wt).T, compute_dtype)
+    bias = torch.zeros((), dtype=wt) if bias is None else bias.to(wt)
+    C = bias + S @ (scaling * B_eff).T  # the exact addend, whose gradients autograd takes
+    if out_dtype is not None:  # the policy's value of it (a constant to autograd)
+        C_od = _rounded(bias + _rounded(S, out_dtype) @ _rounded(scaling * B_eff, out_dtype).T, out_dtype)
+        C = C + (C_od - C).detach()
+    y = torch.nn.functional.linear(x.to(wt), weight.to(wt)) + C
+    return y.to(x.dtype)
 
 
 def _qr_dtype(dtype: torch.dtype) -> torch.dtype:

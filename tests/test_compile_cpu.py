@@ -1,11 +1,11 @@
 """torch.compile (inductor, CPU) over the torch paths: the dense and the NF4 LoRALinear, forward and every
 gradient equal to eager, with and without dropout, and no graph break.
 
-The mask of a layer (no seed) comes from torch's global generator, which inductor replaces by its own
-RNG unless ``fallback_random`` is set: these tests set it, so that one ``torch.manual_seed`` gives eager
-and compiled code one mask. A seeded call needs nothing: ``mbf::torch_keep_mask`` draws the seeded mask
-with the same generator in both. Inductor compiles C++ on the first call (tens of seconds, cached after):
-the variants are few and small.
+The mask is Philox of a 0-d int64 key (``mbf.kernels.policy``), traced as plain tensor ops. A layer's
+key (no seed) is drawn by ``torch.randint`` from torch's global generator, which inductor replaces by
+its own RNG unless ``fallback_random`` is set: these tests set it, so that one ``torch.manual_seed``
+gives eager and compiled code one mask. A seeded call needs nothing: the key is the seed. Inductor
+compiles C++ on the first call (tens of seconds, cached after): the variants are few and small.
 """
 
 import pytest
@@ -76,11 +76,3 @@ def test_compiled_seeded_dropout_equals_eager(kind):
     got = _run(torch.compile(fn, backend="inductor", fullgraph=True), layer, x, dy, seed=1)
     want = _run(fn, layer, x, dy, seed=2)  # another global seed: the mask comes from seed=7 alone
     _assert_same(got, want)
-
-
-def test_seeded_mask_op_registration():
-    torch.library.opcheck(
-        torch.ops.mbf.torch_keep_mask.default,
-        (5, 9, 0.3, 11, torch.device("cpu")),
-        test_utils=("test_schema", "test_faketensor"),
-    )

@@ -5,6 +5,7 @@ import torch
 from conftest import assert_close
 
 from mbf import functional, reference
+from mbf.functional.dropout import _philox4x, philox_keep_mask
 
 
 def _inputs(M_shape, K, N, r, dtype, bias=True, merged=False):
@@ -61,15 +62,15 @@ def test_torch_path_matches_reference(dtype, M_shape, K, N, r, bias, merged):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_torch_path_dropout_matches_reference_mask(dtype):
-    """The torch paths draw ``reference.torch_keep_mask(seed)``: forward and every gradient equal the
-    reference with ``rng="torch"``, the mask of the backward being the forward's."""
+    """The torch paths draw the Philox mask of ``reference.dropout_keep_mask(seed)``: forward and every
+    gradient equal the reference's, the mask of the backward being the forward's."""
     x, W, b, A, B, Bm = _inputs((2, 13), 24, 10, 3, dtype, merged=True)
     dY = torch.randn(2, 13, 10, dtype=torch.float64).to(dtype).double()
 
-    def run(seed, fast=True, rng="torch"):
+    def run(seed, fast=True):
         def fn(x, W, b, A, B, Bm):
             if not fast:
-                return reference.lora_linear(x, W, b, A, B, 2.0, Bm, 0.6, dropout=0.3, seed=seed, rng=rng)
+                return reference.lora_linear(x, W, b, A, B, 2.0, Bm, 0.6, dropout=0.3, seed=seed)
             cast = lambda t: t.to(dtype)  # noqa: E731
             args = (cast(x), cast(W), cast(b), cast(A), cast(B), 2.0, cast(Bm), 0.6)
             return functional.lora_linear(*args, dropout=0.3, seed=seed, backend="torch")
@@ -81,16 +82,16 @@ def test_torch_path_dropout_matches_reference_mask(dtype):
     for g_, w_ in zip(got, want):
         assert_close(g_, w_, dtype)
     assert not torch.allclose(run(12)[0], got[0])  # another seed, another mask
-    philox = run(11, fast=False, rng="philox")  # the Triton kernels' family: a different mask
-    assert not torch.allclose(philox[0], want[0])
 
 
 def test_torch_path_dropout_without_seed_reads_torch_generator():
-    """No seed: the mask is ``torch.rand`` from torch's global generator (no ``.item()``), so
-    ``torch.manual_seed(s)`` gives the mask of ``seed=s`` (both CPU Mersenne twisters seeded with s)."""
+    """No seed: the Philox key is ``torch.randint(0, 2**62, ())`` from torch's global generator, drawn
+    in the graph (no ``.item()``), so ``torch.manual_seed(s)`` fixes the mask."""
     x, W, b, A, B, _ = _inputs((9,), 16, 7, 2, torch.float64)
     dY = torch.randn(9, 7, dtype=torch.float64)
-    spec = lambda *a: reference.lora_linear(*a[:5], 1.5, dropout=0.4, seed=5, rng="torch")  # noqa: E731
+    torch.manual_seed(5)
+    key = int(torch.randint(0, 2**62, ()))
+    spec = lambda *a: reference.lora_linear(*a[:5], 1.5, dropout=0.4, seed=key)  # noqa: E731
     want = _grads(spec, x, W, b, A, B, None, dY)
 
     def fast(*a):
@@ -99,6 +100,20 @@ def test_torch_path_dropout_without_seed_reads_torch_generator():
 
     for g_, w_ in zip(_grads(fast, x, W, b, A, B, None, dY), want):
         assert_close(g_, w_, torch.float64)
+
+
+@pytest.mark.parametrize("M,K", [(1, 1), (5, 37), (33, 64), (3, 130)])
+@pytest.mark.parametrize("seed", [0, 123456789, 2**40 + 7, 2**63 - 1])
+def test_vectorised_philox_is_the_reference_mask_bit_for_bit(M, K, seed):
+    """The torch paths' Philox (one int64 multiply a product, wrapping) against the spec's limbs."""
+    for p in (0.1, 0.5, 0.9):
+        want = reference.dropout_keep_mask((M, K), p, seed)
+        got = philox_keep_mask(M, K, reference.dropout_threshold(p), torch.tensor(seed))
+        assert got.dtype == torch.bool and torch.equal(got, want)
+    counters = torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**40 + 3, 2**62, 2**63 - 1])  # both words
+    words = _philox4x(torch.tensor(seed), counters)
+    for got, want in zip(words, reference.philox_randint4x(seed, counters)):
+        assert torch.equal(got, want)
 
 
 def test_frozen_tensors_get_no_gradient():

@@ -13,8 +13,10 @@ import math
 import pytest
 import torch
 from conftest import assert_close
+from mbf.kernels.policy import decide_policy
 
 from mbf import functional, reference
+from mbf.functional.dropout import philox_keep_mask
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -47,6 +49,11 @@ def _inputs(batch, K, N, r, dtype, *, bias=True, merged=False, device=KERNEL_DEV
     }
     dY = (torch.randn(*batch, N, device=device) / M**0.5).to(dtype)
     return t, dY
+
+
+def _policy(x, p=0.0, seed=None):
+    """The policy functional.lora_linear would decide for x (fp32 adapters' promotion aside)."""
+    return decide_policy(x, (), p, seed)
 
 
 def _run(t, dY, backend, requires=("x", "A", "B"), **kw):
@@ -162,7 +169,30 @@ def test_autotuning_leaves_the_results_exact(monkeypatch):
 
 def test_threshold_is_the_reference_threshold():
     for p in (0.0, 1e-9, 0.1, 0.25, 0.5, 0.999, 1 - 2**-40):
-        assert lora_op._threshold(p) == reference.dropout_threshold(p)
+        assert _policy(torch.zeros(1), p, 3).threshold == reference.dropout_threshold(p)
+
+
+@pytest.mark.parametrize("M,K", [(1, 3), (5, 37), (33, 130)])
+@pytest.mark.parametrize("seed", [0, 2**40 + 7, 2**63 - 1])
+def test_one_mask_on_the_torch_path_and_in_the_kernels(M, K, seed):
+    """One seed, one mask: the torch paths' vectorised Philox, the Triton mask kernel (the torch paths
+    on a GPU) and the kernels' in-tile ``_keep`` (``test_kernel_mask_is_the_reference_mask_bit_for_bit``)
+    all give ``reference.dropout_keep_mask``."""
+    want = reference.dropout_keep_mask((M, K), 0.3, seed)
+    key = torch.tensor(seed, device=KERNEL_DEVICE)
+    assert torch.equal(lora_op.keep_mask(M, K, reference.dropout_threshold(0.3), key).cpu(), want)
+    assert torch.equal(philox_keep_mask(M, K, reference.dropout_threshold(0.3), key).cpu(), want)
+
+
+def test_same_seed_same_numbers_on_the_torch_and_triton_paths():
+    """The policy end to end: the fused op (interpreter) and the torch Function, one seed, one mask."""
+    t, dY = _inputs((2, 9), 40, 17, 4, torch.float32, merged=True)
+    kw = dict(scaling=0.5, lam=0.6, dropout=0.5, seed=2**40 + 1)
+    y, g = _run(t, dY, "triton", **kw)
+    y_t, g_t = _run(t, dY, "torch", **kw)
+    assert_close(y, y_t.double(), torch.float32)
+    for name in g:
+        assert_close(g[name], g_t[name].double(), torch.float32)
 
 
 def test_empty_batch():
@@ -172,20 +202,12 @@ def test_empty_batch():
     assert torch.equal(grads["A"], torch.zeros_like(grads["A"]))
 
 
-def test_dropout_without_seed_is_refused():
-    t, _ = _inputs((3,), 24, 17, 2, torch.float32)
-    with pytest.raises(ValueError, match="needs a seed"):
-        lora_op.lora_linear(**t, scaling=1.0, dropout=0.1)
-    with pytest.raises(ValueError, match=r"dropout 1.0 must be in \[0, 1\)"):
-        lora_op.lora_linear(**t, scaling=1.0, dropout=1.0, seed=1)
-
-
 def test_trainable_base_is_refused():
     t, _ = _inputs((3,), 24, 17, 2, torch.float32, merged=True)
     for frozen in ("weight", "bias", "merged_B"):
         args = {**t, frozen: t[frozen].detach().requires_grad_()}
         with pytest.raises(ValueError, match="frozen"):
-            lora_op.lora_linear(**args, scaling=1.0)
+            lora_op.lora_linear(**args, scaling=1.0, lam=1.0, policy=_policy(t["x"]))
 
 
 def test_custom_op_registration():
@@ -201,7 +223,8 @@ def test_custom_op_registration():
         0.5,
         0.3,
         0.2,
-        11,
+        reference.dropout_threshold(0.2),
+        torch.tensor(11, device=KERNEL_DEVICE),
     )
     torch.library.opcheck(
         torch.ops.mbf.lora_linear_fwd.default,
@@ -214,7 +237,8 @@ def test_torch_compile_traces_through_the_op():
     t, dY = _inputs((2, 5), 24, 17, 3, torch.float32, merged=True)
 
     def f(x, weight, bias, A, B, merged_B):
-        return lora_op.lora_linear(x, weight, bias, A, B, 0.5, merged_B, 0.3, 0.2, 11).square().sum()
+        y = lora_op.lora_linear(x, weight, bias, A, B, 0.5, merged_B, 0.3, _policy(x, 0.2, 11))
+        return y.square().sum()
 
     leaves = {k: v.detach().requires_grad_(k in ("x", "A", "B")) for k, v in t.items()}
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
@@ -266,7 +290,7 @@ def test_gpu_torch_compile_inductor():
     leaves = {k: v.detach().requires_grad_(k in ("x", "A", "B")) for k, v in t.items()}
 
     def f(x, weight, bias, A, B, merged_B):
-        return lora_op.lora_linear(x, weight, bias, A, B, 2.0, merged_B, 0.5, 0.1, 7)
+        return lora_op.lora_linear(x, weight, bias, A, B, 2.0, merged_B, 0.5, _policy(x, 0.1, 7))
 
     y = torch.compile(f, fullgraph=True)(**leaves)  # inductor: the op stays one opaque node
     y.backward(dY)
@@ -298,7 +322,7 @@ def test_kernel_mask_is_the_reference_mask_bit_for_bit(M, K, block_k, seed, p):
     # one Philox-4x32 call per four columns; K not a multiple of 4 and any tile width give one mask
     out = torch.full((M, K), -1.0, device=KERNEL_DEVICE)
     grid = (triton.cdiv(M, 16), triton.cdiv(K, block_k))
-    _keep_probe[grid](out, M, K, seed, lora_op._threshold(p), BLOCK_M=16, BLOCK_K=block_k)
+    _keep_probe[grid](out, M, K, seed, reference.dropout_threshold(p), BLOCK_M=16, BLOCK_K=block_k)
     want = reference.dropout_keep_mask((M, K), p, seed)
     assert torch.equal(out.cpu(), want.float())
     assert abs(want.float().mean().item() - (1 - p)) < 0.25  # not all kept, not all dropped
@@ -315,14 +339,13 @@ def test_fp32_adapters_over_a_16_bit_base_keep_fp32(base, p):
     y, g = _run(t, dY, "triton", **kw)
     y_t, g_t = _run(t, dY, "torch", **kw)
     y_ref, g_ref = _run(t, dY, None, **kw)
-    _, g_ref_t = _run(t, dY, None, **kw, rng="torch")  # the torch path's mask family
     assert y.dtype == base and g["x"].dtype == base
     assert g["A"].dtype == torch.float32 and g["B"].dtype == torch.float32
     assert_close(y, y_ref, base)
     assert_close(g["x"], g_ref["x"], base)
     for name in ("A", "B"):
         assert_close(g[name], g_ref[name], torch.float32)
-        assert_close(g_t[name], g_ref_t[name], torch.float32)  # the torch path keeps fp32 the same way
+        assert_close(g_t[name], g_ref[name], torch.float32)  # the torch path keeps fp32 the same way
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
@@ -412,10 +435,12 @@ def test_int32_pointer_steps_are_guarded():
 
 def test_unsupported_rank_and_dtype_are_refused():
     t, _ = _inputs((3,), 24, 17, 2, torch.float32)
+    A65, B65 = torch.randn(65, 24, device=KERNEL_DEVICE), torch.randn(17, 65, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match=r"rank 65 must be in \[1, 64\]"):
-        lora_op.lora_linear(t["x"], t["weight"], None, torch.randn(65, 24), torch.randn(17, 65), 1.0)
+        lora_op.lora_linear(t["x"], t["weight"], None, A65, B65, 1.0, None, 1.0, _policy(t["x"]))
+    x64 = t["x"].double()
     with pytest.raises(ValueError, match="the fused LoRA kernel takes"):
-        lora_op.lora_linear(t["x"].double(), t["weight"].double(), None, t["A"], t["B"], 1.0)
+        lora_op.lora_linear(x64, t["weight"].double(), None, t["A"], t["B"], 1.0, None, 1.0, _policy(x64))
 
 
 @triton.jit

@@ -32,44 +32,17 @@ def test_dequant_kernel_bit_exact(dtype):
 
 @pytest.mark.parametrize("M,N,K,r", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_forward_kernel(M, N, K, r, dtype):
+@pytest.mark.parametrize("transposed", [True, False], ids=["forward", "dx"])
+def test_fused_addmm_kernel(M, N, K, r, dtype, transposed):
+    """``C + a Wᵀ`` (forward) and ``C + a W`` (dX), W dequantised in the tiles, C any addend."""
     w = _nf4(N, K, dtype)
-    x, A = torch.randn(M, K).to(DEVICE, dtype), (torch.randn(r, K) * 0.1).to(DEVICE, dtype)
-    B, Bm, b = (
-        (torch.randn(N, r) * 0.1).to(DEVICE, dtype),
-        (torch.randn(N, r) * 0.1).to(DEVICE, dtype),
-        torch.randn(N).to(DEVICE, dtype),
-    )
-    S = x @ A.T
-    for bias, merged, lam in ((b, Bm, 0.7), (None, None, 1.0)):
-        B_eff = B if merged is None else torch.lerp(merged.float(), B.float(), lam).to(dtype)
-        y = knf4.nf4_lora_forward(x, *_args(w), bias=bias, S=S, B_eff=B_eff, scaling=2.0)
-        W64 = nf4.dequantize_nf4(w).double()
-        ref = reference.lora_linear(
-            x.double(),
-            W64,
-            None if bias is None else bias.double(),
-            A.double(),
-            B.double(),
-            2.0,
-            None if merged is None else merged.double(),
-            lam,
-        )
-        assert y.dtype == dtype and y.shape == (M, N)
-        assert_close(y, ref, dtype)
-
-
-@pytest.mark.parametrize("M,N,K,r", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_dx_kernel(M, N, K, r, dtype):
-    w = _nf4(N, K, dtype)
-    dy, A = torch.randn(M, N).to(DEVICE, dtype), (torch.randn(r, K) * 0.1).to(DEVICE, dtype)
-    dS = (torch.randn(M, r) * 0.3).to(DEVICE, dtype)
+    L, OUT = (K, N) if transposed else (N, K)
+    a, C = torch.randn(M, L).to(DEVICE, dtype), torch.randn(M, OUT).to(DEVICE, dtype)
     W64 = nf4.dequantize_nf4(w).double()
-    dx = knf4.nf4_lora_dx(dy, *_args(w), dS=dS, A=A, scaling=1.5)
-    assert_close(dx, dy.double() @ W64 + 1.5 * dS.double() @ A.double(), dtype)
-    base_only = knf4.nf4_lora_dx(dy, *_args(w), dS=None, A=A, scaling=1.5)  # the dropout case: base GEMM only
-    assert_close(base_only, dy.double() @ W64, dtype)
+    got = knf4.nf4_addmm(C, a, *_args(w), transposed)
+    want = C.double() + a.double() @ (W64.T if transposed else W64)
+    assert got.dtype == dtype and got.shape == (M, OUT)
+    assert_close(got, want, dtype)
 
 
 @pytest.mark.parametrize("path", ["fused", "dequant"])
@@ -91,8 +64,8 @@ def test_autograd_paths_against_reference(path, dtype, dropout):
 
     leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
     W64 = nf4.dequantize_nf4(w).double()
-    ref = reference.lora_linear(  # the NF4 paths run LoRALinearFunction: the torch mask family
-        leaves[0], W64, b.double(), leaves[1], leaves[2], 2.0, Bm.double(), 0.6, dropout, 7, rng="torch"
+    ref = reference.lora_linear(  # the Philox mask of seed 7 on every path
+        leaves[0], W64, b.double(), leaves[1], leaves[2], 2.0, Bm.double(), 0.6, dropout, 7
     )
     rx, rA, rB = torch.autograd.grad(ref, leaves, dy.double())
     for got, want in ((y, ref), (gx, rx), (gA, rA), (gB, rB)):
@@ -111,11 +84,4 @@ def test_kernel_shape_errors():
     with pytest.raises(ValueError, match="in_features 96 must be a multiple of 64"):
         knf4.nf4_dequantize(w.packed, w.block_scales(), w.code, (8, 96), torch.float32)
     with pytest.raises(ValueError, match="do not fit W"):
-        knf4.nf4_lora_forward(
-            torch.randn(3, 128, device=DEVICE),
-            *_args(w),
-            bias=None,
-            S=torch.randn(3, 2, device=DEVICE),
-            B_eff=torch.randn(8, 2, device=DEVICE),
-            scaling=1.0,
-        )
+        knf4.nf4_addmm(torch.randn(3, 8, device=DEVICE), torch.randn(3, 128, device=DEVICE), *_args(w), True)

@@ -106,8 +106,8 @@ def test_functional_float64_path_is_the_spec():
     Bm, b = torch.randn(33, 5, dtype=torch.float64), torch.randn(33, dtype=torch.float64)
     y = functional.lora_linear_nf4(x, w, b, A, B, 1.5, Bm, 0.4, dropout=0.3, seed=11)
     ref = reference.lora_linear(
-        x, nf4.dequantize_nf4(w), b, A, B, 1.5, Bm, 0.4, dropout=0.3, seed=11, rng="torch"
-    )  # the torch paths' mask family
+        x, nf4.dequantize_nf4(w), b, A, B, 1.5, Bm, 0.4, dropout=0.3, seed=11
+    )  # the Philox mask of seed 11 on every path
     dy = torch.randn_like(y)
     for g, r in zip(torch.autograd.grad(y, (x, A, B), dy), torch.autograd.grad(ref, (x, A, B), dy)):
         assert_close(g, r, torch.float64)

@@ -35,10 +35,8 @@ def test_lora_linear_time_aware_B_eff():
     torch.testing.assert_close(y0, reference.lora_linear(x, W, None, A, Bm, 2.0), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "mask", [reference.dropout_keep_mask, reference.torch_keep_mask], ids=["philox", "torch"]
-)
-def test_dropout_mask_is_seeded_and_has_the_right_rate(mask):
+def test_dropout_mask_is_seeded_and_has_the_right_rate():
+    mask = reference.dropout_keep_mask
     keep1 = mask((64, 96), 0.3, seed=7)
     keep2 = mask((64, 96), 0.3, seed=7)
     keep3 = mask((64, 96), 0.3, seed=8)
@@ -60,6 +58,27 @@ def test_dropout_applies_to_adapter_branch_only():
     y = reference.lora_linear(x, W, None, A, B, 1.0, dropout=0.5, seed=3)
     keep = reference.dropout_keep_mask((16, 8), 0.5, seed=3).double()
     torch.testing.assert_close(y, x @ W.T + ((x * keep * 2.0) @ A.T) @ B.T, rtol=1e-12, atol=1e-12)
+
+
+def test_policy_rounding_points():
+    """With the policy's dtypes the forward rounds S to ct, the addend's operands and the addend to od
+    (by hand below), while gradients carry the ct (fp32) roundings only, never od's (bf16)."""
+    x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    W, b = torch.randn(5, 9, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    A = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 3, dtype=torch.float64)
+    ct, od = torch.float32, torch.bfloat16
+    y = reference.lora_linear(x, W, b, A, B, 0.7, compute_dtype=ct, out_dtype=od)
+    r = lambda t, dt: t.to(dt).double()  # noqa: E731
+    S = r(x @ A.T, ct)
+    C = r(b + r(S, od) @ r(0.7 * B, od).T, od)
+    torch.testing.assert_close(y, x @ W.T + C, rtol=1e-15, atol=1e-15)
+    assert not torch.allclose(y, reference.lora_linear(x, W, b, A, B, 0.7), rtol=1e-6, atol=0)
+    gx, gA = torch.autograd.grad(y.sum(), (x, A))
+    exact = reference.lora_linear(x, W, b, A, B, 0.7)
+    ex, eA = torch.autograd.grad(exact.sum(), (x, A))
+    torch.testing.assert_close(gx, ex, rtol=2e-6, atol=2e-6)  # bf16's would be ~4e-3
+    torch.testing.assert_close(gA, eA, rtol=2e-6, atol=2e-6)
 
 
 def test_philox_known_values():

@@ -1,59 +1,45 @@
 """How the LoRA autograd Function reads the frozen base weight ``W0 (out, in)``: one small class per base.
 
-Each base provides the two GEMMs that touch W0, with the LoRA term joined to them:
+Each base provides the two GEMMs that touch W0, each with an addend ``C`` that the Function made
+from the LoRA term by the call's policy (``mbf.kernels.policy``: the term rounded once to the
+output dtype, so that the base product rounds once, with the sum):
 
-- ``forward(x2, bias, S, B_eff, s)``: ``x2 W0ᵀ + b + s · S B_effᵀ``, ``(M, out)`` in x2's dtype;
-- ``grad_input(dY2, dS, A, s, keep)``: ``dY2 W0 + s · (dS A) ⊙ keep``, ``(M, in)`` in dY2's dtype,
-  where ``keep`` is the dropout's boolean ``(M, in)`` mask (None: no dropout) and s already carries
-  its ``1 / (1 − p)`` rescale.
+- ``forward(x2, C)``: ``x2 W0ᵀ + C``, ``(M, out)`` in x2's dtype (C holds the bias and the term);
+- ``grad_input(dY2, C)``: ``dY2 W0 + C``, ``(M, in)`` in dY2's dtype (C holds the masked term).
 
-The LoRA operands (S, B_eff, dS, A) come in the adapter's compute dtype; fp32 adapters over a
-16-bit base join the base GEMM as a 16-bit addend (``lora_term_16``). ``DenseBase`` is the
-generic version over any base that can hand out W0 as a dense tensor (``dense(dtype)``); the NF4
-bases differ only in how that tensor is made, except ``NF4FusedBase``, whose Triton kernels
-dequantise W0's tiles in registers and never materialise it. A new base type is one class here.
+``DenseBase`` is the generic version over any base that can hand out W0 as a dense tensor
+(``dense(dtype)``; one ``addmm``, on a GPU cuBLAS with the term in its C operand); the NF4 bases
+differ only in how that tensor is made, except ``NF4FusedBase``, whose Triton kernel dequantises
+W0's tiles in registers and never materialises it. A new base type is one class here.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mbf.functional._backend import kernel
 from mbf.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["DenseBase", "NF4DequantBase", "NF4FusedBase", "NF4TorchBase", "nf4_base"]
+__all__ = ["DenseBase", "NF4DequantBase", "NF4FusedBase", "NF4TorchBase", "lora_addend", "nf4_base"]
 
 NF4_PATHS = ("torch", "dequant", "fused")
 
 
-def add_scaled(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """``out + s · a @ b``: one fused ``addmm`` (one rounding); a, b in out's dtype.
-
-    ``addmm``'s ``alpha`` is also the form torch.compile's inductor keeps (``add_(alpha=)`` it drops).
-    """
-    return torch.addmm(out, a, b, alpha=s)
-
-
-def masked_(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``t ⊙ keep`` in place (t is a fresh product), or t without a mask: the dropout is linear, so its
-    mask applies to the product ``dS A`` as it did to x."""
-    return t if keep is None else t.mul_(keep)
-
-
-def lora_term_16(
+def lora_addend(
     a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``s · a @ b (+ bias)`` in a 16-bit ``dtype`` from fp32 ``a`` (M, r) and ``b`` (r, N): the term a 16-bit
-    base GEMM then takes as its addend, so that the base product rounds once, with the sum.
+    """``round(bias + round(a) @ round(s · b))`` in ``dtype``: the policy's addend of a base GEMM.
 
-    The operands are rounded to ``dtype`` (fp32 accumulation inside the GEMM) rather than multiplied in
-    fp32: the term lands in a 16-bit tensor anyway, and on a CPU the fp32 GEMM, its scaling and its cast
-    cost 2-3x the 16-bit GEMM (measured per layer on SmolLM2's q_proj, batch 512, r = 16). The adapter
-    gradients do not come from here: they stay fp32-accurate.
+    Args:
+        a: ``(M, r)`` (S or dS) and b: ``(r, N)`` (B_effᵀ or A), in the LoRA compute dtype.
+        s: the scaling, folded into the small ``(r, N)`` operand before its rounding.
+        dtype: the output's dtype (x's). bias: ``(N,)`` or None.
+
+    On a CPU the 16-bit form costs a third of an fp32 term's GEMM, scaling and cast (measured per
+    layer on SmolLM2's q_proj, batch 512, r = 16); the adapter gradients do not come from here.
     """
-    a, b = a.to(dtype), (s * b).to(dtype)  # s folded into the small (r, N) operand
-    return a @ b if bias is None else torch.addmm(bias, a, b)
+    a, b = a.to(dtype), (s * b).to(dtype)
+    return a @ b if bias is None else torch.addmm(bias.to(dtype), a, b)
 
 
 class DenseBase:
@@ -70,21 +56,11 @@ class DenseBase:
         """``W0 (out, in)`` in ``dtype``."""
         return self.weight.to(dtype)
 
-    def forward(self, x2, bias, S, B_eff, s):
-        dt = x2.dtype
-        W, b = self.dense(dt), None if bias is None else bias.to(dt)
-        if S.dtype == dt:
-            return add_scaled(F.linear(x2, W, b), S, B_eff.T, s)
-        lora = lora_term_16(S, B_eff.T, s, dt, bias=b)  # fp32 adapters over a 16-bit base
-        return torch.addmm(lora, x2, W.T)  # x W0ᵀ + (b + lora), the base product rounded once
+    def forward(self, x2, C):
+        return torch.addmm(C, x2, self.dense(x2.dtype).T)
 
-    def grad_input(self, dY2, dS, A, s, keep):
-        W = self.dense(dY2.dtype)
-        if dS.dtype == dY2.dtype:
-            lora_dx = masked_(dS @ A, keep)
-            return torch.addmm(lora_dx, dY2, W, beta=s)  # s · lora_dx + dY W, rounded once
-        lora_dx = masked_(lora_term_16(dS, A, s, dY2.dtype), keep)  # a 16-bit base
-        return torch.addmm(lora_dx, dY2, W)  # dY W + s · (dS A) ⊙ keep, rounded once
+    def grad_input(self, dY2, C):
+        return torch.addmm(C, dY2, self.dense(dY2.dtype))
 
 
 class NF4TorchBase(DenseBase):
@@ -110,25 +86,17 @@ class NF4DequantBase(NF4TorchBase):
 
 
 class NF4FusedBase(NF4TorchBase):
-    """W0 in NF4, dequantised tile by tile inside the Triton GEMMs (small token counts)."""
+    """W0 in NF4, dequantised tile by tile inside the Triton GEMM (small token counts)."""
 
-    def _storage(self):
+    def _addmm(self, C, a, transposed):
         w = self.w
-        return w.packed, w.block_scales(), w.code, w.shape
+        return kernel("nf4", "nf4_addmm")(C, a, w.packed, w.block_scales(), w.code, w.shape, transposed)
 
-    def forward(self, x2, bias, S, B_eff, s):
-        dt = x2.dtype
-        fwd = kernel("nf4", "nf4_lora_forward")
-        return fwd(x2, *self._storage(), bias=bias, S=S.to(dt), B_eff=B_eff.to(dt), scaling=s)
+    def forward(self, x2, C):
+        return self._addmm(C, x2, True)
 
-    def grad_input(self, dY2, dS, A, s, keep):
-        dt = dY2.dtype
-        dx_kernel = kernel("nf4", "nf4_lora_dx")
-        if keep is None:
-            return dx_kernel(dY2, *self._storage(), dS=dS.to(dt), A=A.to(dt), scaling=s)
-        # the dropout mask sits on the LoRA term only: that term is added outside the kernel
-        base = dx_kernel(dY2, *self._storage(), dS=None, A=A.to(dt), scaling=s)
-        return base + masked_((dS @ A).mul_(s), keep).to(dt)
+    def grad_input(self, dY2, C):
+        return self._addmm(C, dY2, False)
 
 
 def nf4_base(w: NF4Weight, path: str) -> NF4TorchBase:

@@ -1,34 +1,33 @@
 """``lora_linear``: the LoRA linear over any base, and the one autograd Function behind its torch paths.
 
 ``y = x W0ᵀ + b + s · (drop(x) Aᵀ) B_effᵀ`` with ``B_eff = B_m + λ (B − B_m)`` (``mbf.reference``
-is the spec). CUDA tensors over a dense W0 take the fused Triton op (``mbf.kernels.lora_op``);
-everything else runs ``LoRALinearFunction``, which writes the LoRA algebra once and reads W0
-through a base object (``mbf.functional.bases``): dense, or NF4 read by torch, by the one-pass
-dequant kernel or by the fused NF4 kernels.
+is the spec). ``lora_linear`` decides the call's numerical policy once (``mbf.kernels.policy``:
+the LoRA branch's compute dtype, where the term rounds, the Philox dropout key, the fused rank
+limit) and hands it to the path it runs: CUDA tensors over a dense W0 take the fused Triton op
+(``mbf.kernels.lora_op``); everything else runs ``LoRALinearFunction``, which writes the LoRA
+algebra once and reads W0 through a base object (``mbf.functional.bases``): dense, or NF4 read by
+torch, by the one-pass dequant kernel or by the fused NF4 kernel.
 
-Dropout masks come in two families (``mbf.reference.RNGS``): the fused Triton op draws Philox from
-an integer seed inside its tiles and regenerates it in the backward; ``LoRALinearFunction`` takes a
-boolean keep mask drawn once by ``torch.rand`` (``reference.torch_keep_mask`` for a seed, torch's
-global generator without one) and keeps it for the backward: no ``.item()``, so no graph break
-under ``torch.compile``, and one vectorised draw instead of ten Philox rounds in int64, twice.
+Dropout has one random family on every path (Philox, ``mbf.functional.dropout``): the fused op
+regenerates the mask from the key in its tiles; ``LoRALinearFunction`` draws it once as a boolean
+``(M, in)`` mask and keeps it for the backward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mbf import reference
 from mbf.functional import dispatch
 from mbf.functional._backend import kernel, resolve_backend
-from mbf.functional.bases import DenseBase, nf4_base
+from mbf.functional.bases import DenseBase, lora_addend, nf4_base
+from mbf.functional.dropout import keep_mask
 from mbf.kernels import interpreting
+from mbf.kernels.policy import MAX_RANK, LoRAPolicy, decide_policy
 from mbf.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = ["MAX_FUSED_RANK", "LoRALinearFunction", "lora_linear", "lora_linear_nf4"]
 
-# The fused kernel pads r into one register tile (mbf.kernels.lora_op.MAX_RANK); above this rank the
-# torch path runs, with backend="triton" too (at 128 its (BLOCK, R_PAD) tiles spill on sm_90).
-MAX_FUSED_RANK = 64
+MAX_FUSED_RANK = MAX_RANK  # the fused kernels' rank limit (mbf.kernels.policy); above it the torch path runs
 
 
 def _b_eff(B: torch.Tensor, merged_B: torch.Tensor | None, lam: float, ct: torch.dtype) -> torch.Tensor:
@@ -36,47 +35,53 @@ def _b_eff(B: torch.Tensor, merged_B: torch.Tensor | None, lam: float, ct: torch
     return B.to(ct) if merged_B is None else torch.lerp(merged_B.to(ct), B.to(ct), lam)
 
 
+def _down(x2, A, keep, policy: LoRAPolicy) -> torch.Tensor:
+    """``S = drop(x) Aᵀ`` ``(M, r)`` in the compute dtype (the rescale on the small product)."""
+    S = _masked(x2.to(policy.compute_dtype), keep) @ A.to(policy.compute_dtype).T
+    return S if keep is None else S.mul_(policy.keep_scale)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ`` with a hand-written backward; W0, b and B_m stay frozen.
 
-    ``drop(x) = x ⊙ keep / (1 − p)`` with ``keep`` a boolean ``(M, in)`` mask (None: no dropout),
-    drawn by the caller. Saved for backward: x, S and the mask (plus references to the parameters);
+    ``drop(x) = x ⊙ keep / (1 − p)`` with ``keep`` the policy's boolean ``(M, in)`` Philox mask,
+    drawn here once. Saved for backward: x, S and the mask (plus references to the parameters);
     the dropped input is one multiply, redone in the backward rather than held (4 bytes an element).
     The ``1 / (1 − p)`` rescale is folded into the small operands: S and the scaling of dx and dA.
-    The LoRA branch runs in the adapter's dtype (fp32 adapters over a 16-bit base: the branch and
-    the adapter gradients keep fp32, as PEFT's autocast adapters do); the base GEMMs and the
-    output stay in x's dtype.
+    S, dS, dA and dB are in the policy's compute dtype; the base GEMMs take the LoRA term as their
+    addend, rounded once to x's dtype (``bases.lora_addend``).
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, base, bias, merged_B, scaling, lam, keep, dropout):
-        ct = A.dtype  # compute dtype of the LoRA branch
+    def forward(ctx, x, A, B, base, bias, merged_B, scaling, lam, policy):
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        S = _masked(x2.to(ct), keep) @ A.T  # (M, r)
-        if keep is not None:
-            S = S.mul_(1.0 / (1.0 - dropout))  # drop(x) Aᵀ: the rescale on the (M, r) product
-        out = base.forward(x2, bias, S, _b_eff(B, merged_B, lam, ct), scaling)  # (M, out)
+        keep = keep_mask(policy, *x2.shape)
+        S = _down(x2, A, keep, policy)  # (M, r)
+        B_eff = _b_eff(B, merged_B, lam, policy.compute_dtype)
+        out = base.forward(x2, lora_addend(S, B_eff.T, scaling, x2.dtype, bias))  # (M, out)
         ctx.save_for_backward(x2, S, A, B, merged_B, keep)
-        ctx.base, ctx.scaling, ctx.lam, ctx.dropout = base, scaling, lam, dropout
+        ctx.base, ctx.scaling, ctx.lam, ctx.policy = base, scaling, lam, policy
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, dY):
         x2, S, A, B, merged_B, keep = ctx.saved_tensors
-        s, ct = ctx.scaling, A.dtype
-        s_drop = s if keep is None else s / (1.0 - ctx.dropout)  # s and the mask's rescale, for dx and dA
+        s, policy = ctx.scaling, ctx.policy
+        ct = policy.compute_dtype
+        s_drop = s if keep is None else s * policy.keep_scale  # s and the mask's rescale, for dx and dA
         dY2 = dY.reshape(-1, dY.shape[-1])  # (M, out)
         dYc = dY2.to(ct)
         dS = dYc @ _b_eff(B, merged_B, ctx.lam, ct)  # (M, r)
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            dx = ctx.base.grad_input(dY2, dS, A, s_drop, keep).view(ctx.x_shape)
+            term = _masked_(lora_addend(dS, A.to(ct), s_drop, dY2.dtype), keep)  # the mask is linear
+            dx = ctx.base.grad_input(dY2, term).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             dA = (dS.T @ _masked(x2.to(ct), keep)).mul_(s_drop)  # (r, in)
         if ctx.needs_input_grad[2]:
             dB = (dYc.T @ S).mul_(s * (1.0 if merged_B is None else ctx.lam))  # ∂B_eff/∂B = λ
-        return dx, dA, dB, None, None, None, None, None, None, None
+        return dx, _as(dA, A), _as(dB, B), None, None, None, None, None, None
 
 
 def lora_linear(
@@ -90,7 +95,7 @@ def lora_linear(
     lam: float = 1.0,
     *,
     dropout: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     backend: str = "auto",
     nf4_path: str = "auto",
     name: str | None = None,
@@ -102,10 +107,9 @@ def lora_linear(
             (QLoRA; never saved for backward, re-read from its 4 bits). bias: ``(out,)`` or None.
         A: ``(r, in)``. B: ``(out, r)``. merged_B: ``(out, r)`` or None.
         scaling: ``alpha / r``. lam: λ, with ``B_eff = merged_B + λ (B − merged_B)``.
-        dropout: probability on the adapter input. seed: the dropout mask's seed. The torch paths draw
-            the mask with ``reference.torch_keep_mask(seed)``, or from torch's global generator when
-            None; the fused Triton op draws Philox (``reference.dropout_keep_mask``) from the seed, or
-            from one drawn from torch's generator when None.
+        dropout: probability on the adapter input. seed: the Philox key of its mask (an int in
+            [0, 2⁶³) or a 0-d int64 tensor): the same mask on every path. None: one is drawn from
+            torch's generator on x's device, inside the graph (no ``.item()``).
         backend: ``"auto"`` (CUDA tensors over a dense W0: the fastest path measured for this GPU
             and shape, ``mbf.functional.dispatch``; NF4: Triton; CPU: torch), ``"torch"`` or
             ``"triton"`` (over a dense W0, ranks above ``MAX_FUSED_RANK`` still run the torch path).
@@ -114,7 +118,8 @@ def lora_linear(
         name: the layer's name, to start every error message with (``LoRALinear`` passes its own).
 
     Returns:
-        ``(..., out)`` in x's dtype. Gradients flow to x, A and B.
+        ``(..., out)`` in x's dtype. Gradients flow to x, A and B (in their dtypes). The numerics
+        follow ``mbf.kernels.policy`` on every path.
 
     Raises:
         ValueError: on mismatched shapes, a dropout outside [0, 1), or an NF4 weight away from x.
@@ -122,36 +127,31 @@ def lora_linear(
     """
     where = f"{name}: " if name else ""
     _check_shapes(where, x, weight.shape, bias, A, B, merged_B)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{where}dropout {dropout} must be in [0, 1)")
-    if backend == "auto" and x.is_cuda and not isinstance(weight, NF4Weight):  # measured: see dispatch.py
+    policy = decide_policy(x, (A, B, merged_B), dropout, seed, where)
+    is_nf4 = isinstance(weight, NF4Weight)
+    if backend == "auto" and x.is_cuda and not is_nf4:  # measured: see dispatch.py
         backend = dispatch.auto_backend(
             x, weight, bias, A, B, scaling, merged_B, lam, dropout, run=lora_linear
         )
     chosen = resolve_backend(backend, x)
-    is_nf4 = isinstance(weight, NF4Weight)
     if is_nf4:
         check_nf4_device(weight, x, chosen, where)
     frozen = [t for t in (None if is_nf4 else weight, bias, merged_B) if t is not None]
     if any(t.requires_grad for t in frozen):
-        # a trainable base is outside the fused paths' contract: let autograd do the spec.
+        # a trainable base is outside the fused paths' contract: the same algebra under autograd
         W = dequantize_nf4(weight, x.dtype) if is_nf4 else weight
-        return reference.lora_linear(x, W, bias, A, B, scaling, merged_B, lam, dropout, seed, rng="torch")
+        return _autograd_lora(x, W, bias, A, B, float(scaling), merged_B, float(lam), policy)
     if is_nf4:
         if chosen == "torch":
             nf4_path = "torch"
         elif nf4_path == "auto":
             nf4_path = kernel("nf4", "choose_path")(x.numel() // x.shape[-1])
         base = nf4_base(weight, nf4_path)
-    elif chosen == "triton" and A.shape[0] <= MAX_FUSED_RANK:
-        if dropout > 0.0 and seed is None:  # the kernels draw Philox from an integer seed
-            seed = int(torch.randint(0, 2**62, ()).item())
-        # the adapters go in as they are: fp32 adapters over a 16-bit base keep fp32 tiles and grads
-        return kernel("lora_op", "lora_linear")(x, weight, bias, A, B, scaling, merged_B, lam, dropout, seed)
+    elif chosen == "triton" and policy.fused_rank(A.shape[0]):
+        return kernel("lora_op", "lora_linear")(x, weight, bias, A, B, scaling, merged_B, lam, policy)
     else:
         base = DenseBase(weight)
-    keep = keep_mask((x.numel() // x.shape[-1], x.shape[-1]), dropout, seed, x.device)
-    return LoRALinearFunction.apply(x, A, B, base, bias, merged_B, float(scaling), float(lam), keep, dropout)
+    return LoRALinearFunction.apply(x, A, B, base, bias, merged_B, float(scaling), float(lam), policy)
 
 
 def lora_linear_nf4(x: torch.Tensor, weight: NF4Weight, *args, path: str = "auto", **kwargs) -> torch.Tensor:
@@ -161,37 +161,27 @@ def lora_linear_nf4(x: torch.Tensor, weight: NF4Weight, *args, path: str = "auto
     return lora_linear(x, weight, *args, nf4_path=path, **kwargs)
 
 
-def keep_mask(
-    shape: tuple[int, int], p: float, seed: int | None, device: torch.device
-) -> torch.Tensor | None:
-    """The torch paths' boolean keep mask ``(M, in)``, None without dropout.
-
-    With a seed: ``reference.torch_keep_mask`` (a generator of its own: reproducible, and the
-    same bits under ``torch.compile``, where the op ``mbf::torch_keep_mask`` keeps the generator,
-    which dynamo cannot trace, out of the graph without breaking it). Without: torch's global
-    generator, read inside the graph (no ``.item()``); inductor then draws with its own RNG, seeded
-    from torch's, unless ``torch._inductor.config.fallback_random`` is set.
-    """
-    if p == 0.0:
-        return None
-    if seed is not None:
-        return _seeded_keep_mask(shape[0], shape[1], p, seed, device)
-    return torch.rand(shape, device=device) >= p
+def _autograd_lora(x, W, bias, A, B, scaling, merged_B, lam, policy: LoRAPolicy) -> torch.Tensor:
+    """The Function's forward under autograd, for a trainable base (gradients to W and b too)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    S = _down(x2, A, keep_mask(policy, *x2.shape), policy)
+    C = lora_addend(S, _b_eff(B, merged_B, lam, policy.compute_dtype).T, scaling, x.dtype, bias)
+    return torch.addmm(C, x2, W.to(x.dtype).T).view(*x.shape[:-1], W.shape[0])
 
 
-@torch.library.custom_op("mbf::torch_keep_mask", mutates_args=())
-def _seeded_keep_mask(M: int, K: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    return reference.torch_keep_mask((M, K), p, seed, device)
-
-
-@_seeded_keep_mask.register_fake
-def _(M, K, p, seed, device):
-    return torch.empty((M, K), dtype=torch.bool, device=device)
+def _as(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
+    """A gradient in its parameter's dtype (bf16 adapters over an fp32 base compute in fp32)."""
+    return None if grad is None else grad.to(param.dtype)
 
 
 def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``t ⊙ keep`` (a new tensor), or t itself without a mask."""
     return t if keep is None else t * keep
+
+
+def _masked_(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``t ⊙ keep`` in place (t is a fresh product), or t without a mask."""
+    return t if keep is None else t.mul_(keep)
 
 
 def _check_shapes(where: str, x, weight_shape, bias, A, B, merged_B) -> None:
