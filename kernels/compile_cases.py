@@ -50,8 +50,10 @@ def _empty(*shape, dtype, grad=False):
 
 def lora_cases() -> Iterator[Callable[[], None]]:
     """``mbf.kernels.lora_op.lora_linear`` forward and backward over its whole option domain."""
-    from mbf.kernels.lora_op import MAX_RANK, lora_linear
+    from mbf.kernels.lora_op import MAX_RANK, keep_mask, lora_linear
     from mbf.kernels.policy import decide_policy
+
+    yield lambda: keep_mask(64, 64, 2**31, torch.zeros((), dtype=torch.int64))  # the torch paths on CUDA
 
     ranks = [r for r in RANKS if r <= MAX_RANK]  # the op refuses wider ranks (the torch path runs them)
     needs = [n for n in itertools.product((False, True), repeat=3) if any(n)]  # grads of x, A, B

@@ -101,20 +101,20 @@ def _load_b_eff(b_ptrs, bm_ptrs, mask, lam, HAS_MERGED: tl.constexpr):
     return b
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_sm", "threshold", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_s_m", "threshold", "m_bucket"])
 def _lora_down_kernel(
     x_ptr,  # (M, K) layer input
-    a_ptr,  # (R, K) lora_A, in the LoRA compute dtype
+    lora_a_ptr,  # (R, K) lora_A, in the LoRA compute dtype
     s_ptr,  # (M, R) fp32 output S = drop(x) Aᵀ
     M,  # rows of x (tokens)
     K,  # in features
     R,  # rank
-    stride_xm,  # elements to step one row of x
-    stride_xk,  # elements to step one column of x
-    stride_ar,  # ... one row of A
-    stride_ak,  # ... one column of A
-    stride_sm,  # ... one row of S
-    stride_sr,  # ... one column of S
+    stride_x_m,  # elements to step one row of x
+    stride_x_k,  # elements to step one column of x
+    stride_a_r,  # ... one row of A
+    stride_a_k,  # ... one column of A
+    stride_s_m,  # ... one row of S
+    stride_s_r,  # ... one column of S
     keep_scale,  # 1 / (1 - p): applied once to the fp32 accumulator instead of to every x element
     seed_ptr,  # () int64 dropout seed (the Philox key), if HAS_DROPOUT
     threshold: tl.int64,  # uint32 Philox draws below it drop their element
@@ -130,8 +130,8 @@ def _lora_down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     m_ok, r_ok = offs_m < M, offs_r < R
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
-    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # (BLOCK_K, R_PAD): Aᵀ
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x_m + offs_k.to(tl.int64)[None, :] * stride_x_k
+    a_ptrs = lora_a_ptr + offs_k[:, None] * stride_a_k + offs_r[None, :] * stride_a_r  # (BLOCK_K, R_PAD): Aᵀ
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
@@ -140,52 +140,163 @@ def _lora_down_kernel(
             x = x * _keep(tl.load(seed_ptr), threshold, offs_m, k0, K, BLOCK_K, x.dtype, UPCAST)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot(x, a, acc, UPCAST, PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_x_k
+        a_ptrs += BLOCK_K * stride_a_k
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_s_m + offs_r[None, :] * stride_s_r
     tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_lm", "stride_un", "threshold", "m_bucket"])
-def _lora_linear_kernel(
-    a_ptr,  # (M, K) main left operand: x (forward) or dY (dX)
-    w_ptr,  # main right operand read as (K, N) through its strides: W0ᵀ (forward) or W0 (dX)
+@triton.jit
+def _da_prologue(
+    down_ptrs,  # (BLOCK_M, 1) row pointers into dS
+    stride_down_r,  # elements to step one column of dS
+    x_tile,  # (BLOCK_M, BLOCK_N) x at this (m, n), dropped, in the base dtype
+    da_ptr,  # (R, N) contiguous fp32 dA accumulator
+    offs_n,  # (BLOCK_N,) columns of the tile
+    m_ok,  # (BLOCK_M,) rows in range
+    n_ok,  # (BLOCK_N,) columns in range
+    N,  # columns of dA
+    R,  # rank
+    da_scale,  # s / (1 - p)
+    ldt: tl.constexpr,  # the LoRA compute dtype (dS is rounded to it)
+    R_PAD: tl.constexpr,  # rank padded
+    R_CHUNK: tl.constexpr,  # ranks per step
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
+):
+    """``dA[:, n-tile] += da_scale · dSᵀ drop(x)`` for this M tile, rank chunk by rank chunk (atomics:
+    an order-free sum over the M tiles). The x tile of the dX GEMM's (m, n) is exactly dA's; it stays
+    16-bit against fp32 dS (``dot`` keeps the products fp32-class)."""
+    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_ok = offs_r < R
+        ds_ok = m_ok[:, None] & r_ok[None, :]
+        ds = tl.load(down_ptrs + offs_r[None, :] * stride_down_r, mask=ds_ok, other=0.0)
+        da = tl.zeros((R_CHUNK, x_tile.shape[1]), dtype=tl.float32)
+        da = dot(tl.trans(cast(ds, ldt, UPCAST)), x_tile, da, UPCAST, PRECISION)
+        tl.atomic_add(da_ptr + offs_r[:, None] * N + offs_n[None, :], da * da_scale,
+                      mask=r_ok[:, None] & n_ok[None, :], sem="relaxed")  # fmt: skip
+
+
+@triton.jit
+def _lora_addend(
+    down_ptrs,  # (BLOCK_M, 1) row pointers into the token-side factor: S (forward) or dS (dX)
+    stride_down_r,  # elements to step one of its columns
+    up_ptr,  # the other factor read as (R, N): B_effᵀ (forward) or A (dX)
+    upm_ptr,  # the merged B read like it, if HAS_MERGED
+    stride_up_r,  # elements to step one of its rows
+    stride_up_n,  # elements to step one of its columns
+    cols,  # (1, BLOCK_N) int64 columns of the tile
     bias_ptr,  # (N,) bias, if HAS_BIAS
-    l_ptr,  # (M, R) fp32 LoRA left operand: S (forward) or dS (backward)
-    u_ptr,  # LoRA right operand read as (R, N) through its strides: Bᵀ (forward) or A (backward)
-    um_ptr,  # merged right operand B_mᵀ (same strides as u), if HAS_MERGED
-    x_ptr,  # (M, N) layer input for the dA epilogue, if ACC_DA
+    offs_n,  # (BLOCK_N,) columns of the tile
+    m_ok,  # (BLOCK_M,) rows in range
+    n_ok,  # (BLOCK_N,) columns in range
+    R,  # rank
+    scale,  # s (forward) or s / (1 - p) (dX)
+    lam,  # λ of B_eff
+    keep,  # (BLOCK_M, BLOCK_N) 0/1 dropout factor, if HAS_DROPOUT
+    dt: tl.constexpr,  # the output's (base) dtype
+    ldt: tl.constexpr,  # the LoRA compute dtype
+    HAS_BIAS: tl.constexpr,  # add the bias
+    HAS_MERGED: tl.constexpr,  # form B_eff from up and upm with λ
+    HAS_DROPOUT: tl.constexpr,  # mask the term
+    R_PAD: tl.constexpr,  # rank padded
+    R_CHUNK: tl.constexpr,  # ranks per step
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32 (and rounding casts)
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
+):
+    """The policy's addend ``round(b + round(down) round(scale · up)) ⊙ keep`` as an fp32 tile: operands
+    rounded to the output dtype (a 16-bit MMA over a 16-bit base), the sum rounded once to it."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_ok = offs_r < R
+        d_ok = m_ok[:, None] & r_ok[None, :]
+        d = tl.load(down_ptrs + offs_r[None, :] * stride_down_r, mask=d_ok, other=0.0)
+        d = cast(cast(d, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # S (dS) in the compute dtype, then dt
+        u_off = offs_r[:, None] * stride_up_r + cols * stride_up_n
+        u = _load_b_eff(up_ptr + u_off, upm_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
+        u = cast(scale * cast(u, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # s · B_eff (s' · A) in dt
+        acc = dot(d, u, acc, UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = cast(acc, dt, UPCAST).to(tl.float32)
+    if HAS_DROPOUT:
+        acc = acc * keep
+    return acc
+
+
+@triton.jit
+def _gemm_loop(
+    acc,  # (BLOCK_M, BLOCK_N) fp32 accumulator to add into
+    lhs_ptrs,  # (BLOCK_M, 1) row pointers into the left operand (x or dY)
+    stride_lhs_k,  # elements to step one of its columns
+    w_ptrs,  # (1, BLOCK_N) column pointers into W0 read as (K, N)
+    stride_w_k,  # elements to step one row of it
+    m_ok,  # (BLOCK_M,) rows in range
+    n_ok,  # (BLOCK_N,) columns in range
+    K,  # reduction length
+    BLOCK_K: tl.constexpr,  # reduction step
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
+):
+    """``acc + lhs @ W`` over K: the base GEMM's main loop, carrying the accumulator alone."""
+    offs_k = tl.arange(0, BLOCK_K)
+    lhs_ptrs = lhs_ptrs + offs_k[None, :] * stride_lhs_k
+    w_ptrs = w_ptrs + offs_k.to(tl.int64)[:, None] * stride_w_k
+    dt = lhs_ptrs.dtype.element_ty
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(lhs_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
+        acc = dot(a, w, acc, UPCAST, PRECISION)
+        lhs_ptrs += BLOCK_K * stride_lhs_k
+        w_ptrs += BLOCK_K * stride_w_k
+    return acc
+
+
+@triton.jit(do_not_specialize=["M", "R", "stride_down_m", "stride_up_n", "threshold", "m_bucket"])
+def _lora_linear_kernel(
+    lhs_ptr,  # (M, K) the GEMM's left operand: x (forward) or dY (dX)
+    w_ptr,  # W0 read as (K, N) through its strides: W0ᵀ (forward) or W0 (dX)
+    bias_ptr,  # (N,) bias, if HAS_BIAS
+    down_ptr,  # (M, R) fp32 token-side LoRA factor: S (forward) or dS (dX)
+    up_ptr,  # the other LoRA factor read as (R, N) through its strides: Bᵀ (forward) or A (dX)
+    upm_ptr,  # merged B read like up (same strides), if HAS_MERGED
+    x_ptr,  # (M, N) layer input for the dA prologue, if ACC_DA
     da_ptr,  # (R, N) contiguous fp32 dA accumulator (atomic adds over M tiles), if ACC_DA
-    c_ptr,  # (M, N) output y or dX, if HAS_MAIN
+    out_ptr,  # (M, N) output: y or dX, if HAS_MAIN
     M,  # rows (tokens)
     N,  # output columns: out features (forward) or in features (dX)
     K,  # reduction length: in features (forward) or out features (dX)
     R,  # rank
-    stride_am,  # elements to step one row of the main left operand
-    stride_ak,  # ... one column of it
-    stride_wk,  # ... one row of the main right operand as (K, N)
-    stride_wn,  # ... one column of it
-    stride_lm,  # ... one row of the LoRA left operand
-    stride_lr,  # ... one column of it
-    stride_ur,  # ... one row of the LoRA right operand as (R, N)
-    stride_un,  # ... one column of it
-    stride_xm,  # ... one row of x
-    stride_xn,  # ... one column of x
-    stride_cm,  # ... one row of the output
-    stride_cn,  # ... one column of the output
+    stride_lhs_m,  # elements to step one row of lhs
+    stride_lhs_k,  # ... one column of lhs
+    stride_w_k,  # ... one row of W0 read as (K, N)
+    stride_w_n,  # ... one column of it
+    stride_down_m,  # ... one row of the token-side factor
+    stride_down_r,  # ... one column of it
+    stride_up_r,  # ... one row of the other factor read as (R, N)
+    stride_up_n,  # ... one column of it
+    stride_x_m,  # ... one row of x
+    stride_x_n,  # ... one column of x
+    stride_out_m,  # ... one row of the output
+    stride_out_n,  # ... one column of the output
     lora_scale,  # s forward; s / (1 - p) for dX
     lam,  # λ of B_eff
     da_scale,  # s / (1 - p)
     seed_ptr,  # () int64 dropout seed, as in _lora_down_kernel (the mask is over the (M, N) tile of x)
     threshold: tl.int64,  # uint32 Philox draws below it drop their element
     m_bucket,  # autotune key only
-    HAS_MAIN: tl.constexpr,  # compute the GEMM and store c (False: only the dA epilogue)
+    HAS_MAIN: tl.constexpr,  # compute the GEMM and store out (False: only the dA prologue)
     HAS_BIAS: tl.constexpr,  # add the bias (forward)
-    HAS_MERGED: tl.constexpr,  # form B_eff from u and um with λ (forward)
+    HAS_MERGED: tl.constexpr,  # form B_eff from up and upm with λ (forward)
     HAS_DROPOUT: tl.constexpr,  # p > 0: mask the LoRA term and x (dX, dA)
-    ACC_DA: tl.constexpr,  # accumulate dA = da_scale · lᵀ drop(x) into da_ptr
+    ACC_DA: tl.constexpr,  # accumulate dA = da_scale · downᵀ drop(x) into da_ptr
     R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
     BLOCK_M: tl.constexpr,  # output tile rows
     BLOCK_N: tl.constexpr,  # output tile columns
@@ -194,89 +305,60 @@ def _lora_linear_kernel(
     UPCAST: tl.constexpr,  # interpreter: dot in fp32
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
+    """``out = lhs @ W + addend`` (forward: y; backward: dX, with dA accumulated in the prologue).
+
+    The prologue (dA) and the addend come BEFORE the K loop, so that their operands (the mask, the x
+    tile, (BLOCK, R) tiles) are dead when the loop starts: it carries the accumulator alone (after
+    it they sat on top of it: 255 registers, spills on sm_90).
+    """
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
     rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]  # int64: N·K may pass 2³¹
-    dt = a_ptr.dtype.element_ty  # the base GEMM's dtype
-    ldt = u_ptr.dtype.element_ty  # the LoRA branch's (the adapter's)
-    # The dA epilogue and the LoRA term come BEFORE the K loop, rank chunk by rank chunk, so that
-    # their operands (the mask, the x tile, (BLOCK, R) tiles) are dead when the loop starts: it then
-    # carries the accumulator alone (after the loop they sat on top of it: 255 registers, spills).
-    # dA first, while the accumulator is still empty; then the LoRA term into it.
+    dt = lhs_ptr.dtype.element_ty  # the base GEMM's dtype
     R_CHUNK: tl.constexpr = 32 if R_PAD > 32 else R_PAD
+    keep = 0.0  # the 0/1 dropout factor of this tile, shared by the prologue and the addend
     if HAS_DROPOUT:
         keep = _keep(tl.load(seed_ptr), threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
-    if ACC_DA:  # the x tile at this (m, n) is exactly the one dA needs: no second pass over x
-        x_mask = m_ok[:, None] & n_ok[None, :]
-        x = tl.load(x_ptr + rows * stride_xm + cols * stride_xn, mask=x_mask, other=0.0)
-        x = x.to(dt)  # stays 16-bit: against fp32 dS, dot keeps the products fp32-class
+    down_ptrs = down_ptr + rows * stride_down_m
+    if ACC_DA:
+        x_tile = tl.load(x_ptr + rows * stride_x_m + cols * stride_x_n, mask=m_ok[:, None] & n_ok[None, :],
+                         other=0.0).to(dt)  # fmt: skip
         if HAS_DROPOUT:
-            x = x * keep
-        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-            offs_r = r0 + tl.arange(0, R_CHUNK)
-            l_c = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
-                          mask=m_ok[:, None] & (offs_r < R)[None, :], other=0.0)  # fmt: skip
-            l_c = cast(l_c, ldt, UPCAST)  # dS in the compute dtype
-            da = dot(tl.trans(l_c), x, tl.zeros((R_CHUNK, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
-            tl.atomic_add(
-                da_ptr + offs_r[:, None] * N + offs_n[None, :],
-                da * da_scale,
-                mask=(offs_r < R)[:, None] & n_ok[None, :],
-                sem="relaxed",
-            )  # order-free sum: no fence
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_tile = x_tile * keep
+        _da_prologue(down_ptrs, stride_down_r, x_tile, da_ptr, offs_n, m_ok, n_ok, N, R, da_scale,
+                     up_ptr.dtype.element_ty, R_PAD, R_CHUNK, UPCAST, PRECISION)  # fmt: skip
     if HAS_MAIN:
-        # the policy's addend (mbf.kernels.policy): round(b + round(l) round(s u)) ⊙ keep, formed
-        # alone while acc is still empty, rounded once to the output dtype, then the K loop adds
-        # the base product to it: 16-bit operands, so the term's MMA is a 16-bit one
-        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-            offs_r = r0 + tl.arange(0, R_CHUNK)
-            r_ok = offs_r < R
-            l_c = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
-                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
-            l_c = cast(cast(l_c, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # S (dS) in ct, then od
-            u_off = offs_r[:, None] * stride_ur + cols * stride_un
-            u = _load_b_eff(u_ptr + u_off, um_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
-            u = cast(lora_scale * cast(u, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # s · B_eff in od
-            acc = dot(l_c, u, acc, UPCAST, PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc = cast(acc, dt, UPCAST).to(tl.float32)
-        if HAS_DROPOUT:
-            acc = acc * keep
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + cols * stride_wn
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
-            acc = dot(a, w, acc, UPCAST, PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
-        c_ptrs = c_ptr + rows * stride_cm + cols * stride_cn
-        tl.store(c_ptrs, cast(acc, c_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+        ldt = up_ptr.dtype.element_ty  # the LoRA compute dtype
+        acc = _lora_addend(down_ptrs, stride_down_r, up_ptr, upm_ptr, stride_up_r, stride_up_n, cols,
+                           bias_ptr, offs_n, m_ok, n_ok, R, lora_scale, lam, keep, dt, ldt, HAS_BIAS,
+                           HAS_MERGED, HAS_DROPOUT, R_PAD, R_CHUNK, BLOCK_M, BLOCK_N, UPCAST,
+                           PRECISION)  # fmt: skip
+        lhs_ptrs, w_ptrs = lhs_ptr + rows * stride_lhs_m, w_ptr + cols * stride_w_n
+        acc = _gemm_loop(acc, lhs_ptrs, stride_lhs_k, w_ptrs, stride_w_k, m_ok, n_ok, K, BLOCK_K, UPCAST,
+                         PRECISION)  # fmt: skip
+        out = out_ptr + rows * stride_out_m + cols * stride_out_n
+        tl.store(out, cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_bn", "stride_sm", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_b_n", "stride_s_m", "m_bucket"])
 def _lora_dy_kernel(
     dy_ptr,  # (M, N) upstream gradient
-    b_ptr,  # (N, R) lora_B, in the LoRA compute dtype
-    bm_ptr,  # (N, R) merged B (same strides as B), if HAS_MERGED
+    lora_b_ptr,  # (N, R) lora_B, in the LoRA compute dtype
+    merged_b_ptr,  # (N, R) merged B (same strides as B), if HAS_MERGED
     s_ptr,  # (M, R) fp32 S saved by the forward, if ACC_DB
     ds_ptr,  # (M, R) fp32 output dS = dY B_eff (same strides as S)
     db_ptr,  # (N, R) contiguous fp32 dB accumulator (atomic adds over M tiles), if ACC_DB
     M,  # rows (tokens)
     N,  # out features
     R,  # rank
-    stride_dm,  # elements to step one row of dY
-    stride_dn,  # ... one column of dY
-    stride_bn,  # ... one row of B (and of the merged B)
-    stride_br,  # ... one column of B
-    stride_sm,  # ... one row of S and dS
-    stride_sr,  # ... one column of S and dS
+    stride_dy_m,  # elements to step one row of dY
+    stride_dy_n,  # ... one column of dY
+    stride_b_n,  # ... one row of B (and of the merged B)
+    stride_b_r,  # ... one column of B
+    stride_s_m,  # ... one row of S and dS
+    stride_s_r,  # ... one column of S and dS
     lam,  # λ of B_eff
     db_scale,  # s · λ with a merged B, s without
     m_bucket,  # autotune key only
@@ -292,17 +374,18 @@ def _lora_dy_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     m_ok, r_ok = offs_m < M, offs_r < R
-    ldt = b_ptr.dtype.element_ty  # the LoRA compute dtype
-    s_off = offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    ldt = lora_b_ptr.dtype.element_ty  # the LoRA compute dtype
+    s_off = offs_m.to(tl.int64)[:, None] * stride_s_m + offs_r[None, :] * stride_s_r
     if ACC_DB:
         s_tile = cast(tl.load(s_ptr + s_off, mask=m_ok[:, None] & r_ok[None, :], other=0.0), ldt, UPCAST)
-    dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :] * stride_dn
-    b_off = offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BLOCK_N, R_PAD)
+    dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dy_m + offs_n[None, :] * stride_dy_n
+    b_off = offs_n[:, None] * stride_b_n + offs_r[None, :] * stride_b_r  # (BLOCK_N, R_PAD)
     ds = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_ok = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # 16-bit vs fp32 B: see dot
-        b_eff = _load_b_eff(b_ptr + b_off, bm_ptr + b_off, n_ok[:, None] & r_ok[None, :], lam, HAS_MERGED)
+        b_ok = n_ok[:, None] & r_ok[None, :]
+        b_eff = _load_b_eff(lora_b_ptr + b_off, merged_b_ptr + b_off, b_ok, lam, HAS_MERGED)
         ds = dot(dy, cast(b_eff, ldt, UPCAST), ds, UPCAST, PRECISION)
         if ACC_DB:  # the same dY tile, while it is in registers
             db = dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
@@ -312,25 +395,25 @@ def _lora_dy_kernel(
                 mask=n_ok[:, None] & r_ok[None, :],
                 sem="relaxed",
             )
-        dy_ptrs += BLOCK_N * stride_dn
-        b_off += BLOCK_N * stride_bn
+        dy_ptrs += BLOCK_N * stride_dy_n
+        b_off += BLOCK_N * stride_b_n
     tl.store(ds_ptr + s_off, ds, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_lm", "stride_oc", "threshold"])
+@triton.jit(do_not_specialize=["M", "R", "stride_left_m", "stride_out_c", "threshold"])
 def _lora_wgrad_kernel(
-    l_ptr,  # (M, R) fp32 left factor: dS (for dA) or S (for dB)
-    x_ptr,  # (M, C) right factor: x (for dA) or dY (for dB)
+    left_ptr,  # (M, R) fp32 left factor: dS (for dA) or S (for dB)
+    right_ptr,  # (M, C) right factor: x (for dA) or dY (for dB)
     out_ptr,  # (R, C) output through its strides, in the adapter dtype: dA, or dB (N, R) read as dBᵀ
     M,  # rows (tokens): the reduction
     C,  # columns: in features (dA) or out features (dB)
     R,  # rank
-    stride_lm,  # elements to step one row of the left factor
-    stride_lr,  # ... one column of it
-    stride_xm,  # ... one row of the right factor
-    stride_xc,  # ... one column of it
-    stride_or,  # ... one row of the output as (R, C)
-    stride_oc,  # ... one column of it
+    stride_left_m,  # elements to step one row of the left factor
+    stride_left_r,  # ... one column of it
+    stride_right_m,  # ... one row of the right factor
+    stride_right_c,  # ... one column of it
+    stride_out_r,  # ... one row of the output as (R, C)
+    stride_out_c,  # ... one column of it
     scale,  # s / (1 - p) for dA, s · λ for dB
     seed_ptr,  # () int64 dropout seed: the mask over x (dA only)
     threshold: tl.int64,  # uint32 Philox draws below it drop their element
@@ -348,20 +431,20 @@ def _lora_wgrad_kernel(
     offs_r = tl.arange(0, R_PAD)
     c_ok, r_ok = offs_c < C, offs_r < R
     ldt = out_ptr.dtype.element_ty  # the adapter's dtype
-    cols = offs_c.to(tl.int64)[None, :] * stride_xc
+    cols = offs_c.to(tl.int64)[None, :] * stride_right_c
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + offs_m
         m_ok = rows < M
-        lt = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+        lt = tl.load(left_ptr + rows.to(tl.int64)[:, None] * stride_left_m + offs_r[None, :] * stride_left_r,
                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
         lt = cast(lt, ldt, UPCAST)
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols,
+        x = tl.load(right_ptr + rows.to(tl.int64)[:, None] * stride_right_m + cols,
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         if HAS_DROPOUT:
             x = x * _keep(tl.load(seed_ptr), threshold, rows, c0, C, BLOCK_C, x.dtype, UPCAST)
         acc = dot(tl.trans(lt), x, acc, UPCAST, PRECISION)
-    out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_c.to(tl.int64)[None, :] * stride_oc
+    out_ptrs = out_ptr + offs_r[:, None] * stride_out_r + offs_c.to(tl.int64)[None, :] * stride_out_c
     tl.store(out_ptrs, cast(acc * scale, ldt, UPCAST), mask=r_ok[:, None] & c_ok[None, :])
 
 

@@ -81,7 +81,7 @@ def _table(kernel: str, size: int) -> list[triton.Config]:
 CANDIDATES = {kernel: {size: _table(kernel, size) for size in (2, 4)} for kernel in ("down", "linear", "dy")}
 # the operands whose widest element picks the table: down and dy convert their streamed tile to the
 # adapter's dtype before the dot (fp32 adapters: fp32 tiles); linear's big dot is the base GEMM's
-_SIZED_BY = {"down": ("x_ptr", "a_ptr"), "linear": ("a_ptr",), "dy": ("dy_ptr", "b_ptr")}
+_SIZED_BY = {"down": ("x_ptr", "lora_a_ptr"), "linear": ("lhs_ptr",), "dy": ("dy_ptr", "lora_b_ptr")}
 
 
 def m_range(m_bucket: int) -> tuple[int, int]:
@@ -115,15 +115,15 @@ def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
     """
     R, c = args["R_PAD"], config.kwargs
     if kernel == "down":
-        return not (_split(args, "x_ptr", "a_ptr") and R >= 64 and c["BLOCK_M"] * c["BLOCK_K"] > 1024)
+        return not (_split(args, "x_ptr", "lora_a_ptr") and R >= 64 and c["BLOCK_M"] * c["BLOCK_K"] > 1024)
     if kernel == "dy":
-        return not (_split(args, "dy_ptr", "b_ptr") and args["ACC_DB"] and c["BLOCK_M"] * R > 1024)
-    mixed = args["u_ptr"].dtype != args["a_ptr"].dtype
+        return not (_split(args, "dy_ptr", "lora_b_ptr") and args["ACC_DB"] and c["BLOCK_M"] * R > 1024)
+    mixed = args["up_ptr"].dtype != args["lhs_ptr"].dtype
     if args["ACC_DA"] or args["HAS_DROPOUT"]:
         budget = 64 if R <= (16 if mixed else 32) else 32
     else:
         budget = 128 if R <= 32 else 64
-    if _split(args, "a_ptr", "u_ptr"):
+    if _split(args, "lhs_ptr", "up_ptr"):
         budget = max(16, budget // 4)
     return _per_thread(config, "BLOCK_N") <= budget
 

@@ -45,43 +45,9 @@ def _flags(x2: torch.Tensor, A: torch.Tensor) -> dict:
     return {"R_PAD": pad_rank(A.shape[0]), **dot_flags(x2)}
 
 
-def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, threshold, seed):
-    """Launches 1 and 2: returns y (M, N) in x's dtype and S (M, r) fp32."""
-    (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
-    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    S = torch.empty((M, r), device=x2.device, dtype=torch.float32)
-    if M == 0:
-        return y, S
-    x2, weight = _int32_steps("x", x2), _int32_steps("weight", weight)
-    A, B = A.contiguous(), B.contiguous()
-    Bm = merged_B.contiguous() if merged_B is not None else B
-    flags, m_bucket = _flags(x2, A), triton.next_power_of_2(M)
-    with device_of(x2):
-        launch(
-            lora.down, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-            x_ptr=x2, a_ptr=A, s_ptr=S, M=M, K=K, R=r,
-            stride_xm=x2.stride(0), stride_xk=x2.stride(1), stride_ar=A.stride(0), stride_ak=A.stride(1),
-            stride_sm=S.stride(0), stride_sr=S.stride(1),
-            keep_scale=1.0 / (1.0 - dropout), seed_ptr=_key(seed, S), threshold=threshold, m_bucket=m_bucket,
-            HAS_DROPOUT=dropout > 0.0, **flags,
-        )  # fmt: skip
-        # y = x W0ᵀ + b + s S B_effᵀ: W0 read as (K, N) and B as (R, N) through their strides. Unused
-        # pointers get a tensor of the dtype they would have (no second binary for a dtype); dA an
-        # empty fp32 one, since the autotuner zeroes it between candidates.
-        launch(
-            lora.linear, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-            a_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else y, l_ptr=S, u_ptr=B, um_ptr=Bm,
-            x_ptr=x2, da_ptr=S.new_empty(0), c_ptr=y, M=M, N=N, K=K, R=r,
-            stride_am=x2.stride(0), stride_ak=x2.stride(1),
-            stride_wk=weight.stride(1), stride_wn=weight.stride(0),
-            stride_lm=S.stride(0), stride_lr=S.stride(1), stride_ur=B.stride(1), stride_un=B.stride(0),
-            stride_xm=x2.stride(0), stride_xn=x2.stride(1), stride_cm=y.stride(0), stride_cn=y.stride(1),
-            lora_scale=float(scaling), lam=float(lam), da_scale=0.0, seed_ptr=S, threshold=0,
-            m_bucket=m_bucket,
-            HAS_MAIN=True, HAS_BIAS=bias is not None, HAS_MERGED=merged_B is not None, HAS_DROPOUT=False,
-            ACC_DA=False, **flags,
-        )  # fmt: skip
-    return y, S
+def _strides(name: str, t: torch.Tensor, dims: str) -> dict:
+    """``{"stride_<name>_<d>": ...}`` of ``t`` for each dimension letter (a kernel's argument names)."""
+    return {f"stride_{name}_{d}": t.stride(i) for i, d in enumerate(dims)}
 
 
 def _key(seed: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -90,17 +56,80 @@ def _key(seed: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     return stand_in if seed is None else seed
 
 
+def _row_grid(M: int):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+
+
+def _down(x2, A, S, *, dropout, threshold, seed, flags, m_bucket):
+    """Launch 1: ``S = drop(x) Aᵀ`` (fp32), one pass over x."""
+    (M, K), r = x2.shape, A.shape[0]
+    launch(
+        lora.down, _row_grid(M), x_ptr=x2, lora_a_ptr=A, s_ptr=S, M=M, K=K, R=r,
+        **_strides("x", x2, "mk"), **_strides("a", A, "rk"), **_strides("s", S, "mr"),
+        keep_scale=1.0 / (1.0 - dropout), seed_ptr=_key(seed, S), threshold=threshold, m_bucket=m_bucket,
+        HAS_DROPOUT=seed is not None, **flags,
+    )  # fmt: skip
+
+
+def _linear(lhs, w_kn, bias, down, up_rn, upm_rn, x, da, out, *, lora_scale, lam, da_scale, threshold, seed,
+            has_main, flags, m_bucket):  # fmt: skip
+    """Launch 2 / 4: ``out = lhs @ w_kn + addend`` (``w_kn``, ``up_rn``: (K, N), (R, N) views), with the
+    dA prologue when ``da`` is given. Unused pointers get a tensor of the dtype they would have (no
+    second binary for a dtype); dA an empty fp32 one, since the autotuner zeroes it between candidates."""
+    (M, K), N, r = lhs.shape, w_kn.shape[1], down.shape[1]
+    launch(
+        lora.linear, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        lhs_ptr=lhs, w_ptr=w_kn, bias_ptr=lhs if bias is None else bias, down_ptr=down, up_ptr=up_rn,
+        upm_ptr=up_rn if upm_rn is None else upm_rn, x_ptr=x, da_ptr=down.new_empty(0) if da is None else da,
+        out_ptr=out, M=M, N=N, K=K, R=r, **_strides("lhs", lhs, "mk"), **_strides("w", w_kn, "kn"),
+        **_strides("down", down, "mr"), **_strides("up", up_rn, "rn"), **_strides("x", x, "mn"),
+        **_strides("out", out, "mn"), lora_scale=lora_scale, lam=lam, da_scale=da_scale,
+        seed_ptr=_key(seed, down), threshold=threshold, m_bucket=m_bucket, HAS_MAIN=has_main,
+        HAS_BIAS=bias is not None, HAS_MERGED=upm_rn is not None, HAS_DROPOUT=seed is not None,
+        ACC_DA=da is not None, **flags,
+    )  # fmt: skip
+
+
+def _dy(dY, B, Bm, S, dS, dB, *, lam, db_scale, flags, m_bucket):
+    """Launch 3: ``dS = dY B_eff`` and (``dB`` given) ``dB += db_scale · dYᵀ S``, one pass over dY."""
+    (M, N), r = dY.shape, B.shape[1]
+    launch(
+        lora.dy, _row_grid(M), dy_ptr=dY, lora_b_ptr=B, merged_b_ptr=B if Bm is None else Bm, s_ptr=S,
+        ds_ptr=dS, db_ptr=S.new_empty(0) if dB is None else dB, M=M, N=N, R=r,
+        **_strides("dy", dY, "mn"), **_strides("b", B, "nr"), **_strides("s", S, "mr"), lam=lam,
+        db_scale=db_scale, m_bucket=m_bucket, HAS_MERGED=Bm is not None, ACC_DB=dB is not None, **flags,
+    )  # fmt: skip
+
+
 def _wgrad(left, right, out, scale, threshold, seed, flags):
     """Deterministic ``out (R, C) = scale · leftᵀ drop(right)`` (``out`` may be a transposed view)."""
     (M, C), R = right.shape, left.shape[1]
     cfg = wgrad_config(max(right.element_size(), out.element_size()))
     lora.wgrad[(triton.cdiv(C, cfg["BLOCK_C"]),)](
-        l_ptr=left, x_ptr=right, out_ptr=out, M=M, C=C, R=R,
-        stride_lm=left.stride(0), stride_lr=left.stride(1), stride_xm=right.stride(0),
-        stride_xc=right.stride(1), stride_or=out.stride(0), stride_oc=out.stride(1),
-        scale=scale, seed_ptr=_key(seed, left), threshold=threshold, HAS_DROPOUT=seed is not None, **flags,
-        **cfg,
+        left_ptr=left, right_ptr=right, out_ptr=out, M=M, C=C, R=R, **_strides("left", left, "mr"),
+        **_strides("right", right, "mc"), **_strides("out", out, "rc"), scale=scale,
+        seed_ptr=_key(seed, left), threshold=threshold, HAS_DROPOUT=seed is not None, **flags, **cfg,
     )  # fmt: skip
+
+
+def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, threshold, seed):
+    """Launches 1 and 2: returns y (M, N) in x's dtype and S (M, r) fp32."""
+    M, N, r = x2.shape[0], weight.shape[0], A.shape[0]
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    S = torch.empty((M, r), device=x2.device, dtype=torch.float32)
+    if M == 0:
+        return y, S
+    x2, weight = _int32_steps("x", x2), _int32_steps("weight", weight)
+    A, B = A.contiguous(), B.contiguous()
+    Bm = merged_B.contiguous() if merged_B is not None else None
+    flags, m_bucket = _flags(x2, A), triton.next_power_of_2(M)
+    with device_of(x2):
+        _down(x2, A, S, dropout=dropout, threshold=threshold, seed=seed, flags=flags, m_bucket=m_bucket)
+        # y = x W0ᵀ + (b + s S B_effᵀ): W0 read as (K, N) and B as (R, N) through their strides
+        _linear(x2, weight.T, bias, S, B.T, None if Bm is None else Bm.T, x2, None, y,
+                lora_scale=float(scaling), lam=float(lam), da_scale=0.0, threshold=0, seed=None,
+                has_main=True, flags=flags, m_bucket=m_bucket)  # fmt: skip
+    return y, S
 
 
 def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, threshold, seed, need_dx, need_da,
@@ -124,41 +153,21 @@ def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, threshol
     dA, dB = grads[:n_da].view(r, K) if need_da else grads, grads[n_da:].view(N, r) if need_db else grads
     x2, weight, dY = _int32_steps("x", x2), _int32_steps("weight", weight), _int32_steps("dY", dY)
     A, B = A.contiguous(), B.contiguous()
-    Bm = merged_B.contiguous() if merged_B is not None else B
+    Bm = merged_B.contiguous() if merged_B is not None else None
     dS = torch.empty_like(S)
     m_bucket = triton.next_power_of_2(M)
     drop_scale = float(scaling) / (1.0 - dropout)  # s / (1 − p): the mask's rescale folded into s
     db_scale = float(scaling) * (float(lam) if merged_B is not None else 1.0)  # ∂B_eff/∂B = λ
-    has_main, acc_da, acc_db = need_dx, need_da and fused, need_db and fused
-    out = dx if need_dx else dY  # a valid pointer when dX is not wanted (HAS_MAIN off)
-    unused = S.new_empty(0)  # fp32 like the accumulators it stands for; zeroing it touches nothing
+    acc_da, acc_db = need_da and fused, need_db and fused
     with device_of(x2):
         if need_dx or need_da or acc_db:
-            launch(
-                lora.dy, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-                dy_ptr=dY, b_ptr=B, bm_ptr=Bm, s_ptr=S, ds_ptr=dS, db_ptr=dB if acc_db else unused,
-                M=M, N=N, R=r,
-                stride_dm=dY.stride(0), stride_dn=dY.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
-                stride_sm=S.stride(0), stride_sr=S.stride(1), lam=float(lam), db_scale=db_scale,
-                m_bucket=m_bucket, HAS_MERGED=merged_B is not None, ACC_DB=acc_db, **flags,
-            )  # fmt: skip
-        if has_main or acc_da:
-            # dX = dY W0 + s drop(dS A): W0 read as (N, K) as stored, A as (R, K); dA in the epilogue
-            launch(
-                lora.linear,
-                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
-                a_ptr=dY, w_ptr=weight, bias_ptr=dY, l_ptr=dS, u_ptr=A, um_ptr=A, x_ptr=x2,
-                da_ptr=dA if acc_da else unused,
-                c_ptr=out, M=M, N=K, K=N, R=r,
-                stride_am=dY.stride(0), stride_ak=dY.stride(1), stride_wk=weight.stride(0),
-                stride_wn=weight.stride(1), stride_lm=dS.stride(0), stride_lr=dS.stride(1),
-                stride_ur=A.stride(0), stride_un=A.stride(1), stride_xm=x2.stride(0), stride_xn=x2.stride(1),
-                stride_cm=out.stride(0), stride_cn=out.stride(1),
-                lora_scale=drop_scale, lam=1.0, da_scale=drop_scale, seed_ptr=_key(seed, S),
-                threshold=threshold,
-                m_bucket=m_bucket, HAS_MAIN=has_main, HAS_BIAS=False, HAS_MERGED=False,
-                HAS_DROPOUT=dropout > 0.0, ACC_DA=acc_da, **flags,
-            )  # fmt: skip
+            _dy(dY, B, Bm, S, dS, dB if acc_db else None, lam=float(lam), db_scale=db_scale, flags=flags,
+                m_bucket=m_bucket)  # fmt: skip
+        if need_dx or acc_da:
+            # dX = dY W0 + s' drop(dS A): W0 read as (N, K) as stored, A as (R, K); dA in the prologue
+            _linear(dY, weight, None, dS, A, None, x2, dA if acc_da else None, dx if need_dx else dY,
+                    lora_scale=drop_scale, lam=1.0, da_scale=drop_scale, threshold=threshold, seed=seed,
+                    has_main=need_dx, flags=flags, m_bucket=m_bucket)  # fmt: skip
         if need_da and not fused:  # one program per column tile sums all of M in order
             _wgrad(dS, x2, dA, drop_scale, threshold, seed, flags)
         if need_db and not fused:

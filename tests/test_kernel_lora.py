@@ -406,10 +406,12 @@ def test_pruning_keeps_two_candidates_for_every_variant_and_token_count(x_dtype,
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, ad = torch.empty(0, dtype=x_dtype), torch.empty(0, dtype=adapter_dtype)
     launches = {
-        lora_kernel.down: [dict(x_ptr=x, a_ptr=ad, HAS_DROPOUT=p) for p in (False, True)],
-        lora_kernel.dy: [dict(dy_ptr=x, b_ptr=ad, ACC_DB=db) for db in (False, True)],
+        lora_kernel.down: [dict(x_ptr=x, lora_a_ptr=ad, HAS_DROPOUT=p) for p in (False, True)],
+        lora_kernel.dy: [dict(dy_ptr=x, lora_b_ptr=ad, ACC_DB=db) for db in (False, True)],
         lora_kernel.linear: [
-            dict(a_ptr=x, u_ptr=ad, ACC_DA=da, HAS_DROPOUT=p) for da in (False, True) for p in (False, True)
+            dict(lhs_ptr=x, up_ptr=ad, ACC_DA=da, HAS_DROPOUT=p)
+            for da in (False, True)
+            for p in (False, True)
         ],
     }
     for tuner, variants in launches.items():
