@@ -318,18 +318,20 @@ def _lora_linear_kernel(
     rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]  # int64: N·K may pass 2³¹
     dt = lhs_ptr.dtype.element_ty  # the base GEMM's dtype
     R_CHUNK: tl.constexpr = 32 if R_PAD > 32 else R_PAD
-    keep = 0.0  # the 0/1 dropout factor of this tile, shared by the prologue and the addend
-    if HAS_DROPOUT:
-        keep = _keep(tl.load(seed_ptr), threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
     down_ptrs = down_ptr + rows * stride_down_m
     if ACC_DA:
         x_tile = tl.load(x_ptr + rows * stride_x_m + cols * stride_x_n, mask=m_ok[:, None] & n_ok[None, :],
                          other=0.0).to(dt)  # fmt: skip
         if HAS_DROPOUT:
-            x_tile = x_tile * keep
+            n0 = pid_n * BLOCK_N
+            x_tile = x_tile * _keep(tl.load(seed_ptr), threshold, offs_m, n0, N, BLOCK_N, dt, UPCAST)
         _da_prologue(down_ptrs, stride_down_r, x_tile, da_ptr, offs_n, m_ok, n_ok, N, R, da_scale,
                      up_ptr.dtype.element_ty, R_PAD, R_CHUNK, UPCAST, PRECISION)  # fmt: skip
     if HAS_MAIN:
+        # the mask again, not held across the prologue: a few ALU ops per element against ~30 registers
+        keep = 0.0
+        if HAS_DROPOUT:
+            keep = _keep(tl.load(seed_ptr), threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
         ldt = up_ptr.dtype.element_ty  # the LoRA compute dtype
         acc = _lora_addend(down_ptrs, stride_down_r, up_ptr, upm_ptr, stride_up_r, stride_up_n, cols,
                            bias_ptr, offs_n, m_ok, n_ok, R, lora_scale, lam, keep, dt, ldt, HAS_BIAS,
