@@ -65,13 +65,25 @@ sweep-conflict: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Compile checks of the Triton kernels for sm_90 and sm_80 on CPU (no GPU): `make test` runs the
-# default subset; these compile every variant x config (slow when the cache is cold) and regenerate
-# the committed table bench/results/compile-sm90-sm80.md. Cache: ~/.cache/mbf-lora/triton.
+# Compile checks of the Triton kernels for sm_90 and sm_80 on CPU (no GPU), by tools/compile_check.py
+# (Triton's public compile API; not part of the installed package). `make test` runs the default subset
+# under the venv's Triton; compile-subset runs it under that Triton and under Triton 3.6 (what a CUDA 13
+# / torch 2.11 GPU image has), installed without dependencies into the ignored $(T36) (~6 s from a warm
+# pip cache); compile-check / compile-table compile every variant x config (slow when the cache is cold)
+# and regenerate the committed table bench/results/compile-sm90-sm80.md. Cache: ~/.cache/mbf-lora/.
 COMPILE_JOBS ?= 2
-.PHONY: compile-check compile-table
+T36 ?= .triton-3.6
+.PHONY: compile-subset compile-check compile-table
+$(T36)/.installed:
+	$(PY) -m pip install -q --no-deps --target $(T36) triton==3.6.0
+	touch $@
+
+compile-subset: $(STAMP) $(T36)/.installed
+	env -u TRITON_INTERPRET $(PY) -m tools.compile_check --quiet --jobs $(COMPILE_JOBS)
+	env -u TRITON_INTERPRET PYTHONPATH=$(T36) $(PY) -m tools.compile_check --quiet --jobs $(COMPILE_JOBS)
+
 compile-check: $(STAMP)
 	$(PY) -m pytest tests/gpu_compile -q -m compile_full $(PYTEST_ARGS)
 
 compile-table: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m mbf.kernels.compile_check --full --jobs $(COMPILE_JOBS) --out bench/results/compile-sm90-sm80
+	env -u TRITON_INTERPRET $(PY) -m tools.compile_check --full --jobs $(COMPILE_JOBS) --out bench/results/compile-sm90-sm80

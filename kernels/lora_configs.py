@@ -1,6 +1,6 @@
 """Autotune candidates of the fused LoRA kernels (``lora.py``): one table per kernel and element size.
 
-Every candidate is compiled for sm_90 and sm_80 by ``mbf.kernels.compile_check`` (the test suite
+Every candidate is compiled for sm_90 and sm_80 by ``tools/compile_check.py`` (the test suite
 runs it on CPU): each fits both targets' shared memory (232,448 / 166,912 bytes per block) and none
 spills more than a few bytes. fp32 operands need twice the shared memory per stage, so their tiles
 take half the BLOCK_K; 128-row tiles use 8 warps (with 4, a 128×128 fp32 accumulator spills ~42 KB).

@@ -44,7 +44,7 @@ _QBYTES: tl.constexpr = tl.constexpr(QBLOCK // 2)  # bytes per absmax block, for
 def _gemm_config(M: int, element_size: int) -> dict:
     """Tile sizes (one place; keyed on M and the activations' element size). Fixed, not autotuned:
     nothing was measured on a GPU yet. Each compiles for sm_90 and sm_80 within their shared memory
-    and without spills (``mbf.kernels.compile_check``): fp32 tiles take half the columns of 16-bit
+    and without spills (``tools/compile_check.py``): fp32 tiles take half the columns of 16-bit
     ones (the 16-bit 128x128x64 tile at 3 stages needed 196-262 KB of shared memory in fp32)."""
     if interpreting():  # small tiles: the interpreter's cost grows with the tile volume
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)

@@ -3,7 +3,7 @@
 Every function here calls a launcher of ``mbf.kernels`` the way the library calls it, once per
 combination of the options a user controls (dtypes, bias, merged B, dropout, which gradients, rank,
 TF32, deterministic mode, token count). Which kernels run, with which constexprs, signatures and
-autotune configs is decided by the launchers themselves and recorded by ``compile_check``; nothing
+autotune configs is decided by the launchers themselves and recorded by ``aot.record``; nothing
 here names a constexpr. The tensors are uninitialised CPU tensors: no kernel runs.
 
 Sizes are Llama-like where Triton specialises on them (multiples of 16, unit inner strides); the

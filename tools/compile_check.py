@@ -3,14 +3,17 @@
 No GPU is needed: ``triton.compile`` takes a ``GPUTarget`` and runs the ptxas bundled with Triton.
 What Triton's interpreter cannot see shows up here: a layout it cannot lower (an i1 tile through
 shared memory), a config over the target's shared memory, register spills. The variants are the
-launchers' own (``_aot.record``: the public launchers driven over their options' domain, every
-launch intercepted and specialised by Triton's binder); nothing here lists a constexpr or a config.
+launchers' own (``aot.record``: the public launchers driven over their options' domain, every
+launch intercepted and specialised by the runtime's rules); nothing here lists a constexpr or a
+config. It uses Triton's public compile API only, so it runs under Triton 3.6 (a CUDA 13 / torch
+2.11 GPU image's) and the current 3.9 alike. From the repository root:
 
-    python -m mbf.kernels.compile_check                # the default subset (what `make test` runs)
-    python -m mbf.kernels.compile_check --full --out bench/results/compile-sm90-sm80
+    python -m tools.compile_check                # the default subset (what `make test` runs)
+    python -m tools.compile_check --full --out bench/results/compile-sm90-sm80
 
-Binaries are cached in ``TRITON_CACHE_DIR`` (default ``~/.cache/mbf-lora/triton``) and ptxas's
-register / spill report beside them, so a rerun takes seconds. Run it without ``TRITON_INTERPRET``.
+Binaries are cached in ``TRITON_CACHE_DIR`` (default ``~/.cache/mbf-lora/triton-<version>``) and
+ptxas's register / spill report beside them, so a rerun takes seconds. Run it without
+``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from mbf.kernels._aot import SHARED_LIMIT, SPILL_LIMIT, Result, Variant, all_kernels, compile_variant, record
+from tools.aot import SHARED_LIMIT, SPILL_LIMIT, Result, Variant, all_kernels, compile_variant, record
 
 __all__ = ["main", "markdown", "select", "summary"]
 
@@ -176,7 +179,7 @@ def markdown(results: list[Result], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("mbf.kernels.compile_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser("tools.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every variant x config on sm_90 and sm_80")
     parser.add_argument("--modules", default="lora,nf4,ortho,merge", help="launcher modules to drive")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this (all configs)")
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python -m mbf.kernels.compile_check " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m tools.compile_check " + " ".join(sys.argv[1:] if argv is None else argv)
         out.with_suffix(".md").write_text(markdown(results, command.strip()))
         out.with_suffix(".json").write_text(json.dumps({
             "summary": report,
@@ -226,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_environment() -> None:
-    """A persistent compile cache by default, and Triton 3.9's FP-fusion default made explicit."""
-    os.environ.setdefault("TRITON_CACHE_DIR", str(Path.home() / ".cache" / "mbf-lora" / "triton"))
+    """A persistent compile cache per Triton version by default, and the FP-fusion default made explicit."""
+    from importlib.metadata import version
+
+    cache = Path.home() / ".cache" / "mbf-lora" / f"triton-{version('triton')}"
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what the runtime uses; silences its warning
 
 

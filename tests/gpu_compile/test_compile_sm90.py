@@ -1,11 +1,14 @@
 """Every Triton kernel variant the launchers can produce compiles for sm_90 and sm_80, on this CPU.
 
-``mbf.kernels.compile_check`` drives the public launchers over their options, records each launch
-instead of running it, and compiles it with Triton's compiler and bundled ptxas for real GPU
-targets: a layout Triton cannot lower, a config over the shared memory of an H100 (232,448 B) or an
-A100 (166,912 B), or spills over 64 B fail here, where Triton's interpreter (the other kernel tests)
-cannot see them. It runs in a subprocess without ``TRITON_INTERPRET`` (set for this session by
-conftest), with the persistent cache ``~/.cache/mbf-lora/triton``: a warm rerun takes seconds.
+``tools/compile_check.py`` (a developer tool of the repository, not of the installed package) drives
+the public launchers over their options, records each launch instead of running it, and compiles it
+with Triton's public compile API and bundled ptxas for real GPU targets: a layout Triton cannot
+lower, a config over the shared memory of an H100 (232,448 B) or an A100 (166,912 B), or spills over
+64 B fail here, where Triton's interpreter (the other kernel tests) cannot see them. It runs in a
+subprocess without ``TRITON_INTERPRET`` (set for this session by conftest) from the repository root,
+with the persistent cache ``~/.cache/mbf-lora/triton-<version>``: a warm rerun takes seconds.
+``$MBF_COMPILE_PYTHONPATH`` runs it under another Triton (``make compile-subset`` runs the tool
+itself under Triton 3.6).
 
 The default run compiles the subset (every constexpr / dtype combination once, at its heaviest
 config, on sm_90; the heaviest config of every kernel and dtype on sm_80) and the dropout backward at
@@ -18,19 +21,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
 KERNEL_MODULES = ("lora", "nf4", "ortho", "merge")
+ROOT = Path(__file__).resolve().parents[2]  # the repository root: tools/ lives there, not in the package
 
 
 def _compile_check(tmp_path, *args: str, timeout: int) -> tuple[list[dict], dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if os.environ.get("MBF_COMPILE_PYTHONPATH"):  # another Triton first on the path
+        env["PYTHONPATH"] = os.environ["MBF_COMPILE_PYTHONPATH"]
     out = tmp_path / "compile"
-    cmd = [sys.executable, "-m", "mbf.kernels.compile_check", "--out", str(out), "--quiet", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "tools.compile_check", "--out", str(out), "--quiet", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert out.with_suffix(".json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     bad = [r for r in report["results"] if not r["fits"]]
@@ -59,7 +66,7 @@ def test_default_subset_compiles_and_fits(tmp_path):
 def test_dropout_backward_compiles_at_every_config(tmp_path):
     # the dX GEMM with the dA epilogue and dropout: the i1 keep-mask fed two layouts and could not
     # pass through shared memory ("bit width must be a multiple of 8; got 1") for any 16-bit config
-    variant = "HAS_MAIN=1 ACC_DA=1 HAS_DROPOUT=1 R_PAD=16 PRECISION=tf32x3 fp32:l,da"  # 16-bit x and adapters
+    variant = "HAS_MAIN=1 ACC_DA=1 HAS_DROPOUT=1 R_PAD=16 PRECISION=tf32x3 fp32:down,da i64:seed"  # 16-bit
     args = ("--modules", "lora", "--kernel", "_lora_linear", "--match", variant, "--targets", "90")
     results, _ = _compile_check(tmp_path, *args, "--jobs", "2", timeout=1200)
     assert {r["variant"].split(" | ")[1].split()[0] for r in results} == {"bf16", "fp16"}
