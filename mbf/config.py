@@ -22,7 +22,7 @@ __all__ = [
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("orthogonal", "last_merge", "random", "none")  # how task i ≥ 2's fine-tuned adapter starts
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "hybrid")  # hybrid: base GEMMs in cuBLAS, low-rank parts in Triton
 FACTORS = ("AB", "A", "B")  # which LoRA factors train / merge (the paper's FTBA / FREB / FREA, MB / MA / MBA)
 
 

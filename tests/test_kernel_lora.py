@@ -70,8 +70,8 @@ def _run(t, dY, backend, requires=("x", "A", "B"), **kw):
     return y, {k: t[k].grad for k in requires}
 
 
-def _check(t, dY, dtype, requires=("x", "A", "B"), **kw):
-    y, grads = _run(t, dY, "triton", requires, **kw)
+def _check(t, dY, dtype, requires=("x", "A", "B"), backend="triton", **kw):
+    y, grads = _run(t, dY, backend, requires, **kw)
     y_ref, grads_ref = _run(t, dY, None, requires, **kw)
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype)
@@ -380,6 +380,44 @@ def test_wide_ranks_sum_dA_and_dB_in_their_own_pass(monkeypatch):
     t, dY = _inputs((2, 9), 40, 17, 37, torch.bfloat16, merged=True)
     _check(t, dY, torch.bfloat16, scaling=0.5, lam=0.6, dropout=0.3, seed=5)
     assert len(calls) == 2 and lora_op.pad_rank(37) > lora_op.FUSE_MAX_R_PAD
+
+
+@pytest.mark.parametrize("r", [5, 37], ids=["r5-atomics", "r37-ordered-dB"])
+@pytest.mark.parametrize("requires", [("x", "A", "B"), ("A", "B"), ("x",)], ids=["all", "frozen-x", "x-only"])
+def test_hybrid_path_matches_reference(r, requires):
+    """backend="hybrid": base GEMMs by torch (cuBLAS on a GPU), S / dS + dB / dA by the Triton kernels;
+    above FUSE_MAX_R_PAD dB comes from the fixed-order pass instead of atomics."""
+    t, dY = _inputs((2, 9), 40, 17, r, torch.bfloat16, merged=True, x_transposed=True)
+    t = {k: (v.float() if k in ("A", "B", "merged_B") else v) for k, v in t.items()}  # fp32 adapters
+    y, g = _run(t, dY, "hybrid", requires, scaling=0.5, lam=0.6, dropout=0.3, seed=5)
+    y_ref, g_ref = _run(t, dY, None, requires, scaling=0.5, lam=0.6, dropout=0.3, seed=5)
+    assert_close(y, y_ref, torch.bfloat16)
+    for name in requires:
+        assert_close(g[name], g_ref[name], torch.bfloat16 if name == "x" else torch.float32)
+
+
+def test_hybrid_path_is_deterministic_under_deterministic_mode():
+    t, dY = _inputs((2, 19), 40, 33, 6, torch.float32, merged=True)
+    kw = dict(scaling=0.5, lam=0.3, dropout=0.2, seed=9)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_run(t, dY, "hybrid", **kw) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    y_ref, g_ref = _run(t, dY, None, **kw)
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name in ("x", "A", "B"):
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+        assert_close(runs[0][1][name], g_ref[name], torch.float32)
+
+
+def test_hybrid_is_an_auto_candidate():
+    from mbf.functional import dispatch
+
+    case = dispatch.Case("GPU", "bfloat16", "float32", True, True, 16, 4096, 4096, 8192)
+    assert dispatch.HYBRID in dispatch.candidates(case)
+    wide = dispatch.Case("GPU", "bfloat16", "float32", True, True, 128, 4096, 4096, 8192)
+    assert dispatch.HYBRID not in dispatch.candidates(wide)
 
 
 def test_ranks_above_the_fused_limit_take_the_torch_path():

@@ -1,12 +1,13 @@
 """Every path of the LoRA op held to the one numerical policy (``mbf.kernels.policy``).
 
-The paths: the torch Function over a dense W0, the fused Triton op, and the NF4 bases (torch,
-Triton dequant + GEMM, Triton fused). Each runs one call with fresh random inputs at odd shapes,
-a merged B, λ, a bias and (or not) dropout, for each pair of (x dtype, adapter dtype) a model can
-have. The spec is ``mbf.reference.lora_linear`` in float64 rounding where the policy rounds
-(``compute_dtype``, ``out_dtype``) with the SAME Philox mask; the comparison is the one tolerance
-table of conftest: y and dX by x's dtype, dA and dB by the adapters' (fp32 adapters over a 16-bit
-base: fp32-accurate gradients). The Triton paths run under the interpreter on CPU.
+The paths: the torch Function over a dense W0, the fused Triton op, the hybrid path (the torch
+Function's base GEMMs with the Triton low-rank kernels), and the NF4 bases (torch, Triton dequant +
+GEMM, Triton fused, dequant + the Triton low-rank kernels). Each runs one call with fresh random
+inputs at odd shapes, a merged B, λ, a bias and (or not) dropout, for each pair of (x dtype, adapter
+dtype) a model can have. The spec is ``mbf.reference.lora_linear`` in float64 rounding where the
+policy rounds (``compute_dtype``, ``out_dtype``) with the SAME Philox mask; the comparison is the one
+tolerance table of conftest: y and dX by x's dtype, dA and dB by the adapters' (fp32 adapters over a
+16-bit base: fp32-accurate gradients). The Triton paths run under the interpreter on CPU.
 """
 
 import pytest
@@ -23,9 +24,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = {
     "torch-dense": ("torch", None),
     "triton-fused": ("triton", None),
+    "hybrid": ("hybrid", None),  # base GEMMs by torch (cuBLAS on a GPU), low-rank passes in Triton
     "torch-nf4": ("torch", "torch"),
     "triton-nf4-dequant": ("triton", "dequant"),
     "triton-nf4-fused": ("triton", "fused"),
+    "hybrid-nf4-dequant": ("hybrid", "dequant"),
 }
 # (x dtype, adapter dtype): fp32 throughout; fp32 adapters over a 16-bit base (LoRALinear's default);
 # 16-bit adapters in x's dtype

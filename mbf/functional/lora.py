@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from mbf.functional import dispatch
+from mbf.functional import dispatch, lowrank
 from mbf.functional._backend import kernel, resolve_backend
 from mbf.functional.bases import DenseBase, lora_addend, nf4_base
 from mbf.functional.dropout import keep_mask
+from mbf.functional.lowrank import b_eff
 from mbf.kernels import interpreting
 from mbf.kernels.policy import MAX_RANK, LoRAPolicy, decide_policy
 from mbf.nf4 import NF4Weight, dequantize_nf4
@@ -28,17 +29,8 @@ from mbf.nf4 import NF4Weight, dequantize_nf4
 __all__ = ["MAX_FUSED_RANK", "LoRALinearFunction", "lora_linear", "lora_linear_nf4"]
 
 MAX_FUSED_RANK = MAX_RANK  # the fused kernels' rank limit (mbf.kernels.policy); above it the torch path runs
-
-
-def _b_eff(B: torch.Tensor, merged_B: torch.Tensor | None, lam: float, ct: torch.dtype) -> torch.Tensor:
-    """``B_m + λ (B − B_m)`` in ``ct`` (``torch.lerp``: exact at λ = 1), or B without a merged B."""
-    return B.to(ct) if merged_B is None else torch.lerp(merged_B.to(ct), B.to(ct), lam)
-
-
-def _down(x2, A, keep, policy: LoRAPolicy) -> torch.Tensor:
-    """``S = drop(x) Aᵀ`` ``(M, r)`` in the compute dtype (the rescale on the small product)."""
-    S = _masked(x2.to(policy.compute_dtype), keep) @ A.to(policy.compute_dtype).T
-    return S if keep is None else S.mul_(policy.keep_scale)
+# the hybrid path joins auto's candidates on CUDA (the slot dispatch keeps for it)
+dispatch.register_candidate(dispatch.HYBRID, lambda case: case.r <= MAX_RANK)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -48,19 +40,20 @@ class LoRALinearFunction(torch.autograd.Function):
     drawn here once. Saved for backward: x, S and the mask (plus references to the parameters);
     the dropped input is one multiply, redone in the backward rather than held (4 bytes an element).
     The ``1 / (1 − p)`` rescale is folded into the small operands: S and the scaling of dx and dA.
-    S, dS, dA and dB are in the policy's compute dtype; the base GEMMs take the LoRA term as their
-    addend, rounded once to x's dtype (``bases.lora_addend``).
+    S, dS, dA and dB are in the policy's compute dtype, made by ``lowrank`` (torch GEMMs, or the
+    Triton low-rank kernels: the hybrid path); the base GEMMs take the LoRA term as their addend,
+    rounded once to x's dtype (``bases.lora_addend``).
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, base, bias, merged_B, scaling, lam, policy):
+    def forward(ctx, x, A, B, base, bias, merged_B, scaling, lam, policy, lowrank):
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         keep = keep_mask(policy, *x2.shape)
-        S = _down(x2, A, keep, policy)  # (M, r)
-        B_eff = _b_eff(B, merged_B, lam, policy.compute_dtype)
+        S = lowrank.down(x2, A, keep, policy)  # (M, r)
+        B_eff = b_eff(B, merged_B, lam, policy.compute_dtype)
         out = base.forward(x2, lora_addend(S, B_eff.T, scaling, x2.dtype, bias))  # (M, out)
         ctx.save_for_backward(x2, S, A, B, merged_B, keep)
-        ctx.base, ctx.scaling, ctx.lam, ctx.policy = base, scaling, lam, policy
+        ctx.base, ctx.scaling, ctx.lam, ctx.policy, ctx.lowrank = base, scaling, lam, policy, lowrank
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -71,17 +64,15 @@ class LoRALinearFunction(torch.autograd.Function):
         ct = policy.compute_dtype
         s_drop = s if keep is None else s * policy.keep_scale  # s and the mask's rescale, for dx and dA
         dY2 = dY.reshape(-1, dY.shape[-1])  # (M, out)
-        dYc = dY2.to(ct)
-        dS = dYc @ _b_eff(B, merged_B, ctx.lam, ct)  # (M, r)
-        dx = dA = dB = None
+        db_scale = s * (1.0 if merged_B is None else ctx.lam)  # ∂B_eff/∂B = λ
+        dS, dB = ctx.lowrank.dy(dY2, B, merged_B, ctx.lam, S, db_scale, ctx.needs_input_grad[2], policy)
+        dx = dA = None
         if ctx.needs_input_grad[0]:
             term = _masked_(lora_addend(dS, A.to(ct), s_drop, dY2.dtype), keep)  # the mask is linear
             dx = ctx.base.grad_input(dY2, term).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dA = (dS.T @ _masked(x2.to(ct), keep)).mul_(s_drop)  # (r, in)
-        if ctx.needs_input_grad[2]:
-            dB = (dYc.T @ S).mul_(s * (1.0 if merged_B is None else ctx.lam))  # ∂B_eff/∂B = λ
-        return dx, _as(dA, A), _as(dB, B), None, None, None, None, None, None
+            dA = ctx.lowrank.da(dS, x2, keep, s_drop, policy)  # (r, in)
+        return dx, _as(dA, A), _as(dB, B), None, None, None, None, None, None, None
 
 
 def lora_linear(
@@ -111,8 +102,10 @@ def lora_linear(
             [0, 2⁶³) or a 0-d int64 tensor): the same mask on every path. None: one is drawn from
             torch's generator on x's device, inside the graph (no ``.item()``).
         backend: ``"auto"`` (CUDA tensors over a dense W0: the fastest path measured for this GPU
-            and shape, ``mbf.functional.dispatch``; NF4: Triton; CPU: torch), ``"torch"`` or
-            ``"triton"`` (over a dense W0, ranks above ``MAX_FUSED_RANK`` still run the torch path).
+            and shape, ``mbf.functional.dispatch``; NF4: Triton; CPU: torch), ``"torch"``,
+            ``"triton"`` (the fused kernels) or ``"hybrid"`` (the base GEMMs in cuBLAS with the LoRA
+            term as their addend, the low-rank passes S, dS + dB and dA in Triton). Ranks above
+            ``MAX_FUSED_RANK`` run the torch path.
         nf4_path: over an NF4 weight with Triton, ``"fused"`` (dequantise inside the GEMM tiles),
             ``"dequant"`` (one dequant pass + cuBLAS) or ``"auto"`` (``mbf.kernels.nf4.choose_path``).
         name: the layer's name, to start every error message with (``LoRALinear`` passes its own).
@@ -136,22 +129,26 @@ def lora_linear(
     chosen = resolve_backend(backend, x)
     if is_nf4:
         check_nf4_device(weight, x, chosen, where)
+    elif chosen == "hybrid" and not x.is_cuda and not interpreting():
+        raise RuntimeError(f"{where}backend='hybrid' needs x on a CUDA device, it is on {x.device}")
     frozen = [t for t in (None if is_nf4 else weight, bias, merged_B) if t is not None]
     if any(t.requires_grad for t in frozen):
         # a trainable base is outside the fused paths' contract: the same algebra under autograd
         W = dequantize_nf4(weight, x.dtype) if is_nf4 else weight
         return _autograd_lora(x, W, bias, A, B, float(scaling), merged_B, float(lam), policy)
+    fits = policy.fused_rank(A.shape[0])
     if is_nf4:
         if chosen == "torch":
             nf4_path = "torch"
         elif nf4_path == "auto":
             nf4_path = kernel("nf4", "choose_path")(x.numel() // x.shape[-1])
         base = nf4_base(weight, nf4_path)
-    elif chosen == "triton" and policy.fused_rank(A.shape[0]):
+    elif chosen == "triton" and fits:
         return kernel("lora_op", "lora_linear")(x, weight, bias, A, B, scaling, merged_B, lam, policy)
     else:
-        base = DenseBase(weight)
-    return LoRALinearFunction.apply(x, A, B, base, bias, merged_B, float(scaling), float(lam), policy)
+        base = DenseBase(weight)  # the hybrid path too: the base GEMMs in cuBLAS
+    low = lowrank.TRITON if chosen == "hybrid" and fits else lowrank.TORCH
+    return LoRALinearFunction.apply(x, A, B, base, bias, merged_B, float(scaling), float(lam), policy, low)
 
 
 def lora_linear_nf4(x: torch.Tensor, weight: NF4Weight, *args, path: str = "auto", **kwargs) -> torch.Tensor:
@@ -164,19 +161,14 @@ def lora_linear_nf4(x: torch.Tensor, weight: NF4Weight, *args, path: str = "auto
 def _autograd_lora(x, W, bias, A, B, scaling, merged_B, lam, policy: LoRAPolicy) -> torch.Tensor:
     """The Function's forward under autograd, for a trainable base (gradients to W and b too)."""
     x2 = x.reshape(-1, x.shape[-1])
-    S = _down(x2, A, keep_mask(policy, *x2.shape), policy)
-    C = lora_addend(S, _b_eff(B, merged_B, lam, policy.compute_dtype).T, scaling, x.dtype, bias)
+    S = lowrank.TORCH.down(x2, A, keep_mask(policy, *x2.shape), policy)
+    C = lora_addend(S, b_eff(B, merged_B, lam, policy.compute_dtype).T, scaling, x.dtype, bias)
     return torch.addmm(C, x2, W.to(x.dtype).T).view(*x.shape[:-1], W.shape[0])
 
 
 def _as(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
     """A gradient in its parameter's dtype (bf16 adapters over an fp32 base compute in fp32)."""
     return None if grad is None else grad.to(param.dtype)
-
-
-def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``t ⊙ keep`` (a new tensor), or t itself without a mask."""
-    return t if keep is None else t * keep
 
 
 def _masked_(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -213,5 +205,6 @@ def check_nf4_device(w: NF4Weight, x: torch.Tensor, backend: str, where: str = "
         )
     if x.device != dev:
         raise ValueError(f"{where}input on {x.device} but the NF4 weight on {dev}; move one of them")
-    if backend == "triton" and dev.type != "cuda" and not interpreting():
-        raise RuntimeError(f"{where}backend='triton' needs the NF4 weight on a CUDA device, it is on {dev}")
+    if backend in ("triton", "hybrid") and dev.type != "cuda" and not interpreting():
+        msg = f"{where}backend={backend!r} needs the NF4 weight on a CUDA device, it is on {dev}"
+        raise RuntimeError(msg)
