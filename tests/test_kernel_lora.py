@@ -411,15 +411,6 @@ def test_hybrid_path_is_deterministic_under_deterministic_mode():
         assert_close(runs[0][1][name], g_ref[name], torch.float32)
 
 
-def test_hybrid_is_an_auto_candidate():
-    from mbf.functional import dispatch
-
-    case = dispatch.Case("GPU", "bfloat16", "float32", True, True, 16, 4096, 4096, 8192)
-    assert dispatch.HYBRID in dispatch.candidates(case)
-    wide = dispatch.Case("GPU", "bfloat16", "float32", True, True, 128, 4096, 4096, 8192)
-    assert dispatch.HYBRID not in dispatch.candidates(wide)
-
-
 def test_ranks_above_the_fused_limit_take_the_torch_path():
     t, dY = _inputs((5,), 24, 17, functional.MAX_FUSED_RANK + 1, torch.float32)
     _check(t, dY, torch.float32, scaling=0.5)  # backend="triton" over a dense W0: the torch Function

@@ -29,8 +29,6 @@ from mbf.nf4 import NF4Weight, dequantize_nf4
 __all__ = ["MAX_FUSED_RANK", "LoRALinearFunction", "lora_linear", "lora_linear_nf4"]
 
 MAX_FUSED_RANK = MAX_RANK  # the fused kernels' rank limit (mbf.kernels.policy); above it the torch path runs
-# the hybrid path joins auto's candidates on CUDA (the slot dispatch keeps for it)
-dispatch.register_candidate(dispatch.HYBRID, lambda case: case.r <= MAX_RANK)
 
 
 class LoRALinearFunction(torch.autograd.Function):
