@@ -46,30 +46,9 @@ import triton
 import triton.language as tl
 from mbf.kernels._common import cast, dot, tile_ids
 from mbf.kernels.lora_configs import autotune
+from mbf.kernels.lora_tiles import da_prologue, gemm_loop, keep_factor, load_b_eff, lora_addend
 
 __all__ = ["down", "dy", "keep_mask", "linear", "wgrad"]
-
-
-@triton.jit
-def _keep(
-    seed,  # dropout seed (int64, loaded from the policy's key tensor)
-    threshold,  # Philox draws below it drop their element (int64 holding a uint32)
-    offs_m,  # (BLOCK_M,) rows of the tile
-    k0,  # first column of the tile: a multiple of 4
-    n_cols,  # columns of the whole (M, n_cols) input
-    BLOCK_K: tl.constexpr,  # columns of the tile
-    dtype: tl.constexpr,  # dtype of the returned factor (that of the tile it multiplies)
-    UPCAST: tl.constexpr,  # interpreter: an fp32 factor (it multiplies 16-bit floats as bit patterns)
-):
-    """0/1 keep factor of the ``(BLOCK_M, BLOCK_K)`` tile at columns ``k0 + [0, BLOCK_K)``."""
-    quads = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # one Philox counter per 4 columns
-    counters = offs_m.to(tl.int64)[:, None] * ((n_cols + 3) // 4) + quads[None, :]  # int64: M·K/4 > 2³¹
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4j + i <- r_i[j]
-    keep = bits >= threshold.to(tl.uint32)
-    if UPCAST:
-        return keep.to(tl.float32)
-    return keep.to(dtype)
 
 
 @triton.jit
@@ -85,20 +64,10 @@ def _keep_mask_kernel(
     """The keep mask written out (the torch paths on a GPU keep it for their backward)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
-    keep = _keep(tl.load(seed_ptr), threshold, offs_m, k0, K, BLOCK_K, tl.int8, False)
+    keep = keep_factor(tl.load(seed_ptr), threshold, offs_m, k0, K, BLOCK_K, tl.int8, False)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep != 0, mask=mask)
-
-
-@triton.jit
-def _load_b_eff(b_ptrs, bm_ptrs, mask, lam, HAS_MERGED: tl.constexpr):
-    """A tile of B_eff = B_m + λ (B − B_m) in fp32 (B alone without a merged B)."""
-    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_MERGED:
-        bm = tl.load(bm_ptrs, mask=mask, other=0.0).to(tl.float32)
-        b = bm + lam * (b - bm)
-    return b
 
 
 @triton.jit(do_not_specialize=["M", "R", "stride_s_m", "threshold", "m_bucket"])
@@ -137,7 +106,7 @@ def _lora_down_kernel(
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = x * _keep(tl.load(seed_ptr), threshold, offs_m, k0, K, BLOCK_K, x.dtype, UPCAST)
+            x = x * keep_factor(tl.load(seed_ptr), threshold, offs_m, k0, K, BLOCK_K, x.dtype, UPCAST)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot(x, a, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_x_k
@@ -146,117 +115,6 @@ def _lora_down_kernel(
         acc = acc * keep_scale
     s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_s_m + offs_r[None, :] * stride_s_r
     tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
-
-
-@triton.jit
-def _da_prologue(
-    down_ptrs,  # (BLOCK_M, 1) row pointers into dS
-    stride_down_r,  # elements to step one column of dS
-    x_tile,  # (BLOCK_M, BLOCK_N) x at this (m, n), dropped, in the base dtype
-    da_ptr,  # (R, N) contiguous fp32 dA accumulator
-    offs_n,  # (BLOCK_N,) columns of the tile
-    m_ok,  # (BLOCK_M,) rows in range
-    n_ok,  # (BLOCK_N,) columns in range
-    N,  # columns of dA
-    R,  # rank
-    da_scale,  # s / (1 - p)
-    ldt: tl.constexpr,  # the LoRA compute dtype (dS is rounded to it)
-    R_PAD: tl.constexpr,  # rank padded
-    R_CHUNK: tl.constexpr,  # ranks per step
-    UPCAST: tl.constexpr,  # interpreter: dot in fp32
-    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
-):
-    """``dA[:, n-tile] += da_scale · dSᵀ drop(x)`` for this M tile, rank chunk by rank chunk (atomics:
-    an order-free sum over the M tiles). The x tile of the dX GEMM's (m, n) is exactly dA's; it stays
-    16-bit against fp32 dS (``dot`` keeps the products fp32-class)."""
-    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-        offs_r = r0 + tl.arange(0, R_CHUNK)
-        r_ok = offs_r < R
-        ds_ok = m_ok[:, None] & r_ok[None, :]
-        ds = tl.load(down_ptrs + offs_r[None, :] * stride_down_r, mask=ds_ok, other=0.0)
-        da = tl.zeros((R_CHUNK, x_tile.shape[1]), dtype=tl.float32)
-        da = dot(tl.trans(cast(ds, ldt, UPCAST)), x_tile, da, UPCAST, PRECISION)
-        tl.atomic_add(da_ptr + offs_r[:, None] * N + offs_n[None, :], da * da_scale,
-                      mask=r_ok[:, None] & n_ok[None, :], sem="relaxed")  # fmt: skip
-
-
-@triton.jit
-def _lora_addend(
-    down_ptrs,  # (BLOCK_M, 1) row pointers into the token-side factor: S (forward) or dS (dX)
-    stride_down_r,  # elements to step one of its columns
-    up_ptr,  # the other factor read as (R, N): B_effᵀ (forward) or A (dX)
-    upm_ptr,  # the merged B read like it, if HAS_MERGED
-    stride_up_r,  # elements to step one of its rows
-    stride_up_n,  # elements to step one of its columns
-    cols,  # (1, BLOCK_N) int64 columns of the tile
-    bias_ptr,  # (N,) bias, if HAS_BIAS
-    offs_n,  # (BLOCK_N,) columns of the tile
-    m_ok,  # (BLOCK_M,) rows in range
-    n_ok,  # (BLOCK_N,) columns in range
-    R,  # rank
-    scale,  # s (forward) or s / (1 - p) (dX)
-    lam,  # λ of B_eff
-    keep,  # (BLOCK_M, BLOCK_N) 0/1 dropout factor, if HAS_DROPOUT
-    dt: tl.constexpr,  # the output's (base) dtype
-    ldt: tl.constexpr,  # the LoRA compute dtype
-    HAS_BIAS: tl.constexpr,  # add the bias
-    HAS_MERGED: tl.constexpr,  # form B_eff from up and upm with λ
-    HAS_DROPOUT: tl.constexpr,  # mask the term
-    R_PAD: tl.constexpr,  # rank padded
-    R_CHUNK: tl.constexpr,  # ranks per step
-    BLOCK_M: tl.constexpr,  # tile rows
-    BLOCK_N: tl.constexpr,  # tile columns
-    UPCAST: tl.constexpr,  # interpreter: dot in fp32 (and rounding casts)
-    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
-):
-    """The policy's addend ``round(b + round(down) round(scale · up)) ⊙ keep`` as an fp32 tile: operands
-    rounded to the output dtype (a 16-bit MMA over a 16-bit base), the sum rounded once to it."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-        offs_r = r0 + tl.arange(0, R_CHUNK)
-        r_ok = offs_r < R
-        d_ok = m_ok[:, None] & r_ok[None, :]
-        d = tl.load(down_ptrs + offs_r[None, :] * stride_down_r, mask=d_ok, other=0.0)
-        d = cast(cast(d, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # S (dS) in the compute dtype, then dt
-        u_off = offs_r[:, None] * stride_up_r + cols * stride_up_n
-        u = _load_b_eff(up_ptr + u_off, upm_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
-        u = cast(scale * cast(u, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # s · B_eff (s' · A) in dt
-        acc = dot(d, u, acc, UPCAST, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    acc = cast(acc, dt, UPCAST).to(tl.float32)
-    if HAS_DROPOUT:
-        acc = acc * keep
-    return acc
-
-
-@triton.jit
-def _gemm_loop(
-    acc,  # (BLOCK_M, BLOCK_N) fp32 accumulator to add into
-    lhs_ptrs,  # (BLOCK_M, 1) row pointers into the left operand (x or dY)
-    stride_lhs_k,  # elements to step one of its columns
-    w_ptrs,  # (1, BLOCK_N) column pointers into W0 read as (K, N)
-    stride_w_k,  # elements to step one row of it
-    m_ok,  # (BLOCK_M,) rows in range
-    n_ok,  # (BLOCK_N,) columns in range
-    K,  # reduction length
-    BLOCK_K: tl.constexpr,  # reduction step
-    UPCAST: tl.constexpr,  # interpreter: dot in fp32
-    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
-):
-    """``acc + lhs @ W`` over K: the base GEMM's main loop, carrying the accumulator alone."""
-    offs_k = tl.arange(0, BLOCK_K)
-    lhs_ptrs = lhs_ptrs + offs_k[None, :] * stride_lhs_k
-    w_ptrs = w_ptrs + offs_k.to(tl.int64)[:, None] * stride_w_k
-    dt = lhs_ptrs.dtype.element_ty
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(lhs_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
-        acc = dot(a, w, acc, UPCAST, PRECISION)
-        lhs_ptrs += BLOCK_K * stride_lhs_k
-        w_ptrs += BLOCK_K * stride_w_k
-    return acc
 
 
 @triton.jit(do_not_specialize=["M", "R", "stride_down_m", "stride_up_n", "threshold", "m_bucket"])
@@ -324,21 +182,21 @@ def _lora_linear_kernel(
                          other=0.0).to(dt)  # fmt: skip
         if HAS_DROPOUT:
             n0 = pid_n * BLOCK_N
-            x_tile = x_tile * _keep(tl.load(seed_ptr), threshold, offs_m, n0, N, BLOCK_N, dt, UPCAST)
-        _da_prologue(down_ptrs, stride_down_r, x_tile, da_ptr, offs_n, m_ok, n_ok, N, R, da_scale,
+            x_tile = x_tile * keep_factor(tl.load(seed_ptr), threshold, offs_m, n0, N, BLOCK_N, dt, UPCAST)
+        da_prologue(down_ptrs, stride_down_r, x_tile, da_ptr, offs_n, m_ok, n_ok, N, R, da_scale,
                      up_ptr.dtype.element_ty, R_PAD, R_CHUNK, UPCAST, PRECISION)  # fmt: skip
     if HAS_MAIN:
         # the mask again, not held across the prologue: a few ALU ops per element against ~30 registers
         keep = 0.0
         if HAS_DROPOUT:
-            keep = _keep(tl.load(seed_ptr), threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
+            keep = keep_factor(tl.load(seed_ptr), threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
         ldt = up_ptr.dtype.element_ty  # the LoRA compute dtype
-        acc = _lora_addend(down_ptrs, stride_down_r, up_ptr, upm_ptr, stride_up_r, stride_up_n, cols,
+        acc = lora_addend(down_ptrs, stride_down_r, up_ptr, upm_ptr, stride_up_r, stride_up_n, cols,
                            bias_ptr, offs_n, m_ok, n_ok, R, lora_scale, lam, keep, dt, ldt, HAS_BIAS,
                            HAS_MERGED, HAS_DROPOUT, R_PAD, R_CHUNK, BLOCK_M, BLOCK_N, UPCAST,
                            PRECISION)  # fmt: skip
         lhs_ptrs, w_ptrs = lhs_ptr + rows * stride_lhs_m, w_ptr + cols * stride_w_n
-        acc = _gemm_loop(acc, lhs_ptrs, stride_lhs_k, w_ptrs, stride_w_k, m_ok, n_ok, K, BLOCK_K, UPCAST,
+        acc = gemm_loop(acc, lhs_ptrs, stride_lhs_k, w_ptrs, stride_w_k, m_ok, n_ok, K, BLOCK_K, UPCAST,
                          PRECISION)  # fmt: skip
         out = out_ptr + rows * stride_out_m + cols * stride_out_n
         tl.store(out, cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
@@ -387,7 +245,7 @@ def _lora_dy_kernel(
         n_ok = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # 16-bit vs fp32 B: see dot
         b_ok = n_ok[:, None] & r_ok[None, :]
-        b_eff = _load_b_eff(lora_b_ptr + b_off, merged_b_ptr + b_off, b_ok, lam, HAS_MERGED)
+        b_eff = load_b_eff(lora_b_ptr + b_off, merged_b_ptr + b_off, b_ok, lam, HAS_MERGED)
         ds = dot(dy, cast(b_eff, ldt, UPCAST), ds, UPCAST, PRECISION)
         if ACC_DB:  # the same dY tile, while it is in registers
             db = dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
@@ -444,7 +302,7 @@ def _lora_wgrad_kernel(
         x = tl.load(right_ptr + rows.to(tl.int64)[:, None] * stride_right_m + cols,
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         if HAS_DROPOUT:
-            x = x * _keep(tl.load(seed_ptr), threshold, rows, c0, C, BLOCK_C, x.dtype, UPCAST)
+            x = x * keep_factor(tl.load(seed_ptr), threshold, rows, c0, C, BLOCK_C, x.dtype, UPCAST)
         acc = dot(tl.trans(lt), x, acc, UPCAST, PRECISION)
     out_ptrs = out_ptr + offs_r[:, None] * stride_out_r + offs_c.to(tl.int64)[None, :] * stride_out_c
     tl.store(out_ptrs, cast(acc * scale, ldt, UPCAST), mask=r_ok[:, None] & c_ok[None, :])

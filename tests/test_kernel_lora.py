@@ -21,6 +21,7 @@ from mbf.functional.dropout import philox_keep_mask
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 lora_kernel = pytest.importorskip("mbf.kernels.lora")
+lora_tiles = pytest.importorskip("mbf.kernels.lora_tiles")
 lora_op = pytest.importorskip("mbf.kernels.lora_op")
 common = pytest.importorskip("mbf.kernels._common")
 
@@ -176,8 +177,8 @@ def test_threshold_is_the_reference_threshold():
 @pytest.mark.parametrize("seed", [0, 2**40 + 7, 2**63 - 1])
 def test_one_mask_on_the_torch_path_and_in_the_kernels(M, K, seed):
     """One seed, one mask: the torch paths' vectorised Philox, the Triton mask kernel (the torch paths
-    on a GPU) and the kernels' in-tile ``_keep`` (``test_kernel_mask_is_the_reference_mask_bit_for_bit``)
-    all give ``reference.dropout_keep_mask``."""
+    on a GPU) and the kernels' in-tile ``keep_factor`` (``test_kernel_mask_is_the_reference_mask_bit_
+    for_bit``) all give ``reference.dropout_keep_mask``."""
     want = reference.dropout_keep_mask((M, K), 0.3, seed)
     key = torch.tensor(seed, device=KERNEL_DEVICE)
     assert torch.equal(lora_op.keep_mask(M, K, reference.dropout_threshold(0.3), key).cpu(), want)
@@ -310,7 +311,7 @@ def _keep_probe(out_ptr, M, K, seed: tl.int64, threshold: tl.int64, BLOCK_M: tl.
     # the kernels' own mask helper, tile by tile, written out as 0/1
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
-    keep = lora_kernel._keep(seed, threshold, offs_m, k0, K, BLOCK_K, tl.float32, True)
+    keep = lora_tiles.keep_factor(seed, threshold, offs_m, k0, K, BLOCK_K, tl.float32, True)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], keep, mask=mask)
