@@ -110,14 +110,16 @@ def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
     linear: the plain GEMM takes the tutorial's 128 fp32 accumulator elements per thread (64 at
     R_PAD 64: the LoRA tiles join); the backward with the dA epilogue or dropout also holds the x
     tile and the mask, so 64, and 32 with fp32 LoRA tiles above R_PAD 16. Split fp32 products
-    (``_split``) quarter these, down to 16. Split, dy with dB keeps BLOCK_M x R_PAD <= 1024 and down
+    (``_split``) quarter these, down to 16. Split, dy with dB keeps BLOCK_M x max(R_PAD, 32) <= 1024 and down
     at R_PAD 64 BLOCK_M x BLOCK_K <= 1024.
     """
     R, c = args["R_PAD"], config.kwargs
     if kernel == "down":
         return not (_split(args, "x_ptr", "lora_a_ptr") and R >= 64 and c["BLOCK_M"] * c["BLOCK_K"] > 1024)
     if kernel == "dy":
-        return not (_split(args, "dy_ptr", "lora_b_ptr") and args["ACC_DB"] and c["BLOCK_M"] * R > 1024)
+        # BLOCK_M x max(R_PAD, 32) <= 1024: at R_PAD 16 the 64-row tile spilled 120 B under Triton 3.6
+        tall = c["BLOCK_M"] * max(R, 32) > 1024
+        return not (_split(args, "dy_ptr", "lora_b_ptr") and args["ACC_DB"] and tall)
     mixed = args["up_ptr"].dtype != args["lhs_ptr"].dtype
     if args["ACC_DA"] or args["HAS_DROPOUT"]:
         budget = 64 if R <= (16 if mixed else 32) else 32
