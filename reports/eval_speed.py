@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--prompt-format", choices=("plain", "chat"), default="plain")
     ap.add_argument("--order", default="std1")
+    ap.add_argument("--scorers", default="generate,rank,both", help="the rows after 'generate, before'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(None, dtype="float32")
@@ -52,7 +53,7 @@ def main() -> None:
     print(f"{n} test examples ({args.order}: {names}), --max-length {args.max_length}, "
           f"{args.prompt_format} prompts, {args.threads} threads, float32")  # fmt: skip
     rows = [("generate, before", lambda t, o: before(model, codec, t, o), "generate")]
-    for scoring in ("generate", "rank", "both"):
+    for scoring in args.scorers.split(","):
         rows.append((f"{scoring}, after", lambda t, o: score_task(model, codec, t, o), scoring))
     # interleaved, task by task, so that a change in the machine's load falls on every row alike
     seconds, scores = {name: 0.0 for name, _, _ in rows}, {name: [] for name, _, _ in rows}
