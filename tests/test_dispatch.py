@@ -27,6 +27,29 @@ def _case(**kw) -> Case:
     return Case(**{**base, **kw})
 
 
+@pytest.fixture(autouse=True)
+def _torch_and_fused_only(request, monkeypatch):
+    """The selection tests below time two candidates (torch, fused); a test that takes the fixture
+    ``all_candidates`` sees the registry as it ships (torch, fused, hybrid)."""
+    if "all_candidates" not in request.fixturenames:
+        two = {k: v for k, v in dispatch._CANDIDATES.items() if k in ("torch", "triton")}
+        monkeypatch.setattr(dispatch, "_CANDIDATES", two)
+
+
+@pytest.fixture
+def all_candidates():
+    return dispatch.candidates
+
+
+def test_the_hybrid_path_is_measured_and_can_win(tmp_path, all_candidates):
+    timer = FakeTimer({"torch": 1.0, "triton": 0.9, "hybrid": 0.8})
+    assert Dispatcher(timer, tmp_path).choose(_case(), timer.bench) == "hybrid"
+    assert timer.calls == ["torch", "triton", "hybrid"]
+    from mbf.kernels.lora_op import MAX_RANK
+
+    assert all_candidates(_case(r=MAX_RANK + 1)) == ["torch"]  # the low-rank kernels' limit too
+
+
 class FakeTimer:
     """ms per backend from a table; counts the calls; a backend whose entry is an exception raises it."""
 
@@ -139,10 +162,10 @@ def test_a_second_process_entries_are_merged_not_lost(tmp_path):
     assert backends == ["triton", "torch", "triton"]
 
 
-def test_ranks_above_the_fused_limit_measure_torch_alone():
+def test_ranks_above_the_fused_limit_measure_torch_alone(all_candidates):
     from mbf.kernels.lora_op import MAX_RANK
 
-    assert dispatch.candidates(_case(r=MAX_RANK)) == ["torch", "triton"]
+    assert dispatch.candidates(_case(r=MAX_RANK)) == ["torch", "triton", "hybrid"]
     assert dispatch.candidates(_case(r=MAX_RANK + 1)) == ["torch"]
 
 
@@ -180,14 +203,15 @@ def test_deterministic_mode_pins_the_documented_choice(tmp_path, monkeypatch):
     assert chosen == dispatch.DETERMINISTIC_CHOICE == "torch" and timer.calls == []
 
 
-def test_register_candidate_rejects_an_unknown_backend():
+def test_register_candidate_rejects_an_unknown_backend(all_candidates):
     with pytest.raises(ValueError, match="dispatch candidate 'cublas' must be a lora_linear backend"):
         dispatch.register_candidate("cublas")
-    assert dispatch.HYBRID not in dispatch.candidates(_case())  # the slot, until the hybrid path lands
 
 
 @pytest.mark.parametrize("requires_grad", [True, False])
-def test_end_to_end_times_the_real_candidates_and_the_choice_is_exact(tmp_path, monkeypatch, requires_grad):
+def test_end_to_end_times_the_real_candidates_and_the_choice_is_exact(
+    tmp_path, monkeypatch, requires_grad, all_candidates
+):
     """Real thunks on CPU tensors (the fused kernels under the interpreter), a wall-clock timer: each
     candidate runs its forward (and backward) on fresh inputs; the caller's RNG is not touched."""
     monkeypatch.delenv(dispatch.ENV, raising=False)
@@ -202,12 +226,12 @@ def test_end_to_end_times_the_real_candidates_and_the_choice_is_exact(tmp_path, 
     state = torch.random.get_rng_state()
     d = Dispatcher(timer, tmp_path)
     chosen = dispatch.auto_backend(*args, run=lora_linear, dispatcher=d)
-    assert chosen == "torch" and len(seen) == 2
+    assert chosen == "torch" and len(seen) == 3  # torch, the fused kernels, the hybrid path
     assert torch.equal(state, torch.random.get_rng_state())
     (entry,) = d.choices.values()
     assert entry["notes"] == {} and ("|train|" in case_key(_case(train=requires_grad))) == requires_grad
     x, W, b, A, B, s = args[:6]
-    for name in ("torch", "triton"):
+    for name in ("torch", "triton", "hybrid"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             y = lora_linear(x, W, b, A, B, s, backend=name)

@@ -3,10 +3,10 @@
 ``lora_case`` times the dense LoRA linear in mode ``fwd``, ``bwd`` or ``full`` (fwd + bwd). Providers:
 the plain frozen linear ``floor`` (cuBLAS), ``peft`` (PEFT's LoRA with the adapters in the same dtype
 as mbf's: like for like), mbf's paths ``mbf-torch`` (cuBLAS + the LoRA term as the GEMM's addend),
-``mbf-triton`` (the fused kernels), ``mbf-hybrid`` (when that backend exists) and ``mbf-auto`` (what
-``backend="auto"``'s measuring dispatch picks), and ``triton-gemm`` (fwd only: the fused forward's
-base GEMM alone in Triton, ``mbf.bench.triton_gemm``). ``nf4_case`` times the QLoRA linear, fwd + bwd
-(``floor`` = the 16-bit frozen linear, ``mbf-bf16``, ``mbf-nf4`` and its two forced paths
+``mbf-triton`` (the fused kernels), ``mbf-hybrid`` (cuBLAS base GEMMs + Triton low-rank passes) and
+``mbf-auto`` (what ``backend="auto"``'s measuring dispatch picks), and ``triton-gemm`` (fwd only: the
+fused forward's base GEMM alone in Triton, ``mbf.bench.triton_gemm``). ``nf4_case`` times the QLoRA
+linear, fwd + bwd (``floor`` = the 16-bit frozen linear, ``mbf-bf16``, ``mbf-nf4`` and its two forced paths
 ``mbf-nf4-fused`` / ``mbf-nf4-dequant``, ``peft-bnb4`` = PEFT over bitsandbytes).
 x needs a gradient in every provider (as inside a network); W0 is frozen, so the floor's backward
 is the dX GEMM alone. Used by ``bench/test_bench_lora.py``, ``bench/test_bench_nf4.py`` and the
@@ -113,8 +113,7 @@ def lora_case(
     ``adapter_dtype``, default the base's ``dtype``).
 
     Raises:
-        ValueError: ``triton-gemm`` in a mode other than ``fwd``; an unknown backend (``mbf-hybrid``
-            before that path exists).
+        ValueError: ``triton-gemm`` in a mode other than ``fwd``; an unknown backend.
     """
     if provider == "triton-gemm" and mode != "fwd":
         raise ValueError(f"provider triton-gemm is the forward GEMM alone; mode {mode!r} must be 'fwd'")

@@ -2,11 +2,11 @@
 
 Candidates are ``lora_linear`` backends: ``"triton"`` (the fused kernels: base GEMM and LoRA term in
 one Triton kernel), ``"torch"`` (cuBLAS GEMMs with the LoRA term as the GEMM's addend: about what
-PEFT costs) and whatever ``register_candidate`` adds (the slot ``HYBRID``: cuBLAS base GEMMs + Triton
-low-rank kernels). On the first call of a case the dispatch times one forward (+ backward when a
-gradient is wanted) of each candidate on inputs of that shape drawn from a private generator (CUDA
-events, after one untimed call that compiles and autotunes), keeps the fastest, and stores the
-choice in memory and in ``cache_dir()/dispatch/<GPU>-<versions hash>.json``.
+PEFT costs), ``"hybrid"`` (``HYBRID``: cuBLAS base GEMMs with the addend + Triton low-rank kernels)
+and whatever ``register_candidate`` adds. On the first call of a case the dispatch times one forward
+(+ backward when a gradient is wanted) of each candidate on inputs of that shape drawn from a private
+generator (CUDA events, after one untimed call that compiles and autotunes), keeps the fastest, and
+stores the choice in memory and in ``cache_dir()/dispatch/<GPU>-<versions hash>.json``.
 
 A case is keyed by (GPU name, input dtype, adapter dtype, dropout on/off, training or inference,
 rank, in features, out features, tokens rounded up to a power of two): ``case_key``. The file is
@@ -63,7 +63,7 @@ ENV = "MBF_BACKEND"  # a backend name that replaces auto's measured choice on CU
 DETERMINISTIC_CHOICE = "torch"
 TRACE_CHOICE = "triton"  # under torch.compile / graph capture nothing can be timed: the fused op
 MARGIN = 0.02  # another candidate replaces the torch path only when faster by more than this fraction
-HYBRID = "hybrid"  # the slot of the hybrid path (cuBLAS base GEMMs + Triton low-rank kernels)
+HYBRID = "hybrid"  # the hybrid path (cuBLAS base GEMMs + Triton low-rank kernels)
 
 Timer = Callable[[Callable[[], object]], float]  # ms of one call of the thunk
 
@@ -92,11 +92,17 @@ def _supports_fused(case: Case) -> bool:
 
 
 # name -> whether it runs a case; the order is the order of measurement (torch first: the reference)
-_CANDIDATES: dict[str, Callable[[Case], bool]] = {"torch": lambda case: True, "triton": _supports_fused}
+# (the hybrid path's Triton low-rank kernels share the fused kernels' rank limit: above it, "hybrid" runs
+# the torch path's low-rank GEMMs too, which is the torch candidate itself)
+_CANDIDATES: dict[str, Callable[[Case], bool]] = {
+    "torch": lambda case: True,
+    "triton": _supports_fused,
+    HYBRID: _supports_fused,
+}
 
 
 def register_candidate(name: str, supports: Callable[[Case], bool] = lambda case: True) -> None:
-    """Add a ``lora_linear`` backend for ``auto`` to measure (``HYBRID`` is the slot kept for it).
+    """Add (or re-limit) a ``lora_linear`` backend for ``auto`` to measure.
 
     Raises:
         ValueError: when ``lora_linear`` does not know ``name`` as a backend (``mbf.config.BACKENDS``).
