@@ -99,6 +99,7 @@ def test_adapters_gradients_and_optimizer_state_stay_fp32_over_a_16_bit_base(dty
     mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8))
     cl = mbf.ContinualLoRA(model)
     ids = torch.randint(2, 90, (2, 9))
+    model.train()  # eval() computes with the merged adapter once a task is merged: it would train nothing
     for _ in range(2):  # two tasks: the QR init and the merge run on the 16-bit model too
         cl.begin_task()
         opt = torch.optim.AdamW(cl.trainable_parameters(), lr=1e-2)

@@ -5,6 +5,7 @@ What you evaluate is what you export; a folded layer is never used as another ad
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -235,3 +236,22 @@ def test_the_ablation_field_is_merged_factors_and_older_files_still_load(tmp_pat
 
 def make_tiny_llama_injected():
     return mbf.inject(make_tiny_llama(), mbf.LoRAConfig(r=4, alpha=8))
+
+
+def test_training_an_eval_model_after_a_merge_warns_that_nothing_trains():
+    model = make_tiny_llama()
+    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8))
+    cl = mbf.ContinualLoRA(model, backend="torch")
+    cl.begin_task()
+    cl.end_task()
+    cl.begin_task()
+    model.eval()  # e.g. a model from from_pretrained, never put in train()
+    with pytest.warns(UserWarning, match=r"eval\(\) mode compute with the merged adapter.*model\.train\(\)"):
+        model(IDS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(IDS)  # evaluating without a gradient is what eval() is for: no warning
+        model.train()
+        model(IDS).logits.sum().backward()  # training in train(): no warning
+    assert all(layer.lora_B.grad is not None for layer in cl.layers.values())

@@ -16,6 +16,7 @@ evaluates with SLAO's adapters while it trains the fine-tuned one (``mbf.integra
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -119,6 +120,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("merged_B", torch.zeros(out_f, r, **factory))
         self.adapter_mode = "finetuned"
         self.eval_adapter_mode: str | None = None  # the mode in eval() when set (e.g. under a Trainer)
+        self._warned_eval_grad = False  # the eval()-without-gradient warning is given once per layer
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
         self.folded_adapter: str | None = None  # the adapter folded into the base weight (merge()/unmerge())
         self.disabled = False  # True inside mbf.disable_adapter(model): the base alone
@@ -189,6 +191,15 @@ class LoRALinear(nn.Module):
         if self.folded:
             self.check_mode(self.mode)
             return self.base(x)
+        if self.mode != self.adapter_mode and not self._warned_eval_grad and self._wants_grad():
+            # eval() switched to the merged adapter (frozen buffers): a loss from this forward trains nothing
+            self._warned_eval_grad = True
+            warnings.warn(
+                f"mbf LoRA layers (first: {self.layer_name}) in eval() mode compute with the "
+                f"{self.mode} adapter, which gets no gradient; call model.train() before training the "
+                "fine-tuned adapter (or cl.set_eval_adapter(None) to keep it in eval() too)",
+                stacklevel=2,
+            )
         A, B, merged_B, lam = self._active()
         dropout = self.lora_dropout if self.training and self.mode == "finetuned" else 0.0
         weight = self.base.nf4 if self.is_4bit else self.base.weight
@@ -196,6 +207,9 @@ class LoRALinear(nn.Module):
             x, weight, self.base.bias, A, B, self.scaling, merged_B, lam,
             dropout=dropout, backend=self.backend, name=self.layer_name,
         )  # fmt: skip
+
+    def _wants_grad(self) -> bool:
+        return torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not torch.is_floating_point(x):
