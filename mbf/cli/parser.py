@@ -141,46 +141,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "batch 2 x 4, 5 epochs)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of data order and adapter init")
-    g.add_argument(
-        "--lr", type=_positive_float, default=None, help=f"AdamW learning rate ({_preset_default('lr')})"
-    )
-    g.add_argument(
-        "--epochs",
-        type=_positive_float,
-        default=None,
-        help=f"passes over each task's training set "
-        f"({_preset_default('epochs')}; paper on generation suites: 5)",
-    )
-    g.add_argument(
-        "--max-steps",
-        type=_non_negative_int,
-        default=None,
-        help=f"cap on optimizer steps per task, 0 for none ({_preset_default('max_steps')})",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        help=f"examples per forward/backward ({_preset_default('batch_size')})",
-    )
-    g.add_argument(
-        "--grad-accum",
-        type=_positive_int,
-        default=None,
-        help=f"micro-batches per optimizer step ({_preset_default('grad_accum')})",
-    )
-    g.add_argument(
-        "--warmup-steps",
-        type=_non_negative_int,
-        default=None,
-        help=f"linear warm-up steps, then a constant lr ({_preset_default('warmup_steps')})",
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=_non_negative_float,
-        default=None,
-        help=f"AdamW weight decay ({_preset_default('weight_decay')})",
-    )
+    for flag, convert, field, text in _PRESET_FLAGS:
+        g.add_argument(flag, type=convert, default=None, help=f"{text} ({_preset_default(field)})")
     _add_eval_args(g)
     g.add_argument(
         "--offdiag-test",
@@ -189,30 +151,29 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="evaluate the off-diagonal cells no metric reads (task j after stage i, j < i < T-1) on the "
         "first N test examples only (default: all); AA, BWT, FWT and LA keep every example",
     )
-    g.add_argument(
-        "--max-length",
-        type=_positive_int,
-        default=None,
-        help=f"prompt tokens kept per example; only the input is cut ({_preset_default('max_length')})",
-    )
-    g.add_argument("--r", type=_positive_int, default=None, help=f"LoRA rank ({_preset_default('r')})")
-    g.add_argument(
-        "--alpha",
-        type=_positive_float,
-        default=None,
-        help=f"LoRA alpha, scaling = alpha / r ({_preset_default('alpha')})",
-    )
-    g.add_argument(
-        "--lora-dropout",
-        type=float,
-        default=None,
-        help=f"dropout on the LoRA branch's input in training, in [0, 1) ({_preset_default('dropout')})",
-    )
-    g.add_argument(
-        "--target-modules",
-        default=None,
-        help=f"comma-separated linear names, or all-linear ({_preset_default('target_modules')})",
-    )
+
+
+# the flags --preset sets: (flag, argparse type, the TrainOptions / LoRAConfig field, help)
+_PRESET_FLAGS = (
+    ("--lr", _positive_float, "lr", "AdamW learning rate"),
+    (
+        "--epochs",
+        _positive_float,
+        "epochs",
+        "passes over each task's training set (paper on generation suites: 5)",
+    ),
+    ("--max-steps", _non_negative_int, "max_steps", "cap on optimizer steps per task, 0 for none"),
+    ("--batch-size", _positive_int, "batch_size", "examples per forward/backward"),
+    ("--grad-accum", _positive_int, "grad_accum", "micro-batches per optimizer step"),
+    ("--warmup-steps", _non_negative_int, "warmup_steps", "linear warm-up steps, then a constant lr"),
+    ("--weight-decay", _non_negative_float, "weight_decay", "AdamW weight decay"),
+    ("--max-length", _positive_int, "max_length", "prompt tokens kept per example; only the input is cut"),
+    ("--r", _positive_int, "r", "LoRA rank"),
+    ("--alpha", _positive_float, "alpha", "LoRA alpha, scaling = alpha / r"),
+    # the range [0, 1) is checked once, by LoRAConfig (its error names the flag)
+    ("--lora-dropout", float, "dropout", "dropout on the LoRA branch's input in training, in [0, 1)"),
+    ("--target-modules", str, "target_modules", "comma-separated linear names, or all-linear"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
