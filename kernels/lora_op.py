@@ -132,8 +132,8 @@ def _forward(x2, weight, bias, A, B, merged_B, scaling, lam, dropout, threshold,
     return y, S
 
 
-def _backward(dY, x2, S, weight, A, B, merged_B, scaling, lam, dropout, threshold, seed, need_dx, need_da,
-              need_db):  # fmt: skip
+def _backward(dY, x2, S, weight, A, B, merged_B, *, scaling, lam, dropout, threshold, seed, need_dx,
+              need_da, need_db):  # fmt: skip
     """Launches 3 and 4: dX (M, K) in x's dtype and the flat ``[dA | dB]`` in the adapters' dtype.
 
     dA and dB share one buffer: one zeroing launch for both atomic accumulators, and (16-bit
@@ -221,8 +221,10 @@ def _lora_bwd_op(
     need_da: bool,
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (scaling, lam, dropout, threshold, seed, need_dx, need_da, need_db)
-    return _backward(dY, x2, S, weight, A, B, merged_B, *args)
+    return _backward(
+        dY, x2, S, weight, A, B, merged_B, scaling=scaling, lam=lam, dropout=dropout, threshold=threshold,
+        seed=seed, need_dx=need_dx, need_da=need_da, need_db=need_db,
+    )  # fmt: skip
 
 
 @_lora_bwd_op.register_fake
