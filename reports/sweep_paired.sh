@@ -23,23 +23,20 @@ OUT=${1:-reports/paired}
 MBF=${MBF:-.venv/bin/mbf}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$OUT/run" "$OUT/logs"
+export MBF
+# one line of `mbf continual` flags per run, after its name (reports/run_job.sh runs it, resumably)
 job_list() {
   for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1 std2 std3}; do
-    for m in ${METHODS:-seq-lora slao multi-task ftba-mb ftba-mba}; do echo "$order-$m-s$seed $m $seed $order"; done
+    for m in ${METHODS:-seq-lora slao multi-task ftba-mb ftba-mba}; do
+      echo "$order-$m-s$seed --suite real --order $order --method $m --seed $seed --threads 1" \
+        "--n-train ${N_TRAIN:-240} --n-test ${N_TEST:-200} --offdiag-test ${OFFDIAG:-50}" \
+        "--max-steps ${STEPS:-30} --batch-size 8 --lr 1e-3 --max-length ${MAX_LENGTH:-128}" \
+        "--scoring both --prompt-format auto ${EXTRA:-}"
+    done
   done; done
 }
-job_list | xargs -P "${JOBS_AT_ONCE:-2}" -L 1 bash -c '
-  name=$0; method=$1; seed=$2; order=$3; run='"$OUT"'/run/$name
-  if [ -f $run/results.json ] && grep -q "\"complete\": true" $run/results.json; then exit 0; fi
-  resume=""; [ -f $run/results.json ] && resume=--resume
-  echo "$(date -u +%T) start $name"
-  '"$MBF"' continual --suite real --order $order --method $method --seed $seed --out $run --threads 1 \
-      --n-train '"${N_TRAIN:-240}"' --n-test '"${N_TEST:-200}"' --offdiag-test '"${OFFDIAG:-50}"' \
-      --max-steps '"${STEPS:-30}"' --batch-size 8 --lr 1e-3 --max-length '"${MAX_LENGTH:-128}"' \
-      --scoring both --prompt-format auto '"${EXTRA:-}"' $resume > '"$OUT"'/logs/$name.log 2>&1
-  rc=$?
-  echo "$(date -u +%T) done  $name rc=$rc $(tail -2 '"$OUT"'/logs/$name.log | head -1)"
-'
+# (sed: xargs -L would join a line that ends in a blank with the next one)
+job_list | sed "s/ *$//" | xargs -P "${JOBS_AT_ONCE:-2}" -L 1 bash reports/run_job.sh "$OUT"
 # the three orders of one suite are averaged over orders and seeds, and paired on each (order, seed)
 $MBF compare "$OUT"/run/*/ --baseline seq-lora --out "$OUT/compare" > "$OUT/logs/compare.log" 2>&1
 echo "$(date -u +%T) sweep finished: $OUT/compare/compare.md"

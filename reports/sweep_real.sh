@@ -30,17 +30,14 @@ default_jobs() {
     for m in ftba-mb ftba-mba frea-mb ftba-ma freb-ma slao-random; do echo "$m-s$seed $m $seed std1 $NT"; done
   done
 }
-if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else default_jobs; fi | xargs -P 2 -L 1 bash -c '
-  name=$0; method=$1; seed=$2; order=$3; ntest=$4; run='"$OUT"'/run/$name
-  if [ -f $run/results.json ] && grep -q "\"complete\": true" $run/results.json; then exit 0; fi
-  resume=""; [ -f $run/results.json ] && resume=--resume
-  echo "$(date -u +%T) start $name"
-  '"$MBF"' continual --suite real --order $order --method $method --seed $seed --out $run --threads 1 \
-      --n-train '"${N_TRAIN:-200}"' --n-test $ntest --max-steps '"${STEPS:-12}"' --batch-size 8 --lr 1e-3 \
-      --max-length 96 --suite-seed '"${SUITE_SEED:-0}"' --prompt-format plain '"${EXTRA:-}"' $resume > '"$OUT"'/logs/$name.log 2>&1
-  rc=$?
-  echo "$(date -u +%T) done  $name rc=$rc $(tail -2 '"$OUT"'/logs/$name.log | head -1)"
-'
+export MBF
+# each "name method seed order n_test" job as one line of `mbf continual` flags after its name
+# (reports/run_job.sh runs it, resumably)
+if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else default_jobs; fi | while read -r name method seed order ntest; do
+  echo "$name --suite real --order $order --method $method --seed $seed --threads 1" \
+    "--n-train ${N_TRAIN:-200} --n-test $ntest --max-steps ${STEPS:-12} --batch-size 8 --lr 1e-3" \
+    "--max-length 96 --suite-seed ${SUITE_SEED:-0} --prompt-format plain ${EXTRA:-}"
+done | sed "s/ *$//" | xargs -P 2 -L 1 bash reports/run_job.sh "$OUT"
 # one comparison per order (compare refuses to average different task sequences of different suites)
 $MBF compare $(ls -d "$OUT"/run/*/ | grep -v /long1-) --out "$OUT/std1" > "$OUT/logs/compare-std1.log" 2>&1
 $MBF compare "$OUT"/run/long1-*/ --out "$OUT/long1" > "$OUT/logs/compare-long1.log" 2>&1
