@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# One resumable run of a sweep (reports/sweep_real.sh, reports/sweep_paired.sh):
+# The resumable job runner of the sweeps (reports/sweep_real.sh, reports/sweep_paired.sh).
+#   job_list | bash reports/run_job.sh OUT [JOBS_AT_ONCE=2]
+#     reads one run per line, "NAME FLAGS..." (FLAGS: `mbf continual` flags), and runs JOBS_AT_ONCE at a
+#     time, in the order given (so a cut sweep holds its first jobs), each as below
 #   bash reports/run_job.sh OUT NAME FLAGS...
-# runs `$MBF continual FLAGS --out OUT/run/NAME`: nothing when that run is complete, --resume when a cut
-# one is there; its output goes to OUT/logs/NAME.log, and one line at its start and end to stdout.
+#     runs `$MBF continual FLAGS --out OUT/run/NAME`: nothing when that run is complete, --resume when a
+#     cut one is there; its output goes to OUT/logs/NAME.log, and one line at its start and end to stdout.
 set -u
-out=$1 name=$2
+out=$1
+export MBF=${MBF:-.venv/bin/mbf} OMP_WAIT_POLICY=PASSIVE
+mkdir -p "$out/run" "$out/logs"
+if [ $# -le 2 ]; then
+  # (sed: xargs -L would join a line that ends in a blank with the next one)
+  sed "s/ *$//" | xargs -P "${2:-2}" -L 1 bash "$0" "$out"
+  exit
+fi
+name=$2
 shift 2
 run=$out/run/$name
 if [ -f "$run/results.json" ] && grep -q '"complete": true' "$run/results.json"; then exit 0; fi
 resume=()
 [ -f "$run/results.json" ] && resume=(--resume)
 echo "$(date -u +%T) start $name"
-"${MBF:-.venv/bin/mbf}" continual "$@" --out "$run" "${resume[@]}" > "$out/logs/$name.log" 2>&1
+"$MBF" continual "$@" --out "$run" "${resume[@]}" > "$out/logs/$name.log" 2>&1
 rc=$?
 echo "$(date -u +%T) done  $name rc=$rc $(tail -2 "$out/logs/$name.log" | head -1)"

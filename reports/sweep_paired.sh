@@ -21,9 +21,6 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/paired}
 MBF=${MBF:-.venv/bin/mbf}
-export OMP_WAIT_POLICY=PASSIVE
-mkdir -p "$OUT/run" "$OUT/logs"
-export MBF
 # one line of `mbf continual` flags per run, after its name (reports/run_job.sh runs it, resumably)
 job_list() {
   for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1 std2 std3}; do
@@ -35,8 +32,7 @@ job_list() {
     done
   done; done
 }
-# (sed: xargs -L would join a line that ends in a blank with the next one)
-job_list | sed "s/ *$//" | xargs -P "${JOBS_AT_ONCE:-2}" -L 1 bash reports/run_job.sh "$OUT"
+job_list | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}"
 # the three orders of one suite are averaged over orders and seeds, and paired on each (order, seed)
 $MBF compare "$OUT"/run/*/ --baseline seq-lora --out "$OUT/compare" > "$OUT/logs/compare.log" 2>&1
 echo "$(date -u +%T) sweep finished: $OUT/compare/compare.md"

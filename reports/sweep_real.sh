@@ -19,8 +19,6 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/real}
 MBF=${MBF:-.venv/bin/mbf}
-export OMP_WAIT_POLICY=PASSIVE
-mkdir -p "$OUT/run" "$OUT/logs"
 NT=${N_TEST:-30}; NT_LONG=${N_TEST_LONG:-20}
 default_jobs() {
   for seed in 0 1 2; do for m in slao seq-lora multi-task; do echo "$m-s$seed $m $seed std1 $NT"; done; done
@@ -30,14 +28,13 @@ default_jobs() {
     for m in ftba-mb ftba-mba frea-mb ftba-ma freb-ma slao-random; do echo "$m-s$seed $m $seed std1 $NT"; done
   done
 }
-export MBF
 # each "name method seed order n_test" job as one line of `mbf continual` flags after its name
 # (reports/run_job.sh runs it, resumably)
 if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else default_jobs; fi | while read -r name method seed order ntest; do
   echo "$name --suite real --order $order --method $method --seed $seed --threads 1" \
     "--n-train ${N_TRAIN:-200} --n-test $ntest --max-steps ${STEPS:-12} --batch-size 8 --lr 1e-3" \
     "--max-length 96 --suite-seed ${SUITE_SEED:-0} --prompt-format plain ${EXTRA:-}"
-done | sed "s/ *$//" | xargs -P 2 -L 1 bash reports/run_job.sh "$OUT"
+done | MBF=$MBF bash reports/run_job.sh "$OUT" 2
 # one comparison per order (compare refuses to average different task sequences of different suites)
 $MBF compare $(ls -d "$OUT"/run/*/ | grep -v /long1-) --out "$OUT/std1" > "$OUT/logs/compare-std1.log" 2>&1
 $MBF compare "$OUT"/run/long1-*/ --out "$OUT/long1" > "$OUT/logs/compare-long1.log" 2>&1
