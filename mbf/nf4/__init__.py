@@ -5,30 +5,8 @@
 The frozen 4-bit module is ``mbf.nn.NF4Linear``.
 """
 
-from mbf.nf4.bnb import is_bnb_linear4bit, make_linear4bit, quantize, to_bnb_linear4bit, weight_from_bnb
-from mbf.nf4.format import (
-    BLOCKSIZE,
-    NESTED_BLOCKSIZE,
-    NF4_CODE,
-    NF4Weight,
-    dequantize_nf4,
-    dynamic_map,
-    quantize_nf4,
-    with_dtype,
-)
+from mbf.nf4 import bnb, format
+from mbf.nf4.bnb import *  # noqa: F403
+from mbf.nf4.format import *  # noqa: F403
 
-__all__ = [
-    "BLOCKSIZE",
-    "NESTED_BLOCKSIZE",
-    "NF4_CODE",
-    "NF4Weight",
-    "dequantize_nf4",
-    "dynamic_map",
-    "is_bnb_linear4bit",
-    "make_linear4bit",
-    "quantize",
-    "quantize_nf4",
-    "to_bnb_linear4bit",
-    "weight_from_bnb",
-    "with_dtype",
-]
+__all__ = [*format.__all__, *bnb.__all__]

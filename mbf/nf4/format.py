@@ -34,6 +34,7 @@ __all__ = [
     "dynamic_map",
     "quantize_nf4",
     "quantize_nf4_checks",
+    "with_dtype",
 ]
 
 BLOCKSIZE = 64  # the only 4-bit blocksize the kernels read (one byte row of 32 per block)
