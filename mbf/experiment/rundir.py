@@ -29,9 +29,14 @@ from mbf.experiment import results as results_file
 from mbf.experiment.train import TrainOptions
 
 __all__ = [
-    "RunLocked", "check_out", "check_resume", "legacy_fingerprint", "lock", "prune_checkpoints",
+    "RunLocked",
+    "check_out",
+    "check_resume",
+    "legacy_fingerprint",
+    "lock",
+    "prune_checkpoints",
     "resume_differences",
-]  # fmt: skip
+]
 
 LOCK_NAME = ".mbf-lock"
 RESULTS = "results.json"
