@@ -3,6 +3,7 @@ README tables and the one plotter. Synthetic rows: nothing is timed here."""
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -237,8 +238,42 @@ def test_the_qlora_set_is_the_embedded_model_against_peft_bnb4_first(monkeypatch
 
     monkeypatch.setattr(models, "auto_dtype", lambda device: torch.float32)
     configs = suite.qlora_suite(cuda=False)
-    assert [c.provider for c in configs] == ["peft-bnb4", "mbf-nf4", "peft", "mbf"]  # the baseline first
-    assert {(c.model, c.dtype, c.targets, c.device) for c in configs} == {
+    assert [c.provider for c in configs] == ["peft-bnb4", "mbf-nf4", "peft", "mbf", "mbf"]  # baseline first
+    assert {(c.model, c.dtype, c.targets, c.device) for c in configs[:4]} == {
         (train_step.EMBEDDED, "float32", "all-linear", "cpu")
     }
-    assert {c.dtype for c in suite.qlora_suite(cuda=True)} == {"bfloat16"}
+    dense16 = configs[4]  # the dense bf16 step a CPU without bf16 emulates: one step, alone
+    assert (dense16.dtype, dense16.warmup, dense16.steps, dense16.targets) == ("bfloat16", 0, 1, "all-linear")
+    on_gpu = suite.qlora_suite(cuda=True)
+    assert {c.dtype for c in on_gpu} == {"bfloat16"} and len(on_gpu) == 4  # the dense step is timed there
+
+
+def test_a_single_step_config_is_measured_once_alone_beside_the_interleaved_ones(monkeypatch):
+    from mbf.bench import suite, train_step
+    from mbf.bench.train_step import StepConfig
+
+    base = StepConfig(layers=1, seq=8, dtype="float32", device="cpu", warmup=1, steps=1)
+    configs = [replace(base, provider="peft"), replace(base, provider="mbf", dtype="bfloat16", warmup=0)]
+    interleaved, alone = [], []
+    row = {"ms": 1.0, "extra_keys": []}
+
+    def isolated(cfg):
+        alone.append(cfg)
+        return {**row, "ms": 9.0, "peak_mem_bytes": 5}
+
+    monkeypatch.setattr(train_step, "measure_interleaved", lambda cfgs, _: interleaved.extend(cfgs) or [row])
+    monkeypatch.setattr(train_step, "measure_step_isolated", isolated)
+    rows = suite._cpu_rows(configs, rounds=3)
+    assert interleaved == configs[:1] and [c.warmup for c in alone] == [1, 0]  # peak of peft; bf16 once
+    assert [r["ms"] for r in rows] == [1.0, 9.0]
+
+
+def test_a_single_step_is_timed_under_the_memory_hooks_and_says_so():
+    from mbf.bench.train_step import MEMORY_KEYS, StepConfig, measure_step
+
+    row = measure_step(StepConfig(layers=1, provider="mbf", seq=8, dtype="float32", device="cpu",
+                                  warmup=0, steps=1))  # fmt: skip
+    assert row["single_step"] is True and "single_step" in row["extra_keys"]
+    assert len(row["samples"]) == 1 and row["ms"] == row["samples"][0] > 0
+    assert set(MEMORY_KEYS) <= set(row["extra_keys"]) and row["optimizer_bytes"] > 0  # AdamW ran in it
+    assert row["activation_bytes"] > 0 and row["peak_mem_bytes"] > 0

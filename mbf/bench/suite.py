@@ -72,7 +72,10 @@ def qlora_suite(cuda: bool) -> list[StepConfig]:
         model=train_step.EMBEDDED, seq=128, batch=4, dtype=dtype, warmup=1, steps=3,
         device="cuda" if cuda else "cpu",
     )  # fmt: skip
-    return [replace(base, provider=p) for p in ("peft-bnb4", "mbf-nf4", "peft", "mbf")]
+    configs = [replace(base, provider=p) for p in ("peft-bnb4", "mbf-nf4", "peft", "mbf")]
+    if dtype != "bfloat16":  # the dense bf16 step too: one step, alone (emulated here, minutes long)
+        configs.append(replace(base, provider="mbf", dtype="bfloat16", warmup=0, steps=1))
+    return configs
 
 
 def _cpu_rows(configs: list[StepConfig], rounds: int) -> list[dict]:
@@ -81,11 +84,18 @@ def _cpu_rows(configs: list[StepConfig], rounds: int) -> list[dict]:
     from tqdm import tqdm
 
     rows = {}
-    for dtype in dict.fromkeys(cfg.dtype for cfg in configs):
-        group = [cfg for cfg in configs if cfg.dtype == dtype]
+    once = [cfg for cfg in configs if (cfg.warmup, cfg.steps) == (0, 1)]  # one step, alone (its time too)
+    for dtype in dict.fromkeys(cfg.dtype for cfg in configs if cfg not in once):
+        group = [cfg for cfg in configs if cfg.dtype == dtype and cfg not in once]
         tqdm.write(f"train steps in {dtype}: {', '.join(c.provider for c in group)}, {rounds} rounds")
         rows.update(zip(group, train_step.measure_interleaved(group, rounds)))
     for cfg in tqdm(configs, desc="peak memory", unit="config"):
+        if cfg in once:
+            try:
+                rows[cfg] = train_step.measure_step_isolated(cfg)
+            except RuntimeError as err:
+                tqdm.write(f"no single step for {cfg.provider} {cfg.dtype}: {str(err).splitlines()[-1]}")
+            continue
         try:
             alone = train_step.measure_step_isolated(replace(cfg, warmup=1, steps=1))
             rows[cfg]["peak_mem_bytes"] = alone["peak_mem_bytes"]
@@ -93,7 +103,7 @@ def _cpu_rows(configs: list[StepConfig], rounds: int) -> list[dict]:
             rows[cfg]["extra_keys"] = list(dict.fromkeys([*rows[cfg]["extra_keys"], *train_step.MEMORY_KEYS]))
         except RuntimeError as err:
             tqdm.write(f"no peak memory for {cfg.provider} {cfg.dtype}: {str(err).splitlines()[-1]}")
-    return [rows[cfg] for cfg in configs]
+    return [rows[cfg] for cfg in configs if cfg in rows]
 
 
 def _cross_dtype_ratio(rows: list[dict]) -> None:

@@ -252,12 +252,29 @@ def _row(cfg: StepConfig, params: list[torch.nn.Parameter], t: dict, peak: int |
 def measure_step(cfg: StepConfig) -> dict:
     """Tokens/s (median over ``cfg.steps``) and peak memory of one training-step configuration.
 
+    ``cfg.warmup == 0`` and ``cfg.steps == 1`` (``once``): a single step, the first, timed under the
+    memory hooks: what a step too slow to repeat costs (a 16-bit step a CPU emulates), its peak memory
+    that of a first step (optimizer state allocated in it), ``single_step`` in the row.
+
     Returns:
         A row without ``device``, ``date`` and ``versions`` (``make_row`` adds them).
     """
     held: list = []
     step, params = _step_fn(cfg, held)
     cuda = torch.device(cfg.device).type == "cuda"
+    if (cfg.warmup, cfg.steps) == (0, 1):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+        t0 = time.perf_counter()
+        memory = memory_bytes(step, *held)
+        ms = (time.perf_counter() - t0) * 1e3
+        peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+        row = _row(cfg, params, {**summarize([ms]), "samples": [ms]}, peak)
+        row.update(memory, single_step=True)
+        row["extra_keys"] = [*row["extra_keys"], *MEMORY_KEYS, "single_step"]
+        return row
     for _ in range(cfg.warmup):  # before the peak-memory reset: optimizer state is allocated here
         step()
     if cuda:
