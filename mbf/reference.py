@@ -8,6 +8,9 @@ functions run in float64, and they are the CPU path of the package. The method's
     B_eff  = B_m + λ (B − B_m)        (or B when there is no merged B)
     Q R    = qr(Aᵀ), diag(R) ≥ 0      A_new = Qᵀ    (task i ≥ 2 init, fp32)
     B_m,i  = B_m,i-1 + λ(i) (B_ft,i − B_m,i-1),   λ(i) = 1/√i
+
+and the per-task merges SLAO is compared with, over task vectors ``τ_t = s B_t A_t`` (the full
+``ΔW`` of task t's LoRA): task arithmetic ``λ Σ_t τ_t`` and TIES (trim, elect sign, disjoint mean).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ __all__ = [
     "philox_randint",
     "philox_randint4x",
     "project_out",
+    "ties_merge",
+    "ties_trim",
+    "task_arithmetic",
     "time_aware_merge",
 ]
 
@@ -228,3 +234,41 @@ def lam_schedule(schedule: str, i: int, constant: float = 0.5) -> float:
     if schedule == "inverse":
         return 1.0 / i
     return float(constant)
+
+
+# -- per-task LoRA merging (the baselines of mbf.task_merge) -----------------------------------------
+
+
+def task_arithmetic(deltas: torch.Tensor, lam: float) -> torch.Tensor:
+    """Task arithmetic (Ilharco et al., ICLR 2023, "Editing Models with Task Arithmetic"):
+    ``ΔW = λ Σ_t τ_t`` over the task vectors ``deltas (T, ...)``; returns ``(...)``."""
+    return lam * deltas.sum(dim=0)
+
+
+def ties_trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES step 1, trim: each task vector (a row of ``deltas (T, ...)``, flattened) keeps its
+    ``k = max(1, round(density · N))`` largest magnitudes (values tied with the k-th kept too), the
+    rest set to 0."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    k = max(1, round(density * flat.shape[1]))
+    kth = flat.abs().topk(k, dim=1).values[:, -1:]  # (T, 1): the k-th largest magnitude of each row
+    return torch.where(flat.abs() >= kth, flat, torch.zeros_like(flat)).reshape(deltas.shape)
+
+
+def ties_merge(deltas: torch.Tensor, density: float = 0.2, lam: float = 1.0) -> torch.Tensor:
+    """TIES-merging (Yadav et al., NeurIPS 2023), Algorithm 1, over task vectors ``deltas (T, ...)``:
+
+        τ̂_t = trim(τ_t, density)                  (keep each task's top-k% magnitudes)
+        γ   = sgn(Σ_t τ̂_t)                        (elect the sign of every entry)
+        A   = {t : sgn(τ̂_t) = γ, τ̂_t ≠ 0}         (the tasks that agree with it)
+        ΔW  = λ · Σ_{t∈A} τ̂_t / |A|               (disjoint mean; 0 where A is empty)
+
+    An entry whose trimmed values sum to exactly 0 gets γ = 0 and the value 0, as Algorithm 1 has it
+    (the paper's code instead gives such entries the sign of the majority of all elected signs).
+    Returns ``(...)`` in ``deltas``' dtype.
+    """
+    trimmed = ties_trim(deltas, density)
+    elected = torch.sign(trimmed.sum(dim=0))
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return lam * (trimmed * agree).sum(dim=0) / count
