@@ -7,7 +7,8 @@ import pytest
 import mbf
 from mbf.experiment import results as results_file
 from mbf.experiment.methods import method_config
-from mbf.experiment.report import compare_runs
+from mbf.experiment.plots import MEMORY, memory_curve
+from mbf.experiment.report import compare_runs, run_markdown
 
 LORA = mbf.LoRAConfig(r=4, alpha=8)
 META = {"suite": "builtin", "model": "tiny"}
@@ -17,7 +18,14 @@ META = {"suite": "builtin", "model": "tiny"}
 
 
 def _synthetic(
-    path, *, seed=1, lr=5e-3, rows=((0.9,), (0.5, 0.8), (0.5, 0.6, 0.7)), method="slao", done=True
+    path,
+    *,
+    seed=1,
+    lr=5e-3,
+    rows=((0.9,), (0.5, 0.8), (0.5, 0.6, 0.7)),
+    method="slao",
+    done=True,
+    memory=lambda i: {"adapter_bytes": 4096},
 ):
     """A results.json as a run of ``method`` that measured ``rows`` would write (nothing trained)."""
     tasks = ["color", "first", "animal"][: len(rows)]
@@ -42,8 +50,8 @@ def _synthetic(
             stats=stats,
             train_s=2.0,
             eval_s=1.0,
-            adapter_bytes=4096,
             peak_rss_mb=100.0,
+            **memory(i),
             checkpoint=f"checkpoints/task-{i + 1:02d}" if config else None,
         )
     if done:
@@ -71,7 +79,8 @@ def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
     text = md.read_text()
     # AA 0.6 and 0.8: 70.0 ± 14.1; BWT -0.3 and -0.1: -20.0 ± 14.1; LA 0.8 and 0.867: 83.3 ± 4.7
     assert (
-        "| slao | 1, 2 | 70.0 ± 14.1 | -20.0 ± 14.1 | – | 83.3 ± 4.7 | 60 / 70 / 80 | 9 | 4 | 100 |" in text
+        "| slao | 1, 2 | 70.0 ± 14.1 | -20.0 ± 14.1 | – | 83.3 ± 4.7 | 60 / 70 / 80 | 9 | 4 | – | – | 100 |"
+        in text
     )
     assert png.stat().st_size > 1000
     # a run with other settings is labelled apart, never averaged in as another seed
@@ -126,6 +135,32 @@ def test_compare_orders_seq_lora_first_and_labels_overrides(tmp_path):
     text = compare_runs([slao, inv, seq], tmp_path / "cmp")[0].read_text()
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| s")]
     assert rows == ["| seq-lora", "| slao", "| slao (orthogonal, inverse)"]
+
+
+def test_memory_after_each_task_in_the_reports_and_the_memory_plot(tmp_path):
+    """SLAO flat, a per-task method growing with T: results.md and compare.md list adapter, optimizer and
+    replay-buffer bytes after each task, memory.png plots them against the number of tasks."""
+
+    def flat(i):
+        return {"adapter_bytes": 8192, "optimizer_bytes": 4096}
+
+    def growing(i):
+        return {"adapter_bytes": 2048 * (i + 2), "optimizer_bytes": 4096, "buffer_bytes": 1024 * (i + 1)}
+
+    slao = _synthetic(tmp_path / "slao", memory=flat)
+    replay = _synthetic(tmp_path / "replay", method="seq-lora", memory=growing)
+    old = _synthetic(tmp_path / "old", seed=2)  # an older run: adapter bytes only
+    md = run_markdown(results_file.read(replay))
+    assert "| adapter KiB | optimizer KiB | replay buffer KiB | peak RSS MiB |" in md
+    assert "| 4 | 2 | 1 | 4 | 4 | 1 | 100 |" in md and "| 4 | 2 | 1 | 8 | 4 | 3 | 100 |" in md
+    assert "| 8 | 4 | – | 100 |" in run_markdown(results_file.read(slao))
+    text = compare_runs([slao, replay, old], tmp_path / "cmp")[0].read_text()
+    assert "| 9 | 8 | 4 | – | 100 |" in text  # slao: the old run's optimizer bytes are unknown, not 0
+    assert "| 9 | 8 | 4 | 3 | 100 |" in text
+    assert (tmp_path / "cmp" / "memory.png").stat().st_size > 1000
+    runs = [results_file.read(replay)]
+    assert memory_curve(runs, MEMORY[:1]) == [4096, 6144, 8192]
+    assert memory_curve(runs, MEMORY) == [4096 + 4096 + 1024, 6144 + 4096 + 2048, 8192 + 4096 + 3072]
 
 
 def test_two_writers_of_one_figure_never_share_a_temporary_file(tmp_path, monkeypatch):

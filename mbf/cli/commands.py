@@ -173,7 +173,7 @@ def cmd_continual(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    """``mbf compare``: prints compare.md and writes it with compare.png."""
+    """``mbf compare``: prints compare.md and writes it with compare.png and memory.png."""
     from mbf.experiment.report import compare_runs
 
     seen: dict[str, str] = {}
@@ -186,7 +186,7 @@ def cmd_compare(args) -> int:
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare"
     md, png = compare_runs(args.runs, out, baseline=None if args.baseline == "none" else args.baseline)
     print(md.read_text())
-    print(f"comparison: {md}  {md.with_suffix('.json')}  {png}")
+    print(f"comparison: {md}  {md.with_suffix('.json')}  {png}  {md.parent / 'memory.png'}")
     return 0
 
 

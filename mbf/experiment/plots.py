@@ -1,4 +1,4 @@
-"""Figures of runs: one run's accuracy heatmap, and several methods compared (AA/BWT, curves).
+"""Figures of runs: one run's accuracy heatmap, and several methods compared (AA/BWT, curves, memory).
 
 Every figure is written through ``mbf.io.atomic_write``: a reader never sees half a PNG, and two
 processes drawing into one folder never share a temporary file.
@@ -15,7 +15,10 @@ from mbf._optional import pyplot
 from mbf.experiment.metrics import mean_std, pct
 from mbf.io import atomic_write
 
-__all__ = ["compare_figure", "heatmap"]
+__all__ = ["MEMORY", "compare_figure", "heatmap", "memory_curve", "memory_figure"]
+
+# what a method holds after each task (results.json per_task): adapters, AdamW's state, replayed data
+MEMORY = ("adapter_bytes", "optimizer_bytes", "buffer_bytes")
 
 
 def _save(plt, fig, path: Path, dpi: int) -> None:
@@ -173,5 +176,47 @@ def compare_figure(
         "Forgetting of the first task",
         by_stage,
     )
+    fig.tight_layout()
+    _save(plt, fig, path, dpi=100)
+
+
+def memory_curve(runs: list[dict], keys: tuple[str, ...]) -> list[float]:
+    """Mean over ``runs`` of the sum of ``keys`` (``MEMORY`` fields; absent: 0) after each stage, in bytes."""
+    stages = min(len(r["per_task"]) for r in runs)
+    return [
+        statistics.fmean(sum(r["per_task"][i].get(k) or 0 for k in keys) for r in runs) for i in range(stages)
+    ]
+
+
+def memory_figure(groups: dict[str, list[dict]], path: Path) -> None:
+    """Memory against the number of tasks trained, one line per method (mean over its runs), written to
+    ``path``: the adapter state it holds (SLAO flat, per-task methods growing with T), and that plus
+    the optimizer state and any replay buffer. The multi-task baseline (one stage) is a point at T.
+
+    Args:
+        groups: label → complete results of that method (``per_task`` entries; older runs lack the
+            optimizer and buffer bytes, counted as 0 there).
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    T = max(len(r["tasks"]) for runs in groups.values() for r in runs)
+    top = max(max(memory_curve(runs, MEMORY)) for runs in groups.values())
+    unit, scale = ("MiB", 2**20) if top >= 2**20 else ("KiB", 2**10)
+    for ax, keys, title in (
+        (axes[0], MEMORY[:1], "Adapter state held after each task"),
+        (axes[1], MEMORY, "Adapters + AdamW state + replay buffer"),
+    ):
+        for label, runs in groups.items():
+            curve = [b / scale for b in memory_curve(runs, keys)]
+            xs = range(1, len(curve) + 1) if len(curve) > 1 or T == 1 else [T]
+            ax.plot(
+                list(xs), curve, "o-" if len(curve) > 1 else "*", ms=6 if len(curve) > 1 else 12, label=label
+            )
+        ax.set_xlabel("tasks trained")
+        ax.set_xticks(range(1, T + 1))
+        ax.set_ylabel(unit)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save(plt, fig, path, dpi=100)

@@ -1,4 +1,5 @@
-"""Reports: a run's ``results.md`` and ``accuracy.png``, and ``compare.md`` / ``compare.png`` over runs."""
+"""Reports: a run's ``results.md`` and ``accuracy.png``, and ``compare.md`` / ``compare.png`` /
+``memory.png`` over runs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from mbf.experiment import results as results_file
 from mbf.experiment.methods import METHODS, method_label
 from mbf.experiment.metrics import mean_std, pct
 from mbf.experiment.paired import METRICS, compare_intervals, to_json
-from mbf.experiment.plots import compare_figure, heatmap
+from mbf.experiment.plots import MEMORY, compare_figure, heatmap, memory_figure
 from mbf.io import atomic_write_json, atomic_write_text
 
 __all__ = ["compare_runs", "run_markdown", "write_run"]
@@ -46,12 +47,13 @@ def run_markdown(results: dict) -> str:
         "next task before it is trained, for FWT; exact match, or Rouge-L where the task is scored so: "
         f"{_metric_note(results)}):",
         "",
-        "| after \\ on | " + " | ".join(tasks) + " | steps | train s | eval s | adapter KiB | peak RSS MiB |",
-        "|---" * (len(tasks) + 6) + "|",
+        "| after \\ on | " + " | ".join(tasks) + " | steps | train s | eval s | adapter KiB | optimizer KiB "
+        "| replay buffer KiB | peak RSS MiB |",
+        "|---" * (len(tasks) + 8) + "|",
     ]
     if results.get("zero_shot"):
         lines.append(
-            "| zero-shot (bare model) | " + " | ".join(pct(z) for z in results["zero_shot"]) + " |" + " |" * 5
+            "| zero-shot (bare model) | " + " | ".join(pct(z) for z in results["zero_shot"]) + " |" + " |" * 7
         )
     for stage, row, p in zip(results["stages"], acc, results["per_task"]):
         cells = [pct(row[j]) if j < len(row) else "" for j in range(len(tasks))]
@@ -59,9 +61,17 @@ def run_markdown(results: dict) -> str:
             f"| {stage} | "
             + " | ".join(cells)
             + f" | {p['steps']} | {p['train_s']:.0f} | {p['eval_s']:.0f} | "
-            f"{p['adapter_bytes'] / 1024:.0f} | {p['peak_rss_mb']:.0f} |"
+            + " | ".join(_kib([p], k) for k in MEMORY)
+            + f" | {p['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _kib(stages: list[dict], key: str) -> str:
+    """The largest ``key`` of ``stages`` (per_task entries) in KiB; ``"–"`` where none has it (older runs
+    lack optimizer_bytes, every method but replay buffer_bytes)."""
+    values = [p[key] for p in stages if p.get(key) is not None]
+    return f"{max(values) / 1024:.0f}" if values else "–"
 
 
 def _metric_note(results: dict) -> str:
@@ -143,8 +153,8 @@ def _compare_row(label: str, rs: list[dict], tasks: list[str], several_orders: b
         f"{_pm([r['metrics'].get('FWT') for r in rs])} | "
         f"{_pm([_learning_accuracy(r) for r in rs])} | {per_task} | "
         f"{statistics.fmean(r['metrics']['wall_s'] for r in rs):.0f} | "
-        f"{max(r['per_task'][-1]['adapter_bytes'] for r in rs) / 1024:.0f} | "
-        f"{max(r['per_task'][-1]['peak_rss_mb'] for r in rs):.0f} |"
+        + " | ".join(_kib([r["per_task"][-1] for r in rs], k) for k in MEMORY)
+        + f" | {max(r['per_task'][-1]['peak_rss_mb'] for r in rs):.0f} |"
     )
 
 
@@ -197,15 +207,17 @@ def _interval_lines(iv: dict, tasks: list[str]) -> list[str]:
 def compare_runs(
     runs: list[str | Path], out: str | Path, *, baseline: str | None = "seq-lora"
 ) -> tuple[Path, Path]:
-    """Group complete runs by method, write ``compare.md``, ``compare.json`` and ``compare.png`` into
-    ``out``: mean ± std over runs, and paired-bootstrap intervals of each method and of its
-    difference against ``baseline`` (``mbf.experiment.paired``) where the runs saved predictions.
+    """Group complete runs by method, write ``compare.md``, ``compare.json``, ``compare.png`` and
+    ``memory.png`` (each method's memory after each task) into ``out``: mean ± std over runs, and
+    paired-bootstrap intervals of each method and of its difference against ``baseline``
+    (``mbf.experiment.paired``) where the runs saved predictions.
 
     Runs of one method with different seeds, or different orders of the same tasks (the paper's
     three orders), are averaged: mean ± sample std over every (order, seed) run of the method.
 
     Returns:
-        (markdown path, png path); ``compare.json`` beside them holds every number.
+        (markdown path, png path); ``compare.json`` beside them holds every number, ``memory.png`` the
+        memory plot.
 
     An incomplete run is not averaged with the others; ``compare.md`` names it and how far it got.
 
@@ -247,8 +259,8 @@ def compare_runs(
         + ("every order and seed." if several_orders else "seeds."),
         "",
         f"| method | {who} | AA | BWT | FWT | LA | final score per task | wall s / run | adapter KiB "
-        "| peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer KiB | replay buffer KiB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[_compare_row(label, rs, tasks, several_orders) for label, rs in groups.items()],
         "",
         *_interval_lines(intervals, tasks),
@@ -277,4 +289,5 @@ def compare_runs(
     }
     atomic_write_json(summary, out / "compare.json")
     compare_figure(groups, tasks, png, by_stage=several_orders, intervals=intervals)
+    memory_figure(groups, out / "memory.png")
     return md, png

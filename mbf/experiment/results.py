@@ -41,9 +41,13 @@ Schema ``"mbf-continual-results/1"``::
     task_metrics  [str]: "exact" or "rougeL" per task (absent in older runs: all "exact")
     order, sources    the real suite's order name and each task's package:path
     per_task      [{"task", "steps", "first_loss", "final_loss", "train_s", "eval_s",
-                    "adapter_bytes", "peak_rss_mb"}]: one per stage; adapter_bytes = bytes of adapter
-                  state held after the stage (SLAO: two adapters per layer, constant in T);
-                  peak_rss_mb = the process's peak resident memory so far
+                    "adapter_bytes", "optimizer_bytes", "buffer_bytes", "peak_rss_mb"}]: one per stage;
+                  adapter_bytes = bytes of adapter state held after the stage (SLAO: two adapters per
+                  layer, constant in T; per-task methods: growing with T); optimizer_bytes = AdamW's
+                  two moments of the tensors the stage trained (2 x 4 bytes per fp32 trained element);
+                  buffer_bytes = the replay buffer's kept text (UTF-8 bytes; only for replay); the
+                  last two are absent in older runs; peak_rss_mb = the process's peak resident memory
+                  so far
     metrics       {"AA": mean_j accuracy[T-1][j],
                    "BWT": mean_{j<T-1} (accuracy[T-1][j] - accuracy[j][j]) (null for multi-task),
                    "FWT": mean_{j>=1} (accuracy[j-1][j] - zero_shot[j]) (null for multi-task, older runs),
@@ -119,6 +123,8 @@ def add_stage(
     checkpoint: str | None,
     by_scorer: dict[str, list[float]] | None = None,
     finetuned: float | None = None,
+    optimizer_bytes: int | None = None,
+    buffer_bytes: int | None = None,
 ) -> None:
     """Record one finished stage in place.
 
@@ -134,6 +140,8 @@ def add_stage(
         checkpoint: the adapter state's directory relative to the run dir (None: not saved).
         by_scorer: every scorer's row (the headline's is ``accuracy``), when the run records them.
         finetuned: the score on the task just trained with the fine-tuned adapter (continual methods).
+        optimizer_bytes: bytes of optimizer state the stage's training held (None: not recorded).
+        buffer_bytes: bytes of replayed data held after the stage (None: the method keeps none).
     """
     results["stages"].append(task)
     results["accuracy"].append([round(a, 4) for a in accuracy])
@@ -148,6 +156,8 @@ def add_stage(
             "train_s": round(train_s, 2),
             "eval_s": round(eval_s, 2),
             "adapter_bytes": adapter_bytes,
+            **({} if optimizer_bytes is None else {"optimizer_bytes": optimizer_bytes}),
+            **({} if buffer_bytes is None else {"buffer_bytes": buffer_bytes}),
             "peak_rss_mb": round(peak_rss_mb, 1),
         }
     )
