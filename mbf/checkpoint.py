@@ -3,13 +3,16 @@
 A checkpoint is a directory holding
 
     continual.json                      the commit point: written last, atomically (schema below)
-    adapters-<token>.safetensors        the four adapter tensors of every layer (a new token per save)
+    adapters-<token>.safetensors        the four adapter tensors of every layer, plus a strategy's own
+                                        (``<layer>.<name>``; a new token per save)
 
 ``continual.json`` (``"format": "mbf-continual-checkpoint/1"``)::
 
+    strategy        the strategy that saved it (``mbf.strategies``; absent in older files: "slao")
     task_index      int ≥ 0: finished tasks
     in_task         bool: saved inside a task (resumes there, not at its start)
-    config          ContinualConfig fields
+    config          ContinualConfig fields ("slao"); null for another strategy, whose config fields are
+                    in strategy_options and its JSON state (if any) in strategy_state
     lora_config     LoRAConfig fields, or null when the model was not injected by mbf.inject
     tensors_file    the safetensors file of this save
     tensors_sha256  hex SHA-256 of that file (required): flipped bytes are caught on load, not trained on
@@ -35,8 +38,8 @@ from mbf.config import ContinualConfig, LoRAConfig
 from mbf.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 
 __all__ = [
-    "FORMAT", "STATE_KEYS", "Checkpoint", "check_lora_config", "read_checkpoint", "state_pairs",
-    "write_checkpoint",
+    "FORMAT", "STATE_KEYS", "Checkpoint", "check_lora_config", "read_checkpoint", "saved_strategy",
+    "state_pairs", "write_checkpoint",
 ]  # fmt: skip
 
 FORMAT = "mbf-continual-checkpoint/1"
@@ -51,9 +54,12 @@ class Checkpoint:
 
     task_index: int  # finished tasks
     in_task: bool  # saved inside a task
-    config: ContinualConfig
+    config: ContinualConfig | None  # SLAO's; None for another strategy (its fields: options)
     lora_config: LoRAConfig | None  # None: the model was not injected by mbf.inject
-    tensors: dict[str, torch.Tensor]  # "<layer>.<lora_A|lora_B|merged_A|merged_B>"
+    tensors: dict[str, torch.Tensor]  # "<layer>.<lora_A|lora_B|merged_A|merged_B>", a strategy's own
+    strategy: str = "slao"  # the strategy that saved it (its class's strategy_name)
+    options: dict | None = None  # another strategy's config fields
+    state: dict | None = None  # another strategy's JSON state beside its tensors
 
 
 def _sha256(path: Path) -> str:
@@ -73,9 +79,12 @@ def write_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     atomic_save_safetensors(ckpt.tensors, path / tensors_file, metadata={"mbf": FORMAT})
     meta = {
         "format": FORMAT,
+        "strategy": ckpt.strategy,
         "task_index": ckpt.task_index,
         "in_task": ckpt.in_task,
-        "config": ckpt.config.to_dict(),
+        "config": None if ckpt.config is None else ckpt.config.to_dict(),
+        "strategy_options": ckpt.options,
+        "strategy_state": ckpt.state,
         "lora_config": None if ckpt.lora_config is None else ckpt.lora_config.to_dict(),
         "tensors_file": tensors_file,
         "tensors_sha256": _sha256(path / tensors_file),
@@ -107,15 +116,7 @@ def _previous_tensors_file(path: Path) -> str | None:
     return name if isinstance(name, str) and _TENSORS_FILE.fullmatch(name) else None
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate the checkpoint in directory ``path``.
-
-    Raises:
-        FileNotFoundError: no ``continual.json`` (or its tensor file) there.
-        ValueError: a malformed field, a corrupted or modified tensor file, non-finite values
-            (every message names the file and the field).
-    """
-    path = Path(path)
+def _read_meta(path: Path) -> tuple[dict, Path]:
     meta_path = path / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: not a ContinualLoRA checkpoint (no {META})")
@@ -125,19 +126,59 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    strategy = meta.get("strategy", "slao")  # files older than the field were all SLAO's
+    if not isinstance(strategy, str):
+        raise ValueError(f"{meta_path}: strategy={strategy!r} must be a name")
+    return meta, meta_path
+
+
+def saved_strategy(path: str | Path) -> str:
+    """The name of the strategy that saved the checkpoint in ``path`` (its tensors are not read).
+
+    Raises:
+        FileNotFoundError, ValueError: as ``read_checkpoint``.
+    """
+    return _read_meta(Path(path))[0].get("strategy", "slao")
+
+
+def read_checkpoint(path: str | Path, strategy: str | None = "slao") -> Checkpoint:
+    """Read and validate the checkpoint in directory ``path``.
+
+    Args:
+        strategy: the strategy expected to have saved it (None: any).
+
+    Raises:
+        FileNotFoundError: no ``continual.json`` (or its tensor file) there.
+        ValueError: a malformed field, a corrupted or modified tensor file, non-finite values, another
+            strategy's checkpoint (every message names the file and the field).
+    """
+    path = Path(path)
+    meta, meta_path = _read_meta(path)
+    saved = meta.get("strategy", "slao")
+    if strategy is not None and saved != strategy:
+        raise ValueError(
+            f"{meta_path}: saved by the {saved!r} strategy, not {strategy!r}; load it with "
+            "mbf.strategies.load_strategy"
+        )
     task_index, in_task = meta.get("task_index"), meta.get("in_task", False)
     if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
         raise ValueError(f"{meta_path}: task_index={task_index!r} must be an integer >= 0")
     if not isinstance(in_task, bool):
         raise ValueError(f"{meta_path}: in_task={in_task!r} must be true or false")
+    options, state = meta.get("strategy_options"), meta.get("strategy_state")
+    for key, value in (("strategy_options", options), ("strategy_state", state)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{meta_path}: {key}={value!r} must be a JSON object or null")
     try:
         # "options": the name of the same fields before ContinualConfig existed
-        config = ContinualConfig.from_dict(meta.get("config", meta.get("options")))
+        fields = meta.get("config", meta.get("options"))
+        config = ContinualConfig.from_dict(fields) if saved == "slao" else None
         lora = meta.get("lora_config")
         lora_config = None if lora is None else LoRAConfig.from_dict(lora)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{meta_path}: {err}") from err
-    return Checkpoint(task_index, in_task, config, lora_config, _read_tensors(path, meta, meta_path))
+    tensors = _read_tensors(path, meta, meta_path)
+    return Checkpoint(task_index, in_task, config, lora_config, tensors, saved, options, state)
 
 
 def _read_tensors(path: Path, meta: dict, meta_path: Path) -> dict[str, torch.Tensor]:
@@ -165,8 +206,10 @@ def _read_tensors(path: Path, meta: dict, meta_path: Path) -> dict[str, torch.Te
     return tensors
 
 
-def state_pairs(layers: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(layer tensor, saved tensor)`` for every ``STATE_KEYS`` tensor of ``layers``, all checked first.
+def state_pairs(
+    layers: dict, tensors: dict[str, torch.Tensor], keys: tuple[str, ...] = STATE_KEYS
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(layer tensor, saved tensor)`` for every ``keys`` tensor of ``layers``, all checked first.
 
     Raises:
         KeyError: a LoRA tensor of these layers is missing, or ``tensors`` has one they lack.
@@ -174,7 +217,7 @@ def state_pairs(layers: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[to
     """
     pairs = []
     for name, layer in layers.items():
-        for key in STATE_KEYS:
+        for key in keys:
             full = f"{name}.{key}"
             if full not in tensors:
                 raise KeyError(f"{full}: missing from the saved state")
@@ -182,7 +225,7 @@ def state_pairs(layers: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[to
             if tuple(tensors[full].shape) != tuple(dst.shape):
                 raise ValueError(f"{full}: saved shape {tuple(tensors[full].shape)} != {tuple(dst.shape)}")
             pairs.append((dst, tensors[full]))
-    unexpected = sorted(set(tensors) - {f"{n}.{k}" for n in layers for k in STATE_KEYS})
+    unexpected = sorted(set(tensors) - {f"{n}.{k}" for n in layers for k in keys})
     if unexpected:
         raise KeyError(f"{unexpected[0]}: in the saved state but not a LoRA tensor of this model")
     return pairs

@@ -13,12 +13,11 @@ or "A" with B frozen — B then starts from a random init and A from zero, else 
 stay zero — or "B" with A frozen) and ``merged_factors`` (which factors are merged with λ: "B" as SLAO,
 "A" with ``B_m ← B_ft``, or "AB"). E.g. FREB-MA is ``train="A", merged_factors="A"``.
 
-Strict mode (``orthogonal_updates=True``): during task ``i ≥ 2`` the fine-tuned A may only move
-orthogonally to the previous task's row space, ``A = A₀ + ΔA`` with ``ΔA Qᵀ = 0`` (``Q``: orthonormal
-rows of the previous task's A); see ``project_updates()``.
+Strict mode (``orthogonal_updates=True``, ``project_updates()``): in task ``i ≥ 2`` the fine-tuned A moves
+only orthogonally to the last task's row space: ``A = A₀ + ΔA``, ``ΔA Qᵀ = 0`` (``Q``: orthonormal rows).
 
-State is two adapters per layer whatever the number of tasks. Sequential LoRA (the baseline that
-forgets) is ``init="none", schedule="none"``: the merged copy is the fine-tuned one.
+State is two adapters per layer whatever the number of tasks (other methods: ``mbf.strategies``).
+Sequential LoRA (the baseline that forgets) is ``init="none", schedule="none"``: merged = fine-tuned.
 """
 
 from __future__ import annotations
@@ -38,14 +37,15 @@ from mbf.distributed import assign_, check_ranks, full, is_writer, world_size
 from mbf.inject import eject, inject, lora_layers
 from mbf.nn.lora import MODES
 from mbf.nn.model import use_adapter
+from mbf.strategies.base import StrategyDefaults
 
 __all__ = ["EVAL_ADAPTERS", "INITS", "ContinualConfig", "ContinualLoRA"]
 
 EVAL_ADAPTERS = ("auto", *MODES, None)  # what set_eval_adapter takes
 
 
-class ContinualLoRA:
-    """Drive SLAO's task boundaries for every LoRALinear of ``model``.
+class ContinualLoRA(StrategyDefaults):
+    """Drive SLAO's task boundaries for every LoRALinear of ``model`` (a ``mbf.strategies`` strategy).
 
     Args:
         model: a model with LoRA layers (see ``mbf.inject``).
@@ -67,15 +67,12 @@ class ContinualLoRA:
         ValueError: on an unknown option or value, or a model without LoRA layers.
     """
 
+    strategy_name, config_class = "slao", ContinualConfig  # "slao" covers every ablation (config)
+
     def __init__(
-        self,
-        model: nn.Module,
-        config: ContinualConfig | None = None,
-        *,
-        backend: str = "auto",
-        distributed: bool | None = None,
-        **options,
-    ) -> None:
+        self, model: nn.Module, config: ContinualConfig | None = None, *, backend: str = "auto",
+        distributed: bool | None = None, **options,
+    ) -> None:  # fmt: skip
         config = config or ContinualConfig()
         options = {RENAMED.get(k, k): v for k, v in options.items()}  # "merge": an old name
         unknown = sorted(set(options) - set(config.to_dict()))
@@ -168,6 +165,10 @@ class ContinualLoRA:
         kept = functional.project_out_all(deltas, self._basis, backend=self.backend)
         for layer, A in zip(self.layers.values(), torch._foreach_add(self._start, kept)):
             assign_(layer.lora_A, A)
+
+    after_step = project_updates  # the strategy protocol's name for it
+    # the fine-tuned adapter computes otherwise than the merged one, unless λ ≡ 1 (schedule "none")
+    finetuned_differs = property(lambda self: self.config.schedule != "none")
 
     @torch.no_grad()
     def end_task(self) -> None:
@@ -352,7 +353,6 @@ class ContinualLoRA:
         and a model this call injected is ejected again when loading fails. ``config``: the method
         from now on (None: the saved one), e.g. a resumed run's accepted change.
 
-
         Raises:
             FileNotFoundError, ValueError, KeyError: a missing, malformed, corrupted or mismatched
                 checkpoint (the message names the file, field or tensor).
@@ -393,8 +393,7 @@ class ContinualLoRA:
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
         self._check_ranks("load")
-        state = {"task_index": ckpt.task_index, "in_task": ckpt.in_task, "tensors": ckpt.tensors}
-        self.load_state_dict(state)
+        self.load_state_dict(vars(ckpt))  # the fields it reads: task_index, in_task, tensors
 
 
 _OWNER = "mbf_continual_owner"  # model.__dict__ key: a weak reference to the ContinualLoRA driving it

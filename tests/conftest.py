@@ -76,7 +76,11 @@ def slao_tasks(model, tasks: int = 2, seed: int = 0):
     import mbf
 
     mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
-    cl = mbf.ContinualLoRA(model, backend="torch")
+    return fake_tasks(mbf.ContinualLoRA(model, backend="torch"), tasks, seed)
+
+
+def fake_tasks(cl, tasks: int, seed: int = 0):
+    """Run ``tasks`` tasks of ``fake_training`` through any strategy ``cl``; returns it."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(tasks):
         cl.begin_task()

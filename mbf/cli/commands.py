@@ -126,6 +126,17 @@ def _model_name(args) -> str:
     return os.path.abspath(args.model) if args.model else DEFAULT_MODEL
 
 
+def _options(given: list[str] | None) -> dict[str, str]:
+    """``--option NAME=VALUE`` flags as ``{NAME: VALUE}`` (text: the method's config converts it)."""
+    out = {}
+    for item in given or []:
+        name, sep, value = item.partition("=")
+        if not (sep and name.strip()):
+            raise ValueError(f"--option {item}: expected NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out
+
+
 # -- commands -------------------------------------------------------------------------------------------
 
 
@@ -143,6 +154,7 @@ def cmd_continual(args) -> int:
         schedule=args.schedule,
         constant=args.constant,
         orthogonal_updates=args.orthogonal_updates,
+        options=_options(args.option),
     )
     out = Path(args.out)
     check_out(out, args.resume)

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         MissingDependency: when the ``app`` extra is not installed.
     """
     from mbf.config import INITS
-    from mbf.experiment.methods import EXTENSIONS, METHODS, PAPER_ABLATIONS
+    from mbf.experiment.methods import BASELINES, EXTENSIONS, METHODS, PAPER_ABLATIONS
     from mbf.reference import SCHEDULES
 
     parser = argparse.ArgumentParser(
@@ -203,7 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="slao",
         help=f"slao (the paper's method), seq-lora (the baseline), multi-task (the upper bound); the paper's "
         f"ablations {', '.join(PAPER_ABLATIONS)} and slao-random; this package's extensions, not the "
-        f"paper's: {', '.join(EXTENSIONS)}",
+        f"paper's: {', '.join(EXTENSIONS)}; other papers' methods: {', '.join(BASELINES)}",
+    )
+    c.add_argument(
+        "--option",
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="set a field of the method's config, e.g. --option lambda_orth=0.1 for o-lora (repeatable; "
+        "default: the method's preset)",
     )
     c.add_argument("--out", required=True, help="run directory")
     c.add_argument(

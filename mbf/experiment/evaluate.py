@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mbf.continual import ContinualLoRA
 from mbf.experiment.batches import Codec, encode_answer, encode_prompt, left_pad, positions
 from mbf.experiment.metrics import answer_score
 from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions, progress
+from mbf.strategies import load_strategy
 
 __all__ = ["evaluate", "evaluate_tasks", "greedy_decode", "headline", "scorers_of", "score_task"]
 
@@ -263,11 +263,11 @@ def evaluate_tasks(
     """Accuracy on each task: of the model as it is, or with a saved run's adapter.
 
     Args:
-        checkpoint: a ``ContinualLoRA.save()`` directory; its LoRA config is injected into ``model``.
+        checkpoint: a strategy's ``save()`` directory; its LoRA config is injected into ``model``.
         adapter: with a checkpoint, ``"merged"`` (what inference uses) or ``"finetuned"``.
     """
     if checkpoint is None:
         return [evaluate(model, codec, t, opts) for t in tasks]
-    cl = ContinualLoRA.load(model, checkpoint)
+    cl = load_strategy(model, checkpoint)
     with cl.merged() if adapter == "merged" else cl.adapter_mode(adapter):
         return [evaluate(model, codec, t, opts) for t in tasks]

@@ -1,4 +1,8 @@
-"""Method presets: the name given to ``mbf continual --method`` → the ``ContinualConfig`` it runs.
+"""Method presets: the name given to ``mbf continual --method`` → the strategy config it runs.
+
+A preset is a strategy's frozen config (``mbf.strategies``: the config's class names the strategy that
+runs it): a ``ContinualConfig`` (SLAO and its ablations, ``mbf.ContinualLoRA``), an ``OLoRAConfig``
+(``o-lora``), ... results.json records the config's fields as ``"options"``.
 
 ``slao`` and its ablations are ContinualLoRA configurations; ``seq-lora`` is one LoRA fine-tuned on
 and on (no QR, λ ≡ 1: the merged adapter is the fine-tuned one); ``multi-task`` (``None``) trains one
@@ -14,13 +18,16 @@ adapter for every task (the paper's random-init ablation). ``slao-inverse``, ``s
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
+from typing import Any
 
 from mbf.config import ContinualConfig
+from mbf.strategies.olora import OLoRAConfig
 
-__all__ = ["EXTENSIONS", "METHODS", "PAPER_ABLATIONS", "method_config", "method_label"]
+__all__ = ["BASELINES", "EXTENSIONS", "METHODS", "PAPER_ABLATIONS", "method_config", "method_label",
+           "normalised_options"]  # fmt: skip
 
-METHODS: dict[str, ContinualConfig | None] = {
+METHODS: dict[str, Any] = {
     "slao": ContinualConfig(init="orthogonal", schedule="sqrt"),
     "seq-lora": ContinualConfig(init="none", schedule="none"),
     # the paper's merge-strategy ablations (train: factors fine-tuned; merged_factors: merged with λ)
@@ -34,10 +41,13 @@ METHODS: dict[str, ContinualConfig | None] = {
     "slao-inverse": ContinualConfig(init="orthogonal", schedule="inverse"),
     "slao-constant": ContinualConfig(init="orthogonal", schedule="constant"),
     "slao-last-merge": ContinualConfig(init="last_merge", schedule="sqrt"),
+    # the methods SLAO is measured against, each its own strategy (mbf.strategies)
+    "o-lora": OLoRAConfig(),
     "multi-task": None,
 }
 PAPER_ABLATIONS = ("ftba-mb", "ftba-mba", "frea-mb", "ftba-ma", "freb-ma")  # the paper's expected order
 EXTENSIONS = ("slao-inverse", "slao-constant", "slao-last-merge")
+BASELINES = ("o-lora",)  # other papers' methods, in this package's harness
 
 
 def method_config(
@@ -47,25 +57,28 @@ def method_config(
     schedule: str | None = None,
     constant: float | None = None,
     orthogonal_updates: bool | None = None,
-) -> ContinualConfig | None:
+    options: dict[str, str] | None = None,
+) -> Any:
     """The configuration of ``method`` with the ``init`` / ``schedule`` / ``constant`` /
-    ``orthogonal_updates`` overrides applied (None: the preset's).
+    ``orthogonal_updates`` overrides (SLAO's and its ablations') and ``options`` (any field of the
+    method's config, as text: ``mbf continual --option NAME=VALUE``) applied (None: the preset's).
 
     Returns:
-        A ``ContinualConfig``, or None for ``multi-task`` (not a ContinualLoRA sequence; a ``constant``
-        given to it is ignored, as there is no merge).
+        The method's strategy config, or None for ``multi-task`` (not a continual sequence; a
+        ``constant`` given to it is ignored, as there is no merge).
 
     Raises:
-        ValueError: on an unknown method, an init or schedule given to ``multi-task``, or an invalid
-            override (``ContinualConfig`` names it).
+        ValueError: on an unknown method, an init or schedule given to ``multi-task`` or to another
+            strategy than SLAO's, an unknown option or a value it refuses (the config names it).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset = METHODS[method]
     if preset is None:
-        if init or schedule or orthogonal_updates:
+        if init or schedule or orthogonal_updates or options:
             raise ValueError(
-                "multi-task trains one adapter once: --init/--schedule/--orthogonal-updates do not apply"
+                "multi-task trains one adapter once: --init/--schedule/--orthogonal-updates/--option do not "
+                "apply"
             )
         return None
     overrides = {
@@ -74,7 +87,41 @@ def method_config(
         "constant": constant,
         "orthogonal_updates": orthogonal_updates,
     }
-    return replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given and not isinstance(preset, ContinualConfig):
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise ValueError(f"{flags}: SLAO's options, not {method}'s (its own: --option NAME=VALUE)")
+    return replace(preset, **{**_parsed(method, preset, options or {}), **given})  # a flag wins
+
+
+def _parsed(method: str, preset: Any, options: dict[str, str]) -> dict:
+    """``--option`` values converted to the type of the config field they set."""
+    types = {f.name: type(getattr(preset, f.name)) for f in fields(preset)}
+    out = {}
+    for name, text in options.items():
+        if name not in types:
+            raise ValueError(f"--option {name}={text}: {method} has no option {name!r}; its options: "
+                             f"{', '.join(types)}")  # fmt: skip
+        kind = types[name]
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                out[name] = text.lower() == "true"
+            else:
+                out[name] = kind(text)
+        except ValueError:
+            raise ValueError(f"--option {name}={text}: {name} takes a {kind.__name__}") from None
+    return out
+
+
+def normalised_options(method: str, options: dict | None) -> dict | None:
+    """A run's recorded ``options`` with the defaults of fields an older file lacks (unknown method:
+    as recorded)."""
+    preset = METHODS.get(method)
+    if options is None or preset is None:
+        return options
+    return type(preset).from_dict(options).to_dict()
 
 
 def method_label(method: str, options: dict | None) -> str:
@@ -90,7 +137,10 @@ def method_label(method: str, options: dict | None) -> str:
     preset = METHODS.get(method)
     if preset is None or options is None:
         return method
-    config = ContinualConfig.from_dict(options)  # fields absent from older results take their defaults
+    config = type(preset).from_dict(options)  # fields absent from older results take their defaults
+    if not isinstance(preset, ContinualConfig):
+        changed = [f"{k}={v}" for k, v in config.to_dict().items() if v != getattr(preset, k)]
+        return f"{method} ({', '.join(changed)})" if changed else method
     if (config.init, config.schedule) == (preset.init, preset.schedule):
         changed = []
     else:

@@ -4,10 +4,11 @@ Schema ``"mbf-continual-results/1"``::
 
     schema        "mbf-continual-results/1"
     method        "slao" | "seq-lora" | "ftba-mb" | "ftba-mba" | "frea-mb" | "ftba-ma" | "freb-ma" |
-                  "slao-random" | "slao-inverse" | ... | "multi-task"
-    options       ContinualConfig.to_dict(): {"schedule", "init", "constant", "orthogonal_updates",
-                  "train", "merged_factors"}; null for multi-task (older files lack the later fields:
-                  defaults; they name merged_factors "merge")
+                  "slao-random" | "slao-inverse" | ... | "o-lora" | ... | "multi-task" (METHODS)
+    options       the method's strategy config, to_dict(): SLAO and its ablations ContinualConfig's
+                  {"schedule", "init", "constant", "orthogonal_updates", "train", "merged_factors"}
+                  (older files lack the later fields: defaults; they name merged_factors "merge"),
+                  o-lora OLoRAConfig's {"lambda_orth", "lambda_l2", "norm"}, ...; null for multi-task
     seed          int: seeds data order and adapter init (the suite's own seed is in "suite_seed")
     tasks         [str]: task names in training order (T of them)
     lora          LoRAConfig.to_dict(): {"r", "alpha", "dropout", "target_modules", "quantize", "backend"}
@@ -47,7 +48,7 @@ Schema ``"mbf-continual-results/1"``::
                   two moments of the tensors the stage trained (2 x 4 bytes per fp32 trained element);
                   buffer_bytes = the replay buffer's kept text (UTF-8 bytes; only for replay); the
                   last two are absent in older runs; peak_rss_mb = the process's peak resident memory
-                  so far
+                  so far; the losses are the task loss alone (without a method's regulariser)
     metrics       {"AA": mean_j accuracy[T-1][j],
                    "BWT": mean_{j<T-1} (accuracy[T-1][j] - accuracy[j][j]) (null for multi-task),
                    "FWT": mean_{j>=1} (accuracy[j-1][j] - zero_shot[j]) (null for multi-task, older runs),

@@ -1,14 +1,16 @@
 """A continual run: train a task sequence with one method, evaluate, and commit after every task.
 
-After each task every task seen so far, and the next one (for forward transfer), is evaluated with
-the adapter inference uses (SLAO's merged adapter) and the run directory is written, atomically, so
+The method is a continual strategy (``mbf.strategies``: SLAO's ``ContinualLoRA``, O-LoRA, ...) driven
+through its protocol (``mbf.strategies.base``). After each task every task seen so far, and the next
+one (for forward transfer), is evaluated with the adapter inference uses (SLAO's merged adapter) and
+the run directory is written, atomically, so
 that ``resume=True`` continues from the last finished task and a crash loses at most the task in
 progress. Before the first task the bare model is evaluated once on every task (the zero-shot
 reference of FWT; cached by model fingerprint and test set when a cache folder is given)::
 
     OUT/results.json          the results (schema in mbf/experiment/results.py): the commit point
     OUT/results.md, accuracy.png   the same as a table and a heatmap
-    OUT/checkpoints/task-NN   ContinualLoRA.save() after task NN (only the latest is kept)
+    OUT/checkpoints/task-NN   the strategy's save() after task NN (only the latest is kept)
     OUT/.mbf-lock             held (flock) while a process writes the run: one writer at a time
 """
 
@@ -18,22 +20,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from mbf.config import ContinualConfig, LoRAConfig
-from mbf.continual import ContinualLoRA
+from mbf.config import LoRAConfig
 from mbf.experiment import predictions, report, rundir
 from mbf.experiment import results as results_file
 from mbf.experiment.batches import Codec
 from mbf.experiment.evaluate import headline, score_task, scorers_of
 from mbf.experiment.methods import method_config
 from mbf.experiment.tasks import Task, check_tasks, tasks_fingerprint
-from mbf.experiment.train import TrainOptions, train_steps
+from mbf.experiment.train import TrainOptions, run_inputs, train_steps
 from mbf.experiment.zero_shot import weights_fingerprint, zero_shot_records
 from mbf.inject import inject, lora_layers
 from mbf.io import peak_rss
+from mbf.strategies import ContinualStrategy, load_strategy, make_strategy
+from mbf.strategies.base import ADAM_MOMENTS
 
 __all__ = ["model_dtype", "run_continual", "run_settings"]
 
@@ -57,7 +61,7 @@ def _measure(train: Callable[[], dict], evaluate: Callable[[], dict]) -> dict:
 def run_settings(
     *,
     method: str,
-    config: ContinualConfig | None,
+    config: Any,
     tasks: list[Task],
     lora: LoRAConfig,
     opts: TrainOptions,
@@ -100,7 +104,9 @@ class _Run:
             ).values()
         ]
 
-    def commit(self, task: str, measured: dict, *, adapter_bytes: int, checkpoint: str | None) -> None:
+    def commit(
+        self, task: str, measured: dict, *, adapter_bytes: int, checkpoint: str | None, optimizer_bytes: int
+    ) -> None:
         """Record the stage and write the run directory: its predictions first, then ``results.json``,
         the commit point."""
         records, finetuned = measured["evaluation"]
@@ -120,6 +126,7 @@ class _Run:
             by_scorer=by_scorer,
             finetuned=finetuned,
             adapter_bytes=adapter_bytes,
+            optimizer_bytes=optimizer_bytes,
             peak_rss_mb=peak_rss() / 2**20,  # the process's peak so far (never reset here)
             checkpoint=checkpoint,
         )
@@ -128,15 +135,18 @@ class _Run:
             results_file.finish(self.results, multi_task=multi_task)
         report.write_run(self.out, self.results)
 
-    def continual_stage(self, cl: ContinualLoRA, i: int) -> None:
+    def continual_stage(self, cl: ContinualStrategy, i: int) -> None:
         """Train task ``i`` (0-based) with ``cl``'s boundaries; evaluate tasks ``0..i`` merged; commit."""
         task, seed = self.tasks[i], self.opts.seed * 1000 + i
 
         def train() -> dict:
             # set before begin_task (init="random" draws there): a resumed run equals an uninterrupted one
             torch.manual_seed(seed)
+            own = [(task, ex) for ex in task.train]
+            examples = cl.training_examples(i, [[(t, ex) for ex in t.train] for t in self.tasks[:i]] + [own])
+            if cl.wants_inputs:  # InfLoRA: the task's inputs before its adapter is designed
+                cl.observe_inputs(lambda: run_inputs(self.model, self.codec, own, self.opts))
             cl.begin_task()
-            examples = [(task, ex) for ex in task.train]
             desc = f"train {i + 1}/{len(self.tasks)} {task.name}"
             stats = train_steps(
                 self.model,
@@ -146,8 +156,11 @@ class _Run:
                 self.opts,
                 seed,
                 desc,
-                after_step=cl.project_updates,  # a no-op unless orthogonal_updates (strict mode)
+                after_step=cl.after_step,  # SLAO: a no-op unless orthogonal_updates (strict mode)
+                loss_term=cl.loss_term,  # O-LoRA's regulariser; None for the others
             )
+            if cl.wants_inputs:  # and after training, before the task is closed
+                cl.observe_inputs(lambda: run_inputs(self.model, self.codec, own, self.opts))
             cl.end_task()
             return stats
 
@@ -159,7 +172,7 @@ class _Run:
             with cl.merged():  # what inference uses; the next task too, untrained yet (FWT)
                 records = self.evaluate(seen, after=task.name)
             best = headline(self.opts.scoring)
-            if cl.config.schedule == "none":  # λ ≡ 1: the merged adapter is the fine-tuned one
+            if not cl.finetuned_differs:  # e.g. SLAO with λ ≡ 1: the merged adapter is the fine-tuned one
                 return records, next(
                     r["score"] for r in records if r["task"] == task.name and r["scorer"] == best
                 )
@@ -170,7 +183,8 @@ class _Run:
         measured = _measure(train, evaluate)
         checkpoint = f"checkpoints/task-{i + 1:02d}"
         cl.save(self.out / checkpoint)
-        self.commit(task.name, measured, adapter_bytes=cl.adapter_bytes(), checkpoint=checkpoint)
+        self.commit(task.name, measured, adapter_bytes=cl.adapter_bytes(), checkpoint=checkpoint,
+                    optimizer_bytes=cl.optimizer_bytes())  # fmt: skip
         # after the commit, which names the new one; never a folder this run did not make
         rundir.prune_checkpoints(self.out, keep=Path(checkpoint).name)
         stats, row = measured["stats"], self.results["accuracy"][-1]
@@ -197,7 +211,10 @@ class _Run:
         measured = _measure(train, lambda: (self.evaluate(self.tasks, after="multi-task"), None))
         adapters = [t for m in lora_layers(self.model).values() for t in (m.lora_A, m.lora_B)]
         adapter_bytes = sum(t.numel() * t.element_size() for t in adapters)
-        self.commit("all", measured, adapter_bytes=adapter_bytes, checkpoint=None)
+        optimizer_bytes = ADAM_MOMENTS * adapter_bytes  # every adapter trains
+        self.commit(
+            "all", measured, adapter_bytes=adapter_bytes, checkpoint=None, optimizer_bytes=optimizer_bytes
+        )
 
 
 def run_continual(
@@ -207,7 +224,7 @@ def run_continual(
     out: str | Path,
     *,
     method: str = "slao",
-    config: ContinualConfig | None | str = "preset",
+    config: Any = "preset",
     lora: LoRAConfig | None = None,
     opts: TrainOptions | None = None,
     resume: bool = False,
@@ -224,7 +241,7 @@ def run_continual(
         tasks: the task sequence.
         out: the run directory.
         method: the method's name (results.json's ``method``; one of ``METHODS``).
-        config: its configuration, as ``method_config`` makes it with any overrides (None: the
+        config: its strategy config, as ``method_config`` makes it with any overrides (None: the
             multi-task baseline); ``"preset"``: ``METHODS[method]`` as it is.
         lora: the adapter configuration (default ``LoRAConfig()``: r 8, q_proj and v_proj).
         opts: training options (seeds per task derive from ``opts.seed``).
@@ -281,13 +298,13 @@ def run_continual(
                 run.multi_task_stage()
             return results
         if done:  # with the method given (an --accept-changes resume applies the change)
-            cl = ContinualLoRA.load(model, out / results["checkpoint"], config=config)
+            cl = load_strategy(model, out / results["checkpoint"], config=config)
             if cl.task_index != done:
                 raise ValueError(f"{out / results['checkpoint']} holds {cl.task_index} finished tasks, "
                                  f"results.json records {done}: the run's files disagree")  # fmt: skip
             log(f"resuming {out} after task {done}/{len(tasks)} ({tasks[done - 1].name})")
         else:
-            cl = ContinualLoRA(model, config)
+            cl = make_strategy(model, config)
         for i in range(done, len(tasks)):
             run.continual_stage(cl, i)
         return results

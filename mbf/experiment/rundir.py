@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from mbf.config import ContinualConfig, LoRAConfig
+from mbf.config import LoRAConfig
 from mbf.experiment import results as results_file
+from mbf.experiment.methods import normalised_options
 from mbf.experiment.train import TrainOptions
 
 __all__ = [
@@ -162,14 +163,15 @@ RESUME_KEYS = ("method", "options", "seed", "tasks", "lora", "train", "dtype", "
 RESUME_FREE = frozenset({"train.eval_batch_size"})
 
 
-def _normalised(key: str, value):
-    """Older files lack fields added since: they compare as the defaults."""
+def _normalised(key: str, value, method: str | None = None):
+    """Older files lack fields added since: they compare as the defaults (``options``: of ``method``'s
+    config)."""
     if value is None:
         return None
     if key == "model":  # older runs kept the path as given: relative to where the run started
         return os.path.abspath(value)
     if key == "options":
-        return ContinualConfig.from_dict(value).to_dict()
+        return normalised_options(method, value)
     if key == "lora":
         return LoRAConfig.from_dict(value).to_dict()
     if key == "train":
@@ -196,7 +198,8 @@ def resume_differences(saved: dict, settings: dict) -> list[str]:
         keys.append("model")  # a run older than the fingerprint: its path is all there is
     for key in keys:
         was = results_file.base_dtype(saved) if key == "dtype" else saved.get(key)
-        was, now = _normalised(key, was), _normalised(key, settings[key])
+        method = settings.get("method", saved.get("method"))
+        was, now = _normalised(key, was, saved.get("method")), _normalised(key, settings[key], method)
         if isinstance(was, dict) and isinstance(now, dict):
             for field in sorted(set(was) | set(now)):
                 name = f"{key}.{field}"

@@ -14,7 +14,15 @@ from tqdm.auto import tqdm
 from mbf.experiment.batches import Codec, encode_example, left_pad, positions
 from mbf.experiment.tasks import Example, Task
 
-__all__ = ["PROMPT_FORMATS", "SCORERS", "TrainOptions", "answer_loss", "progress", "train_steps"]
+__all__ = [
+    "PROMPT_FORMATS",
+    "SCORERS",
+    "TrainOptions",
+    "answer_loss",
+    "progress",
+    "run_inputs",
+    "train_steps",
+]
 
 
 SCORERS = ("generate", "rank", "both")  # how a test answer is scored (see evaluate.py)
@@ -128,6 +136,7 @@ def train_steps(
     seed: int,
     desc: str = "train",
     after_step: Callable[[], None] | None = None,
+    loss_term: Callable[[], torch.Tensor | None] | None = None,
 ) -> dict:
     """Train ``params`` with AdamW on ``examples`` for ``opts.steps_for(len(examples))`` steps.
 
@@ -135,10 +144,13 @@ def train_steps(
     ``examples`` (``seed``); ``opts.grad_accum`` of them make one optimizer step, each loss scaled by
     ``1 / grad_accum`` so a step's gradient is the mean over its examples (up to the per-micro-batch
     averaging over answer tokens). ``after_step`` runs after every optimizer step (SLAO's strict mode
-    projects the A updates there).
+    projects the A updates there). ``loss_term()``, when it gives a tensor, is added to every
+    micro-batch's task loss before the backward (O-LoRA's regulariser): its gradient counts once per
+    step, as the micro-batches' losses are averaged.
 
     Returns:
-        ``{"steps", "first_loss", "final_loss"}`` (final: mean of the last 5 steps).
+        ``{"steps", "first_loss", "final_loss"}`` (final: mean of the last 5 steps), of the task loss
+        alone (without ``loss_term``: comparable across methods).
 
     Raises:
         FloatingPointError: when the loss becomes non-finite (names the step).
@@ -162,10 +174,12 @@ def train_steps(
                 order += perm
             idx, order = order[: opts.batch_size], order[opts.batch_size :]
             loss = answer_loss(model, [encoded[i] for i in idx], codec.pad_id)
-            if not torch.isfinite(loss):
+            extra = loss_term() if loss_term is not None else None
+            total = loss if extra is None else loss + extra
+            if not torch.isfinite(total):
                 why = _why(losses)
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {len(losses)}; {why}")
-            (loss / opts.grad_accum).backward()
+                raise FloatingPointError(f"{desc}: loss is {total.item()} at step {len(losses)}; {why}")
+            (total / opts.grad_accum).backward()
             step_loss += loss.item() / opts.grad_accum
         opt.step()
         sched.step()
@@ -175,3 +189,16 @@ def train_steps(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return {"steps": steps, "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:])}
+
+
+@torch.no_grad()
+def run_inputs(
+    model: nn.Module, codec: Codec, examples: list[tuple[Task, Example]], opts: TrainOptions
+) -> None:
+    """Run the decoder over every training sequence (prompt and answer, as trained), one at a time so
+    that no padding token reaches a layer: what a strategy watching the layers' inputs sees
+    (``ContinualStrategy.observe_inputs``)."""
+    model.eval()
+    for task, ex in examples:
+        prompt, answer = encode_example(codec, task, ex, opts.max_length)
+        model.model(input_ids=torch.tensor([prompt + answer]))

@@ -1,0 +1,65 @@
+"""Continual strategies: SLAO (``mbf.ContinualLoRA``) and the methods it is measured against, behind one
+protocol (``ContinualStrategy``, see ``mbf.strategies.base``) that one training loop drives.
+
+``strategy_classes()`` names every strategy class; ``make_strategy(model, config)`` builds the one whose
+``config_class`` the config is; ``load_strategy(model, path)`` rebuilds whichever strategy saved a
+checkpoint. The classes are imported when first asked for (``mbf.continual`` imports this package's base).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mbf import checkpoint
+from mbf.strategies.base import ContinualStrategy, StrategyConfig, StrategyDefaults
+
+__all__ = [
+    "ContinualStrategy", "StrategyConfig", "StrategyDefaults", "load_strategy", "make_strategy",
+    "strategy_classes",
+]  # fmt: skip
+
+
+def strategy_classes() -> dict[str, type]:
+    """``{strategy_name: class}`` of every strategy (a new strategy is added here)."""
+    from mbf.continual import ContinualLoRA
+    from mbf.strategies.olora import OLoRA
+
+    return {cls.strategy_name: cls for cls in (ContinualLoRA, OLoRA)}
+
+
+def _class_of(config: Any) -> type:
+    for cls in strategy_classes().values():
+        if isinstance(config, cls.config_class):
+            return cls
+    raise TypeError(f"no strategy takes a {type(config).__name__} (known: {', '.join(strategy_classes())})")
+
+
+def make_strategy(model: nn.Module, config: Any) -> ContinualStrategy:
+    """The strategy that ``config`` configures (e.g. ``ContinualConfig`` → ``ContinualLoRA``), on ``model``.
+
+    Raises:
+        TypeError: a config no strategy takes.
+    """
+    return _class_of(config)(model, config)
+
+
+def load_strategy(model: nn.Module, path: str | Path, *, config: Any = None) -> ContinualStrategy:
+    """Rebuild the strategy that saved the checkpoint in ``path`` (``config``: the method from now on).
+
+    Raises:
+        FileNotFoundError, KeyError: as the strategy's ``load``.
+        ValueError: as the strategy's ``load``; an unknown strategy, or a ``config`` of another strategy
+            than the one that saved it.
+    """
+    name, classes = checkpoint.saved_strategy(path), strategy_classes()
+    if name not in classes:
+        raise ValueError(f"{path}: saved by an unknown strategy {name!r} (known: {', '.join(classes)})")
+    cls = classes[name]
+    if config is not None and not isinstance(config, cls.config_class):
+        raise ValueError(
+            f"{path}: saved by the {name!r} strategy, which cannot continue with a {type(config).__name__}"
+        )
+    return cls.load(model, path, config=config)
