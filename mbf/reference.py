@@ -10,7 +10,8 @@ functions run in float64, and they are the CPU path of the package. The method's
     B_m,i  = B_m,i-1 + λ(i) (B_ft,i − B_m,i-1),   λ(i) = 1/√i
 
 and the per-task merges SLAO is compared with, over task vectors ``τ_t = s B_t A_t`` (the full
-``ΔW`` of task t's LoRA): task arithmetic ``λ Σ_t τ_t`` and TIES (trim, elect sign, disjoint mean).
+``ΔW`` of task t's LoRA): task arithmetic ``λ Σ_t τ_t`` and TIES (trim, elect sign, disjoint mean);
+and InfLoRA's closed-form steps (its designed A, its DualGPM memory update).
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import torch
 
 __all__ = [
     "SCHEDULES",
+    "INFLORA_SCALE",
     "apply_dropout",
     "dropout_keep_mask",
+    "dualgpm_update",
+    "inflora_design",
     "lam_schedule",
     "lora_linear",
     "orthonormal_rows",
@@ -272,3 +276,70 @@ def ties_merge(deltas: torch.Tensor, density: float = 0.2, lam: float = 1.0) -> 
     agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
     count = agree.sum(dim=0).clamp(min=1)
     return lam * (trimmed * agree).sum(dim=0) / count
+
+
+# InfLoRA (Liang & Li, CVPR 2024): the closed-form steps, over a layer's input covariance
+# ``C = Σ x xᵀ / n`` ``(in, in)`` (so ``C = H Hᵀ / n`` for the paper's input matrix ``H``) and its
+# DualGPM memory ``M`` ``(in, k)``, orthonormal columns: the protected (old tasks') input subspace when
+# ``kind`` is "remove", its orthogonal complement when "retain" (whichever needs fewer columns).
+INFLORA_SCALE = 3**-0.5  # designed rows' norm: a Kaiming-uniform (a=√5) row's expected one (the paper's code)
+
+
+def _free_projector(memory: torch.Tensor, kind: str) -> torch.Tensor:
+    """``(in, in)`` projector onto the input subspace no past task protects."""
+    inside = memory @ memory.T
+    return (
+        inside
+        if kind == "retain"
+        else torch.eye(len(memory), dtype=memory.dtype, device=memory.device) - inside
+    )
+
+
+def _eig_desc(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix."""
+    vals, vecs = torch.linalg.eigh(sym)
+    return vals.flip(0).clamp(min=0), vecs.flip(1)
+
+
+def inflora_design(cov: torch.Tensor, memory: torch.Tensor, kind: str, r: int) -> torch.Tensor:
+    """Task t's designed ``A`` ``(r, in)`` (the paper's dimensionality-reduction ``B_t``): the top-r left
+    singular vectors of the projected inputs ``Ĥ = P H`` (``P`` onto the unprotected subspace), i.e. the
+    top-r eigenvectors of ``P C P``, as rows scaled by ``INFLORA_SCALE``; each row's largest-magnitude
+    entry positive. The rows are orthogonal to the protected subspace when ``P C P`` has rank ≥ r."""
+    P = _free_projector(memory, kind)
+    _, vecs = _eig_desc(P @ cov @ P)
+    rows = vecs[:, :r].T  # (r, in)
+    sign = torch.sign(rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)))
+    return INFLORA_SCALE * rows * sign
+
+
+def dualgpm_update(
+    cov: torch.Tensor, memory: torch.Tensor, kind: str, threshold: float
+) -> tuple[torch.Tensor, str]:
+    """The memory after a task (DualGPM, Liang & Li 2023, as InfLoRA uses it): protect the fewest leading
+    new input directions such that the protected share of the task's input energy reaches ``threshold``
+    (ε), ``‖P_old H‖² + Σ_{j≤k} σ̂_j² ≥ ε ‖H‖²`` with ``σ̂_j²`` the eigenvalues of ``P_free C P_free``;
+    then keep the representation with fewer columns (more than in/2 protected: store the complement).
+
+    Returns:
+        ``(memory (in, k'), kind)``.
+    """
+    n, total = cov.shape[0], torch.trace(cov)
+    if total <= 0:  # no input energy: nothing to protect
+        return memory, kind
+    P = _free_projector(memory, kind)
+    vals, vecs = _eig_desc(P @ cov @ P)
+    captured = 1 - vals.sum() / total  # share of the energy already protected
+    need = captured + torch.cumsum(vals, 0) / total
+    k = 0 if captured >= threshold else min(int((need < threshold).sum()) + 1, len(vals))
+    new = vecs[:, :k]  # (in, k): in the unprotected subspace
+    if kind == "remove":
+        memory = torch.cat([memory, new], dim=1)[:, :n]
+    elif k := min(k, memory.shape[1]):  # retain: the free subspace loses the new directions
+        inside = memory.T @ new  # (k_free, k): the new directions in memory's coordinates
+        full, _ = torch.linalg.qr(inside, mode="complete")
+        memory = memory @ full[:, k:]
+    if kind == "remove" and memory.shape[1] > n / 2:
+        full, _ = torch.linalg.qr(memory, mode="complete")
+        memory, kind = full[:, memory.shape[1] :], "retain"
+    return memory, kind

@@ -3,8 +3,6 @@ computation, the frozen branches against folding them into W, memory against a h
 resume, the method registry and the command line."""
 
 import json
-from contextlib import redirect_stdout
-from io import StringIO
 
 import pytest
 import torch
@@ -181,11 +179,14 @@ def _run(out, method, **kw):
                          meta={"suite": "builtin"}, log=kw.pop("log", lambda s: None), **kw)  # fmt: skip
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    full = _run(tmp_path / "full", "o-lora")
-    assert full["options"] == OLoRAConfig().to_dict() and full["complete"]
+@pytest.mark.parametrize("method", ["o-lora", "inflora"])
+def test_resume_equals_uninterrupted_run(tmp_path, method):
+    full = _run(tmp_path / "full", method)
+    assert full["options"] == method_config(method).to_dict() and full["complete"]
     sizes = [p["adapter_bytes"] for p in full["per_task"]]
-    assert sizes[1] - sizes[0] == sizes[2] - sizes[1] > 0  # one LoRA more per task
+    assert sizes[0] < sizes[1] < sizes[2]  # one LoRA more per task (and InfLoRA's memory bases)
+    if method == "o-lora":
+        assert sizes[1] - sizes[0] == sizes[2] - sizes[1]
     # inference computes with the task's own LoRA too: one adapter, one score per task
     assert full["finetuned_diagonal"] == [full["accuracy"][j][j] for j in range(3)]
 
@@ -194,30 +195,36 @@ def test_resume_equals_uninterrupted_run(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "cut", "o-lora", log=interrupt_after_task_2)
-    resumed = _run(tmp_path / "cut", "o-lora", resume=True)
+        _run(tmp_path / "cut", method, log=interrupt_after_task_2)
+    resumed = _run(tmp_path / "cut", method, resume=True)
     assert resumed["accuracy"] == full["accuracy"]
     assert [p["final_loss"] for p in resumed["per_task"]] == pytest.approx(
         [p["final_loss"] for p in full["per_task"]]
     )
 
 
-def test_cli_runs_o_lora_with_an_option(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "method, option, options, refused, why",
+    [
+        ("o-lora", "lambda_orth=0.2", {"lambda_orth": 0.2, "lambda_l2": 0.0, "norm": "paper"}, "lambda_orth",
+         "--option lambda_orth: expected NAME=VALUE"),
+        ("inflora", "threshold=0.9", {"threshold": 0.9}, "threshold=1.5", "threshold=1.5 must be in (0, 1)"),
+    ],
+)  # fmt: skip
+def test_cli_runs_each_method_with_an_option(tmp_path, capsys, method, option, options, refused, why):
     model = save_tiny_checkpoint(tmp_path / "tiny")
     run = tmp_path / "run"
-    argv = ["continual", "--method", "o-lora", "--option", "lambda_orth=0.2", "--out", str(run), "--model",
+    argv = ["continual", "--method", method, "--option", option, "--out", str(run), "--model",
             str(model), "--suite", "conflict", "--n-train", "8", "--n-test", "4", "--max-steps", "2",
             "--batch-size", "4", "--r", "2", "--alpha", "4", "--eval-batch-size", "4"]  # fmt: skip
-    printed = StringIO()
-    with redirect_stdout(printed):
-        assert main(argv) == 0
-    assert "o-lora: AA" in printed.getvalue()
+    assert main(argv) == 0
+    assert f"{method}: AA" in capsys.readouterr().out
     res = results_file.read(run)
-    assert res["complete"] and res["options"] == {"lambda_orth": 0.2, "lambda_l2": 0.0, "norm": "paper"}
-    assert res["per_task"][-1]["adapter_bytes"] > res["per_task"][0]["adapter_bytes"]
-    with redirect_stdout(StringIO()):  # the saved adapter evaluates as the run did
-        assert main(["eval", "--run", str(run), "--eval-batch-size", "4"]) == 0
-    assert main([*argv[:3], "--option", "lambda_orth", *argv[5:]]) == 2
-    assert "--option lambda_orth: expected NAME=VALUE" in capsys.readouterr().err
+    assert res["complete"] and res["options"] == options
+    sizes = [p["adapter_bytes"] for p in res["per_task"]]
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0]  # a LoRA (and InfLoRA's bases) more per task
+    assert main(["eval", "--run", str(run), "--eval-batch-size", "4"]) == 0  # the saved adapter evaluates
+    assert main([*argv[:3], "--option", refused, *argv[5:]]) == 2
+    assert why in capsys.readouterr().err
     assert main([*argv[:3], "--schedule", "inverse", *argv[3:]]) == 2
-    assert "--schedule: SLAO's options, not o-lora's" in capsys.readouterr().err
+    assert f"--schedule: SLAO's options, not {method}'s" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 A preset is a strategy's frozen config (``mbf.strategies``: the config's class names the strategy that
 runs it): a ``ContinualConfig`` (SLAO and its ablations, ``mbf.ContinualLoRA``), an ``OLoRAConfig``
-(``o-lora``), ... results.json records the config's fields as ``"options"``.
+(``o-lora``), an ``InfLoRAConfig`` (``inflora``), ... results.json records its fields as ``"options"``.
 
 ``slao`` and its ablations are ContinualLoRA configurations; ``seq-lora`` is one LoRA fine-tuned on
 and on (no QR, λ ≡ 1: the merged adapter is the fine-tuned one); ``multi-task`` (``None``) trains one
@@ -22,6 +22,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from mbf.config import ContinualConfig
+from mbf.strategies.inflora import InfLoRAConfig
 from mbf.strategies.olora import OLoRAConfig
 
 __all__ = ["BASELINES", "EXTENSIONS", "METHODS", "PAPER_ABLATIONS", "method_config", "method_label",
@@ -43,11 +44,12 @@ METHODS: dict[str, Any] = {
     "slao-last-merge": ContinualConfig(init="last_merge", schedule="sqrt"),
     # the methods SLAO is measured against, each its own strategy (mbf.strategies)
     "o-lora": OLoRAConfig(),
+    "inflora": InfLoRAConfig(),
     "multi-task": None,
 }
 PAPER_ABLATIONS = ("ftba-mb", "ftba-mba", "frea-mb", "ftba-ma", "freb-ma")  # the paper's expected order
 EXTENSIONS = ("slao-inverse", "slao-constant", "slao-last-merge")
-BASELINES = ("o-lora",)  # other papers' methods, in this package's harness
+BASELINES = ("o-lora", "inflora")  # other papers' methods, in this package's harness
 
 
 def method_config(

@@ -25,9 +25,10 @@ __all__ = [
 def strategy_classes() -> dict[str, type]:
     """``{strategy_name: class}`` of every strategy (a new strategy is added here)."""
     from mbf.continual import ContinualLoRA
+    from mbf.strategies.inflora import InfLoRA
     from mbf.strategies.olora import OLoRA
 
-    return {cls.strategy_name: cls for cls in (ContinualLoRA, OLoRA)}
+    return {cls.strategy_name: cls for cls in (ContinualLoRA, OLoRA, InfLoRA)}
 
 
 def _class_of(config: Any) -> type:
