@@ -4,7 +4,7 @@ Low-Rank Adaptation for Continual Learning", arXiv:2404.00228).
 The paper writes a task's branch ``ΔW_t = A_t B_t`` with ``B_t ∈ R^{r×d_in}`` the *designed*, frozen
 dimensionality-reduction matrix and ``A_t ∈ R^{d_out×r}`` the trained one (zero at the start); in this
 package's (PEFT's) names that is ``B_t A_t`` with our ``lora_A`` ``(r, in)`` designed and frozen and our
-``lora_B`` ``(out, r)`` trained. For task ``t``, before training (the paper's Eq. 9-11):
+``lora_B`` ``(out, r)`` trained. For task ``t``, before training (the paper's Section 3):
 
     Ĥ_t = H_t − M_t M_tᵀ H_t          (the task's inputs off the protected subspace; DualGPM "remove")
     Ĥ_t = M_t M_tᵀ H_t                (when M_t stores the unprotected subspace instead: "retain")

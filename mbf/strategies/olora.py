@@ -9,8 +9,8 @@ The loss of task ``t`` is
     L = L_task + λ₁ Σ_layers Σ_{i<t} L_orth(A_i, A_t) + λ₂ ‖θ_t‖²
 
 with the paper's overlap ``O_{i,t} = A_iᵀ A_t`` of its column-basis factors (its ``A`` is ``(in, r)``,
-ours ``(r, in)``: here ``O_{i,t} = A_i A_tᵀ``, ``(r, r)``), ``L_orth = Σ_{j,k} O_{i,t}[j, k]²`` (Eq. 5:
-zero when every past row space is orthogonal to the new one) and ``θ_t = {A_t, B_t}``. All past ``A_i`` of
+ours ``(r, in)``: here ``O_{i,t} = A_i A_tᵀ``, ``(r, r)``), ``L_orth = Σ_{j,k} O_{i,t}[j, k]²`` (zero
+when every past row space is orthogonal to the new one) and ``θ_t = {A_t, B_t}``. All past ``A_i`` of
 a layer are one stacked ``(T·r, in)`` tensor, so ``Σ_i L_orth`` is one ``(T·r, r)`` product per layer.
 
 ``norm="code"`` computes the two terms as the authors' released code does instead: ``Σ |O[j, k]|`` (an
@@ -31,7 +31,7 @@ from mbf.strategies.branches import BranchStrategy
 
 __all__ = ["NORMS", "OLoRA", "OLoRAConfig", "orthogonality_loss"]
 
-NORMS = ("paper", "code")  # the terms squared (the paper's Eq.) or as the released code computes them
+NORMS = ("paper", "code")  # the terms squared (the paper's equations) or as the released code computes them
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class OLoRAConfig(StrategyConfig):
 
     lambda_orth: float = 0.5  # λ₁: weight of the orthogonality loss between the new A and every past A
     lambda_l2: float = 0.0  # λ₂: weight of the L2 term on the new LoRA
-    norm: str = "paper"  # "paper": squared terms (Eq. 5); "code": |O| summed and unsquared ‖θ‖ (their code)
+    norm: str = "paper"  # "paper": squared terms (its equations); "code": Σ|O| and unsquared ‖θ‖ (its code)
 
     def __post_init__(self) -> None:
         for name in ("lambda_orth", "lambda_l2"):
