@@ -22,6 +22,7 @@ from torch import nn
 from mbf.config import LoRAConfig
 from mbf.io import atomic_save_safetensors, atomic_write_text
 from mbf.nn import LoRALinear, linear_names, lora_layers, resolve_adapter
+from mbf.nn.model import has_frozen_branches
 
 __all__ = ["INDEX", "LORA_KEYS", "SHARD", "save_peft_adapter", "save_pretrained_adapters"]
 
@@ -52,12 +53,17 @@ def save_peft_adapter(
         which: the former name of ``adapter``.
 
     Raises:
-        ValueError: on an unknown ``adapter``, ``"merged"`` before any task was merged, or a model
-            without LoRA layers.
+        ValueError: on an unknown ``adapter``, ``"merged"`` before any task was merged, a model
+            without LoRA layers, or one with past tasks' frozen LoRAs beside its own (O-LoRA, InfLoRA).
     """
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to export")
+    if has_frozen_branches(model):
+        raise ValueError(
+            "the model computes with one frozen LoRA per past task (O-LoRA / InfLoRA) beside its own "
+            "adapter: a PEFT adapter holds one per layer; save the strategy's checkpoint instead (cl.save)"
+        )
     adapter = resolve_adapter(layers, which if which is not None else adapter)
     tensors = {}
     for name, layer in layers.items():

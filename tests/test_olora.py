@@ -98,6 +98,14 @@ def test_end_task_moves_the_lora_into_the_past_and_the_output_is_unchanged():
     assert (bare - before).abs().max() > 1e-3
 
 
+def test_peft_export_refuses_a_model_with_past_branches(tmp_path):
+    cl = _olora(tasks=1)
+    with pytest.raises(ValueError, match="one frozen LoRA per past task"):
+        mbf.save_peft_adapter(cl.model, tmp_path / "peft")
+    cl.close()  # the branches are off: the model is its own adapter again
+    mbf.save_peft_adapter(cl.model, tmp_path / "peft", adapter="finetuned")
+
+
 def test_memory_grows_with_the_tasks_as_counted_by_hand():
     cl = _olora()
     per_task = sum(LORA.r * (layer.in_features + layer.out_features) * 4 for layer in cl.layers.values())

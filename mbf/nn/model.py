@@ -10,7 +10,20 @@ from torch import nn
 from mbf.nn.lora import MODES, LoRALinear, choose_adapter
 from mbf.nn.nf4 import NF4Linear
 
-__all__ = ["inference_adapter", "linear_names", "lora_layers", "resolve_adapter", "use_adapter"]
+__all__ = [
+    "FROZEN_BRANCHES", "has_frozen_branches", "inference_adapter", "linear_names", "lora_layers",
+    "resolve_adapter", "use_adapter",
+]  # fmt: skip
+
+# model.__dict__ key of the per-task frozen LoRAs (mbf.strategies.branches.FrozenBranches) on its layers
+FROZEN_BRANCHES = "mbf_frozen_branches"
+
+
+def has_frozen_branches(model: nn.Module) -> bool:
+    """True while past tasks' frozen LoRAs compute beside the model's own adapters (O-LoRA, InfLoRA):
+    one adapter per layer does not describe the model then."""
+    branches = model.__dict__.get(FROZEN_BRANCHES)
+    return branches is not None and branches.active()
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -27,12 +27,12 @@ from torch import nn
 
 from mbf import checkpoint
 from mbf.inject import eject, inject, lora_layers
+from mbf.nn.model import FROZEN_BRANCHES as _HOOKS
 from mbf.nn.model import use_adapter
 from mbf.strategies.base import StrategyDefaults
 
 __all__ = ["BranchStrategy", "FrozenBranches"]
 
-_HOOKS = "mbf_frozen_branches"  # model.__dict__ key: the FrozenBranches whose hooks are on the model
 _OWN = ("lora_A", "lora_B")  # the layer tensors a branch strategy saves (its merged_* buffers stay unused)
 _PAST = ("past_A", "past_B")  # FrozenBranches' tensors in a checkpoint: "<layer>.past_A"
 
@@ -59,6 +59,10 @@ class FrozenBranches:
             return out
         x = args[0].to(A.dtype)  # (..., in); the branch computes in the adapters' fp32, as LoRALinear's
         return out + (layer.scaling * ((x @ A.T) @ B.T)).to(out.dtype)  # (..., out)
+
+    def active(self) -> bool:
+        """True while a past task's LoRA computes (hooks on, a task finished)."""
+        return bool(self._handles) and any(a is not None for a in self.A.values())
 
     def remove(self) -> None:
         """Take the hooks off the model (the past branches stop computing)."""
