@@ -1,19 +1,14 @@
-"""Experience replay's buffer: reservoir sampling (size, determinism by seed, uniformity) and persistence."""
+"""Experience replay: reservoir sampling (size, determinism by seed, uniformity), the per-task buffer and
+its mixing into later tasks' training examples, and the buffer in the checkpoint."""
 
-import json
 import random
 from collections import Counter
 
 import pytest
+import torch
 
-from mbf.experiment.replay import FILE, ReplayBuffer, buffer_size, reservoir_sample
-from mbf.experiment.tasks import Example, Task
-
-
-def _task(name, n):
-    return Task(
-        name, f"do {name}", [Example(f"{name} in {i}", f"out {i}") for i in range(n)], [Example("t", "t")]
-    )
+import mbf
+from mbf.strategies.replay import ExperienceReplay, ReplayConfig, buffer_size, draw_buffer, reservoir_sample
 
 
 def test_reservoir_size_and_distinct_items():
@@ -25,7 +20,9 @@ def test_reservoir_size_and_distinct_items():
 
 
 def test_reservoir_is_determined_by_the_seed():
-    draw = lambda seed: reservoir_sample(range(500), 10, random.Random(seed))  # noqa: E731
+    def draw(seed):
+        return reservoir_sample(range(500), 10, random.Random(seed))
+
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
 
@@ -50,36 +47,70 @@ def test_buffer_size_is_two_percent_and_at_least_one():
     assert buffer_size(7, 0.5) == 4  # round half to even: 3.5 -> 4
 
 
-def test_the_buffer_of_a_task_is_seeded_by_run_seed_and_task():
-    a, b = _task("a", 300), _task("b", 300)
-    one, two = ReplayBuffer(seed=1), ReplayBuffer(seed=1)
-    one.add(a)
-    one.add(b)
-    two.add(b)  # another order of additions draws each task's buffer the same way
-    two.add(a)
-    assert one.kept["a"] == two.kept["a"] and one.kept["b"] == two.kept["b"]
-    assert len(one.kept["a"]) == 6 and set(one.kept["a"]) <= set(a.train)
-    assert ReplayBuffer(seed=2).add(a) != one.kept["a"]
-    assert [ex for _, ex in one.examples([a, b])] == one.kept["a"] + one.kept["b"]
-    assert all(t is a for t, _ in one.examples([a, b])[:6])
-    assert one.nbytes() == sum(len(e.input) + len(e.output) for e in one.kept["a"] + one.kept["b"])
-    with pytest.raises(KeyError, match="task 'b', which is not in this run's tasks"):
-        one.examples([a])
+def test_a_tasks_buffer_is_seeded_by_the_config_seed_and_its_position():
+    cfg = ReplayConfig(seed=1)
+    assert draw_buffer(300, 0, cfg) == draw_buffer(300, 0, cfg)
+    assert len(draw_buffer(300, 0, cfg)) == 6
+    assert draw_buffer(300, 0, cfg) != draw_buffer(300, 1, cfg)
+    assert draw_buffer(300, 0, cfg) != draw_buffer(300, 0, ReplayConfig(seed=2))
 
 
-def test_the_buffer_round_trips_and_a_modified_file_is_refused(tmp_path):
-    buf = ReplayBuffer(fraction=0.05, seed=7)
-    buf.add(_task("a", 100))
-    buf.add(_task("b", 41))
-    buf.save(tmp_path)
-    back = ReplayBuffer.load(tmp_path)
-    assert back == buf
-    data = json.loads((tmp_path / FILE).read_text())
-    data["kept"]["a"][0][1] = "tampered"
-    (tmp_path / FILE).write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="SHA-256 differs"):
-        ReplayBuffer.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="replay buffer of this checkpoint is missing"):
-        ReplayBuffer.load(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="--replay-fraction 0 must be in"):
-        ReplayBuffer(fraction=0)
+def _strategy(model):
+    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8))
+    return ExperienceReplay(model, ReplayConfig(fraction=0.1, seed=3))
+
+
+def _tasks(sizes):
+    return [[f"task{t}-ex{i}" for i in range(n)] for t, n in enumerate(sizes)]
+
+
+def test_later_tasks_train_on_their_examples_plus_every_earlier_buffer(tiny_llama):
+    cl = _strategy(tiny_llama)
+    data = _tasks([50, 30, 20])
+    first = cl.training_examples(0, data[:1])
+    assert first == data[0]  # nothing to replay yet
+    cl.begin_task()
+    cl.end_task()
+    kept0 = [data[0][k] for k in draw_buffer(50, 0, cl.config)]
+    assert len(kept0) == 5 and cl.buffered() == kept0
+    second = cl.training_examples(1, data[:2])
+    assert second == data[1] + kept0  # the task's own examples, then the buffer
+    cl.begin_task()
+    cl.end_task()
+    kept1 = [data[1][k] for k in draw_buffer(30, 1, cl.config)]
+    third = cl.training_examples(2, data)
+    assert third == data[2] + kept0 + kept1 and len(kept1) == 3
+    assert cl.buffered() == kept0 + kept1 + [data[2][k] for k in draw_buffer(20, 2, cl.config)]
+
+
+def test_replay_trains_sequential_lora(tiny_llama):
+    cl = _strategy(tiny_llama)
+    layer = next(iter(cl.layers.values()))
+    cl.training_examples(0, _tasks([10]))
+    cl.begin_task()
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)
+    cl.end_task()
+    carried = layer.lora_B.detach().clone()
+    cl.training_examples(1, _tasks([10, 10]))
+    cl.begin_task()  # the adapter carries on (no re-init, no QR)
+    assert torch.equal(layer.lora_B, carried)
+    assert torch.equal(layer.merged_B, carried)  # λ ≡ 1: the merged adapter is the fine-tuned one
+    assert not cl.finetuned_differs
+
+
+def test_errors(tiny_llama):
+    with pytest.raises(ValueError, match="fraction=0 must be in"):
+        ReplayConfig(fraction=0)
+    cl = _strategy(tiny_llama)
+    with pytest.raises(ValueError, match="the next task is 0"):
+        cl.training_examples(1, _tasks([5, 5]))
+    cl.begin_task()
+    with pytest.raises(RuntimeError, match="call training_examples"):
+        cl.end_task()
+    cl.training_examples(0, _tasks([50]))
+    cl.end_task()
+    with pytest.raises(
+        ValueError, match="task 1's saved buffer holds example .* has 3 training examples now"
+    ):
+        cl.training_examples(1, [["a", "b", "c"], ["d"]])

@@ -6,7 +6,7 @@ from conftest import assert_close, make_tiny_llama
 
 import mbf
 from mbf import reference
-from mbf.task_merge import TaskMergeConfig, TaskMergeLoRA
+from mbf.strategies.task_merge import TaskMergeConfig, TaskMergeLoRA
 
 R = 4
 

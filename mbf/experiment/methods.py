@@ -24,9 +24,11 @@ from typing import Any
 from mbf.config import ContinualConfig
 from mbf.strategies.inflora import InfLoRAConfig
 from mbf.strategies.olora import OLoRAConfig
+from mbf.strategies.replay import ReplayConfig
+from mbf.strategies.task_merge import TaskMergeConfig
 
 __all__ = ["BASELINES", "EXTENSIONS", "METHODS", "PAPER_ABLATIONS", "method_config", "method_label",
-           "normalised_options"]  # fmt: skip
+           "normalised_options", "with_run_seed"]  # fmt: skip
 
 METHODS: dict[str, Any] = {
     "slao": ContinualConfig(init="orthogonal", schedule="sqrt"),
@@ -45,11 +47,14 @@ METHODS: dict[str, Any] = {
     # the methods SLAO is measured against, each its own strategy (mbf.strategies)
     "o-lora": OLoRAConfig(),
     "inflora": InfLoRAConfig(),
+    "task-arithmetic": TaskMergeConfig(merge="task_arithmetic"),  # one LoRA per task, merged (λ 0.4)
+    "ties": TaskMergeConfig(merge="ties"),  # one LoRA per task, TIES-merged (k 20%, λ 1)
+    "replay": ReplayConfig(),  # sequential LoRA + 2% of each task's examples replayed (uses data)
     "multi-task": None,
 }
 PAPER_ABLATIONS = ("ftba-mb", "ftba-mba", "frea-mb", "ftba-ma", "freb-ma")  # the paper's expected order
 EXTENSIONS = ("slao-inverse", "slao-constant", "slao-last-merge")
-BASELINES = ("o-lora", "inflora")  # other papers' methods, in this package's harness
+BASELINES = ("o-lora", "inflora", "task-arithmetic", "ties", "replay")  # other papers' methods, here
 
 
 def method_config(
@@ -140,8 +145,8 @@ def method_label(method: str, options: dict | None) -> str:
     if preset is None or options is None:
         return method
     config = type(preset).from_dict(options)  # fields absent from older results take their defaults
-    if not isinstance(preset, ContinualConfig):
-        changed = [f"{k}={v}" for k, v in config.to_dict().items() if v != getattr(preset, k)]
+    if not isinstance(preset, ContinualConfig):  # a config's seed is the run's (with_run_seed): a replication
+        changed = [f"{k}={v}" for k, v in config.to_dict().items() if v != getattr(preset, k) and k != "seed"]
         return f"{method} ({', '.join(changed)})" if changed else method
     if (config.init, config.schedule) == (preset.init, preset.schedule):
         changed = []
@@ -152,3 +157,11 @@ def method_label(method: str, options: dict | None) -> str:
     if config.orthogonal_updates != preset.orthogonal_updates:
         changed.append("orthogonal updates" if config.orthogonal_updates else "free updates")
     return f"{method} ({', '.join(changed)})" if changed else method
+
+
+def with_run_seed(config: Any, seed: int) -> Any:
+    """``config`` with its ``seed`` field (a strategy that draws, e.g. replay's buffer) set to the run's
+    seed, so that seeds replicate the whole method; a config without one, or None, as it is."""
+    if config is None or "seed" not in {f.name for f in fields(config)}:
+        return config
+    return replace(config, seed=seed)

@@ -4,12 +4,15 @@ Schema ``"mbf-continual-results/1"``::
 
     schema        "mbf-continual-results/1"
     method        "slao" | "seq-lora" | "ftba-mb" | "ftba-mba" | "frea-mb" | "ftba-ma" | "freb-ma" |
-                  "slao-random" | "slao-inverse" | ... | "o-lora" | "inflora" | ... | "multi-task"
+                  "slao-random" | "slao-inverse" | ... | "o-lora" | "inflora" | "task-arithmetic" | "ties" |
+                  "replay" | "multi-task" (METHODS)
     options       the method's strategy config, to_dict(): SLAO and its ablations ContinualConfig's
                   {"schedule", "init", "constant", "orthogonal_updates", "train", "merged_factors"}
                   (older files lack the later fields: defaults; they name merged_factors "merge"),
                   o-lora OLoRAConfig's {"lambda_orth", "lambda_l2", "norm"}, inflora InfLoRAConfig's
-                  {"threshold"}, ...; null for multi-task
+                  {"threshold"}, task-arithmetic / ties TaskMergeConfig's {"merge", "lam", "density",
+                  "low_rank"}, replay ReplayConfig's {"fraction", "seed"} (seed: the run's); null for
+                  multi-task
     seed          int: seeds data order and adapter init (the suite's own seed is in "suite_seed")
     tasks         [str]: task names in training order (T of them)
     lora          LoRAConfig.to_dict(): {"r", "alpha", "dropout", "target_modules", "quantize", "backend"}

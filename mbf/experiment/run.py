@@ -30,7 +30,7 @@ from mbf.experiment import predictions, report, rundir
 from mbf.experiment import results as results_file
 from mbf.experiment.batches import Codec
 from mbf.experiment.evaluate import headline, score_task, scorers_of
-from mbf.experiment.methods import method_config
+from mbf.experiment.methods import method_config, with_run_seed
 from mbf.experiment.tasks import Task, check_tasks, tasks_fingerprint
 from mbf.experiment.train import TrainOptions, run_inputs, train_steps
 from mbf.experiment.zero_shot import weights_fingerprint, zero_shot_records
@@ -71,7 +71,7 @@ def run_settings(
     ``model_fingerprint``): what ``--resume`` can check before a model is loaded."""
     return {
         "method": method,
-        "options": None if config is None else config.to_dict(),
+        "options": None if config is None else with_run_seed(config, opts.seed).to_dict(),
         "seed": opts.seed,
         "tasks": [t.name for t in tasks],
         "lora": lora.to_dict(),
@@ -105,8 +105,9 @@ class _Run:
         ]
 
     def commit(
-        self, task: str, measured: dict, *, adapter_bytes: int, checkpoint: str | None, optimizer_bytes: int
-    ) -> None:
+        self, task: str, measured: dict, *, adapter_bytes: int, checkpoint: str | None, optimizer_bytes: int,
+        buffer_bytes: int | None = None,
+    ) -> None:  # fmt: skip
         """Record the stage and write the run directory: its predictions first, then ``results.json``,
         the commit point."""
         records, finetuned = measured["evaluation"]
@@ -127,6 +128,7 @@ class _Run:
             finetuned=finetuned,
             adapter_bytes=adapter_bytes,
             optimizer_bytes=optimizer_bytes,
+            buffer_bytes=buffer_bytes,
             peak_rss_mb=peak_rss() / 2**20,  # the process's peak so far (never reset here)
             checkpoint=checkpoint,
         )
@@ -148,12 +150,15 @@ class _Run:
                 cl.observe_inputs(lambda: run_inputs(self.model, self.codec, own, self.opts))
             cl.begin_task()
             desc = f"train {i + 1}/{len(self.tasks)} {task.name}"
+            # the task's own examples set the steps: replayed ones are mixed into its batches, not added
+            # as extra steps, so every method trains the same steps per task
+            opts = replace(self.opts, max_steps=self.opts.steps_for(len(own)))
             stats = train_steps(
                 self.model,
                 cl.trainable_parameters(),
                 self.codec,
                 examples,
-                self.opts,
+                opts,
                 seed,
                 desc,
                 after_step=cl.after_step,  # SLAO: a no-op unless orthogonal_updates (strict mode)
@@ -183,8 +188,10 @@ class _Run:
         measured = _measure(train, evaluate)
         checkpoint = f"checkpoints/task-{i + 1:02d}"
         cl.save(self.out / checkpoint)
+        kept = cl.buffered()  # replay's kept examples: their text is the buffer's memory
         self.commit(task.name, measured, adapter_bytes=cl.adapter_bytes(), checkpoint=checkpoint,
-                    optimizer_bytes=cl.optimizer_bytes())  # fmt: skip
+                    optimizer_bytes=cl.optimizer_bytes(), buffer_bytes=None if kept is None else
+                    sum(len(ex.input.encode()) + len(ex.output.encode()) for _, ex in kept))  # fmt: skip
         # after the commit, which names the new one; never a folder this run did not make
         rundir.prune_checkpoints(self.out, keep=Path(checkpoint).name)
         stats, row = measured["stats"], self.results["accuracy"][-1]
@@ -265,6 +272,7 @@ def run_continual(
     check_tasks(tasks)
     if config == "preset":
         config = method_config(method)
+    config = with_run_seed(config, opts.seed)  # a strategy that draws (replay's buffer) replicates by seed
     if opts.prompt_format != codec.prompt_format:
         raise ValueError(
             f"opts.prompt_format {opts.prompt_format!r}, but the codec writes {codec.prompt_format} prompts"

@@ -27,8 +27,12 @@ def strategy_classes() -> dict[str, type]:
     from mbf.continual import ContinualLoRA
     from mbf.strategies.inflora import InfLoRA
     from mbf.strategies.olora import OLoRA
+    from mbf.strategies.replay import ExperienceReplay
+    from mbf.strategies.task_merge import TaskMergeLoRA
 
-    return {cls.strategy_name: cls for cls in (ContinualLoRA, OLoRA, InfLoRA)}
+    return {
+        cls.strategy_name: cls for cls in (ContinualLoRA, OLoRA, InfLoRA, TaskMergeLoRA, ExperienceReplay)
+    }
 
 
 def _class_of(config: Any) -> type:

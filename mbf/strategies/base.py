@@ -23,7 +23,7 @@ default in ``StrategyDefaults``::
         if cl.finetuned_differs:                   # optional: the task's own adapter differs from it
             with cl.adapter_mode("finetuned"): evaluate(model, task)
         cl.save(path)                              # resume: load_strategy(model, path)
-        record(cl.adapter_bytes(), cl.optimizer_bytes())
+        record(cl.adapter_bytes(), cl.optimizer_bytes(), cl.buffered())   # buffered: optional (replay)
 
 A strategy's class names itself (``strategy_name``, written into its checkpoints) and its frozen
 config dataclass (``config_class``, with ``to_dict`` / ``from_dict``: results.json's ``"options"``).
@@ -33,12 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from mbf.nn.model import lora_layers
 
 __all__ = ["ADAM_MOMENTS", "ContinualStrategy", "StrategyConfig", "StrategyDefaults"]
 
@@ -74,6 +76,10 @@ class ContinualStrategy(Protocol):
         """What task ``task_index`` (0-based) trains on, given the training examples of tasks
         ``0..task_index`` (``seen[-1]`` is the current task's). Must depend on its arguments and the
         config only: a resumed run calls it again for the task it resumes at."""
+
+    def buffered(self) -> list | None:
+        """The training examples the strategy keeps (a data-using method's replay buffer; None: it keeps
+        none): what the loop counts as its buffer's memory."""
 
     def observe_inputs(self, forward: Callable[[], None]) -> None:
         """Watch the adapted layers' inputs while ``forward()`` runs the model over the task's training
@@ -127,6 +133,32 @@ class StrategyDefaults:
     wants_inputs: bool = False
     finetuned_differs: bool = False
 
+    @classmethod
+    def _config_of(cls, config: Any, options: dict) -> Any:
+        """``config`` (None: ``config_class()``) with ``options`` overriding its fields.
+
+        Raises:
+            ValueError: an option the config does not have (named).
+        """
+        config = config if config is not None else cls.config_class()  # type: ignore[attr-defined]
+        unknown = sorted(set(options) - set(config.to_dict()))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
+        return replace(config, **options) if options else config
+
+    def _take(self, model: nn.Module, config: Any, options: dict) -> None:
+        """What a strategy's ``__init__`` starts with: its config (``_config_of``), ``model``, its LoRA
+        ``layers`` and the task counters at 0.
+
+        Raises:
+            ValueError: an unknown option, or a model without LoRA layers.
+        """
+        self.config = self._config_of(config, options)
+        self.layers = lora_layers(model)
+        if not self.layers:
+            raise ValueError("model has no LoRA layers: call mbf.inject(model, LoRAConfig(...)) first")
+        self.model, self.task_index, self.in_task = model, 0, False
+
     def loss_term(self) -> torch.Tensor | None:
         """Nothing added to the task loss."""
         return None
@@ -137,6 +169,10 @@ class StrategyDefaults:
     def training_examples(self, task_index: int, seen: Sequence[Sequence]) -> list:
         """The current task's examples, as they are."""
         return list(seen[-1])
+
+    def buffered(self) -> list | None:
+        """No training examples kept (data-free)."""
+        return None
 
     def observe_inputs(self, forward: Callable[[], None]) -> None:
         """Not watched: runs nothing (``wants_inputs`` is False)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,10 +25,10 @@ import torch
 from torch import nn
 
 from mbf import checkpoint
-from mbf.inject import eject, inject, lora_layers
 from mbf.nn.model import FROZEN_BRANCHES as _HOOKS
 from mbf.nn.model import use_adapter
 from mbf.strategies.base import StrategyDefaults
+from mbf.strategies.saving import read_strategy, write_strategy
 
 __all__ = ["BranchStrategy", "FrozenBranches"]
 
@@ -145,15 +144,7 @@ class BranchStrategy(StrategyDefaults):
     trained: ClassVar[str] = "AB"
 
     def __init__(self, model: nn.Module, config: Any = None, **options) -> None:
-        config = config if config is not None else self.config_class()
-        unknown = sorted(set(options) - set(config.to_dict()))
-        if unknown:
-            raise ValueError(f"{type(self).__name__}: unknown option(s) {', '.join(unknown)}")
-        self.config = replace(config, **options) if options else config
-        self.layers = lora_layers(model)
-        if not self.layers:
-            raise ValueError("model has no LoRA layers: call mbf.inject(model, LoRAConfig(...)) first")
-        self.model, self.task_index, self.in_task = model, 0, False
+        self._take(model, config, options)
         self.branches = FrozenBranches(model, self.layers)
         for layer in self.layers.values():  # eval() computes as training does: current LoRA + past ones
             layer.adapter_mode, layer.eval_adapter_mode = "finetuned", None
@@ -256,42 +247,19 @@ class BranchStrategy(StrategyDefaults):
         """
         if self.in_task:
             raise RuntimeError(f"{self.strategy_name} cannot be saved mid-task; save after end_task()")
-        ckpt = checkpoint.Checkpoint(
-            self.task_index, False, None, getattr(self.model, "mbf_lora_config", None), self._tensors(),
-            self.strategy_name, self.config.to_dict(), self._extra_state(),
-        )  # fmt: skip
-        return checkpoint.write_checkpoint(path, ckpt)
+        return write_strategy(self, path, self._tensors(), self._extra_state())
 
     @classmethod
     def load(cls, model: nn.Module, path: str | Path, *, config: Any = None) -> BranchStrategy:
-        """Rebuild from ``save(path)``; injects the saved LoRAConfig first when the model has no LoRA.
-
-        All or nothing: every tensor is checked before any is assigned; a model this call injected is
-        ejected again when loading fails. ``config``: the method from now on (None: the saved one).
+        """Rebuild from ``save(path)`` (``mbf.strategies.saving.read_strategy``: injects the saved LoRAConfig
+        into a model without LoRA layers; all or nothing). ``config``: the method from now on (None: the
+        saved one).
 
         Raises:
             FileNotFoundError, ValueError, KeyError: a missing, malformed, corrupted or mismatched
                 checkpoint (the message names the file, field or tensor).
         """
-        ckpt = checkpoint.read_checkpoint(path, strategy=cls.strategy_name)
-        injected = not lora_layers(model)
-        if injected:
-            if ckpt.lora_config is None:
-                raise ValueError(f"{path}: model has no LoRA layers and no LoRAConfig was saved")
-            inject(model, ckpt.lora_config)
-        try:
-            checkpoint.check_lora_config(path, ckpt.lora_config, getattr(model, "mbf_lora_config", None))
-            try:
-                saved = cls.config_class.from_dict(ckpt.options or {})
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{path}: strategy_options: {err}") from err
-            strategy = cls(model, config if config is not None else saved)
-            strategy._restore(ckpt)
-        except BaseException:
-            if injected:
-                eject(model)
-            raise
-        return strategy
+        return read_strategy(cls, model, path, config)
 
     @torch.no_grad()
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:

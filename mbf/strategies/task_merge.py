@@ -29,11 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from mbf import checkpoint
 from mbf.functional.task_merge import (
     MERGES,
     check_density,
@@ -42,8 +45,9 @@ from mbf.functional.task_merge import (
     task_vector,
     ties_thresholds,
 )
-from mbf.inject import lora_layers
 from mbf.nn.model import use_adapter
+from mbf.strategies.base import StrategyConfig, StrategyDefaults
+from mbf.strategies.saving import read_strategy, write_strategy
 
 __all__ = ["DEFAULT_LAMBDA", "MERGES", "TaskMergeConfig", "TaskMergeLoRA"]
 
@@ -52,7 +56,7 @@ _HOOKS = "mbf_task_merge_hooks"  # model.__dict__ key: the delta hooks of the Ta
 
 
 @dataclass(frozen=True)
-class TaskMergeConfig:
+class TaskMergeConfig(StrategyConfig):
     """How the per-task LoRAs are merged.
 
     Raises:
@@ -76,36 +80,25 @@ class TaskMergeConfig:
         if not isinstance(self.low_rank, bool):
             raise ValueError(f"TaskMergeConfig: low_rank={self.low_rank!r} is not a bool")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> TaskMergeConfig:
-        """Inverse of ``to_dict``. Raises ValueError naming an unknown field."""
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"TaskMergeConfig: unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
-
-
-class TaskMergeLoRA:
-    """Drive per-task LoRA merging over every LoRALinear of ``model`` (see the module docstring).
+class TaskMergeLoRA(StrategyDefaults):
+    """Drive per-task LoRA merging over every LoRALinear of ``model`` (see the module docstring); a
+    ``mbf.strategies`` strategy.
 
     Args:
         model: a model with LoRA layers (``mbf.inject``); their current adapters are the shared start.
-        config: the merge (default ``TaskMergeConfig()``: TIES, k = 20%, λ = 1).
+        config: the merge (default ``TaskMergeConfig()``: TIES, k = 20%, λ = 1); keyword options
+            override its fields.
 
     Raises:
-        ValueError: a model without LoRA layers.
+        ValueError: an unknown option, or a model without LoRA layers.
     """
 
-    def __init__(self, model: nn.Module, config: TaskMergeConfig | None = None) -> None:
-        self.config = config or TaskMergeConfig()
-        self.layers = lora_layers(model)
-        if not self.layers:
-            raise ValueError("model has no LoRA layers: call mbf.inject(model, LoRAConfig(...)) first")
-        self.model = model
-        self.task_index, self.in_task = 0, False
+    strategy_name, config_class = "task-merge", TaskMergeConfig
+    finetuned_differs = True  # the task's own LoRA alone vs the merge of every task so far
+
+    def __init__(self, model: nn.Module, config: TaskMergeConfig | None = None, **options) -> None:
+        self._take(model, config, options)
         with torch.no_grad():  # (r, in) and (out, r) per layer: where every task's LoRA starts
             self.start = [
                 (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for m in self.layers.values()
@@ -149,9 +142,6 @@ class TaskMergeLoRA:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every ``lora_A`` and ``lora_B``: the current task's LoRA."""
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
-
-    def project_updates(self) -> None:
-        """Nothing to project (ContinualLoRA's strict-mode hook, called after every optimizer step)."""
 
     @torch.no_grad()
     def end_task(self) -> None:
@@ -293,3 +283,24 @@ class TaskMergeLoRA:
         else:
             held += self.deltas or []
         return sum(t.numel() * t.element_size() for t in held)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the state into directory ``path`` (``mbf.checkpoint``'s format: crash-safe, checksummed;
+        inside a task too: the current LoRA is saved)."""
+        return write_strategy(self, path, self.state_dict()["tensors"])
+
+    @classmethod
+    def load(cls, model: nn.Module, path: str | Path, *, config: Any = None) -> TaskMergeLoRA:
+        """Rebuild from ``save(path)`` (``mbf.strategies.saving.read_strategy``: all or nothing); the merge
+        is recomputed from the kept factors. ``config``: the method from now on (None: the saved one).
+
+        Raises:
+            FileNotFoundError, ValueError, KeyError: a missing, malformed, corrupted or mismatched
+                checkpoint (the message names the file, field or tensor).
+        """
+        return read_strategy(cls, model, path, config)
+
+    def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        self.load_state_dict(
+            {"task_index": ckpt.task_index, "in_task": ckpt.in_task, "tensors": ckpt.tensors}
+        )
