@@ -54,15 +54,17 @@ def save_peft_adapter(
 
     Raises:
         ValueError: on an unknown ``adapter``, ``"merged"`` before any task was merged, a model
-            without LoRA layers, or one with past tasks' frozen LoRAs beside its own (O-LoRA, InfLoRA).
+            without LoRA layers, or one with past tasks' frozen LoRAs (O-LoRA, InfLoRA) or a dense merged
+            ΔW (task arithmetic / TIES) beside its own.
     """
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to export")
     if has_frozen_branches(model):
         raise ValueError(
-            "the model computes with one frozen LoRA per past task (O-LoRA / InfLoRA) beside its own "
-            "adapter: a PEFT adapter holds one per layer; save the strategy's checkpoint instead (cl.save)"
+            "the model computes with one frozen LoRA per past task (O-LoRA / InfLoRA) or a dense merged ΔW "
+            "(task-arithmetic / ties) beside its own adapter: a PEFT adapter holds one per layer; save the "
+            "strategy's checkpoint instead (cl.save), or merge with low_rank=True"
         )
     adapter = resolve_adapter(layers, which if which is not None else adapter)
     tensors = {}

@@ -173,3 +173,18 @@ def test_errors(tiny_llama):
     state["tensors"].pop(f"{name}.start_A")
     with pytest.raises(KeyError, match=f"{name}.start_A: missing"):
         cm.load_state_dict(state)
+
+
+def test_peft_export_refuses_the_dense_merge_and_takes_the_low_rank_one(tiny_llama, tmp_path):
+    cm = _setup(tiny_llama)
+    mbf.save_peft_adapter(tiny_llama, tmp_path / "before")  # no merge yet: the LoRA alone describes it
+    _run_tasks(cm, 1)
+    with pytest.raises(ValueError, match=r"a dense merged ΔW \(task-arithmetic / ties\)"):
+        mbf.save_peft_adapter(tiny_llama, tmp_path / "dense")
+    low = _setup(make_tiny_llama(), low_rank=True)
+    _run_tasks(low, 2)
+    mbf.save_peft_adapter(low.model, tmp_path / "low", adapter="merged")  # its merged adapter is the merge
+    assert (tmp_path / "low" / "adapter_model.safetensors").is_file()
+    again = TaskMergeLoRA(tiny_llama)  # a new strategy on the model takes the old one's deltas off
+    assert not cm.active() and not again.active()
+    mbf.save_peft_adapter(tiny_llama, tmp_path / "after")

@@ -11,19 +11,22 @@ from mbf.nn.lora import MODES, LoRALinear, choose_adapter
 from mbf.nn.nf4 import NF4Linear
 
 __all__ = [
-    "FROZEN_BRANCHES", "has_frozen_branches", "inference_adapter", "linear_names", "lora_layers",
-    "resolve_adapter", "use_adapter",
+    "FROZEN_BRANCHES", "MERGED_DELTAS", "has_frozen_branches", "inference_adapter", "linear_names",
+    "lora_layers", "resolve_adapter", "use_adapter",
 ]  # fmt: skip
 
 # model.__dict__ key of the per-task frozen LoRAs (mbf.strategies.branches.FrozenBranches) on its layers
 FROZEN_BRANCHES = "mbf_frozen_branches"
+# model.__dict__ key of a per-task merge's dense per-layer ΔW (mbf.strategies.task_merge.TaskMergeLoRA)
+MERGED_DELTAS = "mbf_merged_deltas"
 
 
 def has_frozen_branches(model: nn.Module) -> bool:
-    """True while past tasks' frozen LoRAs compute beside the model's own adapters (O-LoRA, InfLoRA):
-    one adapter per layer does not describe the model then."""
-    branches = model.__dict__.get(FROZEN_BRANCHES)
-    return branches is not None and branches.active()
+    """True while past tasks' frozen LoRAs (O-LoRA, InfLoRA) or a merge's dense per-layer ΔW (task
+    arithmetic / TIES) compute beside the model's own adapters: one adapter per layer does not describe
+    the model then."""
+    held = [model.__dict__.get(key) for key in (FROZEN_BRANCHES, MERGED_DELTAS)]
+    return any(h is not None and h.active() for h in held)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -45,14 +45,13 @@ from mbf.functional.task_merge import (
     task_vector,
     ties_thresholds,
 )
-from mbf.nn.model import use_adapter
+from mbf.nn.model import MERGED_DELTAS, use_adapter
 from mbf.strategies.base import StrategyConfig, StrategyDefaults
 from mbf.strategies.saving import read_strategy, write_strategy
 
 __all__ = ["DEFAULT_LAMBDA", "MERGES", "TaskMergeConfig", "TaskMergeLoRA"]
 
 DEFAULT_LAMBDA = {"task_arithmetic": 0.4, "ties": 1.0}  # the TIES paper's choices without validation
-_HOOKS = "mbf_task_merge_hooks"  # model.__dict__ key: the delta hooks of the TaskMergeLoRA driving it
 
 
 @dataclass(frozen=True)
@@ -105,12 +104,24 @@ class TaskMergeLoRA(StrategyDefaults):
             ]
         self.kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per task, per layer: (A_t, B_t)
         self.deltas: list[torch.Tensor] | None = None  # per layer: the merged ΔW (out, in), full variant
-        for handle in model.__dict__.pop(_HOOKS, []):  # an earlier TaskMergeLoRA's deltas no longer apply
-            handle.remove()
-        model.__dict__[_HOOKS] = [
+        previous = model.__dict__.pop(MERGED_DELTAS, None)
+        if previous is not None:  # an earlier TaskMergeLoRA's deltas no longer apply
+            previous.remove_hooks()
+        self._handles = [
             layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers.values())
         ]
+        model.__dict__[MERGED_DELTAS] = self  # save_peft_adapter refuses the model while active()
         self._apply_eval_adapter()
+
+    def active(self) -> bool:
+        """True while a dense merged ΔW computes in the layers' merged mode (not the low-rank variant)."""
+        return self.deltas is not None and bool(self._handles)
+
+    def remove_hooks(self) -> None:
+        """Take the dense deltas' hooks off the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _hook(self, i: int):
         def add_delta(layer, inputs, out):
