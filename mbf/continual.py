@@ -108,8 +108,7 @@ class ContinualLoRA(StrategyDefaults):
         Raises:
             RuntimeError: when the previous task was not ended.
         """
-        if self.in_task:
-            raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
+        self._check_task(opening=True)
         self._check_live("begin_task", training=True)
         self._check_ranks("begin_task")
         layers, cfg = list(self.layers.values()), self.config
@@ -179,8 +178,7 @@ class ContinualLoRA(StrategyDefaults):
             ValueError: when an adapter, or the merge's result, holds non-finite values (names the
                 layer; the merged adapter is left as it was and the task stays open).
         """
-        if not self.in_task:
-            raise RuntimeError("end_task() without begin_task()")
+        self._check_task(opening=False)
         self._check_live("end_task", training=True)
         self._check_ranks("end_task")
         self.project_updates()  # strict mode: the merged A obeys the constraint too
@@ -239,12 +237,6 @@ class ContinualLoRA(StrategyDefaults):
         for name, ts in zip(self.layers, per_layer):
             if not all(bool(torch.isfinite(t).all()) for t in ts):
                 raise ValueError(f"{name}: {what} has non-finite values; refusing to merge")
-
-    @contextmanager
-    def merged(self) -> Iterator[nn.Module]:
-        """Inside the block the model computes with the merged adapter (what inference uses)."""
-        with self.adapter_mode("merged"):
-            yield self.model
 
     @contextmanager
     def adapter_mode(self, mode: str, lam: float | None = None) -> Iterator[nn.Module]:

@@ -32,7 +32,7 @@ config dataclass (``config_class``, with ``to_dict`` / ``from_dict``: results.js
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -145,6 +145,20 @@ class StrategyDefaults:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
         return replace(config, **options) if options else config
+
+    @contextmanager
+    def merged(self) -> Iterator[nn.Module]:
+        """Inside the block the model computes with the adapter inference uses: ``adapter_mode("merged")``."""
+        with self.adapter_mode("merged"):  # type: ignore[attr-defined]
+            yield self.model  # type: ignore[attr-defined]
+
+    def _check_task(self, opening: bool) -> None:
+        """Raise RuntimeError when ``begin_task`` (``opening``) finds a task open, or ``end_task`` none."""
+        in_task, task = self.in_task, self.task_index + 1  # type: ignore[attr-defined]
+        if opening and in_task:
+            raise RuntimeError(f"task {task} already begun; call end_task() first")
+        if not opening and not in_task:
+            raise RuntimeError("end_task() without begin_task()")
 
     def _take(self, model: nn.Module, config: Any, options: dict) -> None:
         """What a strategy's ``__init__`` starts with: its config (``_config_of``), ``model``, its LoRA

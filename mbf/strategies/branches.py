@@ -157,8 +157,7 @@ class BranchStrategy(StrategyDefaults):
         Raises:
             RuntimeError: when the previous task was not ended.
         """
-        if self.in_task:
-            raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
+        self._check_task(opening=True)
         with torch.no_grad():
             self._init_task()
         for layer in self.layers.values():
@@ -177,8 +176,7 @@ class BranchStrategy(StrategyDefaults):
             RuntimeError: when no task was begun.
             ValueError: a non-finite adapter (names the layer; the task stays open).
         """
-        if not self.in_task:
-            raise RuntimeError("end_task() without begin_task()")
+        self._check_task(opening=False)
         for name, layer in self.layers.items():
             for t in (layer.lora_A, layer.lora_B):
                 if not bool(torch.isfinite(t).all()):

@@ -141,8 +141,7 @@ class TaskMergeLoRA(StrategyDefaults):
         Raises:
             RuntimeError: when the previous task was not ended.
         """
-        if self.in_task:
-            raise RuntimeError(f"task {self.task_index + 1} already begun; call end_task() first")
+        self._check_task(opening=True)
         for layer, (A0, B0) in zip(self.layers.values(), self.start):
             layer.lora_A.copy_(A0)
             layer.lora_B.copy_(B0)
@@ -163,8 +162,7 @@ class TaskMergeLoRA(StrategyDefaults):
             ValueError: a layer's adapter or merged ΔW holds non-finite values (names the layer; nothing
                 changes and the task stays open).
         """
-        if not self.in_task:
-            raise RuntimeError("end_task() without begin_task()")
+        self._check_task(opening=False)
         factors = [(m.lora_A.detach().clone(), m.lora_B.detach().clone()) for m in self.layers.values()]
         for name, (A, B) in zip(self.layers, factors):
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
@@ -212,15 +210,9 @@ class TaskMergeLoRA(StrategyDefaults):
             layer.eval_adapter_mode = "merged" if self.task_index else None
 
     @contextmanager
-    def merged(self) -> Iterator[nn.Module]:
-        """Inside the block the model computes with the merged task vectors (what inference uses)."""
-        with self.adapter_mode("merged"):
-            yield self.model
-
-    @contextmanager
-    def adapter_mode(self, mode: str, lam: float | None = None) -> Iterator[nn.Module]:
-        """Run the model with ``"merged"`` (the merge of tasks so far) or ``"finetuned"`` (the current
-        task's LoRA alone), in training and eval() alike.
+    def adapter_mode(self, mode: str) -> Iterator[nn.Module]:
+        """Run the model with ``"merged"`` (the merge of tasks so far: ``merged()``, what inference uses) or
+        ``"finetuned"`` (the current task's LoRA alone), in training and eval() alike.
 
         Raises:
             ValueError: another mode (``"preview"`` is SLAO's), or a layer with an adapter folded in.
