@@ -22,7 +22,7 @@ PEFT adapter, at the cost of what the truncation drops.
 Memory: every task's factors are kept, ``O(T · (m + n) · r)`` per layer, growing with the number of
 tasks T (SLAO holds two adapters whatever T); the full-ΔW variant also holds the merged ``m × n``
 delta of every layer. Default λ: 0.4 for task arithmetic and 1 for TIES, the TIES paper's settings
-without a validation set.
+without a validation set. Single-process (no DDP / FSDP gathering, unlike ``ContinualLoRA``).
 """
 
 from __future__ import annotations
