@@ -158,6 +158,8 @@ def test_memory_after_each_task_in_the_reports_and_the_memory_plot(tmp_path):
     assert "| 9 | 8 | 4 | – | 100 |" in text  # slao: the old run's optimizer bytes are unknown, not 0
     assert "| 9 | 8 | 4 | 3 | 100 |" in text
     assert (tmp_path / "cmp" / "memory.png").stat().st_size > 1000
+    memory = json.loads((tmp_path / "cmp" / "compare.json").read_text())["methods"]["seq-lora"]["memory"]
+    assert memory["adapter_bytes"] == [[4096, 6144, 8192]] and memory["buffer_bytes"] == [[1024, 2048, 3072]]
     runs = [results_file.read(replay)]
     assert memory_curve(runs, MEMORY[:1]) == [4096, 6144, 8192]
     assert memory_curve(runs, MEMORY) == [4096 + 4096 + 1024, 6144 + 4096 + 2048, 8192 + 4096 + 3072]

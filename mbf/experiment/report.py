@@ -282,6 +282,8 @@ def compare_runs(
             k: {
                 "runs": [str(where[id(r)]) for r in rs],
                 **{m: [r["metrics"].get(m) for r in rs] for m in ("AA", "BWT", "FWT", "LA")},
+                # per run, after each stage: adapter / optimizer / buffer bytes (None: not recorded)
+                "memory": {k: [[p.get(k) for p in r["per_task"]] for r in rs] for k in MEMORY},
             }
             for k, rs in groups.items()
         },  # fmt: skip
