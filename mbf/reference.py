@@ -305,9 +305,12 @@ def inflora_design(cov: torch.Tensor, memory: torch.Tensor, kind: str, r: int) -
     """Task t's designed ``A`` ``(r, in)`` (the paper's dimensionality-reduction ``B_t``): the top-r left
     singular vectors of the projected inputs ``Ĥ = P H`` (``P`` onto the unprotected subspace), i.e. the
     top-r eigenvectors of ``P C P``, as rows scaled by ``INFLORA_SCALE``; each row's largest-magnitude
-    entry positive. The rows are orthogonal to the protected subspace when ``P C P`` has rank ≥ r."""
+    entry positive. ``P C P + δ P`` has the same eigenvectors (P commutes with P C P, the shift is
+    uniform on the unprotected subspace) but no zero eigenvalue there: when the inputs span fewer than r
+    unprotected directions, the rest are still drawn from it, never from the protected subspace."""
     P = _free_projector(memory, kind)
-    _, vecs = _eig_desc(P @ cov @ P)
+    delta = torch.trace(cov) / len(cov) if torch.trace(cov) > 0 else 1.0  # the mean eigenvalue: C's scale
+    _, vecs = _eig_desc(P @ cov @ P + delta * P)
     rows = vecs[:, :r].T  # (r, in)
     sign = torch.sign(rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)))
     return INFLORA_SCALE * rows * sign

@@ -95,6 +95,17 @@ def test_designed_rows_are_the_top_free_directions_and_orthogonal_to_the_memory(
     assert_close(inflora_design(C, free[:, 2:], "retain", 3), A, F64)
 
 
+def test_rank_deficient_inputs_still_give_rows_off_the_memory():
+    """One input direction (e0 + e5) but r = 3: the other two rows come from the unprotected subspace."""
+    x = torch.zeros(7, dtype=F64)
+    x[0] = x[5] = 1.0
+    M = _basis(1, 2, n=7)
+    A = inflora_design(torch.outer(x, x), M, "remove", 3)
+    assert_close(A @ M, torch.zeros(3, 2, dtype=F64), F64)
+    assert_close(A @ A.T, INFLORA_SCALE**2 * torch.eye(3, dtype=F64), F64)
+    assert_close(A[0].abs(), INFLORA_SCALE * x / x.norm(), F64)  # the input direction first
+
+
 # -- the strategy on the tiny Llama, against the spec -------------------------------------------------
 
 
