@@ -6,16 +6,25 @@ The autotune configs are in ``lora_configs.py``; the launchers and the ``torch.l
 With x flattened to ``(M, K)``, ``W0: (N, K)``, ``A: (r, K)``, ``B`` and ``B_m: (N, r)``::
 
     B_eff = B_m + λ (B − B_m)          (B alone when there is no merged B; formed in-kernel, fp32)
-    S     = drop(x) Aᵀ                 (M, r)  launch 1: one pass over x
+    S     = drop(x) Aᵀ                 (M, r)  launch 1: one pass over x (+ a sum of its parts)
     y     = x W0ᵀ + b + s · S B_effᵀ   (M, N)  launch 2: the LoRA term joins the GEMM's fp32 accumulator
 
-    dS    = dY B_eff                   (M, r)  launch 3: one pass over dY gives dS and
+    dS    = dY B_eff                   (M, r)  launch 3: one pass over dY gives dS (+ a sum) and
     dB    = s · λ · dYᵀ S              (N, r)           dB (λ only when the merged B is in play)
     dX    = dY W0 + s · drop(dS A)     (M, K)  launch 4: one GEMM with the LoRA term joined, whose
     dA    = s · dSᵀ drop(x)            (r, K)           epilogue reads the x tile at the same (m, k)
 
+Launches 1 and 3 are memory-bound passes with one row tile per program: at small M the row tiles
+alone cannot fill a GPU, so each row tile's reduction (K for S, N for dS) is shared by the programs
+of the grid's second axis (``lora_configs.split_count``: row tiles x parts reach two programs per
+SM), each writing its part of S or dS, which the launcher then sums in a fixed order (no atomics:
+the forward stays deterministic). The dY pass starts each row tile's sweep at a step of its own
+(wrapping around), so the row tiles add into different dB rows at once.
+
 dA and dB are sums over the M tiles, added with fp32 atomics in any order, while the padded rank
-is at most ``lora_op.FUSE_MAX_R_PAD`` (32). Above it, and under
+is at most ``lora_op.FUSE_MAX_R_PAD`` (32); dB's accumulator rows are R_PAD apart (the padding
+columns add zeros) so that on sm_90 each tile goes out as 128-bit vector atomics (``red.add.v4.f32``;
+sm_80 has scalar fp32 atomics only). Above it, and under
 ``torch.use_deterministic_algorithms(True)``, the launcher turns them off in launches 3 and 4 and
 runs ``_lora_wgrad_kernel`` twice: one program per column tile sweeps all of M in a fixed order
 (one more pass over x and over dY, no atomics, the same bits every run).
@@ -46,7 +55,7 @@ import triton
 import triton.language as tl
 from mbf.kernels._common import cast, dot, tile_ids
 from mbf.kernels.lora_configs import autotune
-from mbf.kernels.lora_tiles import da_prologue, gemm_loop, keep_factor, load_b_eff, lora_addend
+from mbf.kernels.lora_tiles import da_prologue, gemm_loop, keep_factor, load_b_eff, lora_addend, split_range
 
 __all__ = ["down", "dy", "keep_mask", "linear", "wgrad"]
 
@@ -70,11 +79,11 @@ def _keep_mask_kernel(
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep != 0, mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_s_m", "threshold", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_s_p", "stride_s_m", "threshold", "m_bucket"])
 def _lora_down_kernel(
     x_ptr,  # (M, K) layer input
     lora_a_ptr,  # (R, K) lora_A, in the LoRA compute dtype
-    s_ptr,  # (M, R) fp32 output S = drop(x) Aᵀ
+    s_ptr,  # (P, M, R) fp32 output: S = drop(x) Aᵀ summed over the P programs sharing a row tile's K
     M,  # rows of x (tokens)
     K,  # in features
     R,  # rank
@@ -82,6 +91,7 @@ def _lora_down_kernel(
     stride_x_k,  # elements to step one column of x
     stride_a_r,  # ... one row of A
     stride_a_k,  # ... one column of A
+    stride_s_p,  # ... one part of S (the grid's second axis)
     stride_s_m,  # ... one row of S
     stride_s_r,  # ... one column of S
     keep_scale,  # 1 / (1 - p): applied once to the fp32 accumulator instead of to every x element
@@ -95,14 +105,17 @@ def _lora_down_kernel(
     UPCAST: tl.constexpr,  # interpreter: dot in fp32
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
+    """Program (m, p) sums its row tile's share ``p`` of the K steps into part p of S (``split_k``)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_lo, k_hi = split_range(K, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     m_ok, r_ok = offs_m < M, offs_r < R
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x_m + offs_k.to(tl.int64)[None, :] * stride_x_k
-    a_ptrs = lora_a_ptr + offs_k[:, None] * stride_a_k + offs_r[None, :] * stride_a_r  # (BLOCK_K, R_PAD): Aᵀ
+    cols = (k_lo + offs_k).to(tl.int64)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x_m + cols[None, :] * stride_x_k
+    a_ptrs = lora_a_ptr + cols[:, None] * stride_a_k + offs_r[None, :] * stride_a_r  # (BLOCK_K, R_PAD): Aᵀ
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = offs_k < K - k0
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
@@ -113,7 +126,8 @@ def _lora_down_kernel(
         a_ptrs += BLOCK_K * stride_a_k
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_s_m + offs_r[None, :] * stride_s_r
+    s_ptrs = s_ptr + tl.program_id(1).to(tl.int64) * stride_s_p
+    s_ptrs += offs_m.to(tl.int64)[:, None] * stride_s_m + offs_r[None, :] * stride_s_r
     tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -202,14 +216,14 @@ def _lora_linear_kernel(
         tl.store(out, cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_b_n", "stride_s_m", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_b_n", "stride_ds_p", "stride_s_m", "m_bucket"])
 def _lora_dy_kernel(
     dy_ptr,  # (M, N) upstream gradient
     lora_b_ptr,  # (N, R) lora_B, in the LoRA compute dtype
     merged_b_ptr,  # (N, R) merged B (same strides as B), if HAS_MERGED
     s_ptr,  # (M, R) fp32 S saved by the forward, if ACC_DB
-    ds_ptr,  # (M, R) fp32 output dS = dY B_eff (same strides as S)
-    db_ptr,  # (N, R) contiguous fp32 dB accumulator (atomic adds over M tiles), if ACC_DB
+    ds_ptr,  # (P, M, R) fp32 output: dS = dY B_eff summed over the P programs sharing a row tile's N
+    db_ptr,  # (N, R_PAD) contiguous fp32 dB accumulator (atomic adds over M tiles), if ACC_DB
     M,  # rows (tokens)
     N,  # out features
     R,  # rank
@@ -217,20 +231,29 @@ def _lora_dy_kernel(
     stride_dy_n,  # ... one column of dY
     stride_b_n,  # ... one row of B (and of the merged B)
     stride_b_r,  # ... one column of B
-    stride_s_m,  # ... one row of S and dS
-    stride_s_r,  # ... one column of S and dS
+    stride_ds_p,  # ... one part of dS (the grid's second axis)
+    stride_s_m,  # ... one row of S and of each part of dS
+    stride_s_r,  # ... one column of S and of each part of dS
     lam,  # λ of B_eff
     db_scale,  # s · λ with a merged B, s without
     m_bucket,  # autotune key only
     HAS_MERGED: tl.constexpr,  # form B_eff from B and B_m with λ
     ACC_DB: tl.constexpr,  # accumulate dB (B needs a gradient and atomics are allowed)
-    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16
-    BLOCK_M: tl.constexpr,  # rows of dY per program (each program sweeps all of N)
+    R_PAD: tl.constexpr,  # rank padded to a power of two >= 16: also dB's row stride
+    BLOCK_M: tl.constexpr,  # rows of dY per program
     BLOCK_N: tl.constexpr,  # columns per step of the N loop
     UPCAST: tl.constexpr,  # interpreter: dot in fp32
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Program (m, p) sweeps its row tile's share ``p`` of the N steps (``split_range``), starting at
+    step ``m mod steps`` and wrapping around: the row tiles' dB atomics land on different rows at once.
+    dB rows are R_PAD apart (the padding columns add zeros), so each (BLOCK_N, R_PAD) tile goes out as
+    vector atomics over whole rows on sm_90, not one scalar per element."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_lo, n_hi = split_range(N, BLOCK_N)
+    steps = tl.cdiv(n_hi - n_lo, BLOCK_N)
+    first = pid_m % tl.maximum(steps, 1)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     m_ok, r_ok = offs_m < M, offs_r < R
@@ -238,26 +261,22 @@ def _lora_dy_kernel(
     s_off = offs_m.to(tl.int64)[:, None] * stride_s_m + offs_r[None, :] * stride_s_r
     if ACC_DB:
         s_tile = cast(tl.load(s_ptr + s_off, mask=m_ok[:, None] & r_ok[None, :], other=0.0), ldt, UPCAST)
-    dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dy_m + offs_n[None, :] * stride_dy_n
-    b_off = offs_n[:, None] * stride_b_n + offs_r[None, :] * stride_b_r  # (BLOCK_N, R_PAD)
+    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dy_m + offs_n[None, :] * stride_dy_n
     ds = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for i in range(0, steps):
+        n0 = n_lo + ((first + i) % steps) * BLOCK_N
         n_ok = offs_n < N - n0
-        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # 16-bit vs fp32 B: see dot
+        dy = tl.load(dy_rows + n0.to(tl.int64) * stride_dy_n, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b_off = (n0 + offs_n)[:, None] * stride_b_n + offs_r[None, :] * stride_b_r  # (BLOCK_N, R_PAD)
         b_ok = n_ok[:, None] & r_ok[None, :]
         b_eff = load_b_eff(lora_b_ptr + b_off, merged_b_ptr + b_off, b_ok, lam, HAS_MERGED)
-        ds = dot(dy, cast(b_eff, ldt, UPCAST), ds, UPCAST, PRECISION)
+        ds = dot(dy, cast(b_eff, ldt, UPCAST), ds, UPCAST, PRECISION)  # 16-bit dY vs fp32 B: see dot
         if ACC_DB:  # the same dY tile, while it is in registers
             db = dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
-            tl.atomic_add(
-                db_ptr + (n0 + offs_n)[:, None] * R + offs_r[None, :],
-                db * db_scale,
-                mask=n_ok[:, None] & r_ok[None, :],
-                sem="relaxed",
-            )
-        dy_ptrs += BLOCK_N * stride_dy_n
-        b_off += BLOCK_N * stride_b_n
-    tl.store(ds_ptr + s_off, ds, mask=m_ok[:, None] & r_ok[None, :])
+            db_ptrs = db_ptr + (n0 + offs_n).to(tl.int64)[:, None] * R_PAD + offs_r[None, :]
+            tl.atomic_add(db_ptrs, db * db_scale, mask=n_ok[:, None], sem="relaxed")
+    ds_ptrs = ds_ptr + tl.program_id(1).to(tl.int64) * stride_ds_p + s_off
+    tl.store(ds_ptrs, ds, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "R", "stride_left_m", "stride_out_c", "threshold"])

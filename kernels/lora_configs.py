@@ -9,6 +9,11 @@ checks them. Pruning keeps, for an M bucket ``m`` (next power of two of M), the 
 ``min(64, max(16, m/4)) <= BLOCK_M <= max(16, m)``: never taller than the input, never so short at
 large M that W is re-read hundreds of times, and at least three candidates in every bucket.
 
+Splits (``split_count``): ``down`` and ``dy`` reduce over K and N with one row tile per program, so at
+small M they would launch a few dozen programs on a GPU of 132 SMs. The launcher gives each row tile's
+reduction to several programs (the grid's second axis), each summing whole BLOCK steps into a part of
+its own; the parts are added in a fixed order afterwards (deterministic, no atomics on S or dS).
+
 Pinned configs: under ``torch.use_deterministic_algorithms(True)`` or ``MBF_PIN_CONFIGS=1`` the
 launcher runs the first candidate that survives pruning, without timing anything: results are the
 same bits in every process, and a correctness run compiles one config per kernel, not all of them.
@@ -20,7 +25,16 @@ import torch
 import triton
 from mbf.kernels._common import configs_pinned, interpreting
 
-__all__ = ["CANDIDATES", "autotune", "launch", "m_range", "wgrad_config"]
+__all__ = [
+    "CANDIDATES",
+    "SM_COUNT",
+    "autotune",
+    "launch",
+    "m_range",
+    "sm_count",
+    "split_count",
+    "wgrad_config",
+]
 
 # One small config per kernel under TRITON_INTERPRET=1: the interpreter runs every program in
 # numpy, so autotuning there only costs time; these blocks are small enough that the tests' odd
@@ -53,17 +67,46 @@ _LINEAR = {
         (16, 64, 64, 4, 4),
     ],
 }
-# down: (BLOCK_M, BLOCK_K, warps, stages), memory-bound over x: enough rows to stream K, enough programs
+# down: (BLOCK_M, BLOCK_K, warps, stages), memory-bound over x: enough rows to stream K (its share of K)
 _DOWN = {
     2: [(128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (16, 128, 4, 4)],
     4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 32, 4, 4), (16, 128, 4, 3), (16, 64, 4, 4),
         (16, 32, 4, 4)],
 }
-# dy: (BLOCK_M, BLOCK_N, warps, stages), memory-bound over dY: each program sweeps all of N
+# dy: (BLOCK_M, BLOCK_N, warps, stages), memory-bound over dY: each program sweeps its share of N
 _DY = {
     2: [(128, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4)],
     4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 3)],
 }
+
+
+# The split of down's and dy's reductions (``split_count``).
+SM_COUNT = 132  # SMs planned for off a GPU (the interpreter, the compile check): an H100 / H200 SXM
+WAVES = 2  # programs per SM aimed for: a memory-bound pass with one program per SM leaves HBM idle
+MIN_STEPS = 2  # BLOCK steps per program at least (GPU): fewer and each part is mostly prologue
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """The SMs of ``t``'s GPU, or ``SM_COUNT`` for a CPU tensor."""
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return SM_COUNT
+
+
+def split_count(tuner, rows: int, length: int, block: str, sms: int, kwargs: dict) -> int:
+    """Programs per row tile sharing its reduction over ``length`` (columns of ``block`` per step).
+
+    Enough that row tiles x splits reaches ``WAVES`` x ``sms`` programs, none with fewer than
+    ``MIN_STEPS`` steps (one under the interpreter, so that small test shapes split too), and the
+    steps dealt so that no program is left without one. Decided from the tallest row tile the
+    pruner keeps for this launch (the pinned config; any other candidate has more row tiles): the
+    split, and so the parts' buffer, are known before the autotuner picks a config.
+    """
+    first = tuner.early_config_prune(tuner.configs, {}, **kwargs)[0]
+    tiles, steps = triton.cdiv(rows, first.kwargs["BLOCK_M"]), triton.cdiv(length, first.kwargs[block])
+    most = max(1, steps // (1 if interpreting() else MIN_STEPS))
+    split = max(1, min(triton.cdiv(WAVES * sms, tiles), most))
+    return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
 def _table(kernel: str, size: int) -> list[triton.Config]:

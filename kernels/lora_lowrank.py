@@ -49,18 +49,21 @@ def dy(
     dS = torch.empty((M, r), device=dY.device, dtype=torch.float32)
     flags = _flags(dY, B.T)
     ordered = flags["R_PAD"] > FUSE_MAX_R_PAD or torch.are_deterministic_algorithms_enabled()
-    atomics = need_db and not ordered
-    dB = torch.zeros((N, r), device=dY.device, dtype=torch.float32) if need_db else None
+    atomics = need_db and not ordered and M > 0
+    # the atomics add whole dB rows R_PAD apart (vector atomics); the padding columns stay zero
+    dB = torch.zeros((N, flags["R_PAD"] if atomics else r), device=dY.device, dtype=torch.float32)
     if M == 0:
-        return dS, dB
-    dY, B = _int32_steps("dY", dY), B.contiguous()
+        return dS, dB if need_db else None
+    dY, B, S = _int32_steps("dY", dY), B.contiguous(), S.contiguous()
     Bm = None if merged_B is None else merged_B.contiguous()
     with device_of(dY):
         _dy(dY, B, Bm, S, dS, dB if atomics else None, lam=lam, db_scale=db_scale, flags=flags,
             m_bucket=triton.next_power_of_2(M))  # fmt: skip
         if need_db and not atomics:  # wide ranks / deterministic mode: the fixed-order pass
             _wgrad(S, dY, dB.T, db_scale, 0, None, flags)
-    return dS, dB
+    if not need_db:
+        return dS, None
+    return dS, dB[:, :r].contiguous() if atomics else dB
 
 
 def da(dS: torch.Tensor, x2: torch.Tensor, scale: float, policy: LoRAPolicy) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import triton
 from mbf.kernels import lora
 from mbf.kernels._common import TL_DTYPES, device_of, dot_flags, pad_rank
-from mbf.kernels.lora_configs import launch, wgrad_config
+from mbf.kernels.lora_configs import launch, sm_count, split_count, wgrad_config
 from mbf.kernels.policy import MAX_RANK, LoRAPolicy
 
 __all__ = ["FUSE_MAX_R_PAD", "MAX_RANK", "keep_mask", "lora_linear"]
@@ -56,19 +56,30 @@ def _key(seed: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     return stand_in if seed is None else seed
 
 
-def _row_grid(M: int):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+def _split_launch(tuner, out, name, block, length, args):
+    """Launch ``tuner`` with each row tile's reduction over ``length`` (``block`` columns per step) shared
+    by ``split_count`` programs (the grid's second axis), each writing its part of ``out`` (M, r) into
+    ``<name>_ptr``, a ``(P, M, r)`` buffer (``out`` itself when P = 1; ``out`` is contiguous, like
+    each part); the parts are then summed into ``out`` in a fixed order."""
+    M = out.shape[0]
+    split = split_count(tuner, M, length, block, sm_count(out), args)
+    parts = out.unsqueeze(0) if split == 1 else out.new_empty((split, *out.shape))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split)  # noqa: E731
+    launch(tuner, grid, **args, **{f"{name}_ptr": parts, f"stride_{name}_p": parts.stride(0)})
+    if split > 1:
+        torch.sum(parts, 0, out=out)
 
 
 def _down(x2, A, S, *, dropout, threshold, seed, flags, m_bucket):
-    """Launch 1: ``S = drop(x) Aᵀ`` (fp32), one pass over x."""
+    """Launch 1: ``S = drop(x) Aᵀ`` (fp32, contiguous), one pass over x (K shared by ``split_count``
+    programs)."""
     (M, K), r = x2.shape, A.shape[0]
-    launch(
-        lora.down, _row_grid(M), x_ptr=x2, lora_a_ptr=A, s_ptr=S, M=M, K=K, R=r,
-        **_strides("x", x2, "mk"), **_strides("a", A, "rk"), **_strides("s", S, "mr"),
-        keep_scale=1.0 / (1.0 - dropout), seed_ptr=_key(seed, S), threshold=threshold, m_bucket=m_bucket,
-        HAS_DROPOUT=seed is not None, **flags,
+    args = dict(
+        x_ptr=x2, lora_a_ptr=A, M=M, K=K, R=r, **_strides("x", x2, "mk"), **_strides("a", A, "rk"),
+        **_strides("s", S, "mr"), keep_scale=1.0 / (1.0 - dropout), seed_ptr=_key(seed, S),
+        threshold=threshold, m_bucket=m_bucket, HAS_DROPOUT=seed is not None, **flags,
     )  # fmt: skip
+    _split_launch(lora.down, S, "s", "BLOCK_K", K, args)
 
 
 def _linear(lhs, w_kn, bias, down, up_rn, upm_rn, x, da, out, *, lora_scale, lam, da_scale, threshold, seed,
@@ -91,14 +102,16 @@ def _linear(lhs, w_kn, bias, down, up_rn, upm_rn, x, da, out, *, lora_scale, lam
 
 
 def _dy(dY, B, Bm, S, dS, dB, *, lam, db_scale, flags, m_bucket):
-    """Launch 3: ``dS = dY B_eff`` and (``dB`` given) ``dB += db_scale · dYᵀ S``, one pass over dY."""
+    """Launch 3: ``dS = dY B_eff`` and (``dB`` given: ``(N, R_PAD)`` fp32, zeroed) ``dB += db_scale · dYᵀ S``,
+    one pass over dY (N shared by ``split_count`` programs). S and dS contiguous, like the parts."""
     (M, N), r = dY.shape, B.shape[1]
-    launch(
-        lora.dy, _row_grid(M), dy_ptr=dY, lora_b_ptr=B, merged_b_ptr=B if Bm is None else Bm, s_ptr=S,
-        ds_ptr=dS, db_ptr=S.new_empty(0) if dB is None else dB, M=M, N=N, R=r,
-        **_strides("dy", dY, "mn"), **_strides("b", B, "nr"), **_strides("s", S, "mr"), lam=lam,
-        db_scale=db_scale, m_bucket=m_bucket, HAS_MERGED=Bm is not None, ACC_DB=dB is not None, **flags,
+    args = dict(
+        dy_ptr=dY, lora_b_ptr=B, merged_b_ptr=B if Bm is None else Bm, s_ptr=S,
+        db_ptr=S.new_empty(0) if dB is None else dB, M=M, N=N, R=r, **_strides("dy", dY, "mn"),
+        **_strides("b", B, "nr"), **_strides("s", S, "mr"), lam=lam, db_scale=db_scale, m_bucket=m_bucket,
+        HAS_MERGED=Bm is not None, ACC_DB=dB is not None, **flags,
     )  # fmt: skip
+    _split_launch(lora.dy, dS, "ds", "BLOCK_N", N, args)
 
 
 def _wgrad(left, right, out, scale, threshold, seed, flags):
@@ -137,7 +150,8 @@ def _backward(dY, x2, S, weight, A, B, merged_B, *, scaling, lam, dropout, thres
     """Launches 3 and 4: dX (M, K) in x's dtype and the flat ``[dA | dB]`` in the adapters' dtype.
 
     dA and dB share one buffer: one zeroing launch for both atomic accumulators, and (16-bit
-    adapters) one cast; none of either when ``_lora_wgrad_kernel`` writes them in the adapters'
+    adapters) one cast (with dB's rows padded to R_PAD for the atomics, one copy more below r = R_PAD);
+    none of either when ``_lora_wgrad_kernel`` writes them in the adapters'
     dtype (deterministic mode, or a padded rank above ``FUSE_MAX_R_PAD``).
     """
     (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
@@ -149,11 +163,14 @@ def _backward(dY, x2, S, weight, A, B, merged_B, *, scaling, lam, dropout, thres
     # atomics (fp32, any order) inside the dY and dX passes, or the fixed-order wgrad kernel
     fused = flags["R_PAD"] <= FUSE_MAX_R_PAD and not torch.are_deterministic_algorithms_enabled()
     acc_dtype = torch.float32 if fused else A.dtype  # the wgrad kernel stores A's dtype
-    grads = (torch.zeros if fused else torch.empty)(n_da + n_db, device=x2.device, dtype=acc_dtype)
-    dA, dB = grads[:n_da].view(r, K) if need_da else grads, grads[n_da:].view(N, r) if need_db else grads
+    r_db = flags["R_PAD"] if fused else r  # the dY pass adds whole dB rows R_PAD apart (vector atomics)
+    n_acc = n_da + (N * r_db if need_db else 0)
+    grads = (torch.zeros if fused else torch.empty)(n_acc, device=x2.device, dtype=acc_dtype)
+    dA, dB = grads[:n_da].view(r, K) if need_da else grads, grads[n_da:].view(N, r_db) if need_db else grads
     x2, weight, dY = _int32_steps("x", x2), _int32_steps("weight", weight), _int32_steps("dY", dY)
     A, B = A.contiguous(), B.contiguous()
     Bm = merged_B.contiguous() if merged_B is not None else None
+    S = S.contiguous()  # as the dY pass's parts of dS are
     dS = torch.empty_like(S)
     m_bucket = triton.next_power_of_2(M)
     drop_scale = float(scaling) / (1.0 - dropout)  # s / (1 − p): the mask's rescale folded into s
@@ -172,6 +189,8 @@ def _backward(dY, x2, S, weight, A, B, merged_B, *, scaling, lam, dropout, thres
             _wgrad(dS, x2, dA, drop_scale, threshold, seed, flags)
         if need_db and not fused:
             _wgrad(S, dY, dB.T, db_scale, 0, None, flags)
+    if need_db and r_db > r:  # drop dB's padding columns (zeros)
+        grads = torch.cat((grads[:n_da], dB[:, :r].reshape(-1)))
     return dx, grads.to(A.dtype)
 
 

@@ -2,6 +2,7 @@
 
 - ``keep_factor``: the Philox dropout keep factor of a tile (``mbf.reference.dropout_keep_mask``'s bits);
 - ``load_b_eff``: a tile of ``B_eff = B_m + λ (B − B_m)`` in fp32;
+- ``split_range``: a program's share of a reduction dealt over the grid's second axis (down, dy);
 - ``da_prologue``, ``lora_addend``, ``gemm_loop``: the three parts of ``_lora_linear_kernel`` (the dA
   accumulation, the policy's LoRA addend, the base GEMM's main loop).
 """
@@ -10,7 +11,7 @@ import triton
 import triton.language as tl
 from mbf.kernels._common import cast, dot
 
-__all__ = ["da_prologue", "gemm_loop", "keep_factor", "load_b_eff", "lora_addend"]
+__all__ = ["da_prologue", "gemm_loop", "keep_factor", "load_b_eff", "lora_addend", "split_range"]
 
 
 @triton.jit
@@ -43,6 +44,15 @@ def load_b_eff(b_ptrs, bm_ptrs, mask, lam, HAS_MERGED: tl.constexpr):
         bm = tl.load(bm_ptrs, mask=mask, other=0.0).to(tl.float32)
         b = bm + lam * (b - bm)
     return b
+
+
+@triton.jit
+def split_range(length, BLOCK: tl.constexpr):
+    """``[lo, hi)``: this program's share of a reduction over ``length``, in whole BLOCK steps dealt
+    evenly over the grid's second axis (``lora_configs.split_count``); empty for a program past the end."""
+    per = tl.cdiv(tl.cdiv(length, BLOCK), tl.num_programs(1))
+    lo = tl.minimum(tl.program_id(1) * per * BLOCK, length)
+    return lo, tl.minimum(length, lo + per * BLOCK)
 
 
 @triton.jit
