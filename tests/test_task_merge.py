@@ -188,3 +188,17 @@ def test_peft_export_refuses_the_dense_merge_and_takes_the_low_rank_one(tiny_lla
     again = TaskMergeLoRA(tiny_llama)  # a new strategy on the model takes the old one's deltas off
     assert not cm.active() and not again.active()
     mbf.save_peft_adapter(tiny_llama, tmp_path / "after")
+
+
+def test_another_strategy_on_the_model_takes_the_merged_delta_off(tiny_llama):
+    from mbf.strategies.olora import OLoRA
+
+    cm = _setup(tiny_llama, merge="task_arithmetic")
+    _run_tasks(cm, 1)
+    layer = next(iter(cm.layers.values()))
+    x = torch.randn(2, layer.in_features)
+    assert cm.active()
+    OLoRA(tiny_llama)  # a model runs one strategy's extra terms: the dense ΔW no longer computes
+    assert not cm.active()
+    with torch.no_grad(), cm.merged():
+        torch.testing.assert_close(layer(x), nn_linear(layer, x))  # merged_A/B are zero: the base alone

@@ -12,7 +12,7 @@ from mbf.nn.nf4 import NF4Linear
 
 __all__ = [
     "FROZEN_BRANCHES", "MERGED_DELTAS", "has_frozen_branches", "inference_adapter", "linear_names",
-    "lora_layers", "resolve_adapter", "use_adapter",
+    "lora_layers", "release_hooks", "resolve_adapter", "use_adapter",
 ]  # fmt: skip
 
 # model.__dict__ key of the per-task frozen LoRAs (mbf.strategies.branches.FrozenBranches) on its layers
@@ -27,6 +27,15 @@ def has_frozen_branches(model: nn.Module) -> bool:
     the model then."""
     held = [model.__dict__.get(key) for key in (FROZEN_BRANCHES, MERGED_DELTAS)]
     return any(h is not None and h.active() for h in held)
+
+
+def release_hooks(model: nn.Module) -> None:
+    """Take an earlier strategy's per-task LoRAs or merged ΔW (their forward hooks) off ``model``: a
+    model runs one strategy's extra terms at a time (each holder has ``active()`` and ``remove()``)."""
+    for key in (FROZEN_BRANCHES, MERGED_DELTAS):
+        holder = model.__dict__.pop(key, None)
+        if holder is not None:
+            holder.remove()
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

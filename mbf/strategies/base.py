@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from mbf.nn.model import lora_layers
+from mbf.nn.model import lora_layers, release_hooks
 
 __all__ = ["ADAM_MOMENTS", "ContinualStrategy", "StrategyConfig", "StrategyDefaults"]
 
@@ -162,7 +162,7 @@ class StrategyDefaults:
 
     def _take(self, model: nn.Module, config: Any, options: dict) -> None:
         """What a strategy's ``__init__`` starts with: its config (``_config_of``), ``model``, its LoRA
-        ``layers`` and the task counters at 0.
+        ``layers`` and the task counters at 0; the hooks of an earlier strategy on the model are removed.
 
         Raises:
             ValueError: an unknown option, or a model without LoRA layers.
@@ -172,6 +172,7 @@ class StrategyDefaults:
         if not self.layers:
             raise ValueError("model has no LoRA layers: call mbf.inject(model, LoRAConfig(...)) first")
         self.model, self.task_index, self.in_task = model, 0, False
+        release_hooks(model)  # an earlier strategy's per-task LoRAs or merged ΔW no longer compute
 
     def loss_term(self) -> torch.Tensor | None:
         """Nothing added to the task loss."""

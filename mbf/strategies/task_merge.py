@@ -104,9 +104,6 @@ class TaskMergeLoRA(StrategyDefaults):
             ]
         self.kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per task, per layer: (A_t, B_t)
         self.deltas: list[torch.Tensor] | None = None  # per layer: the merged ΔW (out, in), full variant
-        previous = model.__dict__.pop(MERGED_DELTAS, None)
-        if previous is not None:  # an earlier TaskMergeLoRA's deltas no longer apply
-            previous.remove_hooks()
         self._handles = [
             layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers.values())
         ]
@@ -117,7 +114,7 @@ class TaskMergeLoRA(StrategyDefaults):
         """True while a dense merged ΔW computes in the layers' merged mode (not the low-rank variant)."""
         return self.deltas is not None and bool(self._handles)
 
-    def remove_hooks(self) -> None:
+    def remove(self) -> None:
         """Take the dense deltas' hooks off the model."""
         for handle in self._handles:
             handle.remove()
