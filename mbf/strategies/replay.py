@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from mbf import checkpoint
 from mbf.config import ContinualConfig
+from mbf.nn.model import release_hooks
 from mbf.strategies.base import StrategyConfig, StrategyDefaults
 from mbf.strategies.saving import read_strategy, write_strategy
 
@@ -103,6 +104,7 @@ class ExperienceReplay(StrategyDefaults):
 
         self.config = self._config_of(config, options)
         self.lora = ContinualLoRA(model, SEQUENTIAL)
+        release_hooks(model)  # an earlier strategy's per-task LoRAs or merged ΔW no longer compute
         self.kept: list[list[int]] = []  # per finished task: the indices of its buffered examples
         self._drawn: list[int] | None = None  # the current task's buffer, kept at end_task()
         self._buffered: list[Any] = []  # the kept examples themselves, once training_examples saw them
