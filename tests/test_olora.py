@@ -16,9 +16,9 @@ from mbf.experiment import results as results_file
 from mbf.experiment.methods import method_config, method_label
 from mbf.experiment.run import run_continual
 from mbf.experiment.suites.conflict import conflict_suite
-from mbf.experiment.train import TrainOptions
+from mbf.experiment.train import TrainOptions, train_steps
 from mbf.strategies import ContinualStrategy, load_strategy, make_strategy
-from mbf.strategies.olora import OLoRA, OLoRAConfig
+from mbf.strategies.olora import OLoRA, OLoRAConfig, orthogonality_loss
 
 LORA = mbf.LoRAConfig(r=4, alpha=8)
 
@@ -56,6 +56,28 @@ def test_loss_term_value_and_gradient_against_a_hand_computation(norm):
         assert_close(layer.lora_A.grad, 0.5 * d_orth + 0.3 * dA_l2, torch.float32)
         assert_close(layer.lora_B.grad, 0.3 * dB_l2, torch.float32)
     assert_close(term, torch.tensor(expected, dtype=torch.float64), torch.float32)
+
+
+def test_training_with_the_loss_term_moves_the_new_a_off_the_past_ones():
+    """train_steps adds loss_term: with λ₁ large the new A's overlap with the past A's falls, with λ₁ = 0
+    it stays near where the random init put it."""
+    task = conflict_suite(0, n_train=8, n_test=1, n_tasks=1)[0]
+    opts = TrainOptions(lr=1e-2, max_steps=8, batch_size=4, warmup_steps=0)
+    overlaps = {}
+    for lam in (0.0, 50.0):
+        cl = _olora(tasks=1, lambda_orth=lam)
+        cl.begin_task()
+
+        def overlap(cl=cl) -> float:
+            pairs = [(cl.branches.A[n], m.lora_A.detach()) for n, m in cl.layers.items()]
+            return sum(float(orthogonality_loss(past, A)) for past, A in pairs)
+
+        before = overlap()
+        examples = [(task, ex) for ex in task.train]
+        params = cl.trainable_parameters()
+        train_steps(cl.model, params, char_codec(), examples, opts, 0, loss_term=cl.loss_term)
+        overlaps[lam] = overlap() / before
+    assert overlaps[50.0] < 0.5 < 0.8 < overlaps[0.0], overlaps
 
 
 def test_loss_term_is_none_when_nothing_applies():
