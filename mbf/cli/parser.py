@@ -214,38 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the method's preset)",
     )
     c.add_argument("--out", required=True, help="run directory")
-    c.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out from its last finished task, with the settings it was started "
-        "with (a changed one is refused, naming it)",
-    )
-    c.add_argument(
-        "--accept-changes",
-        action="store_true",
-        help="with --resume: continue although settings differ from the saved run's, and record each "
-        "difference in results.json (resumed_with_changes) and results.md",
-    )
-    c.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=None,
-        help="override the method's λ schedule (default: the method's; the paper's is sqrt = 1/√i; "
-        "inverse, constant and none are this package's extensions)",
-    )
-    c.add_argument(
-        "--init", choices=INITS, default=None, help="override the method's task-init (default: the method's)"
-    )
-    c.add_argument(
-        "--constant", type=float, default=None, help="λ of --schedule constant (default: 0.5; an extension)"
-    )
-    c.add_argument(
-        "--orthogonal-updates",
-        action="store_true",
-        default=None,
-        help="strict mode: a task's A updates stay out of the previous task's row space (default: off; "
-        "this package's extension, not the paper's)",
-    )
+    run_control = {  # flag -> add_argument's keywords: resuming, then the method's overrides
+        "--resume": dict(action="store_true", help="continue the run in --out from its last finished task, "
+                         "with the settings it was started with (a changed one is refused, naming it)"),
+        "--accept-changes": dict(action="store_true", help="with --resume: continue although settings "
+                                 "differ from the saved run's, and record each difference in results.json "
+                                 "(resumed_with_changes) and results.md"),
+        "--schedule": dict(choices=SCHEDULES, default=None, help="override the method's λ schedule (default: "
+                           "the method's; the paper's is sqrt = 1/√i; inverse, constant and none are this "
+                           "package's extensions)"),
+        "--init": dict(choices=INITS, default=None, help="override the method's task-init (default: the "
+                       "method's)"),
+        "--constant": dict(type=float, default=None, help="λ of --schedule constant (default: 0.5; an "
+                           "extension)"),
+        "--orthogonal-updates": dict(action="store_true", default=None, help="strict mode: a task's A "
+                                     "updates stay out of the previous task's row space (default: off; "
+                                     "this package's extension, not the paper's)"),
+    }  # fmt: skip
+    for flag, keywords in run_control.items():
+        c.add_argument(flag, **keywords)
     _add_suite_args(c)
     _add_model_args(c)
     _add_train_args(c)
