@@ -206,12 +206,14 @@ def memory_figure(groups: dict[str, list[dict]], path: Path) -> None:
         (axes[0], MEMORY[:1], "Adapter state held after each task"),
         (axes[1], MEMORY, "Adapters + AdamW state + replay buffer"),
     ):
-        for label, runs in groups.items():
+        for k, (label, runs) in enumerate(groups.items()):
             curve = [b / scale for b in memory_curve(runs, keys)]
             xs = range(1, len(curve) + 1) if len(curve) > 1 or T == 1 else [T]
-            ax.plot(
-                list(xs), curve, "o-" if len(curve) > 1 else "*", ms=6 if len(curve) > 1 else 12, label=label
-            )
+            # methods of equal memory draw the same line: a marker and dash of its own keeps each visible
+            style = dict(marker="os^Dvx"[k % 6], ls=("-", "--", ":", "-.")[k % 4], ms=9 - k % 4)
+            if len(curve) == 1:
+                style.update(marker="*", ls="none", ms=12)
+            ax.plot(list(xs), curve, label=f"{label} ({curve[-1]:.1f} {unit})", fillstyle="none", **style)
         ax.set_xlabel("tasks trained")
         ax.set_xticks(range(1, T + 1))
         ax.set_ylabel(unit)

@@ -71,7 +71,10 @@ def _kib(stages: list[dict], key: str) -> str:
     """The largest ``key`` of ``stages`` (per_task entries) in KiB; ``"–"`` where none has it (older runs
     lack optimizer_bytes, every method but replay buffer_bytes)."""
     values = [p[key] for p in stages if p.get(key) is not None]
-    return f"{max(values) / 1024:.0f}" if values else "–"
+    if not values:
+        return "–"
+    kib = max(values) / 1024
+    return f"{kib:.1f}" if 0 < kib < 1 else f"{kib:.0f}"  # a small replay buffer is not 0
 
 
 def _metric_note(results: dict) -> str:
