@@ -1,4 +1,4 @@
-"""Fused LoRA linear kernels, the time-aware merge inside: two launches forward, two backward.
+"""Fused LoRA linear kernels, the time-aware merge inside: two launches forward, two or three backward.
 
 The autotune configs are in ``lora_configs.py``; the launchers and the ``torch.library`` op in
 ``lora_op.py``.
@@ -12,7 +12,7 @@ With x flattened to ``(M, K)``, ``W0: (N, K)``, ``A: (r, K)``, ``B`` and ``B_m: 
     dS    = dY B_eff                   (M, r)  launch 3: one pass over dY gives dS (+ a sum) and
     dB    = s · λ · dYᵀ S              (N, r)           dB (λ only when the merged B is in play)
     dX    = dY W0 + s · drop(dS A)     (M, K)  launch 4: one GEMM with the LoRA term joined, whose
-    dA    = s · dSᵀ drop(x)            (r, K)           epilogue reads the x tile at the same (m, k)
+    dA    = s · dSᵀ drop(x)            (r, K)           prologue reads the x tile at the same (m, k)
 
 Launches 1 and 3 are memory-bound passes with one row tile per program: at small M the row tiles
 alone cannot fill a GPU, so each row tile's reduction (K for S, N for dS) is shared by the programs
@@ -20,6 +20,11 @@ of the grid's second axis (``lora_configs.split_count``: row tiles x parts reach
 SM), each writing its part of S or dS, which the launcher then sums in a fixed order (no atomics:
 the forward stays deterministic). The dY pass starts each row tile's sweep at a step of its own
 (wrapping around), so the row tiles add into different dB rows at once.
+
+The prologue caps dX's tile at the 128×128 class (``lora_configs.linear_budget``: at 128×256 it
+spills). Without dropout (whose mask alone caps the tile too), and where M is large enough for the
+wider tiles to fill the GPU, dA gets a launch of its own: the same kernel without its main GEMM
+(one more pass over x and dS), and dX may take the 128×256 tile (``lora_op._da_apart``).
 
 dA and dB are sums over the M tiles, added with fp32 atomics in any order, while the padded rank
 is at most ``lora_op.FUSE_MAX_R_PAD`` (32); dB's accumulator rows are R_PAD apart (the padding
@@ -177,7 +182,8 @@ def _lora_linear_kernel(
     UPCAST: tl.constexpr,  # interpreter: dot in fp32
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
 ):
-    """``out = lhs @ W + addend`` (forward: y; backward: dX, with dA accumulated in the prologue).
+    """``out = lhs @ W + addend`` (forward: y; backward: dX, with dA accumulated in the prologue, or dA
+    alone without HAS_MAIN).
 
     The prologue (dA) and the addend come BEFORE the K loop, so that their operands (the mask, the x
     tile, (BLOCK, R) tiles) are dead when the loop starts: it carries the accumulator alone (after

@@ -30,6 +30,7 @@ __all__ = [
     "SM_COUNT",
     "autotune",
     "launch",
+    "linear_budget",
     "m_range",
     "sm_count",
     "split_count",
@@ -150,11 +151,8 @@ def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
     """Whether ``config``'s tiles fit the registers of this launch's variant: what the compile check
     measured on sm_90 with ptxas (more than 64 bytes of spills is a misfit).
 
-    linear: the plain GEMM takes the tutorial's 128 fp32 accumulator elements per thread (64 at
-    R_PAD 64: the LoRA tiles join); the backward with the dA epilogue or dropout also holds the x
-    tile and the mask, so 64, and 32 with fp32 LoRA tiles above R_PAD 16. Split fp32 products
-    (``_split``) quarter these, down to 16. Split, dy with dB keeps BLOCK_M x max(R_PAD, 32) <= 1024 and down
-    at R_PAD 64 BLOCK_M x BLOCK_K <= 1024.
+    linear: ``linear_budget``. Split, dy with dB keeps BLOCK_M x max(R_PAD, 32) <= 1024 and down at
+    R_PAD 64 BLOCK_M x BLOCK_K <= 1024.
     """
     R, c = args["R_PAD"], config.kwargs
     if kernel == "down":
@@ -163,14 +161,24 @@ def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
         # BLOCK_M x max(R_PAD, 32) <= 1024: at R_PAD 16 the 64-row tile spilled 120 B under Triton 3.6
         tall = c["BLOCK_M"] * max(R, 32) > 1024
         return not (_split(args, "dy_ptr", "lora_b_ptr") and args["ACC_DB"] and tall)
-    mixed = args["up_ptr"].dtype != args["lhs_ptr"].dtype
+    return _per_thread(config, "BLOCK_N") <= linear_budget(args)
+
+
+def linear_budget(args: dict) -> int:
+    """fp32 accumulator elements per thread the linear kernel's variant ``args`` may hold (``_fits``).
+
+    The plain GEMM: 128 (the tutorial's 128×256 tile on 8 warps), 64 at R_PAD 64. The dA prologue or
+    the dropout mask also hold the x tile and the mask: 64, and 32 with fp32 LoRA tiles above R_PAD
+    16 (at 128×256, R_PAD 16: the prologue spills 56-100 B on sm_90 with fp32 adapters over a 16-bit
+    base and 48-72 B on sm_80 with 16-bit ones; dX alone with the mask 100 B at fp16, Triton 3.9 /
+    3.6). Split fp32 products (``_split``) quarter these.
+    """
+    R, mixed = args["R_PAD"], args["up_ptr"].dtype != args["lhs_ptr"].dtype
     if args["ACC_DA"] or args["HAS_DROPOUT"]:
         budget = 64 if R <= (16 if mixed else 32) else 32
     else:
         budget = 128 if R <= 32 else 64
-    if _split(args, "lhs_ptr", "up_ptr"):
-        budget = max(16, budget // 4)
-    return _per_thread(config, "BLOCK_N") <= budget
+    return max(16, budget // 4) if _split(args, "lhs_ptr", "up_ptr") else budget
 
 
 def _pruner(kernel: str):

@@ -9,7 +9,7 @@ import torch
 import triton
 from mbf.kernels import lora
 from mbf.kernels._common import TL_DTYPES, device_of, dot_flags, pad_rank
-from mbf.kernels.lora_configs import launch, sm_count, split_count, wgrad_config
+from mbf.kernels.lora_configs import launch, linear_budget, sm_count, split_count, wgrad_config
 from mbf.kernels.policy import MAX_RANK, LoRAPolicy
 
 __all__ = ["FUSE_MAX_R_PAD", "MAX_RANK", "keep_mask", "lora_linear"]
@@ -114,6 +114,17 @@ def _dy(dY, B, Bm, S, dS, dB, *, lam, db_scale, flags, m_bucket):
     _split_launch(lora.dy, dS, "ds", "BLOCK_N", N, args)
 
 
+def _da_apart(dY, A, seed, flags) -> bool:
+    """Whether dA leaves the dX GEMM's prologue for a launch of its own (one more pass over x and dS):
+    where the prologue would cap dX's tile (``linear_budget``: without dropout, whose mask caps it
+    anyway) and dX's output, in tiles of the wider size, still fills the GPU."""
+    (M, _), K = dY.shape, A.shape[1]
+    args = {"R_PAD": flags["R_PAD"], "PRECISION": flags["PRECISION"], "up_ptr": A, "lhs_ptr": dY,
+            "HAS_DROPOUT": seed is not None}  # fmt: skip
+    alone, with_da = linear_budget({**args, "ACC_DA": False}), linear_budget({**args, "ACC_DA": True})
+    return alone > with_da and triton.cdiv(M * K, alone * 256) >= sm_count(dY)  # 8 warps' tiles
+
+
 def _wgrad(left, right, out, scale, threshold, seed, flags):
     """Deterministic ``out (R, C) = scale · leftᵀ drop(right)`` (``out`` may be a transposed view)."""
     (M, C), R = right.shape, left.shape[1]
@@ -176,15 +187,18 @@ def _backward(dY, x2, S, weight, A, B, merged_B, *, scaling, lam, dropout, thres
     drop_scale = float(scaling) / (1.0 - dropout)  # s / (1 − p): the mask's rescale folded into s
     db_scale = float(scaling) * (float(lam) if merged_B is not None else 1.0)  # ∂B_eff/∂B = λ
     acc_da, acc_db = need_da and fused, need_db and fused
+    da_apart = need_dx and acc_da and _da_apart(dY, A, seed, flags)
     with device_of(x2):
         if need_dx or need_da or acc_db:
             _dy(dY, B, Bm, S, dS, dB if acc_db else None, lam=float(lam), db_scale=db_scale, flags=flags,
                 m_bucket=m_bucket)  # fmt: skip
-        if need_dx or acc_da:
-            # dX = dY W0 + s' drop(dS A): W0 read as (N, K) as stored, A as (R, K); dA in the prologue
-            _linear(dY, weight, None, dS, A, None, x2, dA if acc_da else None, dx if need_dx else dY,
-                    lora_scale=drop_scale, lam=1.0, da_scale=drop_scale, threshold=threshold, seed=seed,
-                    has_main=need_dx, flags=flags, m_bucket=m_bucket)  # fmt: skip
+        # dX = dY W0 + s' drop(dS A): W0 read as (N, K) as stored, A as (R, K); dA in the prologue, or
+        # (da_apart, or no dX wanted) in a dA-only launch of the same kernel
+        for main, da in ((True, None), (False, dA)) if da_apart else ((need_dx, dA if acc_da else None),):
+            if main or da is not None:
+                _linear(dY, weight, None, dS, A, None, x2, da, dx if main else dY, lora_scale=drop_scale,
+                        lam=1.0, da_scale=drop_scale, threshold=threshold, seed=seed, has_main=main,
+                        flags=flags, m_bucket=m_bucket)  # fmt: skip
         if need_da and not fused:  # one program per column tile sums all of M in order
             _wgrad(dS, x2, dA, drop_scale, threshold, seed, flags)
         if need_db and not fused:

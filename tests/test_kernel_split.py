@@ -1,4 +1,5 @@
-"""The low-rank passes with their reductions split over programs (``down``: K; ``dy``: N).
+"""The low-rank passes with their reductions split over programs (``down``: K; ``dy``: N), and dA
+split from the dX GEMM where its prologue would cap dX's tile.
 
 ``lora_configs.split_count`` gives each row tile's reduction to several programs when the row tiles
 alone cannot fill the GPU; each program sums whole steps into a part of its own and the parts are
@@ -128,4 +129,50 @@ def test_split_passes_match_reference(monkeypatch, case):
     assert_close(leaves["x"].grad, ref["x"].grad, dt)
     for name in ("A", "B"):
         assert leaves[name].grad.shape == t[name].shape
+        assert_close(leaves[name].grad, ref[name].grad, adt)
+
+
+@pytest.mark.parametrize(
+    "x_dt,a_dt,p,M,apart",
+    [
+        (torch.bfloat16, torch.bfloat16, 0.0, 8192, True),  # the prologue caps the tile
+        (torch.bfloat16, torch.float32, 0.0, 8192, True),
+        (torch.float16, torch.float32, 0.0, 8192, True),
+        (torch.float32, torch.float32, 0.0, 8192, True),
+        (torch.bfloat16, torch.float32, 0.0, 512, False),  # too few wide tiles to fill the GPU
+        (torch.bfloat16, torch.bfloat16, 0.1, 8192, False),  # the mask alone caps dX's tile
+        (torch.bfloat16, torch.float32, 0.1, 8192, False),
+    ],
+)
+def test_da_leaves_the_dx_prologue_where_it_caps_the_tile(monkeypatch, x_dt, a_dt, p, M, apart):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU budgets
+    dY, A = torch.empty(M, 4096, dtype=x_dt), torch.empty(16, 4096, dtype=a_dt)
+    seed = torch.zeros((), dtype=torch.int64) if p else None
+    assert lora_op._da_apart(dY, A, seed, {"R_PAD": 16, "PRECISION": "tf32x3"}) == apart
+
+
+@pytest.mark.parametrize("dtypes,p", [("bf16", 0.3), ("bf16-fp32-adapters", 0.0), ("fp32", 0.3)])
+def test_da_apart_from_dx_matches_reference(monkeypatch, dtypes, p):
+    """dA in a launch of its own (the dX kernel without its GEMM) and dX alone, against the spec."""
+    monkeypatch.setattr(lora_op, "_da_apart", lambda *args: True)  # the interpreter's shapes are small
+    launches, linear = [], lora_op._linear
+
+    def record(*args, **kw):
+        launches.append((kw["has_main"], args[7] is not None))  # (the GEMM, dA)
+        return linear(*args, **kw)
+
+    monkeypatch.setattr(lora_op, "_linear", record)
+    dt, adt = DTYPES[dtypes]
+    t, dY = _inputs(37, 40, 33, 6, dt, adt)
+    kw = dict(scaling=0.75, lam=0.6, dropout=p, seed=5)
+    leaves = {k: t[k].detach().requires_grad_() for k in ("x", "A", "B")}
+    y = functional.lora_linear(**{**t, **leaves}, **kw, backend="triton")
+    y.backward(dY)
+    ref = {k: v.detach().double().requires_grad_(k in leaves) for k, v in t.items()}
+    y_ref = reference.lora_linear(**ref, **kw, compute_dtype=torch.promote_types(dt, adt), out_dtype=dt)
+    y_ref.backward(dY.double())
+    assert launches == [(True, False), (True, False), (False, True)]  # y; dX alone; dA alone
+    assert_close(y, y_ref, dt)
+    assert_close(leaves["x"].grad, ref["x"].grad, dt)
+    for name in ("A", "B"):
         assert_close(leaves[name].grad, ref[name].grad, adt)
