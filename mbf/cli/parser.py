@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="slao",
         help=f"slao (the paper's method), seq-lora (the baseline), multi-task (the upper bound); the paper's "
         f"ablations {', '.join(PAPER_ABLATIONS)} and slao-random; this package's extensions, not the "
-        f"paper's: {', '.join(EXTENSIONS)}; other papers' methods: {', '.join(BASELINES)}",
+        f"paper's: {', '.join(EXTENSIONS)}; other methods SLAO is compared with: {', '.join(BASELINES)} "
+        "(replay keeps 2%% of each task's training examples: not data-free)",
     )
     c.add_argument(
         "--option",
