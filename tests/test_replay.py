@@ -114,3 +114,10 @@ def test_errors(tiny_llama):
         ValueError, match="task 1's saved buffer holds example .* has 3 training examples now"
     ):
         cl.training_examples(1, [["a", "b", "c"], ["d"]])
+
+
+def test_replays_seed_is_the_runs_and_an_option_that_sets_it_is_refused():
+    from mbf.experiment.methods import method_config
+
+    with pytest.raises(ValueError, match="--option seed=3: replay's seed is the run's; give --seed 3"):
+        method_config("replay", options={"seed": "3"})

@@ -106,6 +106,8 @@ def _parsed(method: str, preset: Any, options: dict[str, str]) -> dict:
     types = {f.name: type(getattr(preset, f.name)) for f in fields(preset)}
     out = {}
     for name, text in options.items():
+        if name == "seed" and name in types:  # with_run_seed would overwrite it without a word
+            raise ValueError(f"--option seed={text}: {method}'s seed is the run's; give --seed {text}")
         if name not in types:
             raise ValueError(f"--option {name}={text}: {method} has no option {name!r}; its options: "
                              f"{', '.join(types)}")  # fmt: skip
