@@ -77,7 +77,9 @@ _DOWN = {
 # dy: (BLOCK_M, BLOCK_N, warps, stages), memory-bound over dY: each program sweeps its share of N
 _DY = {
     2: [(128, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4)],
-    4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 32, 4, 3)],
+    # (32, 32) and (16, 16): fp32 tf32x3 with dB at R_PAD 32, where BLOCK_N 64 spills on sm_80
+    4: [(128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 32, 4, 4), (16, 64, 4, 4), (16, 32, 4, 3),
+        (16, 16, 4, 3)],
 }
 
 
@@ -151,16 +153,19 @@ def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
     """Whether ``config``'s tiles fit the registers of this launch's variant: what the compile check
     measured on sm_90 with ptxas (more than 64 bytes of spills is a misfit).
 
-    linear: ``linear_budget``. Split, dy with dB keeps BLOCK_M x max(R_PAD, 32) <= 1024 and down at
-    R_PAD 64 BLOCK_M x BLOCK_K <= 1024.
+    linear: ``linear_budget``. Split, dy with dB keeps BLOCK_M x max(R_PAD, 32) <= 1024 (and BLOCK_N
+    <= 32 at R_PAD 32) and down at R_PAD 64 BLOCK_M x BLOCK_K <= 1024.
     """
     R, c = args["R_PAD"], config.kwargs
     if kernel == "down":
         return not (_split(args, "x_ptr", "lora_a_ptr") and R >= 64 and c["BLOCK_M"] * c["BLOCK_K"] > 1024)
     if kernel == "dy":
-        # BLOCK_M x max(R_PAD, 32) <= 1024: at R_PAD 16 the 64-row tile spilled 120 B under Triton 3.6
-        tall = c["BLOCK_M"] * max(R, 32) > 1024
-        return not (_split(args, "dy_ptr", "lora_b_ptr") and args["ACC_DB"] and tall)
+        # BLOCK_M x max(R_PAD, 32) <= 1024: at R_PAD 16 the 64-row tile spilled 120 B under Triton 3.6;
+        # at R_PAD 32 BLOCK_N 64 spills 68-72 B on sm_80 (16 and 32 rows, Triton 3.9)
+        tight = _split(args, "dy_ptr", "lora_b_ptr") and args["ACC_DB"]
+        tall = c["BLOCK_M"] * max(R, 32) > 1024 or (R >= 32 and c["BLOCK_N"] > 32)
+        # BLOCK_N 16 only where 64 spills (elsewhere the 16 x 16 tile spills 8-16 B on sm_90)
+        return not (tight and tall) and (c["BLOCK_N"] >= 32 or (tight and R >= 32))
     return _per_thread(config, "BLOCK_N") <= linear_budget(args)
 
 
