@@ -38,7 +38,8 @@ setup(
         "data": ["rouge-score>=0.1.2"],
         # bitsandbytes in the test set: the NF4 storage is tested bit-exact against it (CPU backend)
         "test": [
-            "pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "bitsandbytes>=0.43", "ruff>=0.4",
+            "pytest>=7", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "bitsandbytes>=0.43",
+            "ruff>=0.4",
             "rouge-score>=0.1.2",  # the Rouge-L tests compare against the reference implementation
         ],  # fmt: skip
         "bench": [*APP, "pytest>=7", "pytest-benchmark>=4"],
