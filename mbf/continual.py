@@ -36,7 +36,7 @@ from mbf.config import INITS, RENAMED, ContinualConfig
 from mbf.distributed import assign_, check_ranks, full, is_writer, world_size
 from mbf.inject import eject, inject, lora_layers
 from mbf.nn.lora import MODES
-from mbf.nn.model import use_adapter
+from mbf.nn.model import release_hooks, use_adapter
 from mbf.strategies.base import StrategyDefaults
 
 __all__ = ["EVAL_ADAPTERS", "INITS", "ContinualConfig", "ContinualLoRA"]
@@ -71,7 +71,7 @@ class ContinualLoRA(StrategyDefaults):
 
     def __init__(
         self, model: nn.Module, config: ContinualConfig | None = None, *, backend: str = "auto",
-        distributed: bool | None = None, **options,
+        distributed: bool | None = None, _release_hooks: bool = True, **options,
     ) -> None:  # fmt: skip
         config = config or ContinualConfig()
         options = {RENAMED.get(k, k): v for k, v in options.items()}  # "merge": an old name
@@ -92,6 +92,8 @@ class ContinualLoRA(StrategyDefaults):
         self._start: list[torch.Tensor] | None = None  # strict mode: each lora_A as the task began
         self._eval_adapter: str | None = "auto"  # see set_eval_adapter
         model.__dict__[_OWNER] = weakref.ref(self)  # the newest drives the model (see _check_live)
+        if _release_hooks:  # another strategy's per-task LoRAs or merged ΔW would still add their terms
+            release_hooks(model)
         self._apply_eval_adapter()
 
     # -- task boundaries --------------------------------------------------------------------------
@@ -359,8 +361,10 @@ class ContinualLoRA(StrategyDefaults):
         previous = model.__dict__.get(_OWNER)
         try:
             checkpoint.check_lora_config(path, ckpt.lora_config, getattr(model, "mbf_lora_config", None))
-            cl = cls(model, config or ckpt.config, backend=backend, distributed=distributed)
+            config = config or ckpt.config
+            cl = cls(model, config, backend=backend, distributed=distributed, _release_hooks=False)
             cl._restore(ckpt)
+            release_hooks(model)  # only now: a failed load leaves the strategy that drove the model as it was
         except BaseException:
             if injected:
                 eject(model)

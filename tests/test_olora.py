@@ -258,3 +258,33 @@ def test_cli_runs_each_method_with_an_option(tmp_path, capsys, method, option, o
     assert why in capsys.readouterr().err
     assert main([*argv[:3], "--schedule", "inverse", *argv[3:]]) == 2
     assert f"--schedule: SLAO's options, not {method}'s" in capsys.readouterr().err
+
+
+def test_a_continual_lora_made_or_loaded_on_a_model_takes_o_loras_past_branches_off(tmp_path):
+    """After O-LoRA drove a model, SLAO on it computes with its own adapter alone: the past tasks'
+    frozen LoRAs would otherwise still add their terms without a word; a failed load keeps them."""
+    ids = torch.randint(2, 90, (2, 7))
+    cl = _olora(tasks=2, seed=3)
+    with cl.merged():
+        with_branches = cl.model(input_ids=ids).logits
+    slao = mbf.ContinualLoRA(cl.model)
+    slao.save(tmp_path / "slao")
+    with slao.merged():
+        own = cl.model(input_ids=ids).logits
+    cl.close()  # the same model with O-LoRA's hooks off, its layers as they are
+    with slao.merged():
+        assert_close(own, cl.model(input_ids=ids).logits, torch.float32)
+    assert (own - with_branches).abs().max() > 1e-3  # the branches had changed the output
+
+    r8 = tiny_llama(0, hidden_size=48, intermediate_size=80)
+    mbf.inject(r8, mbf.LoRAConfig(r=8, alpha=8))
+    mbf.ContinualLoRA(r8).save(tmp_path / "r8")
+    other = _olora(tasks=2, seed=4)
+    with pytest.raises(ValueError, match="saved LoRAConfig.r=8 but the model was injected with r=4"):
+        mbf.ContinualLoRA.load(other.model, tmp_path / "r8")
+    with other.merged():
+        kept = other.model(input_ids=ids).logits
+    other.close()
+    with other.merged():
+        assert (kept - other.model(input_ids=ids).logits).abs().max() > 1e-3  # its branches still computed
+    mbf.ContinualLoRA.load(other.model, tmp_path / "slao")  # a good load takes them off
