@@ -21,8 +21,13 @@ PEFT adapter, at the cost of what the truncation drops.
 
 Memory: every task's factors are kept, ``O(T · (m + n) · r)`` per layer, growing with the number of
 tasks T (SLAO holds two adapters whatever T); the full-ΔW variant also holds the merged ``m × n``
-delta of every layer. Default λ: 0.4 for task arithmetic and 1 for TIES, the TIES paper's settings
-without a validation set. Single-process (no DDP / FSDP gathering, unlike ``ContinualLoRA``).
+delta of every layer. Default λ: 0.4 for task arithmetic and 1 for TIES, with TIES keeping 20 %: the
+values of the TIES authors' released minimal example (``src/ties_minimal.ipynb`` of
+github.com/prateeky2806/ties-merging: ``K = 20``, ``dis-mean``, ``lamda = 1``; task vectors summed,
+``lamda = 0.4``), whose trim is also over the whole flattened task vector and whose sign election is
+also by mass. One difference: where the trimmed entries sum to exactly 0, that example elects the
+majority sign of the whole model, this one keeps 0. Single-process (no DDP / FSDP gathering,
+unlike ``ContinualLoRA``).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from mbf.strategies.saving import read_strategy, write_strategy
 
 __all__ = ["DEFAULT_LAMBDA", "MERGES", "TaskMergeConfig", "TaskMergeLoRA"]
 
-DEFAULT_LAMBDA = {"task_arithmetic": 0.4, "ties": 1.0}  # the TIES paper's choices without validation
+DEFAULT_LAMBDA = {"task_arithmetic": 0.4, "ties": 1.0}  # the TIES authors' minimal example's values
 
 
 @dataclass(frozen=True)
