@@ -178,6 +178,7 @@ def _rank(model: nn.Module, state: _Prompted, options: list[list[int]]) -> torch
     return scores
 
 
+@torch.no_grad()  # the prompt pass too: with trainable adapters it would keep every activation
 def score_task(
     model: nn.Module, codec: Codec, task: Task, opts: TrainOptions, *, desc: str | None = None
 ) -> dict[str, dict]:
