@@ -293,6 +293,28 @@ def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
     assert "already holds a run; pass --resume" in capsys.readouterr().err
 
 
+def test_demo_verdict_says_whether_the_gain_leaves_its_interval():
+    """The demo's last line: the gain with its interval; where the interval crosses 0, "not significant"
+    and where the committed result and the size it needs are."""
+    from argparse import Namespace
+
+    from mbf.cli.commands import _demo_verdict
+
+    args = Namespace(max_steps=8, n_test=20)
+    inside = {
+        "vs_baseline": {"slao": {"AA": {"estimate": 0.02, "low": -0.05, "high": 0.09, "significant": False}}}
+    }
+    line = _demo_verdict(inside, args)
+    assert line.startswith("SLAO − seq-lora: AA +2.0 points, 95% paired interval [-5.0, +9.0]")
+    assert "not significant at the demo's size (8 steps, 20 test examples per task)" in line
+    assert "'The demo's size'" in line and "README 'Results'" in line
+    outside = {
+        "vs_baseline": {"slao": {"AA": {"estimate": 0.2, "low": 0.1, "high": 0.3, "significant": True}}}
+    }
+    assert _demo_verdict(outside, args).endswith("[+10.0, +30.0]: distinguishable from 0 at the demo's size")
+    assert "no paired interval" in _demo_verdict({}, args)
+
+
 def test_load_in_4bit_trains_on_an_nf4_base(tiny_checkpoint, tmp_path, capsys):
     """QLoRA through the command: every projection of the base is NF4 computing in the chosen dtype, the
     run completes and evaluates."""
