@@ -365,3 +365,19 @@ def test_preset_paper_and_training_flags_reach_the_run(tiny_checkpoint, tmp_path
     assert res["train"]["warmup_steps"] == 2 and res["lora"]["dropout"] == 0.1 and res["lora"]["r"] == 8
     assert res["options"]["train"] == "A" and res["options"]["merged_factors"] == "A"
     assert len(res["zero_shot"]) == 5 and res["metrics"]["FWT"] is not None
+
+
+def test_eval_split_validation_is_recorded_and_kept_on_resume(tiny_checkpoint, tmp_path, capsys):
+    """``--eval-split validation`` scores held-out training examples, says so in results.json, and a
+    resume without it is refused (it would score the test split in the same run)."""
+    packages = Path(__file__).parent / "fixtures" / "data_packages"
+    run = tmp_path / "val"
+    suite = ["--suite", "real", "--data-dir", str(packages), "--order", "sms,bbc"]
+    sizes = [*SMALL[2:], "--n-train", "2", "--n-test", "1"]
+    argv = ["continual", "--out", str(run), "--model", str(tiny_checkpoint), *suite, *sizes]
+    assert main([*argv, "--eval-split", "validation"]) == 0
+    saved = results_file.read(run)
+    assert saved["eval_split"] == "validation" and saved["complete"]
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    assert "eval_split" in capsys.readouterr().err

@@ -76,6 +76,24 @@ def test_real_suite_is_deterministic_balanced_and_order_independent():
     assert len({ex.output for ex in db.train}) == 4  # one per class before any class repeats
 
 
+def test_validation_split_holds_out_training_examples_and_keeps_the_training_draw():
+    """``split="validation"``: the same training examples, scored on others of the training pool (none
+    with a training text, none from the test split); recorded in the suite's meta; real only."""
+    test = real_suite("std1", seed=3, n_train=2, n_test=2, data_dir=PACKAGES)
+    val = real_suite("std1", seed=3, n_train=2, n_test=2, data_dir=PACKAGES, split="validation")
+    for t, v in zip(test, val):
+        assert v.train == t.train and 1 <= len(v.test) <= 2  # (the fixtures' pools are small)
+        assert not {ex.input for ex in v.test} & {ex.input for ex in v.train}
+        assert not {ex.input for ex in v.test} & {ex.input for ex in t.test}
+    _, meta = load_suite("real", n_train=2, n_test=2, data_dir=PACKAGES, split="validation")
+    assert meta["eval_split"] == "validation"
+    assert "eval_split" not in load_suite("real", n_train=4, n_test=3, data_dir=PACKAGES)[1]
+    with pytest.raises(ValueError, match="--eval-split validation applies to --suite real, not domains"):
+        load_suite("domains", n_train=4, n_test=3, split="validation")
+    with pytest.raises(ValueError, match="split='dev' must be one of test, validation"):
+        real_suite("std1", data_dir=PACKAGES, split="dev")
+
+
 def test_real_orders_are_three_permutations_each():
     std = [o for o in ORDERS if o.startswith("std")]
     long = [o for o in ORDERS if o.startswith("long")]

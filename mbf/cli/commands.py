@@ -31,6 +31,7 @@ def _tasks(args) -> tuple[list, dict]:
         suite_seed=suite_seed,
         data_dir=args.data_dir,
         order=args.order,
+        split=getattr(args, "eval_split", None) or "test",
     )
 
 
@@ -228,7 +229,7 @@ def cmd_eval(args) -> int:
             if given is not None and key in saved and given != saved[key]:
                 raise ValueError(f"--{key} {given}: the run was trained on the {saved[key]} {key}; --run "
                                  f"evaluates on the run's own tasks (drop --{key})")  # fmt: skip
-        for key in ("suite", "suite_seed", "n_train", "n_test", "data_dir", "order"):  # the run's own tasks
+        for key in ("suite", "suite_seed", "n_train", "n_test", "data_dir", "order", "eval_split"):
             if key in saved:
                 setattr(args, key, saved[key])
         if args.dtype == "auto":  # the base the run trained on (older files: float32)

