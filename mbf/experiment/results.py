@@ -45,6 +45,8 @@ Schema ``"mbf-continual-results/1"``::
     predictions   "predictions": the folder of per-example predictions (schema in predictions.py)
     task_metrics  [str]: "exact" or "rougeL" per task (absent in older runs: all "exact")
     order, sources    the real suite's order name and each task's package:path
+    eval_split    "validation": every score is on held-out training examples (--eval-split), not the
+                  test split (absent: the test split)
     per_task      [{"task", "steps", "first_loss", "final_loss", "train_s", "eval_s",
                     "adapter_bytes", "optimizer_bytes", "buffer_bytes", "peak_rss_mb"}]: one per stage;
                   adapter_bytes = bytes of adapter state held after the stage (SLAO: two adapters per

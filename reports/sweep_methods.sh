@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 22: SLAO among the methods it is measured against (O-LoRA, InfLoRA, task arithmetic, TIES,
+# replay), at the same steps per task and rank, each at the learning rate it chose on held-out data.
+#   bash reports/sweep_methods.sh lr        1. the choice: every method at each learning rate of LRS on
+#                                              std1 seed 0, scored on held-out training examples
+#                                              (--eval-split validation: the test split is not seen), then
+#                                              reports/pick_lr.py writes OUT/lr/choice.md and chosen.txt
+#   bash reports/sweep_methods.sh compare   2. every method at its chosen rate, ORDERS x SEEDS, on the
+#                                              test split, with paired intervals against seq-lora
+# Settings as reports/sweep_paired.sh (30 steps x batch 8 per task, r 8 on q/v, chat template, both
+# scorers, 200 test examples per task on the cells AA/BWT/LA read). Resumable (reports/run_job.sh).
+#   env: OUT (reports/methods), METHODS, LRS ("3e-4 1e-3 3e-3"), N_VAL (held-out examples per task,
+#        100), N_TEST (200), OFFDIAG (50), STEPS (30), N_TRAIN (240), ORDERS ("std1"), SEEDS ("0 1 2"),
+#        JOBS_AT_ONCE (2), MBF, EXTRA
+#   a short check of the pipeline: STEPS=1 N_TRAIN=8 N_VAL=4 N_TEST=4 OFFDIAG=2 METHODS="seq-lora ties"
+#        LRS="1e-3 3e-3" SEEDS=0 OUT=/tmp/check
+set -eu
+cd "$(dirname "$0")/.."
+OUT=${OUT:-reports/methods}
+MBF=${MBF:-.venv/bin/mbf}
+METHODS=${METHODS:-seq-lora slao o-lora inflora task-arithmetic ties replay}
+COMMON="--suite real --threads 1 --n-train ${N_TRAIN:-240} --max-steps ${STEPS:-30} --batch-size 8 --max-length 128 --prompt-format auto"
+case ${1:-} in
+  lr)
+    for m in $METHODS; do for lr in ${LRS:-3e-4 1e-3 3e-3}; do
+      echo "$m-lr$lr $COMMON --order std1 --seed 0 --method $m --lr $lr --eval-split validation" \
+        "--n-test ${N_VAL:-100} --offdiag-test ${OFFDIAG:-50} --scoring generate ${EXTRA:-}"
+    done; done | MBF=$MBF bash reports/run_job.sh "$OUT/lr" "${JOBS_AT_ONCE:-2}"
+    "${MBF%/mbf}/python" reports/pick_lr.py "$OUT/lr" ;;
+  compare)
+    chosen=$OUT/lr/chosen.txt
+    [ -f "$chosen" ] || { echo "$chosen: run 'bash reports/sweep_methods.sh lr' first" >&2; exit 2; }
+    for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1}; do for m in $METHODS; do
+      lr=$(awk -v m="$m" '$1 == m {print $2}' "$chosen")
+      [ -n "$lr" ] || { echo "$chosen: no learning rate for $m" >&2; exit 2; }
+      echo "$order-$m-s$seed $COMMON --order $order --seed $seed --method $m --lr $lr" \
+        "--n-test ${N_TEST:-200} --offdiag-test ${OFFDIAG:-50} --scoring both ${EXTRA:-}"
+    done; done; done | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}"
+    $MBF compare "$OUT"/run/*/ --baseline seq-lora --out "$OUT/compare" > "$OUT/logs/compare.log" 2>&1
+    echo "$(date -u +%T) finished: $OUT/compare/compare.md" ;;
+  *) sed -n 2,17p "$0"; exit 2 ;;
+esac
