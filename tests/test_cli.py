@@ -381,3 +381,8 @@ def test_eval_split_validation_is_recorded_and_kept_on_resume(tiny_checkpoint, t
     capsys.readouterr()
     assert main([*argv, "--resume"]) == 2
     assert "eval_split" in capsys.readouterr().err
+    assert main(["eval", "--run", str(run)]) == 0  # on the run's own held-out examples, and says so
+    captured = capsys.readouterr()
+    assert "scored on held-out training examples" in captured.err
+    first = float(captured.out.split()[1].rstrip("%"))
+    assert first == pytest.approx(100 * saved["accuracy"][-1][0], abs=0.05)

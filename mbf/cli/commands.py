@@ -245,7 +245,10 @@ def cmd_eval(args) -> int:
         saved_lora = LoRAConfig(target_modules=targets, quantize=saved["lora"].get("quantize"))
         qlora = _qlora(saved_lora)  # the run's base, as it was trained
     args.suite = args.suite or "real"
-    tasks, _ = _tasks(args)
+    tasks, meta = _tasks(args)
+    if meta.get("eval_split") == "validation":
+        print("mbf: note: scored on held-out training examples (--eval-split validation), not the test split",
+              file=sys.stderr)  # fmt: skip
     if args.run and saved.get("data_fingerprint") not in (None, tasks_fingerprint(tasks)):
         print(f"mbf: warning: the run's tasks now hold other examples than {args.run} used (its data changed "
               "since): the scores below are on today's", file=sys.stderr)  # fmt: skip
