@@ -87,6 +87,11 @@ def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
     lr = _synthetic(tmp_path / "lr", lr=1e-3)
     text = compare_runs([a, b, lr], tmp_path / "cmp3")[0].read_text()
     assert "| slao [lr=0.005] | 1, 2 |" in text and "| slao [lr=0.001] | 1 | 60.0 |" in text
+    # seeds that draw their own data sample (the suite seed follows --seed) are seeds of one method
+    for run, seed in ((a, 1), (b, 2)):
+        saved = results_file.read(run)
+        results_file.write(run, {**saved, "suite_seed": seed})
+    assert "| slao | 1, 2 | 70.0 ± 14.1 |" in compare_runs([a, b], tmp_path / "cmp5")[0].read_text()
     c = _synthetic(tmp_path / "c", rows=((0.9,), (0.5, 0.8)))
     with pytest.raises(ValueError, match="runs trained different tasks"):
         compare_runs([a, c], tmp_path / "cmp2")
@@ -102,11 +107,14 @@ def test_compare_names_the_incomplete_runs_it_leaves_out(tmp_path):
         saved[key] = saved[key][:2]
     saved["checkpoint"] = "checkpoints/task-02"
     results_file.write(cut, saved)
-    text = compare_runs([a, b, cut], tmp_path / "cmp4")[0].read_text()
+    begun = tmp_path / "begun"  # a run in its first task: its lock, no results.json yet
+    begun.mkdir()
+    (begun / ".mbf-lock").write_text("123")
+    text = compare_runs([a, b, cut, begun], tmp_path / "cmp4")[0].read_text()
     assert "| slao | 1, 2 |" in text
     assert f"Runs: {a}, {b}" in text
     note = "Not compared, incomplete (finish them with `mbf continual --resume`)"
-    assert f"{note}: {cut} (2 of 3 tasks trained)" in text
+    assert f"{note}: {cut} (2 of 3 tasks trained), {begun} (no task finished yet)" in text
     with pytest.raises(ValueError, match=rf"no complete run to compare .*incomplete: {cut} \(2 of 3 tasks"):
         compare_runs([cut], tmp_path / "cmp5")
 

@@ -16,8 +16,9 @@ from mbf.io import atomic_write_json, atomic_write_text
 
 __all__ = ["compare_runs", "run_markdown", "write_run"]
 
-# settings that make two runs of one method different experiments rather than two seeds of one
-_SETTINGS = ("model", "dtype", "suite_seed", "n_train", "n_test", "train", "lora")
+# settings that make two runs of one method different experiments rather than two seeds of one (not the
+# suite seed: by default it follows --seed, each seed drawing its own data sample, a replication too)
+_SETTINGS = ("model", "dtype", "n_train", "n_test", "train", "lora")
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -228,12 +229,14 @@ def compare_runs(
         ValueError: when no complete run is given (naming the incomplete ones), or runs trained
             different sets of tasks.
     """
-    read = [(Path(p), results_file.read(p)) for p in runs]
+    # a run still in its first task (its lock, no results.json yet: a sweep's glob meets it) is named too
+    begun = [Path(p) for p in runs if Path(p, ".mbf-lock").exists() and not Path(p, "results.json").exists()]
+    read = [(Path(p), results_file.read(p)) for p in runs if Path(p) not in begun]
     complete = [r for _, r in read if r["complete"]]
     paths = [str(p) for p, r in read if r["complete"]]
     # an incomplete run is said, never silently left out: its scores would mix stages with finished runs
     incomplete = [f"{p} ({len(r['per_task'])} of {len(r['tasks'])} tasks trained)" for p, r in read
-                  if not r["complete"]]  # fmt: skip
+                  if not r["complete"]] + [f"{p} (no task finished yet)" for p in begun]  # fmt: skip
     if not complete:
         raise ValueError(
             "no complete run to compare (a run is complete when every task was evaluated; "
