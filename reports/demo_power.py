@@ -11,18 +11,17 @@ error is ``sqrt(sum_t var(d_t) / T^2 / n)`` (normal approximation of the paired 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from mbf.experiment import predictions
+from mbf.experiment import results as results_file
 
 
 def final_row(run: Path, scorer: str = "generate") -> dict[str, np.ndarray]:
-    results = json.loads((run / "results.json").read_text())
-    loaded = predictions.load_run(run, results, scorer)
+    loaded = predictions.load_run(run, results_file.read(run), scorer)
     if loaded is None:
         sys.exit(f"{run}: no saved predictions")
     return {t: np.asarray(v["final"], dtype=np.float64) for t, v in loaded.items()}

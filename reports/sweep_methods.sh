@@ -11,7 +11,7 @@
 # scorers, 200 test examples per task on the cells AA/BWT/LA read). Resumable (reports/run_job.sh).
 #   env: OUT (reports/methods), METHODS, LRS ("3e-4 1e-3 3e-3"), N_VAL (held-out examples per task,
 #        100), N_TEST (200), OFFDIAG (50), STEPS (30), N_TRAIN (240), ORDERS ("std1"), SEEDS ("0 1 2"),
-#        JOBS_AT_ONCE (2), MBF, EXTRA
+#        JOBS_AT_ONCE (2), MBF, PYTHON (.venv/bin/python: runs reports/pick_lr.py), EXTRA
 #   a short check of the pipeline: STEPS=1 N_TRAIN=8 N_VAL=4 N_TEST=4 OFFDIAG=2 METHODS="seq-lora ties"
 #        LRS="1e-3 3e-3" SEEDS=0 OUT=/tmp/check
 set -eu
@@ -26,13 +26,16 @@ case ${1:-} in
       echo "$m-lr$lr $COMMON --order std1 --seed 0 --method $m --lr $lr --eval-split validation" \
         "--n-test ${N_VAL:-100} --offdiag-test ${OFFDIAG:-50} --scoring generate ${EXTRA:-}"
     done; done | MBF=$MBF bash reports/run_job.sh "$OUT/lr" "${JOBS_AT_ONCE:-2}"
-    "${MBF%/mbf}/python" reports/pick_lr.py "$OUT/lr" ;;
+    "${PYTHON:-.venv/bin/python}" reports/pick_lr.py "$OUT/lr" ;;
   compare)
     chosen=$OUT/lr/chosen.txt
     [ -f "$chosen" ] || { echo "$chosen: run 'bash reports/sweep_methods.sh lr' first" >&2; exit 2; }
+    lr_of() { awk -v m="$1" '$1 == m {print $2}' "$chosen"; }
+    for m in $METHODS; do  # every rate before any run starts (an exit inside the pipe below would not stop it)
+      [ -n "$(lr_of "$m")" ] || { echo "$chosen: no learning rate for $m" >&2; exit 2; }
+    done
     for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1}; do for m in $METHODS; do
-      lr=$(awk -v m="$m" '$1 == m {print $2}' "$chosen")
-      [ -n "$lr" ] || { echo "$chosen: no learning rate for $m" >&2; exit 2; }
+      lr=$(lr_of "$m")
       echo "$order-$m-s$seed $COMMON --order $order --seed $seed --method $m --lr $lr" \
         "--n-test ${N_TEST:-200} --offdiag-test ${OFFDIAG:-50} --scoring both ${EXTRA:-}"
     done; done; done | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}"
