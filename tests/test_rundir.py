@@ -47,7 +47,14 @@ def test_out_must_be_new_empty_or_a_run(tmp_path):
     (killed / "checkpoints" / "task-01").mkdir(parents=True)
     (killed / rundir.LOCK_NAME).write_text("123\n")
     (killed / ".results.json.x8k2q1.json").write_text("{")
+    (killed / "predictions").mkdir()  # the zero-shot's predictions precede the first commit
+    (killed / "predictions" / "zero-shot.json").write_text("{}")
+    (killed / "predictions" / ".stage-01.json.a1b2c3.json").write_text("{")
     rundir.check_out(killed, resume=False)
+    (killed / "predictions" / "mine.json").write_text("{}")  # not a file a run writes: the user's
+    with pytest.raises(FileExistsError, match=r"holds no mbf run \(predictions\)"):
+        rundir.check_out(killed, resume=False)
+    (killed / "predictions" / "mine.json").unlink()
     (killed / "checkpoints" / "task-final").mkdir()  # not a folder a run makes: the user's
     with pytest.raises(FileExistsError, match=r"holds no mbf run \(checkpoints\)"):
         rundir.check_out(killed, resume=False)

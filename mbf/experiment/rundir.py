@@ -107,11 +107,18 @@ def _is_checkpoint(folder: Path) -> bool:
     )
 
 
+# what predictions.write names them (zero-shot.json, stage-NN.json) and its temporaries
+_PREDICTION = re.compile(r"\.?(zero-shot|stage-\d{2,})\.json(\..+)?")
+
+
 def _ours(p: Path) -> bool:
     """What a run killed before its first commit (results.json) can leave: the lock file, a temporary
-    file, a ``checkpoints/`` of checkpoint folders only. Such a directory is started again, not refused."""
+    file, a ``checkpoints/`` of checkpoint folders only, a ``predictions/`` of prediction files only (the
+    zero-shot's, written before the first task's commit). Such a directory is started again, not refused."""
     if p.name == LOCK_NAME or _TEMPORARY.fullmatch(p.name):
         return True
+    if p.name == "predictions" and p.is_dir():
+        return all(f.is_file() and _PREDICTION.fullmatch(f.name) for f in p.iterdir())
     return p.name == "checkpoints" and p.is_dir() and all(_is_checkpoint(c) for c in p.iterdir())
 
 
