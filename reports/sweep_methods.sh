@@ -7,10 +7,10 @@
 #                                              reports/pick_lr.py writes OUT/lr/choice.md and chosen.txt
 #   bash reports/sweep_methods.sh compare   2. every method at its chosen rate, ORDERS x SEEDS, on the
 #                                              test split, with paired intervals against seq-lora
-# Settings as reports/sweep_paired.sh (30 steps x batch 8 per task, r 8 on q/v, chat template, both
+# Settings as reports/sweep_paired.sh (reports/real_flags.sh: 30 steps x batch 8 per task, r 8 on q/v, chat template, both
 # scorers, 200 test examples per task on the cells AA/BWT/LA read). Resumable (reports/run_job.sh).
 #   env: OUT (reports/methods), METHODS, LRS ("3e-4 1e-3 3e-3"), N_VAL (held-out examples per task,
-#        100), N_TEST (200), OFFDIAG (50), STEPS (30), N_TRAIN (240), ORDERS ("std1"), SEEDS ("0 1 2"),
+#        100), N_TEST (200), OFFDIAG (50), STEPS (30), N_TRAIN (240), MAX_LENGTH (128), ORDERS ("std1"), SEEDS ("0 1 2"),
 #        JOBS_AT_ONCE (2), MBF, PYTHON (.venv/bin/python: runs reports/pick_lr.py), EXTRA
 #   a short check of the pipeline: STEPS=1 N_TRAIN=8 N_VAL=4 N_TEST=4 OFFDIAG=2 METHODS="seq-lora ties"
 #        LRS="1e-3 3e-3" SEEDS=0 OUT=/tmp/check
@@ -19,7 +19,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-reports/methods}
 MBF=${MBF:-.venv/bin/mbf}
 METHODS=${METHODS:-seq-lora slao o-lora inflora task-arithmetic ties replay}
-COMMON="--suite real --threads 1 --n-train ${N_TRAIN:-240} --max-steps ${STEPS:-30} --batch-size 8 --max-length 128 --prompt-format auto"
+source reports/real_flags.sh
+COMMON=$(real_flags)
 case ${1:-} in
   lr)
     for m in $METHODS; do for lr in ${LRS:-3e-4 1e-3 3e-3}; do

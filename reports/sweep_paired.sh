@@ -21,14 +21,13 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/paired}
 MBF=${MBF:-.venv/bin/mbf}
+source reports/real_flags.sh
 # one line of `mbf continual` flags per run, after its name (reports/run_job.sh runs it, resumably)
 job_list() {
   for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1 std2 std3}; do
     for m in ${METHODS:-seq-lora slao multi-task ftba-mb ftba-mba}; do
-      echo "$order-$m-s$seed --suite real --order $order --method $m --seed $seed --threads 1" \
-        "--n-train ${N_TRAIN:-240} --n-test ${N_TEST:-200} --offdiag-test ${OFFDIAG:-50}" \
-        "--max-steps ${STEPS:-30} --batch-size 8 --lr 1e-3 --max-length ${MAX_LENGTH:-128}" \
-        "--scoring both --prompt-format auto ${EXTRA:-}"
+      echo "$order-$m-s$seed $(real_flags) --order $order --method $m --seed $seed --lr 1e-3" \
+        "--n-test ${N_TEST:-200} --offdiag-test ${OFFDIAG:-50} --scoring both ${EXTRA:-}"
     done
   done; done
 }
