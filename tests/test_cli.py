@@ -380,9 +380,15 @@ def test_eval_split_validation_is_recorded_and_kept_on_resume(tiny_checkpoint, t
     assert saved["eval_split"] == "validation" and saved["complete"]
     capsys.readouterr()
     assert main([*argv, "--resume"]) == 2
-    assert "eval_split" in capsys.readouterr().err
+    assert "eval_split: 'validation' -> 'test'" in capsys.readouterr().err
+    # not even as an accepted change: the run's later scores would be on the test split
+    assert main([*argv, "--resume", "--accept-changes"]) == 2
+    assert "eval_split: 'validation' -> 'test'" in capsys.readouterr().err
+    assert not results_file.read(run).get("resumed_with_changes")
     assert main(["eval", "--run", str(run)]) == 0  # on the run's own held-out examples, and says so
     captured = capsys.readouterr()
     assert "scored on held-out training examples" in captured.err
     first = float(captured.out.split()[1].rstrip("%"))
     assert first == pytest.approx(100 * saved["accuracy"][-1][0], abs=0.05)
+    assert main(["eval", "--run", str(run), "--eval-split", "test"]) == 2  # not silently the run's split
+    assert "--eval-split test: the run is scored on the validation split" in capsys.readouterr().err

@@ -92,6 +92,16 @@ def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):
         saved = results_file.read(run)
         results_file.write(run, {**saved, "suite_seed": seed})
     assert "| slao | 1, 2 | 70.0 ± 14.1 |" in compare_runs([a, b], tmp_path / "cmp5")[0].read_text()
+    # a run scored on held-out training examples is another experiment than a test-split run
+    held = _synthetic(tmp_path / "held", seed=3)
+    results_file.write(held, {**results_file.read(held), "eval_split": "validation"})
+    text = compare_runs([a, b, held], tmp_path / "cmp6")[0].read_text()
+    assert "| slao [eval_split=test] | 1, 2 |" in text and "| slao [eval_split=validation] | 3 |" in text
+    assert "held-out" not in text  # not every run is held-out
+    alone = compare_runs([held], tmp_path / "cmp7")[0].read_text()
+    assert "All runs scored on held-out training examples" in alone
+    assert "scored on held-out training examples" in run_markdown(results_file.read(held))
+    assert "held-out" not in run_markdown(results_file.read(a))
     c = _synthetic(tmp_path / "c", rows=((0.9,), (0.5, 0.8)))
     with pytest.raises(ValueError, match="runs trained different tasks"):
         compare_runs([a, c], tmp_path / "cmp2")

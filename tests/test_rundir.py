@@ -85,3 +85,20 @@ def test_a_users_file_inside_a_task_folder_is_never_deleted(tmp_path):
     (ours / ".continual.json.k2j3.json").write_text("")  # a temporary a kill -9 left
     rundir.prune_checkpoints(tmp_path, keep="task-02")
     assert notes.read_text() == "my notes" and not ours.exists()
+
+
+def test_the_eval_split_cannot_change_on_resume(tmp_path):
+    """A test-split run resumed with ``--eval-split validation`` (and the reverse) is refused, even with
+    ``accept_changes``: its later scores would be on another split than its first ones."""
+    from mbf.experiment import results as results_file
+
+    settings = {"method": "slao", "seed": 0, "tasks": ["a", "b"], "suite": "real", "order": "a,b"}
+    results_file.write(tmp_path, results_file.new(settings))  # a test-split run: no eval_split field
+    assert rundir.check_resume(tmp_path, settings) is not None
+    for accept in (False, True):
+        with pytest.raises(ValueError, match=r"eval_split: 'test' -> 'validation'.*drop --eval-split"):
+            rundir.check_resume(tmp_path, {**settings, "eval_split": "validation"}, accept_changes=accept)
+    results_file.write(tmp_path, results_file.new({**settings, "eval_split": "validation"}))
+    assert rundir.check_resume(tmp_path, {**settings, "eval_split": "validation"}) is not None
+    with pytest.raises(ValueError, match=r"'validation' -> 'test'.*pass --eval-split validation"):
+        rundir.check_resume(tmp_path, settings, accept_changes=True)

@@ -90,6 +90,8 @@ def test_validation_split_holds_out_training_examples_and_keeps_the_training_dra
     assert "eval_split" not in load_suite("real", n_train=4, n_test=3, data_dir=PACKAGES)[1]
     with pytest.raises(ValueError, match="--eval-split validation applies to --suite real, not domains"):
         load_suite("domains", n_train=4, n_test=3, split="validation")
+    with pytest.raises(ValueError, match="holds out none of its .* training examples: --n-train 10000 takes"):
+        real_suite("std1", n_train=10000, n_test=2, data_dir=PACKAGES, split="validation")
     with pytest.raises(ValueError, match="split='dev' must be one of test, validation"):
         real_suite("std1", data_dir=PACKAGES, split="dev")
 

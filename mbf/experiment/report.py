@@ -18,7 +18,8 @@ __all__ = ["compare_runs", "run_markdown", "write_run"]
 
 # settings that make two runs of one method different experiments rather than two seeds of one (not the
 # suite seed: by default it follows --seed, each seed drawing its own data sample, a replication too)
-_SETTINGS = ("model", "dtype", "n_train", "n_test", "train", "lora")
+_SETTINGS = ("model", "dtype", "n_train", "n_test", "train", "lora", "eval_split")
+_HELD_OUT = "scored on held-out training examples (`--eval-split validation`), not the test split"
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -33,7 +34,8 @@ def run_markdown(results: dict) -> str:
         "",
         f"model: {results.get('model', '?')} ({results_file.base_dtype(results)}); "
         f"options: {results.get('options')}; "
-        f"LoRA r={lora['r']} alpha={lora['alpha']} on {', '.join(lora['target_modules'])}",
+        f"LoRA r={lora['r']} alpha={lora['alpha']} on {', '.join(lora['target_modules'])}"
+        + (f"; **{_HELD_OUT}**" if results.get("eval_split") == "validation" else ""),
         "",
         f"**AA {pct(m['AA'])}%, BWT {pct(m['BWT'])} points, FWT {pct(m.get('FWT'))} points**, "
         f"wall {m['wall_s']:.0f} s"
@@ -106,7 +108,10 @@ def _pm(xs: list[float | None]) -> str:
 def _flat(r: dict) -> dict:
     flat = {}
     for k in _SETTINGS:
-        v = results_file.base_dtype(r) if k == "dtype" else r.get(k)
+        if k == "dtype":
+            v = results_file.base_dtype(r)
+        else:
+            v = r.get(k, "test") if k == "eval_split" else r.get(k)  # (absent: the test split)
         if isinstance(v, dict):
             flat.update({sk: sv for sk, sv in v.items() if sk != "seed"})
         else:
@@ -262,7 +267,8 @@ def compare_runs(
         "on earlier tasks between learning them and the end, FWT = mean score on each task before training "
         "it minus the bare model's (points), LA = mean score on each task right after learning it "
         "(plasticity); all with the adapter inference uses; mean ± std over "
-        + ("every order and seed." if several_orders else "seeds."),
+        + ("every order and seed." if several_orders else "seeds.")
+        + (f" All runs {_HELD_OUT}." if all(r.get("eval_split") == "validation" for r in complete) else ""),
         "",
         f"| method | {who} | AA | BWT | FWT | LA | final score per task | wall s / run | adapter KiB "
         "| optimizer KiB | replay buffer KiB | peak RSS MiB |",

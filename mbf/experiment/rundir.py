@@ -235,13 +235,22 @@ def check_resume(out: str | Path, settings: dict, accept_changes: bool = False) 
     and ``results.md`` says so.
 
     Raises:
-        ValueError: listing every differing setting as ``name: saved -> given``.
+        ValueError: listing every differing setting as ``name: saved -> given``; and, even with
+            ``accept_changes``, on another ``eval_split`` (absent: ``"test"``) than the saved run's.
     """
     path = Path(out) / RESULTS
     if not path.exists():
         return None
     saved = results_file.read(path)
     diffs = resume_differences(saved, settings)
+    split, given = saved.get("eval_split", "test"), settings.get("eval_split", "test")
+    if split != given:  # not even with --accept-changes: one run's scores would mix two splits
+        raise ValueError(
+            f"--resume: {out} is scored on the {split} split (eval_split: {split!r} -> {given!r}); its "
+            f"remaining tasks cannot be scored on the {given} split: "
+            + ("pass --eval-split validation" if split == "validation" else "drop --eval-split")
+            + " or choose another --out"
+        )
     if diffs and not accept_changes:
         raise ValueError(
             f"--resume: {out} was run with other settings; the remaining tasks would train or test on "

@@ -291,6 +291,10 @@ def real_suite(
         if split == "validation":  # never trained on, and never the test split
             seen = {ex.input for ex in train}
             test_pool = [ex for ex in train_pool if ex.input not in seen]
+            if not test_pool:
+                raise ValueError(f"task {name!r}: --eval-split validation holds out none of its "
+                                 f"{len(train_pool)} training examples: --n-train {n_train} takes them all; "
+                                 "lower --n-train")  # fmt: skip
         tasks.append(
             Task(
                 name,
