@@ -308,6 +308,8 @@ def test_demo_verdict_says_whether_the_gain_leaves_its_interval():
     assert line.startswith("SLAO − seq-lora: AA +2.0 points, 95% paired interval [-5.0, +9.0]")
     assert "not significant at the demo's size (8 steps, 20 test examples per task)" in line
     assert "'The demo's size'" in line and "README 'Results'" in line
+    assert line.endswith("separates them: mbf demo --suite domains")  # the setting where it does show
+    assert "--suite domains" not in _demo_verdict(inside, args, "domains")  # not on domains itself
     outside = {
         "vs_baseline": {"slao": {"AA": {"estimate": 0.2, "low": 0.1, "high": 0.3, "significant": True}}}
     }
