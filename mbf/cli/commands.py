@@ -380,7 +380,7 @@ def _demo_verdict(intervals: dict, args, suite: str = "real") -> str:
     return (
         f"{gain}: not significant at the demo's size ({size}); the gain the committed seed-0 pair measured "
         "needs ~100 test examples and 30 steps per task, more than 5 minutes here (reports/REAL.md, 'The "
-        "demo's size'); over three seeds it is not significant either: see README 'Results'"
+        "demo's size'); the committed result over several orders and seeds is in README 'Results'"
         + ("; on the generated domains suite the demo's size separates them: mbf demo --suite domains"
            if suite == "real" else "")  # fmt: skip
     )
