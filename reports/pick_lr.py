@@ -34,7 +34,7 @@ def main(root: Path) -> int:
             cut.append(f"{d.name} (no task finished yet)")
             continue
         res = results_file.read(d)
-        if res.get("eval_split") != "validation":
+        if results_file.eval_split(res) != "validation":
             sys.exit(f"{d}: scored on the test split, not held-out examples: not a learning-rate run")
         settings.setdefault(_setting(res), []).append(d.name)
         grid.add(res["train"]["lr"])

@@ -229,7 +229,7 @@ def cmd_eval(args) -> int:
             if given is not None and key in saved and given != saved[key]:
                 raise ValueError(f"--{key} {given}: the run was trained on the {saved[key]} {key}; --run "
                                  f"evaluates on the run's own tasks (drop --{key})")  # fmt: skip
-        split, given = saved.get("eval_split", "test"), getattr(args, "eval_split", None)
+        split, given = results_file.eval_split(saved), getattr(args, "eval_split", None)
         if given is not None and given != split:
             raise ValueError(f"--eval-split {given}: the run is scored on the {split} split; --run "
                              "evaluates on the run's own examples (drop --eval-split)")  # fmt: skip

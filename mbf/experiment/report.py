@@ -19,6 +19,8 @@ __all__ = ["compare_runs", "run_markdown", "write_run"]
 # settings that make two runs of one method different experiments rather than two seeds of one (not the
 # suite seed: by default it follows --seed, each seed drawing its own data sample, a replication too)
 _SETTINGS = ("model", "dtype", "n_train", "n_test", "train", "lora", "eval_split")
+# settings whose absence from an older (or a test-split) results.json means a default
+_DEFAULTED = {"dtype": results_file.base_dtype, "eval_split": results_file.eval_split}
 _HELD_OUT = "scored on held-out training examples (`--eval-split validation`), not the test split"
 
 
@@ -35,7 +37,7 @@ def run_markdown(results: dict) -> str:
         f"model: {results.get('model', '?')} ({results_file.base_dtype(results)}); "
         f"options: {results.get('options')}; "
         f"LoRA r={lora['r']} alpha={lora['alpha']} on {', '.join(lora['target_modules'])}"
-        + (f"; **{_HELD_OUT}**" if results.get("eval_split") == "validation" else ""),
+        + (f"; **{_HELD_OUT}**" if results_file.eval_split(results) == "validation" else ""),
         "",
         f"**AA {pct(m['AA'])}%, BWT {pct(m['BWT'])} points, FWT {pct(m.get('FWT'))} points**, "
         f"wall {m['wall_s']:.0f} s"
@@ -108,10 +110,7 @@ def _pm(xs: list[float | None]) -> str:
 def _flat(r: dict) -> dict:
     flat = {}
     for k in _SETTINGS:
-        if k == "dtype":
-            v = results_file.base_dtype(r)
-        else:
-            v = r.get(k, "test") if k == "eval_split" else r.get(k)  # (absent: the test split)
+        v = _DEFAULTED[k](r) if k in _DEFAULTED else r.get(k)
         if isinstance(v, dict):
             flat.update({sk: sv for sk, sv in v.items() if sk != "seed"})
         else:
@@ -259,6 +258,7 @@ def compare_runs(
     intervals = compare_intervals({k: [(where[id(r)], r) for r in rs] for k, rs in groups.items()}, baseline)
     orders = sorted({str(r.get("order")) for r in complete}) if several_orders else []
     who = "orders:seeds" if several_orders else "seeds"
+    held_out = all(results_file.eval_split(r) == "validation" for r in complete)
     lines = [
         f"# Comparison on {complete[0].get('suite', '?')} ({len(tasks)} tasks: {', '.join(tasks)})"
         + (f", orders {', '.join(orders)}" if several_orders else ""),
@@ -268,7 +268,7 @@ def compare_runs(
         "it minus the bare model's (points), LA = mean score on each task right after learning it "
         "(plasticity); all with the adapter inference uses; mean ± std over "
         + ("every order and seed." if several_orders else "seeds.")
-        + (f" All runs {_HELD_OUT}." if all(r.get("eval_split") == "validation" for r in complete) else ""),
+        + (f" All runs {_HELD_OUT}." if held_out else ""),
         "",
         f"| method | {who} | AA | BWT | FWT | LA | final score per task | wall s / run | adapter KiB "
         "| optimizer KiB | replay buffer KiB | peak RSS MiB |",

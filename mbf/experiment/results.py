@@ -80,7 +80,7 @@ from pathlib import Path
 from mbf.experiment.metrics import accuracy_metrics
 from mbf.io import atomic_write_json, versions
 
-__all__ = ["SCHEMA", "add_stage", "base_dtype", "finish", "new", "read", "write"]
+__all__ = ["SCHEMA", "add_stage", "base_dtype", "eval_split", "finish", "new", "read", "write"]
 
 SCHEMA = "mbf-continual-results/1"
 LEGACY_DTYPE = "float32"  # every run before "dtype" was recorded loaded its model in float32
@@ -89,6 +89,12 @@ LEGACY_DTYPE = "float32"  # every run before "dtype" was recorded loaded its mod
 def base_dtype(results: dict) -> str:
     """The base model's dtype a run used (``"float32"`` for files older than the field)."""
     return results.get("dtype") or LEGACY_DTYPE
+
+
+def eval_split(results: dict) -> str:
+    """The split a run (or a run's settings) is scored on: ``"test"`` where the field is absent (every
+    test-split run: only ``--eval-split validation`` records it)."""
+    return results.get("eval_split") or "test"
 
 
 def _now() -> str:

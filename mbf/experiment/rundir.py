@@ -243,7 +243,7 @@ def check_resume(out: str | Path, settings: dict, accept_changes: bool = False) 
         return None
     saved = results_file.read(path)
     diffs = resume_differences(saved, settings)
-    split, given = saved.get("eval_split", "test"), settings.get("eval_split", "test")
+    split, given = results_file.eval_split(saved), results_file.eval_split(settings)
     if split != given:  # not even with --accept-changes: one run's scores would mix two splits
         raise ValueError(
             f"--resume: {out} is scored on the {split} split (eval_split: {split!r} -> {given!r}); its "
