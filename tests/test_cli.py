@@ -298,7 +298,7 @@ def test_demo_verdict_says_whether_the_gain_leaves_its_interval():
     and where the committed result and the size it needs are."""
     from argparse import Namespace
 
-    from mbf.cli.commands import _demo_verdict
+    from mbf.cli.demo import _demo_verdict
 
     args = Namespace(max_steps=8, n_test=20)
     inside = {
