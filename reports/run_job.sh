@@ -6,14 +6,16 @@
 #   bash reports/run_job.sh OUT NAME FLAGS...
 #     runs `$MBF continual FLAGS --out OUT/run/NAME`: nothing when that run is complete, --resume when a
 #     cut one is there; its output goes to OUT/logs/NAME.log, and one line at its start and end to stdout.
+# The exit status is the run's (the list: 1 when any run failed, after every run was tried).
 set -u
 out=$1
 export MBF=${MBF:-.venv/bin/mbf} OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$out/run" "$out/logs"
 if [ $# -le 2 ]; then
   # (sed: xargs -L would join a line that ends in a blank with the next one)
-  sed "s/ *$//" | xargs -P "${2:-2}" -L 1 bash "$0" "$out"
-  exit
+  sed "s/ *$//" | xargs -P "${2:-2}" -L 1 bash "$0" "$out" && exit 0
+  echo "$(date -u +%T) some runs failed: their logs are in $out/logs" >&2
+  exit 1
 fi
 name=$2
 shift 2
@@ -25,3 +27,4 @@ echo "$(date -u +%T) start $name"
 "$MBF" continual "$@" --out "$run" "${resume[@]}" > "$out/logs/$name.log" 2>&1
 rc=$?
 echo "$(date -u +%T) done  $name rc=$rc $(tail -2 "$out/logs/$name.log" | head -1)"
+exit $rc

@@ -26,7 +26,7 @@ case ${1:-} in
     for m in $METHODS; do for lr in ${LRS:-3e-4 1e-3 3e-3}; do
       echo "$m-lr$lr $COMMON --order std1 --seed 0 --method $m --lr $lr --eval-split validation" \
         "--n-test ${N_VAL:-100} --offdiag-test ${OFFDIAG:-50} --scoring generate ${EXTRA:-}"
-    done; done | MBF=$MBF bash reports/run_job.sh "$OUT/lr" "${JOBS_AT_ONCE:-2}"
+    done; done | MBF=$MBF bash reports/run_job.sh "$OUT/lr" "${JOBS_AT_ONCE:-2}" || true  # pick_lr names them
     "${PYTHON:-.venv/bin/python}" reports/pick_lr.py "$OUT/lr" ;;
   compare)
     chosen=$OUT/lr/chosen.txt
@@ -39,8 +39,9 @@ case ${1:-} in
       lr=$(lr_of "$m")
       echo "$order-$m-s$seed $COMMON --order $order --seed $seed --method $m --lr $lr" \
         "--n-test ${N_TEST:-200} --offdiag-test ${OFFDIAG:-50} --scoring both ${EXTRA:-}"
-    done; done; done | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}"
+    done; done; done | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}" || failed=1
     $MBF compare "$OUT"/run/*/ --baseline seq-lora --out "$OUT/compare" > "$OUT/logs/compare.log" 2>&1
-    echo "$(date -u +%T) finished: $OUT/compare/compare.md" ;;
+    echo "$(date -u +%T) finished: $OUT/compare/compare.md"
+    exit "${failed:-0}" ;;
   *) sed -n 2,17p "$0"; exit 2 ;;
 esac
