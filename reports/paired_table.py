@@ -1,0 +1,119 @@
+"""The README's table of the paired re-run, generated from ``mbf compare``'s compare.json (issue 21):
+each method's AA, BWT, FWT and LA with its 95 % interval, then each method minus the baseline, marked
+"n.s." where the interval crosses 0. Points, one decimal.
+
+    python reports/paired_table.py reports/paired/compare \\
+        --extra reports/paired/compare-vs-ftba-mb --extra-methods slao --readme README.md
+
+``--extra DIR`` adds the differences of another comparison (another baseline, e.g. SLAO against FTBA-MB:
+the orthogonal init isolated), only for ``--extra-methods`` when given. ``--readme FILE`` replaces the
+text between ``<!-- paired:start -->`` and ``<!-- paired:end -->`` in FILE; without it the table is
+printed. A unit is an (order, seed) pair; its label comes from the run directory's name,
+``ORDER-METHOD-sSEED`` as reports/sweep_paired.sh names them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+METRICS = ("AA", "BWT", "FWT", "LA")
+START, END = "<!-- paired:start -->", "<!-- paired:end -->"
+
+
+def _units(runs: list[str]) -> set[tuple[str, int]]:
+    """The (order, seed) units of run directories named ORDER-METHOD-sSEED."""
+    out = set()
+    for r in runs:
+        m = re.fullmatch(r"([^-]+)-.+-s(\d+)", Path(r).name)
+        if m is None:
+            raise ValueError(f"{r}: not named ORDER-METHOD-sSEED, so its unit is unknown")
+        out.add((m[1], int(m[2])))
+    return out
+
+
+def units_label(units: set[tuple[str, int]]) -> str:
+    """``6 (std1 0–2, std2 0–1, std3 0)``: the count, then each order's seeds (runs of seeds joined)."""
+    parts = []
+    for order in sorted({o for o, _ in units}):
+        seeds = sorted(s for o, s in units if o == order)
+        spans, start, prev = [], seeds[0], seeds[0]
+        for s in seeds[1:] + [None]:
+            if s is not None and s == prev + 1:
+                prev = s
+                continue
+            spans.append(f"{start}" if start == prev else f"{start}–{prev}")
+            start = prev = s
+        parts.append(f"{order} {', '.join(spans)}")
+    return f"{len(units)} ({'; '.join(parts)})"
+
+
+def _cell(iv: dict | None, *, diff: bool) -> str:
+    if iv is None:
+        return "–"
+    f = (lambda x: f"{100 * x:+.1f}") if diff else (lambda x: f"{100 * x:.1f}")
+    text = f"{f(iv['estimate'])} [{f(iv['low'])}, {f(iv['high'])}]".replace("-", "−")
+    if diff and not iv["significant"]:
+        text += " n.s."
+    return f"**{text}**" if diff and iv["significant"] else text
+
+
+def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = ()) -> str:
+    """The markdown table of one comparison (and the differences of ``extras``)."""
+    iv, runs = compare["intervals"], compare["methods"]
+    base = iv.get("baseline")
+    lines = [f"| | units | {' | '.join(METRICS)} |", "|---" * (len(METRICS) + 2) + "|"]
+    for m, row in iv["methods"].items():
+        label = units_label(_units(runs[m]["runs"]))
+        lines.append(f"| {m} | {label} | " + " | ".join(_cell(row[k], diff=False) for k in METRICS) + " |")
+
+    def diffs(cmp: dict, only: set[str] | None) -> None:
+        civ, cruns = cmp["intervals"], cmp["methods"]
+        for m, row in (civ.get("vs_baseline") or {}).items():
+            if (only is not None and m not in only) or all(row[k] is None for k in METRICS[1:]):
+                continue  # (multi-task has only AA: no difference worth a row)
+            units = _units(cruns[m]["runs"]) & _units(cruns[civ["baseline"]]["runs"])
+            cells = " | ".join(_cell(row[k], diff=True) for k in METRICS)
+            lines.append(f"| {m} − {civ['baseline']} | {units_label(units)} | {cells} |")
+
+    if base:
+        diffs(compare, None)
+    for cmp, only in extras:
+        diffs(cmp, only)
+    return "\n".join(lines)
+
+
+def replace_between(text: str, body: str, path: str = "README") -> str:
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"{path}: needs one {START} before one {END}")
+    head, rest = text.split(START)
+    return f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}"
+
+
+def _load(d: str) -> dict:
+    p = Path(d)
+    return json.loads((p / "compare.json" if p.is_dir() else p).read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("compare", help="a compare directory (or its compare.json)")
+    ap.add_argument("--extra", action="append", default=[], help="another comparison's differences")
+    ap.add_argument("--extra-methods", nargs="+", help="only these methods' rows of --extra")
+    ap.add_argument("--readme", help="write the table between the markers of this file")
+    a = ap.parse_args(argv)
+    only = set(a.extra_methods) if a.extra_methods else None
+    body = table(_load(a.compare), [(_load(e), only) for e in a.extra])
+    if a.readme:
+        p = Path(a.readme)
+        p.write_text(replace_between(p.read_text(), body, a.readme))
+    else:
+        print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

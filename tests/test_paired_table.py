@@ -1,0 +1,79 @@
+"""reports/paired_table.py: the README's paired table from compare.json (hand-made comparisons)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = Path(__file__).parents[1] / "reports" / "paired_table.py"
+_spec = importlib.util.spec_from_file_location("paired_table", _SCRIPT)
+paired_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paired_table)
+
+
+def _iv(est, low, high):
+    return {"estimate": est, "low": low, "high": high, "level": 0.95, "significant": low > 0 or high < 0}
+
+
+def _compare(baseline="seq-lora"):
+    runs = {
+        "seq-lora": ["r/std1-seq-lora-s0", "r/std1-seq-lora-s1", "r/std1-seq-lora-s2", "r/std3-seq-lora-s0"],
+        "slao": ["r/std1-slao-s0", "r/std1-slao-s2", "r/std3-slao-s0"],
+        "multi-task": ["r/std1-multi-task-s0"],
+    }
+    row = {"units": 3, "AA": _iv(0.5, 0.45, 0.55), "BWT": _iv(-0.1, -0.2, -0.05), "FWT": _iv(0.1, 0.0, 0.2),
+           "LA": _iv(0.6, 0.55, 0.65), "tasks": {}}  # fmt: skip
+    mt = {"units": 1, "AA": _iv(0.64625, 0.6, 0.7), "BWT": None, "FWT": None, "LA": None, "tasks": {}}
+    diff = {"units": 3, "AA": _iv(0.025, 0.007, 0.041), "BWT": _iv(0.05, 0.02, 0.08),
+            "FWT": _iv(-0.005, -0.03, 0.02), "LA": _iv(-0.018, -0.035, -0.0002), "tasks": {}}  # fmt: skip
+    return {
+        "methods": {m: {"runs": r} for m, r in runs.items()},
+        "intervals": {"baseline": baseline, "methods": {"seq-lora": row, "slao": row, "multi-task": mt},
+                      "vs_baseline": {"slao": diff, "multi-task": {**mt, "AA": _iv(0.16, 0.1, 0.2)}}},
+    }  # fmt: skip
+
+
+def test_rows_units_and_significance():
+    lines = paired_table.table(_compare()).splitlines()
+    assert lines[0] == "| | units | AA | BWT | FWT | LA |"
+    assert lines[2].startswith("| seq-lora | 4 (std1 0–2; std3 0) | 50.0 [45.0, 55.0] | −10.0 [−20.0, −5.0]")
+    assert lines[3].startswith("| slao | 3 (std1 0, 2; std3 0) |")  # seed 1 missing: not a span
+    assert lines[4] == "| multi-task | 1 (std1 0) | 64.6 [60.0, 70.0] | – | – | – |"
+    # the difference over the units both have; bold where the interval leaves 0, n.s. where it crosses it
+    assert lines[5] == (
+        "| slao − seq-lora | 3 (std1 0, 2; std3 0) | **+2.5 [+0.7, +4.1]** | **+5.0 [+2.0, +8.0]** "
+        "| −0.5 [−3.0, +2.0] n.s. | **−1.8 [−3.5, −0.0]** |"
+    )
+    assert len(lines) == 6  # multi-task − seq-lora (AA only) gets no row
+
+
+def test_extra_rows_only_for_the_methods_asked():
+    other = _compare("multi-task")
+    other["intervals"]["vs_baseline"] = {"slao": other["intervals"]["vs_baseline"]["slao"],
+                                         "seq-lora": other["intervals"]["vs_baseline"]["slao"]}  # fmt: skip
+    lines = paired_table.table(_compare(), [(other, {"slao"})]).splitlines()
+    assert lines[-1].startswith("| slao − multi-task | 1 (std1 0) |")
+    assert not any(line.startswith("| seq-lora − multi-task") for line in lines)
+
+
+def test_readme_markers(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compare.json").write_text(json.dumps(_compare()))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- paired:start -->\nold\n<!-- paired:end -->\nafter\n")
+    assert paired_table.main([str(tmp_path / "c"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- paired:start -->\n| | units |")
+    assert text.endswith("<!-- paired:end -->\nafter\n")
+    assert "old" not in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one <!-- paired:start -->"):
+        paired_table.main([str(tmp_path / "c"), "--readme", str(readme)])
+
+
+def test_a_run_not_named_by_the_sweep_is_refused():
+    bad = _compare()
+    bad["methods"]["slao"]["runs"] = ["r/my-run"]
+    with pytest.raises(ValueError, match="my-run: not named ORDER-METHOD-sSEED"):
+        paired_table.table(bad)
