@@ -56,7 +56,8 @@ sweep: $(STAMP)
 	STEPS=30 N_TRAIN=240 N_TEST=40 bash reports/sweep_real.sh reports/real-30
 
 # issue 21's re-run (reports/paired/, resumable): orders std1-std3 x seeds 0-2 x seq-lora, slao, multi-task,
-# ftba-mb, ftba-mba, then the other ablations and λ schedules on std1 and long1; 200 test examples per task,
+# ftba-mb, ftba-mba, then the other ablations and λ schedules on std1, and seq-lora and slao on long1; 200 test
+# examples per task,
 # both scorers, chat prompts, paired intervals at the end
 sweep-paired: $(STAMP)
 	bash reports/sweep_paired.sh reports/paired

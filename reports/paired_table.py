@@ -36,7 +36,7 @@ def _units(runs: list[str]) -> set[tuple[str, int]]:
 
 
 def units_label(units: set[tuple[str, int]]) -> str:
-    """``6 (std1 0–2, std2 0–1, std3 0)``: the count, then each order's seeds (runs of seeds joined)."""
+    """``6 (std1 0–2; std2 0–1; std3 0)``: the count, then each order's seeds (runs of seeds joined)."""
     parts = []
     for order in sorted({o for o, _ in units}):
         seeds = sorted(s for o, s in units if o == order)
@@ -49,6 +49,13 @@ def units_label(units: set[tuple[str, int]]) -> str:
             start = prev = s
         parts.append(f"{order} {', '.join(spans)}")
     return f"{len(units)} ({'; '.join(parts)})"
+
+
+def _checked(units: set, row: dict, what: str) -> set:
+    """``units`` when the interval was computed over as many (compare pairs runs on their data too)."""
+    if len(units) != row["units"]:
+        raise ValueError(f"{what}: the interval is over {row['units']} units, run names give {len(units)}")
+    return units
 
 
 def _cell(iv: dict | None, *, diff: bool) -> str:
@@ -67,7 +74,7 @@ def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = ()) -> str
     base = iv.get("baseline")
     lines = [f"| | units | {' | '.join(METRICS)} |", "|---" * (len(METRICS) + 2) + "|"]
     for m, row in iv["methods"].items():
-        label = units_label(_units(runs[m]["runs"]))
+        label = units_label(_checked(_units(runs[m]["runs"]), row, m))
         lines.append(f"| {m} | {label} | " + " | ".join(_cell(row[k], diff=False) for k in METRICS) + " |")
 
     def diffs(cmp: dict, only: set[str] | None) -> None:
@@ -75,7 +82,7 @@ def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = ()) -> str
         for m, row in (civ.get("vs_baseline") or {}).items():
             if (only is not None and m not in only) or all(row[k] is None for k in METRICS[1:]):
                 continue  # (multi-task has only AA: no difference worth a row)
-            units = _units(cruns[m]["runs"]) & _units(cruns[civ["baseline"]]["runs"])
+            units = _checked(_units(cruns[m]["runs"]) & _units(cruns[civ["baseline"]]["runs"]), row, m)
             cells = " | ".join(_cell(row[k], diff=True) for k in METRICS)
             lines.append(f"| {m} − {civ['baseline']} | {units_label(units)} | {cells} |")
 

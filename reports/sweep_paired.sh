@@ -23,6 +23,7 @@
 #        freb-ma slao-random slao-inverse slao-constant"), LONG ("seq-lora slao": on long1; "" for none),
 #        JOBS_AT_ONCE (2), MBF, EXTRA (more flags)
 #   a short check of the pipeline: STEPS=2 N_TEST=12 OFFDIAG=4 ORDERS=std1 SEEDS=0 METHODS="seq-lora slao"
+#        ABLATIONS= LONG=
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-reports/paired}
@@ -45,9 +46,10 @@ job_list() {
 job_list | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}" || failed=1
 # the standard orders are averaged over orders and seeds, and paired on each (order, seed); the long
 # order (twice the tasks) is compared on its own
-$MBF compare "$OUT"/run/std*/ --baseline seq-lora --out "$OUT/compare" > "$OUT/logs/compare.log" 2>&1
+$MBF compare "$OUT"/run/std*/ --baseline seq-lora --out "$OUT/compare" > "$OUT/logs/compare.log" 2>&1 || failed=1
 if compgen -G "$OUT/run/long1-*/results.json" > /dev/null; then
-  $MBF compare "$OUT"/run/long1-*/ --baseline seq-lora --out "$OUT/compare-long1" > "$OUT/logs/compare-long1.log" 2>&1
+  $MBF compare "$OUT"/run/long1-*/ --baseline seq-lora --out "$OUT/compare-long1" \
+    > "$OUT/logs/compare-long1.log" 2>&1 || failed=1
 fi
 echo "$(date -u +%T) sweep finished: $OUT/compare/compare.md"
 exit "${failed:-0}"

@@ -22,14 +22,15 @@ def _compare(baseline="seq-lora"):
         "slao": ["r/std1-slao-s0", "r/std1-slao-s2", "r/std3-slao-s0"],
         "multi-task": ["r/std1-multi-task-s0"],
     }
-    row = {"units": 3, "AA": _iv(0.5, 0.45, 0.55), "BWT": _iv(-0.1, -0.2, -0.05), "FWT": _iv(0.1, 0.0, 0.2),
+    row = {"units": 4, "AA": _iv(0.5, 0.45, 0.55), "BWT": _iv(-0.1, -0.2, -0.05), "FWT": _iv(0.1, 0.0, 0.2),
            "LA": _iv(0.6, 0.55, 0.65), "tasks": {}}  # fmt: skip
     mt = {"units": 1, "AA": _iv(0.64625, 0.6, 0.7), "BWT": None, "FWT": None, "LA": None, "tasks": {}}
     diff = {"units": 3, "AA": _iv(0.025, 0.007, 0.041), "BWT": _iv(0.05, 0.02, 0.08),
             "FWT": _iv(-0.005, -0.03, 0.02), "LA": _iv(-0.018, -0.035, -0.0002), "tasks": {}}  # fmt: skip
     return {
         "methods": {m: {"runs": r} for m, r in runs.items()},
-        "intervals": {"baseline": baseline, "methods": {"seq-lora": row, "slao": row, "multi-task": mt},
+        "intervals": {"baseline": baseline,
+                      "methods": {"seq-lora": row, "slao": {**row, "units": 3}, "multi-task": mt},
                       "vs_baseline": {"slao": diff, "multi-task": {**mt, "AA": _iv(0.16, 0.1, 0.2)}}},
     }  # fmt: skip
 
@@ -77,3 +78,32 @@ def test_a_run_not_named_by_the_sweep_is_refused():
     bad["methods"]["slao"]["runs"] = ["r/my-run"]
     with pytest.raises(ValueError, match="my-run: not named ORDER-METHOD-sSEED"):
         paired_table.table(bad)
+
+
+def test_significance_is_the_comparisons_own_flag():
+    cmp = _compare()
+    cmp["intervals"]["vs_baseline"]["slao"]["AA"]["significant"] = False  # e.g. another level's verdict
+    assert "| +2.5 [+0.7, +4.1] n.s. |" in paired_table.table(cmp)
+
+
+def test_a_units_count_that_disagrees_with_the_interval_is_refused():
+    cmp = _compare()
+    cmp["intervals"]["vs_baseline"]["slao"]["units"] = 2  # compare paired fewer runs than the names say
+    with pytest.raises(ValueError, match="slao: the interval is over 2 units, run names give 3"):
+        paired_table.table(cmp)
+
+
+@pytest.mark.parametrize(
+    "seeds, label", [([0, 1], "2 (std1 0–1)"), ([0, 2, 3], "3 (std1 0, 2–3)"), ([5], "1 (std1 5)")]
+)
+def test_units_label_spans(seeds, label):
+    assert paired_table.units_label({("std1", s) for s in seeds}) == label
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["<!-- paired:end -->\n<!-- paired:start -->\n", "<!-- paired:start -->\n" * 2 + "<!-- paired:end -->"],
+)
+def test_markers_out_of_order_or_twice_are_refused(text):
+    with pytest.raises(ValueError, match="needs one"):
+        paired_table.replace_between(text, "body")
