@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from mbf.cli.commands import _load, _model_name, _qlora
+from mbf.cli.shared import _load, _model_name, _qlora
 
 __all__ = ["DEMO", "run_demo"]
 
