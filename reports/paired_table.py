@@ -3,7 +3,7 @@ each method's AA, BWT, FWT and LA with its 95 % interval, then each method minus
 "n.s." where the interval crosses 0. Points, one decimal.
 
     python reports/paired_table.py reports/paired/compare \\
-        --extra reports/paired/compare-vs-ftba-mb --extra-methods slao --readme README.md
+        --extra reports/paired/compare-vs-ftba-mb --extra-methods slao ftba-mba --readme README.md
 
 ``--extra DIR`` adds the differences of another comparison (another baseline, e.g. SLAO against FTBA-MB:
 the orthogonal init isolated), only for ``--extra-methods`` when given. ``--readme FILE`` replaces the
