@@ -26,6 +26,7 @@ def _synthetic(
     method="slao",
     done=True,
     memory=lambda i: {"adapter_bytes": 4096},
+    rank_rows=None,
 ):
     """A results.json as a run of ``method`` that measured ``rows`` would write (nothing trained)."""
     tasks = ["color", "first", "animal"][: len(rows)]
@@ -37,11 +38,12 @@ def _synthetic(
             "seed": seed,
             "tasks": tasks,
             "lora": LORA.to_dict(),
-            "train": {"lr": lr, "max_steps": 4, "seed": seed},
+            "train": {"lr": lr, "max_steps": 4, "seed": seed, "scoring": "both" if rank_rows else "generate"},
             **META,
         }
     )
     for i, (task, row) in enumerate(zip(tasks, rows)):
+        by_scorer = {"generate": list(row), "rank": list(rank_rows[i])} if rank_rows else None
         stats = {"steps": 4, "first_loss": 3.0, "final_loss": 1.0}
         results_file.add_stage(
             results,
@@ -52,6 +54,7 @@ def _synthetic(
             eval_s=1.0,
             peak_rss_mb=100.0,
             **memory(i),
+            by_scorer=by_scorer,
             checkpoint=f"checkpoints/task-{i + 1:02d}" if config else None,
         )
     if done:
@@ -70,6 +73,22 @@ def test_results_bookkeeping(tmp_path):
     (tmp_path / "b" / "results.json").write_text(json.dumps({"schema": "other/2"}))
     with pytest.raises(ValueError, match="schema 'other/2' is not 'mbf-continual-results/1'"):
         results_file.read(tmp_path / "b")
+
+
+def test_compare_reads_the_scorer_asked_for(tmp_path):
+    gen, rank = ((0.9,), (0.5, 0.8), (0.5, 0.6, 0.7)), ((0.9,), (0.7, 0.8), (0.6, 0.6, 0.9))
+    runs = [
+        _synthetic(tmp_path / "seq", method="seq-lora", rows=gen, rank_rows=rank),
+        _synthetic(tmp_path / "slao", rows=gen, rank_rows=rank),
+    ]
+    md, _ = compare_runs(runs, tmp_path / "by-rank", scorer="rank")
+    text = md.read_text()
+    assert "the rank scorer's" in text and "| 70.0 |" in text  # AA by rank: (0.6 + 0.6 + 0.9) / 3
+    md, _ = compare_runs(runs, tmp_path / "headline")
+    assert "| 60.0 |" in md.read_text() and "rank scorer" not in md.read_text()  # generation: 0.6
+    only_generate = _synthetic(tmp_path / "old", rows=gen)
+    with pytest.raises(ValueError, match=r"old: scored with --scoring generate, not rank"):
+        compare_runs([*runs, only_generate], tmp_path / "mixed", scorer="rank")
 
 
 def test_compare_averages_seeds_and_rejects_mixed_suites(tmp_path):

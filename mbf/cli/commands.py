@@ -72,7 +72,8 @@ def cmd_compare(args) -> int:
             raise ValueError(f"{given}: the same run as {seen[key]} (given twice); each run counts once")
         seen[key] = given
     out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare"
-    md, png = compare_runs(args.runs, out, baseline=None if args.baseline == "none" else args.baseline)
+    baseline = None if args.baseline == "none" else args.baseline
+    md, png = compare_runs(args.runs, out, baseline=baseline, scorer=args.scorer)
     print(md.read_text())
     print(f"comparison: {md}  {md.with_suffix('.json')}  {png}  {md.parent / 'memory.png'}")
     return 0

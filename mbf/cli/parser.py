@@ -256,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the method every other is compared with: paired 95%% intervals of each difference (bootstrap "
         "over test examples and seeds, from the runs' saved predictions); 'none' for no differences",
     )
+    cmp.add_argument(
+        "--scorer",
+        choices=("generate", "rank"),
+        default=None,
+        help="read every score as this scorer made it (runs made with --scoring both or this scorer); "
+        "default: each run's headline (exact-match generation when both were recorded)",
+    )
 
     e = add("eval", help="evaluate a run's merged adapter (or the bare model) on a suite")
     e.add_argument("--run", default=None, help="run directory: its checkpoint and its tasks")

@@ -78,13 +78,20 @@ def _key(results: dict) -> tuple:
 
 
 def compare_intervals(
-    groups: dict[str, list[tuple[Path, dict]]], baseline: str | None, *, n_boot: int = 2000, seed: int = 0
+    groups: dict[str, list[tuple[Path, dict]]],
+    baseline: str | None,
+    *,
+    scorer: str | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> dict:
     """Paired-bootstrap intervals per method, and of each method minus ``baseline`` on the units both ran.
 
     Args:
         groups: label -> (run dir, results) of its complete runs (one per order and seed).
         baseline: the label (or method name) differences are taken against; None: none.
+        scorer: whose saved predictions to pair ("generate" or "rank"); None: the runs' headline (exact-match
+            generation when they recorded both).
 
     Returns:
         ``{"scorer", "level", "n_boot", "methods": {label: {"units", "AA", "BWT", "FWT", "LA",
@@ -93,8 +100,9 @@ def compare_intervals(
         predictions is left out and named in ``"missing"``.
     """
     first = next(iter(groups.values()))[0][1]
-    scorer = (first.get("train") or {}).get("scoring", "generate")
-    scorer = "generate" if scorer == "both" else scorer  # the headline
+    if scorer is None:
+        scorer = (first.get("train") or {}).get("scoring", "generate")
+        scorer = "generate" if scorer == "both" else scorer  # the headline
     tasks = list(first["tasks"])
     kw = {"n_boot": n_boot, "seed": seed}
     out: dict = {"scorer": scorer, "level": 0.95, "n_boot": n_boot, "methods": {}, "missing": [],

@@ -212,13 +212,40 @@ def _interval_lines(iv: dict, tasks: list[str]) -> list[str]:
     return lines + [""]
 
 
+def _scored_by(path: Path, results: dict, scorer: str | None) -> dict:
+    """``results`` as ``scorer`` scored it (its accuracy matrix, zero-shot and metrics); unchanged for None.
+
+    Raises:
+        ValueError: when the run did not record that scorer (naming the run and what it recorded).
+    """
+    if scorer is None:
+        return results
+    recorded = (results.get("train") or {}).get("scoring", "generate")
+    by = results.get("accuracy_by_scorer") or {}
+    if scorer not in by and not (recorded == scorer and "accuracy" in results):
+        raise ValueError(
+            f"{path}: scored with --scoring {recorded}, not {scorer} (--scorer needs runs made with "
+            f"--scoring {scorer} or both)"
+        )
+    if scorer not in by:  # a one-scorer run: its headline is that scorer
+        return results
+    headline = results.get("metrics") or {}
+    metrics = {"wall_s": headline["wall_s"]} if "wall_s" in headline else {}
+    metrics.update((headline.get("by_scorer") or {}).get(scorer, {}))
+    zero = (results.get("zero_shot_by_scorer") or {}).get(scorer, results.get("zero_shot"))
+    return {**results, "accuracy": by[scorer], "zero_shot": zero, "metrics": metrics}
+
+
 def compare_runs(
-    runs: list[str | Path], out: str | Path, *, baseline: str | None = "seq-lora"
+    runs: list[str | Path], out: str | Path, *, baseline: str | None = "seq-lora", scorer: str | None = None
 ) -> tuple[Path, Path]:
     """Group complete runs by method, write ``compare.md``, ``compare.json``, ``compare.png`` and
     ``memory.png`` (each method's memory after each task) into ``out``: mean ± std over runs, and
     paired-bootstrap intervals of each method and of its difference against ``baseline``
     (``mbf.experiment.paired``) where the runs saved predictions.
+
+    ``scorer`` ("generate" or "rank") reads every score (tables, intervals, plots) as that scorer made it,
+    from runs made with ``--scoring both`` or that scorer; None: each run's headline.
 
     Runs of one method with different seeds, or different orders of the same tasks (the paper's
     three orders), are averaged: mean ± sample std over every (order, seed) run of the method.
@@ -235,7 +262,7 @@ def compare_runs(
     """
     # a run still in its first task (its lock, no results.json yet: a sweep's glob meets it) is named too
     begun = [Path(p) for p in runs if Path(p, ".mbf-lock").exists() and not Path(p, "results.json").exists()]
-    read = [(Path(p), results_file.read(p)) for p in runs if Path(p) not in begun]
+    read = [(Path(p), _scored_by(Path(p), results_file.read(p), scorer)) for p in runs if Path(p) not in begun]
     complete = [r for _, r in read if r["complete"]]
     paths = [str(p) for p, r in read if r["complete"]]
     # an incomplete run is said, never silently left out: its scores would mix stages with finished runs
@@ -255,7 +282,9 @@ def compare_runs(
     groups = _group(complete)
     tasks = complete[0]["tasks"]
     where = {id(r): (p if p.is_dir() else p.parent) for p, r in read}
-    intervals = compare_intervals({k: [(where[id(r)], r) for r in rs] for k, rs in groups.items()}, baseline)
+    intervals = compare_intervals(
+        {k: [(where[id(r)], r) for r in rs] for k, rs in groups.items()}, baseline, scorer=scorer
+    )
     orders = sorted({str(r.get("order")) for r in complete}) if several_orders else []
     who = "orders:seeds" if several_orders else "seeds"
     held_out = all(results_file.eval_split(r) == "validation" for r in complete)
@@ -268,7 +297,8 @@ def compare_runs(
         "it minus the bare model's (points), LA = mean score on each task right after learning it "
         "(plasticity); all with the adapter inference uses; mean ± std over "
         + ("every order and seed." if several_orders else "seeds.")
-        + (f" All runs {_HELD_OUT}." if held_out else ""),
+        + (f" All runs {_HELD_OUT}." if held_out else "")
+        + (f" Every score here is the {scorer} scorer's (`--scorer {scorer}`)." if scorer else ""),
         "",
         f"| method | {who} | AA | BWT | FWT | LA | final score per task | wall s / run | adapter KiB "
         "| optimizer KiB | replay buffer KiB | peak RSS MiB |",
