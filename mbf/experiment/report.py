@@ -262,7 +262,7 @@ def compare_runs(
     """
     # a run still in its first task (its lock, no results.json yet: a sweep's glob meets it) is named too
     begun = [Path(p) for p in runs if Path(p, ".mbf-lock").exists() and not Path(p, "results.json").exists()]
-    read = [(Path(p), _scored_by(Path(p), results_file.read(p), scorer)) for p in runs if Path(p) not in begun]
+    read = [(p, _scored_by(p, results_file.read(p), scorer)) for p in map(Path, runs) if p not in begun]
     complete = [r for _, r in read if r["complete"]]
     paths = [str(p) for p, r in read if r["complete"]]
     # an incomplete run is said, never silently left out: its scores would mix stages with finished runs
