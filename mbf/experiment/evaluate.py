@@ -25,21 +25,12 @@ from torch import nn
 
 from mbf.experiment.batches import Codec, encode_answer, encode_prompt, left_pad, positions
 from mbf.experiment.metrics import answer_score
+from mbf.experiment.results import headline, scorers_of
 from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions, progress
 from mbf.strategies import load_strategy
 
 __all__ = ["evaluate", "evaluate_tasks", "greedy_decode", "headline", "scorers_of", "score_task"]
-
-
-def scorers_of(scoring: str) -> tuple[str, ...]:
-    """The scorers ``TrainOptions.scoring`` runs, the headline first."""
-    return ("generate", "rank") if scoring == "both" else (scoring,)
-
-
-def headline(scoring: str) -> str:
-    """The scorer whose scores are results.json's ``accuracy``: generation unless only ranking runs."""
-    return scorers_of(scoring)[0]
 
 
 def _cache_kwarg(model: nn.Module, cache) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mbf.experiment import predictions
+from mbf.experiment import results as results_file
 from mbf.experiment.stats import Interval, paired_bootstrap
 
 __all__ = ["METRICS", "compare_intervals", "to_json"]
@@ -100,9 +101,7 @@ def compare_intervals(
         predictions is left out and named in ``"missing"``.
     """
     first = next(iter(groups.values()))[0][1]
-    if scorer is None:
-        scorer = (first.get("train") or {}).get("scoring", "generate")
-        scorer = "generate" if scorer == "both" else scorer  # the headline
+    scorer = scorer or results_file.headline(results_file.scoring(first))
     tasks = list(first["tasks"])
     kw = {"n_boot": n_boot, "seed": seed}
     out: dict = {"scorer": scorer, "level": 0.95, "n_boot": n_boot, "methods": {}, "missing": [],

@@ -213,25 +213,24 @@ def _interval_lines(iv: dict, tasks: list[str]) -> list[str]:
 
 
 def _scored_by(path: Path, results: dict, scorer: str | None) -> dict:
-    """``results`` as ``scorer`` scored it (its accuracy matrix, zero-shot and metrics); unchanged for None.
+    """``results`` as ``scorer`` scored it (its accuracy matrix, zero-shot and metrics); unchanged for None
+    or the run's headline (its ``accuracy`` is already that scorer's).
 
     Raises:
         ValueError: when the run did not record that scorer (naming the run and what it recorded).
     """
-    if scorer is None:
+    recorded = results_file.scoring(results)
+    if scorer is None or scorer == results_file.headline(recorded):  # its accuracy is that scorer's
         return results
-    recorded = (results.get("train") or {}).get("scoring", "generate")
     by = results.get("accuracy_by_scorer") or {}
-    if scorer not in by and not (recorded == scorer and "accuracy" in results):
+    if scorer not in by:
         raise ValueError(
             f"{path}: scored with --scoring {recorded}, not {scorer} (--scorer needs runs made with "
             f"--scoring {scorer} or both)"
         )
-    if scorer not in by:  # a one-scorer run: its headline is that scorer
-        return results
-    headline = results.get("metrics") or {}
-    metrics = {"wall_s": headline["wall_s"]} if "wall_s" in headline else {}
-    metrics.update((headline.get("by_scorer") or {}).get(scorer, {}))
+    own = results.get("metrics") or {}
+    metrics = {"wall_s": own["wall_s"]} if "wall_s" in own else {}
+    metrics.update((own.get("by_scorer") or {}).get(scorer, {}))
     zero = (results.get("zero_shot_by_scorer") or {}).get(scorer, results.get("zero_shot"))
     return {**results, "accuracy": by[scorer], "zero_shot": zero, "metrics": metrics}
 

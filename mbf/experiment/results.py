@@ -80,7 +80,19 @@ from pathlib import Path
 from mbf.experiment.metrics import accuracy_metrics
 from mbf.io import atomic_write_json, versions
 
-__all__ = ["SCHEMA", "add_stage", "base_dtype", "eval_split", "finish", "new", "read", "write"]
+__all__ = [
+    "SCHEMA",
+    "add_stage",
+    "base_dtype",
+    "eval_split",
+    "finish",
+    "headline",
+    "new",
+    "read",
+    "scoring",
+    "scorers_of",
+    "write",
+]
 
 SCHEMA = "mbf-continual-results/1"
 LEGACY_DTYPE = "float32"  # every run before "dtype" was recorded loaded its model in float32
@@ -95,6 +107,21 @@ def eval_split(results: dict) -> str:
     """The split a run (or a run's settings) is scored on: ``"test"`` where the field is absent (every
     test-split run: only ``--eval-split validation`` records it)."""
     return results.get("eval_split") or "test"
+
+
+def scorers_of(scoring: str) -> tuple[str, ...]:
+    """The scorers ``TrainOptions.scoring`` runs, the headline first."""
+    return ("generate", "rank") if scoring == "both" else (scoring,)
+
+
+def headline(scoring: str) -> str:
+    """The scorer whose scores are results.json's ``accuracy``: generation unless only ranking runs."""
+    return scorers_of(scoring)[0]
+
+
+def scoring(results: dict) -> str:
+    """The ``--scoring`` a run was made with: ``"generate"`` where the field is absent (older runs)."""
+    return (results.get("train") or {}).get("scoring", "generate")
 
 
 def _now() -> str:
