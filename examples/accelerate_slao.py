@@ -70,6 +70,10 @@ def main() -> None:
         raise SystemExit(f"rank {accelerator.process_index}: the ranks' adapters differ")
     accelerator.print(f"ranks agree: {accelerator.num_processes} identical replicas after 3 tasks")
     accelerator.print(f"saved {args.out} (ContinualLoRA.load(model, path) reads it back)")
+    # leave together: a rank that tears gloo down while its peer still talks aborts the peer's process
+    # ("terminate called without an active exception"; tests/fixtures/dist_worker.py closes the same way)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group
 
 
 if __name__ == "__main__":
