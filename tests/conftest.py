@@ -87,4 +87,3 @@ def fake_tasks(cl, tasks: int, seed: int = 0):
         fake_training(cl, g)
         cl.end_task()
     return cl
-

@@ -105,8 +105,10 @@ def _jsonl(data: Path) -> None:
         (_write("TC/dbpedia/train.json", "[{"), r"TC/dbpedia/train.json: not valid JSON at line 1 column 3"),
         (_write("TC/dbpedia/train.json", b"\xff[]"), r"TC/dbpedia/train.json: not UTF-8 text \(byte 0"),
         (_write("TC/dbpedia/train.json", '["just text"]'), r"train.json: record 0 is a str, not an object"),
-        (_write("TC/dbpedia/train.json", '[{"text": "x"}]'),
-         r"train.json: record 0 needs input/sentence and output/label fields, has \['text'\]"),
+        (
+            _write("TC/dbpedia/train.json", '[{"text": "x"}]'),
+            r"train.json: record 0 needs input/sentence and output/label fields, has \['text'\]",
+        ),
         (_write("TC/dbpedia/train.json", '{"Instances": 3}'), r"train.json: expected a list of records"),
         (_write("TC/dbpedia/test.json", "[]"), r"task 'dbpedia' \(\S+/TC/dbpedia\) has no test examples"),
         (_write("SC/amazon/train.json", "[]"), r"task 'amazon' \(\S+/SC/amazon\) has no training examples"),

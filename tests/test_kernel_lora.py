@@ -307,7 +307,9 @@ def test_gpu_torch_compile_inductor():
 
 
 @triton.jit
-def _keep_probe(out_ptr, M, K, seed: tl.int64, threshold: tl.int64, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # noqa: E501
+def _keep_probe(
+    out_ptr, M, K, seed: tl.int64, threshold: tl.int64, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
     # the kernels' own mask helper, tile by tile, written out as 0/1
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
