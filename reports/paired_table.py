@@ -3,10 +3,12 @@ each method's AA, BWT, FWT and LA with its 95 % interval, then each method minus
 "n.s." where the interval crosses 0. Points, one decimal.
 
     python reports/paired_table.py reports/paired/compare \\
-        --extra reports/paired/compare-vs-ftba-mb --extra-methods slao ftba-mba --readme README.md
+        --extra reports/paired/compare-vs-ftba-mb slao ftba-mba \\
+        --extra reports/paired/compare-vs-slao slao-random slao-inverse slao-constant --readme README.md
 
-``--extra DIR`` adds the differences of another comparison (another baseline, e.g. SLAO against FTBA-MB:
-the orthogonal init isolated), only for ``--extra-methods`` when given. ``--readme FILE`` replaces the
+``--extra DIR [METHOD ...]`` adds the differences of another comparison (another baseline, e.g. SLAO
+against FTBA-MB: the orthogonal init isolated), only for the METHODs named after it (every method when
+none is); repeat it for each comparison. ``--readme FILE`` replaces the
 text between ``<!-- paired:start -->`` and ``<!-- paired:end -->`` in FILE; without it the table is
 printed. A unit is an (order, seed) pair; its label comes from the run directory's name,
 ``ORDER-METHOD-sSEED`` as reports/sweep_paired.sh names them.
@@ -108,12 +110,17 @@ def _load(d: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("compare", help="a compare directory (or its compare.json)")
-    ap.add_argument("--extra", action="append", default=[], help="another comparison's differences")
-    ap.add_argument("--extra-methods", nargs="+", help="only these methods' rows of --extra")
+    ap.add_argument(
+        "--extra",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("DIR", "METHOD"),
+        help="another comparison's differences, only the METHODs' rows when named (repeatable)",
+    )
     ap.add_argument("--readme", help="write the table between the markers of this file")
     a = ap.parse_args(argv)
-    only = set(a.extra_methods) if a.extra_methods else None
-    body = table(_load(a.compare), [(_load(e), only) for e in a.extra])
+    body = table(_load(a.compare), [(_load(d), set(only) or None) for d, *only in a.extra])
     if a.readme:
         p = Path(a.readme)
         p.write_text(replace_between(p.read_text(), body, a.readme))

@@ -46,10 +46,12 @@ job_list() {
 job_list | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}" || failed=1
 # the standard orders are averaged over orders and seeds, and paired on each (order, seed); the long
 # order (twice the tasks) is compared on its own
-# (each against seq-lora and against FTBA-MB, the orthogonal init isolated; by generation, the headline,
+# (each against seq-lora, against FTBA-MB (the orthogonal init isolated) and against SLAO (its ablations and
+# λ schedules beside it); by generation, the headline,
 # and by the ranked options: does a conclusion survive the other scorer?)
 $MBF compare "$OUT"/run/std*/ --baseline seq-lora --out "$OUT/compare" > "$OUT/logs/compare.log" 2>&1 || failed=1
 $MBF compare "$OUT"/run/std*/ --baseline ftba-mb --out "$OUT/compare-vs-ftba-mb" > /dev/null || failed=1
+$MBF compare "$OUT"/run/std*/ --baseline slao --out "$OUT/compare-vs-slao" > /dev/null || failed=1
 $MBF compare "$OUT"/run/std*/ --scorer rank --out "$OUT/compare-rank" > /dev/null || failed=1
 $MBF compare "$OUT"/run/std*/ --baseline ftba-mb --scorer rank --out "$OUT/compare-rank-vs-ftba-mb" > /dev/null \
   || failed=1

@@ -58,6 +58,26 @@ def test_extra_rows_only_for_the_methods_asked():
     assert not any(line.startswith("| seq-lora − multi-task") for line in lines)
 
 
+def test_each_extra_keeps_the_methods_named_after_it(tmp_path):
+    # --extra DIR [METHOD ...], repeatable: one comparison's rows for its own methods, another's for all
+    diff = _compare()["intervals"]["vs_baseline"]["slao"]  # 3 units
+    one_unit = {**diff, "units": 1}  # against multi-task: std1 seed 0 only
+    for name, baseline, rows in (("a", "multi-task", {"slao": one_unit, "seq-lora": one_unit}),
+                                 ("b", "slao", {"seq-lora": diff})):  # fmt: skip
+        cmp = _compare(baseline)
+        cmp["intervals"]["vs_baseline"] = rows
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "compare.json").write_text(json.dumps(cmp))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compare.json").write_text(json.dumps(_compare()))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- paired:start -->\n<!-- paired:end -->\n")
+    argv = [str(tmp_path / "c"), "--extra", str(tmp_path / "a"), "slao", "--extra", str(tmp_path / "b")]
+    assert paired_table.main([*argv, "--readme", str(readme)]) == 0
+    rows = [line.split(" | ")[0] for line in readme.read_text().splitlines() if " − " in line]
+    assert rows == ["| slao − seq-lora", "| slao − multi-task", "| seq-lora − slao"]
+
+
 def test_readme_markers(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "compare.json").write_text(json.dumps(_compare()))
