@@ -11,13 +11,15 @@
 # scorers, 200 test examples per task on the cells AA/BWT/LA read). Resumable (reports/run_job.sh).
 #   env: OUT (reports/methods), METHODS, LRS ("3e-4 1e-3 3e-3"), N_VAL (held-out examples per task,
 #        100), N_TEST (200), OFFDIAG (50), STEPS (30), N_TRAIN (240), MAX_LENGTH (128), ORDERS ("std1"), SEEDS ("0 1 2"),
-#        JOBS_AT_ONCE (2), MBF, PYTHON (.venv/bin/python: runs reports/pick_lr.py), EXTRA
+#        JOBS_AT_ONCE (2), MBF, PYTHON (.venv/bin/python: runs reports/pick_lr.py), EXTRA, REUSE (finished
+#        runs of the same name and settings to copy instead of re-running: reports/paired/run)
 #   a short check of the pipeline: STEPS=1 N_TRAIN=8 N_VAL=4 N_TEST=4 OFFDIAG=2 METHODS="seq-lora ties"
 #        LRS="1e-3 3e-3" SEEDS=0 OUT=/tmp/check
 set -eu
 cd "$(dirname "$0")/.."
 OUT=${OUT:-reports/methods}
 MBF=${MBF:-.venv/bin/mbf}
+REUSE=${REUSE:-reports/paired/run}
 METHODS=${METHODS:-seq-lora slao o-lora inflora task-arithmetic ties replay}
 source reports/real_flags.sh
 COMMON=$(real_flags)
@@ -35,6 +37,19 @@ case ${1:-} in
     for m in $METHODS; do  # every rate before any run starts (an exit inside the pipe below would not stop it)
       [ -n "$(lr_of "$m")" ] || { echo "$chosen: no learning rate for $m" >&2; exit 2; }
     done
+    # a run the paired re-run (issue 21) already made with exactly these settings is copied, not re-run
+    # (seq-lora and SLAO where their chosen rate is its 1e-3): reports/reuse_run.py checks every field
+    if [ -z "${EXTRA:-}" ]; then
+      for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1}; do for m in $METHODS; do
+        name=$order-$m-s$seed
+        [ -d "$REUSE/$name" ] || continue
+        "${PYTHON:-.venv/bin/python}" reports/reuse_run.py "$REUSE/$name" "$OUT/run/$name" method="$m" \
+          seed="$seed" order="$order" suite=real eval_split=test train.lr="$(lr_of "$m")" \
+          n_train="${N_TRAIN:-240}" n_test="${N_TEST:-200}" train.offdiag_test="${OFFDIAG:-50}" \
+          train.max_steps="${STEPS:-30}" train.batch_size=8 train.max_length="${MAX_LENGTH:-128}" \
+          train.scoring=both train.prompt_format=chat lora.r=8
+      done; done; done
+    fi
     for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1}; do for m in $METHODS; do
       lr=$(lr_of "$m")
       echo "$order-$m-s$seed $COMMON --order $order --seed $seed --method $m --lr $lr" \
