@@ -224,3 +224,26 @@ def test_two_writers_of_one_figure_never_share_a_temporary_file(tmp_path, monkey
     plots.heatmap(results, path)
     assert len(set(temporaries)) == 2 and all(t.parent == path.parent for t in temporaries)
     assert [p.name for p in path.parent.iterdir()] == ["accuracy.png"] and path.stat().st_size > 1000
+
+
+def test_the_plot_labels_say_how_many_units_each_interval_is_over():
+    # a one-unit ablation beside a nine-unit method: the bars look alike, the labels must not
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mbf.experiment import plots
+    from mbf.experiment.stats import Interval
+
+    iv = Interval(0.02, 0.01, 0.03, 0.95)
+    row = {"AA": iv, "BWT": iv, "FWT": None}
+    nine, one = {**row, "units": 9}, {**row, "units": 1}
+    diffs = {"slao": nine, "slao-random": one}
+    intervals = {"baseline": "seq-lora", "methods": {"slao": nine}, "vs_baseline": diffs}
+    fig, (a, b) = plt.subplots(1, 2)
+    plots._differences(a, intervals)
+    plots._bars(b, {"slao": [], "multi-task": [{"metrics": {"AA": 0.6}}]}, intervals)
+    assert [t.get_text() for t in a.get_xticklabels()] == ["slao (9 units)", "slao-random (1 unit)"]
+    assert [t.get_text() for t in b.get_xticklabels()] == ["slao (9 units)", "multi-task"]
+    plt.close(fig)

@@ -73,16 +73,24 @@ def _bars(ax, groups: dict[str, list[dict]], intervals: dict | None = None) -> N
             errs[1].append(errs[0][-1])
         ax.bar([i + offset for i in x], means, w, yerr=errs, label=key, capsize=3)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
+    ticks = [_with_units(k, cis[k]) if k in cis else k for k in labels]
+    ax.set_xticks(list(x), ticks, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
     what = "paired 95% interval" if cis else "mean ± std over runs"
     ax.set_title(f"AA, BWT and FWT ({what})", fontsize=9)
     ax.legend()
 
 
+def _with_units(label: str, row: dict | None) -> str:
+    """``slao (9 units)``: how many (order, seed) units an interval is over, so that a one-unit bar is not
+    read like a nine-unit one."""
+    n = (row or {}).get("units")
+    return label if n is None else f"{label} ({n} unit{'' if n == 1 else 's'})"
+
+
 def _differences(ax, intervals: dict) -> None:
     """ΔAA, ΔBWT, ΔFWT of each method minus the baseline with their paired intervals; ``n.s.`` over a
-    bar whose interval crosses 0."""
+    bar whose interval crosses 0; each label says how many units its interval is over."""
     diffs = intervals["vs_baseline"]
     labels = list(diffs)
     w = 0.27
@@ -98,7 +106,8 @@ def _differences(ax, intervals: dict) -> None:
             if not iv.significant:
                 ax.text(i + offset, 100 * iv.high, "n.s.", ha="center", va="bottom", fontsize=7)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ticks = [_with_units(k, diffs[k]) for k in labels]
+    ax.set_xticks(range(len(labels)), ticks, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("points")
     ax.set_title(f"minus {intervals['baseline']} (paired 95% interval)", fontsize=9)
     ax.legend(fontsize=7)
