@@ -247,3 +247,10 @@ def test_the_plot_labels_say_how_many_units_each_interval_is_over():
     assert [t.get_text() for t in a.get_xticklabels()] == ["slao (9 units)", "slao-random (1 unit)"]
     assert [t.get_text() for t in b.get_xticklabels()] == ["slao (9 units)", "multi-task"]
     plt.close(fig)
+    # the curves average over every run of a method: their legend says how many
+    fig, ax = plt.subplots()
+    run = {"accuracy": [[0.5, 0.1], [0.4, 0.6]], "metrics": {"AA": 0.5}}
+    plots._curves(ax, {"slao": [run, run], "multi-task": [{"accuracy": [], "metrics": {"AA": 0.7}}]},
+                  ["a", "b"], plots._seen_mean, "y", "t")  # fmt: skip
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["slao (2 runs)", "multi-task (1 run)"]
+    plt.close(fig)

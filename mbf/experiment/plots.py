@@ -127,15 +127,21 @@ def _curves(
     title: str,
     by_stage: bool = False,
 ) -> None:
-    """One line per group: ``value(accuracy row, stage)`` after each stage, averaged over runs."""
+    """One line per group: ``value(accuracy row, stage)`` after each stage, averaged over runs (the
+    legend says over how many: groups with fewer runs average over fewer orders and seeds)."""
     T = len(tasks)
+
+    def named(label: str, n: int) -> str:
+        return f"{label} ({n} run{'' if n == 1 else 's'})"
+
     for label, runs in groups.items():
         full = [r for r in runs if len(r["accuracy"]) == T]
         if full:
             curve = [statistics.fmean(value(r["accuracy"][i], i) for r in full) for i in range(T)]
-            ax.plot(range(1, T + 1), [100 * c for c in curve], "o-", label=label)
+            ax.plot(range(1, T + 1), [100 * c for c in curve], "o-", label=named(label, len(full)))
         elif value is _seen_mean:  # multi-task: one point, after the whole sequence
-            ax.plot([T], [100 * statistics.fmean(r["metrics"]["AA"] for r in runs)], "*", ms=12, label=label)
+            aa = statistics.fmean(r["metrics"]["AA"] for r in runs)
+            ax.plot([T], [100 * aa], "*", ms=12, label=named(label, len(runs)))
     names = [f"stage {i}" for i in range(1, T + 1)] if by_stage else tasks  # orders differ: by position
     ax.set_xticks(range(1, T + 1), names, rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("after training")
