@@ -81,11 +81,16 @@ def _bars(ax, groups: dict[str, list[dict]], intervals: dict | None = None) -> N
     ax.legend()
 
 
+def _counted(label: str, n: int, what: str) -> str:
+    """``slao (9 units)``, ``multi-task (1 run)``: a label with how many of ``what`` it stands for."""
+    return f"{label} ({n} {what}{'' if n == 1 else 's'})"
+
+
 def _with_units(label: str, row: dict | None) -> str:
     """``slao (9 units)``: how many (order, seed) units an interval is over, so that a one-unit bar is not
     read like a nine-unit one."""
     n = (row or {}).get("units")
-    return label if n is None else f"{label} ({n} unit{'' if n == 1 else 's'})"
+    return label if n is None else _counted(label, n, "unit")
 
 
 def _differences(ax, intervals: dict) -> None:
@@ -130,18 +135,14 @@ def _curves(
     """One line per group: ``value(accuracy row, stage)`` after each stage, averaged over runs (the
     legend says over how many: groups with fewer runs average over fewer orders and seeds)."""
     T = len(tasks)
-
-    def named(label: str, n: int) -> str:
-        return f"{label} ({n} run{'' if n == 1 else 's'})"
-
     for label, runs in groups.items():
         full = [r for r in runs if len(r["accuracy"]) == T]
         if full:
             curve = [statistics.fmean(value(r["accuracy"][i], i) for r in full) for i in range(T)]
-            ax.plot(range(1, T + 1), [100 * c for c in curve], "o-", label=named(label, len(full)))
+            ax.plot(range(1, T + 1), [100 * c for c in curve], "o-", label=_counted(label, len(full), "run"))
         elif value is _seen_mean:  # multi-task: one point, after the whole sequence
             aa = statistics.fmean(r["metrics"]["AA"] for r in runs)
-            ax.plot([T], [100 * aa], "*", ms=12, label=named(label, len(runs)))
+            ax.plot([T], [100 * aa], "*", ms=12, label=_counted(label, len(runs), "run"))
     names = [f"stage {i}" for i in range(1, T + 1)] if by_stage else tasks  # orders differ: by position
     ax.set_xticks(range(1, T + 1), names, rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("after training")
