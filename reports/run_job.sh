@@ -5,7 +5,8 @@
 #     time, in the order given (so a cut sweep holds its first jobs), each as below
 #   bash reports/run_job.sh OUT NAME FLAGS...
 #     runs `$MBF continual FLAGS --out OUT/run/NAME`: nothing when that run is complete, --resume when a
-#     cut one is there; its output goes to OUT/logs/NAME.log, and one line at its start and end to stdout.
+#     cut one is there; its output goes to OUT/logs/NAME.log (appended to on --resume, so the cut run's part
+#     stays), and one line at its start and end to stdout.
 # The exit status is 1 when the run failed (the list: when any run failed, after every run was tried).
 set -u
 out=$1
@@ -22,9 +23,15 @@ shift 2
 run=$out/run/$name
 if [ -f "$run/results.json" ] && grep -q '"complete": true' "$run/results.json"; then exit 0; fi
 resume=()
-[ -f "$run/results.json" ] && resume=(--resume)
-echo "$(date -u +%T) start $name"
-"$MBF" continual "$@" --out "$run" "${resume[@]}" > "$out/logs/$name.log" 2>&1
+log=$out/logs/$name.log
+if [ -f "$run/results.json" ]; then
+  resume=(--resume)
+  echo "--- $(date -u +%FT%TZ) resumed" >> "$log"  # the cut run's log stays above
+else
+  : > "$log"
+fi
+echo "$(date -u +%T) start $name${resume:+ (resumed)}"
+"$MBF" continual "$@" --out "$run" "${resume[@]}" >> "$log" 2>&1
 rc=$?
-echo "$(date -u +%T) done  $name rc=$rc $(tail -2 "$out/logs/$name.log" | head -1)"
+echo "$(date -u +%T) done  $name rc=$rc $(tail -2 "$log" | head -1)"
 [ $rc -eq 0 ] || exit 1  # (not the run's own status: xargs stops every run on a 255)
