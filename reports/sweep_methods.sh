@@ -34,20 +34,25 @@ case ${1:-} in
     chosen=$OUT/lr/chosen.txt
     [ -f "$chosen" ] || { echo "$chosen: run 'bash reports/sweep_methods.sh lr' first" >&2; exit 2; }
     lr_of() { awk -v m="$1" '$1 == m {print $2}' "$chosen"; }
+    lr_run() {  # the lr sweep's run of method $1 at its chosen rate (chosen.txt writes 1e-3 as 0.001)
+      for lr in ${LRS:-3e-4 1e-3 3e-3}; do
+        awk -v a="$lr" -v b="$(lr_of "$1")" 'BEGIN { exit !(a + 0 == b + 0) }' && echo "$OUT/lr/run/$1-lr$lr"
+      done
+    }
     for m in $METHODS; do  # every rate before any run starts (an exit inside the pipe below would not stop it)
       [ -n "$(lr_of "$m")" ] || { echo "$chosen: no learning rate for $m" >&2; exit 2; }
     done
     # a run the paired re-run (issue 21) already made with exactly these settings is copied, not re-run
-    # (seq-lora and SLAO where their chosen rate is its 1e-3): reports/reuse_run.py checks every field
+    # (seq-lora and SLAO where their chosen rate is its 1e-3): reports/reuse_run.py checks the fields
+    # named here and, --like, every other setting against this sweep's own run of the method at that rate
     if [ -z "${EXTRA:-}" ]; then
       for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1}; do for m in $METHODS; do
         name=$order-$m-s$seed
         [ -d "$REUSE/$name" ] || continue
-        "${PYTHON:-.venv/bin/python}" reports/reuse_run.py "$REUSE/$name" "$OUT/run/$name" method="$m" \
-          seed="$seed" order="$order" suite=real eval_split=test train.lr="$(lr_of "$m")" \
-          n_train="${N_TRAIN:-240}" n_test="${N_TEST:-200}" train.offdiag_test="${OFFDIAG:-50}" \
-          train.max_steps="${STEPS:-30}" train.batch_size=8 train.max_length="${MAX_LENGTH:-128}" \
-          train.scoring=both train.prompt_format=chat lora.r=8
+        "${PYTHON:-.venv/bin/python}" reports/reuse_run.py --like "$(lr_run "$m")" \
+          "$REUSE/$name" "$OUT/run/$name" method="$m" seed="$seed" train.seed="$seed" order="$order" \
+          eval_split=test train.lr="$(lr_of "$m")" n_test="${N_TEST:-200}" \
+          train.offdiag_test="${OFFDIAG:-50}" train.scoring=both
       done; done; done
     fi
     for seed in ${SEEDS:-0 1 2}; do for order in ${ORDERS:-std1}; do for m in $METHODS; do
