@@ -115,6 +115,15 @@ def test_a_checkpoint_outside_the_run_is_refused(runs, tmp_path):
     assert main(["eval", "--run", str(run)]) == 2
 
 
+def test_resume_without_the_checkpoints_says_they_are_missing(runs, tmp_path):
+    run = _copy(runs[1], tmp_path)  # cut after task 1: what a copy of its results alone would leave
+    shutil.rmtree(run / "checkpoints")
+    before = (run / "results.json").read_bytes()
+    with pytest.raises(FileNotFoundError, match=r"records 1 finished tasks, but .*task-01 is missing"):
+        _run(run, resume=True)
+    assert (run / "results.json").read_bytes() == before
+
+
 def test_resume_of_a_missing_directory_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--resume: .*nothing.* no run to resume"):
         _run(tmp_path / "nothing", resume=True)

@@ -306,6 +306,12 @@ def run_continual(
                 run.multi_task_stage()
             return results
         if done:  # with the method given (an --accept-changes resume applies the change)
+            if not (out / results["checkpoint"]).is_dir():
+                raise FileNotFoundError(
+                    f"{out}: results.json records {done} finished tasks, but their adapter state "
+                    f"{results['checkpoint']} is missing (was the run copied without its checkpoints/?): "
+                    "it cannot resume; restore that folder, or run again in a new --out"
+                )
             cl = load_strategy(model, out / results["checkpoint"], config=config)
             if cl.task_index != done:
                 raise ValueError(f"{out / results['checkpoint']} holds {cl.task_index} finished tasks, "
