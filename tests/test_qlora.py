@@ -71,12 +71,18 @@ def test_matches_bnb_linear4bit_with_peft(dtype):
     ref = reference.lora_linear(leaves[0], W64, lin.bias.double(), leaves[1], leaves[2], ours.scaling)
     ref.backward(dy.double())
     refs = (ref.detach(), *(t.grad for t in leaves))
+    # in fp32 both compute the same sums in another order, so rounding luck alone separates their errors
+    # (a 2-core Xeon with AMX: 7.309e-06 against bitsandbytes' 7.307e-06 on y): within 10 %; a wrong
+    # code, scale or layout is off by orders of magnitude. In bf16 mbf's error must not exceed theirs.
+    slack = 1.1 if dtype == torch.float32 else 1.0
     for name, got, bnb_got, want in zip(("y", "dx", "dA", "dB"), mine, theirs, refs):
         assert got.shape == want.shape, name
         # the root-sum-square error: one element's rounding luck does not decide it
         err, bnb_err = (got.double() - want).norm(), (bnb_got.double() - want).norm()
         if dtype == torch.float32 or name in ("y", "dx"):
-            assert err <= bnb_err, f"{name}: mbf error {err:.3g} > bitsandbytes + PEFT error {bnb_err:.3g}"
+            assert err <= slack * bnb_err, (
+                f"{name}: mbf error {err:.3g} > {slack} x bitsandbytes + PEFT error {bnb_err:.3g}"
+            )
         else:
             assert_close(got, want, dtype)
 
