@@ -35,10 +35,8 @@ SETTINGS = ("model", "model_fingerprint", "dtype", "suite", "n_train", "preset",
 
 
 def _field(res: dict, key: str):
-    if key == "eval_split":  # recorded only by --eval-split validation runs
-        return results_file.eval_split(res)
-    if key == "dtype":  # recorded since the field existed (older runs: float32)
-        return results_file.base_dtype(res)
+    if key in results_file.DEFAULTED:  # dtype, eval_split: absent means float32, test
+        return results_file.DEFAULTED[key](res)
     value = res
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:

@@ -80,10 +80,7 @@ def _ref(src, tmp_path, **changes):
         node = res
         for part in outer:
             node = node[part]
-        if value is None:
-            node.pop(last)
-        else:
-            node[last] = value
+        node[last] = value
     ref = tmp_path / "ref"
     ref.mkdir()
     results_file.write(ref, res)

@@ -19,8 +19,6 @@ __all__ = ["compare_runs", "run_markdown", "write_run"]
 # settings that make two runs of one method different experiments rather than two seeds of one (not the
 # suite seed: by default it follows --seed, each seed drawing its own data sample, a replication too)
 _SETTINGS = ("model", "dtype", "n_train", "n_test", "train", "lora", "eval_split")
-# settings whose absence from an older (or a test-split) results.json means a default
-_DEFAULTED = {"dtype": results_file.base_dtype, "eval_split": results_file.eval_split}
 _HELD_OUT = "scored on held-out training examples (`--eval-split validation`), not the test split"
 
 
@@ -110,7 +108,7 @@ def _pm(xs: list[float | None]) -> str:
 def _flat(r: dict) -> dict:
     flat = {}
     for k in _SETTINGS:
-        v = _DEFAULTED[k](r) if k in _DEFAULTED else r.get(k)
+        v = results_file.DEFAULTED[k](r) if k in results_file.DEFAULTED else r.get(k)
         if isinstance(v, dict):
             flat.update({sk: sv for sk, sv in v.items() if sk != "seed"})
         else:

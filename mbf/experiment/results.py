@@ -81,6 +81,7 @@ from mbf.experiment.metrics import accuracy_metrics
 from mbf.io import atomic_write_json, versions
 
 __all__ = [
+    "DEFAULTED",
     "SCHEMA",
     "add_stage",
     "base_dtype",
@@ -107,6 +108,10 @@ def eval_split(results: dict) -> str:
     """The split a run (or a run's settings) is scored on: ``"test"`` where the field is absent (every
     test-split run: only ``--eval-split validation`` records it)."""
     return results.get("eval_split") or "test"
+
+
+# top-level fields whose absence means a default (older files; test-split runs), each with its reader
+DEFAULTED = {"dtype": base_dtype, "eval_split": eval_split}
 
 
 def scorers_of(scoring: str) -> tuple[str, ...]:
