@@ -215,6 +215,15 @@ def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path,
     assert f"mbf: warning: the run's tasks now hold other examples than {run} used" in capsys.readouterr().err
 
 
+def test_eval_of_a_run_without_its_checkpoints_says_they_are_missing(slao_run, tmp_path, capsys):
+    run = tmp_path / "copied"  # as a committed sweep run: results and predictions, no checkpoints/
+    shutil.copytree(slao_run[0], run, ignore=shutil.ignore_patterns("checkpoints"))
+    assert main(["eval", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "results.json names the adapter state checkpoints/task-05, which is missing" in err
+    assert "not a ContinualLoRA checkpoint" not in err
+
+
 def test_the_base_dtype_is_chosen_recorded_and_kept_on_resume(
     slao_run, tiny_checkpoint, tmp_path, capsys, monkeypatch
 ):

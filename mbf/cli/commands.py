@@ -100,6 +100,13 @@ def cmd_eval(args) -> int:
                   f"trained; not trained yet: {', '.join(untrained)} (scored as the adapter stands)",
                   file=sys.stderr)  # fmt: skip
         checkpoint = Path(args.run) / saved["checkpoint"]
+        if not checkpoint.is_dir():  # results.json and predictions travel without it (the committed sweeps)
+            raise FileNotFoundError(
+                f"{args.run}: results.json names the adapter state {saved['checkpoint']}, which is missing "
+                "(was the run copied without its checkpoints/? the committed sweep runs keep only their "
+                "results and predictions): its adapter cannot be re-evaluated; `mbf report` and `mbf "
+                "compare` read the saved scores"
+            )
         for key in ("suite", "order"):  # given with --run: they must be the run's own
             given = getattr(args, key, None)
             if given is not None and key in saved and given != saved[key]:
