@@ -6,10 +6,13 @@ each method's AA, BWT, FWT and LA with its 95 % interval, then each method minus
         --extra reports/paired/compare-vs-ftba-mb slao ftba-mba \\
         --extra reports/paired/compare-vs-slao slao-random slao-inverse slao-constant --readme README.md
 
+``--memory`` adds a column: each method's adapter state after its runs' last task (KiB; its span when the
+runs differ, e.g. InfLoRA's kept bases follow the data), plus replay's buffer of kept examples (issue 22).
 ``--extra DIR [METHOD ...]`` adds the differences of another comparison (another baseline, e.g. SLAO
 against FTBA-MB: the orthogonal init isolated), only for the METHODs named after it (every method when
 none is); repeat it for each comparison. ``--readme FILE`` replaces the
-text between ``<!-- paired:start -->`` and ``<!-- paired:end -->`` in FILE; without it the table is
+text between ``<!-- paired:start -->`` and ``<!-- paired:end -->`` in FILE (``--marker NAME``:
+``<!-- NAME:start -->``, for a second table in the same file); without it the table is
 printed. A unit is an (order, seed) pair; its label comes from the run directory's name,
 ``ORDER-METHOD-sSEED`` as reports/sweep_paired.sh names them.
 """
@@ -23,7 +26,14 @@ import sys
 from pathlib import Path
 
 METRICS = ("AA", "BWT", "FWT", "LA")
-START, END = "<!-- paired:start -->", "<!-- paired:end -->"
+MEMORY = "adapter KiB after T tasks"
+
+
+def markers(name: str = "paired") -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+START, END = markers()
 
 
 def _units(runs: list[str]) -> set[tuple[str, int]]:
@@ -70,14 +80,33 @@ def _cell(iv: dict | None, *, diff: bool) -> str:
     return f"**{text}**" if diff and iv["significant"] else text
 
 
-def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = ()) -> str:
-    """The markdown table of one comparison (and the differences of ``extras``)."""
+def _kib(values: list[int]) -> str:
+    low, high = min(values) / 1024, max(values) / 1024
+    return f"{low:,.0f}" if round(low) == round(high) else f"{low:,.0f}–{high:,.0f}"
+
+
+def memory_cell(method: dict) -> str:
+    """A method's adapter state after each run's last task (KiB), and replay's buffer beside it."""
+    mem = method.get("memory")
+    if not mem or not mem.get("adapter_bytes"):
+        return "–"
+    text = _kib([per_task[-1] for per_task in mem["adapter_bytes"]])
+    buffers = [per_task[-1] for per_task in mem.get("buffer_bytes") or [] if per_task[-1] is not None]
+    return f"{text} + {_kib(buffers)} buffer" if buffers else text
+
+
+def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = (), *, memory: bool = False) -> str:
+    """The markdown table of one comparison (and the differences of ``extras``); ``memory``: with the
+    adapter state each method holds after the last task."""
     iv, runs = compare["intervals"], compare["methods"]
     base = iv.get("baseline")
-    lines = [f"| | units | {' | '.join(METRICS)} |", "|---" * (len(METRICS) + 2) + "|"]
+    head = [*METRICS, MEMORY] if memory else list(METRICS)
+    lines = [f"| | units | {' | '.join(head)} |", "|---" * (len(head) + 2) + "|"]
+    tail = " | –" if memory else ""  # (a difference has no memory of its own)
     for m, row in iv["methods"].items():
         label = units_label(_checked(_units(runs[m]["runs"]), row, m))
-        lines.append(f"| {m} | {label} | " + " | ".join(_cell(row[k], diff=False) for k in METRICS) + " |")
+        cells = [_cell(row[k], diff=False) for k in METRICS] + ([memory_cell(runs[m])] if memory else [])
+        lines.append(f"| {m} | {label} | " + " | ".join(cells) + " |")
 
     def diffs(cmp: dict, only: set[str] | None) -> None:
         civ, cruns = cmp["intervals"], cmp["methods"]
@@ -86,7 +115,7 @@ def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = ()) -> str
                 continue  # (multi-task has only AA: no difference worth a row)
             units = _checked(_units(cruns[m]["runs"]) & _units(cruns[civ["baseline"]]["runs"]), row, m)
             cells = " | ".join(_cell(row[k], diff=True) for k in METRICS)
-            lines.append(f"| {m} − {civ['baseline']} | {units_label(units)} | {cells} |")
+            lines.append(f"| {m} − {civ['baseline']} | {units_label(units)} | {cells}{tail} |")
 
     if base:
         diffs(compare, None)
@@ -95,11 +124,12 @@ def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = ()) -> str
     return "\n".join(lines)
 
 
-def replace_between(text: str, body: str, path: str = "README") -> str:
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"{path}: needs one {START} before one {END}")
-    head, rest = text.split(START)
-    return f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}"
+def replace_between(text: str, body: str, path: str = "README", marker: str = "paired") -> str:
+    start, end = markers(marker)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{path}: needs one {start} before one {end}")
+    head, rest = text.split(start)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
 def _load(d: str) -> dict:
@@ -118,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("DIR", "METHOD"),
         help="another comparison's differences, only the METHODs' rows when named (repeatable)",
     )
+    ap.add_argument("--memory", action="store_true", help=f"add a column: {MEMORY} (KiB)")
     ap.add_argument("--readme", help="write the table between the markers of this file")
+    ap.add_argument("--marker", default="paired", help="the markers' name: <!-- NAME:start --> (paired)")
     a = ap.parse_args(argv)
-    body = table(_load(a.compare), [(_load(d), set(only) or None) for d, *only in a.extra])
+    body = table(_load(a.compare), [(_load(d), set(only) or None) for d, *only in a.extra], memory=a.memory)
     if a.readme:
         p = Path(a.readme)
-        p.write_text(replace_between(p.read_text(), body, a.readme))
+        p.write_text(replace_between(p.read_text(), body, a.readme, a.marker))
     else:
         print(body)
     return 0

@@ -127,3 +127,31 @@ def test_units_label_spans(seeds, label):
 def test_markers_out_of_order_or_twice_are_refused(text):
     with pytest.raises(ValueError, match="needs one"):
         paired_table.replace_between(text, "body")
+
+
+def test_memory_column_gives_each_methods_adapter_after_the_last_task_and_replays_buffer(tmp_path):
+    cmp = _compare()
+    kib = 1024
+    cmp["methods"]["seq-lora"]["memory"] = {"adapter_bytes": [[3600 * kib] * 4] * 4,
+                                            "buffer_bytes": [[None] * 4] * 4}  # fmt: skip
+    cmp["methods"]["slao"]["memory"] = {  # runs that differ (as InfLoRA's kept bases): the span; a buffer
+        "adapter_bytes": [[1, 43470 * kib], [1, 43497 * kib], [1, 43470 * kib]],
+        "buffer_bytes": [[3 * kib, 17 * kib]] * 3,
+    }
+    lines = paired_table.table(cmp, memory=True).splitlines()
+    assert lines[0] == "| | units | AA | BWT | FWT | LA | adapter KiB after T tasks |"
+    assert lines[2].endswith(" | 3,600 |")
+    assert lines[3].endswith(" | 43,470–43,497 + 17 buffer |")
+    assert lines[4].endswith(" | – |")  # no memory recorded
+    assert lines[5].endswith(" n.s. | **−1.8 [−3.5, −0.0]** | – |")
+    assert all(line.count("|") == 8 for line in lines)  # 7 columns
+    readme = tmp_path / "README.md"  # a second table in the same file, between its own markers
+    readme.write_text(
+        "<!-- paired:start -->\nkept\n<!-- paired:end -->\n<!-- methods:start -->\n<!-- methods:end -->\n"
+    )
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compare.json").write_text(json.dumps(cmp))
+    argv = [str(tmp_path / "c"), "--memory", "--readme", str(readme), "--marker", "methods"]
+    assert paired_table.main(argv) == 0
+    text = readme.read_text()
+    assert "kept" in text and text.index("<!-- methods:start -->\n| | units |") > text.index("kept")
