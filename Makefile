@@ -19,7 +19,7 @@ PYTEST_ARGS ?= -n 2
 # SmolLM2 step instead of 0.9 s, and a 4x slower test suite); passive waiting costs nothing alone.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench bnb-wheel sweep sweep-paired sweep-conflict setup clean
+.PHONY: demo test bench bnb-wheel sweep sweep-paired sweep-methods sweep-conflict setup clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,13 @@ sweep: $(STAMP)
 # both scorers, chat prompts, paired intervals at the end
 sweep-paired: $(STAMP)
 	bash reports/sweep_paired.sh reports/paired
+
+# issue 22 (reports/methods/, resumable): every method's learning rate chosen on held-out examples (std1
+# seed 0 at 3e-4, 1e-3, 3e-3), then every method at its rate on std1 seeds 0-2 and long1 seed 0
+sweep-methods: $(STAMP)
+	bash reports/sweep_methods.sh lr
+	bash reports/sweep_methods.sh compare
+	ORDERS=long1 SEEDS=0 bash reports/sweep_methods.sh compare
 
 sweep-conflict: $(STAMP)
 	bash reports/sweep.sh && bash reports/sweep_extra.sh
