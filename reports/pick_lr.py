@@ -6,9 +6,10 @@
 Reads every run under DIR/run/ (each must be scored on the validation split, and all must share their
 settings but the method and the learning rate), writes DIR/choice.md (the grid and every run's held-out
 AA) and DIR/chosen.txt ("method lr" per line, what ``reports/sweep_methods.sh compare`` reads). A tie
-keeps the smaller rate. chosen.txt is written only when every method's run at every rate of the grid
-(the rates of all runs) is complete; otherwise choice.md lists what is missing and the script exits with
-status 1, so that a cut sweep never hands ``compare`` a rate the grid has not settled.
+keeps the smaller rate; choice.md names the methods whose rate is the grid's smallest or largest.
+chosen.txt is written only when every method's run at every rate of the grid (the rates of all runs) is
+complete; otherwise choice.md lists what is missing and the script exits with status 1, so that a cut
+sweep never hands ``compare`` a rate the grid has not settled.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main(root: Path) -> int:
         cells = [f"**{100 * by_lr[lr]:.1f}**" if lr == best and method in chosen else
                  (f"{100 * by_lr[lr]:.1f}" if lr in by_lr else "–") for lr in grid]  # fmt: skip
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    edge = [f"{m} ({lr:g})" for m, lr in chosen.items() if len(grid) > 1 and lr in (grid[0], grid[-1])]
+    if edge:
+        lines += ["", f"At the grid's edge (a rate beyond it was not tried, and might score higher): "
+                      f"{', '.join(edge)}"]  # fmt: skip
     if cut:
         lines += ["", f"Not complete: {', '.join(cut)}"]
     if unsettled:

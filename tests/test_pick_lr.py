@@ -36,7 +36,11 @@ def test_the_best_rate_per_method_and_a_tie_keeps_the_smaller(tmp_path):
         _run(tmp_path, "slao", lr, aa)
     assert pick_lr.main(tmp_path) == 0
     assert (tmp_path / "chosen.txt").read_text() == "seq-lora 0.001\nslao 0.0003\n"
-    assert "| seq-lora | 40.0 | **55.0** | 50.0 |" in (tmp_path / "choice.md").read_text()
+    text = (tmp_path / "choice.md").read_text()
+    assert "| seq-lora | 40.0 | **55.0** | 50.0 |" in text
+    assert "At the grid's edge (a rate beyond it was not tried, and might score higher): slao (0.0003)" in (
+        text
+    )
 
 
 def test_a_cut_sweep_chooses_nothing_and_removes_an_old_choice(tmp_path):
