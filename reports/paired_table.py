@@ -33,9 +33,6 @@ def markers(name: str = "paired") -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-START, END = markers()
-
-
 def _units(runs: list[str]) -> set[tuple[str, int]]:
     """The (order, seed) units of run directories named ORDER-METHOD-sSEED."""
     out = set()
