@@ -7,7 +7,8 @@
 #                                              reports/pick_lr.py writes OUT/lr/choice.md and chosen.txt
 #   bash reports/sweep_methods.sh compare   2. every method at its chosen rate, ORDERS x SEEDS, on the
 #                                              test split, with paired intervals against seq-lora
-#                                              (OUT/compare-ORDER, one per order)
+#                                              (OUT/compare-ORDER, one per order) and against SLAO
+#                                              (OUT/compare-ORDER-vs-slao)
 # Settings as reports/sweep_paired.sh (reports/real_flags.sh: 30 steps x batch 8 per task, r 8 on q/v, chat template, both
 # scorers, 200 test examples per task on the cells AA/BWT/LA read). Resumable (reports/run_job.sh).
 #   env: OUT (reports/methods), METHODS, LRS ("3e-4 1e-3 3e-3"), N_VAL (held-out examples per task,
@@ -61,11 +62,15 @@ case ${1:-} in
       echo "$order-$m-s$seed $COMMON --order $order --seed $seed --method $m --lr $lr" \
         "--n-test ${N_TEST:-200} --offdiag-test ${OFFDIAG:-50} --scoring both ${EXTRA:-}"
     done; done; done | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}" || failed=1
-    for order in ${ORDERS:-std1}; do  # one comparison per order (long1's eight tasks are not std1's four)
-      $MBF compare "$OUT"/run/"$order"-*/ --baseline seq-lora --out "$OUT/compare-$order" \
-        > "$OUT/logs/compare-$order.log" 2>&1 || failed=1
-      echo "$(date -u +%T) finished: $OUT/compare-$order/compare.md"
-    done
+    # one comparison per order (long1's eight tasks are not std1's four), against seq-lora and against SLAO
+    # (the README's "where SLAO wins, loses or ties": paired_table.py --extra OUT/compare-ORDER-vs-slao)
+    for order in ${ORDERS:-std1}; do for base in seq-lora slao; do
+      cmp=compare-$order
+      [ "$base" = seq-lora ] || cmp=$cmp-vs-$base
+      $MBF compare "$OUT"/run/"$order"-*/ --baseline "$base" --out "$OUT/$cmp" \
+        > "$OUT/logs/$cmp.log" 2>&1 || failed=1
+      echo "$(date -u +%T) finished: $OUT/$cmp/compare.md"
+    done; done
     exit "${failed:-0}" ;;
   *) sed -n 2,17p "$0"; exit 2 ;;
 esac
