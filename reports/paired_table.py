@@ -107,8 +107,15 @@ def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = (), *, mem
 
     def diffs(cmp: dict, only: set[str] | None) -> None:
         civ, cruns = cmp["intervals"], cmp["methods"]
-        for m, row in (civ.get("vs_baseline") or {}).items():
-            if (only is not None and m not in only) or all(row[k] is None for k in METRICS[1:]):
+        rows = civ.get("vs_baseline") or {}
+        # a method is named as the runs call it: "o-lora" also picks "o-lora [lr=0.001]", the label
+        # mbf compare adds where the runs' settings differ
+        named = {m: m.split(" [")[0] for m in rows}
+        unknown = (only or set()) - set(named) - set(named.values())
+        if unknown:
+            raise ValueError(f"--extra: no difference for {sorted(unknown)} (has: {sorted(named)})")
+        for m, row in rows.items():
+            if (only is not None and not {m, named[m]} & only) or all(row[k] is None for k in METRICS[1:]):
                 continue  # (multi-task has only AA: no difference worth a row)
             units = _checked(_units(cruns[m]["runs"]) & _units(cruns[civ["baseline"]]["runs"]), row, m)
             cells = " | ".join(_cell(row[k], diff=True) for k in METRICS)

@@ -58,6 +58,20 @@ def test_extra_rows_only_for_the_methods_asked():
     assert not any(line.startswith("| seq-lora − multi-task") for line in lines)
 
 
+def test_extra_names_a_method_without_its_settings_label_and_refuses_one_it_lacks():
+    # mbf compare labels methods whose runs differ in settings ("o-lora [lr=0.001]"); naming "o-lora"
+    # must pick that row, and a name with no row is an error, not a silently empty section
+    other = _compare("multi-task")
+    one_unit = {**other["intervals"]["vs_baseline"]["slao"], "units": 1}
+    other["intervals"]["vs_baseline"] = {"slao [lr=0.001]": one_unit, "seq-lora [lr=0.0003]": one_unit}
+    other["methods"]["slao [lr=0.001]"] = other["methods"]["slao"]
+    lines = paired_table.table(_compare(), [(other, {"slao"})]).splitlines()
+    assert lines[-1].startswith("| slao [lr=0.001] − multi-task | 1 (std1 0) |")
+    assert not any(line.startswith("| seq-lora") and "multi-task" in line for line in lines)
+    with pytest.raises(ValueError, match=r"no difference for \['o-lora'\]"):
+        paired_table.table(_compare(), [(other, {"o-lora"})])
+
+
 def test_each_extra_keeps_the_methods_named_after_it(tmp_path):
     # --extra DIR [METHOD ...], repeatable: one comparison's rows for its own methods, another's for all
     diff = _compare()["intervals"]["vs_baseline"]["slao"]  # 3 units
