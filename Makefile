@@ -63,11 +63,11 @@ sweep-paired: $(STAMP)
 	bash reports/sweep_paired.sh reports/paired
 
 # issue 22 (reports/methods/, resumable): every method's learning rate chosen on held-out examples (std1
-# seed 0 at 3e-4, 1e-3, 3e-3), then every method at its rate on std1 seeds 0-2 and long1 seed 0
+# seed 0 at 3e-4, 1e-3, 3e-3), then every method at its rate on std1 seeds 0-2 and long1 seeds 0-1
 sweep-methods: $(STAMP)
 	bash reports/sweep_methods.sh lr
 	bash reports/sweep_methods.sh compare
-	ORDERS=long1 SEEDS=0 bash reports/sweep_methods.sh compare
+	ORDERS=long1 SEEDS="0 1" bash reports/sweep_methods.sh compare
 
 sweep-conflict: $(STAMP)
 	bash reports/sweep.sh && bash reports/sweep_extra.sh
