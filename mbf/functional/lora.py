@@ -3,8 +3,9 @@
 ``y = x W0ᵀ + b + s · (drop(x) Aᵀ) B_effᵀ`` with ``B_eff = B_m + λ (B − B_m)`` (``mbf.reference``
 is the spec). ``lora_linear`` decides the call's numerical policy once (``mbf.kernels.policy``:
 the LoRA branch's compute dtype, where the term rounds, the Philox dropout key, the fused rank
-limit) and hands it to the path it runs: CUDA tensors over a dense W0 take the fused Triton op
-(``mbf.kernels.lora_op``); everything else runs ``LoRALinearFunction``, which writes the LoRA
+limit) and hands it to the path it runs: with ``backend="auto"`` on CUDA the one measured fastest
+for this GPU and shape (``mbf.functional.dispatch``), on the CPU torch. The fused Triton op over a
+dense W0 is ``mbf.kernels.lora_op``; everything else runs ``LoRALinearFunction``, which writes the LoRA
 algebra once and reads W0 through a base object (``mbf.functional.bases``): dense, or NF4 read by
 torch, by the one-pass dequant kernel or by the fused NF4 kernel.
 
@@ -99,13 +100,15 @@ def lora_linear(
         dropout: probability on the adapter input. seed: the Philox key of its mask (an int in
             [0, 2⁶³) or a 0-d int64 tensor): the same mask on every path. None: one is drawn from
             torch's generator on x's device, inside the graph (no ``.item()``).
-        backend: ``"auto"`` (CUDA tensors over a dense W0: the fastest path measured for this GPU
-            and shape, ``mbf.functional.dispatch``; NF4: Triton; CPU: torch), ``"torch"``,
+        backend: ``"auto"`` (CUDA tensors: the fastest path measured for this GPU and shape, over a
+            dense or an NF4 W0, ``mbf.functional.dispatch``; CPU: torch, or measured under the
+            harness ``Dispatcher(cpu=True)``), ``"torch"``,
             ``"triton"`` (the fused kernels) or ``"hybrid"`` (the base GEMMs in cuBLAS with the LoRA
             term as their addend, the low-rank passes S, dS + dB and dA in Triton). Ranks above
             ``MAX_FUSED_RANK`` run the torch path.
         nf4_path: over an NF4 weight with Triton, ``"fused"`` (dequantise inside the GEMM tiles),
-            ``"dequant"`` (one dequant pass + cuBLAS) or ``"auto"`` (``mbf.kernels.nf4.choose_path``).
+            ``"dequant"`` (one dequant pass + cuBLAS) or ``"auto"`` (with ``backend="auto"``: measured
+            with the backends; with ``backend="triton"``: ``mbf.kernels.nf4.choose_path``).
         name: the layer's name, to start every error message with (``LoRALinear`` passes its own).
 
     Returns:
@@ -120,10 +123,15 @@ def lora_linear(
     _check_shapes(where, x, weight.shape, bias, A, B, merged_B)
     policy = decide_policy(x, (A, B, merged_B), dropout, seed, where)
     is_nf4 = isinstance(weight, NF4Weight)
-    if backend == "auto" and x.is_cuda and not is_nf4:  # measured: see dispatch.py
-        backend = dispatch.auto_backend(
+    if backend == "auto" and dispatch.dispatches(x) and not (is_nf4 and nf4_path != "auto"):
+        # measured: see dispatch.py (over NF4 the choice is the path: torch, fused or dequant)
+        choice = dispatch.auto_backend(
             x, weight, bias, A, B, scaling, merged_B, lam, dropout, run=lora_linear
         )
+        if is_nf4 and choice != "torch":
+            backend, nf4_path = "triton", choice
+        else:
+            backend = choice
     chosen = resolve_backend(backend, x)
     if is_nf4:
         check_nf4_device(weight, x, chosen, where)
