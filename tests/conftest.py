@@ -47,6 +47,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _dtype_cache(tmp_path_factory):
+    """``--dtype auto``'s CPU measurement (``mbf.experiment.cpu_dtype``) caches in a session folder, never
+    the user's cache (subprocesses inherit it): each shape set is measured once a session (SmolLM2's
+    ~1 s, a tiny model's a few ms), then read. Tests of the measurement itself use their own folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MBF_DTYPE_CACHE", str(tmp_path_factory.mktemp("dtype-cache")))
+        mp.delenv("MBF_DTYPE_REMEASURE", raising=False)
+        yield
+
+
 # The core tests' rank checks are written for k_proj 48 -> 24 (hidden 48, intermediate 80).
 _CORE_SHAPE = dict(hidden_size=48, intermediate_size=80)
 

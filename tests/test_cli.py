@@ -227,9 +227,13 @@ def test_eval_of_a_run_without_its_checkpoints_says_they_are_missing(slao_run, t
 def test_the_base_dtype_is_chosen_recorded_and_kept_on_resume(
     slao_run, tiny_checkpoint, tmp_path, capsys, monkeypatch
 ):
-    from mbf.experiment import models
+    from mbf.experiment import cpu_dtype, models
 
-    assert results_file.read(slao_run[0])["dtype"] == str(models.auto_dtype("cpu")).removeprefix("torch.")
+    auto = models.auto_dtype("cpu", models.checkpoint_shapes(tiny_checkpoint))  # measured for its linears
+    assert results_file.read(slao_run[0])["dtype"] == str(auto).removeprefix("torch.")
+    # no measurement known (the warning falls back on the flags), and flags without AVX-512-FP16
+    monkeypatch.setenv(cpu_dtype.ENV_FOLDER, str(tmp_path / "no-dtype-cache"))
+    monkeypatch.setattr(cpu_dtype, "_CHOICES", {})
     monkeypatch.setattr(models, "cpu_fast_dtypes", lambda: frozenset({torch.float32, torch.bfloat16}))
     run = tmp_path / "fp16"
     argv = ["continual", "--out", str(run), "--model", str(tiny_checkpoint), *SMALL, "--max-steps", "1"]

@@ -3,8 +3,10 @@
 On CUDA: Llama-3-8B and Llama-2-7B (4 layers) and SmolLM2-135M, 512 and 2048 tokens, batch 1 and 4,
 with and without activation checkpointing, every provider. On CPU (or ``--quick``): SmolLM2-135M,
 batch 4 × 128 tokens, r = 16 on q_proj and v_proj (the ``mbf`` command's adapter), the end-to-end
-floor, PEFT and mbf, in float32 and in the dtype ``auto`` picks; each dtype's providers step in turn in
-one process (their ratios hold on a loaded machine), then each runs alone once for its peak memory.
+floor, PEFT and mbf, in float32 and in each 16-bit dtype ``auto``'s probe timed (``bench_dtypes``: the
+whole step checks the probe's pick, and the run says when they disagree); each dtype's providers step
+in turn in one process (their ratios hold on a loaded machine), then each runs alone once for its
+peak memory.
 ``--qlora``: the low-VRAM evidence instead (``qlora_suite``): the QLoRA step on the embedded model's
 real weights against PEFT + bitsandbytes and the dense bf16 step, each row with the bytes of weights,
 adapters, optimizer state and activations (``train_step.memory_bytes``). It never asserts a speed.
@@ -23,21 +25,45 @@ from mbf.bench.plot import plot_file
 from mbf.bench.rows import FLOOR, RowWriter, device_name, make_row
 from mbf.bench.train_step import PROVIDERS, StepConfig
 
-__all__ = ["collect", "bench_dtypes", "default_suite", "main", "qlora_suite"]
+__all__ = ["collect", "bench_dtypes", "default_suite", "dtype_summary", "main", "qlora_suite"]
 
 REFERENCES = {"train_step": (FLOOR, train_step.BASELINE), "task_boundary": boundary.BASELINE}
 CPU_ROUNDS = 8  # timed steps of each CPU configuration, interleaved with the others' (after one warm-up)
 
 
 def bench_dtypes(dtype: str, cuda: bool) -> tuple[str, ...]:
-    """The base dtypes ``--dtype`` measures. ``auto`` on CPU: float32 and, where it differs, what
-    ``auto_dtype`` picks (the step reads against PEFT on the float32 model too); on CUDA: the latter."""
+    """The base dtypes ``--dtype`` measures. ``auto`` on CPU: float32 and each 16-bit dtype that
+    ``auto``'s probe (``mbf.experiment.cpu_dtype``, the SmolLM2 linears, cached) timed to the end,
+    whichever it picked, so the whole step checks its pick; not one it dropped as several times slower
+    (emulated: minutes a step). On CUDA: what ``auto_dtype`` picks (not measured there)."""
+    from mbf.experiment import cpu_dtype
     from mbf.experiment.models import auto_dtype
 
     if dtype != "auto":
         return (dtype,)
-    auto = str(auto_dtype("cuda" if cuda else "cpu")).removeprefix("torch.")
-    return (auto,) if cuda else tuple(dict.fromkeys(("float32", auto)))
+    if cuda:
+        return (str(auto_dtype("cuda")).removeprefix("torch."),)
+    measured = cpu_dtype.cpu_dtype().ms
+    return tuple(d for d in cpu_dtype.CANDIDATES if d == "float32" or d in measured)
+
+
+def dtype_summary(rows: list[dict], choice) -> list[str]:
+    """Lines comparing the whole training step across dtypes (mbf's rows) with ``auto``'s pick
+    (``choice``: a ``cpu_dtype.DtypeChoice``), and a note when the step disagrees with the probe."""
+    from mbf.experiment.cpu_dtype import MARGIN, pick
+
+    step = {r["dtype"]: r["ms"] for r in rows if r.get("op") == "train_step" and r["provider"] == "mbf"}
+    if len(step) < 2 or "float32" not in step:
+        return []
+    times = ", ".join(f"{d} {ms:,.0f} ms" for d, ms in step.items())
+    lines = [f"training step (mbf): {times}; --dtype auto chose {choice.name} (from the linears' probe)"]
+    faster = pick(step)
+    if faster != choice.name and step[choice.name] > step[faster] * (1.0 + MARGIN):
+        lines.append(
+            f"mbf: note: the whole step is faster in {faster} than in auto's {choice.name} on this CPU: the "
+            f"probe of the linears and the step disagree; pin --dtype {faster} (and please report it)"
+        )
+    return lines
 
 
 def default_suite(cuda: bool, dtypes: tuple[str, ...] = ("float32",)) -> list[StepConfig]:
@@ -160,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
-        help="the base dtype; auto: on CPU float32 and, where auto picks it, bfloat16 as well",
+        help="the base dtype; auto: on CPU float32 and each 16-bit dtype auto's probe timed (it picks "
+        "among them), on CUDA what auto picks",
     )
     parser.add_argument("--qlora", action="store_true",
                         help="the low-VRAM set instead: the QLoRA step on the embedded model vs PEFT + "
@@ -173,9 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         collect(writer, qlora_suite(cuda), boundary_cases=False, cuda=cuda)
     else:
         writer = RowWriter(args.out, REFERENCES)
+        choice = None
+        if args.dtype == "auto" and not cuda:  # the probe's answer (measured now, or from its cache)
+            from mbf.experiment.cpu_dtype import cpu_dtype
+
+            choice = cpu_dtype(report=None)
+            print(choice.line())
         configs = default_suite(cuda, bench_dtypes(args.dtype, cuda))
         collect(writer, configs, boundary_cases=not args.no_boundary, cuda=cuda)
     print(writer.summary())
+    if not args.qlora and choice is not None:
+        for line in dtype_summary(writer.rows, choice):
+            print(line)
     if writer.path is not None:
         for png in plot_file(writer.path):
             print(f"plot: {png}")

@@ -62,6 +62,20 @@ def _demo_method(args, run_dir: Path, tasks: list, meta: dict) -> None:
     )  # fmt: skip
 
 
+def _measured_dtype(args) -> argparse.Namespace:
+    """``args`` with ``--dtype auto`` resolved once, here: every method loads its base in the one dtype
+    measured (``mbf.experiment.cpu_dtype``), instead of the side-by-side processes each measuring at
+    once (each timing the other's load too) and perhaps answering apart."""
+    from mbf.experiment.cpu_dtype import SMOLLM2_SHAPES
+    from mbf.experiment.models import checkpoint_shapes, resolve_dtype
+
+    if args.dtype != "auto" or (args.model is not None and not (Path(args.model) / "config.json").is_file()):
+        return args  # a missing checkpoint: each method fails on it with the error that names it
+    shapes = SMOLLM2_SHAPES if args.model is None else checkpoint_shapes(args.model)
+    dtype = str(resolve_dtype("auto", "cpu", shapes)).removeprefix("torch.")
+    return argparse.Namespace(**{**vars(args), "dtype": dtype, "dtype_note": "measured"})
+
+
 def run_demo(args) -> int:
     """SLAO, seq-lora and the multi-task bound on the real standard order (a fresh base model each),
     then the comparison.
@@ -83,6 +97,7 @@ def run_demo(args) -> int:
     runs = [out / m for m in DEMO["methods"]]
     for run_dir in runs:
         check_out(run_dir, args.resume)
+    args = _measured_dtype(args)
     # the continual methods side by side, then the multi-task bound alone with every thread (it
     # would otherwise run on one thread while the other core idles)
     together, alone = (runs[: args.jobs], runs[args.jobs :]) if args.jobs > 1 else ([], runs)

@@ -52,8 +52,9 @@ _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "must be
 _non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # mbf.experiment.models.DTYPES, plus auto
 DTYPE_HELP = (
-    "the base model's dtype; auto: bfloat16 on a CPU with AMX-BF16 or AVX-512-BF16 (or a bf16 GPU), "
-    "else float32. Adapters and optimizer state stay float32"
+    "the base model's dtype; auto: on a CPU the fastest of float32, bfloat16 and float16 for the model's "
+    "linears, measured at first use and cached (float32 unless a 16-bit dtype is >5%% faster); on a GPU "
+    "bfloat16 where native. Adapters and optimizer state stay float32"
 )
 
 
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPE_CHOICES,
         default="auto",
-        help="the training step's base dtype; auto: float32 and, where auto picks it, bfloat16 as well",
+        help="the training step's base dtype; auto: on CPU float32 and each 16-bit dtype auto's probe timed "
+        "(it picks among them), on CUDA what auto picks",
     )
     return parser

@@ -36,17 +36,21 @@ def _load(args, qlora: object = None, *, prompt_format: str = "plain"):
     from safetensors import SafetensorError
 
     from mbf.experiment.batches import Codec
+    from mbf.experiment.cpu_dtype import report_to
     from mbf.experiment.models import SlowDtypeWarning, load_model, quantize_base
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    with warnings.catch_warnings(record=True) as caught:
+    measured: list[str] = []  # --dtype auto's line when it measured now: printed once the model loaded
+    with warnings.catch_warnings(record=True) as caught, report_to(measured.append):
         warnings.simplefilter("always", SlowDtypeWarning)
         try:
             model, tok = load_model(args.model, dtype=args.dtype)
         except SafetensorError as err:  # a damaged download: the message alone would not say which file
             raise ValueError(f"--model {args.model}: its weights cannot be read ({err})") from err
+    for line in measured:
+        print(line, file=sys.stderr)
     for w in caught:  # the slow-dtype warning as one line; anything else as Python shows it
         if issubclass(w.category, SlowDtypeWarning):
             print(f"mbf: warning: --dtype {args.dtype}: {w.message}", file=sys.stderr)

