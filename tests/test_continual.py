@@ -106,12 +106,17 @@ def test_preview_equals_the_merge_it_previews(tiny_llama):
     torch.testing.assert_close(preview, merged, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("schedule,lam2", [("inverse", 0.5), ("constant", 0.3), ("none", 1.0)])
+@pytest.mark.parametrize(
+    "schedule,lam2", [("sqrt", 2**-0.5), ("inverse", 0.5), ("constant", 0.3), ("none", 1.0)]
+)
 def test_schedules(tiny_llama, schedule, lam2):
     cl = _setup(tiny_llama, schedule=schedule, constant=0.3)
+    assert cl.lam(1) == 1.0  # every schedule, the constant one included: task 1 is merged whole
     cl.begin_task()
     _fake_training(cl, 1)
     cl.end_task()
+    for layer in cl.layers.values():
+        assert torch.equal(layer.merged_B, layer.lora_B)  # after task 1, merged == fine-tuned
     m1 = {n: layer.merged_B.clone() for n, layer in cl.layers.items()}
     cl.begin_task()
     _fake_training(cl, 2)

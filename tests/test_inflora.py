@@ -85,7 +85,7 @@ def test_designed_rows_are_the_top_free_directions_and_orthogonal_to_the_memory(
     M, _ = torch.linalg.qr(torch.randn(7, 2, dtype=F64, generator=g))
     A = inflora_design(C, M, "remove", 3)
     assert A.shape == (3, 7)
-    assert_close(A @ A.T, INFLORA_SCALE**2 * torch.eye(3, dtype=F64), F64)  # orthogonal rows, norm 1/√3
+    assert_close(A @ A.T, torch.eye(3, dtype=F64) / 3, F64)  # orthogonal rows, norm 1/√3 (a number)
     assert_close(A @ M, torch.zeros(3, 2, dtype=F64), F64)  # off the protected subspace
     P = torch.eye(7, dtype=F64) - M @ M.T
     vals, vecs = torch.linalg.eigh(P @ C @ P)  # the same subspace found another way: the top 3
@@ -102,7 +102,7 @@ def test_rank_deficient_inputs_still_give_rows_off_the_memory():
     M = _basis(1, 2, n=7)
     A = inflora_design(torch.outer(x, x), M, "remove", 3)
     assert_close(A @ M, torch.zeros(3, 2, dtype=F64), F64)
-    assert_close(A @ A.T, INFLORA_SCALE**2 * torch.eye(3, dtype=F64), F64)
+    assert_close(A @ A.T, torch.eye(3, dtype=F64) / 3, F64)
     assert_close(A[0].abs(), INFLORA_SCALE * x / x.norm(), F64)  # the input direction first
 
 

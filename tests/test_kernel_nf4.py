@@ -30,6 +30,20 @@ def test_dequant_kernel_bit_exact(dtype):
     assert out.dtype == dtype and torch.equal(out, nf4.dequantize_nf4(w))
 
 
+def test_dequant_kernel_bit_exact_to_bitsandbytes_over_several_nested_groups():
+    """bitsandbytes quantises, the kernel dequantises: 640 blocks, so 3 groups of 256 nested scales
+    (the shapes above have at most one), each group's scales far from its neighbours'."""
+    F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    W = torch.randn(80, 512) * 0.02
+    W[:32] *= 50.0  # blocks 0-255 (group 0) large, the rest small
+    q, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    w = nf4.weight_from_state(q, state, "test", torch.float32)
+    assert w.absmax_scale.numel() == 3
+    args = (w.packed.to(DEVICE), w.block_scales().to(DEVICE), w.code.to(DEVICE), w.shape)
+    out = knf4.nf4_dequantize(*args, torch.float32)
+    assert torch.equal(out.cpu(), F.dequantize_4bit(q, state))
+
+
 @pytest.mark.parametrize("M,N,K,r", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transposed", [True, False], ids=["forward", "dx"])

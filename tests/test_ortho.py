@@ -117,6 +117,26 @@ def test_rank_deficient_is_completed_with_a_warning(backend):
     assert torch.equal(again.cpu(), Q)  # deterministic completion
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_zero_diagonal_counts_as_plus_one(backend):
+    """``R_kk = 0`` (a zero row of A) takes the sign +1 on the production paths as in the spec: the torch
+    path keeps LAPACK's column, the kernel its completion ``+e_j`` (j the least covered column). Here
+    both are the spec's rows exactly; a zero counted as -1 flips that row."""
+    cases = [
+        torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),  # R_11 = 0: Q's row 1 is +e_1
+        torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]),  # R_00 = 0: row 0 is +e_0
+    ]
+    for A in cases:
+        R = torch.linalg.qr(A.double().T)[1]
+        assert (torch.diagonal(R) == 0).any()
+        with pytest.warns(UserWarning, match="rank-deficient"):
+            (Q,) = functional.orthonormal_rows([A.to(_dev(backend))], backend=backend)
+        ref = reference.orthonormal_rows(A.double())
+        torch.testing.assert_close(Q.cpu().double(), ref, atol=1e-6, rtol=0)
+        zero_row = int((A.abs().sum(dim=1) == 0).nonzero())
+        assert Q[zero_row].max() == 1.0  # +e_j: the completion's one entry is positive
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

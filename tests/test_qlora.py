@@ -25,6 +25,17 @@ def _bnb_linear4bit(dense: nn.Linear, compute_dtype: torch.dtype, quant_type: st
     return nf4.make_linear4bit(dense, compute_dtype, quant_type=quant_type, device="cpu")
 
 
+def _bnb_dequantized_fp32(layer) -> torch.Tensor:
+    """The ``Linear4bit``'s weight as bitsandbytes dequantises it, in fp32 (the exact NF4 values)."""
+    import copy
+
+    from bitsandbytes.functional import dequantize_4bit
+
+    state = copy.copy(layer.weight.quant_state)
+    state.dtype = torch.float32
+    return dequantize_4bit(layer.weight.data, state)
+
+
 def _run(module, x, dy, A, B):
     """(y, dx, dA, dB) of one forward/backward."""
     xx = x.clone().requires_grad_()
@@ -67,7 +78,9 @@ def test_matches_bnb_linear4bit_with_peft(dtype):
     mine = _run(ours, x, dy, ours.lora_A, ours.lora_B)
 
     leaves = [t.detach().double().requires_grad_() for t in (x, ours.lora_A, ours.lora_B)]
-    W64 = ours.base.dequantize(torch.float64)
+    # the spec's weight is bitsandbytes' own fp32 dequantisation, never mbf's: measured against mbf's,
+    # a wrong mbf dequantisation would move the reference along with mbf's output
+    W64 = _bnb_dequantized_fp32(lin).double()
     ref = reference.lora_linear(leaves[0], W64, lin.bias.double(), leaves[1], leaves[2], ours.scaling)
     ref.backward(dy.double())
     refs = (ref.detach(), *(t.grad for t in leaves))

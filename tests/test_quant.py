@@ -66,9 +66,10 @@ def test_quantize_matches_bitsandbytes(dtype):
     w = nf4.quantize_nf4(W)
     assert torch.equal(w.packed, q.view(-1))
     assert torch.equal(w.absmax_scale, state.state2.absmax) and torch.equal(w.absmax_offset, state.offset)
-    # bnb's CPU C kernel may pick the other neighbour of a value within ~1e-6 of a midpoint
+    # bnb's CPU kernel looks the 8-bit code up in a table and may miss the nearest one
+    # (test_own_quantiser_is_not_bit_exact_to_bitsandbytes_but_nearer at a real size)
     differ = (w.absmax.int() - state.absmax.int()).abs()
-    assert differ.max() <= 1 and (differ > 0).float().mean() < 0.05
+    assert differ.max() <= 3 and (differ > 0).float().mean() < 0.05
     state2 = F.QuantState(absmax=w.absmax_scale, code=w.absmax_code, blocksize=256, dtype=torch.float32)
     ours_state = F.QuantState(
         absmax=w.absmax,
@@ -81,6 +82,81 @@ def test_quantize_matches_bitsandbytes(dtype):
         state2=state2,
     )
     assert torch.equal(F.dequantize_4bit(w.packed.view(-1, 1), ours_state), nf4.dequantize_nf4(w))
+
+
+# Real sizes: a 1024x4096 weight has 65,536 blocks of 64, so 256 groups of the nested 8-bit absmax (one
+# fp32 scale per 256 blocks); the sizes above have at most one. 128x256 is the smallest with two groups.
+REAL_SHAPES = [(128, 256, torch.bfloat16), (1024, 4096, torch.float32)]
+
+
+def _grouped_weight(out_f: int, in_f: int, dtype: torch.dtype) -> torch.Tensor:
+    """Every 256-group of blocks its own spread of absmax values (one group ×50, the next ×1/50...), so
+    a block read with another group's nested scale is far off."""
+    w = _weight(out_f, in_f, torch.float32).view(-1, 256 * 64)
+    w *= torch.tensor([50.0, 0.02, 1.0, 7.0])[torch.arange(len(w)) % 4].view(-1, 1)
+    return w.view(out_f, in_f).to(dtype)
+
+
+@pytest.mark.parametrize("out_f,in_f,dtype", REAL_SHAPES)
+def test_bit_exact_to_bitsandbytes_at_real_sizes(out_f, in_f, dtype):
+    """bitsandbytes quantises (the reference), mbf dequantises: every element equal, every 256-group's
+    nested scale read by its own blocks. ``mbf.nf4.quantize`` stores exactly bitsandbytes' tensors."""
+    F = _bnb()
+    W = _grouped_weight(out_f, in_f, dtype)
+    q, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert state.state2.absmax.numel() == out_f * in_f // 64 // 256 >= 2
+    w = nf4.weight_from_bnb(_Param(q, state), "test", None)
+    assert torch.equal(nf4.dequantize_nf4(w), F.dequantize_4bit(q, state))
+    ours = nf4.quantize(W)  # bitsandbytes installed: its quantiser, so its storage to the bit
+    assert torch.equal(ours.packed, q.view(-1)) and torch.equal(ours.absmax, state.absmax)
+    assert torch.equal(ours.absmax_scale, state.state2.absmax)
+    assert torch.equal(ours.absmax_offset, state.offset)
+
+
+def test_own_quantiser_is_not_bit_exact_to_bitsandbytes_but_nearer():
+    """Without bitsandbytes ``mbf.nf4.quantize`` is ``quantize_nf4``, whose storage is NOT bitsandbytes'
+    to the bit: its 4-bit codes, nested scales and offset are, but bitsandbytes' CPU kernel (0.50) looks
+    each nested 8-bit absmax code up in a 65,536-entry table over [-1, 1] and, within a bin (3e-5) of a
+    midpoint or near 0 where the dynamic map's steps are finer than a bin, keeps a neighbour of the
+    nearest code (up to 3 codes away; 132 of 65,536 blocks here). ``quantize_nf4`` picks the nearest, so
+    its block scale is never farther from the block's true absmax than bitsandbytes'."""
+    F = _bnb()
+    W = _weight(1024, 4096, torch.float32)
+    q, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    w = nf4.quantize_nf4(W)
+    assert torch.equal(w.packed, q.view(-1))
+    assert torch.equal(w.absmax_scale, state.state2.absmax) and torch.equal(w.absmax_offset, state.offset)
+    differ = w.absmax != state.absmax
+    assert int(differ.sum()) < 0.01 * differ.numel()
+    assert differ.any(), "bitsandbytes now picks the nearest nested code: update quantize_nf4's docs"
+    true = W.view(-1, 64).abs().amax(dim=1)
+    theirs = nf4.weight_from_bnb(_Param(q, state), "test", None).block_scales()
+    ours_err, their_err = (w.block_scales() - true).abs(), (theirs - true).abs()
+    assert bool((ours_err <= their_err).all())
+    assert bool((ours_err[differ] < their_err[differ]).all())
+
+
+def test_quantize_without_bitsandbytes_is_the_own_quantiser(monkeypatch):
+    """Which quantiser stores the weight: bitsandbytes' when importable, else ``quantize_nf4``."""
+    W = _grouped_weight(128, 256, torch.float32)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    got, want = nf4.quantize(W), nf4.quantize_nf4(W)
+    for name in ("packed", "absmax", "absmax_scale", "absmax_offset", "absmax_code", "code"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_nested_scale_of_block_b_is_group_b_over_256():
+    """``absmax[b] = code[q[b]] · absmax_scale[b // 256] + offset``: every block's scale within half the
+    widest step of the dynamic map times ITS group's scale of the true absmax (no bitsandbytes needed)."""
+    W = _grouped_weight(256, 512, torch.float32)  # 2,048 blocks: 8 groups, the scales 50 and 1/50 apart
+    w = nf4.quantize_nf4(W)
+    true = W.view(-1, 64).abs().amax(dim=1)
+    group_scale = w.absmax_scale[torch.arange(true.numel()) // 256]
+    half_step = (nf4.dynamic_map().diff().max() / 2).item()
+    err = (w.block_scales() - true).abs()
+    assert bool((err <= half_step * group_scale * (1 + 1e-5) + 1e-7 * true).all())
+    assert w.absmax_scale.max() / w.absmax_scale.min() > 100  # the groups' scales do differ
 
 
 def test_layout_high_nibble_first():

@@ -130,6 +130,29 @@ def test_time_aware_merge_and_schedules():
         reference.lam_schedule("sqrt", 0)
 
 
+@pytest.mark.parametrize("schedule", reference.SCHEDULES)
+@pytest.mark.parametrize("constant", [0.3, 0.5, 1.0])
+def test_task_one_gets_lambda_one_on_every_schedule(schedule, constant):
+    """λ(1) = 1 whatever the schedule and its constant: after task 1 merged = fine-tuned (DESIGN step 3).
+    ``sqrt`` and ``inverse`` give 1 at i = 1 by their formula anyway; ``constant`` c must not."""
+    assert reference.lam_schedule(schedule, 1, constant=constant) == 1.0
+    want_2 = {"sqrt": 2**-0.5, "inverse": 0.5, "constant": constant, "none": 1.0}[schedule]
+    assert reference.lam_schedule(schedule, 2, constant=constant) == pytest.approx(want_2, rel=1e-15)
+
+
+def test_inflora_row_scale_is_one_over_root_three():
+    """The designed rows' norm, 3^-1/2 = 0.5773502691896258 (a number, not the constant itself): the
+    expected norm² of a Kaiming-uniform (a = √5) row, U(±1/√in) over ``in`` entries: in · (1/in) / 3."""
+    assert reference.INFLORA_SCALE == pytest.approx(0.5773502691896258, rel=1e-15)
+    A = torch.empty(256, 4096, dtype=torch.float64)
+    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # what mbf's LoRALinear draws for lora_A
+    assert (A * A).sum(dim=1).mean().item() == pytest.approx(1 / 3, rel=0.01)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 6, dtype=torch.float64, generator=g)
+    rows = reference.inflora_design(X.T @ X / 50, torch.zeros(6, 0, dtype=torch.float64), "remove", 2)
+    torch.testing.assert_close(rows.norm(dim=1), torch.full((2,), 0.5773502691896258, dtype=torch.float64))
+
+
 def test_project_out_removes_the_basis():
     Q = reference.orthonormal_rows(torch.randn(4, 20, dtype=torch.float64))
     U = torch.randn(6, 20, dtype=torch.float64)

@@ -196,6 +196,24 @@ def test_flipped_bytes_are_caught(tmp_path):
         mbf.ContinualLoRA.load(make_tiny_llama(), path)
 
 
+def test_a_flipped_byte_past_the_first_mib_is_caught(tmp_path):
+    """The checksum covers the whole tensor file, not its first MiB (it is read in 1 MiB chunks): a
+    1.6 MB checkpoint with one bit flipped 300 kB past the first MiB, a valid safetensors file still."""
+    from mbf.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+
+    A = torch.randn(8, 50_000)
+    tensors = {"layers.0.q_proj.lora_A": A, "layers.0.q_proj.lora_B": torch.randn(4, 8)}
+    path = write_checkpoint(tmp_path / "ckpt", Checkpoint(0, False, mbf.ContinualConfig(), None, tensors))
+    assert torch.equal(read_checkpoint(path).tensors["layers.0.q_proj.lora_A"], A)  # intact: it loads
+    file = next(path.glob("adapters-*.safetensors"))
+    data = bytearray(file.read_bytes())
+    assert len(data) > (1 << 20) + 300_000
+    data[(1 << 20) + 300_000] ^= 0x01  # the lowest bit of one byte of lora_A (1.6 MB of payload)
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{file.name}: SHA-256 differs .* modified or corrupted"):
+        read_checkpoint(path)
+
+
 @pytest.mark.parametrize(
     "field,value,match",
     [

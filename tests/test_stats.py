@@ -132,3 +132,48 @@ def test_compare_intervals_pairs_methods_on_the_same_seed_and_examples(tmp_path)
     old.mkdir()
     iv = compare_intervals({"seq-lora": [seq], "old": [(old, {**slao[1], "method": "old"})]}, "seq-lora")
     assert iv["missing"] == ["old"] and iv["vs_baseline"] == {}
+
+
+def test_compare_intervals_pairs_each_seed_with_its_own_seed(tmp_path):
+    """Two seeds per method and a third only the baseline ran: a unit is one (order, seed), so the
+    baseline has 3 units, slao 2, and the difference pairs seed with seed on the 2 both ran. By hand,
+    with x learnt perfectly first (diagonal 1) and final scores per seed:
+
+        seed   seq-lora x, y (AA)     slao x, y (AA)
+        0      0,    1    (0.5)       1,    1    (1.0)
+        1      0.25, 1    (0.625)     0.5,  0.75 (0.625)
+        2      0.5,  1    (0.75)      -
+
+    seq-lora AA (0.5 + 0.625 + 0.75) / 3 = 0.625, BWT (-1 - 0.75 - 0.5) / 3 = -0.75; slao AA 0.8125,
+    BWT (0 - 0.5) / 2 = -0.25; slao - seq-lora on seeds 0 and 1: AA (0.5 + 0) / 2 = 0.25, BWT
+    (1 + 0.25) / 2 = 0.625, x (1 + 0.25) / 2 = 0.625, y (0 - 0.25) / 2 = -0.125. Pairing on anything
+    coarser than the seed (the order and data alone) would collapse each method to one unit."""
+    zero = {"x": [0.0] * 4, "y": [0.0, 0.0, 0.0, 1.0]}
+    first = {"x": [1.0] * 4, "y": [1.0] * 4}  # after task x: x learnt, y already right (FWT 0.75)
+    finals = {
+        "seq-lora": {0: ([0, 0, 0, 0], [1, 1, 1, 1]),
+                     1: ([1, 0, 0, 0], [1, 1, 1, 1]),
+                     2: ([1, 1, 0, 0], [1, 1, 1, 1])},
+        "slao": {0: ([1, 1, 1, 1], [1, 1, 1, 1]),
+                 1: ([1, 1, 0, 0], [1, 1, 1, 0])},
+    }  # fmt: skip
+    groups = {
+        method: [
+            _run(tmp_path / f"{method}-{seed}", method, seed, [first, {"x": x, "y": y}], zero)
+            for seed, (x, y) in runs.items()
+        ]
+        for method, runs in finals.items()
+    }
+    iv = compare_intervals(groups, "seq-lora")
+    seq, slao, d = iv["methods"]["seq-lora"], iv["methods"]["slao"], iv["vs_baseline"]["slao"]
+    assert (seq["units"], slao["units"], d["units"]) == (3, 2, 2)
+    assert seq["AA"].estimate == pytest.approx(0.625) and seq["BWT"].estimate == pytest.approx(-0.75)
+    assert slao["AA"].estimate == pytest.approx(0.8125) and slao["BWT"].estimate == pytest.approx(-0.25)
+    assert d["AA"].estimate == pytest.approx(0.25) and d["BWT"].estimate == pytest.approx(0.625)
+    assert d["tasks"]["x"].estimate == pytest.approx(0.625)
+    assert d["tasks"]["y"].estimate == pytest.approx(-0.125)
+    assert d["FWT"].estimate == 0.0  # the same first stage on every seed
+    assert d["LA"].estimate == pytest.approx(-0.0625)  # y's diagonal is its final score: (0 - 0.25 / 2) / 2
+    for name in ("AA", "BWT"):
+        assert d[name].low <= d[name].estimate <= d[name].high
+    assert d["AA"].high == 0.5  # seed 0's difference has no example noise: 0.5 whatever the draw

@@ -43,9 +43,9 @@ def quantize(weight: torch.Tensor, double_quant: bool = True, name: str = "weigh
     """NF4 storage of a dense ``(out, in)`` weight, identical to what bitsandbytes stores for it.
 
     With bitsandbytes installed its own quantiser runs (``quantize_4bit``), so the storage is
-    bitsandbytes' to the bit, ties included; without it, the pure-PyTorch twin
-    ``mbf.nf4.quantize_nf4`` (same 4-bit codes; the double-quantised absmax may pick the other
-    neighbour at an exact midpoint, ~0.1 % of blocks, ~3e-5 relative in the output).
+    bitsandbytes' to the bit; without it, the pure-PyTorch twin ``mbf.nf4.quantize_nf4``, which is
+    NOT bit-exact to it: same 4-bit codes, nested scales and offset, but the nested 8-bit absmax code
+    differs in ~0.2 % of blocks (see ``quantize_nf4``).
 
     Raises:
         ValueError: when ``in`` is not a multiple of 64 or the weight is not 2-D floating point.

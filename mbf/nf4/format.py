@@ -15,7 +15,7 @@ default) ``absmax`` is fp32 and the layout is otherwise the same.
 
 :func:`dequantize_nf4` is the pure-PyTorch twin of the Triton kernels (``mbf.kernels.nf4``) and is
 bit-exact to ``bitsandbytes.functional.dequantize_4bit``; :func:`quantize_nf4`'s 4-bit codes equal
-``bitsandbytes.functional.quantize_4bit``'s.
+``bitsandbytes.functional.quantize_4bit``'s, its nested 8-bit absmax codes do not always (see there).
 """
 
 from __future__ import annotations
@@ -158,9 +158,14 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True, name: str = "w
 
     The pure-PyTorch twin (``mbf.nf4.quantize`` uses bitsandbytes' own quantiser when installed).
     The 4-bit codes equal bitsandbytes' (its reference implementation: nearest NF4 value by midpoint
-    bucketing of ``w · (1 / absmax)``); the double-quantised absmax uses the same midpoint rule on
-    the dynamic map, where bitsandbytes' C kernel may pick the other neighbour within ~1e-6 of a
-    midpoint (~0.1 % of blocks): valid storage, but its absmax, so its output, differs by ~3e-5.
+    bucketing of ``w · (1 / absmax)``), and so do the nested fp32 scales and the offset. The storage
+    is NOT bitsandbytes' to the bit: the nested 8-bit absmax code here is the nearest value of the
+    dynamic map (the same midpoint rule), while bitsandbytes' CPU kernel (0.50) looks it up in a
+    65,536-entry table over [-1, 1], so within a bin (3e-5) of a midpoint, or near 0 where the map's
+    steps are finer than a bin, it keeps a neighbour up to 3 codes away: ~0.2 % of blocks of a
+    1024x4096 weight (132 of 65,536). Valid storage either way; here each such block's scale is the
+    nearer to its true absmax (tests/test_quant.py). ``mbf.nf4.quantize`` runs bitsandbytes' own
+    quantiser when it is installed.
 
     Raises:
         ValueError: when ``in`` is not a multiple of 64, or the weight is not 2-D floating point or
