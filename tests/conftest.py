@@ -98,3 +98,25 @@ def fake_tasks(cl, tasks: int, seed: int = 0):
         fake_training(cl, g)
         cl.end_task()
     return cl
+
+
+def assert_close_elementwise(
+    actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """Each entry against its own error bound: ``|actual − expected| ≤ rtol · magnitude + tiny`` where
+    ``magnitude`` is the same computation on the inputs' absolute values (``|x| |W|ᵀ + …``, float64):
+    a sum's rounding error scales with the sum of its terms' sizes, not with the result's largest
+    entry. So a small entry made of small terms is held to a small error (the table's ``assert_close``
+    scales every entry's tolerance by the largest one), and one that cancels from large terms is not
+    failed for its terms' rounding."""
+    t = tol(dtype)
+    a, e, m = (v.detach().double() for v in (actual, expected, magnitude))
+    bound = t["rtol"] * m + 1e-12
+    err = (a - e).abs()
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), (
+        f"entry {worst}: |{a.flatten()[worst].item():.6g} − {e.flatten()[worst].item():.6g}| = "
+        f"{err.flatten()[worst].item():.3g} > {bound.flatten()[worst].item():.3g} "
+        f"(rtol {t['rtol']} × magnitude {m.flatten()[worst].item():.3g}); "
+        f"{int((err > bound).sum())} of {err.numel()} over"
+    )

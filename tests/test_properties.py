@@ -1,11 +1,13 @@
 """Property-based tests (hypothesis): the invariants hold for any input, not just the ones we thought of."""
 
 import copy
+import shutil
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_elementwise
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -21,6 +23,55 @@ finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
 
 def _matrix(rows, cols):
     return hnp.arrays(np.float32, st.tuples(rows, cols), elements=finite).map(torch.from_numpy)
+
+
+def _abs_run(x, W, b, A, B, s, p, seed, dy):
+    """Output and gradients of x, A, B of the float64 reference (``signs``: the values as given; on
+    absolute values: each entry's magnitude, the sum of its terms' sizes)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y = reference.lora_linear(leaves[0], W.double(), None if b is None else b.double(), leaves[1],
+                              leaves[2], s, dropout=p, seed=seed)  # fmt: skip
+    y.backward(dy.double())
+    return [y.detach(), *(t.grad for t in leaves)]
+
+
+@settings(max_examples=24, deadline=None)
+@given(
+    M=st.integers(1, 9),
+    K=st.integers(1, 40),
+    N=st.integers(1, 40),
+    r=st.integers(1, 8),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    backend=st.sampled_from(["torch", "triton", "hybrid"]),
+    dropout=st.sampled_from([0.0, 0.3]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_lora_linear_matches_the_reference_entry_by_entry(M, K, N, r, dtype, backend, dropout, bias, seed):
+    """Any shape, dtype (fp32, bf16, fp16 base and fp32 adapters) and path (torch, fused and hybrid
+    Triton under the interpreter): the output and every gradient within each entry's own bound."""
+    assume(r <= min(K, N))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    A = (torch.randn(r, K, generator=g) / K**0.5).requires_grad_()
+    B = torch.randn(N, r, generator=g).requires_grad_()
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    y = mbf.functional.lora_linear(x, W, b, A, B, 2.0, dropout=dropout, seed=seed, backend=backend)
+    y.backward(dy)
+    got = [y, x.grad, A.grad, B.grad]
+    want = _abs_run(x, W, b, A, B, 2.0, dropout, seed, dy)
+    size = _abs_run(x.abs(), W.abs(), None if b is None else b.abs(), A.abs(), B.abs(), 2.0, dropout, seed,
+                    dy.abs())  # fmt: skip
+    for name, gt, wt, mg, dt in zip(("y", "x.grad", "A.grad", "B.grad"), got, want, size,
+                                    (dtype, dtype, torch.float32, torch.float32)):  # fmt: skip
+        # the adapters' gradients are fp32 but computed from 16-bit dY and x: their bound is the base's
+        assert gt is not None, name
+        try:
+            assert_close_elementwise(gt, wt, mg, dtype if dtype != torch.float32 else dt)
+        except AssertionError as err:
+            raise AssertionError(f"{backend} {dtype} {name}: {err}") from None
 
 
 @FAST
@@ -154,6 +205,10 @@ class SLAOMachine(RuleBasedStateMachine):
             n: torch.zeros_like(lay.merged_A, dtype=torch.float64) for n, lay in self.cl.layers.items()
         }
         self.tasks = 0
+
+    def teardown(self):
+        if self.tmp is not None:  # each example's checkpoint folder: none is left behind
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     @precondition(lambda self: not self.cl.in_task)
     @rule()
