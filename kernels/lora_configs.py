@@ -153,10 +153,18 @@ def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
     """Whether ``config``'s tiles fit the registers of this launch's variant: what the compile check
     measured on sm_90 with ptxas (more than 64 bytes of spills is a misfit).
 
-    linear: ``linear_budget``. Split, dy with dB keeps BLOCK_M x max(R_PAD, 32) <= 1024 (and BLOCK_N
+    linear: ``linear_budget``, and no 128-row tile for dX + dA with fp32 adapters over a 16-bit base
+    (it spills under Triton 3.6). Split, dy with dB keeps BLOCK_M x max(R_PAD, 32) <= 1024 (and BLOCK_N
     <= 32 at R_PAD 32) and down at R_PAD 64 BLOCK_M x BLOCK_K <= 1024.
     """
     R, c = args["R_PAD"], config.kwargs
+    if kernel == "linear" and c["BLOCK_M"] > 64 and _dx_and_da(args) and _mixed(args):
+        # dX + dA with fp32 adapters over a 16-bit base: the 128 x 128 tile on 8 warps holds as many
+        # accumulator elements per thread (64) as 64 x 128 on 4, so linear_budget lets it through, but
+        # it used 255 registers and spilled 16 B on sm_90 under Triton 3.6, the GPU image's (with
+        # dropout; 0 under 3.9), and 896-1,196 B on sm_80 under 3.6 and 3.9; 64 x 128 spills nothing
+        # (198 registers on sm_90 under 3.6)
+        return False
     if kernel == "down":
         return not (_split(args, "x_ptr", "lora_a_ptr") and R >= 64 and c["BLOCK_M"] * c["BLOCK_K"] > 1024)
     if kernel == "dy":
@@ -169,6 +177,16 @@ def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
     return _per_thread(config, "BLOCK_N") <= linear_budget(args)
 
 
+def _dx_and_da(args: dict) -> bool:
+    """Whether a linear launch is the dX GEMM with the dA prologue (HAS_MAIN False: the prologue alone)."""
+    return bool(args.get("HAS_MAIN", True) and args["ACC_DA"])
+
+
+def _mixed(args: dict) -> bool:
+    """Whether the linear kernel's LoRA tiles are wider than its base GEMM's (fp32 adapters, 16-bit base)."""
+    return args["up_ptr"].dtype != args["lhs_ptr"].dtype
+
+
 def linear_budget(args: dict) -> int:
     """fp32 accumulator elements per thread the linear kernel's variant ``args`` may hold (``_fits``).
 
@@ -178,7 +196,7 @@ def linear_budget(args: dict) -> int:
     base and 48-72 B on sm_80 with 16-bit ones; dX alone with the mask 100 B at fp16, Triton 3.9 /
     3.6). Split fp32 products (``_split``) quarter these.
     """
-    R, mixed = args["R_PAD"], args["up_ptr"].dtype != args["lhs_ptr"].dtype
+    R, mixed = args["R_PAD"], _mixed(args)
     if args["ACC_DA"] or args["HAS_DROPOUT"]:
         budget = 64 if R <= (16 if mixed else 32) else 32
     else:
