@@ -3,8 +3,12 @@
 # limits: mbf/bench/gpu.py):
 #   bash bench/run_gpu.sh             on the GPU machine: installs this checkout without dependencies
 #                                     (the machine has torch, triton, transformers, peft; no registry),
-#                                     then the stages, everything under ${OUT:-bench/results}
-#   bash bench/run_gpu.sh --dry-run   the same stages on a CPU through Triton's interpreter (CI runs it)
+#                                     then the preflight and the stages, everything under ${OUT:-bench/results}
+#   bash bench/run_gpu.sh --dry-run   the same on a CPU through Triton's interpreter (CI runs it)
+# The preflight (mbf/bench/preflight.py) imports every module and finds every file a stage needs before
+# the first stage, one line each; a stage whose needs are missing is skipped and recorded in timeline.json,
+# the others run. It is run by path, in this process with the stages, so that it still reports when the
+# package itself does not import.
 # bitsandbytes (for the PEFT + bitsandbytes baselines) is installed from the wheel `make bnb-wheel`
 # puts in ${BNB_WHEEL_DIR:-wheels/} (carry that folder to the machine) when the machine lacks it;
 # without it those rows are skipped, not faked. Back here: python -m mbf.bench.readme --import <files>.
@@ -14,12 +18,15 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" != "--dry-run" ]; then
   t0=$(date +%s)
-  $PY -m pip install -q --no-deps --no-build-isolation -e . || { echo "run_gpu.sh: installing the checkout failed"; exit 3; }
+  # a failed install is the preflight's to report (the package's line), with everything else missing
+  $PY -m pip install -q --no-deps --no-build-isolation -e . || echo "run_gpu.sh: installing the checkout failed"
   if ! $PY -c "import bitsandbytes" 2>/dev/null; then
     shopt -s nullglob; wheels=(${BNB_WHEEL_DIR:-wheels}/bitsandbytes-*.whl)
-    if [ ${#wheels[@]} -gt 0 ]; then $PY -m pip install -q --no-deps --no-index "${wheels[0]}"
-    else echo "run_gpu.sh: no bitsandbytes and no wheel in ${BNB_WHEEL_DIR:-wheels}/: the PEFT + bitsandbytes rows will be skipped"; fi
+    if [ ${#wheels[@]} -gt 0 ] && $PY -m pip install -q --no-deps --no-index "${wheels[0]}"; then
+      export MBF_BNB_FROM_WHEEL=1
+    fi
   fi
   echo "run_gpu.sh: installed in $(( $(date +%s) - t0 )) s"
 fi
-exec $PY -m mbf.bench.gpu "$@"  # --out: $OUT, else bench/results (a temp dir with --dry-run)
+# by path (runpy), not `-m mbf.bench...`: importing the package is one of the things checked
+exec $PY -c 'import runpy; runpy.run_path("mbf/bench/preflight.py", run_name="__main__")' "$@"

@@ -4,6 +4,7 @@ README tables and the one plotter. Synthetic rows: nothing is timed here."""
 import importlib.util
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -142,18 +143,61 @@ def test_the_step_floor_backpropagates_to_the_embeddings_and_trains_nothing():
     assert seen[0].grad is not None and seen[0].grad.abs().sum() > 0  # through both layers, to the bottom
 
 
+def _choice(dtype, ms, dropped=None):
+    from mbf.experiment.cpu_dtype import DtypeChoice
+
+    key = {"cpu": "Test CPU", "cores": 2, "tokens": 512}
+    return DtypeChoice(dtype, dict(ms), dict(dropped or {}), key, Path("/cache/dtype.json"), measured=False)
+
+
+def test_the_bench_says_how_the_whole_step_compares_with_autos_pick():
+    import torch
+
+    from mbf.bench import suite
+
+    def rows(**ms):
+        return [
+            {"op": "train_step", "provider": p, "dtype": d, "ms": t * (1 if p == "mbf" else 0.5)}
+            for d, t in ms.items()
+            for p in (FLOOR, "peft", "mbf")
+        ] + [{"op": "task_boundary", "provider": "mbf", "dtype": "float16", "ms": 1.0}]
+
+    probe = {"float32": 95.0, "bfloat16": 30.0}
+    agree = suite.dtype_summary(rows(float32=2230.0, bfloat16=1600.0), _choice(torch.bfloat16, probe))
+    assert agree == [
+        "training step (mbf): float32 2,230 ms, bfloat16 1,600 ms; --dtype auto chose bfloat16 (from the "
+        "linears' probe)"
+    ]
+    disagree = suite.dtype_summary(rows(float32=2230.0, bfloat16=3084.0), _choice(torch.bfloat16, probe))
+    assert len(disagree) == 2 and disagree[1].startswith(
+        "mbf: note: the whole step is faster in float32 than"
+    )
+    assert "pin --dtype float32" in disagree[1]
+    within = suite.dtype_summary(rows(float32=2230.0, bfloat16=2200.0), _choice(torch.float32, probe))
+    assert len(within) == 1  # 1.4 % apart: within the margin, no note
+    assert suite.dtype_summary(rows(float32=2230.0), _choice(torch.float32, probe)) == []  # one dtype
+
+
 def test_the_bench_dtypes_and_the_interleaved_cpu_rounds(monkeypatch):
     import torch
 
     from mbf.bench import suite, train_step
-    from mbf.experiment import models
+    from mbf.experiment import cpu_dtype, models
 
-    monkeypatch.setattr(models, "auto_dtype", lambda device: torch.bfloat16)
-    assert suite.bench_dtypes("auto", cuda=False) == ("float32", "bfloat16")
-    assert suite.bench_dtypes("auto", cuda=True) == ("bfloat16",)
+    # on CPU: float32 and each 16-bit dtype the probe timed to the end, whichever it picked
+    measured = {"float32": 2230.0, "bfloat16": 3084.0}
+    monkeypatch.setattr(cpu_dtype, "cpu_dtype", lambda *a, **k: _choice(torch.float32, measured))
+    assert suite.bench_dtypes("auto", cuda=False) == ("float32", "bfloat16")  # bf16 lost: still checked
+    measured["float16"] = 2000.0
+    assert suite.bench_dtypes("auto", cuda=False) == ("float32", "bfloat16", "float16")
+    dropped = {"bfloat16": "over 3x slower than float32 (...)", "float16": "not run here (...)"}
+    monkeypatch.setattr(
+        cpu_dtype, "cpu_dtype", lambda *a, **k: _choice(torch.float32, {"float32": 1.0}, dropped)
+    )
+    assert suite.bench_dtypes("auto", cuda=False) == ("float32",)  # an emulated step would take minutes
     assert suite.bench_dtypes("float16", cuda=False) == ("float16",)
-    monkeypatch.setattr(models, "auto_dtype", lambda device: torch.float32)
-    assert suite.bench_dtypes("auto", cuda=False) == ("float32",)
+    monkeypatch.setattr(models, "auto_dtype", lambda device: torch.bfloat16)  # CUDA: not measured
+    assert suite.bench_dtypes("auto", cuda=True) == ("bfloat16",)
 
     configs = suite.default_suite(cuda=False, dtypes=("float32", "bfloat16"))
     assert [(c.dtype, c.provider) for c in configs[:3]] == [("float32", p) for p in (FLOOR, "peft", "mbf")]
@@ -277,3 +321,130 @@ def test_a_single_step_is_timed_under_the_memory_hooks_and_says_so():
     assert len(row["samples"]) == 1 and row["ms"] == row["samples"][0] > 0
     assert set(MEMORY_KEYS) <= set(row["extra_keys"]) and row["optimizer_bytes"] > 0  # AdamW ran in it
     assert row["activation_bytes"] > 0 and row["peak_mem_bytes"] > 0
+
+
+def test_a_stage_whose_import_is_missing_is_skipped_and_recorded(tmp_path, monkeypatch, capsys):
+    """The GPU run's preflight: pytest missing skips the two pytest stages (the others run), and
+    bitsandbytes missing skips the PEFT + bitsandbytes rows; both are recorded in the timeline."""
+    import importlib
+
+    from mbf.bench import gpu, gpu_stages, preflight
+
+    def importer(name):
+        if name in ("pytest", "bitsandbytes"):
+            raise ModuleNotFoundError(f"No module named '{name}'")
+        return importlib.import_module(name)
+
+    checks = preflight.check(dry_run=True, importer=importer)
+    text = "\n".join(preflight.lines(checks))
+    assert "preflight: pytest MISSING (No module named 'pytest') -> stages correctness, tests skipped" in text
+    assert "preflight: bitsandbytes MISSING (No module named 'bitsandbytes'" in text
+    assert "-> rows of peft-bnb4 skipped" in text and "preflight: peft " in text and "CUDA" not in text
+    assert all(c.ok for c in checks if c.need.name not in ("pytest", "bitsandbytes")), text
+    ran = []
+
+    def stage(name):
+        def body(ctx):
+            ran.append(name)
+            for provider in ("mbf-nf4", "peft-bnb4"):
+                gpu_stages.run_case(ctx, f"{name} {provider}", lambda: None, provider)
+
+        return body
+
+    names = ("headline", "correctness", "nf4", "boundary", "train step", "tests")
+    monkeypatch.setattr(gpu, "_bodies", lambda: {n: stage(n) for n in names})
+    monkeypatch.setattr(gpu, "_use_dispatcher", lambda *a: None)  # the dispatcher stays the session's
+    assert gpu.main(["--dry-run", "--out", str(tmp_path)], checks=checks) == 0
+    assert ran == ["headline", "nf4", "boundary", "train step"]
+    out = capsys.readouterr().out
+    assert text in out and "== correctness: SKIPPED (preflight: pytest missing)" in out
+    assert "nf4 peft-bnb4: SKIPPED (preflight: bitsandbytes missing)" in out
+    timeline = {e["stage"]: e for e in json.loads((tmp_path / "timeline.json").read_text())}
+    assert list(timeline) == ["preflight", "environment", *names]
+    assert [c["need"] for c in timeline["preflight"]["checks"] if not c["ok"]] == ["bitsandbytes", "pytest"]
+    assert {n: e["status"] for n, e in timeline.items()} == {
+        "preflight": "done", "environment": "done", "headline": "done", "correctness": "skipped",
+        "nf4": "done", "boundary": "done", "train step": "done", "tests": "skipped",
+    }  # fmt: skip
+    assert timeline["tests"]["missing"] == ["pytest"]
+    assert timeline["nf4"]["skipped_cases"] == ["nf4 peft-bnb4"]
+
+
+def test_a_run_without_its_package_says_why_and_measures_nothing(tmp_path, monkeypatch, capsys):
+    from mbf.bench import preflight
+
+    def importer(name):
+        raise ModuleNotFoundError(f"No module named '{name.split('.')[0]}'")
+
+    checks = preflight.check(dry_run=True, importer=importer)
+    assert preflight.skipped_stages(checks, ["environment", "tests"]) == {
+        "environment": ["torch", "triton", "safetensors", "mbf", "mbf.bench"],
+        "tests": ["torch", "triton", "safetensors", "mbf", "pytest", "mbf.bench"],
+    }
+    assert preflight.lost_providers(checks) == {"peft": ["peft"], "peft-bnb4": ["peft", "bitsandbytes"]}
+    lines = preflight.lines(checks)
+    assert "preflight: torch MISSING (No module named 'torch') -> every stage skipped" in lines
+    assert lines[8] == (
+        "preflight: xdist MISSING (No module named 'xdist') -> the GPU tests run in one process instead of 8"
+    )
+    # bench/run_gpu.sh's entry: nothing to hand to the stages; the log and the timeline say why
+    monkeypatch.setattr(preflight, "check", lambda dry_run: checks)
+    assert preflight.main(["--dry-run", "--out", str(tmp_path)]) == 3
+    assert "no stage can run" in capsys.readouterr().out
+    assert (tmp_path / "run.log").read_text().startswith("\n".join(lines))
+    (entry,) = json.loads((tmp_path / "timeline.json").read_text())
+    assert (entry["stage"], entry["status"], len(entry["checks"])) == ("preflight", "failed", len(lines))
+
+
+def _stub_kernel(x, BLOCK: "tl.constexpr"):  # noqa: F821 - read by the recorder, never run
+    pass
+
+
+def test_timed_loops_run_without_the_variant_hook(tmp_path, monkeypatch):
+    """The variant counter sees a measurement's untimed first call only: every timed call (time_fn's
+    loop, a stage's own timing inside, the breakdown's recorded calls) runs with the hook out."""
+    import time
+    import types
+
+    import torch
+
+    from mbf.bench import gpu, gpu_stages, launches, timing
+    from mbf.functional import dispatch
+
+    class Jit:  # stands in for Triton's JITFunction / InterpretedFunction
+        fn = _stub_kernel
+
+        def run(self, *args, **kwargs):
+            hooked.append(type(self).run is not bare)
+
+    bare, hooked = Jit.run, []
+    monkeypatch.setattr(launches, "_jit_classes", lambda: [Jit])
+
+    def launch():
+        Jit().run(x=torch.zeros(2), BLOCK=16, grid=(1,))
+
+    with launches.LaunchRecorder(cuda=False, timed=False) as counter:
+        ctx = gpu_stages.Ctx(None, "cpu", "cpu", False, tmp_path, time.time() + 60, counter=counter)
+        ctx.timing(launch)  # one counted call, then time_fn's 3 + 10 with the hook out
+        assert hooked == [True] + [False] * 13
+        hooked.clear()
+        inner = types.SimpleNamespace(time_fn=timing.time_fn)  # a module that times inside
+        with gpu_stages.timed_inside(ctx, inner):
+            launch()
+            inner.time_fn(launch, "cpu", warmup=1, rep=2)
+        assert hooked == [True, False, False, False] and inner.time_fn is timing.time_fn
+        hooked.clear()
+        kernels = launches.breakdown(launch, cuda=False, reps=2, counter=counter)
+        assert hooked == [True, True, True]  # the breakdown's own recorder is the one hook on its calls
+        assert kernels["_stub_kernel"]["launches"] == 1
+        hooked.clear()
+        installed = []  # the run's dispatcher: auto's choice is timed with the hook out too
+        monkeypatch.setattr(dispatch, "use_dispatcher", installed.append)
+        gpu._use_dispatcher(counter, True)
+        installed[0].timer(launch)
+        assert hooked == [False]
+        with counter.paused():
+            assert Jit.run is bare
+        assert Jit.run is not bare
+    assert Jit.run is bare
+    assert counter.variants == {("_stub_kernel", (("BLOCK", "16"),), ("torch.float32",))}

@@ -3,23 +3,29 @@ own time limit). Every row is appended to the results file the moment it is meas
 
 A stage gets a ``Ctx``: the row writer, the device, whether this is the CPU dry run (tiny shapes
 through Triton's interpreter) and the stage's deadline; a case that would start after the
-deadline is skipped and said so, and a case that fails is printed and skipped, never fatal.
+deadline is skipped and said so, and a case that fails is printed and skipped, never fatal. A case
+of a provider whose package the preflight found missing (``mbf.bench.preflight``) is skipped
+before it builds anything, and listed in the stage's timeline entry.
+
+Timed loops run with the run's Triton variant counter (``Ctx.counter``) paused: a measurement's
+untimed first call, where its kernels compile and autotune, is where its variants are counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["Ctx", "boundary", "correctness", "headline", "nf4", "run_case", "train_step"]
+__all__ = ["Ctx", "boundary", "correctness", "headline", "nf4", "run_case", "timed_inside", "train_step"]
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTER_DTYPES = (torch.float32, torch.bfloat16)  # mbf's default (PEFT's autocast) first, then 16-bit
@@ -35,15 +41,49 @@ class Ctx:
     dry_run: bool
     out: Path
     deadline: float  # time.time() after which no case starts
+    counter: object = None  # the run's Triton variant counter (mbf.bench.launches.LaunchRecorder)
+    lost: dict[str, list[str]] = field(default_factory=dict)  # provider -> its missing packages
+    skipped: list[str] = field(default_factory=list)  # cases skipped for a missing package
+
+    def paused(self) -> contextlib.AbstractContextManager:
+        """The variant counter's hook out of the way (for a timed loop)."""
+        return self.counter.paused() if self.counter is not None else contextlib.nullcontext()
 
     def timing(self, fn: Callable[[], object]) -> dict:
+        """``time_fn`` of ``fn`` after one untimed call (the warm-up: compiles and autotuning), the
+        only one the variant counter sees; the timed calls run with it paused."""
         from mbf.bench.timing import time_fn
 
-        return time_fn(fn, self.dev, warmup=1, rep=1) if self.dry_run else time_fn(fn, self.dev)
+        fn()
+        with self.paused():
+            return time_fn(fn, self.dev, warmup=0, rep=1) if self.dry_run else time_fn(fn, self.dev)
 
 
-def run_case(ctx: Ctx, name: str, fn: Callable[[], object]) -> object:
-    """``fn()``, timed and printed; None when it fails or the stage's time is up."""
+@contextlib.contextmanager
+def timed_inside(ctx: Ctx, module) -> Iterator[None]:
+    """``module.time_fn`` with the variant counter paused, for measurements that time inside
+    (``boundary.measure_boundary``, ``train_step.measure_step``): their untimed warm-up calls run
+    every kernel they launch and are counted; their timed loops are not."""
+    timed = module.time_fn
+
+    def paused_time_fn(*args, **kwargs):
+        with ctx.paused():
+            return timed(*args, **kwargs)
+
+    module.time_fn = paused_time_fn
+    try:
+        yield
+    finally:
+        module.time_fn = timed
+
+
+def run_case(ctx: Ctx, name: str, fn: Callable[[], object], provider: str | None = None) -> object:
+    """``fn()``, timed and printed; None when it fails, ``provider``'s package is missing or the
+    stage's time is up."""
+    if provider in ctx.lost:
+        print(f"  {name}: SKIPPED (preflight: {', '.join(ctx.lost[provider])} missing)", flush=True)
+        ctx.skipped.append(name)
+        return None
     if time.time() > ctx.deadline:
         print(f"  {name}: SKIPPED (the stage's time limit is spent)", flush=True)
         return None
@@ -97,7 +137,7 @@ def _breakdown_row(ctx: Ctx, provider: str, K: int, N: int, M: int, r: int, adap
     from mbf.bench.rows import make_row
 
     fn, _ = lora_case(provider, K, N, M, r, "full", torch.bfloat16, ctx.dev, adapter_dtype=adapter_dtype)
-    kernels = breakdown(fn, ctx.dev == "cuda", reps=1 if ctx.dry_run else 5)
+    kernels = breakdown(fn, ctx.dev == "cuda", reps=1 if ctx.dry_run else 5, counter=ctx.counter)
     ctx.writer.append(
         make_row(
             op="kernel_breakdown", provider=provider, mode="full", shape=f"{K}->{N}", M=M, r=r,
@@ -119,9 +159,8 @@ def headline(ctx: Ctx) -> None:
         run_case(ctx, f"lora {K}->{N} full floor", lambda: _lora_row(ctx, "floor", K, N, M, r, "full", None))
         for ad in ADAPTER_DTYPES:
             for p in full:
-                run_case(
-                    ctx, f"lora {K}->{N} full {p} {ad}", lambda: _lora_row(ctx, p, K, N, M, r, "full", ad)
-                )
+                run_case(ctx, f"lora {K}->{N} full {p} {ad}",
+                         lambda: _lora_row(ctx, p, K, N, M, r, "full", ad), p)  # fmt: skip
     some = ADAPTER_DTYPES[:1] if ctx.dry_run else ADAPTER_DTYPES  # the interpreter is slow: one suffices
     for K, N in shapes:
         for p, ad in (("floor", None), ("triton-gemm", None), *(("mbf-triton", ad) for ad in some)):
@@ -129,7 +168,8 @@ def headline(ctx: Ctx) -> None:
     for K, N in shapes:
         for ad in some:
             for p in ("mbf-torch", "mbf-triton", "mbf-auto", "peft"):
-                run_case(ctx, f"breakdown {K}->{N} {p} {ad}", lambda: _breakdown_row(ctx, p, K, N, M, r, ad))
+                row = lambda: _breakdown_row(ctx, p, K, N, M, r, ad)  # noqa: E731
+                run_case(ctx, f"breakdown {K}->{N} {p} {ad}", row, p)
 
 
 def correctness(ctx: Ctx) -> None:
@@ -192,14 +232,13 @@ def nf4(ctx: Ctx) -> None:
 
     def one(provider, K, N):
         step, flops, nbytes = nf4_case(provider, K, N, M, r, torch.bfloat16, ctx.dev)
-        step()
         case = dict(op="nf4_lora_linear", provider=provider, mode="full", shape=f"{K}->{N}", M=M, r=r)
         row = timed_row(**case, dtype="bfloat16", device=ctx.label, timing=ctx.timing(step), flops=flops)
         ctx.writer.append({**row, "peak_mem_bytes": peak_memory(step, ctx.dev), "base_bytes": nbytes})
 
     for K, N in shapes:
         for provider in NF4_PROVIDERS:
-            run_case(ctx, f"nf4 {K}->{N} M={M} {provider}", lambda: one(provider, K, N))
+            run_case(ctx, f"nf4 {K}->{N} M={M} {provider}", lambda: one(provider, K, N), provider)
 
 
 def boundary(ctx: Ctx) -> None:
@@ -213,7 +252,8 @@ def boundary(ctx: Ctx) -> None:
         for row in bnd.measure_boundary(model, 4 if ctx.dry_run else 16, ctx.dev, layers=layers):
             ctx.writer.append(make_row(device=ctx.label, **row))
 
-    run_case(ctx, f"task boundary {model}", one)
+    with timed_inside(ctx, bnd):
+        run_case(ctx, f"task boundary {model}", one)
 
 
 def train_step(ctx: Ctx) -> None:
@@ -228,7 +268,8 @@ def train_step(ctx: Ctx) -> None:
             device=ctx.dev, warmup=1, steps=2 if ctx.dry_run else 5,
             dtype="float32" if ctx.dry_run else "bfloat16",  # a CPU without fast bf16 emulates it
         )  # fmt: skip
-        run_case(ctx, f"train step {model} x{layers}L {provider}", lambda: ctx.writer.append(
-            make_row(device=ctx.label, **ts.measure_step(cfg))))  # fmt: skip
+        with timed_inside(ctx, ts):
+            run_case(ctx, f"train step {model} x{layers}L {provider}", lambda: ctx.writer.append(
+                make_row(device=ctx.label, **ts.measure_step(cfg))), provider)  # fmt: skip
         if ctx.dev == "cuda":
             torch.cuda.empty_cache()

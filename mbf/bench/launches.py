@@ -7,6 +7,12 @@ Each launch is bracketed by two CUDA events on the current stream (a wall clock 
 kernel's time is the stream's time between them: its run time while the GPU is the bottleneck,
 plus launch latency where the CPU is. Ops of the ``mbf`` namespace (the fused custom ops) are not
 recorded themselves: the Triton kernels inside them are.
+
+Counting variants costs each launch a few microseconds of Python (a dict lookup for the kernel's
+constexpr names, computed once per kernel, and one tuple into a set); a timed loop must not pay
+even that, so ``paused()`` takes the hook out while one runs. A variant is first launched in a
+measurement's untimed warm-up call (compiles and autotuning happen there), which is where it is
+counted.
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ def _constexpr_names(jit) -> frozenset[str]:
         return frozenset()
     params = inspect.signature(fn).parameters.values()
     return frozenset(p.name for p in params if "constexpr" in str(p.annotation))
+
+
+class _Repr(str):
+    """A value's repr standing in for an unhashable value: ``repr`` gives it back unquoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 class _Mark:
@@ -79,36 +92,83 @@ class LaunchRecorder:
 
     Args:
         cuda: time with CUDA events (else a wall clock).
-        timed: record spans (False: only count variants, at no cost to the timing of what runs).
+        timed: record spans (False: only count variants; pause it around timed loops).
         aten: also record aten ops (cuBLAS GEMMs and the rest), not only Triton kernels.
     """
 
     def __init__(self, cuda: bool, timed: bool = True, aten: bool = True) -> None:
         self.cuda, self.timed = cuda, timed
         self.spans: list[tuple[str, _Mark, _Mark]] = []
-        self.variants: set[tuple] = set()
-        self._saved: list[tuple[type, object]] = []
+        self._keys: set[tuple] = set()  # raw variant keys, made readable by ``variants``
+        self._consts: dict[int, tuple[object, str, tuple[str, ...]]] = {}  # id(jit) -> (jit, name, names)
+        self._saved: list[tuple[type, object, object]] = []  # (class, its run, our wrapper)
+        self._paused = False
         self._mode = _AtenSpans(self) if aten and timed else None
+
+    @property
+    def variants(self) -> set[tuple]:
+        """``{(kernel, ((constexpr, repr(value)), ...), (dtype, ...))}`` of every launch so far."""
+        out = set()
+        for name, consts, dtypes in self._keys:
+            spec = tuple(sorted((k, repr(v)) for k, v in consts))
+            out.add((name, spec, tuple(str(d) for d in dtypes)))
+        return out
+
+    def _kernel(self, jit) -> tuple[str, tuple[str, ...]]:
+        """(name, constexpr parameter names) of ``jit``: read from its signature once per kernel."""
+        hit = self._consts.get(id(jit))
+        if hit is None or hit[0] is not jit:
+            hit = (jit, getattr(jit.fn, "__name__", "triton"), tuple(sorted(_constexpr_names(jit))))
+            self._consts[id(jit)] = hit  # holds jit: its id is not reused while cached
+        return hit[1], hit[2]
+
+    def _count(self, jit, args: tuple, kwargs: dict) -> None:
+        """Add this launch's variant: raw values only (made readable by ``variants``, off the hot path)."""
+        name, consts = self._kernel(jit)
+        spec = tuple((k, kwargs[k]) for k in consts if k in kwargs)
+        dtypes = tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        try:
+            self._keys.add((name, spec, dtypes))
+        except TypeError:  # an unhashable constexpr value: keep its repr
+            self._keys.add((name, tuple((k, _Repr(repr(v))) for k, v in spec), dtypes))
 
     def _wrap(self, cls: type) -> None:
         original = cls.run
         recorder = self
 
         def run(jit, *args, **kwargs):
-            name = getattr(jit.fn, "__name__", "triton")
-            consts = _constexpr_names(jit)
-            spec = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k in consts))
-            dtypes = tuple(str(a.dtype) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-            recorder.variants.add((name, spec, dtypes))
+            if recorder._paused:  # another hook sits above ours: pass straight through
+                return original(jit, *args, **kwargs)
+            recorder._count(jit, args, kwargs)
             if not recorder.timed:
                 return original(jit, *args, **kwargs)
             start = _Mark(recorder.cuda)
             out = original(jit, *args, **kwargs)
-            recorder.spans.append((name, start, _Mark(recorder.cuda)))
+            recorder.spans.append((recorder._kernel(jit)[0], start, _Mark(recorder.cuda)))
             return out
 
-        self._saved.append((cls, original))
+        self._saved.append((cls, original, run))
         cls.run = run
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Nothing recorded inside, at no cost per launch: the hook is taken out of every class it
+        wraps (where another hook sits above it, it passes straight through instead)."""
+        if self._paused or not self._saved:
+            yield self
+            return
+        self._paused = True
+        swapped = []
+        for cls, original, ours in self._saved:
+            if cls.run is ours:
+                cls.run = original
+                swapped.append((cls, ours))
+        try:
+            yield self
+        finally:
+            for cls, ours in reversed(swapped):
+                cls.run = ours
+            self._paused = False
 
     def __enter__(self) -> LaunchRecorder:
         for cls in _jit_classes():
@@ -122,7 +182,7 @@ class LaunchRecorder:
             if self._mode is not None:
                 self._mode.__exit__(*exc)
         finally:
-            for cls, original in reversed(self._saved):
+            for cls, original, _ in reversed(self._saved):
                 cls.run = original
             self._saved.clear()
             if self.cuda:
@@ -139,10 +199,15 @@ class LaunchRecorder:
         return {k: {"ms": ms[k], "launches": launches[k] / calls} for k in order}
 
 
-def breakdown(fn, cuda: bool, reps: int = 5) -> dict[str, dict]:
-    """Per-kernel ms of one call of ``fn`` (after one unrecorded call: compiles and autotuning)."""
+def breakdown(fn, cuda: bool, reps: int = 5, counter: LaunchRecorder | None = None) -> dict[str, dict]:
+    """Per-kernel ms of one call of ``fn`` (after one unrecorded call: compiles and autotuning).
+
+    ``counter`` (a variant counter active around this call) counts that first call's variants and is
+    paused while the recorded calls run, so that their spans hold no time of its hook.
+    """
     fn()
-    with LaunchRecorder(cuda) as rec:
-        for _ in range(reps):
-            fn()
+    with counter.paused() if counter is not None else contextlib.nullcontext():
+        with LaunchRecorder(cuda) as rec:
+            for _ in range(reps):
+                fn()
     return rec.per_kernel(calls=reps)
