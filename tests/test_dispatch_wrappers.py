@@ -271,3 +271,25 @@ def test_ranks_that_chose_differently_agree_on_rank_0s_choices(tmp_path, wrap):
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(getattr(dist_worker, f"dispatch_{wrap}"), args=(2, init, str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank0").is_dir() and (tmp_path / "rank1").is_dir()  # each measured and cached
+
+
+def test_generation_under_inference_mode(harness):
+    pytest.importorskip("transformers", reason="needs transformers (mbf-lora[app])")
+    d = harness("triton")
+    model = make_tiny_llama()
+    mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(2, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    def generate():
+        with torch.inference_mode():
+            return model.generate(ids, **kw)
+
+    out = _finishes(generate)
+    assert {k.split("|")[4] for k in d.choices} == {"infer"}  # prefill and decode buckets, no gradient
+    _assert_cached(d, "triton")
+    for layer in model.modules():
+        if isinstance(layer, mbf.LoRALinear):
+            layer.backend = "torch"
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, **kw), out)  # the same tokens as the torch path
