@@ -224,13 +224,14 @@ def test_torch_compile_uses_the_cached_choice_or_the_torch_path(harness, capsys)
     d.verbose = True
     layer, x = _layer(), torch.randn(6, 24)
     torch._dynamo.reset()
-    compiled = torch.compile(layer, backend="aot_eager")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # no graph break either
     unmeasured = _finishes(_step, compiled, x)  # first seen while tracing: nothing can run, torch path
     assert d.choices == {} and "not measured (first seen under torch.compile" in capsys.readouterr().err
     _finishes(_step, layer, x)  # one eager step measures
     assert set(_chosen(d).values()) == {"triton"}
     torch._dynamo.reset()
-    traced = _finishes(_step, torch.compile(layer, backend="aot_eager"), x)  # the cached choice, traced in
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    traced = _finishes(_step, compiled, x)  # the cached choice, traced in
     _assert_cached(d, "triton")
     want = _torch_path(layer, x)
     _assert_same(unmeasured, want)

@@ -1,8 +1,10 @@
-"""Which path runs: Triton for CUDA tensors, PyTorch for CPU ones, unless ``backend=`` forces one."""
+"""Which path runs where ``auto`` is not measured: Triton for CUDA tensors, PyTorch for CPU ones, unless
+``backend=`` forces one; and the lazy import of the kernel modules."""
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -17,6 +19,9 @@ def kernel(module: str, name: str):
     Raises:
         NotImplementedError: when triton (or the kernel module) cannot be imported here.
     """
+    loaded = sys.modules.get(f"mbf.kernels.{module}")  # imported: no import call (torch.compile traces this)
+    if loaded is not None:
+        return getattr(loaded, name)
     try:
         return getattr(importlib.import_module(f"mbf.kernels.{module}"), name)
     except ImportError as err:

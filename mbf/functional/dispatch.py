@@ -563,15 +563,21 @@ def _capturing() -> bool:
 
 
 @torch._dynamo.assume_constant_result
-def _traced_choice(fields: tuple) -> str:
+def _traced_choice(device_type: str, device_index: int, fields: tuple) -> str:
     """Under torch.compile tracing: the cached choice, else ``FALLBACK`` (run eagerly by dynamo, its
-    answer becomes a constant of the graph)."""
+    answer becomes a constant of the graph). Takes plain values only: the device's name is read here,
+    outside the trace."""
     d = default_dispatcher()
-    case = Case(*fields)
+    dtype, adapter_dtype, dropout, train, r, K, N, M, base = fields
+    name = _device_name(torch.device(device_type, device_index))
+    case = Case(name, dtype, adapter_dtype, dropout, train, r, K, N, _bucket(M), base)
     chosen = d.lookup(case)
     if chosen is None:
         d.note_fallback(case, "first seen under torch.compile; run one eager step first to measure it")
         return FALLBACK
+    if chosen != "torch":  # the trace then finds the kernel modules imported (an import breaks the graph)
+        for module in ("lora_op", "lora_lowrank", "nf4"):
+            kernel(module, "__name__")
     return chosen
 
 
@@ -580,7 +586,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def auto_backend(
-    x, weight, bias, A, B, scaling, merged_B, lam, dropout, *, run, dispatcher=None
+    x, weight, bias, A, B, scaling, merged_B, lam, dropout, *, run, dispatcher=None, nf4=None
 ) -> str:
     """``backend="auto"``'s choice for a LoRA linear on x's device (see the module docstring): a
     ``lora_linear`` backend over a dense weight, one of ``NF4_CANDIDATES`` over an NF4 one.
@@ -589,6 +595,7 @@ def auto_backend(
         x, weight, bias, A, B, scaling, merged_B, lam, dropout: ``lora_linear``'s arguments.
         run: ``lora_linear`` itself (called with an explicit ``backend=`` on fresh inputs to time it).
         dispatcher: default: ``default_dispatcher()``.
+        nf4: whether ``weight`` is an ``NF4Weight`` (None: look).
 
     Raises:
         ValueError: ``$MBF_BACKEND`` set to something that is not a backend name.
@@ -598,28 +605,29 @@ def auto_backend(
         return env
     if torch.are_deterministic_algorithms_enabled():
         return DETERMINISTIC_CHOICE
-    from mbf.nf4 import NF4Weight  # here: mbf.nf4 imports mbf.functional
+    if nf4 is None:
+        from mbf.nf4 import NF4Weight  # here: mbf.nf4 imports mbf.functional
 
-    nf4 = isinstance(weight, NF4Weight)
+        nf4 = isinstance(weight, NF4Weight)
     M, K = x.numel() // x.shape[-1], x.shape[-1]
     grad_wanted = A.requires_grad or B.requires_grad or x.requires_grad
     train = torch.is_grad_enabled() and grad_wanted
     fields = (
-        _device_name(x.device),
         str(x.dtype).removeprefix("torch."),
         str(A.dtype).removeprefix("torch."),
         dropout > 0.0,
         train,
-        A.shape[0],
-        K,
-        weight.shape[0],
-        _bucket(M),
+        int(A.shape[0]),
+        int(K),
+        int(weight.shape[0]),
+        int(M),
         "nf4" if nf4 else "dense",
     )
     if torch.compiler.is_compiling():
-        return _traced_choice(fields)
+        return _traced_choice(x.device.type, x.device.index or 0, fields)
     d = dispatcher or default_dispatcher()
-    case = Case(*fields)
+    dtype, adapter_dtype, drop, train, r, K, N, M, base = fields
+    case = Case(_device_name(x.device), dtype, adapter_dtype, drop, train, r, K, N, _bucket(M), base)
     if _capturing():
         chosen = d.lookup(case, here_only=True)
         if chosen is None:

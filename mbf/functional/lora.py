@@ -126,7 +126,7 @@ def lora_linear(
     if backend == "auto" and dispatch.dispatches(x) and not (is_nf4 and nf4_path != "auto"):
         # measured: see dispatch.py (over NF4 the choice is the path: torch, fused or dequant)
         choice = dispatch.auto_backend(
-            x, weight, bias, A, B, scaling, merged_B, lam, dropout, run=lora_linear
+            x, weight, bias, A, B, scaling, merged_B, lam, dropout, run=lora_linear, nf4=is_nf4
         )
         if is_nf4 and choice != "torch":
             backend, nf4_path = "triton", choice
