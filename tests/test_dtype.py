@@ -38,7 +38,8 @@ def probe(monkeypatch, tmp_path):
 
 
 class FakeTimer:
-    """ms of a probe from a table of a round's ms per dtype (spread over the linears); never runs it.
+    """ms of a probe from a table of a round's ms per dtype (a Llama's one decoder-layer probe, or spread
+    over the linears); never runs it.
     ``calls`` records each probe timed, in order."""
 
     def __init__(self, ms: dict[str, float]):
@@ -46,7 +47,7 @@ class FakeTimer:
 
     def __call__(self, probe) -> float:
         self.calls.append((probe.dtype, probe.shape))
-        return self.ms[probe.dtype] / len(self.shapes)
+        return self.ms[probe.dtype] / (1 if probe.shape == "layer" else len(self.shapes))
 
     shapes = cpu_dtype.SMOLLM2_SHAPES
 
@@ -117,16 +118,16 @@ def test_float32_stays_unless_a_16_bit_dtype_is_faster_by_the_margin(monkeypatch
 def test_the_candidates_are_interleaved_and_an_emulated_one_is_dropped_early(monkeypatch, probe):
     timer = _fake(monkeypatch, {"float32": 70.0, "bfloat16": 35.0, "float16": 700.0})
     choice = cpu_dtype.cpu_dtype(report=None)
-    n = len(cpu_dtype.SMOLLM2_SHAPES)
+    n = 1  # a Llama's shapes: one decoder-layer probe per dtype
     assert choice.dtype == BF16 and choice.ms == pytest.approx({"float32": 70.0, "bfloat16": 35.0})
     assert "float16" in choice.dropped and "over 3x slower than float32" in choice.dropped["float16"]
     dtypes = [d for d, _ in timer.calls]
-    # the warm-up: float32 first, then bf16, then fp16 dropped at its first linear (10x float32's)
+    # the warm-up: float32 first, then bf16, then fp16 dropped at its first probe (10x float32's)
     assert dtypes[: 2 * n + 1] == ["float32"] * n + ["bfloat16"] * n + ["float16"]
     rounds = [dtypes[2 * n + 1 + 2 * n * r :][: 2 * n : n] for r in range(cpu_dtype.ROUNDS)]
     assert rounds == [["float32", "bfloat16"], ["bfloat16", "float32"]] * 2 + [["float32", "bfloat16"]]
     assert len(dtypes) == 2 * n * (cpu_dtype.ROUNDS + 1) + 1
-    assert [s for _, s in timer.calls[:n]] == list(cpu_dtype.SMOLLM2_SHAPES)
+    assert [s for _, s in timer.calls[:n]] == ["layer"]
 
 
 def test_the_median_of_the_rounds_is_kept(monkeypatch, probe):
@@ -442,3 +443,23 @@ def test_qlora_base_computes_in_the_chosen_16_bit_dtype():
     trainable = [p for p in models_[BF16].parameters() if p.requires_grad]
     assert trainable and all(p.dtype == FP32 and p.grad.dtype == FP32 for p in trainable)
     assert all(p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_a_llamas_probe_is_one_decoder_layer_forward_and_backward(monkeypatch, probe):
+    """The whole layer, not only its GEMMs, runs in the dtype; the adapters get fp32 gradients."""
+    (layer,) = cpu_dtype._probes("bfloat16", cpu_dtype.SMOLLM2_SHAPES, 64)
+    assert isinstance(layer, cpu_dtype.LayerProbe) and layer.shape == "layer"
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, tuple(q.shape), tuple(k.shape)))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    state = torch.random.get_rng_state()
+    layer()
+    assert seen == [(BF16, (1, 9, 64, 64), (1, 9, 64, 64))]  # 9 heads of 64, the 3 KV heads repeated
+    assert torch.equal(state, torch.random.get_rng_state())
+    other = cpu_dtype._probes("float32", ((8, 16), (16, 8)), 64)
+    assert [p.shape for p in other] == [(8, 16), (16, 8)]  # not a Llama: the linears' GEMMs

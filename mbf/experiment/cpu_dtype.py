@@ -5,20 +5,22 @@ Why measured: AVX-512-BF16 alone says nothing about the speed. On a 2-core AMD E
 SmolLM2 training step was 1.3-1.4x faster in bfloat16; on a 2-core Xeon with the same flag (no AMX)
 it was 1.38x *slower* (float32 2,230 ms, bfloat16 3,084 ms).
 
-The probe: for each of the model's linears (``shapes``, ``(in_features, out_features)``; default
-SmolLM2-135M's q/k/v/o/gate/up/down) one forward GEMM ``x @ W.T`` and the backward GEMM a frozen base
-computes, ``dy @ W``, on ``TOKENS`` tokens (4 x 128, the ``mbf`` command's batch), in each candidate
-dtype: float32, bfloat16 and float16, whichever torch runs on this CPU. One warm-up round, then
+The probe, for a Llama (``shapes`` are its q/k/v/o/gate/up/down, ``(in_features, out_features)``;
+default SmolLM2-135M's): one decoder layer's forward and backward (``LayerProbe``: RMSNorm, the seven
+projections with mbf's LoRA on q and v in fp32, causal attention, SwiGLU, residuals) on ``TOKENS``
+tokens (4 x 128, the ``mbf`` command's batch), in each candidate dtype: float32, bfloat16 and float16,
+whichever torch runs on this CPU. A layer, not only its GEMMs: on this project's EPYC the linears alone
+were 3.6-4.4x faster in bfloat16 while a whole step was 2.7x (loaded machine), and on the Xeon above
+the step was slower, so what is timed is what a step does. For other shapes, each linear's forward
+GEMM ``x @ W.T`` and input-gradient GEMM ``dy @ W``. One warm-up round, then
 ``ROUNDS`` rounds with the candidates interleaved (the order rotated each round; no round starts once
-``BUDGET_MS`` of probing is spent, so a large model's linears get fewer rounds); a candidate's time is
-the median of its round totals. A candidate more than ``DROP`` times slower than float32 over the same
-linears (plus ``SLACK_MS``, a first use's one-time costs; checked linear by linear: emulated 16-bit
-arithmetic, e.g. float16 without AVX-512-FP16, is 15x) is dropped at once, so the probe stays around
-a second on 2 cores. ``auto`` is float32 unless a
-16-bit dtype is faster than it by more than ``MARGIN``. The probe times GEMMs only (no autograd: no
-saved-tensor hooks or checkpointing take part), on tensors drawn from a private generator (the
-caller's random streams stay untouched); ``mbf bench`` times the whole training step in each dtype
-the probe kept, to check it.
+``BUDGET_MS`` of probing is spent); a candidate's time is the median of its round totals. A candidate
+more than ``DROP`` times slower than float32 over the same probes (plus ``SLACK_MS``, a first use's
+one-time costs; emulated 16-bit arithmetic, e.g. float16 without AVX-512-FP16, is 15x) is dropped at
+once, so the probe stays around a second on 2 cores. ``auto`` is float32 unless a 16-bit dtype is
+faster than it by more than ``MARGIN``. Tensors are drawn from a private generator (the caller's
+random streams stay untouched); ``mbf bench`` times the whole training step in each dtype the probe
+kept, to check it.
 
 The answer, with each dtype's ms, is written to ``$MBF_DTYPE_CACHE`` (default ``cache_dir()/dtype``),
 one JSON file per key: the CPU's model name, the number of cores this process may run on, the CPU
@@ -93,7 +95,7 @@ BUDGET_MS = 2000.0  # no timed round starts after this much probing (a large mod
 SLACK_MS = 20.0  # ... plus this: a first use's one-time costs (oneDNN generating its kernels) are ms
 DROP = 3.0  # a candidate slower than float32 by more than this factor in a round is not timed further
 CANDIDATES = ("float32", "bfloat16", "float16")  # float32 first: the reference the others are held to
-PROBE_VERSION = 1  # part of the key: a change of the probe measures again
+PROBE_VERSION = 2  # part of the key: a change of the probe measures again (2: one decoder layer)
 ENV_FOLDER = "MBF_DTYPE_CACHE"
 ENV_REMEASURE = "MBF_DTYPE_REMEASURE"
 
@@ -124,6 +126,81 @@ class Probe:
         torch.mm(self.dy, self.weight)  # the backward of a frozen base: the input's gradient only
 
 
+def _what(shapes) -> str:
+    return "one decoder layer" if _is_llama(shapes) else "the model's linears"
+
+
+@dataclass(frozen=True)
+class LayerProbe:
+    """One Llama decoder layer's forward + backward in ``dtype`` (``shape`` is ``"layer"``): RMSNorm,
+    q/k/v/o with mbf's LoRA (r 8, fp32 adapters, the torch path) on q and v, causal attention over
+    heads of 64, SwiGLU, the residuals; gradients to the input and the adapters, as training makes
+    them. Everything a step does per layer, not only its GEMMs: a CPU can multiply 16-bit matrices
+    fast and still run the rest of a step slower in them."""
+
+    dtype: str
+    run: Callable[[], None] = field(repr=False)
+    shape: str = "layer"
+
+    def __call__(self) -> None:
+        self.run()
+
+
+def _is_llama(shapes) -> bool:
+    """``shapes`` are a Llama layer's q, k, v, o, gate, up, down (``llama_shapes``) with heads of 64."""
+    if len(shapes) != 7:
+        return False
+    (h, q), (h2, kv), (h3, kv2), (q2, h4), (h5, inter), (h6, inter2), (inter3, h7) = shapes
+    same = h == h2 == h3 == h4 == h5 == h6 == h7 and kv == kv2 and q == q2 and inter == inter2 == inter3
+    return same and q % 64 == 0 and kv % 64 == 0 and (q // 64) % (kv // 64) == 0
+
+
+def _layer_probe(dtype: str, shapes, tokens: int) -> LayerProbe:
+    from mbf.functional import lora_linear  # the LoRA branch as training runs it on a CPU
+
+    (h, q), (_, kv), _, _, (_, inter), _, _ = shapes
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)  # the caller's random streams stay untouched
+
+    def w(n: int, k: int) -> torch.Tensor:
+        return (torch.randn(n, k, generator=gen) * k**-0.5).to(dt)
+
+    Wq, Wk, Wv, Wo, Wg, Wu, Wd = w(q, h), w(kv, h), w(kv, h), w(h, q), w(inter, h), w(inter, h), w(h, inter)
+    adapters = [(torch.randn(8, h, generator=gen) * h**-0.5, torch.randn(n, 8, generator=gen) * 0.01)
+                for n in (q, kv)]  # fmt: skip
+    adapters = [(A.requires_grad_(), B.requires_grad_()) for A, B in adapters]
+    seq = min(tokens, 128)
+    x = torch.randn(max(1, tokens // seq), seq, h, generator=gen).to(dt).requires_grad_()
+    dy = torch.randn(x.shape, generator=gen).to(dt)
+    heads, kv_heads = q // 64, kv // 64
+
+    def rms(v: torch.Tensor) -> torch.Tensor:
+        v32 = v.float()
+        return (v32 * torch.rsqrt(v32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
+
+    def split(v: torch.Tensor, n: int) -> torch.Tensor:
+        return v.view(*v.shape[:2], n, 64).transpose(1, 2)
+
+    def run() -> None:
+        x.grad = None
+        for A, B in adapters:
+            A.grad = B.grad = None
+        with torch.enable_grad():
+            a = rms(x)
+            (Aq, Bq), (Av, Bv) = adapters
+            qs = split(lora_linear(a, Wq, None, Aq, Bq, 2.0, backend="torch"), heads)
+            ks = split(F.linear(a, Wk), kv_heads).repeat_interleave(heads // kv_heads, dim=1)
+            vs = split(lora_linear(a, Wv, None, Av, Bv, 2.0, backend="torch"), kv_heads)
+            vs = vs.repeat_interleave(heads // kv_heads, dim=1)
+            att = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(1, 2).flatten(2)
+            mid = x + F.linear(att, Wo)
+            b = rms(mid)
+            out = mid + F.linear(F.silu(F.linear(b, Wg)) * F.linear(b, Wu), Wd)
+            out.backward(dy)
+
+    return LayerProbe(dtype, run)
+
+
 @dataclass(frozen=True)
 class DtypeChoice:
     """``auto``'s answer on this CPU and the measurement behind it."""
@@ -142,13 +219,13 @@ class DtypeChoice:
 
     def line(self) -> str:
         """``mbf: --dtype auto chose float32 on <cpu>, 2 cores (float32 95.1 ms, bfloat16 131.0 ms for
-        the model's linears, forward+backward of 512 tokens on 2 threads; cached in <path>)``."""
+        one decoder layer, forward+backward of 512 tokens on 2 threads; cached in <path>)``."""
         times = [f"{d} {ms:,.1f} ms" for d, ms in self.ms.items()]
         times += [f"{d} {why}" for d, why in self.dropped.items()]
         where = f"cached in {self.path}" if self.path is not None else "not cached"
         return (
             f"mbf: --dtype auto chose {self.name} on {self.key['cpu']}, {self.key['cores']} cores "
-            f"({', '.join(times)} for the model's linears, forward+backward of {self.key['tokens']} "
+            f"({', '.join(times)} for {_what(self.key['shapes'])}, forward+backward of {self.key['tokens']} "
             f"tokens on {self.threads} threads; {where})"
         )
 
@@ -218,7 +295,10 @@ def _path(key: dict) -> Path:
     return cache_folder() / f"{name}-{digest}.json"
 
 
-def _probes(dtype: str, shapes, tokens: int) -> list[Probe]:
+def _probes(dtype: str, shapes, tokens: int) -> list[Probe | LayerProbe]:
+    """A Llama's shapes: one decoder layer (``LayerProbe``); any others: each linear's GEMMs."""
+    if _is_llama(shapes):
+        return [_layer_probe(dtype, shapes, tokens)]
     gen = torch.Generator().manual_seed(0)  # the caller's random streams stay untouched
     dt = getattr(torch, dtype)
     out = []
@@ -249,9 +329,10 @@ def measure(
     with torch.no_grad():
         for name in candidates:
             try:
-                probes[name] = _probes(name, shapes, tokens)
                 if name != "float32":  # can torch multiply in it here at all?
-                    probes[name][0].x[:2] @ probes[name][0].weight[:2].T
+                    one = torch.ones(2, 2, dtype=getattr(torch, name))
+                    one @ one
+                probes[name] = _probes(name, shapes, tokens)
             except (RuntimeError, TypeError) as err:
                 if name == "float32":
                     raise
@@ -272,7 +353,7 @@ def measure(
                 elif total > DROP * ref[i] + SLACK_MS:  # linear by linear: an emulated dtype stops early
                     dropped[name] = (
                         f"over {DROP:g}x slower than float32 ({total:,.1f} ms against {ref[i]:,.1f} ms "
-                        f"on {i + 1} of the {len(ref)} linears; not timed further)"
+                        f"on {i + 1} of the {len(ref)} probes; not timed further)"
                     )
                     del probes[name], totals[name]
                     return None

@@ -8,8 +8,8 @@ converted model (safetensors + tokenizer) is cached under the user cache dir and
 seconds. Nothing is downloaded, ever.
 
 The base model's dtype is a choice (``load_model(dtype=)``, ``--dtype``). ``"auto"`` on a CPU is
-measured, never read from the CPU's flags: the first use times the model's own linears in float32 and
-in each 16-bit dtype torch runs here and keeps float32 unless one is faster by more than 5 %; the
+measured, never read from the CPU's flags: the first use times one of the model's decoder layers in
+float32 and in each 16-bit dtype torch runs here and keeps float32 unless one is faster by more than 5 %; the
 answer is cached on disk per CPU model, core count and versions (``mbf.experiment.cpu_dtype``). On CUDA
 ``auto`` is bfloat16 where the GPU supports it natively (Ampere and later), else float32: not
 measured. The adapters stay float32 whatever the base (``mbf.LoRALinear``).
@@ -86,7 +86,7 @@ def cpu_fast_dtypes() -> frozenset[torch.dtype]:
 def auto_dtype(device: torch.device | str = "cpu", shapes: Shapes | None = None) -> torch.dtype:
     """``--dtype auto``'s base dtype on ``device``.
 
-    CPU: measured (``cpu_dtype.cpu_dtype``): the model's linears (``shapes``, ``(in, out)`` each;
+    CPU: measured (``cpu_dtype.cpu_dtype``): one decoder layer of the model (``shapes``, ``(in, out)`` each;
     default SmolLM2-135M's) timed in float32, bfloat16 and float16 at first use and cached on disk;
     float32 unless a 16-bit dtype is faster by more than ``cpu_dtype.MARGIN``. CUDA: not measured:
     bfloat16 on a GPU with native bf16 (Ampere and later), else float32.
