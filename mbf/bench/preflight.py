@@ -35,7 +35,7 @@ __all__ = ["EVERY", "NEEDS", "Check", "Need", "check", "lines", "lost_providers"
 
 ROOT = Path(__file__).resolve().parents[2]
 EVERY = "*"  # a need of every stage
-MIN_TRITON = (3, 6)  # the lowest Triton the kernels are compiled and tested with (setup.py)
+MIN_TRITON = (3, 6)  # the lowest Triton the kernels are compiled and tested with (pyproject.toml)
 KERNEL_MODULES = ("lora_op", "nf4", "ortho", "merge")
 TEST_FILES = ("test_kernel_lora.py", "test_kernel_nf4.py", "test_ortho.py", "test_merge.py", "test_qlora.py")
 
@@ -124,7 +124,7 @@ def _probe(need: Need, importer: Importer, dry_run: bool, root: Path) -> Check |
         version = _version(module)
         if name == "triton" and version:
             found = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
-            if found < MIN_TRITON:  # setup.py's floor
+            if found < MIN_TRITON:  # pyproject.toml's floor
                 lowest = ".".join(map(str, MIN_TRITON))
                 return Check(need, False, f"{version}, older than {lowest}, the kernels' lowest tested")
         if name == "bitsandbytes":
