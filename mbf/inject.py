@@ -17,6 +17,7 @@ from mbf.config import LoRAConfig
 from mbf.export import LORA_KEYS, save_pretrained_adapters
 from mbf.nf4 import is_bnb_linear4bit
 from mbf.nn import LoRALinear, NF4Linear, inference_adapter, linear_names, lora_layers, resolve_adapter
+from mbf.nn.model import release_hooks
 
 __all__ = [
     "disable_adapter",
@@ -135,10 +136,13 @@ def eject(model: nn.Module, fold: bool = False, adapter: str | None = "auto") ->
 
     Args:
         model: a model after ``inject``.
-        fold: fold the adapter into the base weights (PEFT's ``merge_and_unload``).
+        fold: fold the adapter into the base weights (PEFT's ``merge_and_unload``), together with what a
+            strategy adds to it (O-LoRA's and InfLoRA's past tasks' LoRAs, the merged ΔW of task
+            arithmetic / TIES): the folded model computes what the model computed in eval().
         adapter: which adapter to fold: ``"merged"`` (SLAO's merged adapter), ``"finetuned"``, or
-            ``"auto"``: the one inference uses, i.e. the merged adapter once ``ContinualLoRA`` has
-            ended a task, the fine-tuned one before (the same rule as ``save_peft_adapter``).
+            ``"auto"``: the one inference uses, i.e. the merged adapter once ``ContinualLoRA`` (or a
+            task merge) has ended a task, the fine-tuned one before (the same rule as
+            ``save_peft_adapter``; O-LoRA and InfLoRA compute with the fine-tuned one).
 
     Over a 4-bit base, ``fold=True`` gives a plain 16-bit model that ``save_pretrained`` /
     ``from_pretrained`` reload as is: the folded targets (never a re-quantised weight) and every
@@ -162,6 +166,7 @@ def eject(model: nn.Module, fold: bool = False, adapter: str | None = "auto") ->
             layer.unmerge()
         base = layer.base
         model.set_submodule(name, base.restore() if isinstance(base, NF4Linear) else base)
+    release_hooks(model)  # a strategy's past LoRAs or merged ΔW: on the layers just taken out
     if fold:
         _dequantize_rest(model)
     for attr in ("save_pretrained", "_keys_to_ignore_on_save"):  # what inject set on this instance

@@ -11,12 +11,19 @@ one the forward uses:
 
 ``eval_adapter_mode``, when set, is the mode used while the module is in ``eval()``: a Trainer then
 evaluates with SLAO's adapters while it trains the fine-tuned one (``mbf.integrations.SLAOCallback``).
+
+A strategy may add a frozen term of its own after the layer's forward (a forward hook): the past tasks'
+LoRAs of O-LoRA and InfLoRA (every mode), the dense merged ΔW of task arithmetic / TIES (the
+``"merged"`` mode). It registers it as the layer's ``extra_term`` (``ExtraTerm``), so that ``merge()``
+(and ``mbf.eject(fold=True)``) folds it with the adapter, exactly what the layer computes, and the
+hook adds nothing while the layer is folded.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -57,6 +64,24 @@ def choose_adapter(adapter: str | None, merged_exists: bool, where: str = "") ->
             "(or 'auto')"
         )
     return adapter
+
+
+class ExtraTerm:
+    """A strategy's frozen term that its forward hook adds to a layer's output in ``modes``.
+
+    Args:
+        owner: the strategy object that holds it (its ``remove()`` clears its own terms only).
+        modes: the layer modes in which the hook adds it.
+        delta: ``() -> (out, in) fp32 tensor | None``: the weight the hook's addition equals, ``x ΔWᵀ``
+            (None while it adds nothing: no task finished, or the hooks are off).
+    """
+
+    __slots__ = ("delta", "modes", "owner")
+
+    def __init__(
+        self, owner: object, modes: tuple[str, ...], delta: Callable[[], torch.Tensor | None]
+    ) -> None:
+        self.owner, self.modes, self.delta = owner, tuple(modes), delta
 
 
 class LoRALinear(nn.Module):
@@ -126,6 +151,7 @@ class LoRALinear(nn.Module):
         self.disabled = False  # True inside mbf.disable_adapter(model): the base alone
         self._folded_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
         self._nf4_base: NF4Linear | None = None  # the 4-bit base while folded into a 16-bit copy
+        self.extra_term: ExtraTerm | None = None  # a strategy's frozen term (past LoRAs, a merged ΔW)
         self.reset_lora_parameters()
 
     @classmethod
@@ -226,8 +252,16 @@ class LoRALinear(nn.Module):
             )
 
     def has_merged_adapter(self) -> bool:
-        """True once a task has been merged (``merged_A`` is the last task's A, never all zeros)."""
-        return bool(self.merged_A.detach().any())
+        """True once a task has been merged (``merged_A`` is the last task's A, never all zeros; or the
+        strategy's merged ΔW computes in the ``"merged"`` mode alone: task arithmetic / TIES)."""
+        term = self.extra_term
+        merged_only = term is not None and term.modes == ("merged",) and term.delta() is not None
+        return merged_only or bool(self.merged_A.detach().any())
+
+    def _extra_delta(self, adapter: str) -> torch.Tensor | None:
+        """The strategy's frozen term (fp32 ``(out, in)``) that computes beside ``adapter``, or None."""
+        term = self.extra_term
+        return term.delta() if term is not None and adapter in term.modes else None
 
     def resolve_adapter(self, adapter: str | None) -> str:
         """``"merged"`` or ``"finetuned"`` for an adapter choice (``"auto"``/None: what inference uses).
@@ -267,13 +301,18 @@ class LoRALinear(nn.Module):
         return self.scaling * (B.float() @ A.float())
 
     def _folded_weight(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W0 + s B Aᵀ, the delta added)`` of a resolved ``adapter``, computed without changing anything.
+        """``(W0 + s B Aᵀ (+ the strategy's term), the delta added)`` of a resolved ``adapter``, computed
+        without changing anything: what the layer computes with ``adapter``, forward hooks included.
 
         Over a 4-bit base: fp32 (one rounding, at the 16-bit copy) and no delta to remember.
         """
+        delta = self._delta_fp32(adapter)
+        extra = self._extra_delta(adapter)
+        if extra is not None:
+            delta = delta + extra.to(delta.device, delta.dtype)
         if self.is_4bit:
-            return self.base.dequantize(torch.float32) + self._delta_fp32(adapter), None
-        delta = self.get_delta_weight(adapter)
+            return self.base.dequantize(torch.float32) + delta, None
+        delta = delta.to(self._base_dtype())
         return self.base.weight + delta, delta
 
     @torch.no_grad()
@@ -295,6 +334,10 @@ class LoRALinear(nn.Module):
             adapter: ``"finetuned"``, ``"merged"`` (SLAO's merged adapter), ``"auto"`` (the one
                 inference uses), or None: the one the forward uses now (a ``"preview"`` included), so
                 that merging leaves the output as it was. Folding the folded adapter again does nothing.
+
+        A strategy's frozen term that computes with the folded adapter (``extra_term``: O-LoRA's and
+        InfLoRA's past tasks' LoRAs, the dense merged ΔW of task arithmetic / TIES) is folded with it, so
+        that the layer computes what it computed before; its hook adds nothing while the layer is folded.
 
         Over a 4-bit base the result is a new 16-bit ``nn.Linear`` (dequantised base + delta, in the
         compute dtype): a folded 4-bit weight is never re-quantised, which would destroy what was

@@ -7,7 +7,9 @@ task's, kept as separate frozen factors stacked per layer, ``A_past`` ``(T·r, i
 ``(out, T·r)`` (so ``B_past A_past = Σ_k B_k A_k``): memory grows as ``O(T·(in + out)·r)``, as the
 papers' methods do. A forward hook adds the past term (no dropout on it) after the layer's own
 forward; folding it into W instead would give the same output (tested) but lose the per-task factors
-that O-LoRA's loss needs. At ``end_task()`` the current LoRA is appended to the past and its ``B``
+that O-LoRA's loss needs. The term is each layer's ``extra_term``: ``layer.merge()`` and
+``mbf.eject(model, fold=True)`` fold it with the layer's LoRA (what eval() computes), and the hook adds
+nothing while the layer is folded. At ``end_task()`` the current LoRA is appended to the past and its ``B``
 zeroed, so that it is not counted twice.
 
 Single-process only (no DDP/FSDP gathering, unlike ``ContinualLoRA``).
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from mbf import checkpoint
+from mbf.nn.lora import MODES, ExtraTerm
 from mbf.nn.model import FROZEN_BRANCHES as _HOOKS
 from mbf.nn.model import use_adapter
 from mbf.strategies.base import StrategyDefaults
@@ -50,11 +53,13 @@ class FrozenBranches:
         self.A: dict[str, torch.Tensor | None] = dict.fromkeys(layers)  # (T·r, in) per layer
         self.B: dict[str, torch.Tensor | None] = dict.fromkeys(layers)  # (out, T·r) per layer
         self._handles = [m.register_forward_hook(partial(self._add, name)) for name, m in layers.items()]
+        for name, layer in layers.items():  # a fold folds the past with the layer's LoRA, in every mode
+            layer.extra_term = ExtraTerm(self, MODES, partial(self._folded_delta, name))
         model.__dict__[_HOOKS] = self
 
     def _add(self, name: str, layer, args, out: torch.Tensor) -> torch.Tensor:
         A, B = self.A[name], self.B[name]
-        if A is None or layer.disabled:  # disable_adapter(): the base alone
+        if A is None or layer.disabled or layer.folded:  # disable_adapter(): the base alone; folded: in W
             return out
         x = args[0].to(A.dtype)  # (..., in); the branch computes in the adapters' fp32, as LoRALinear's
         return out + (layer.scaling * ((x @ A.T) @ B.T)).to(out.dtype)  # (..., out)
@@ -68,6 +73,13 @@ class FrozenBranches:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for layer in self.layers.values():
+            if layer.extra_term is not None and layer.extra_term.owner is self:
+                layer.extra_term = None
+
+    def _folded_delta(self, name: str) -> torch.Tensor | None:
+        """What layer ``name``'s hook adds, as a weight (``delta_weight``); None while it adds nothing."""
+        return self.delta_weight(name) if self._handles and self.A[name] is not None else None
 
     @torch.no_grad()
     def push(self) -> None:

@@ -15,7 +15,9 @@ task alone; ``end_task()`` keeps the task's factors ``(A_i, B_i)`` and merges th
 tasks ``1..i``. The merges act on the full ``ΔW = s B A`` products (``(out, in)`` per layer), the
 paper's task vectors, and the merged ``ΔW`` is applied at evaluation as a frozen per-layer delta
 (``y += x ΔWᵀ`` in the ``"merged"`` mode, where the layer's merged LoRA adapter is zero). The
-low-rank variant (``low_rank=True``) instead keeps the rank-r truncated SVD of each layer's merged
+dense delta is each layer's ``extra_term`` in the ``"merged"`` mode: ``mbf.eject(model, fold=True)``
+and ``layer.merge()`` fold it (what eval() computes), and its hook adds nothing while the layer is
+folded. The low-rank variant (``low_rank=True``) instead keeps the rank-r truncated SVD of each layer's merged
 ``ΔW`` as the layer's merged adapter (``merged_A``, ``merged_B``): no dense delta, exportable as a
 PEFT adapter, at the cost of what the truncation drops.
 
@@ -50,6 +52,7 @@ from mbf.functional.task_merge import (
     task_vector,
     ties_thresholds,
 )
+from mbf.nn.lora import ExtraTerm
 from mbf.nn.model import MERGED_DELTAS, use_adapter
 from mbf.strategies.base import StrategyConfig, StrategyDefaults
 from mbf.strategies.saving import read_strategy, write_strategy
@@ -112,6 +115,8 @@ class TaskMergeLoRA(StrategyDefaults):
         self._handles = [
             layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers.values())
         ]
+        for i, layer in enumerate(self.layers.values()):  # a fold of the merged adapter folds ΔW too
+            layer.extra_term = ExtraTerm(self, ("merged",), lambda i=i: self._folded_delta(i))
         model.__dict__[MERGED_DELTAS] = self  # save_peft_adapter refuses the model while active()
         self._apply_eval_adapter()
 
@@ -124,6 +129,13 @@ class TaskMergeLoRA(StrategyDefaults):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for layer in self.layers.values():
+            if layer.extra_term is not None and layer.extra_term.owner is self:
+                layer.extra_term = None
+
+    def _folded_delta(self, i: int) -> torch.Tensor | None:
+        """Layer ``i``'s merged ΔW ``(out, in)`` while its hook adds it in the merged mode, else None."""
+        return self.deltas[i] if self.active() else None
 
     def _hook(self, i: int):
         def add_delta(layer, inputs, out):
