@@ -101,6 +101,10 @@ def test_peft_target_forms_and_names():
         ("rank_pattern", {"q_proj": 8}, "per-module ranks"),
         ("bias", "all", "trains biases"),
         ("peft_type", "IA3", "only LoRA adapters"),
+        ("kasa_config", {"k": 1}, r"KaSA \(kasa_config="),
+        ("arrow_config", {"top_k": 2}, r"Arrow routing \(arrow_config="),
+        ("monteclora_config", {"n": 1}, r"MonteCLoRA \(monteclora_config="),
+        ("velora_config", {"rank": 1}, r"VeLoRA \(velora_config="),
     ],
 )
 def test_unsupported_peft_options_are_refused(tmp_path, field, value, match):
@@ -161,3 +165,77 @@ def test_the_peft_export_selects_exactly_the_exported_layers_and_round_trips(tmp
     peft_names = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")}
     assert peft_names == names
     torch.testing.assert_close(_logits(pm, ids), want, atol=1e-5, rtol=1e-5)
+
+
+def _saved_peft(tmp_path, **config):
+    pm = _trained_peft(make_tiny_llama(), **config)
+    pm.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _edit_config(folder, **fields):
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_init_changed_the_base_is_refused_naming_the_field(tmp_path, init):
+    """PiSSA and OLoRA subtract their initial LoRA from the base weights (PEFT redoes it on load): A and B
+    alone, added to the untouched base, compute something else (7.11 / 11.85 logits away); refused."""
+    ids = torch.randint(0, 97, (2, 9))
+    folder = _saved_peft(tmp_path, init_lora_weights=init)
+    want = _logits(peft.PeftModel.from_pretrained(make_tiny_llama(), folder).eval(), ids)
+    _edit_config(folder, init_lora_weights=True)  # the same A and B on the untouched base: not PEFT's model
+    plain = mbf.load_peft_adapter(make_tiny_llama(), folder)
+    assert (_logits(plain, ids) - want).abs().max() > 0.1
+    _edit_config(folder, init_lora_weights=init)
+    fresh = make_tiny_llama()
+    with pytest.raises(ValueError, match=rf"json: .*init_lora_weights={init!r}.*changes the base"):
+        mbf.load_peft_adapter(fresh, folder)
+    assert not mbf.lora_layers(fresh)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_live_peft_model_whose_init_changed_the_base_converts_with_its_logits(init):
+    """``from_peft`` keeps the live model's (residual) base weights: it computes what the PeftModel did."""
+    ids = torch.randint(0, 97, (2, 9))
+    pm = _trained_peft(make_tiny_llama(), init_lora_weights=init)
+    want = _logits(pm, ids)
+    torch.testing.assert_close(_logits(mbf.from_peft(pm), ids), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "astra", "loftq", "lora_ga", "some_new_init", 3])
+def test_every_other_init_that_is_not_plain_lora_on_the_base_is_refused(tmp_path, init):
+    folder = _saved_peft(tmp_path)
+    _edit_config(folder, init_lora_weights=init)
+    fresh = make_tiny_llama()
+    with pytest.raises(ValueError, match=rf"init_lora_weights={init!r}"):
+        mbf.load_peft_adapter(fresh, folder)
+    assert not mbf.lora_layers(fresh)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "nora", "mica"])
+def test_an_init_that_leaves_the_base_alone_imports_with_peft_logits(tmp_path, init):
+    """These inits only draw A and B (trained afterwards): PEFT loads the adapter on the untouched base."""
+    import warnings
+
+    ids = torch.randint(0, 97, (2, 9))
+    folder = _saved_peft(tmp_path)
+    _edit_config(folder, init_lora_weights=init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "eva" without eva_config warns
+        want = _logits(peft.PeftModel.from_pretrained(make_tiny_llama(), folder).eval(), ids)
+    model = mbf.load_peft_adapter(make_tiny_llama(), folder)
+    torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["lora_alpha", "r"])
+def test_a_null_alpha_or_rank_is_refused_naming_the_field(tmp_path, field):
+    """``"lora_alpha": null`` used to import as mbf's default 16; PEFT's 8 applies only when the field is
+    absent (PEFT itself fails on null: ``None / r``)."""
+    folder = _saved_peft(tmp_path)
+    _edit_config(folder, **{field: None})
+    fresh = make_tiny_llama()
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {field}=None"):
+        mbf.load_peft_adapter(fresh, folder)
+    assert not mbf.lora_layers(fresh)

@@ -36,14 +36,55 @@ _UNSUPPORTED = {
     "trainable_token_indices": "trainable token embeddings",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "megatron_config": "Megatron parallel layers",
+    # LoRA variants (PEFT's ``is_lora_variant`` fields): each changes the forward or the state
+    "kasa_config": "KaSA",
+    "arrow_config": "Arrow routing",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
 }
 
+# init_lora_weights values under which the saved adapter sits on the untouched base weights: they only
+# draw A and B, which training then replaced ("mica" is a variant whose forward and merge are plain LoRA's)
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "nora", "mica")
+# init_lora_weights values that subtract the initial LoRA from the base weights (or quantise them):
+# PEFT redoes it when it loads the adapter, so A and B on the untouched base compute something else
+_BASE_CHANGING_INITS = ("pissa", "pissa_niter_", "olora", "corda", "astra", "loftq", "lora_ga")
 
-def lora_config_from_peft(peft_config, *, quantize: str | None = None, backend: str = "auto") -> LoRAConfig:
-    """mbf's ``LoRAConfig`` for a PEFT ``LoraConfig`` (or its ``adapter_config.json`` as a dict).
+
+def _check_init(value) -> None:
+    """Refuse an ``init_lora_weights`` whose adapter does not compute ``W0 + s B A`` on the untouched base.
 
     Raises:
-        ValueError: not a LoRA config, or a PEFT option mbf does not implement (named).
+        ValueError: naming the field and the value.
+    """
+    if value is True or value is False or (isinstance(value, str) and value in _PLAIN_INITS):
+        return
+    if isinstance(value, str) and (value in _BASE_CHANGING_INITS or value.startswith("pissa_niter_")):
+        raise ValueError(
+            f"PEFT adapter uses init_lora_weights={value!r}, which changes the base weights (PEFT redoes it "
+            "when it loads the adapter): A and B on the untouched base would compute something else; mbf "
+            "cannot import it. Save it from PEFT with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) (a plain LoRA adapter), or fold it with "
+            "merge_and_unload()"
+        )
+    raise ValueError(
+        f"PEFT adapter uses init_lora_weights={value!r}, an initialisation mbf does not know "
+        f"(it imports True, False, {', '.join(map(repr, _PLAIN_INITS))}); mbf cannot import it"
+    )
+
+
+def lora_config_from_peft(
+    peft_config, *, quantize: str | None = None, backend: str = "auto", live: bool = False
+) -> LoRAConfig:
+    """mbf's ``LoRAConfig`` for a PEFT ``LoraConfig`` (or its ``adapter_config.json`` as a dict).
+
+    ``live``: the config of a live ``PeftModel`` whose base weights are the ones its adapter computes
+    with, whatever its ``init_lora_weights`` did to them (``from_peft``): the init is not checked.
+
+    Raises:
+        ValueError: not a LoRA config, a PEFT option mbf does not implement (DoRA, rsLoRA, an
+            ``init_lora_weights`` that changes the base weights such as PiSSA or OLoRA, ...), or a null
+            ``r`` / ``lora_alpha`` (the field and value are named).
     """
     d = peft_config if isinstance(peft_config, dict) else peft_config.to_dict()
     peft_type = str(d.get("peft_type", "LORA")).rpartition(".")[2].upper()
@@ -54,9 +95,15 @@ def lora_config_from_peft(peft_config, *, quantize: str | None = None, backend: 
             raise ValueError(f"PEFT adapter uses {what} ({key}={d[key]!r}); mbf cannot import it")
     if d.get("bias", "none") != "none":
         raise ValueError(f"PEFT adapter trains biases (bias={d['bias']!r}); mbf cannot import it")
+    if not live:
+        _check_init(d.get("init_lora_weights", True))
     for key, what in (("r", "the LoRA rank"), ("lora_alpha", "the scaling's numerator")):
         if key not in d:
             raise ValueError(f"no {key!r} ({what}) in the PEFT adapter config")
+        if d[key] is None:  # PEFT's defaults apply to an absent field only; PEFT itself fails on None / r
+            raise ValueError(
+                f"{key}=None ({what}): PEFT cannot load it either; give the value it was trained with"
+            )
     targets = d.get("target_modules")
     if targets is None:
         raise ValueError("PEFT adapter config has no target_modules")
@@ -163,7 +210,9 @@ def from_peft(peft_model, *, backend: str = "auto") -> nn.Module:
     """Convert a ``PeftModel`` with one LoRA adapter to the base model with mbf's LoRA layers.
 
     The PEFT layers are removed (``unload``, nothing folded) and the adapter becomes the fine-tuned
-    adapter of mbf's layers; a bitsandbytes 4-bit base stays 4-bit (viewed zero-copy).
+    adapter of mbf's layers; a bitsandbytes 4-bit base stays 4-bit (viewed zero-copy). The base keeps
+    the weights the PeftModel had: after an init that changes them (PiSSA, OLoRA, ...) the residual
+    ones, so the model computes what the PeftModel computed.
 
     Raises:
         TypeError: not a ``PeftModel``.
@@ -179,7 +228,8 @@ def from_peft(peft_model, *, backend: str = "auto") -> nn.Module:
     if len(peft_model.peft_config) != 1:
         raise ValueError(f"PeftModel has adapters {sorted(peft_model.peft_config)}; convert one at a time")
     (adapter,) = peft_model.peft_config
-    config = lora_config_from_peft(peft_model.peft_config[adapter], backend=backend)
+    # live: the base weights are the ones the adapter computes with, even after PiSSA or OLoRA changed them
+    config = lora_config_from_peft(peft_model.peft_config[adapter], backend=backend, live=True)
     tensors = {
         k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter).items()
     }
