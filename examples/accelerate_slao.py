@@ -6,7 +6,8 @@
 
 On a machine without a GPU the script asks accelerate for its CPU mode, so ``torchrun`` gives one
 world of 2 ranks over gloo. (``accelerate launch --cpu --num_processes 2`` starts one process only:
-accelerate's launcher spreads CPU processes with MPI, not by itself; use ``torchrun`` on CPUs.)
+accelerate's launcher spreads CPU processes with MPI, not by itself; the script then stops with a
+message rather than train alone as a world of 1: use ``torchrun`` on CPUs.)
 
 Every rank runs every task boundary (``begin_task`` / ``end_task``) and ``save``: the adapters
 stay identical replicas (DDP) and ``mbf`` checks that no rank skips one. Rank 0 writes the files. At
@@ -16,6 +17,7 @@ runs anywhere in seconds: swap in your model and your tasks' data loaders.
 """
 
 import argparse
+import os
 
 import torch
 from accelerate import Accelerator
@@ -30,12 +32,33 @@ def task_batches(task: int, steps: int, batch: int = 4, length: int = 16) -> lis
     return [torch.randint(low, low + 20, (batch, length), generator=g) for _ in range(steps)]
 
 
+def started_alone_by_accelerate(accelerator: Accelerator) -> bool:
+    """True when ``accelerate launch --cpu --num_processes N`` (N > 1, no ``--mpirun_hostfile``) started this
+    script once: accelerate sets MASTER_ADDR for the N processes but starts only this one, and nothing
+    (torchrun's RANK, MPI's world size) makes it a rank of a larger world."""
+    env = os.environ
+    ranked = ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    return (
+        accelerator.num_processes == 1
+        and env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+        and "MASTER_ADDR" in env
+        and not any(key in env for key in ranked)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/accelerate-slao", help="where rank 0 saves SLAO's state")
     parser.add_argument("--steps", type=int, default=10, help="training steps per task")
     args = parser.parse_args()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU: gloo across torchrun's ranks
+    if started_alone_by_accelerate(accelerator):
+        raise SystemExit(
+            "accelerate launch --cpu --num_processes N started this script as one process (accelerate "
+            "starts several CPU processes only through mpirun: --mpirun_hostfile); it would train alone as a "
+            "world of 1. Run torchrun --standalone --nproc-per-node N examples/accelerate_slao.py instead "
+            "(or python examples/accelerate_slao.py for one process)"
+        )
     accelerator.print(f"world {accelerator.num_processes} ({accelerator.distributed_type.value})")
     torch.manual_seed(0)  # the same base weights and adapter init on every rank
     model = LlamaForCausalLM(

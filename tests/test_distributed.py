@@ -41,3 +41,25 @@ def test_the_multi_process_example_starts_two_ranks_that_agree(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world 2 (MULTI_CPU)" in done.stdout and "ranks agree: 2 identical replicas" in done.stdout
     assert (tmp_path / "state" / "continual.json").is_file()
+
+
+def test_accelerate_launch_on_cpus_with_several_processes_refuses_to_run_one_rank(tmp_path):
+    """``accelerate launch --cpu --num_processes 2`` starts one process (accelerate spreads CPU processes
+    with mpirun only): the example used to train alone as "world 1"; it now stops, naming torchrun."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("accelerate", reason="needs accelerate (pip install accelerate)")
+    example = Path(__file__).parent.parent / "examples" / "accelerate_slao.py"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(example), "--out", str(tmp_path / "state"), "--steps", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert "started this script as one process" in done.stderr and "torchrun" in done.stderr
+    assert not (tmp_path / "state").exists()  # nothing trained or saved
