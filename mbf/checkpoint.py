@@ -14,8 +14,16 @@ A checkpoint is a directory holding
     config          ContinualConfig fields ("slao"); null for another strategy, whose config fields are
                     in strategy_options and its JSON state (if any) in strategy_state
     lora_config     LoRAConfig fields, or null when the model was not injected by mbf.inject
+    run             the identity of the ``mbf continual`` run that saved it (results.json's run_id, method,
+                    seed, order, tasks, model and data fingerprints; ``bound_to_run``), or null (a save
+                    outside a run); absent in older files
     tensors_file    the safetensors file of this save
     tensors_sha256  hex SHA-256 of that file (required): flipped bytes are caught on load, not trained on
+
+The tensor file's safetensors metadata holds ``"mbf": FORMAT`` and ``"mbf_fields"``: the SHA-256 of each
+field above but the last two (canonical JSON). Through ``tensors_sha256`` they cover the whole
+``continual.json``: a field edited or dropped (``strategy_state``, ``config``, ``in_task``, ``run``...)
+is refused on load, named. Files older than ``mbf_fields`` lack it: their tensors alone are checked.
 
 Until ``continual.json`` is replaced, the previous save's json and tensors stay together, so a crash
 at any point leaves a loadable checkpoint; the previous tensor file (the one the replaced json named,
@@ -24,10 +32,13 @@ never another file of the directory) is removed only afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +49,8 @@ from mbf.config import ContinualConfig, LoRAConfig
 from mbf.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 
 __all__ = [
-    "FORMAT", "STATE_KEYS", "Checkpoint", "check_lora_config", "read_checkpoint", "saved_strategy",
-    "state_pairs", "write_checkpoint",
+    "FORMAT", "STATE_KEYS", "Checkpoint", "bound_to_run", "check_lora_config", "read_checkpoint", "read_meta",
+    "saved_strategy", "state_pairs", "write_checkpoint",
 ]  # fmt: skip
 
 FORMAT = "mbf-continual-checkpoint/1"
@@ -60,6 +71,35 @@ class Checkpoint:
     strategy: str = "slao"  # the strategy that saved it (its class's strategy_name)
     options: dict | None = None  # another strategy's config fields
     state: dict | None = None  # another strategy's JSON state beside its tensors
+    run: dict | None = None  # the identity of the run that saved it (None: bound_to_run's, if any)
+
+
+# the run whose checkpoints are being written (``bound_to_run``): strategies save without knowing it
+_RUN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mbf_checkpoint_run", default=None)
+
+
+@contextlib.contextmanager
+def bound_to_run(identity: dict) -> Iterator[None]:
+    """Every checkpoint written inside the block carries ``identity`` as its ``run`` field (``mbf
+    continual`` binds its run's: a checkpoint copied in from another run is refused on resume)."""
+    token = _RUN.set(dict(identity))
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
+
+
+def _canonical(value) -> bytes:
+    return json.dumps(value, sort_keys=True, allow_nan=False).encode()
+
+
+# continual.json's fields that the tensor file's metadata does not cover: they name and check that file
+_UNCOVERED = frozenset({"tensors_file", "tensors_sha256"})
+
+
+def _field_digests(meta: dict) -> dict[str, str]:
+    """SHA-256 of each of ``meta``'s fields but ``_UNCOVERED`` (what the tensor file's metadata holds)."""
+    return {k: hashlib.sha256(_canonical(v)).hexdigest() for k, v in meta.items() if k not in _UNCOVERED}
 
 
 def _sha256(path: Path) -> str:
@@ -76,7 +116,6 @@ def write_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     previous = _previous_tensors_file(path)
     tensors_file = f"adapters-{uuid.uuid4().hex[:12]}.safetensors"
-    atomic_save_safetensors(ckpt.tensors, path / tensors_file, metadata={"mbf": FORMAT})
     meta = {
         "format": FORMAT,
         "strategy": ckpt.strategy,
@@ -86,9 +125,11 @@ def write_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "strategy_options": ckpt.options,
         "strategy_state": ckpt.state,
         "lora_config": None if ckpt.lora_config is None else ckpt.lora_config.to_dict(),
-        "tensors_file": tensors_file,
-        "tensors_sha256": _sha256(path / tensors_file),
+        "run": ckpt.run if ckpt.run is not None else _RUN.get(),
     }
+    fields = json.dumps(_field_digests(meta), sort_keys=True)
+    atomic_save_safetensors(ckpt.tensors, path / tensors_file, metadata={"mbf": FORMAT, "mbf_fields": fields})
+    meta.update(tensors_file=tensors_file, tensors_sha256=_sha256(path / tensors_file))
     atomic_write_json(meta, path / META, indent=2)
     # the file the replaced continual.json named, and orphans of saves killed before their commit
     # (marked as ours inside the file): never another file of the directory, whatever its name
@@ -132,6 +173,12 @@ def _read_meta(path: Path) -> tuple[dict, Path]:
     return meta, meta_path
 
 
+def read_meta(path: str | Path) -> tuple[dict, Path]:
+    """``(continual.json's fields, its path)`` of the checkpoint in ``path``, unchecked but for being a JSON
+    object (``read_checkpoint`` checks them all against the tensor file)."""
+    return _read_meta(Path(path))
+
+
 def saved_strategy(path: str | Path) -> str:
     """The name of the strategy that saved the checkpoint in ``path`` (its tensors are not read).
 
@@ -165,8 +212,8 @@ def read_checkpoint(path: str | Path, strategy: str | None = "slao") -> Checkpoi
         raise ValueError(f"{meta_path}: task_index={task_index!r} must be an integer >= 0")
     if not isinstance(in_task, bool):
         raise ValueError(f"{meta_path}: in_task={in_task!r} must be true or false")
-    options, state = meta.get("strategy_options"), meta.get("strategy_state")
-    for key, value in (("strategy_options", options), ("strategy_state", state)):
+    options, state, run = meta.get("strategy_options"), meta.get("strategy_state"), meta.get("run")
+    for key, value in (("strategy_options", options), ("strategy_state", state), ("run", run)):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"{meta_path}: {key}={value!r} must be a JSON object or null")
     try:
@@ -178,7 +225,7 @@ def read_checkpoint(path: str | Path, strategy: str | None = "slao") -> Checkpoi
     except (TypeError, ValueError) as err:
         raise ValueError(f"{meta_path}: {err}") from err
     tensors = _read_tensors(path, meta, meta_path)
-    return Checkpoint(task_index, in_task, config, lora_config, tensors, saved, options, state)
+    return Checkpoint(task_index, in_task, config, lora_config, tensors, saved, options, state, run)
 
 
 def _read_tensors(path: Path, meta: dict, meta_path: Path) -> dict[str, torch.Tensor]:
@@ -197,9 +244,25 @@ def _read_tensors(path: Path, meta: dict, meta_path: Path) -> dict[str, torch.Te
     if _sha256(file) != expected:
         raise ValueError(f"{file}: SHA-256 differs from {meta_path}: the file was modified or corrupted")
     try:
+        with safe_open(str(file), framework="pt") as f:
+            saved = (f.metadata() or {}).get("mbf_fields")
         tensors = load_safetensors(file)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{file}: cannot be read as safetensors ({err})") from err
+    if saved is not None:  # older files lack it: their tensors alone are checked
+        try:
+            saved = json.loads(saved)
+        except ValueError:
+            saved = None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{file}: its mbf_fields metadata is not a JSON object")
+        now = _field_digests(meta)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            raise ValueError(
+                f"{meta_path}: {', '.join(changed)}: not what was saved with {name} (whose metadata holds "
+                "each field's SHA-256): continual.json was edited after mbf wrote it"
+            )
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{file}: tensor {key} has non-finite values")

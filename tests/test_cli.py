@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from fixtures.tiny import save_tiny_checkpoint
 
 from mbf.cli import build_parser, main
+from mbf.experiment import predictions
 from mbf.experiment import results as results_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cl_benchmark"
@@ -189,13 +191,14 @@ def test_the_model_path_is_kept_absolute(tiny_checkpoint, tmp_path, monkeypatch)
     assert model.is_absolute() and model.samefile(tiny_checkpoint)
 
 
-def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path, capsys):
+def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path, capsys, monkeypatch):
     run = tmp_path / "cut"
     shutil.copytree(slao_run[0], run)
     saved = results_file.read(run)  # as a run stopped after task 2 of 5 leaves it
     saved["complete"] = False
-    for key in ("stages", "accuracy", "per_task"):
+    for key in ("stages", "accuracy", "per_task", "finetuned_diagonal"):
         saved[key] = saved[key][:2]
+    saved["accuracy_by_scorer"] = {s: m[:2] for s, m in saved["accuracy_by_scorer"].items()}
     saved["checkpoint"] = "checkpoints/task-02"
     (run / "checkpoints" / "task-05").rename(run / "checkpoints" / "task-02")
     results_file.write(run, saved)
@@ -210,9 +213,32 @@ def test_eval_of_an_incomplete_run_names_the_untrained_tasks(slao_run, tmp_path,
     assert lines[-1].endswith("(over the 2 trained tasks of 5)")
     mean = sum(float(line.split()[1].rstrip("%")) for line in lines[:2]) / 2
     assert float(lines[-1].split()[1].rstrip("%")) == pytest.approx(mean, abs=0.05)
-    results_file.write(run, {**saved, "data_fingerprint": "0" * 64})  # as if the data changed since
+    # as if the data changed since (results.json's own fingerprint is bound into its checkpoints)
+    monkeypatch.setattr("mbf.experiment.tasks.tasks_fingerprint", lambda tasks: "0" * 64)
     assert main(["eval", "--run", str(run)]) == 0
     assert f"mbf: warning: the run's tasks now hold other examples than {run} used" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_with_another_model_says_so(slao_run, tiny_checkpoint, tmp_path, capsys):
+    """``mbf eval --run R --model OTHER``: a note, as another ``--dtype`` gets (it used to score silently);
+    the same weights at another path are the run's model: no note."""
+    from safetensors.torch import load_file, save_file
+
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, same)
+    shutil.copytree(tiny_checkpoint, other)
+    weights = load_file(other / "model.safetensors")
+    key = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[key] = weights[key] + 0.01  # same shapes, other values: the run's adapter still loads
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    run = slao_run[0]
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--model", str(same)]) == 0
+    assert "mbf: note" not in capsys.readouterr().err
+    assert main(["eval", "--run", str(run), "--model", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert f"mbf: note: {run} trained on {tiny_checkpoint}; scored here with --model {other}" in err
+    assert "other weights" in err
 
 
 def test_eval_of_a_run_without_its_checkpoints_says_they_are_missing(slao_run, tmp_path, capsys):
@@ -249,11 +275,21 @@ def test_the_base_dtype_is_chosen_recorded_and_kept_on_resume(
     legacy, bf16 = tmp_path / "legacy", tmp_path / "bf16"
     saved = results_file.read(slao_run[0])
     del saved["dtype"]
-    results_file.write(legacy, saved)
-    results_file.write(bf16, {**saved, "dtype": "bfloat16"})
+    _another_run(slao_run[0], legacy, saved)
+    _another_run(slao_run[0], bf16, {**saved, "dtype": "bfloat16"})
     assert main(["compare", str(legacy), str(bf16), "--out", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| slao [dtype=float32] | 0 |" in text and "| slao [dtype=bfloat16] | 0 |" in text
+
+
+def _another_run(src, dst, saved: dict) -> None:
+    """``saved`` (``src``'s results, changed) as another run with the same answers would write it into
+    ``dst``: its own run_id, bound into its predictions (compare refuses a copy of one run as two)."""
+    saved = {**saved, "run_id": uuid.uuid4().hex}
+    results_file.write(dst, saved)
+    for stage in range(len(saved["stages"]) + 1):
+        data = predictions.read(src, stage)
+        predictions.write(dst, stage, data["after"], data["evals"], run=results_file.identity(saved))
 
 
 def test_compare_and_eval(slao_run, tmp_path, capsys):
@@ -261,8 +297,7 @@ def test_compare_and_eval(slao_run, tmp_path, capsys):
     ablation = tmp_path / "abl"
     saved = results_file.read(run)
     saved["options"]["schedule"] = "inverse"  # as `--schedule inverse` records it
-    results_file.write(ablation, saved)
-    shutil.copytree(run / "predictions", ablation / "predictions")  # the same answers: a difference of 0
+    _another_run(run, ablation, saved)  # the same answers: a difference of 0
     argv = ["compare", str(run), str(ablation), "--out", str(tmp_path / "cmp"), "--baseline", "slao"]
     assert main(argv) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()

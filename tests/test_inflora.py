@@ -196,5 +196,16 @@ def test_checkpoint_keeps_the_memory_and_refuses_a_bad_one(tmp_path):
     meta = json.loads((tmp_path / "ck" / META).read_text())
     meta["strategy_state"]["memory_kind"][next(iter(cl.layers))] = "keep"
     (tmp_path / "ck" / META).write_text(json.dumps(meta))
+    # refused by its checksum (the tensor file's metadata holds each field's)
+    with pytest.raises(ValueError, match="continual.json: strategy_state: not what was saved"):
+        load_strategy(tiny_llama(0, hidden_size=48, intermediate_size=80), tmp_path / "ck")
+    # a checkpoint older than that checksum (its tensor file's metadata without it): the value is checked
+    from safetensors.torch import load_file, save_file
+
+    from mbf.checkpoint import FORMAT, _sha256
+
+    tensors = tmp_path / "ck" / meta["tensors_file"]
+    save_file(load_file(tensors), tensors, metadata={"mbf": FORMAT})
+    (tmp_path / "ck" / META).write_text(json.dumps({**meta, "tensors_sha256": _sha256(tensors)}))
     with pytest.raises(ValueError, match="memory kind 'keep' must be one of remove, retain"):
         load_strategy(tiny_llama(0, hidden_size=48, intermediate_size=80), tmp_path / "ck")

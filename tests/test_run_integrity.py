@@ -61,8 +61,8 @@ def _copy(src, tmp_path):
 def _edit(run, change, keep_checksum=False) -> None:
     data = json.loads((run / "results.json").read_text())
     change(data)
-    if not keep_checksum:
-        data.pop("sha256", None)  # as an editor who knows the field would
+    if not keep_checksum:  # recomputed, as an editor who knows the field would (dropped: test_read_back.py)
+        data["sha256"] = results_file.checksum(data)
     (run / "results.json").write_text(json.dumps(data))
 
 
@@ -91,8 +91,10 @@ def test_an_edited_results_file_is_refused(runs, tmp_path):
 
 
 def _drop_last_stage(d: dict) -> None:
-    for key in ("stages", "accuracy", "per_task"):
+    for key in ("stages", "accuracy", "per_task", "finetuned_diagonal"):
         d[key].pop()
+    for matrix in d["accuracy_by_scorer"].values():
+        matrix.pop()
     d["complete"] = False
 
 
@@ -206,8 +208,17 @@ def test_a_full_disk_or_a_read_only_file_system_is_one_line(cli_run, tmp_path, m
     assert err[-1].startswith("mbf: error: [Errno") and os.strerror(code) in err[-1]
 
 
+def _as_an_older_run(run) -> None:
+    """``run`` as the version before issue 39 wrote it: results schema /1 without run_id, a checkpoint
+    without the run's identity."""
+    _edit(run, lambda d: (d.pop("run_id"), d.__setitem__("schema", results_file.LEGACY_SCHEMA)))
+    ckpt = run / results_file.read(run)["checkpoint"]
+    mbf.ContinualLoRA.load(tiny_llama(), ckpt).save(ckpt)  # saved outside a run: no "run" field
+
+
 def test_a_run_that_recorded_the_older_fingerprint_still_resumes(runs, tmp_path):
     run = _copy(runs[0], tmp_path)
+    _as_an_older_run(run)  # a run that recorded the older fingerprint is an older run
     _edit(run, lambda d: d.__setitem__("model_fingerprint", weights_fingerprint(tiny_llama(), legacy=True)))
     assert _run(run, resume=True)["complete"]
     _edit(run, lambda d: d.__setitem__("model_fingerprint", weights_fingerprint(tiny_llama(1), legacy=True)))

@@ -1,5 +1,6 @@
 """Run directories: one writer at a time, a user's files never touched, only our checkpoints pruned."""
 
+import json
 import multiprocessing as mp
 import os
 
@@ -78,13 +79,15 @@ def test_a_users_file_inside_a_task_folder_is_never_deleted(tmp_path):
     notes.write_text("my notes")
     with pytest.raises(FileExistsError, match=r"holds no mbf run \(checkpoints\)"):
         rundir.check_out(tmp_path, resume=False)
-    ours = tmp_path / "checkpoints" / "task-01"
-    ours.mkdir()
-    (ours / "continual.json").write_text("{}")
-    (ours / "adapters-0123456789ab.safetensors").write_bytes(b"")
-    (ours / ".continual.json.k2j3.json").write_text("")  # a temporary a kill -9 left
-    rundir.prune_checkpoints(tmp_path, keep="task-02")
-    assert notes.read_text() == "my notes" and not ours.exists()
+    ours, library = tmp_path / "checkpoints" / "task-01", tmp_path / "checkpoints" / "task-04"
+    for folder, run in ((ours, {"run_id": "r1"}), (library, None)):
+        folder.mkdir()
+        (folder / "continual.json").write_text(json.dumps({"run": run}))
+        (folder / "adapters-0123456789ab.safetensors").write_bytes(b"")
+        (folder / ".continual.json.k2j3.json").write_text("")  # a temporary a kill -9 left
+    rundir.prune_checkpoints(tmp_path, keep="task-02", run={"run_id": "r1"})
+    # this run's checkpoint goes; a checkpoint of no run (a library save copied in: issue 39) stays
+    assert notes.read_text() == "my notes" and not ours.exists() and library.exists()
 
 
 def test_the_eval_split_cannot_change_on_resume(tmp_path):
@@ -102,3 +105,24 @@ def test_the_eval_split_cannot_change_on_resume(tmp_path):
     assert rundir.check_resume(tmp_path, {**settings, "eval_split": "validation"}) is not None
     with pytest.raises(ValueError, match=r"'validation' -> 'test'.*pass --eval-split validation"):
         rundir.check_resume(tmp_path, settings, accept_changes=True)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link"])
+def test_a_lock_file_that_links_elsewhere_is_refused_and_what_it_points_to_is_untouched(tmp_path, kind):
+    """The lock is opened without following a link: a ``.mbf-lock`` symlink's target used to be
+    truncated and overwritten with the pid (a dangling one's created); a hard link's other name too."""
+    out, target = tmp_path / "run", tmp_path / "notes.txt"
+    out.mkdir()
+    if kind != "dangling symlink":
+        target.write_text("the user's notes\n")
+    if kind == "hard link":
+        os.link(target, out / rundir.LOCK_NAME)
+    else:
+        (out / rundir.LOCK_NAME).symlink_to(target)
+    with pytest.raises(FileExistsError, match=rf"{out / rundir.LOCK_NAME} is a (symbolic|hard) link"):
+        with rundir.lock(out):
+            pass
+    if kind == "dangling symlink":
+        assert not target.exists() and not target.is_symlink()
+    else:
+        assert target.read_text() == "the user's notes\n"

@@ -93,9 +93,11 @@ def _run(folder, method, seed, stages, zero):
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
     predictions.write(folder, 0, "zero-shot", [{"task": t, "scorer": "generate", "adapter": "none",
-                                               "correct": zero[t]} for t in tasks])  # fmt: skip
+                                               "correct": zero[t], "score": float(np.mean(zero[t]))}
+                                              for t in tasks])  # fmt: skip
     for i, s in enumerate(stages):
-        evals = [{"task": t, "scorer": "generate", "adapter": "merged", "correct": c} for t, c in s.items()]
+        evals = [{"task": t, "scorer": "generate", "adapter": "merged", "correct": c,
+                  "score": float(np.mean(c))} for t, c in s.items()]  # fmt: skip
         predictions.write(folder, i + 1, tasks[i], evals)
     return folder, results
 

@@ -229,6 +229,14 @@ def test_the_ablation_field_is_merged_factors_and_older_files_still_load(tmp_pat
     cl.save(tmp_path)
     meta = json.loads((tmp_path / "continual.json").read_text())
     meta["config"]["merge"] = meta["config"].pop("merged_factors")  # as a checkpoint from before
+    # whose tensor file's metadata held no SHA-256 of continual.json's fields (issue 39 added them)
+    from safetensors.torch import load_file, save_file
+
+    from mbf.checkpoint import FORMAT, _sha256
+
+    tensors = tmp_path / meta["tensors_file"]
+    save_file(load_file(tensors), tensors, metadata={"mbf": FORMAT})
+    meta["tensors_sha256"] = _sha256(tensors)
     (tmp_path / "continual.json").write_text(json.dumps(meta))
     assert mbf.ContinualLoRA.load(make_tiny_llama(), tmp_path).config.merged_factors == "B"
     assert mbf.ContinualLoRA(make_tiny_llama_injected(), merge="AB").config.merged_factors == "AB"

@@ -107,6 +107,9 @@ def cmd_eval(args) -> int:
                 "results and predictions): its adapter cannot be re-evaluated; `mbf report` and `mbf "
                 "compare` read the saved scores"
             )
+        from mbf.experiment.rundir import check_checkpoint
+
+        check_checkpoint(args.run, saved)  # this run's adapter, saved between tasks: not one copied in
         for key in ("suite", "order"):  # given with --run: they must be the run's own
             given = getattr(args, key, None)
             if given is not None and key in saved and given != saved[key]:
@@ -146,6 +149,8 @@ def cmd_eval(args) -> int:
     opts = TrainOptions(eval_batch_size=args.eval_batch_size or 50, max_length=args.max_length,
                         scoring=args.scoring or "generate", prompt_format=args.prompt_format)  # fmt: skip
     model, codec = _load(args, qlora, prompt_format=opts.prompt_format)
+    if args.run:
+        _note_another_model(args, saved, model)
     accs = evaluate_tasks(model, codec, tasks, opts, checkpoint=checkpoint, adapter=args.adapter)
     seen = [a for t, a in zip(tasks, accs) if trained is None or t.name in trained]
     for t, a in zip(tasks, accs):
@@ -154,6 +159,26 @@ def cmd_eval(args) -> int:
     note = "" if len(seen) == len(accs) else f"  (over the {len(seen)} trained tasks of {len(accs)})"
     print(f"{'mean':>12s}  {100 * sum(seen) / len(seen):5.1f}%{note}")
     return 0
+
+
+def _note_another_model(args, saved: dict, model) -> None:
+    """``mbf eval --run R --model OTHER``: a note (as another ``--dtype`` gets) when the loaded weights are
+    not the ones the run trained: its ``model_fingerprint`` differs (the same weights at another path
+    are the run's model); without a fingerprint to compare (an older run, or another ``--dtype``, noted
+    already), when the path differs."""
+    from mbf.experiment import results as results_file
+
+    was, recorded = saved.get("model"), saved.get("model_fingerprint")
+    if isinstance(recorded, str) and args.dtype == results_file.base_dtype(saved):
+        from mbf.experiment.zero_shot import weights_fingerprint
+
+        differs = weights_fingerprint(model, legacy=":" not in recorded) != recorded
+    else:
+        differs = was is not None and _model_name(args) != was
+    if differs:
+        given = args.model or DEFAULT_MODEL
+        print(f"mbf: note: {args.run} trained on {was}; scored here with --model {given}, other weights: "
+              "the scores may differ from its own", file=sys.stderr)  # fmt: skip
 
 
 def cmd_bench(args) -> int:

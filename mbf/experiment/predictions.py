@@ -7,8 +7,10 @@ resumes::
     OUT/predictions/zero-shot.json    the bare model, every task (FWT's reference)
     OUT/predictions/stage-NN.json     after stage NN (1-based): every task evaluated then
 
-Schema ``"mbf-predictions/1"``: ``{"schema", "stage" (0 for zero-shot), "after" (the task trained, or
-"zero-shot" / "all"), "evals": [record, ...]}``, a record per (task, scorer, adapter)::
+Schema ``"mbf-predictions/2"``: ``{"schema", "stage" (0 for zero-shot), "after" (the task trained, or
+"zero-shot" / "all"), "run" (the run's identity: results.json's run_id, method, seed, order, tasks,
+model and data fingerprints), "evals": [record, ...], "sha256" (of the other fields, canonical JSON)}``,
+a record per (task, scorer, adapter)::
 
     task, scorer ("generate" | "rank"), adapter ("merged" | "finetuned" | "none": the bare model)
     ids       [int]: the examples' indices in the task's test set (the run's data_fingerprint fixes it)
@@ -18,18 +20,28 @@ Schema ``"mbf-predictions/1"``: ``{"schema", "stage" (0 for zero-shot), "after" 
     option_scores  [[float | null]]: rank only, each option's summed log-likelihood, in the task's label
               order; null: left unfinished, its first tokens already below a finished option's score
     score     float: the mean of correct
+
+Read back, a file is checked against what wrote it: its ``sha256`` (required in /2), its ``run`` against
+results.json's identity, every ``correct`` in [0, 1], each ``score`` the mean of its ``correct``, and each
+score results.json records (``accuracy``, ``zero_shot``, ``finetuned_diagonal``, by scorer) the file's. A
+/1 file (written before ``run`` and ``sha256``) is read only in a run of results schema /1, its scores
+checked the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 
+from mbf.experiment import results as results_file
 from mbf.io import atomic_write_json
 
-__all__ = ["FOLDER", "SCHEMA", "load_run", "read", "write"]
+__all__ = ["FOLDER", "LEGACY_SCHEMA", "SCHEMA", "load_run", "read", "write"]
 
-SCHEMA = "mbf-predictions/1"
+SCHEMA = "mbf-predictions/2"
+LEGACY_SCHEMA = "mbf-predictions/1"  # before run and sha256: read only in a run of results schema /1
 FOLDER = "predictions"
 
 
@@ -37,17 +49,55 @@ def _name(stage: int) -> str:
     return "zero-shot.json" if stage == 0 else f"stage-{stage:02d}.json"
 
 
-def write(run_dir: str | Path, stage: int, after: str, evals: list[dict]) -> Path:
-    """Write the predictions of evaluation point ``stage`` (0: zero-shot) atomically; compact JSON."""
-    data = {"schema": SCHEMA, "stage": stage, "after": after, "evals": evals}
+def _checksum(data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def write(run_dir: str | Path, stage: int, after: str, evals: list[dict], run: dict | None = None) -> Path:
+    """Write the predictions of evaluation point ``stage`` (0: zero-shot) atomically; compact JSON, with
+    the identity ``run`` of the run that made them (``results.identity``) and a checksum."""
+    data = {"schema": SCHEMA, "stage": stage, "after": after, "run": run, "evals": evals}
+    data["sha256"] = _checksum(data)
     return atomic_write_json(data, Path(run_dir) / FOLDER / _name(stage), indent=None)
 
 
+def _check_evals(path: Path, data: dict) -> None:
+    """Each record's ``correct`` scores in [0, 1], as many as its ids, and its ``score`` their mean."""
+    evals = data.get("evals")
+    if not isinstance(evals, list):
+        raise ValueError(f"{path}: evals={type(evals).__name__} must be a list of records")
+    for k, e in enumerate(evals):
+        where = f"{path}: evals[{k}]"
+        named = isinstance(e, dict) and all(isinstance(e.get(f), str) for f in ("task", "scorer", "adapter"))
+        if not named:
+            raise ValueError(f"{where}: not a record with a task, scorer and adapter")
+        correct, score = e.get("correct"), e.get("score")
+        if not isinstance(correct, list) or not correct:
+            raise ValueError(f"{where}.correct={correct!r} must be a non-empty list of scores")
+        for i, c in enumerate(correct):
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
+                raise ValueError(f"{where}.correct[{i}]={c!r} is not a score in [0, 1]")
+        if isinstance(e.get("ids"), list) and len(e["ids"]) != len(correct):
+            raise ValueError(f"{where}.correct has {len(correct)} scores for {len(e['ids'])} ids")
+        mean = sum(correct) / len(correct)
+        if (
+            isinstance(score, bool)
+            or not isinstance(score, (int, float))
+            or not math.isclose(score, mean, rel_tol=0, abs_tol=1e-9)
+        ):
+            raise ValueError(f"{where}.score={score!r} ({e['task']}, {e['scorer']}) is not the mean of its "
+                             f"correct ({mean:.6g}): the file was edited")  # fmt: skip
+
+
 def read(run_dir: str | Path, stage: int) -> dict | None:
-    """The predictions of ``stage`` (0: zero-shot), or None when the run has none (an older run).
+    """The predictions of ``stage`` (0: zero-shot), or None when the run has none (an older run); checked
+    in themselves (checksum, ranges, each score the mean of its examples'; ``load_run`` checks them
+    against the run's results.json too).
 
     Raises:
-        ValueError: on a file that is not JSON of this schema (naming it).
+        ValueError: on a file that is not JSON of this schema, lost or fails its checksum, or holds a value
+            out of range (naming the file and the field).
     """
     path = Path(run_dir) / FOLDER / _name(stage)
     if not path.is_file():
@@ -56,26 +106,94 @@ def read(run_dir: str | Path, stage: int) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ValueError(
-            f"{path}: schema {data.get('schema') if isinstance(data, dict) else None!r} is not {SCHEMA!r}"
-        )
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema not in (SCHEMA, LEGACY_SCHEMA):
+        raise ValueError(f"{path}: schema {schema!r} is not {SCHEMA!r}")
+    if schema == SCHEMA:
+        if not isinstance(data.get("sha256"), str):
+            raise ValueError(f"{path}: sha256={data.get('sha256')!r}: every {SCHEMA} file carries one; the "
+                             "file was edited (a checksum cannot be dropped)")  # fmt: skip
+        if data["sha256"] != _checksum(data):
+            raise ValueError(f"{path}: its SHA-256 differs from its content: the file was edited or damaged "
+                             "after mbf wrote it")  # fmt: skip
+    if data.get("stage") != stage:
+        raise ValueError(f"{path}: stage={data.get('stage')!r} is not {stage}")
+    _check_evals(path, data)
     return data
+
+
+def _recorded(results: dict, stage: int, e: dict) -> tuple[str, float] | None:
+    """``(field, score)``: what results.json records for record ``e`` of ``stage`` (None: nothing)."""
+    if e["task"] not in results["tasks"]:
+        return None
+    j, scorer = results["tasks"].index(e["task"]), e["scorer"]
+    headline = scorer == results_file.headline(results_file.scoring(results))
+    if stage == 0:
+        name = "zero_shot" if headline else f"zero_shot_by_scorer.{scorer}"
+        row = results.get("zero_shot") if headline else (results.get("zero_shot_by_scorer") or {}).get(scorer)
+        return (f"{name}[{j}]", row[j]) if row and j < len(row) else None
+    if e["adapter"] == "finetuned":
+        diag = results.get("finetuned_diagonal") or []
+        ok = headline and stage <= len(diag)
+        return (f"finetuned_diagonal[{stage - 1}]", diag[stage - 1]) if ok else None
+    name = "accuracy" if headline else f"accuracy_by_scorer.{scorer}"
+    matrix = results["accuracy"] if headline else (results.get("accuracy_by_scorer") or {}).get(scorer)
+    if not matrix or stage > len(matrix):
+        return None
+    row = matrix[stage - 1]
+    return (f"{name}[{stage - 1}][{j}]", row[j]) if j < len(row) else None
+
+
+def _check_against(path: Path, data: dict, results: dict) -> None:
+    """``data`` (a stage's predictions) is the run's: its identity is results.json's, and every score
+    results.json records of it is the file's."""
+    run, want = data.get("run"), results_file.identity(results)
+    if results.get("schema") == results_file.SCHEMA:  # its run wrote every file with its identity
+        if data["schema"] != SCHEMA:
+            raise ValueError(f"{path}: schema {data['schema']!r} in a run of {results_file.SCHEMA}, whose "
+                             f"predictions are {SCHEMA}: not this run's file")  # fmt: skip
+        if not isinstance(run, dict):
+            raise ValueError(f"{path}: run={run!r}: not this run's predictions")
+    if isinstance(run, dict):  # a run of results schema /1 resumed since: its later files carry it
+        diffs = [f"run.{k}={run.get(k)!r} (results.json: {v!r})" for k, v in want.items() if run.get(k) != v]
+        if diffs:
+            raise ValueError(f"{path}: {'; '.join(diffs[:2])}: predictions of another run")
+    for k, e in enumerate(data["evals"]):
+        recorded = _recorded(results, data["stage"], e)
+        if recorded is not None and abs(round(e["score"], 4) - recorded[1]) > 1e-9:
+            raise ValueError(f"{path}: evals[{k}].score={e['score']:.4f} ({e['task']}, {e['scorer']}, "
+                             f"{e['adapter']}) but results.json's {recorded[0]}={recorded[1]}: the files "
+                             "disagree (one was edited)")  # fmt: skip
 
 
 def load_run(run_dir: str | Path, results: dict, scorer: str) -> dict | None:
     """The correctness vectors a paired comparison needs, for ``scorer``, from a complete run's files:
     ``{task: {"final", "diag", "next", "zero"}}`` (lists of per-example scores; ``diag``, ``next`` and
     ``zero`` only where the run has them: multi-task has one stage), with the merged adapter.
-    None when a stage's predictions are missing (a run older than the files)."""
+    None when a stage's predictions are missing (a run older than the files).
+
+    Raises:
+        ValueError: a file that ``read`` refuses, that is not this run's (its identity), or whose scores
+            are not those results.json records, naming the file and the field.
+        FileNotFoundError: a stage's file missing in a run of ``results.SCHEMA`` that records its
+            ``predictions`` folder (it wrote every one).
+    """
     tasks, T = results["tasks"], len(results["stages"])
+    # a run of this schema that records its predictions folder wrote every stage's file: none may be missing
+    current = results.get("schema") == results_file.SCHEMA and results.get("predictions") == FOLDER
     stages = {}
     for s in range(0 if results.get("zero_shot") is not None else 1, T + 1):
         data = read(run_dir, s)
         if data is None:
+            if current:
+                raise FileNotFoundError(
+                    f"{Path(run_dir) / FOLDER / _name(s)}: missing, but results.json records {T} stages "
+                    "(every stage writes its predictions)"
+                )
             if s == 0:
                 continue
             return None
+        _check_against(Path(run_dir) / FOLDER / _name(s), data, results)
         stages[s] = {e["task"]: e["correct"] for e in data["evals"]
                      if e["scorer"] == scorer and e["adapter"] in ("merged", "none")}  # fmt: skip
     out: dict[str, dict] = {t: {} for t in tasks}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -233,6 +234,28 @@ def _scored_by(path: Path, results: dict, scorer: str | None) -> dict:
     return {**results, "accuracy": by[scorer], "zero_shot": zero, "metrics": metrics}
 
 
+def _run_key(results: dict) -> tuple:
+    """What tells one run from another: its ``run_id``; an older file's start time with its settings."""
+    if results.get("run_id"):
+        return ("run_id", results["run_id"])
+    settings = ("method", "options", "seed", "order", "tasks", "train", "lora", "started")
+    return ("started", *(json.dumps(results.get(k), sort_keys=True) for k in settings))
+
+
+def _refuse_copies(read: list[tuple[Path, dict]]) -> None:
+    """Refuse two results files of one run (a ``cp -r`` copy): they would count as two seeds."""
+    seen: dict[tuple, Path] = {}
+    for path, r in read:
+        key = _run_key(r)
+        if key in seen:
+            field = f"run_id={r['run_id']}" if key[0] == "run_id" else f"started={r.get('started')}"
+            raise ValueError(
+                f"{path}: {field}: the same run as {seen[key]} (a copy of it); each run counts once, "
+                "never as another seed"
+            )
+        seen[key] = path
+
+
 def compare_runs(
     runs: list[str | Path], out: str | Path, *, baseline: str | None = "seq-lora", scorer: str | None = None
 ) -> tuple[Path, Path]:
@@ -260,6 +283,7 @@ def compare_runs(
     # a run still in its first task (its lock, no results.json yet: a sweep's glob meets it) is named too
     begun = [Path(p) for p in runs if Path(p, ".mbf-lock").exists() and not Path(p, "results.json").exists()]
     read = [(p, _scored_by(p, results_file.read(p), scorer)) for p in map(Path, runs) if p not in begun]
+    _refuse_copies(read)
     complete = [r for _, r in read if r["complete"]]
     paths = [str(p) for p, r in read if r["complete"]]
     # an incomplete run is said, never silently left out: its scores would mix stages with finished runs

@@ -1,8 +1,11 @@
 """``results.json``: what a continual run measured, rewritten after every task (the commit point).
 
-Schema ``"mbf-continual-results/1"``::
+Schema ``"mbf-continual-results/2"`` (``/1``: files written before ``run_id`` and the required
+``sha256``; read, never resumed)::
 
-    schema        "mbf-continual-results/1"
+    schema        "mbf-continual-results/2"
+    run_id        hex: drawn when the run starts; with the fields of ``IDENTITY`` the run's identity,
+                  bound into every checkpoint and predictions file it writes (absent in /1 files)
     method        "slao" | "seq-lora" | "ftba-mb" | "ftba-mba" | "frea-mb" | "ftba-ma" | "freb-ma" |
                   "slao-random" | "slao-inverse" | ... | "o-lora" | "inflora" | "task-arithmetic" | "ties" |
                   "replay" | "multi-task" (METHODS)
@@ -64,8 +67,9 @@ Schema ``"mbf-continual-results/1"``::
     complete      bool: every task trained and evaluated
     checkpoint    "checkpoints/task-NN" (NN: the number of stages; null for multi-task): the adapter
               state after the last finished stage, inside the run directory
-sha256        hex SHA-256 of the file's other fields (canonical JSON): a hand-edited file is refused
-              by --resume, eval and compare (absent in older runs: their structure alone is checked)
+    sha256        hex SHA-256 of the file's other fields (canonical JSON): a hand-edited file is refused
+                  by --resume, eval and compare; required in /2 files (a /1 file may lack it: its
+                  structure and ranges alone are checked)
     versions      mbf.io.versions(): {"python", "torch", "mbf", ...} the installed packages that shape it
     started, updated   ISO-8601 UTC times
 """
@@ -74,7 +78,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+import uuid
 from pathlib import Path
 
 from mbf.experiment.metrics import accuracy_metrics
@@ -82,12 +88,16 @@ from mbf.io import atomic_write_json, versions
 
 __all__ = [
     "DEFAULTED",
+    "IDENTITY",
+    "LEGACY_SCHEMA",
     "SCHEMA",
     "add_stage",
     "base_dtype",
+    "checksum",
     "eval_split",
     "finish",
     "headline",
+    "identity",
     "new",
     "read",
     "scoring",
@@ -95,7 +105,10 @@ __all__ = [
     "write",
 ]
 
-SCHEMA = "mbf-continual-results/1"
+SCHEMA = "mbf-continual-results/2"
+LEGACY_SCHEMA = "mbf-continual-results/1"  # before run_id; sha256 optional (older files have none)
+# what makes a run this run: bound into its checkpoints and predictions files, compared on every read
+IDENTITY = ("run_id", "method", "seed", "suite", "order", "tasks", "model_fingerprint", "data_fingerprint")
 LEGACY_DTYPE = "float32"  # every run before "dtype" was recorded loaded its model in float32
 
 
@@ -142,6 +155,7 @@ def new(config: dict) -> dict:
     """
     return {
         "schema": SCHEMA,
+        "run_id": uuid.uuid4().hex,
         **config,
         "stages": [],
         "accuracy": [],
@@ -254,23 +268,113 @@ def read(path: str | Path) -> dict:
             f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}"
         ) from err
     schema = data.get("schema") if isinstance(data, dict) else None
-    if schema != SCHEMA:
-        raise ValueError(f"{path}: schema {schema!r} is not {SCHEMA!r}")
+    if schema not in (SCHEMA, LEGACY_SCHEMA):
+        raise ValueError(f"{path}: schema {schema!r} is not {SCHEMA!r} (nor the older {LEGACY_SCHEMA!r})")
     _check(path, data)
     return data
 
 
-def _digest(results: dict) -> str:
-    """SHA-256 of every field but ``sha256`` itself, in a canonical JSON form."""
+def identity(results: dict) -> dict:
+    """The run's identity (``IDENTITY``'s fields that ``results`` records): what its checkpoints and
+    predictions files carry as ``run``."""
+    return {k: results[k] for k in IDENTITY if k in results}
+
+
+def checksum(results: dict) -> str:
+    """SHA-256 of every field but ``sha256`` itself, in a canonical JSON form (``write`` stores it)."""
     body = {k: v for k, v in results.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _scores(path: Path, name: str, values, low: float = 0.0, high: float = 1.0) -> None:
+    """Refuse ``values`` (a list of scores) unless each is a number in [low, high] (None: not measured)."""
+    if not isinstance(values, list):
+        raise ValueError(f"{path}: {name}={values!r} must be a list of scores")
+    for j, v in enumerate(values):
+        if not (_is_number(v) and low <= v <= high):
+            raise ValueError(f"{path}: {name}[{j}]={v!r} is not a score in [{low:g}, {high:g}]")
+
+
+# top-level fields every results file has (each schema), and what they hold
+_REQUIRED = {"method": str, "seed": int, "tasks": list, "stages": list, "accuracy": list, "per_task": list,
+             "metrics": dict, "complete": bool}  # fmt: skip
+
+
+def _check_fields(path: Path, data: dict) -> None:
+    """Every score in [0, 1] (BWT and FWT, differences of scores, in [-1, 1]), every matrix the shape its
+    stages give, the stages those of the task order: what compare, report and --resume compute from."""
+    for key, kind in _REQUIRED.items():
+        if key not in data:
+            raise ValueError(f"{path}: {key} is missing: not a complete results file")
+        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+            raise ValueError(f"{path}: {key}={data[key]!r} must be a {kind.__name__}")
+    tasks, stages = data["tasks"], data["stages"]
+    if not tasks or not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+        raise ValueError(f"{path}: tasks={tasks!r} must be distinct task names")
+    T, multi_task = len(tasks), data["method"] == "multi-task"  # its one stage: "all", a row of every task
+    want = ["all"][: len(stages)] if multi_task else tasks[: len(stages)]
+    if stages != want:
+        raise ValueError(f"{path}: stages={stages!r} are not the order's tasks {want!r}")
+    if data["complete"] and len(stages) != (1 if multi_task else T):
+        raise ValueError(f"{path}: complete=true with {len(stages)} of {T} stages")
+    matrices = {"accuracy": data["accuracy"]}
+    for scorer, matrix in (data.get("accuracy_by_scorer") or {}).items():
+        matrices[f"accuracy_by_scorer.{scorer}"] = matrix
+    for name, matrix in matrices.items():
+        if not isinstance(matrix, list) or len(matrix) != len(stages):
+            raise ValueError(f"{path}: {name} has {len(matrix) if isinstance(matrix, list) else matrix!r} "
+                             f"rows for {len(stages)} stages")  # fmt: skip
+        for i, row in enumerate(matrix):
+            _scores(path, f"{name}[{i}]", row)
+            lengths = (T,) if multi_task else range(i + 1, min(i + 2, T) + 1)
+            if len(row) not in lengths:
+                raise ValueError(f"{path}: {name}[{i}] has {len(row)} scores after stage {i + 1} of {T}")
+    zero = {"zero_shot": data.get("zero_shot")}
+    for scorer, row in (data.get("zero_shot_by_scorer") or {}).items():
+        zero[f"zero_shot_by_scorer.{scorer}"] = row
+    for name, row in zero.items():
+        if row is not None:
+            _scores(path, name, row)
+            if len(row) != T:
+                raise ValueError(f"{path}: {name} has {len(row)} scores for {T} tasks")
+    if data.get("finetuned_diagonal") is not None:
+        _scores(path, "finetuned_diagonal", data["finetuned_diagonal"])
+        if len(data["finetuned_diagonal"]) > len(stages):
+            raise ValueError(f"{path}: finetuned_diagonal has more scores than the {len(stages)} stages")
+    metrics = {"": data["metrics"], **{f"by_scorer.{s}.": m for s, m in
+                                        (data["metrics"].get("by_scorer") or {}).items()}}  # fmt: skip
+    for prefix, m in metrics.items():
+        for key, value in m.items() if isinstance(m, dict) else ():
+            low = -1.0 if key in ("BWT", "FWT") else 0.0
+            high = math.inf if key == "wall_s" else 1.0
+            if key == "by_scorer" or value is None or (_is_number(value) and low <= value <= high):
+                continue
+            raise ValueError(f"{path}: metrics.{prefix}{key}={value!r} is out of range [{low:g}, {high:g}]")
+    for i, stage in enumerate(data["per_task"]):
+        if not isinstance(stage, dict):
+            raise ValueError(f"{path}: per_task[{i}]={stage!r} must be an object")
+        for key, value in stage.items():
+            if key == "task" or value is None or (_is_number(value) and (value >= 0 or "loss" in key)):
+                continue
+            raise ValueError(f"{path}: per_task[{i}].{key}={value!r} must be a number >= 0")
+
+
 def _check(path: Path, data: dict) -> None:
-    """Refuse a results file that was edited (its checksum) or whose parts disagree: the scores, the
-    stages and the checkpoint that --resume and ``mbf eval --run`` trust. Files older than the checksum
-    have none; their structure is still checked."""
-    if "sha256" in data and data["sha256"] != _digest(data):
+    """Refuse a results file that was edited (its checksum), lost its checksum or ``run_id`` (a /2 file),
+    holds a value out of range or whose parts disagree: the scores, the stages and the checkpoint that
+    --resume and ``mbf eval --run`` trust. /1 files may lack the checksum; everything else is checked."""
+    if data["schema"] == SCHEMA:
+        for key in ("sha256", "run_id"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise ValueError(
+                    f"{path}: {key}={data.get(key)!r}: every {SCHEMA} file carries one; the file was edited "
+                    "(a checksum cannot be dropped)"
+                )
+    if "sha256" in data and data["sha256"] != checksum(data):
         raise ValueError(
             f"{path}: its SHA-256 differs from its content: the file was edited or damaged after mbf wrote it"
         )
@@ -282,6 +386,7 @@ def _check(path: Path, data: dict) -> None:
     continual = data.get("options") is not None  # multi-task keeps no checkpoint
     if (checkpoint is not None or (continual and n)) and checkpoint != want:
         raise ValueError(f"{path}: checkpoint={checkpoint!r} is not the last stage's ({want!r})")
+    _check_fields(path, data)
 
 
 def write(run_dir: str | Path, results: dict) -> Path:
@@ -291,5 +396,5 @@ def write(run_dir: str | Path, results: dict) -> Path:
     Raises:
         ValueError: on a NaN or infinite number (the file stays as it was).
     """
-    results["sha256"] = _digest(results)
+    results["sha256"] = checksum(results)
     return atomic_write_json(results, Path(run_dir) / "results.json")

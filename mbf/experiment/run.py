@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbf.checkpoint import bound_to_run
 from mbf.config import LoRAConfig
 from mbf.experiment import predictions, report, rundir
 from mbf.experiment import results as results_file
@@ -112,7 +113,7 @@ class _Run:
         the commit point."""
         records, finetuned = measured["evaluation"]
         stage = len(self.results["per_task"]) + 1
-        predictions.write(self.out, stage, task, records)
+        predictions.write(self.out, stage, task, records, run=results_file.identity(self.results))
         merged = [r for r in records if r["adapter"] == "merged"]
         by_scorer = {
             s: [r["score"] for r in merged if r["scorer"] == s] for s in scorers_of(self.opts.scoring)
@@ -187,13 +188,15 @@ class _Run:
 
         measured = _measure(train, evaluate)
         checkpoint = f"checkpoints/task-{i + 1:02d}"
-        cl.save(self.out / checkpoint)
+        with bound_to_run(results_file.identity(self.results)):  # a resume refuses another run's
+            cl.save(self.out / checkpoint)
         kept = cl.buffered()  # replay's kept examples: their text is the buffer's memory
         self.commit(task.name, measured, adapter_bytes=cl.adapter_bytes(), checkpoint=checkpoint,
                     optimizer_bytes=cl.optimizer_bytes(), buffer_bytes=None if kept is None else
                     sum(len(ex.input.encode()) + len(ex.output.encode()) for _, ex in kept))  # fmt: skip
         # after the commit, which names the new one; never a folder this run did not make
-        rundir.prune_checkpoints(self.out, keep=Path(checkpoint).name)
+        identity = results_file.identity(self.results)
+        rundir.prune_checkpoints(self.out, keep=Path(checkpoint).name, run=identity)
         stats, row = measured["stats"], self.results["accuracy"][-1]
         nxt = f" (next {row[i + 1]:.2f})" if len(row) > i + 1 else ""
         self.log(
@@ -291,7 +294,7 @@ def run_continual(
         done = len(results["per_task"])
         if results.get("zero_shot") is None:  # before inject: the bare model, the reference of FWT
             records = zero_shot_records(model, codec, tasks, opts, cache=zero_shot_cache, log=log)
-            predictions.write(out, 0, "zero-shot", records)
+            predictions.write(out, 0, "zero-shot", records, run=results_file.identity(results))
             by = {
                 s: [round(r["score"], 4) for r in records if r["scorer"] == s]
                 for s in scorers_of(opts.scoring)
@@ -312,7 +315,8 @@ def run_continual(
                     f"{results['checkpoint']} is missing (was the run copied without its checkpoints/?): "
                     "it cannot resume; restore that folder, or run again in a new --out"
                 )
-            cl = load_strategy(model, out / results["checkpoint"], config=config)
+            # this run's, between two tasks; then its tensors and fields, checked as the strategy loads it
+            cl = load_strategy(model, rundir.check_checkpoint(out, results), config=config)
             if cl.task_index != done:
                 raise ValueError(f"{out / results['checkpoint']} holds {cl.task_index} finished tasks, "
                                  f"results.json records {done}: the run's files disagree")  # fmt: skip

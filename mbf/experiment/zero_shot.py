@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mbf.experiment.batches import Codec, encode_example
-from mbf.experiment.evaluate import headline, score_task
+from mbf.experiment.evaluate import headline, score_task, scorers_of
 from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions
 from mbf.io import atomic_write_json
@@ -83,9 +83,9 @@ def zero_shot_records(
         key = fingerprint(model, codec, tasks, opts.max_length, scoring=opts.scoring)
         path = Path(cache) / f"{key[:32]}.json"
         if path.is_file():
-            saved = json.loads(path.read_text())
-            if "records" in saved:  # older cache files kept the scores alone: evaluated again
-                return saved["records"]
+            saved = _read_cache(path, tasks, opts)
+            if saved is not None:
+                return saved
     records = []
     for t in tasks:
         for rec in score_task(model, codec, t, opts, desc=f"zero-shot {t.name}").values():
@@ -93,5 +93,49 @@ def zero_shot_records(
     scores = [f"{r['task']} {r['score']:.2f}" for r in records if r["scorer"] == headline(opts.scoring)]
     log(f"zero-shot (bare model): {' '.join(scores)}")
     if path is not None:
-        atomic_write_json({"tasks": [t.name for t in tasks], "records": records}, path, indent=None)
+        entry = {"tasks": [t.name for t in tasks], "records": records}
+        atomic_write_json({**entry, "sha256": _checksum(entry)}, path, indent=None)
+    return records
+
+
+def _checksum(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def _read_cache(path: Path, tasks: list[Task], opts: TrainOptions) -> list[dict] | None:
+    """A cache entry's records, checked against what wrote it (None: an entry older than its checksum,
+    or than its records, which is evaluated again and rewritten).
+
+    Raises:
+        ValueError: a file that is not JSON, fails its checksum, or holds records of other tasks or scorers,
+            or a score out of range, naming the file and the field (delete it to evaluate again).
+    """
+    again = "; delete it to evaluate the bare model again"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: zero-shot cache entry is not valid JSON ({err}){again}") from err
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: zero-shot cache entry is not a JSON object{again}")
+    if "records" not in saved or "sha256" not in saved:  # older entries: never trusted unchecked
+        return None
+    if saved["sha256"] != _checksum(saved):
+        raise ValueError(f"{path}: its SHA-256 differs from its content: the zero-shot cache entry was "
+                         f"edited or damaged{again}")  # fmt: skip
+    records, want = saved["records"], {(t.name, s) for t in tasks for s in scorers_of(opts.scoring)}
+    held = {(r.get("task"), r.get("scorer")) for r in records if isinstance(r, dict)} if isinstance(
+        records, list) else None  # fmt: skip
+    if held != want or len(records) != len(want):
+        raise ValueError(f"{path}: records are not one per task and scorer of this run{again}")
+    for k, r in enumerate(records):
+        correct, score = r.get("correct"), r.get("score")
+        ok = (
+            isinstance(correct, list)
+            and correct
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in correct)
+        )
+        if not ok or not isinstance(score, (int, float)) or abs(score - sum(correct) / len(correct)) > 1e-9:
+            raise ValueError(f"{path}: records[{k}].score={score!r} is not the mean of its correct scores in "
+                             f"[0, 1]{again}")  # fmt: skip
     return records
