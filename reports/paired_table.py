@@ -1,16 +1,17 @@
-"""The README's table of the paired re-run, generated from ``mbf compare``'s compare.json (issue 21):
-each method's AA, BWT, FWT and LA with its 95 % interval, then each method minus the baseline, marked
-"n.s." where the interval crosses 0. Points, one decimal.
+"""A table of paired intervals, generated from ``mbf compare``'s compare.json: each method's AA, BWT,
+FWT and LA with its 95 % interval, then each method minus the baseline, marked "n.s." where the interval
+crosses 0. Points, one decimal. The README's results table and those of docs/results.md are made by it,
+each with its command written beside it, e.g.
 
     python reports/paired_table.py reports/paired/compare \\
         --extra reports/paired/compare-vs-ftba-mb slao ftba-mba \\
-        --extra reports/paired/compare-vs-slao slao-random slao-inverse slao-constant --readme README.md
+        --extra reports/paired/compare-vs-slao slao-random slao-inverse slao-constant --readme docs/results.md
 
 ``--memory`` adds a column: each method's adapter state after its runs' last task (KiB; its span when the
-runs differ, e.g. InfLoRA's kept bases follow the data), plus replay's buffer of kept examples (issue 22).
+runs differ, e.g. InfLoRA's kept bases follow the data), plus replay's buffer of kept examples.
 ``--extra DIR [METHOD ...]`` adds the differences of another comparison (another baseline, e.g. SLAO
 against FTBA-MB: the orthogonal init isolated), only for the METHODs named after it (every method when
-none is); repeat it for each comparison. ``--readme FILE`` replaces the
+none is); repeat it for each comparison. ``--readme FILE`` (README.md or a docs/ page) replaces the
 text between ``<!-- paired:start -->`` and ``<!-- paired:end -->`` in FILE (``--marker NAME``:
 ``<!-- NAME:start -->``, for a second table in the same file); without it the table is
 printed. A unit is an (order, seed) pair; its label comes from the run directory's name,
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         help="another comparison's differences, only the METHODs' rows when named (repeatable)",
     )
     ap.add_argument("--memory", action="store_true", help=f"add a column: {MEMORY} (KiB)")
-    ap.add_argument("--readme", help="write the table between the markers of this file")
+    ap.add_argument("--readme", metavar="FILE",
+                    help="write the table between the markers of FILE (README.md, a docs/ page)")  # fmt: skip
     ap.add_argument("--marker", default="paired", help="the markers' name: <!-- NAME:start --> (paired)")
     a = ap.parse_args(argv)
     body = table(_load(a.compare), [(_load(d), set(only) or None) for d, *only in a.extra], memory=a.memory)

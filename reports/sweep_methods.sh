@@ -63,7 +63,7 @@ case ${1:-} in
         "--n-test ${N_TEST:-200} --offdiag-test ${OFFDIAG:-50} --scoring both ${EXTRA:-}"
     done; done; done | MBF=$MBF bash reports/run_job.sh "$OUT" "${JOBS_AT_ONCE:-2}" || failed=1
     # one comparison per order (long1's eight tasks are not std1's four), against seq-lora and against SLAO
-    # (the README's "where SLAO wins, loses or ties": paired_table.py --extra OUT/compare-ORDER-vs-slao)
+    # (docs/results.md's "where SLAO stands": paired_table.py --extra OUT/compare-ORDER-vs-slao)
     for order in ${ORDERS:-std1}; do for base in seq-lora slao; do
       cmp=compare-$order
       [ "$base" = seq-lora ] || cmp=$cmp-vs-$base

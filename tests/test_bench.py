@@ -1,5 +1,5 @@
 """The measurement library (``mbf.bench``): rows appended as measured, one ratio convention, the
-README tables and the one plotter. Synthetic rows: nothing is timed here."""
+performance page's tables and the one plotter. Synthetic rows: nothing is timed here."""
 
 import importlib.util
 import json
@@ -99,6 +99,18 @@ def test_readme_tables_are_generated_between_the_markers(tmp_path):
     (tmp_path / "bad.md").write_text("no markers")
     with pytest.raises(ValueError, match="perf markers"):
         readme.update_readme(tmp_path / "bad.md", results)
+
+
+def test_the_committed_performance_tables_are_generated_from_bench_results():
+    """docs/performance.md holds, between its perf markers, exactly what ``python -m mbf.bench.readme``
+    writes from the committed bench/results/ (never typed by hand), and the README links to that page."""
+    root = Path(__file__).parents[1]
+    text = (root / "docs" / "performance.md").read_text()
+    assert text.count(readme.START) == 1 and text.count(readme.END) == 1
+    block = text.split(readme.START, 1)[1].split(readme.END, 1)[0]
+    assert block == "\n" + readme.render(root / "bench" / "results") + "\n"
+    assert readme.PAGE.relative_to(readme.RESULTS_DIR.parents[1]) == Path("docs/performance.md")
+    assert "(docs/performance.md)" in (root / "README.md").read_text()
 
 
 def test_one_plotter_draws_every_op(tmp_path):

@@ -26,7 +26,7 @@ def test_ddp_replicas_agree_and_a_rank_that_skips_a_boundary_is_an_error(tmp_pat
 
 
 def test_the_multi_process_example_starts_two_ranks_that_agree(tmp_path):
-    """The README's CPU command for examples/accelerate_slao.py: one world of 2 gloo ranks, replicas equal."""
+    """The CPU command docs/library.md shows for examples/accelerate_slao.py: 2 gloo ranks, replicas equal."""
     import os
     import subprocess
     import sys

@@ -19,7 +19,7 @@ ratio is known when the row is written.
 Modules: ``rows`` (results files, devices, ratios), ``timing``, ``providers`` (PEFT and bitsandbytes
 layers to measure against), ``train_step`` (a whole training step), ``boundary`` (SLAO's task
 boundary for a whole model), ``suite`` (``mbf bench``), ``plot`` (one plotter for every op) and
-``readme`` (the README's performance tables: ``python -m mbf.bench.readme``).
+``readme`` (the performance tables of ``docs/performance.md``: ``python -m mbf.bench.readme``).
 Needs the ``app`` extra: ``pip install 'mbf-lora[app]'``.
 """
 

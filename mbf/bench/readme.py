@@ -1,7 +1,8 @@
-"""The README's performance section, generated from every committed ``bench/results/*.json``.
+"""The tables of docs/performance.md, generated from every committed ``bench/results/*.json``.
 
-Run: ``python -m mbf.bench.readme [README.md]`` (rewrites the file between the perf markers). One
-table per op and results file, headed by its device and date; numbers are never typed by hand.
+Run: ``python -m mbf.bench.readme [PAGE]`` (rewrites PAGE, by default ``docs/performance.md``, between the
+perf markers; the README links to it). One table per op and results file, headed by its device and date;
+numbers are never typed by hand.
 After a GPU run: ``python -m mbf.bench.readme --import <the files bench/run_gpu.sh returned>`` takes
 the results in (plots included) first.
 """
@@ -18,9 +19,10 @@ from pathlib import Path
 from mbf.bench.rows import RESULTS_DIR
 from mbf.io import atomic_write_text
 
-__all__ = ["END", "START", "import_run", "is_results", "main", "render", "table_for", "update_readme"]
+__all__ = ["END", "PAGE", "START", "import_run", "is_results", "main", "render", "table_for", "update_readme"]
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+PAGE = RESULTS_DIR.parents[1] / "docs" / "performance.md"  # the page that holds the markers
 _COLUMNS = ("provider", "mode", "shape", "M", "r", "dtype", "median ms", "TFLOP/s", "× floor", "× baseline")
 _HEADER = "| " + " | ".join((*_COLUMNS, "peak MiB", "extra")) + " |\n" + "|---" * (len(_COLUMNS) + 2) + "|"
 
@@ -98,7 +100,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
 
 
 def update_readme(readme: Path, results_dir: Path = RESULTS_DIR) -> None:
-    """Replace what stands between the perf markers of ``readme`` (atomically).
+    """Replace what stands between the perf markers of the page ``readme`` (atomically).
 
     Raises:
         ValueError: when the markers are missing.
@@ -139,9 +141,10 @@ def import_run(folder: Path, results_dir: Path = RESULTS_DIR) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mbf.bench.readme [README.md] [--import FOLDER]``."""
+    """``python -m mbf.bench.readme [PAGE] [--import FOLDER]``."""
     parser = argparse.ArgumentParser(prog="python -m mbf.bench.readme", description=__doc__.splitlines()[0])
-    parser.add_argument("readme", nargs="?", type=Path, default=RESULTS_DIR.parents[1] / "README.md")
+    parser.add_argument("readme", nargs="?", type=Path, default=PAGE, metavar="PAGE",
+                        help="the page whose perf markers it rewrites (docs/performance.md)")  # fmt: skip
     parser.add_argument("--import", dest="folder", type=Path, default=None,
                         help="first take in a GPU run's files (run_gpu.sh's $OUT)")  # fmt: skip
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

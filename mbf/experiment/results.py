@@ -1,77 +1,9 @@
 """``results.json``: what a continual run measured, rewritten after every task (the commit point).
 
 Schema ``"mbf-continual-results/2"`` (``/1``: files written before ``run_id`` and the required
-``sha256``; read, never resumed)::
-
-    schema        "mbf-continual-results/2"
-    run_id        hex: drawn when the run starts; with the fields of ``IDENTITY`` the run's identity,
-                  bound into every checkpoint and predictions file it writes (absent in /1 files)
-    method        "slao" | "seq-lora" | "ftba-mb" | "ftba-mba" | "frea-mb" | "ftba-ma" | "freb-ma" |
-                  "slao-random" | "slao-inverse" | ... | "o-lora" | "inflora" | "task-arithmetic" | "ties" |
-                  "replay" | "multi-task" (METHODS)
-    options       the method's strategy config, to_dict(): SLAO and its ablations ContinualConfig's
-                  {"schedule", "init", "constant", "orthogonal_updates", "train", "merged_factors"}
-                  (older files lack the later fields: defaults; they name merged_factors "merge"),
-                  o-lora OLoRAConfig's {"lambda_orth", "lambda_l2", "norm"}, inflora InfLoRAConfig's
-                  {"threshold"}, task-arithmetic / ties TaskMergeConfig's {"merge", "lam", "density",
-                  "low_rank"}, replay ReplayConfig's {"fraction", "seed"} (seed: the run's); null for
-                  multi-task
-    seed          int: seeds data order and adapter init (the suite's own seed is in "suite_seed")
-    tasks         [str]: task names in training order (T of them)
-    lora          LoRAConfig.to_dict(): {"r", "alpha", "dropout", "target_modules", "quantize", "backend"}
-    train         TrainOptions: {"lr", "epochs", "max_steps", "batch_size", "eval_batch_size",
-                  "max_length", "weight_decay", "warmup_steps", "seed", "grad_accum", "scoring",
-                  "prompt_format"} (older runs lack the last two: generate, plain); "preset"
-                  beside it names the --preset the options came from
-    suite, suite_seed, model, n_train, n_test, data_dir, order   where the tasks and model came from
-                  ("model": the checkpoint's absolute path, or the embedded model's name; older runs
-                  kept the path as given)
-    data_fingerprint    SHA-256 of every task's instruction, options and examples (absent in older runs)
-    model_fingerprint   "sha256:<hex>" of every value of the base model's weights as loaded (older runs:
-                  the bare hex of each tensor's first and last 64 values, or absent); with the
-                  fields above, what --resume checks before it continues a run
-    dtype         "float32" | "bfloat16" | "float16": the base model's dtype (the adapters are float32
-                  whatever it is); files written before the field existed were float32 runs
-    stages        [str]: the task trained at each stage ("all" for the multi-task baseline's one stage)
-    accuracy      [[float]]: accuracy[i][j] = score (0..1) on task j's test set after stage i, j = 0..i+1
-                  (j = i+1: the next task, not trained yet, for FWT; older runs stop at j = i), computed
-                  with the adapter inference uses (SLAO: the merged one); the score is exact-match
-                  accuracy, or Rouge-L F1 for a generation task (task_metrics). multi-task: one row of T
-    zero_shot     [float]: the bare model's score on each task (the reference of FWT; absent in older runs)
-    accuracy_by_scorer, zero_shot_by_scorer   {scorer: the same, by that scorer}: every scorer of
-                  train.scoring ("generate": exact match of greedy decoding, the headline; "rank": the
-                  option of highest log-likelihood); "accuracy"/"zero_shot" are the headline's (absent
-                  in older runs: generation only)
-    finetuned_diagonal  [float]: score on each task right after training it with the fine-tuned adapter
-                  (the diagonal of "accuracy" is the merged one's; seq-lora: equal by construction;
-                  absent for multi-task and older runs)
-    predictions   "predictions": the folder of per-example predictions (schema in predictions.py)
-    task_metrics  [str]: "exact" or "rougeL" per task (absent in older runs: all "exact")
-    order, sources    the real suite's order name and each task's package:path
-    eval_split    "validation": every score is on held-out training examples (--eval-split), not the
-                  test split (absent: the test split)
-    per_task      [{"task", "steps", "first_loss", "final_loss", "train_s", "eval_s",
-                    "adapter_bytes", "optimizer_bytes", "buffer_bytes", "peak_rss_mb"}]: one per stage;
-                  adapter_bytes = bytes of adapter state held after the stage (SLAO: two adapters per
-                  layer, constant in T; per-task methods: growing with T); optimizer_bytes = AdamW's
-                  two moments of the tensors the stage trained (2 x 4 bytes per fp32 trained element);
-                  buffer_bytes = the replay buffer's kept text (UTF-8 bytes; only for replay); the
-                  last two are absent in older runs; peak_rss_mb = the process's peak resident memory
-                  so far; the losses are the task loss alone (without a method's regulariser)
-    metrics       {"AA": mean_j accuracy[T-1][j],
-                   "BWT": mean_{j<T-1} (accuracy[T-1][j] - accuracy[j][j]) (null for multi-task),
-                   "FWT": mean_{j>=1} (accuracy[j-1][j] - zero_shot[j]) (null for multi-task, older runs),
-                   "LA": mean_j accuracy[j][j] (plasticity, merged adapter), "LA_finetuned": the same with
-                   the fine-tuned adapter, "by_scorer": {scorer: {"AA", "BWT", "FWT", "LA"}},
-                   "wall_s": total train + eval seconds}; AA/BWT null until the run is complete
-    complete      bool: every task trained and evaluated
-    checkpoint    "checkpoints/task-NN" (NN: the number of stages; null for multi-task): the adapter
-              state after the last finished stage, inside the run directory
-    sha256        hex SHA-256 of the file's other fields (canonical JSON): a hand-edited file is refused
-                  by --resume, eval and compare; required in /2 files (a /1 file may lack it: its
-                  structure and ranges alone are checked)
-    versions      mbf.io.versions(): {"python", "torch", "mbf", ...} the installed packages that shape it
-    started, updated   ISO-8601 UTC times
+``sha256``; read, never resumed). Every field, what it means and which older files lack it: the schema in
+docs/results.md ("``results.json``: what a run writes"), the one place it is written; a field added here
+is added there.
 """
 
 from __future__ import annotations
