@@ -97,12 +97,16 @@ def save_pretrained_adapters(model: nn.Module, save_directory, *args, is_main_pr
     Writes the PEFT export of the adapter inference uses and, for a Trainer's resume, every LoRA tensor
     (both adapters) under its ``state_dict`` key as a one-shard checkpoint. Other arguments of
     transformers' ``save_pretrained`` (``state_dict``, ``safe_serialization``...) are accepted and
-    ignored: the tensors come from the layers.
+    ignored: the tensors come from the layers. While past tasks' frozen LoRAs or a dense merged ΔW compute
+    beside the adapters (O-LoRA, InfLoRA, task arithmetic / TIES) no PEFT adapter describes the model: the
+    shard alone is written (the strategy's own state is its checkpoint: ``cl.save``, or the Trainer
+    callback's ``<checkpoint>/<strategy>``).
     """
     if not is_main_process:
         return
     folder = Path(save_directory)
-    save_peft_adapter(model, folder)
+    if not has_frozen_branches(model):
+        save_peft_adapter(model, folder)
     tensors = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[2] in LORA_KEYS}
     atomic_save_safetensors(tensors, folder / SHARD)
     index = {"metadata": {"format": "mbf-adapter-only"}, "weight_map": {k: SHARD for k in tensors}}

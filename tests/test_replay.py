@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import mbf
-from mbf.strategies.replay import ExperienceReplay, ReplayConfig, buffer_size, draw_buffer, reservoir_sample
+from mbf.strategies.replay import (
+    ExperienceReplay,
+    Replay,
+    ReplayConfig,
+    buffer_size,
+    draw_buffer,
+    reservoir_sample,
+)
 
 
 def test_reservoir_size_and_distinct_items():
@@ -121,3 +128,43 @@ def test_replays_seed_is_the_runs_and_an_option_that_sets_it_is_refused():
 
     with pytest.raises(ValueError, match="--option seed=3: replay's seed is the run's; give --seed 3"):
         method_config("replay", options={"seed": "3"})
+
+
+def test_replay_is_a_plugin_that_composes_with_slao(tmp_path):
+    """``Replay(strategy)``: the strategy's boundaries and adapters unchanged (SLAO's merge), plus the
+    buffers, driven as ``mbf continual``'s loop drives it; saved beside the strategy's checkpoint and read
+    back."""
+    from conftest import fake_training, make_tiny_llama
+
+    def slao(model):
+        mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8))
+        return mbf.ContinualLoRA(model, backend="torch")
+
+    plain = slao(make_tiny_llama())
+    cl = Replay(slao(make_tiny_llama()), ReplayConfig(fraction=0.1, seed=3))
+    assert cl.strategy_name == "slao+replay" and cl.finetuned_differs and not cl.wants_inputs
+    data = _tasks([50, 30])
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for i in range(2):
+        examples = cl.training_examples(i, data[: i + 1])
+        assert examples == data[i] + [
+            data[t][k] for t in range(i) for k in draw_buffer(len(data[t]), t, cl.config)
+        ]
+        for strategy, g in ((plain, g1), (cl, g2)):
+            strategy.begin_task()
+            fake_training(strategy, g)
+            strategy.end_task()
+    assert cl.task_index == 2 and cl.kept == [draw_buffer(50, 0, cl.config), draw_buffer(30, 1, cl.config)]
+    for a, b in zip(plain.layers.values(), cl.layers.values()):
+        assert torch.equal(a.merged_B, b.merged_B) and torch.equal(a.merged_A, b.merged_A)  # SLAO's merge
+    cl.save(tmp_path / "ckpt")
+    back = Replay.load(make_tiny_llama(), tmp_path / "ckpt")
+    assert back.kept == cl.kept and back.task_index == 2 and back.strategy_name == "slao+replay"
+    in_place = Replay(slao(make_tiny_llama()), ReplayConfig(fraction=0.1, seed=3))
+    in_place.restore(tmp_path / "ckpt")
+    assert in_place.kept == cl.kept and in_place.task_index == 2
+    with pytest.raises(ValueError, match="saved with .* but this replay runs"):
+        Replay(slao(make_tiny_llama()), ReplayConfig(fraction=0.2, seed=3)).restore(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "replay.json").unlink()
+    with pytest.raises(FileNotFoundError, match="replay.json: missing"):
+        Replay.load(make_tiny_llama(), tmp_path / "ckpt")

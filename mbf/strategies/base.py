@@ -22,7 +22,7 @@ default in ``StrategyDefaults``::
         with cl.merged(): evaluate(model)          # the adapter inference uses
         if cl.finetuned_differs:                   # optional: the task's own adapter differs from it
             with cl.adapter_mode("finetuned"): evaluate(model, task)
-        cl.save(path)                              # resume: load_strategy(model, path)
+        cl.save(path)                              # resume: load_strategy(model, path) (in place: restore)
         record(cl.adapter_bytes(), cl.optimizer_bytes(), cl.buffered())   # buffered: optional (replay)
 
 A strategy's class names itself (``strategy_name``, written into its checkpoints) and its frozen
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from mbf.nn.model import lora_layers, release_hooks
+from mbf.strategies.saving import restore_strategy
 
 __all__ = ["ADAM_MOMENTS", "ContinualStrategy", "StrategyConfig", "StrategyDefaults"]
 
@@ -106,6 +107,9 @@ class ContinualStrategy(Protocol):
     @classmethod
     def load(cls, model: nn.Module, path: str | Path, *, config: Any = None) -> ContinualStrategy:
         """Rebuild from ``save(path)``; ``config``: the method from now on (None: the saved one)."""
+
+    def restore(self, path: str | Path) -> None:
+        """Load ``save(path)`` into this object, in place (its config must be the saved one)."""
 
 
 class StrategyConfig:
@@ -191,6 +195,16 @@ class StrategyDefaults:
 
     def observe_inputs(self, forward: Callable[[], None]) -> None:
         """Not watched: runs nothing (``wants_inputs`` is False)."""
+
+    def restore(self, path: str | Path) -> None:
+        """Load ``save(path)`` into this object, in place (``mbf.strategies.saving.restore_strategy``; a
+        transformers Trainer's resume keeps its callback's object).
+
+        Raises:
+            FileNotFoundError, ValueError, KeyError: as ``load``; ValueError also when the checkpoint was
+                saved with another config than this object's.
+        """
+        restore_strategy(self, path)
 
     def optimizer_bytes(self) -> int:
         """AdamW's two moments of every trained tensor, in the trained tensors' dtype (fp32 adapters)."""

@@ -13,7 +13,7 @@ from torch import nn
 from mbf import checkpoint
 from mbf.inject import eject, inject, lora_layers
 
-__all__ = ["read_strategy", "write_strategy"]
+__all__ = ["read_strategy", "restore_strategy", "write_strategy"]
 
 
 def write_strategy(
@@ -59,3 +59,24 @@ def read_strategy(cls: type, model: nn.Module, path: str | Path, config: Any = N
             eject(model)
         raise
     return strategy
+
+
+def restore_strategy(strategy: Any, path: str | Path) -> None:
+    """Load ``write_strategy``'s checkpoint in ``path`` into ``strategy`` in place (a Trainer's resume keeps
+    its callback's object): ``strategy._restore(ckpt)``, which validates everything before it assigns.
+
+    Raises:
+        FileNotFoundError, ValueError, KeyError: as ``read_strategy``; ValueError also when the checkpoint
+            was saved with another config than the strategy's.
+    """
+    ckpt = checkpoint.read_checkpoint(path, strategy=strategy.strategy_name)
+    checkpoint.check_lora_config(path, ckpt.lora_config, getattr(strategy.model, "mbf_lora_config", None))
+    try:
+        saved = type(strategy.config).from_dict(ckpt.options or {})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: strategy_options: {err}") from err
+    if saved != strategy.config:
+        raise ValueError(
+            f"{path}: saved with {saved} but this {strategy.strategy_name} runs {strategy.config}"
+        )
+    strategy._restore(ckpt)
