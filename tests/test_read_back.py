@@ -6,6 +6,7 @@ strategy state covered by a checksum), the predictions (checksum, identity, and 
 results.json's), the zero-shot cache. A mismatch is one line naming the file and the field.
 """
 
+import gzip
 import json
 import re
 import shutil
@@ -315,6 +316,133 @@ def test_a_missing_predictions_file_of_a_current_run_is_named(runs, tmp_path, ca
     (run / "predictions" / "stage-02.json").unlink()
     assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 2
     assert "stage-02.json: missing, but results.json records 3 stages" in capsys.readouterr().err
+
+
+# -- B4 packed: one predictions.json.gz per finished run (issue 40: the checkout's weight) ------------------
+
+
+def _ranked_tasks():
+    """The tasks with their answers as options: ``--scoring both`` (records with ``option_scores``)."""
+    return [replace(t, labels=sorted({e.output for e in t.train + t.test})) for t in _tasks()]
+
+
+@pytest.fixture(scope="module")
+def both_run(tmp_path_factory):
+    """A complete SLAO run scored by both scorers (rank records carry ``option_scores``)."""
+    out = tmp_path_factory.mktemp("both") / "run"
+    _run(out, tasks=_ranked_tasks(), opts=replace(OPTS, scoring="both"))
+    return out
+
+
+def _stages(run):
+    return {s: predictions.read(run, s) for s in range(4)}
+
+
+def _edit_pack(run, change, sign=False):
+    """The run's pack decompressed, changed by ``change`` and written back (re-signed with ``sign``)."""
+    path = run / predictions.PACK
+    data = json.loads(gzip.decompress(path.read_bytes()))
+    change(data)
+    if sign:  # as an editor who recomputes the checksum would
+        data["sha256"] = predictions._checksum(data)
+    path.write_bytes(gzip.compress(json.dumps(data).encode()))
+
+
+def test_a_packed_run_reads_as_its_files_less_option_scores(both_run, tmp_path):
+    run = _copy(both_run, tmp_path)
+    raw, scorer = _stages(run), "rank"
+    loaded = {sc: predictions.load_run(run, results_file.read(run), sc) for sc in ("generate", scorer)}
+    assert any("option_scores" in e for e in raw[3]["evals"])
+    path = predictions.pack(run, remove=True)
+    assert path == run / "predictions.json.gz" and not (run / "predictions").exists()
+    for s, data in _stages(run).items():
+        want = {k: v for k, v in raw[s].items() if k != "sha256"}
+        want["evals"] = [{k: v for k, v in e.items() if k != "option_scores"} for e in raw[s]["evals"]]
+        assert data == want
+    assert {sc: predictions.load_run(run, results_file.read(run), sc) for sc in loaded} == loaded
+    # idempotent: packing again (from the pack, or from the files again) gives the same bytes
+    blob = path.read_bytes()
+    assert predictions.pack(run) == path and path.read_bytes() == blob
+    again = _copy(both_run, tmp_path, "again")
+    assert predictions.pack(again).read_bytes() == blob and (again / "predictions").is_dir()
+    assert _stages(again) == raw  # while the files are there they are read, whole
+
+
+def test_compare_on_a_packed_run_equals_compare_on_its_files(both_run, tmp_path):
+    run = _copy(both_run, tmp_path)
+
+    def compare(name, *extra):
+        assert main(["compare", str(run), "--out", str(tmp_path / name), *extra]) == 0
+        return {f: (tmp_path / name / f).read_bytes() for f in ("compare.md", "compare.json")}
+
+    raw = compare("raw"), compare("raw-rank", "--scorer", "rank")  # --scorer rank used to be refused
+    predictions.pack(run, remove=True)
+    assert (compare("raw"), compare("raw-rank", "--scorer", "rank")) == raw
+    assert b"Paired 95% intervals" in raw[0]["compare.md"]
+
+
+def test_a_pack_only_of_a_complete_run(runs, tmp_path):
+    with pytest.raises(ValueError, match=r"cut: the run is not complete"):
+        predictions.pack(_copy(runs[1], tmp_path, "cut"))
+    run = _copy(runs[0], tmp_path)
+    _edit_predictions(run, 3, _all_correct_and_scores, sign=True)  # a file compare refuses is not packed
+    with pytest.raises(ValueError, match=r"stage-03.json: evals\[0\].score=1.0000 .* but results.json's"):
+        predictions.pack(run)
+    assert not (run / predictions.PACK).exists()
+
+
+def _pack_all_correct(data):
+    _all_correct(data["stages"][3])
+
+
+def _pack_all_correct_and_scores(data):
+    _all_correct_and_scores(data["stages"][3])
+
+
+_GZ = r"predictions.json.gz"
+
+
+@pytest.mark.parametrize("change, sign, message", [
+    (_pack_all_correct, False, rf"{_GZ}: its SHA-256 differs from its content"),
+    (lambda d: d.pop("sha256"), False, rf"{_GZ}: sha256=None: every mbf-predictions-pack/1 file carries one"),
+    (_pack_all_correct, True, rf"{_GZ}:stage-03.json: evals\[0\].score=0.\d+ \(color, generate\) is not the "
+                              r"mean of its correct \(1\)"),
+    (_pack_all_correct_and_scores, True, rf"{_GZ}:stage-03.json: evals\[0\].score=1.0000 \(color, generate, "
+                                         r"merged\) but results.json's accuracy\[2\]\[0\]=0"),
+    (lambda d: d["stages"][3]["run"].__setitem__("seed", 2), True,
+     rf"{_GZ}:stage-03.json: run.seed=2 \(results.json: 1\)"),
+    (lambda d: d["stages"][3].__setitem__("run", None), True, r"stage-03.json: run=None: not this run's"),
+    (lambda d: d["stages"].pop(2), True, rf"stage-02.json: missing \(nor in {_GZ}\), but results.json"),
+    (lambda d: d["stages"][1].__setitem__("stage", 2), True, rf"{_GZ}: stages\[2\].stage=2 is not a"),
+])  # fmt: skip
+def test_an_edited_pack_is_refused_by_compare_as_a_file(runs, tmp_path, capsys, change, sign, message):
+    run = _copy(runs[0], tmp_path)
+    predictions.pack(run, remove=True)
+    _edit_pack(run, change, sign)
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mbf: error: ")
+    assert re.search(message, err), err
+
+
+def test_a_damaged_pack_and_an_older_runs_pack_are_checked(runs, tmp_path, capsys):
+    run = _copy(runs[0], tmp_path)
+    predictions.pack(run, remove=True)
+    (run / predictions.PACK).write_bytes((run / predictions.PACK).read_bytes()[:-30])
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 2
+    assert "predictions.json.gz: not gzip-compressed JSON" in capsys.readouterr().err
+    # a run of results schema /1 (predictions /1, the committed sweeps'): packed, its scores still checked
+    older = _copy(runs[0], tmp_path, "older")
+    legacy = {k: v for k, v in _json(older / "results.json").items() if k not in ("run_id", "sha256")}
+    (older / "results.json").write_text(json.dumps({**legacy, "schema": results_file.LEGACY_SCHEMA}))
+    for path in (older / "predictions").iterdir():
+        _json(path, lambda d: (d.pop("sha256"), d.pop("run"), d.update(schema=predictions.LEGACY_SCHEMA)))
+    predictions.pack(older, remove=True)
+    assert main(["compare", str(older), "--out", str(tmp_path / "cmp")]) == 0
+    _edit_pack(older, _pack_all_correct_and_scores, sign=True)
+    assert main(["compare", str(older), "--out", str(tmp_path / "cmp")]) == 2
+    want = "stage-03.json: evals[0].score=1.0000 (color, generate, merged) but results.json's accuracy[2][0]="
+    assert want in capsys.readouterr().err
 
 
 # -- the weaker cases --------------------------------------------------------------------------------------

@@ -30,9 +30,8 @@ def test_copied_when_every_field_matches(src, tmp_path, capsys):
     assert reuse_run.main([str(src), str(tmp_path / "out" / "run" / "x"), *_SAME]) == 0
     copied = tmp_path / "out" / "run" / "x"
     assert (copied / "results.json").read_bytes() == (src / "results.json").read_bytes()
-    assert sorted(p.name for p in (copied / "predictions").iterdir()) == sorted(
-        p.name for p in (src / "predictions").iterdir()
-    )
+    files = lambda run: sorted(str(p.relative_to(run)) for p in run.rglob("*"))  # noqa: E731
+    assert files(copied) == files(src) and "predictions.json.gz" in files(src)  # its predictions packed
     assert "reused" in capsys.readouterr().out
 
 

@@ -15,7 +15,8 @@ Modules, in import order (each imports only those above it and the core):
 - ``evaluate``: every test example scored by greedy decoding and/or by ranking the options (one shared
   prompt pass, the task's head cached once per batch), a saved run re-evaluated;
 - ``zero_shot``: the bare model's records (FWT's reference), cached by model and test-set fingerprint;
-- ``predictions``: the per-example predictions of every evaluation (``mbf-predictions/1``);
+- ``predictions``: the per-example predictions of every evaluation (``mbf-predictions/2``), a finished
+  run's packed into one ``predictions.json.gz``;
 - ``results``: the ``results.json`` schema (``mbf-continual-results/1``);
 - ``stats`` and ``paired``: paired-bootstrap intervals (pure), and those of ``mbf compare``;
 - ``plots`` and ``report``: a run's markdown and heatmap, comparisons of runs;

@@ -26,23 +26,36 @@ results.json's identity, every ``correct`` in [0, 1], each ``score`` the mean of
 score results.json records (``accuracy``, ``zero_shot``, ``finetuned_diagonal``, by scorer) the file's. A
 /1 file (written before ``run`` and ``sha256``) is read only in a run of results schema /1, its scores
 checked the same way.
+
+A finished run's files may be packed into one file, ``OUT/predictions.json.gz`` (``pack``; the committed
+sweep runs are kept so, ``reports/pack_predictions.py``): gzip of canonical JSON ``{"schema":
+"mbf-predictions-pack/1", "dropped": ["option_scores"], "stages": [stage, ...], "sha256"}``, a stage being
+a file above without its ``sha256`` and each record without ``option_scores`` (read by no table: the
+rank scorer's per-option log-likelihoods, two thirds of the bytes) and without ``ids`` where they are
+0..n-1. ``read`` and ``load_run`` read either form (a stage's own file first), and a packed stage is
+checked as a file is: the pack's ``sha256`` (required), then ranges, means, identity and scores against
+results.json.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
 from pathlib import Path
 
 from mbf.experiment import results as results_file
-from mbf.io import atomic_write_json
+from mbf.io import atomic_write, atomic_write_json
 
-__all__ = ["FOLDER", "LEGACY_SCHEMA", "SCHEMA", "load_run", "read", "write"]
+__all__ = ["FOLDER", "LEGACY_SCHEMA", "PACK", "PACK_SCHEMA", "SCHEMA", "load_run", "pack", "read", "write"]
 
 SCHEMA = "mbf-predictions/2"
 LEGACY_SCHEMA = "mbf-predictions/1"  # before run and sha256: read only in a run of results schema /1
 FOLDER = "predictions"
+PACK = "predictions.json.gz"  # a finished run's files in one (``pack``)
+PACK_SCHEMA = "mbf-predictions-pack/1"
+DROPPED = ("option_scores",)  # what a pack leaves out of each record
 
 
 def _name(stage: int) -> str:
@@ -62,7 +75,7 @@ def write(run_dir: str | Path, stage: int, after: str, evals: list[dict], run: d
     return atomic_write_json(data, Path(run_dir) / FOLDER / _name(stage), indent=None)
 
 
-def _check_evals(path: Path, data: dict) -> None:
+def _check_evals(path: Path | str, data: dict) -> None:
     """Each record's ``correct`` scores in [0, 1], as many as its ids, and its ``score`` their mean."""
     evals = data.get("evals")
     if not isinstance(evals, list):
@@ -91,17 +104,18 @@ def _check_evals(path: Path, data: dict) -> None:
 
 
 def read(run_dir: str | Path, stage: int) -> dict | None:
-    """The predictions of ``stage`` (0: zero-shot), or None when the run has none (an older run); checked
-    in themselves (checksum, ranges, each score the mean of its examples'; ``load_run`` checks them
-    against the run's results.json too).
+    """The predictions of ``stage`` (0: zero-shot), from its file or else the run's pack (records without
+    ``DROPPED``), or None when the run has neither (an older run); checked in themselves (checksum, ranges,
+    each score the mean of its examples'; ``load_run`` checks them against the run's results.json too).
 
     Raises:
-        ValueError: on a file that is not JSON of this schema, lost or fails its checksum, or holds a value
-            out of range (naming the file and the field).
+        ValueError: on a file (or pack) that is not JSON of this schema, lost or fails its checksum, or holds
+            a value out of range (naming the file and the field).
     """
     path = Path(run_dir) / FOLDER / _name(stage)
     if not path.is_file():
-        return None
+        stages = _read_pack(run_dir)
+        return None if stages is None else stages.get(stage)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
@@ -122,29 +136,140 @@ def read(run_dir: str | Path, stage: int) -> dict | None:
     return data
 
 
+def _where(run_dir: str | Path, stage: int) -> str:
+    """How errors name ``stage``'s predictions: its file, or its place in the run's pack."""
+    path, packed = Path(run_dir) / FOLDER / _name(stage), Path(run_dir) / PACK
+    return str(path) if path.is_file() or not packed.is_file() else f"{packed}:{_name(stage)}"
+
+
+def _read_pack(run_dir: str | Path) -> dict[int, dict] | None:
+    """``{stage: predictions}`` from the run's pack (None: it has none), each checked as ``read`` checks a
+    file; ``ids`` restored where the pack left them out (0..n-1)."""
+    path = Path(run_dir) / PACK
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
+    except (OSError, EOFError, ValueError) as err:  # gzip's BadGzipFile is an OSError
+        raise ValueError(f"{path}: not gzip-compressed JSON ({err})") from err
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != PACK_SCHEMA:
+        raise ValueError(f"{path}: schema {schema!r} is not {PACK_SCHEMA!r}")
+    if not isinstance(data.get("sha256"), str):
+        raise ValueError(f"{path}: sha256={data.get('sha256')!r}: every {PACK_SCHEMA} file carries one; the "
+                         "file was edited (a checksum cannot be dropped)")  # fmt: skip
+    if data["sha256"] != _checksum(data):
+        raise ValueError(f"{path}: its SHA-256 differs from its content: the file was edited or damaged "
+                         "after mbf packed it")  # fmt: skip
+    if not isinstance(data.get("stages"), list):
+        raise ValueError(f"{path}: stages={type(data.get('stages')).__name__} must be a list")
+    out: dict[int, dict] = {}
+    for k, st in enumerate(data["stages"]):
+        stage = st.get("stage") if isinstance(st, dict) else None
+        if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0 or stage in out:
+            raise ValueError(f"{path}: stages[{k}].stage={stage!r} is not a stage of its own")
+        where = f"{path}:{_name(stage)}"
+        if st.get("schema") not in (SCHEMA, LEGACY_SCHEMA):
+            raise ValueError(f"{where}: schema {st.get('schema')!r} is not {SCHEMA!r}")
+        _check_evals(where, st)
+        for e in st["evals"]:
+            if "ids" not in e:
+                e["ids"] = list(range(len(e["correct"])))
+        out[stage] = st
+    return out
+
+
+def _packed(data: dict) -> dict:
+    """A stage's file as its pack holds it: no checksum (the pack's covers it), no ``DROPPED`` fields, no
+    ``ids`` where they are 0..n-1."""
+    stage = {k: v for k, v in data.items() if k != "sha256"}
+    stage["evals"] = [{k: v for k, v in e.items() if k not in DROPPED} for e in data["evals"]]
+    for e in stage["evals"]:
+        if e.get("ids") == list(range(len(e["correct"]))):
+            del e["ids"]
+    return stage
+
+
+def pack(run_dir: str | Path, remove: bool = False) -> Path:
+    """Pack a finished run's ``predictions/`` files into ``OUT/predictions.json.gz`` (deterministic bytes:
+    packing again gives the same file), after checking each as ``load_run`` does (checksum, identity,
+    scores against results.json); then read the pack back and check that every stage's records are the
+    files' less ``DROPPED``. With ``remove``, the files are deleted then (and the folder, left empty).
+    Nothing to pack (the files already packed and removed): the pack is checked and returned.
+
+    Raises:
+        ValueError: an unfinished run, a file ``load_run`` would refuse, a stage missing.
+    """
+    run_dir = Path(run_dir)
+    results = results_file.read(run_dir)
+    if not results.get("complete"):
+        raise ValueError(f"{run_dir}: the run is not complete: its predictions are packed once it is")
+    first, T = (0 if results.get("zero_shot") is not None else 1), len(results["stages"])
+    files = [run_dir / FOLDER / _name(s) for s in range(first, T + 1)]
+    if not any(f.is_file() for f in files) and (run_dir / PACK).is_file():
+        _check_packed(run_dir, results, range(first, T + 1))
+        return run_dir / PACK
+    stages = []
+    for s, f in zip(range(first, T + 1), files):
+        if not f.is_file():
+            raise ValueError(f"{f}: missing: a run's predictions are packed with every stage's file")
+        data = read(run_dir, s)
+        _check_against(str(f), data, results)
+        stages.append(_packed(data))
+    data = {"schema": PACK_SCHEMA, "dropped": list(DROPPED), "stages": stages}
+    data["sha256"] = _checksum(data)
+    blob = gzip.compress(json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode(), 9,
+                         mtime=0)  # fmt: skip
+    path = atomic_write(run_dir / PACK, lambda tmp: tmp.write_bytes(blob))
+    packed = _check_packed(run_dir, results, range(first, T + 1))
+    for s, f in zip(range(first, T + 1), files):
+        raw = read(run_dir, s)["evals"]
+        if packed[s]["evals"] != [{k: v for k, v in e.items() if k not in DROPPED} for e in raw]:
+            raise ValueError(f"{path}: {_name(s)} does not read back as {f}")  # not expected: a bug
+    if remove:
+        for f in files:
+            f.unlink()
+        if not any((run_dir / FOLDER).iterdir()):
+            (run_dir / FOLDER).rmdir()
+    return path
+
+
+def _check_packed(run_dir: Path, results: dict, stages: range) -> dict[int, dict]:
+    """The run's pack, every stage of ``stages`` in it and agreeing with results.json."""
+    packed = _read_pack(run_dir)
+    for s in stages:
+        if s not in packed:
+            raise ValueError(f"{run_dir / PACK}: holds no {_name(s)}, but results.json records it")
+        _check_against(f"{run_dir / PACK}:{_name(s)}", packed[s], results)
+    return packed
+
+
 def _recorded(results: dict, stage: int, e: dict) -> tuple[str, float] | None:
     """``(field, score)``: what results.json records for record ``e`` of ``stage`` (None: nothing)."""
     if e["task"] not in results["tasks"]:
         return None
     j, scorer = results["tasks"].index(e["task"]), e["scorer"]
     headline = scorer == results_file.headline(results_file.scoring(results))
+    # each scorer's row from its *_by_scorer field where recorded (the headline's is "accuracy" too): `mbf
+    # compare --scorer rank` hands over results whose "accuracy" and "zero_shot" are the rank scorer's
     if stage == 0:
         name = "zero_shot" if headline else f"zero_shot_by_scorer.{scorer}"
-        row = results.get("zero_shot") if headline else (results.get("zero_shot_by_scorer") or {}).get(scorer)
+        own = results.get("zero_shot") if headline else None
+        row = (results.get("zero_shot_by_scorer") or {}).get(scorer, own)
         return (f"{name}[{j}]", row[j]) if row and j < len(row) else None
     if e["adapter"] == "finetuned":
         diag = results.get("finetuned_diagonal") or []
         ok = headline and stage <= len(diag)
         return (f"finetuned_diagonal[{stage - 1}]", diag[stage - 1]) if ok else None
     name = "accuracy" if headline else f"accuracy_by_scorer.{scorer}"
-    matrix = results["accuracy"] if headline else (results.get("accuracy_by_scorer") or {}).get(scorer)
+    matrix = (results.get("accuracy_by_scorer") or {}).get(scorer, results["accuracy"] if headline else None)
     if not matrix or stage > len(matrix):
         return None
     row = matrix[stage - 1]
     return (f"{name}[{stage - 1}][{j}]", row[j]) if j < len(row) else None
 
 
-def _check_against(path: Path, data: dict, results: dict) -> None:
+def _check_against(path: Path | str, data: dict, results: dict) -> None:
     """``data`` (a stage's predictions) is the run's: its identity is results.json's, and every score
     results.json records of it is the file's."""
     run, want = data.get("run"), results_file.identity(results)
@@ -169,8 +294,8 @@ def _check_against(path: Path, data: dict, results: dict) -> None:
 def load_run(run_dir: str | Path, results: dict, scorer: str) -> dict | None:
     """The correctness vectors a paired comparison needs, for ``scorer``, from a complete run's files:
     ``{task: {"final", "diag", "next", "zero"}}`` (lists of per-example scores; ``diag``, ``next`` and
-    ``zero`` only where the run has them: multi-task has one stage), with the merged adapter.
-    None when a stage's predictions are missing (a run older than the files).
+    ``zero`` only where the run has them: multi-task has one stage), with the merged adapter, from the
+    stages' files or the run's pack. None when a stage's predictions are missing (a run older than them).
 
     Raises:
         ValueError: a file that ``read`` refuses, that is not this run's (its identity), or whose scores
@@ -186,14 +311,15 @@ def load_run(run_dir: str | Path, results: dict, scorer: str) -> dict | None:
         data = read(run_dir, s)
         if data is None:
             if current:
+                packed = f" (nor in {PACK})" if (Path(run_dir) / PACK).is_file() else ""
                 raise FileNotFoundError(
-                    f"{Path(run_dir) / FOLDER / _name(s)}: missing, but results.json records {T} stages "
-                    "(every stage writes its predictions)"
+                    f"{Path(run_dir) / FOLDER / _name(s)}: missing{packed}, but results.json records {T} "
+                    "stages (every stage writes its predictions)"
                 )
             if s == 0:
                 continue
             return None
-        _check_against(Path(run_dir) / FOLDER / _name(s), data, results)
+        _check_against(_where(run_dir, s), data, results)
         stages[s] = {e["task"]: e["correct"] for e in data["evals"]
                      if e["scorer"] == scorer and e["adapter"] in ("merged", "none")}  # fmt: skip
     out: dict[str, dict] = {t: {} for t in tasks}
