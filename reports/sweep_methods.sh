@@ -71,6 +71,8 @@ case ${1:-} in
         > "$OUT/logs/$cmp.log" 2>&1 || failed=1
       echo "$(date -u +%T) finished: $OUT/$cmp/compare.md"
     done; done
+    # the finished runs' predictions packed, one file each (what the committed runs keep; compare reads it)
+    [ -n "${failed:-}" ] || "${PYTHON:-.venv/bin/python}" reports/pack_predictions.py --remove "$OUT"/run/ || failed=1
     exit "${failed:-0}" ;;
   *) sed -n 2,17p "$0"; exit 2 ;;
 esac

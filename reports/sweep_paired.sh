@@ -59,5 +59,7 @@ if compgen -G "$OUT/run/long1-*/results.json" > /dev/null; then
   $MBF compare "$OUT"/run/long1-*/ --baseline seq-lora --out "$OUT/compare-long1" \
     > "$OUT/logs/compare-long1.log" 2>&1 || failed=1
 fi
+# the finished runs' predictions packed, one file each (what the committed runs keep; compare reads it)
+[ -n "${failed:-}" ] || "${PYTHON:-.venv/bin/python}" reports/pack_predictions.py --remove "$OUT"/run/ || failed=1
 echo "$(date -u +%T) sweep finished: $OUT/compare/compare.md"
 exit "${failed:-0}"
