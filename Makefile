@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - set up .venv and run the main job (SLAO, seq-lora and multi-task on real text)
+#   make demo   - set up .venv and run the demo (InfLoRA, seq-lora and SLAO on real text)
 #   make test   - set up .venv and run the test suite
 # Set-up is idempotent: it reruns only when setup.py or this Makefile changed.
 

@@ -325,44 +325,46 @@ def test_demo_runs_both_methods_and_compares(tiny_checkpoint, tmp_path, capsys):
     assert main([*demo, "--n-test", "4", "--max-steps", "2", "--threads", "2"]) == 0
     in_turn = ["demo", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "in-turn"), "--jobs", "1"]
     assert main([*in_turn, "--suite", "domains", "--n-test", "4", "--max-steps", "2", "--threads", "1"]) == 0
-    for method in ("slao", "seq-lora", "multi-task"):
+    for method in ("inflora", "seq-lora", "slao"):
         both = [results_file.read(d / method) for d in (out, tmp_path / "in-turn")]
         assert both[0]["accuracy"] == both[1]["accuracy"]
         losses = [[p["final_loss"] for p in r["per_task"]] for r in both]
         assert losses[0] == losses[1]
     printed = capsys.readouterr().out
     assert f"report: {out / 'compare' / 'compare.md'}" in printed and "(domains suite)" in printed
-    assert "SLAO − seq-lora: AA " in printed and "95% paired interval [" in printed  # the demo's last line
+    last = printed.strip().splitlines()[-2:]  # the demo's last lines: each method against seq-lora
+    assert last[0].startswith("InfLoRA − seq-lora: AA ") and last[1].startswith("SLAO − seq-lora: AA ")
+    assert all("95% paired interval [" in line for line in last)
     text = (out / "compare" / "compare.md").read_text()
-    assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text and "| multi-task | 0 |" in text
+    assert "| seq-lora | 0 |" in text and "| slao | 0 |" in text and "| inflora | 0 |" in text
     assert results_file.read(out / "seq-lora")["options"]["init"] == "none"
     capsys.readouterr()
     assert main(demo) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
 
 
-def test_demo_verdict_says_whether_the_gain_leaves_its_interval():
-    """The demo's last line: the gain with its interval; where the interval crosses 0, "not significant"
-    and where the committed result and the size it needs are."""
+def test_demo_verdict_says_whether_each_gain_leaves_its_interval():
+    """The demo's last lines, one per method against seq-lora (InfLoRA's first): the AA difference with
+    its interval; where the interval crosses 0, "not significant" and where the committed result is."""
     from argparse import Namespace
 
     from mbf.cli.demo import _demo_verdict
 
-    args = Namespace(max_steps=8, n_test=20)
-    inside = {
-        "vs_baseline": {"slao": {"AA": {"estimate": 0.02, "low": -0.05, "high": 0.09, "significant": False}}}
-    }
-    line = _demo_verdict(inside, args)
-    assert line.startswith("SLAO − seq-lora: AA +2.0 points, 95% paired interval [-5.0, +9.0]")
-    assert "not significant at the demo's size (8 steps, 20 test examples per task)" in line
-    assert "'The demo's size'" in line and "README 'Results'" in line
-    assert line.endswith("separates them: mbf demo --suite domains")  # the setting where it does show
-    assert "--suite domains" not in _demo_verdict(inside, args, "domains")  # not on domains itself
-    outside = {
-        "vs_baseline": {"slao": {"AA": {"estimate": 0.2, "low": 0.1, "high": 0.3, "significant": True}}}
-    }
-    assert _demo_verdict(outside, args).endswith("[+10.0, +30.0]: distinguishable from 0 at the demo's size")
-    assert "no paired interval" in _demo_verdict({}, args)
+    args = Namespace(max_steps=12, n_test=80)
+    inside = {"estimate": 0.02, "low": -0.05, "high": 0.09, "significant": False}
+    outside = {"estimate": 0.2, "low": 0.1, "high": 0.3, "significant": True}
+    vs = {"inflora": {"AA": outside, "BWT": outside}, "slao": {"AA": inside, "BWT": inside}}
+    inflora, slao = _demo_verdict({"vs_baseline": vs}, args)
+    assert inflora == (
+        "InfLoRA − seq-lora: AA +20.0 points, 95% paired interval [+10.0, +30.0]: distinguishable from 0 "
+        "at the demo's size (BWT +20.0 [+10.0, +30.0]: less forgetting)"
+    )
+    assert slao.startswith("SLAO − seq-lora: AA +2.0 points, 95% paired interval [-5.0, +9.0]")
+    assert "not significant at the demo's size (12 steps, 80 test examples per task)" in slao
+    assert slao.endswith("README 'Results'")
+    vs["inflora"]["BWT"] = inside  # a gain not in forgetting: no forgetting clause
+    assert _demo_verdict({"vs_baseline": vs}, args)[0].endswith("distinguishable from 0 at the demo's size")
+    assert all("no paired interval" in line for line in _demo_verdict({}, args))
 
 
 def test_load_in_4bit_trains_on_an_nf4_base(tiny_checkpoint, tmp_path, capsys):

@@ -4,7 +4,7 @@ mbf continual --suite real --method slao --out runs/slao          # one continua
 mbf continual --suite olora --data-dir CL_Benchmark --order O1 --method slao --out runs/o1
 mbf compare runs/slao runs/seq --out runs/compare                  # methods side by side
 mbf eval --run runs/slao                                           # re-evaluate a saved adapter
-mbf demo                                                           # SLAO, seq-lora, multi-task on real text
+mbf demo                                                           # InfLoRA, seq-lora, SLAO on real text
 mbf bench                                                          # training-step and task-boundary benchmark
 """
 

@@ -280,13 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = add(
         "demo",
-        help="SLAO, seq-lora and the multi-task bound on the real standard order (the generated domains "
-        "suite when its data packages are missing), then a comparison",
+        help="InfLoRA, seq-lora and SLAO on two real tasks, dbpedia then amazon (the generated domains "
+        "suite when its data packages are missing), then a comparison against seq-lora",
     )
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.add_argument("--seed", type=int, default=0, help="seed of data order and adapter init")
-    d.add_argument("--n-test", type=_positive_int, default=20, help="test examples per task")
-    d.add_argument("--max-steps", type=_positive_int, default=8, help="optimizer steps per task")
+    d.add_argument("--n-test", type=_positive_int, default=80, help="test examples per task")
+    d.add_argument("--max-steps", type=_positive_int, default=12, help="optimizer steps per task")
     d.add_argument(
         "--suite", choices=("auto", "real", "domains"), default="auto", help="auto: real if installed"
     )
