@@ -460,3 +460,31 @@ def test_timed_loops_run_without_the_variant_hook(tmp_path, monkeypatch):
         assert Jit.run is not bare
     assert Jit.run is bare
     assert counter.variants == {("_stub_kernel", (("BLOCK", "16"),), ("torch.float32",))}
+
+
+def test_the_bench_imports_without_peft_and_only_the_peft_rows_need_it():
+    """A GPU image without peft still measures every other row: mbf.bench's import needs no peft; the
+    PEFT provider says what is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoPeft(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'peft' or name.startswith('peft.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'peft'\")\n"
+        "sys.meta_path.insert(0, NoPeft())\n"
+        "import importlib.util\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'peft' else real(n, *a)\n"
+        "import torch, mbf.bench\n"
+        "from mbf.bench.providers import peft_lora\n"
+        "try:\n"
+        "    peft_lora(torch.nn.Linear(4, 4), 2)\n"
+        "except ImportError as err:\n"
+        "    print('refused:', err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: the PEFT rows of mbf.bench needs peft: pip install 'mbf-lora[app]'" in done.stdout

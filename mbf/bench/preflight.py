@@ -14,7 +14,7 @@ instead of failing them one by one. No stage loads the embedded GGUF model (the 
 the task boundary build random-weight Llamas from their configs), so it is not checked.
 
 This module imports nothing outside the standard library at import time: ``bench/run_gpu.sh`` runs
-it by path, before ``mbf`` or ``mbf.bench`` (whose import needs safetensors, transformers, peft,
+it by path, before ``mbf`` or ``mbf.bench`` (whose import needs safetensors, transformers,
 tqdm and matplotlib) is known to import; where they do, it hands its checks to ``mbf.bench.gpu``
 in the same process (the modules it imported stay imported: nothing is imported twice).
 """
@@ -79,7 +79,7 @@ NEEDS = (
     Need("bitsandbytes", providers=("peft-bnb4",)),
     Need("pytest", ("correctness", "tests")),
     Need("xdist", degrades="the GPU tests run in one process instead of 8"),
-    Need("mbf.bench", (EVERY,)),  # the measuring library: its import needs the app extra's packages
+    Need("mbf.bench", (EVERY,)),  # the measuring library: its import needs transformers, tqdm, matplotlib
     Need("tests/test_dispatch.py", ("correctness",)),
     Need(f"{len(_TEST_PATHS)} GPU test files", ("tests",)),
 )

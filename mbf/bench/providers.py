@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mbf._optional import require
+
 __all__ = ["bnb_nf4_linear", "peft_lora"]
 
 
@@ -20,6 +22,7 @@ def peft_lora(base: nn.Module, r: int, four_bit: bool = False, dropout: float = 
     Returns:
         The PEFT model; call it on ``x (..., in)``.
     """
+    require("the PEFT rows of mbf.bench", ("peft",))
     from peft import LoraConfig, get_peft_model
 
     wrapper = nn.Sequential()

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mbf._optional import require
 from mbf.bench.providers import bnb_nf4_linear
 from mbf.bench.rows import FLOOR
 from mbf.bench.timing import peak_rss, reset_peak_rss, summarize, time_fn
@@ -117,6 +118,7 @@ def build_model(cfg: StepConfig) -> tuple[torch.nn.Module, list[torch.nn.Paramet
         quant = "nf4" if cfg.provider == "mbf-nf4" else None
         mbf.inject(model, mbf.LoRAConfig(r=cfg.r, alpha=2 * cfg.r, target_modules=targets, quantize=quant))
     else:
+        require("the PEFT rows of mbf.bench", ("peft",))
         from peft import LoraConfig, get_peft_model
 
         if cfg.provider == "peft-bnb4":
