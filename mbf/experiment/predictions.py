@@ -40,7 +40,6 @@ results.json.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -62,9 +61,17 @@ def _name(stage: int) -> str:
     return "zero-shot.json" if stage == 0 else f"stage-{stage:02d}.json"
 
 
-def _checksum(data: dict) -> str:
-    body = {k: v for k, v in data.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+_checksum = results_file.checksum  # one canonical form for every checksummed file a run writes
+
+
+def _check_checksum(path, data: dict, schema: str, wrote: str) -> None:
+    """``data``'s required ``sha256`` is there and matches its content (``wrote``: how mbf made the file)."""
+    if not isinstance(data.get("sha256"), str):
+        raise ValueError(f"{path}: sha256={data.get('sha256')!r}: every {schema} file carries one; the "
+                         "file was edited (a checksum cannot be dropped)")  # fmt: skip
+    if data["sha256"] != _checksum(data):
+        raise ValueError(f"{path}: its SHA-256 differs from its content: the file was edited or damaged "
+                         f"after mbf {wrote} it")  # fmt: skip
 
 
 def write(run_dir: str | Path, stage: int, after: str, evals: list[dict], run: dict | None = None) -> Path:
@@ -124,12 +131,7 @@ def read(run_dir: str | Path, stage: int) -> dict | None:
     if schema not in (SCHEMA, LEGACY_SCHEMA):
         raise ValueError(f"{path}: schema {schema!r} is not {SCHEMA!r}")
     if schema == SCHEMA:
-        if not isinstance(data.get("sha256"), str):
-            raise ValueError(f"{path}: sha256={data.get('sha256')!r}: every {SCHEMA} file carries one; the "
-                             "file was edited (a checksum cannot be dropped)")  # fmt: skip
-        if data["sha256"] != _checksum(data):
-            raise ValueError(f"{path}: its SHA-256 differs from its content: the file was edited or damaged "
-                             "after mbf wrote it")  # fmt: skip
+        _check_checksum(path, data, SCHEMA, "wrote")
     if data.get("stage") != stage:
         raise ValueError(f"{path}: stage={data.get('stage')!r} is not {stage}")
     _check_evals(path, data)
@@ -155,12 +157,7 @@ def _read_pack(run_dir: str | Path) -> dict[int, dict] | None:
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema != PACK_SCHEMA:
         raise ValueError(f"{path}: schema {schema!r} is not {PACK_SCHEMA!r}")
-    if not isinstance(data.get("sha256"), str):
-        raise ValueError(f"{path}: sha256={data.get('sha256')!r}: every {PACK_SCHEMA} file carries one; the "
-                         "file was edited (a checksum cannot be dropped)")  # fmt: skip
-    if data["sha256"] != _checksum(data):
-        raise ValueError(f"{path}: its SHA-256 differs from its content: the file was edited or damaged "
-                         "after mbf packed it")  # fmt: skip
+    _check_checksum(path, data, PACK_SCHEMA, "packed")
     if not isinstance(data.get("stages"), list):
         raise ValueError(f"{path}: stages={type(data.get('stages')).__name__} must be a list")
     out: dict[int, dict] = {}

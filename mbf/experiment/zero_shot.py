@@ -17,6 +17,7 @@ from torch import nn
 
 from mbf.experiment.batches import Codec, encode_example
 from mbf.experiment.evaluate import headline, score_task, scorers_of
+from mbf.experiment.results import checksum as _checksum  # the one canonical form
 from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions
 from mbf.io import atomic_write_json
@@ -96,11 +97,6 @@ def zero_shot_records(
         entry = {"tasks": [t.name for t in tasks], "records": records}
         atomic_write_json({**entry, "sha256": _checksum(entry)}, path, indent=None)
     return records
-
-
-def _checksum(entry: dict) -> str:
-    body = {k: v for k, v in entry.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def _read_cache(path: Path, tasks: list[Task], opts: TrainOptions) -> list[dict] | None:
