@@ -69,6 +69,14 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return tiny_llama(seed, **{**_CORE_SHAPE, **overrides})
 
 
+def token_examples(seed: int, n: int, T: int) -> list[dict]:
+    """``n`` causal-LM examples of ``T`` random tokens (labels = inputs, full attention): a Trainer's
+    dataset for the tiny Llama (vocabulary 97)."""
+    ids = torch.randint(2, 97, (n, T), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(T, dtype=torch.long)
+    return [{"input_ids": i, "labels": i.clone(), "attention_mask": mask} for i in ids]
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

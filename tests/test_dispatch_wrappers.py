@@ -17,7 +17,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, token_examples
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -244,9 +244,7 @@ def test_the_trainer_with_gradient_checkpointing(harness, tmp_path):
     d = harness("hybrid")
     model = make_tiny_llama()
     mbf.inject(model, mbf.LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
-    ids = torch.randint(2, 97, (8, 10), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(10, dtype=torch.long)
-    data = [{"input_ids": i, "labels": i.clone(), "attention_mask": mask} for i in ids]
+    data = token_examples(0, n=8, T=10)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, save_strategy="no",
         report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True, gradient_checkpointing=True,

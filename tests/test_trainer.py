@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, token_examples
 
 import mbf
 
@@ -15,11 +15,7 @@ class _Stop(Exception):
 
 
 def _data(seed: int, n: int = 16, T: int = 10):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 97, (n, T), generator=g)
-    return [
-        {"input_ids": i, "labels": i.clone(), "attention_mask": torch.ones(T, dtype=torch.long)} for i in ids
-    ]
+    return token_examples(seed, n, T)
 
 
 def _args(out, **kw):

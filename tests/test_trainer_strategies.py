@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, token_examples
 
 import mbf
 from mbf import reference
@@ -47,15 +47,7 @@ class _Stop(Exception):
     pass
 
 
-def _data(seed: int, n: int = 8, T: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 97, (n, T), generator=g)
-    return [
-        {"input_ids": i, "labels": i.clone(), "attention_mask": torch.ones(T, dtype=torch.long)} for i in ids
-    ]
-
-
-TASKS = [_data(0), _data(1)]
+TASKS = [token_examples(0, n=8, T=8), token_examples(1, n=8, T=8)]
 IDS = torch.randint(2, 97, (2, 7), generator=torch.Generator().manual_seed(9))
 
 
