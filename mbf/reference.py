@@ -346,3 +346,41 @@ def dualgpm_update(
         full, _ = torch.linalg.qr(memory, mode="complete")
         memory, kind = full[:, memory.shape[1] :], "retain"
     return memory, kind
+
+
+# Sketch-merge (this package's extension, mbf.strategies.sketch): InfLoRA's design against a bounded
+# sketch of past inputs, and every past task in one merged adapter of rank ≤ R.
+
+
+def sketch_update(
+    cov: torch.Tensor, memory: torch.Tensor, energy: torch.Tensor, total: float, k: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The sketch after a task: ``(M, e)`` ← the top-k eigenpairs (positive ones) of ``M diag(e) Mᵀ + C``,
+    ``τ ← τ + tr C``. Returns ``(M (in, k'), e (k',), τ)`` with ``k' ≤ k``."""
+    S = (memory * energy) @ memory.T + cov
+    vals, vecs = _eig_desc(S)
+    keep = min(k, int((vals > 0).sum()))
+    return vecs[:, :keep], vals[:keep], total + float(torch.trace(cov))
+
+
+def sketch_weight(memory: torch.Tensor, energy: torch.Tensor, total: float) -> torch.Tensor:
+    """``G = M diag(√e) Mᵀ + √δ (I − M Mᵀ)``, ``δ = (τ − Σ e) / (in − k)``: the square root of the
+    covariance the sketch stands for, its discarded energy spread evenly over the rest (δ floored at
+    ``e_max · 1e-6`` so that G is invertible)."""
+    n, k = memory.shape
+    eye = torch.eye(n, dtype=memory.dtype)
+    if k == 0 or total <= 0:
+        return eye
+    delta = max((total - float(energy.sum())) / (n - k), float(energy.max()) * 1e-6, 1e-30)
+    inside = memory @ torch.diag(energy.clamp(min=delta).sqrt()) @ memory.T
+    return inside + delta**0.5 * (eye - memory @ memory.T)
+
+
+def bounded_merge(delta: torch.Tensor, G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-``rank`` ``D̂ = P_B P_A`` minimising ``‖(D − D̂) G‖_F`` (Eckart–Young on ``D G``, mapped back by
+    ``G⁻¹``), factors balanced (``P_B = U Σ^½``, ``P_A = Σ^½ Vᵀ G⁻¹``); singular values below 1e-10 of the
+    largest are dropped. Returns ``(P_A (k, in), P_B (out, k))``, ``k ≤ rank``."""
+    U, S, Vh = torch.linalg.svd(delta @ G, full_matrices=False)
+    keep = min(rank, int((S > S[0] * 1e-10).sum()))
+    root = S[:keep].sqrt()
+    return (root[:, None] * Vh[:keep]) @ torch.linalg.inv(G), U[:, :keep] * root

@@ -8,9 +8,10 @@ from conftest import assert_close, fake_training, make_tiny_llama, slao_tasks
 import mbf
 from mbf.strategies.inflora import InfLoRA
 from mbf.strategies.olora import OLoRA
+from mbf.strategies.sketch import SketchMerge
 from mbf.strategies.task_merge import TaskMergeLoRA
 
-METHODS = ["o-lora", "inflora", "task_arithmetic", "ties", "ties-low-rank"]
+METHODS = ["o-lora", "inflora", "task_arithmetic", "ties", "ties-low-rank", "sketch-merge"]
 
 
 def _strategy(method: str, tasks: int = 2):
@@ -22,6 +23,8 @@ def _strategy(method: str, tasks: int = 2):
         cl = OLoRA(model)
     elif method == "inflora":
         cl = InfLoRA(model)
+    elif method == "sketch-merge":
+        cl = SketchMerge(model, rank=6, sketch=8)  # 3 tasks of r 4 truncated to rank 6
     else:
         merge, _, low = method.partition("-")
         cl = TaskMergeLoRA(model, merge=merge, low_rank=bool(low))

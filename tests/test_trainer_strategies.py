@@ -15,6 +15,7 @@ from mbf.checkpoint import read_checkpoint
 from mbf.strategies.inflora import InfLoRA
 from mbf.strategies.olora import OLoRA
 from mbf.strategies.replay import ExperienceReplay, Replay, ReplayConfig, ReplayDataset, draw_buffer
+from mbf.strategies.sketch import SketchMerge
 from mbf.strategies.task_merge import TaskMergeLoRA
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install mbf-lora[app])")
@@ -32,6 +33,7 @@ def _strategy(method: str, model):
         "seq-lora": lambda: mbf.ContinualLoRA(model, init="none", schedule="none", backend="torch"),
         "o-lora": lambda: OLoRA(model, lambda_orth=5.0, lambda_l2=0.01),
         "inflora": lambda: InfLoRA(model),
+        "sketch-merge": lambda: SketchMerge(model, rank=6, sketch=8),
         "task-arithmetic": lambda: TaskMergeLoRA(model, merge="task_arithmetic"),
         "ties": lambda: TaskMergeLoRA(model, merge="ties"),
         "replay": lambda: ExperienceReplay(model, REPLAY),
@@ -40,7 +42,8 @@ def _strategy(method: str, model):
     return make[method]()
 
 
-METHODS = ["slao", "seq-lora", "o-lora", "inflora", "task-arithmetic", "ties", "replay", "slao+replay"]
+METHODS = ["slao", "seq-lora", "o-lora", "inflora", "task-arithmetic", "ties", "replay", "slao+replay",
+           "sketch-merge"]  # fmt: skip
 
 
 class _Stop(Exception):

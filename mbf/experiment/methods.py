@@ -25,6 +25,7 @@ from mbf.config import ContinualConfig
 from mbf.strategies.inflora import InfLoRAConfig
 from mbf.strategies.olora import OLoRAConfig
 from mbf.strategies.replay import ReplayConfig
+from mbf.strategies.sketch import SketchMergeConfig
 from mbf.strategies.task_merge import TaskMergeConfig
 
 __all__ = ["BASELINES", "EXTENSIONS", "METHODS", "PAPER_ABLATIONS", "method_config", "method_label",
@@ -50,10 +51,13 @@ METHODS: dict[str, Any] = {
     "task-arithmetic": TaskMergeConfig(merge="task_arithmetic"),  # one LoRA per task, merged (λ 0.4)
     "ties": TaskMergeConfig(merge="ties"),  # one LoRA per task, TIES-merged (k 20%, λ 1)
     "replay": ReplayConfig(),  # sequential LoRA + 2% of each task's examples replayed (uses data)
+    # this package's constant-memory method: InfLoRA's design against a bounded input sketch, all past tasks
+    # in one merged adapter of rank <= 16 (mbf.strategies.sketch)
+    "sketch-merge": SketchMergeConfig(),
     "multi-task": None,
 }
 PAPER_ABLATIONS = ("ftba-mb", "ftba-mba", "frea-mb", "ftba-ma", "freb-ma")  # the paper's expected order
-EXTENSIONS = ("slao-inverse", "slao-constant", "slao-last-merge")
+EXTENSIONS = ("slao-inverse", "slao-constant", "slao-last-merge", "sketch-merge")
 BASELINES = ("o-lora", "inflora", "task-arithmetic", "ties", "replay")  # other papers' methods, here
 
 

@@ -28,11 +28,11 @@ def strategy_classes() -> dict[str, type]:
     from mbf.strategies.inflora import InfLoRA
     from mbf.strategies.olora import OLoRA
     from mbf.strategies.replay import ExperienceReplay
+    from mbf.strategies.sketch import SketchMerge
     from mbf.strategies.task_merge import TaskMergeLoRA
 
-    return {
-        cls.strategy_name: cls for cls in (ContinualLoRA, OLoRA, InfLoRA, TaskMergeLoRA, ExperienceReplay)
-    }
+    classes = (ContinualLoRA, OLoRA, InfLoRA, TaskMergeLoRA, ExperienceReplay, SketchMerge)
+    return {cls.strategy_name: cls for cls in classes}
 
 
 def _class_of(config: Any) -> type:
