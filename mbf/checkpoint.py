@@ -41,11 +41,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mbf.config import ContinualConfig, LoRAConfig
+from mbf.config import LoRAConfig
 from mbf.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 
 __all__ = [
@@ -65,7 +66,9 @@ class Checkpoint:
 
     task_index: int  # finished tasks
     in_task: bool  # saved inside a task
-    config: ContinualConfig | None  # SLAO's; None for another strategy (its fields: options)
+    # SLAO's ContinualConfig (read: as read_checkpoint's config_class makes it; its fields when none is
+    # given); None for another strategy (its fields: options)
+    config: Any
     lora_config: LoRAConfig | None  # None: the model was not injected by mbf.inject
     tensors: dict[str, torch.Tensor]  # "<layer>.<lora_A|lora_B|merged_A|merged_B>", a strategy's own
     strategy: str = "slao"  # the strategy that saved it (its class's strategy_name)
@@ -188,11 +191,15 @@ def saved_strategy(path: str | Path) -> str:
     return _read_meta(Path(path))[0].get("strategy", "slao")
 
 
-def read_checkpoint(path: str | Path, strategy: str | None = "slao") -> Checkpoint:
+def read_checkpoint(
+    path: str | Path, strategy: str | None = "slao", config_class: type | None = None
+) -> Checkpoint:
     """Read and validate the checkpoint in directory ``path``.
 
     Args:
         strategy: the strategy expected to have saved it (None: any).
+        config_class: what SLAO's ``config`` field is read as (``config_class.from_dict``, checked before the
+            tensors are read; ``mbf.strategies.slao.ContinualConfig``); None: its fields as saved.
 
     Raises:
         FileNotFoundError: no ``continual.json`` (or its tensor file) there.
@@ -219,7 +226,7 @@ def read_checkpoint(path: str | Path, strategy: str | None = "slao") -> Checkpoi
     try:
         # "options": the name of the same fields before ContinualConfig existed
         fields = meta.get("config", meta.get("options"))
-        config = ContinualConfig.from_dict(fields) if saved == "slao" else None
+        config = None if saved != "slao" else config_class.from_dict(fields) if config_class else fields
         lora = meta.get("lora_config")
         lora_config = None if lora is None else LoRAConfig.from_dict(lora)
     except (TypeError, ValueError) as err:

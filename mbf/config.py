@@ -1,29 +1,23 @@
-"""User configuration: frozen dataclasses, validated on construction, one comment per field."""
+"""User configuration of the adapters: a frozen dataclass, validated on construction, one comment per field.
+
+A continual method's config lives beside its strategy (``mbf.strategies``): SLAO's ``ContinualConfig`` in
+``mbf.strategies.slao`` (``mbf.config.ContinualConfig`` still finds it, with a DeprecationWarning).
+"""
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
-from mbf.reference import SCHEDULES
-
-__all__ = [
-    "BACKENDS",
-    "FACTORS",
-    "INITS",
-    "LLAMA_LINEARS",
-    "SCHEDULES",
-    "ContinualConfig",
-    "LoRAConfig",
-    "check_lora_hyperparameters",
-]
+__all__ = ["BACKENDS", "LLAMA_LINEARS", "LoRAConfig", "check_lora_hyperparameters", "known_fields"]
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-INITS = ("orthogonal", "last_merge", "random", "none")  # how task i ≥ 2's fine-tuned adapter starts
 BACKENDS = ("auto", "torch", "triton", "hybrid")  # hybrid: base GEMMs in cuBLAS, low-rank parts in Triton
-FACTORS = ("AB", "A", "B")  # which LoRA factors train / merge (the paper's FTBA / FREB / FREA, MB / MA / MBA)
 
 
 def _is_number(x) -> bool:
@@ -152,7 +146,7 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, data: dict) -> LoRAConfig:
         """Inverse of ``to_dict``. Raises ValueError naming an unknown field."""
-        return cls(**_known_fields(cls, data))
+        return cls(**known_fields(cls, data))
 
 
 def _one_name(ours: str, value, peft: str, peft_value, default):
@@ -184,59 +178,29 @@ def _match(pattern: tuple[str, ...] | str, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in pattern)
 
 
-@dataclass(frozen=True)
-class ContinualConfig:
-    """How SLAO (or an ablation) moves from one task to the next. The defaults are SLAO."""
+def known_fields(cls: type, data: Any) -> dict:
+    """``data`` as keyword arguments of the dataclass ``cls`` (a config's ``from_dict``).
 
-    schedule: str = "sqrt"  # λ(i) of the merge: "sqrt" 1/√i (SLAO), "inverse" 1/i, "constant", "none" (1)
-    init: str = "orthogonal"  # task i ≥ 2 starts from: "orthogonal" (QR of the last A, SLAO),
-    #   "last_merge" (same A, B from the merged B), "random" (fresh LoRA init), "none" (carried as is)
-    constant: float = 0.5  # λ of the "constant" schedule, in (0, 1]
-    orthogonal_updates: bool = False  # keep each task's A updates out of the previous task's row space
-    train: str = "AB"  # factors that train: "AB" (SLAO), "A" (B frozen), "B" (A frozen)
-    # factors the time-aware merge averages with λ: "B" (SLAO: A_m = A_ft), "A" (B_m = B_ft) or "AB".
-    # (Not LoRALinear.merge(), which folds an adapter into W; files before the rename say "merge".)
-    merged_factors: str = "B"
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"ContinualConfig: unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
-            )
-        if self.init not in INITS:
-            raise ValueError(f"ContinualConfig: unknown init {self.init!r}; choose one of {', '.join(INITS)}")
-        c = self.constant
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0.0 < c <= 1.0):
-            # λ outside (0, 1] extrapolates past the fine-tuned adapter (or away from it)
-            raise ValueError(f"ContinualConfig: constant λ={c!r} must be in (0, 1]")
-        object.__setattr__(self, "constant", float(c))
-        for field in ("train", "merged_factors"):
-            value = getattr(self, field)
-            if value not in FACTORS:
-                raise ValueError(f"ContinualConfig: {field}={value!r} must be one of {FACTORS}")
-        if not isinstance(self.orthogonal_updates, bool):
-            raise ValueError(f"ContinualConfig: orthogonal_updates={self.orthogonal_updates!r} is not a bool")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ContinualConfig:
-        """Inverse of ``to_dict`` (older field names too). Raises ValueError naming an unknown field."""
-        return cls(**_known_fields(cls, data))
-
-
-RENAMED = {"merge": "merged_factors"}  # ContinualConfig's older field names -> the current ones
-
-
-def _known_fields(cls, data: dict) -> dict:
+    Raises:
+        ValueError: ``data`` is not a mapping, or names fields ``cls`` lacks (all named, with the known ones).
+    """
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__}: expected a mapping of fields, got {type(data).__name__}")
-    if cls is ContinualConfig:
-        data = {RENAMED.get(k, k): v for k, v in data.items()}
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         known = ", ".join(sorted(names))
         raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {known}")
     return data
+
+
+# names that moved beside the strategy they configure (mbf.strategies.slao) or to the runtime math
+_MOVED = {"ContinualConfig": "mbf.strategies.slao", "INITS": "mbf.strategies.slao",
+          "FACTORS": "mbf.strategies.slao", "RENAMED": "mbf.strategies.slao", "SCHEDULES": "mbf.closed_form"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module 'mbf.config' has no attribute {name!r}")
+    warnings.warn(f"mbf.config.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -161,9 +161,9 @@ def eject(model: nn.Module, fold: bool = False, adapter: str | None = "auto") ->
             layer.check_fold(adapter)
     for name, layer in layers.items():
         if fold:
-            layer.merge(safe_merge=False, adapter=adapter)
+            layer.fold(adapter, safe=False)
         elif layer.folded:
-            layer.unmerge()
+            layer.unfold()
         base = layer.base
         model.set_submodule(name, base.restore() if isinstance(base, NF4Linear) else base)
     release_hooks(model)  # a strategy's past LoRAs or merged ΔW: on the layers just taken out
@@ -201,12 +201,12 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes without any adapter (the base model), as PEFT's context.
 
     Raises:
-        ValueError: a layer has an adapter folded into its weight (``unmerge()`` it first).
+        ValueError: a layer has an adapter folded into its weight (``unfold()`` it first).
     """
     layers = list(lora_layers(model).values())
     folded = [layer.layer_name for layer in layers if layer.folded]
     if folded:
-        raise ValueError(f"{folded[0]}: an adapter is folded into the weight; unmerge() before disabling it")
+        raise ValueError(f"{folded[0]}: an adapter is folded into the weight; unfold() before disabling it")
     try:
         for layer in layers:
             layer.disabled = True

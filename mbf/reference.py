@@ -1,17 +1,20 @@
-"""The specification: pure-PyTorch twins of every kernel in ``mbf.kernels``.
+"""The specification: pure-PyTorch twins of every kernel in ``mbf.kernels``, for the tests only.
 
-Every function here is short and obvious on purpose. Tests compare the fast paths against these
-functions run in float64, and they are the CPU path of the package. The method's equations
-(SLAO, "Merge before Forget", Qiao & Mahdavi, ICLR 2026):
+Every function here is short and obvious on purpose: float64, unbatched where it can be, the textbook
+formula. Tests compare the fast paths (``mbf.functional``, ``mbf.kernels``, the strategies' batched steps)
+against these functions run in float64; the package never imports this module at run time (its runtime
+math lives in ``mbf.closed_form`` and ``mbf.functional``). The method's equations (SLAO, "Merge before
+Forget", Qiao & Mahdavi, ICLR 2026):
 
     y      = x W0ᵀ + b + s · (drop(x) Aᵀ) B_effᵀ,     s = alpha / r
     B_eff  = B_m + λ (B − B_m)        (or B when there is no merged B)
     Q R    = qr(Aᵀ), diag(R) ≥ 0      A_new = Qᵀ    (task i ≥ 2 init, fp32)
-    B_m,i  = B_m,i-1 + λ(i) (B_ft,i − B_m,i-1),   λ(i) = 1/√i
+    B_m,i  = B_m,i-1 + λ(i) (B_ft,i − B_m,i-1),   λ(i) = 1/√i  (``mbf.closed_form.lam_schedule``)
 
 and the per-task merges SLAO is compared with, over task vectors ``τ_t = s B_t A_t`` (the full
 ``ΔW`` of task t's LoRA): task arithmetic ``λ Σ_t τ_t`` and TIES (trim, elect sign, disjoint mean);
-and InfLoRA's closed-form steps (its designed A, its DualGPM memory update).
+and sketch-merge's steps (its sketch, its weight, its bounded merge). InfLoRA's closed-form steps and the
+λ schedules are defined once, in ``mbf.closed_form``, and tested against hand-computed values.
 """
 
 from __future__ import annotations
@@ -21,25 +24,22 @@ import math
 import torch
 
 __all__ = [
-    "SCHEDULES",
-    "INFLORA_SCALE",
     "apply_dropout",
+    "bounded_merge",
     "dropout_keep_mask",
-    "dualgpm_update",
-    "inflora_design",
-    "lam_schedule",
+    "dropout_threshold",
     "lora_linear",
     "orthonormal_rows",
     "philox_randint",
     "philox_randint4x",
     "project_out",
+    "sketch_update",
+    "sketch_weight",
     "ties_merge",
     "ties_trim",
     "task_arithmetic",
     "time_aware_merge",
 ]
-
-SCHEDULES = ("sqrt", "inverse", "constant", "none")
 
 # Philox-4x32-10 constants, exactly those of triton.language.random, so that a dropout mask drawn
 # here equals the one a Triton kernel draws with tl.randint(seed, offset).
@@ -209,10 +209,14 @@ def orthonormal_rows(A: torch.Tensor) -> torch.Tensor:
 
 
 def project_out(U: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``U − (U Qᵀ) Q``: remove the row space of orthonormal ``Q (..., r, d)`` from ``U (..., k, d)``."""
+    """``U − Σ_j (U q_j) q_jᵀ``: each row of ``U (..., k, d)`` minus its component along every row ``q_j`` of
+    orthonormal ``Q (..., r, d)``, one basis vector at a time (the coefficients all taken from U)."""
     ct = _qr_dtype(U.dtype)
-    U32, Q32 = U.to(ct), Q.to(ct)
-    return (U32 - (U32 @ Q32.transpose(-1, -2)) @ Q32).to(U.dtype)
+    u, out = U.to(ct), U.to(ct)
+    for j in range(Q.shape[-2]):
+        q = Q[..., j : j + 1, :].to(ct)  # (..., 1, d)
+        out = out - (u * q).sum(dim=-1, keepdim=True) * q
+    return out.to(U.dtype)
 
 
 def time_aware_merge(merged_B: torch.Tensor, ft_B: torch.Tensor, lam: float) -> torch.Tensor:
@@ -222,25 +226,7 @@ def time_aware_merge(merged_B: torch.Tensor, ft_B: torch.Tensor, lam: float) -> 
     return (m + lam * (ft_B.to(ct) - m)).to(merged_B.dtype)
 
 
-def lam_schedule(schedule: str, i: int, constant: float = 0.5) -> float:
-    """λ(i) for task ``i ≥ 1``: ``sqrt`` 1/√i (SLAO), ``inverse`` 1/i, ``constant`` c, ``none`` 1.
-
-    Task 1 always gets λ = 1 so that after it the merged adapter equals the fine-tuned one.
-    """
-    if i < 1:
-        raise ValueError(f"task index {i} must be >= 1")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if i == 1 or schedule == "none":
-        return 1.0
-    if schedule == "sqrt":
-        return 1.0 / math.sqrt(i)
-    if schedule == "inverse":
-        return 1.0 / i
-    return float(constant)
-
-
-# -- per-task LoRA merging (the baselines of mbf.task_merge) -----------------------------------------
+# -- per-task LoRA merging (the baselines of mbf.strategies.task_merge) --------------------------------
 
 
 def task_arithmetic(deltas: torch.Tensor, lam: float) -> torch.Tensor:
@@ -278,78 +264,14 @@ def ties_merge(deltas: torch.Tensor, density: float = 0.2, lam: float = 1.0) -> 
     return lam * (trimmed * agree).sum(dim=0) / count
 
 
-# InfLoRA (Liang & Li, CVPR 2024): the closed-form steps, over a layer's input covariance
-# ``C = Σ x xᵀ / n`` ``(in, in)`` (so ``C = H Hᵀ / n`` for the paper's input matrix ``H``) and its
-# DualGPM memory ``M`` ``(in, k)``, orthonormal columns: the protected (old tasks') input subspace when
-# ``kind`` is "remove", its orthogonal complement when "retain" (whichever needs fewer columns).
-INFLORA_SCALE = 3**-0.5  # designed rows' norm: a Kaiming-uniform (a=√5) row's expected one (the paper's code)
-
-
-def _free_projector(memory: torch.Tensor, kind: str) -> torch.Tensor:
-    """``(in, in)`` projector onto the input subspace no past task protects."""
-    inside = memory @ memory.T
-    return (
-        inside
-        if kind == "retain"
-        else torch.eye(len(memory), dtype=memory.dtype, device=memory.device) - inside
-    )
+# Sketch-merge (this package's extension, mbf.strategies.sketch): InfLoRA's design against a bounded
+# sketch of past inputs, and every past task in one merged adapter of rank ≤ R.
 
 
 def _eig_desc(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix."""
     vals, vecs = torch.linalg.eigh(sym)
     return vals.flip(0).clamp(min=0), vecs.flip(1)
-
-
-def inflora_design(cov: torch.Tensor, memory: torch.Tensor, kind: str, r: int) -> torch.Tensor:
-    """Task t's designed ``A`` ``(r, in)`` (the paper's dimensionality-reduction ``B_t``): the top-r left
-    singular vectors of the projected inputs ``Ĥ = P H`` (``P`` onto the unprotected subspace), i.e. the
-    top-r eigenvectors of ``P C P``, as rows scaled by ``INFLORA_SCALE``; each row's largest-magnitude
-    entry positive. ``P C P + δ P`` has the same eigenvectors (P commutes with P C P, the shift is
-    uniform on the unprotected subspace) but no zero eigenvalue there: when the inputs span fewer than r
-    unprotected directions, the rest are still drawn from it, never from the protected subspace."""
-    P = _free_projector(memory, kind)
-    delta = torch.trace(cov) / len(cov) if torch.trace(cov) > 0 else 1.0  # the mean eigenvalue: C's scale
-    _, vecs = _eig_desc(P @ cov @ P + delta * P)
-    rows = vecs[:, :r].T  # (r, in)
-    sign = torch.sign(rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)))
-    return INFLORA_SCALE * rows * sign
-
-
-def dualgpm_update(
-    cov: torch.Tensor, memory: torch.Tensor, kind: str, threshold: float
-) -> tuple[torch.Tensor, str]:
-    """The memory after a task (DualGPM, Liang & Li 2023, as InfLoRA uses it): protect the fewest leading
-    new input directions such that the protected share of the task's input energy reaches ``threshold``
-    (ε), ``‖P_old H‖² + Σ_{j≤k} σ̂_j² ≥ ε ‖H‖²`` with ``σ̂_j²`` the eigenvalues of ``P_free C P_free``;
-    then keep the representation with fewer columns (more than in/2 protected: store the complement).
-
-    Returns:
-        ``(memory (in, k'), kind)``.
-    """
-    n, total = cov.shape[0], torch.trace(cov)
-    if total <= 0:  # no input energy: nothing to protect
-        return memory, kind
-    P = _free_projector(memory, kind)
-    vals, vecs = _eig_desc(P @ cov @ P)
-    captured = 1 - vals.sum() / total  # share of the energy already protected
-    need = captured + torch.cumsum(vals, 0) / total
-    k = 0 if captured >= threshold else min(int((need < threshold).sum()) + 1, len(vals))
-    new = vecs[:, :k]  # (in, k): in the unprotected subspace
-    if kind == "remove":
-        memory = torch.cat([memory, new], dim=1)[:, :n]
-    elif k := min(k, memory.shape[1]):  # retain: the free subspace loses the new directions
-        inside = memory.T @ new  # (k_free, k): the new directions in memory's coordinates
-        full, _ = torch.linalg.qr(inside, mode="complete")
-        memory = memory @ full[:, k:]
-    if kind == "remove" and memory.shape[1] > n / 2:
-        full, _ = torch.linalg.qr(memory, mode="complete")
-        memory, kind = full[:, memory.shape[1] :], "retain"
-    return memory, kind
-
-
-# Sketch-merge (this package's extension, mbf.strategies.sketch): InfLoRA's design against a bounded
-# sketch of past inputs, and every past task in one merged adapter of rank ≤ R.
 
 
 def sketch_update(

@@ -275,7 +275,7 @@ def test_a_mid_task_checkpoint_resumes_inside_the_task(tiny_llama, tmp_path):
     assert torch.equal(cl2.layers["model.layers.0.self_attn.q_proj"].merged_A, a)
 
 
-def test_unmerge_undoes_merge_even_if_the_mode_changed_in_between(tiny_llama):
+def test_unfold_undoes_fold_even_if_the_mode_changed_in_between(tiny_llama):
     cl = _setup(tiny_llama)
     cl.begin_task()
     _fake_training(cl, 1)
@@ -285,8 +285,8 @@ def test_unmerge_undoes_merge_even_if_the_mode_changed_in_between(tiny_llama):
     layer = next(iter(cl.layers.values()))
     w0 = layer.weight.detach().clone()
     with cl.merged():
-        layer.merge()
-    layer.unmerge()  # now in fine-tuned mode: must still subtract the merged adapter's delta
+        layer.fold()
+    layer.unfold()  # now in fine-tuned mode: must still subtract the merged adapter's delta
     torch.testing.assert_close(layer.weight, w0, atol=1e-6, rtol=0)
 
 

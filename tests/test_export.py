@@ -77,8 +77,8 @@ def test_disable_adapter_runs_the_base_model():
     with mbf.disable_adapter(model):
         torch.testing.assert_close(_logits(model, ids), want, atol=0, rtol=0)
     assert not torch.allclose(_logits(model, ids), want)  # the adapter is back after the block
-    next(iter(cl.layers.values())).merge()
-    with pytest.raises(ValueError, match="folded into the weight; unmerge"):
+    next(iter(cl.layers.values())).fold()
+    with pytest.raises(ValueError, match="folded into the weight; unfold"):
         with mbf.disable_adapter(model):
             pass
 

@@ -1,4 +1,4 @@
-"""Folding after every strategy: ``eject(fold=True)`` and a layer's ``merge()`` give the model that eval()
+"""Folding after every strategy: ``eject(fold=True)`` and a layer's ``fold()`` give the model that eval()
 computes, the past tasks' LoRAs (O-LoRA, InfLoRA) and a merge's dense ΔW (task arithmetic, TIES) included."""
 
 import pytest
@@ -63,22 +63,22 @@ def test_eject_fold_gives_what_eval_computes_after_every_strategy(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_merge_of_every_layer_keeps_the_eval_output_and_unmerge_gives_it_back(method):
+def test_fold_of_every_layer_keeps_the_eval_output_and_unfold_gives_it_back(method):
     ids = torch.randint(0, 97, (2, 7))
     model, cl = _strategy(method)
     model.eval()
     want = _logits(model, ids)
     weights = {n: layer.base.weight.detach().clone() for n, layer in cl.layers.items()}
     for layer in cl.layers.values():
-        layer.merge()  # the adapter the forward uses now, and whatever the strategy adds to it
+        layer.fold()  # the adapter the forward uses now, and whatever the strategy adds to it
     assert_close(_logits(model, ids), want, torch.float32)
     for layer in cl.layers.values():
-        layer.unmerge()
+        layer.unfold()
     assert_close(_logits(model, ids), want, torch.float32)
     for name, layer in cl.layers.items():
         assert_close(layer.base.weight, weights[name], torch.float32)
     for layer in cl.layers.values():  # folded layer by layer, then ejected: the same model
-        layer.merge()
+        layer.fold()
     mbf.eject(model, fold=True)
     assert_close(_logits(model, ids), want, torch.float32)
 

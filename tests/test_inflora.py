@@ -1,5 +1,5 @@
-"""InfLoRA: its closed-form steps (mbf.reference) on hand-made activations, the strategy against that
-float64 spec on the tiny Llama, its checkpoint (resume and the command line: test_olora.py)."""
+"""InfLoRA: its closed-form steps (mbf.closed_form, run in float64) on hand-made activations, the strategy
+against them in float64 on the tiny Llama, its checkpoint (resume and the command line: test_olora.py)."""
 
 import json
 
@@ -10,7 +10,7 @@ from fixtures.tiny import tiny_llama
 
 import mbf
 from mbf.checkpoint import META
-from mbf.reference import INFLORA_SCALE, dualgpm_update, inflora_design
+from mbf.closed_form import INFLORA_SCALE, dualgpm_update, inflora_design
 from mbf.strategies import load_strategy
 from mbf.strategies.inflora import InfLoRA, InfLoRAConfig
 

@@ -1,4 +1,4 @@
-"""LoRALinear: drop-in behaviour, PEFT-style merge/unmerge, validation."""
+"""LoRALinear: drop-in behaviour, folding (PEFT's merge/unmerge), validation."""
 
 import pytest
 import torch
@@ -77,16 +77,32 @@ def test_merged_and_preview_modes():
         layer(x.float())
 
 
-def test_merge_unmerge_round_trip_and_delta_weight():
+def test_fold_unfold_round_trip_and_delta_weight():
     lin, layer = _layer()
     x = torch.randn(4, 24)
     before, w0 = layer(x), lin.weight.detach().clone()
     torch.testing.assert_close(layer.get_delta_weight(), layer.scaling * layer.lora_B @ layer.lora_A)
-    layer.merge()
+    layer.fold()
     assert layer.folded
     torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lin(x), before, atol=1e-5, rtol=1e-5)
-    layer.unmerge()
+    layer.unfold()
+    torch.testing.assert_close(lin.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_merge_and_unmerge_are_deprecated_names_of_fold_and_unfold():
+    """PEFT's ``merge(safe_merge, adapter)`` / ``unmerge()`` still fold and unfold, with a warning naming
+    the new method ("merge" is SLAO's merge of adapters)."""
+    lin, layer = _layer()
+    x, w0 = torch.randn(4, 24), lin.weight.detach().clone()
+    before = layer(x)
+    with pytest.warns(DeprecationWarning, match=r"merge\(\) is deprecated: use fold\(\)"):
+        layer.merge(False, adapter="finetuned")
+    assert layer.folded_adapter == "finetuned"
+    torch.testing.assert_close(lin(x), before, atol=1e-5, rtol=1e-5)
+    with pytest.warns(DeprecationWarning, match=r"unmerge\(\) is deprecated: use unfold\(\)"):
+        layer.unmerge()
+    assert not layer.folded
     torch.testing.assert_close(lin.weight, w0, atol=1e-6, rtol=0)
 
 
@@ -96,7 +112,7 @@ def test_safe_merge_refuses_non_finite():
         layer.lora_B[0, 0] = float("inf")
     w0 = lin.weight.detach().clone()
     with pytest.raises(ValueError, match="LoRALinear: folding would produce non-finite weights"):
-        layer.merge()
+        layer.fold()
     assert torch.equal(lin.weight, w0) and not layer.folded
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import mbf
 from mbf import nf4, reference
+from mbf.closed_form import lam_schedule
 from mbf.io import atomic_save_safetensors, load_safetensors
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -81,7 +82,7 @@ def test_lora_linear_matches_the_reference_entry_by_entry(M, K, N, r, dtype, bac
     alpha=st.floats(0.01, 64),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_merge_unmerge_round_trip(W, r, alpha, seed):
+def test_fold_unfold_round_trip(W, r, alpha, seed):
     out_f, in_f = W.shape
     assume(r <= min(out_f, in_f))
     torch.manual_seed(seed)
@@ -94,9 +95,9 @@ def test_merge_unmerge_round_trip(W, r, alpha, seed):
     x = torch.randn(3, in_f)
     with torch.no_grad():
         before = layer(x)
-        layer.merge()
+        layer.fold()
         folded = layer(x)
-        layer.unmerge()
+        layer.unfold()
         after = layer(x)
     scale = 1.0 + before.abs().max().item()
     torch.testing.assert_close(folded, before, atol=1e-4 * scale, rtol=1e-4)
@@ -227,7 +228,7 @@ class SLAOMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.cl.in_task)
     @rule()
     def end(self):
-        lam = reference.lam_schedule("sqrt", self.tasks + 1)
+        lam = lam_schedule("sqrt", self.tasks + 1)
         for n, layer in self.cl.layers.items():
             self.shadow_B[n] = self.shadow_B[n] + lam * (layer.lora_B.detach().double() - self.shadow_B[n])
             self.shadow_A[n] = layer.lora_A.detach().double().clone()

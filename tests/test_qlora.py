@@ -143,13 +143,13 @@ def test_merge_gives_a_16bit_copy_and_never_requantises():
         layer.lora_B.normal_()
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     before = layer(x)
-    layer.merge()
+    layer.fold()
     assert isinstance(layer.base, nn.Linear) and layer.base.weight.dtype == torch.bfloat16
     assert not layer.is_4bit and "weight_packed" not in dict(layer.named_buffers())
     expected = (base.dequantize(torch.float32) + layer._delta_fp32()).to(torch.bfloat16)
     assert torch.equal(layer.base.weight, expected)
     assert_close(layer(x), before, torch.bfloat16)
-    layer.unmerge()
+    layer.unfold()
     assert layer.base is base and torch.equal(base.weight_packed, packed)  # the 4 bits untouched
     assert torch.equal(layer(x), before)
 

@@ -1,7 +1,5 @@
 """The spec itself, against float64 computed by hand (loops / closed forms)."""
 
-import math
-
 import pytest
 import torch
 
@@ -116,41 +114,9 @@ def test_orthonormal_rows_runs_in_fp32_for_half_inputs():
     torch.testing.assert_close(Q.double(), ref, atol=1e-2, rtol=0)
 
 
-def test_time_aware_merge_and_schedules():
+def test_time_aware_merge_by_hand():
     m, f = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     torch.testing.assert_close(reference.time_aware_merge(m, f, 0.25), 0.75 * m + 0.25 * f)
-    assert [reference.lam_schedule("sqrt", i) for i in (1, 4)] == [1.0, 0.5]
-    assert reference.lam_schedule("sqrt", 3) == pytest.approx(1 / math.sqrt(3))
-    assert reference.lam_schedule("inverse", 4) == 0.25
-    assert reference.lam_schedule("constant", 3, constant=0.3) == 0.3
-    assert reference.lam_schedule("none", 9) == 1.0
-    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
-        reference.lam_schedule("cosine", 2)
-    with pytest.raises(ValueError, match="task index 0 must be >= 1"):
-        reference.lam_schedule("sqrt", 0)
-
-
-@pytest.mark.parametrize("schedule", reference.SCHEDULES)
-@pytest.mark.parametrize("constant", [0.3, 0.5, 1.0])
-def test_task_one_gets_lambda_one_on_every_schedule(schedule, constant):
-    """λ(1) = 1 whatever the schedule and its constant: after task 1 merged = fine-tuned (DESIGN step 3).
-    ``sqrt`` and ``inverse`` give 1 at i = 1 by their formula anyway; ``constant`` c must not."""
-    assert reference.lam_schedule(schedule, 1, constant=constant) == 1.0
-    want_2 = {"sqrt": 2**-0.5, "inverse": 0.5, "constant": constant, "none": 1.0}[schedule]
-    assert reference.lam_schedule(schedule, 2, constant=constant) == pytest.approx(want_2, rel=1e-15)
-
-
-def test_inflora_row_scale_is_one_over_root_three():
-    """The designed rows' norm, 3^-1/2 = 0.5773502691896258 (a number, not the constant itself): the
-    expected norm² of a Kaiming-uniform (a = √5) row, U(±1/√in) over ``in`` entries: in · (1/in) / 3."""
-    assert reference.INFLORA_SCALE == pytest.approx(0.5773502691896258, rel=1e-15)
-    A = torch.empty(256, 4096, dtype=torch.float64)
-    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # what mbf's LoRALinear draws for lora_A
-    assert (A * A).sum(dim=1).mean().item() == pytest.approx(1 / 3, rel=0.01)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(50, 6, dtype=torch.float64, generator=g)
-    rows = reference.inflora_design(X.T @ X / 50, torch.zeros(6, 0, dtype=torch.float64), "remove", 2)
-    torch.testing.assert_close(rows.norm(dim=1), torch.full((2,), 0.5773502691896258, dtype=torch.float64))
 
 
 def test_project_out_removes_the_basis():
@@ -159,3 +125,12 @@ def test_project_out_removes_the_basis():
     P = reference.project_out(U, Q)
     torch.testing.assert_close(P @ Q.T, torch.zeros(6, 4, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(reference.project_out(P, Q), P, atol=1e-12, rtol=0)
+    torch.testing.assert_close(U - P, (U @ Q.T) @ Q, atol=1e-12, rtol=0)  # what was removed: U's part in Q
+
+
+def test_project_out_by_hand():
+    """Q = the first two axes of R^3: each row keeps its third coordinate only."""
+    Q = torch.eye(3, dtype=torch.float64)[:2]
+    U = torch.tensor([[1.0, 2.0, 3.0], [-4.0, 0.5, 6.0]], dtype=torch.float64)
+    want = torch.tensor([[0.0, 0.0, 3.0], [0.0, 0.0, 6.0]], dtype=torch.float64)
+    torch.testing.assert_close(reference.project_out(U, Q), want, atol=0, rtol=0)

@@ -26,6 +26,7 @@ from mbf.experiment.run import run_continual
 from mbf.experiment.suites.conflict import conflict_suite
 from mbf.experiment.train import TrainOptions
 from mbf.experiment.zero_shot import weights_fingerprint
+from mbf.strategies.slao import ContinualConfig
 
 LORA = mbf.LoRAConfig(r=4, alpha=8)
 OPTS = TrainOptions(lr=5e-3, max_steps=3, batch_size=4, eval_batch_size=6, seed=1)
@@ -78,7 +79,8 @@ def test_an_accepted_change_on_resume_is_applied(runs, tmp_path, method, overrid
     config = method_config(method, **overrides)
     results = _run(run, method=method, config=config, resume=True, accept_changes=True)
     assert results["complete"] and results["resumed_with_changes"]
-    assert getattr(read_checkpoint(run / results["checkpoint"]).config, field) == want
+    saved = read_checkpoint(run / results["checkpoint"], config_class=ContinualConfig).config
+    assert isinstance(saved, ContinualConfig) and getattr(saved, field) == want
 
 
 def test_an_edited_results_file_is_refused(runs, tmp_path):

@@ -8,7 +8,8 @@ from fixtures.tiny import tiny_llama
 from test_inflora import _layer_inputs
 
 import mbf
-from mbf.reference import bounded_merge, inflora_design, lam_schedule, sketch_update, sketch_weight
+from mbf.closed_form import inflora_design, lam_schedule
+from mbf.reference import bounded_merge, sketch_update, sketch_weight
 from mbf.strategies import load_strategy, make_strategy
 from mbf.strategies.sketch import SketchMerge, SketchMergeConfig
 

@@ -10,8 +10,8 @@ import torch
 from conftest import make_tiny_llama, token_examples
 
 import mbf
-from mbf import reference
 from mbf.checkpoint import read_checkpoint
+from mbf.closed_form import free_projector
 from mbf.strategies.inflora import InfLoRA
 from mbf.strategies.olora import OLoRA
 from mbf.strategies.replay import ExperienceReplay, Replay, ReplayConfig, ReplayDataset, draw_buffer
@@ -96,7 +96,7 @@ def test_two_tasks_under_the_trainer_end_with_eval_on_the_merged_adapter(tmp_pat
         trainer = _train(model, cl, task, tmp_path / f"t{task}")
         assert cl.task_index == task + 1 and not cl.in_task, "end_task() ran on train end"
         if task == 0 and method == "inflora":
-            after_task_1 = {n: reference._free_projector(m, cl.kind[n]) for n, m in cl.memory.items()}
+            after_task_1 = {n: free_projector(m, cl.kind[n]) for n, m in cl.memory.items()}
     model.eval()
     got = _logits(model)
     with cl.merged():

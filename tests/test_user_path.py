@@ -85,18 +85,18 @@ def test_a_layer_folded_with_one_adapter_is_never_used_as_the_other():
     model = make_tiny_llama()
     cl = _slao(model)
     name, layer = next(iter(cl.layers.items()))
-    layer.merge(adapter="finetuned")
+    layer.fold(adapter="finetuned")
     with pytest.raises(ValueError, match=rf"{name}: the finetuned adapter is folded into the weight"):
         with cl.merged():
             pass
-    with pytest.raises(ValueError, match=rf"{name}: .* unmerge\(\) it before using the merged one"):
-        layer.merge(adapter="merged")
+    with pytest.raises(ValueError, match=rf"{name}: .* unfold\(\) it before using the merged one"):
+        layer.fold(adapter="merged")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"{name}: the finetuned adapter is folded"):
         mbf.eject(model, fold=True, adapter="merged")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    layer.merge(adapter="finetuned")  # the same adapter again: nothing to do
-    layer.unmerge()
+    layer.fold(adapter="finetuned")  # the same adapter again: nothing to do
+    layer.unfold()
     with cl.merged():
         merged = _logits(model.eval(), IDS)
     mbf.eject(model, fold=True, adapter="merged")
@@ -223,7 +223,7 @@ def test_non_finite_adapter_tensors_are_not_imported(tmp_path):
 
 
 def test_the_ablation_field_is_merged_factors_and_older_files_still_load(tmp_path):
-    """``ContinualConfig.merge`` is now ``merged_factors`` (``merge()`` folds); old files still load."""
+    """``ContinualConfig.merge`` is now ``merged_factors`` (``fold()`` folds); old files still load."""
     assert mbf.ContinualConfig.from_dict({"merge": "A"}).merged_factors == "A"
     cl = _slao(make_tiny_llama(), tasks=1)
     cl.save(tmp_path)

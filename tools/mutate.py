@@ -68,10 +68,10 @@ MUTANTS = (
     ),
     Mutant(
         "4", "λ(1) = 1 dropped for the constant schedule",
-        "mbf/reference.py",
+        "mbf/closed_form.py",
         'if i == 1 or schedule == "none":',
         'if (i == 1 and schedule != "constant") or schedule == "none":',
-        ("tests/test_reference.py::test_task_one_gets_lambda_one_on_every_schedule",
+        ("tests/test_closed_form.py::test_task_one_gets_lambda_one_on_every_schedule",
          "tests/test_continual.py::test_schedules"),
     ),
     Mutant(
@@ -83,17 +83,17 @@ MUTANTS = (
     ),
     Mutant(
         "5b", "QR, Triton kernel: a zero row's completion counted as -e_j",
-        "kernels/ortho.py",
+        "mbf/kernels/ortho.py",
         "return x + tl.where(cols == e_col, 1.0, 0.0)",
         "return x - tl.where(cols == e_col, 1.0, 0.0)",
         ("tests/test_ortho.py::test_a_zero_diagonal_counts_as_plus_one[triton]",),
     ),
     Mutant(
         "6", "InfLoRA: the designed rows' scale 1/√3 replaced by 1",
-        "mbf/reference.py",
+        "mbf/closed_form.py",
         "INFLORA_SCALE = 3**-0.5",
         "INFLORA_SCALE = 1.0",
-        ("tests/test_reference.py::test_inflora_row_scale_is_one_over_root_three",
+        ("tests/test_closed_form.py::test_inflora_row_scale_is_one_over_root_three",
          "tests/test_inflora.py::test_designed_rows_are_the_top_free_directions_and_orthogonal_to_the_memory"),
     ),
     Mutant(
@@ -131,9 +131,6 @@ def make_copy(root: Path, dest: Path) -> None:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
-    # The editable install maps ``mbf.kernels`` to the CHECKOUT's kernels/ whatever the working directory;
-    # a package folder found first on mbf.__path__ makes the copy's kernels/ the one imported.
-    (dest / "mbf" / "kernels").symlink_to(Path("..") / "kernels", target_is_directory=True)
 
 
 def _env() -> dict:

@@ -40,7 +40,6 @@ def measure_boundary(
         Two rows (the loop first, the baseline of the other), without ``device``/``date``/``versions``.
     """
     import mbf
-    from mbf import reference
 
     model = _adapted_linears(model_name, layers, device)
     # ModuleDict keys become leaf names: inject by every key
@@ -55,11 +54,12 @@ def measure_boundary(
         cl.begin_task()
         cl.end_task()
 
-    def loop() -> None:
+    def loop() -> None:  # QR with diag(R) >= 0, then the merge, one layer at a time (fp32 adapters)
         with torch.no_grad():
             for layer in cl.layers.values():
-                layer.lora_A.copy_(reference.orthonormal_rows(layer.lora_A))
-                layer.merged_B.copy_(reference.time_aware_merge(layer.merged_B, layer.lora_B, 0.5))
+                Q, R = torch.linalg.qr(layer.lora_A.float().T)
+                layer.lora_A.copy_((Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)).T)
+                layer.merged_B.lerp_(layer.lora_B.float(), 0.5)
 
     n_layers = layers or MODEL_CONFIGS[model_name]["num_hidden_layers"]
     return [

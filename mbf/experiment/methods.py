@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Any
 
-from mbf.config import ContinualConfig
 from mbf.strategies.inflora import InfLoRAConfig
 from mbf.strategies.olora import OLoRAConfig
 from mbf.strategies.replay import ReplayConfig
 from mbf.strategies.sketch import SketchMergeConfig
+from mbf.strategies.slao import ContinualConfig
 from mbf.strategies.task_merge import TaskMergeConfig
 
 __all__ = ["BASELINES", "EXTENSIONS", "METHODS", "PAPER_ABLATIONS", "method_config", "method_label",

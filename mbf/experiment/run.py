@@ -1,12 +1,12 @@
 """A continual run: train a task sequence with one method, evaluate, and commit after every task.
 
-The method is a continual strategy (``mbf.strategies``: SLAO's ``ContinualLoRA``, O-LoRA, ...) driven
-through its protocol (``mbf.strategies.base``). After each task every task seen so far, and the next
-one (for forward transfer), is evaluated with the adapter inference uses (SLAO's merged adapter) and
-the run directory is written, atomically, so
-that ``resume=True`` continues from the last finished task and a crash loses at most the task in
-progress. Before the first task the bare model is evaluated once on every task (the zero-shot
-reference of FWT; cached by model fingerprint and test set when a cache folder is given)::
+The method is a continual strategy (``mbf.strategies``: SLAO's ``ContinualLoRA``, O-LoRA, ...); each
+task runs through its hooks in ``mbf.strategies.loop.run_task``'s order. After each task every task seen
+so far, and the next one (for forward transfer), is evaluated with the adapter inference uses (SLAO's
+merged adapter) and the run directory is written, atomically, so that ``resume=True`` continues from the
+last finished task and a crash loses at most the task in progress. Before the first task the bare model is
+evaluated once on every task (the zero-shot reference of FWT; cached by model fingerprint and test set when
+a cache folder is given)::
 
     OUT/results.json          the results (schema in mbf/experiment/results.py): the commit point
     OUT/results.md, accuracy.png   the same as a table and a heatmap
@@ -39,6 +39,7 @@ from mbf.inject import inject, lora_layers
 from mbf.io import peak_rss
 from mbf.strategies import ContinualStrategy, load_strategy, make_strategy
 from mbf.strategies.base import ADAM_MOMENTS
+from mbf.strategies.loop import run_task
 
 __all__ = ["model_dtype", "run_continual", "run_settings"]
 
@@ -141,58 +142,43 @@ class _Run:
     def continual_stage(self, cl: ContinualStrategy, i: int) -> None:
         """Train task ``i`` (0-based) with ``cl``'s boundaries; evaluate tasks ``0..i`` merged; commit."""
         task, seed = self.tasks[i], self.opts.seed * 1000 + i
+        own = [(task, ex) for ex in task.train]
+        seen = [[(t, ex) for ex in t.train] for t in self.tasks[:i]] + [own]
+        # the task's own examples set the steps: replayed ones are mixed into its batches, not added as
+        # extra steps, so every method trains the same steps per task
+        opts = replace(self.opts, max_steps=self.opts.steps_for(len(own)))
+        desc = f"train {i + 1}/{len(self.tasks)} {task.name}"
+        evaluated = self.tasks[: i + 2]  # the next task too, untrained yet (FWT)
+        if self.opts.offdiag_test and i < len(self.tasks) - 1:  # cells no metric reads: fewer examples
+            n = self.opts.offdiag_test
+            evaluated = [replace(t, test=t.test[:n]) if j < i else t for j, t in enumerate(evaluated)]
+        checkpoint, tuned = f"checkpoints/task-{i + 1:02d}", f"{task.name} (fine-tuned)"
 
-        def train() -> dict:
-            # set before begin_task (init="random" draws there): a resumed run equals an uninterrupted one
-            torch.manual_seed(seed)
-            own = [(task, ex) for ex in task.train]
-            examples = cl.training_examples(i, [[(t, ex) for ex in t.train] for t in self.tasks[:i]] + [own])
-            if cl.wants_inputs:  # InfLoRA: the task's inputs before its adapter is designed
-                cl.observe_inputs(lambda: run_inputs(self.model, self.codec, own, self.opts))
-            cl.begin_task()
-            desc = f"train {i + 1}/{len(self.tasks)} {task.name}"
-            # the task's own examples set the steps: replayed ones are mixed into its batches, not added
-            # as extra steps, so every method trains the same steps per task
-            opts = replace(self.opts, max_steps=self.opts.steps_for(len(own)))
-            stats = train_steps(
-                self.model,
-                cl.trainable_parameters(),
-                self.codec,
-                examples,
-                opts,
-                seed,
-                desc,
-                after_step=cl.after_step,  # SLAO: a no-op unless orthogonal_updates (strict mode)
-                loss_term=cl.loss_term,  # O-LoRA's regulariser; None for the others
-            )
-            if cl.wants_inputs:  # and after training, before the task is closed
-                cl.observe_inputs(lambda: run_inputs(self.model, self.codec, own, self.opts))
-            cl.end_task()
-            return stats
+        def train(examples: list, params: list, loss_term, after_step) -> dict:
+            return train_steps(self.model, params, self.codec, examples, opts, seed, desc,
+                               after_step=after_step, loss_term=loss_term)  # fmt: skip
 
-        def evaluate() -> tuple[list[dict], float]:
-            seen = self.tasks[: i + 2]
-            if self.opts.offdiag_test and i < len(self.tasks) - 1:  # cells no metric reads: fewer examples
-                n = self.opts.offdiag_test
-                seen = [replace(t, test=t.test[:n]) if j < i else t for j, t in enumerate(seen)]
-            with cl.merged():  # what inference uses; the next task too, untrained yet (FWT)
-                records = self.evaluate(seen, after=task.name)
-            best = headline(self.opts.scoring)
-            if not cl.finetuned_differs:  # e.g. SLAO with λ ≡ 1: the merged adapter is the fine-tuned one
-                return records, next(
-                    r["score"] for r in records if r["task"] == task.name and r["scorer"] == best
-                )
-            with cl.adapter_mode("finetuned"):  # plasticity alone, without the merge's dilution
-                own = self.evaluate([task], after=f"{task.name} (fine-tuned)", adapter="finetuned")
-            return records + own, next(r["score"] for r in own if r["scorer"] == best)
+        def save() -> None:
+            with bound_to_run(results_file.identity(self.results)):  # a resume refuses another run's
+                cl.save(self.out / checkpoint)
 
-        measured = _measure(train, evaluate)
-        checkpoint = f"checkpoints/task-{i + 1:02d}"
-        with bound_to_run(results_file.identity(self.results)):  # a resume refuses another run's
-            cl.save(self.out / checkpoint)
-        kept = cl.buffered()  # replay's kept examples: their text is the buffer's memory
-        self.commit(task.name, measured, adapter_bytes=cl.adapter_bytes(), checkpoint=checkpoint,
-                    optimizer_bytes=cl.optimizer_bytes(), buffer_bytes=None if kept is None else
+        # set before begin_task (init="random" draws there): a resumed run equals an uninterrupted one
+        torch.manual_seed(seed)
+        done = run_task(
+            cl, i, seen, train=train, save=save,
+            forward=lambda: run_inputs(self.model, self.codec, own, self.opts),
+            evaluate_merged=lambda: self.evaluate(evaluated, after=task.name),
+            evaluate_finetuned=lambda: self.evaluate([task], after=tuned, adapter="finetuned"),
+        )  # fmt: skip
+        # the task's own adapter alone (plasticity, without the merge's dilution); the merged one where they
+        # are the same (e.g. SLAO with λ ≡ 1)
+        own_records = done.finetuned or [r for r in done.merged if r["task"] == task.name]
+        own_score = next(r["score"] for r in own_records if r["scorer"] == headline(self.opts.scoring))
+        measured = {"stats": done.stats, "train_s": done.train_s, "eval_s": done.eval_s,
+                    "evaluation": (done.merged + (done.finetuned or []), own_score)}  # fmt: skip
+        kept = done.memory.buffered  # replay's kept examples: their text is the buffer's memory
+        self.commit(task.name, measured, adapter_bytes=done.memory.adapter_bytes, checkpoint=checkpoint,
+                    optimizer_bytes=done.memory.optimizer_bytes, buffer_bytes=None if kept is None else
                     sum(len(ex.input.encode()) + len(ex.output.encode()) for _, ex in kept))  # fmt: skip
         # after the commit, which names the new one; never a folder this run did not make
         identity = results_file.identity(self.results)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mbf import reference
+from mbf.closed_form import work_dtype
 from mbf.functional._backend import kernel, resolve_backend
 
 __all__ = ["time_aware_merge_"]
@@ -44,7 +44,7 @@ def time_aware_merge_(
         for i, (m, f) in enumerate(zip(merged_Bs, ft_Bs)):
             groups.setdefault((m.dtype, f.dtype, m.device), []).append(i)
         for (m_dtype, _, _), idx in groups.items():
-            ct = reference._qr_dtype(m_dtype)
+            ct = work_dtype(m_dtype)
             ms = [merged_Bs[i] for i in idx]
             work = ms if m_dtype == ct else [m.to(ct) for m in ms]  # fp32 math for half storage
             torch._foreach_lerp_(work, [ft_Bs[i].detach().to(ct) for i in idx], float(lam))

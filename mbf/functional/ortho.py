@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mbf import reference
+from mbf.closed_form import project_out as _project_out_torch
+from mbf.closed_form import work_dtype
 from mbf.functional._backend import kernel, resolve_backend
 
 __all__ = ["DEPENDENT_ROW_TOL", "orthonormal_rows", "project_out", "project_out_all"]
@@ -130,7 +131,7 @@ def _torch_orthonormal_rows(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
     ``(G, r)``; the row norms ``‖a_k‖ = ‖R[:, k]‖`` ``(G, r)`` (fp64 over r×r: no overflow, no pass
     over A); ok ``(G,)``: A's fp32 row norms are finite (False also when they overflow).
     """
-    A = batch.to(reference._qr_dtype(batch.dtype))
+    A = batch.to(work_dtype(batch.dtype))
     Q, R = torch.linalg.qr(A.transpose(-1, -2), mode="reduced")  # Q (G, d, r), R (G, r, r)
     diag = torch.diagonal(R, dim1=-2, dim2=-1)
     signs = torch.where(diag < 0, -1.0, 1.0).to(Q.dtype)  # a zero sign counts as +1
@@ -171,7 +172,7 @@ def project_out(U: torch.Tensor, Q: torch.Tensor, backend: str = "auto") -> torc
         raise ValueError(f"U {tuple(U.shape)}, Q {tuple(Q.shape)}: need (k, d), (r, d) or batches of them")
     if resolve_backend(backend, U) == "triton":
         return kernel("ortho", "project_out")(U, Q)
-    return reference.project_out(U, Q)
+    return _project_out_torch(U, Q)
 
 
 def project_out_all(

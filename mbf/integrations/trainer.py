@@ -10,7 +10,7 @@ Recipe (README, "With the transformers Trainer")::
         trainer.evaluate()       # with the adapter inference uses (the strategy's merged())
 
 ``ContinualCallback`` runs the strategy protocol (``mbf.strategies.base``) in the order of ``mbf continual``'s
-loop (``mbf.experiment.run``):
+loop, with its pieces (``mbf.strategies.loop``: ``open_task``, the step hooks, ``close_task``):
 
 - ``on_init_end``: refuses a combination that cannot work (named below), and lets exactly the next task's
   trainable factors require grad, so that the optimizer the Trainer builds holds them (the same
@@ -57,6 +57,10 @@ from pathlib import Path
 import torch
 
 from mbf.export import INDEX, SHARD
+from mbf.strategies import loop
+from mbf.strategies.base import REQUIRED, StrategyDefaults, hook
+from mbf.strategies.replay import ReplayDataset
+from mbf.strategies.slao import ContinualLoRA
 
 __all__ = ["INDEX", "SHARD", "ContinualCallback", "SLAOCallback", "adapters_attached"]
 
@@ -89,11 +93,6 @@ def _trainer_callback_base():
     return TrainerCallback
 
 
-# what the callback calls of every strategy (the rest of the protocol is optional: mbf.strategies.base)
-_PROTOCOL = ("begin_task", "end_task", "trainable_parameters", "save", "restore", "merged", "task_index",
-             "in_task")  # fmt: skip
-
-
 def _innermost(strategy):
     """The strategy a plugin (``Replay``) wraps, down to the one that owns the adapters."""
     while getattr(type(strategy), "keeps_examples", False) and hasattr(strategy, "strategy"):
@@ -102,8 +101,6 @@ def _innermost(strategy):
 
 
 def _adds_loss(strategy) -> bool:
-    from mbf.strategies.base import StrategyDefaults
-
     return getattr(type(_innermost(strategy)), "loss_term", None) is not StrategyDefaults.loss_term
 
 
@@ -122,7 +119,7 @@ class ContinualCallback(_trainer_callback_base()):
     """
 
     def __init__(self, strategy, state_dir: str | Path | None = None) -> None:
-        missing = [m for m in _PROTOCOL if not hasattr(strategy, m)]
+        missing = [m for m in REQUIRED if not hasattr(strategy, m)]
         if missing:
             raise TypeError(f"ContinualCallback: {type(strategy).__name__} is not a continual strategy "
                             f"(lacks {', '.join(missing)}; see mbf.strategies)")  # fmt: skip
@@ -157,9 +154,7 @@ class ContinualCallback(_trainer_callback_base()):
             self._take_dataset(getattr(train_dataloader, "dataset", None))
             self._snapshot = tempfile.TemporaryDirectory(prefix="mbf-task-start-")
             self.cl.save(self._snapshot.name)
-            if getattr(self.cl, "wants_inputs", False):
-                self.cl.observe_inputs(lambda: self._run_inputs(train_dataloader))
-            self.cl.begin_task()
+            loop.open_task(self.cl, lambda: self._run_inputs(train_dataloader))
             if trained is not None:
                 self._put_adapters(trained)
         if callable(getattr(self.cl, "set_eval_adapter", None)):
@@ -168,7 +163,7 @@ class ContinualCallback(_trainer_callback_base()):
         return control
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        term = self.cl.loss_term() if self.cl.in_task else None
+        term = hook(self.cl, "loss_term")() if self.cl.in_task else None
         if term is None or not term.requires_grad:
             return control
         params = [p for p in self.cl.trainable_parameters() if p.requires_grad]
@@ -188,7 +183,7 @@ class ContinualCallback(_trainer_callback_base()):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.cl.in_task:
-            self.cl.after_step()
+            hook(self.cl, "after_step")()
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -202,9 +197,7 @@ class ContinualCallback(_trainer_callback_base()):
 
     def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
         if self.cl.in_task:
-            if getattr(self.cl, "wants_inputs", False):
-                self.cl.observe_inputs(lambda: self._run_inputs(train_dataloader))
-            self.cl.end_task()
+            loop.close_task(self.cl, lambda: self._run_inputs(train_dataloader))
         if callable(getattr(self.cl, "set_eval_adapter", None)):
             self.cl.set_eval_adapter("auto")  # the merged adapter: what inference uses
         folder = self.state_dir or Path(args.output_dir) / self.name
@@ -217,8 +210,6 @@ class ContinualCallback(_trainer_callback_base()):
 
     def _refuse(self, args) -> None:
         """Raise ValueError, naming the reason, for a strategy that cannot train under these arguments."""
-        from mbf.continual import ContinualLoRA
-
         name = self.cl.strategy_name
         if getattr(args, "deepspeed", None) and _adds_loss(self.cl):
             raise ValueError(
@@ -236,8 +227,6 @@ class ContinualCallback(_trainer_callback_base()):
         if getattr(type(self.cl), "keeps_examples", False):
             self.cl.check_dataset(dataset)
             return
-        from mbf.strategies.replay import ReplayDataset
-
         if isinstance(dataset, ReplayDataset) and dataset.task_index != self.cl.task_index:
             raise ValueError(
                 f"the Trainer's ReplayDataset is task {dataset.task_index + 1}'s, but {self.name}'s next "

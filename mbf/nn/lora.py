@@ -14,9 +14,10 @@ evaluates with SLAO's adapters while it trains the fine-tuned one (``mbf.integra
 
 A strategy may add a frozen term of its own after the layer's forward (a forward hook): the past tasks'
 LoRAs of O-LoRA and InfLoRA (every mode), the dense merged ΔW of task arithmetic / TIES (the
-``"merged"`` mode). It registers it as the layer's ``extra_term`` (``ExtraTerm``), so that ``merge()``
+``"merged"`` mode). It registers it as the layer's ``extra_term`` (``ExtraTerm``), so that ``fold()``
 (and ``mbf.eject(fold=True)``) folds it with the adapter, exactly what the layer computes, and the
-hook adds nothing while the layer is folded.
+hook adds nothing while the layer is folded. To *fold* is to add an adapter's ``s · B A`` into the base
+weight (PEFT's ``merge()``; ``merge()`` / ``unmerge()`` remain, deprecated); *merge* is SLAO's merge.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = ["LoRALinear"]
 MODES = ("finetuned", "merged", "preview")
 ADAPTERS = ("finetuned", "merged")  # the two adapters a layer holds
 # how a function picks one of them: "auto" is the adapter inference uses (the merged one once a task
-# has been merged, the fine-tuned one before); None, the old default of ``merge()``, means "auto"
+# has been merged, the fine-tuned one before); None, the old default of ``fold()``, means "auto"
 ADAPTER_CHOICES = ("auto", *ADAPTERS)
 
 
@@ -147,9 +148,9 @@ class LoRALinear(nn.Module):
         self.eval_adapter_mode: str | None = None  # the mode in eval() when set (e.g. under a Trainer)
         self._warned_eval_grad = False  # the eval()-without-gradient warning is given once per layer
         self.lam = 1.0  # λ of the "preview" mode; a runtime scalar, never a recompile
-        self.folded_adapter: str | None = None  # the adapter folded into the base weight (merge()/unmerge())
+        self.folded_adapter: str | None = None  # the adapter folded into the base weight (fold()/unfold())
         self.disabled = False  # True inside mbf.disable_adapter(model): the base alone
-        self._folded_delta: torch.Tensor | None = None  # what merge() added to a dense base.weight
+        self._folded_delta: torch.Tensor | None = None  # what fold() added to a dense base.weight
         self._nf4_base: NF4Linear | None = None  # the 4-bit base while folded into a 16-bit copy
         self.extra_term: ExtraTerm | None = None  # a strategy's frozen term (past LoRAs, a merged ΔW)
         self.reset_lora_parameters()
@@ -161,12 +162,12 @@ class LoRALinear(nn.Module):
 
     @property
     def folded(self) -> bool:
-        """True while an adapter is folded into the base weight (``merge()`` / ``unmerge()``)."""
+        """True while an adapter is folded into the base weight (``fold()`` / ``unfold()``)."""
         return self.folded_adapter is not None
 
     @property
     def is_4bit(self) -> bool:
-        """True while the base is an NF4 weight (False after ``merge()`` folds it into a 16-bit copy)."""
+        """True while the base is an NF4 weight (False after ``fold()`` folds it into a 16-bit copy)."""
         return isinstance(self.base, NF4Linear)
 
     @property
@@ -276,7 +277,7 @@ class LoRALinear(nn.Module):
         with another one (the forward would silently use the folded one)."""
         if self.folded and mode != self.folded_adapter:
             raise ValueError(
-                f"{self.layer_name}: the {self.folded_adapter} adapter is folded into the weight; unmerge() "
+                f"{self.layer_name}: the {self.folded_adapter} adapter is folded into the weight; unfold() "
                 f"it before using the {mode} one"
             )
 
@@ -326,14 +327,14 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{self.layer_name}: folding would produce non-finite weights; not folded")
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = True, adapter: str | None = None) -> None:
-        """Fold an adapter into the base weight (PEFT's name); forward is then the base alone.
+    def fold(self, adapter: str | None = None, *, safe: bool = True) -> None:
+        """Fold an adapter into the base weight (PEFT's ``merge()``); forward is then the base alone.
 
         Args:
-            safe_merge: check the folded weight is finite before writing it (PEFT's flag).
             adapter: ``"finetuned"``, ``"merged"`` (SLAO's merged adapter), ``"auto"`` (the one
                 inference uses), or None: the one the forward uses now (a ``"preview"`` included), so
-                that merging leaves the output as it was. Folding the folded adapter again does nothing.
+                that folding leaves the output as it was. Folding the folded adapter again does nothing.
+            safe: check the folded weight is finite before writing it (PEFT's ``safe_merge``).
 
         A strategy's frozen term that computes with the folded adapter (``extra_term``: O-LoRA's and
         InfLoRA's past tasks' LoRAs, the dense merged ΔW of task arithmetic / TIES) is folded with it, so
@@ -341,10 +342,10 @@ class LoRALinear(nn.Module):
 
         Over a 4-bit base the result is a new 16-bit ``nn.Linear`` (dequantised base + delta, in the
         compute dtype): a folded 4-bit weight is never re-quantised, which would destroy what was
-        learned. ``unmerge()`` puts the untouched 4-bit base back.
+        learned. ``unfold()`` puts the untouched 4-bit base back.
 
         Raises:
-            ValueError: with ``safe_merge``, when the folded weight would be non-finite; when another
+            ValueError: with ``safe``, when the folded weight would be non-finite; when another
                 adapter is folded already, or ``"merged"`` is asked for before any task was merged
                 (nothing changes).
         """
@@ -353,13 +354,13 @@ class LoRALinear(nn.Module):
             self.check_mode(adapter)
             return
         new_w, delta = self._folded_weight(adapter)
-        if safe_merge and not torch.isfinite(new_w).all():
+        if safe and not torch.isfinite(new_w).all():
             raise ValueError(f"{self.layer_name}: folding would produce non-finite weights; not folded")
         if self.is_4bit:
             self._swap_in_dense(new_w)
         else:
             self.base.weight.copy_(new_w)
-            self._folded_delta = delta  # unmerge() subtracts this very delta: the mode or λ may change
+            self._folded_delta = delta  # unfold() subtracts this very delta: the mode or λ may change
         self.folded_adapter = adapter
 
     def _swap_in_dense(self, new_w: torch.Tensor) -> None:
@@ -368,8 +369,8 @@ class LoRALinear(nn.Module):
         self.base = nf4.to_linear(new_w)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge()`` (exact up to the base dtype's rounding; exact over a 4-bit base)."""
+    def unfold(self) -> None:
+        """Undo ``fold()`` (exact up to the base dtype's rounding; exact over a 4-bit base)."""
         if not self.folded:
             return
         if self._nf4_base is not None:
@@ -378,6 +379,16 @@ class LoRALinear(nn.Module):
             self.base.weight.sub_(self._folded_delta)
             self._folded_delta = None
         self.folded_adapter = None
+
+    def merge(self, safe_merge: bool = True, adapter: str | None = None) -> None:
+        """Deprecated: PEFT's name of ``fold(adapter, safe=safe_merge)``."""
+        warnings.warn("LoRALinear.merge() is deprecated: use fold()", DeprecationWarning, stacklevel=2)
+        self.fold(adapter, safe=safe_merge)
+
+    def unmerge(self) -> None:
+        """Deprecated: PEFT's name of ``unfold()``."""
+        warnings.warn("LoRALinear.unmerge() is deprecated: use unfold()", DeprecationWarning, stacklevel=2)
+        self.unfold()
 
     def extra_repr(self) -> str:
         return (

@@ -1,9 +1,11 @@
-"""Continual strategies: SLAO (``mbf.ContinualLoRA``) and the methods it is measured against, behind one
-protocol (``ContinualStrategy``, see ``mbf.strategies.base``) that one training loop drives.
+"""Continual strategies: SLAO (``slao``: ``mbf.ContinualLoRA``) and the methods it is measured against
+(``olora``, ``inflora``, ``task_merge``, ``sketch``; ``replay``, a plugin that wraps any of them), behind
+one small protocol with optional hooks (``mbf.strategies.base``) that one task driver runs
+(``mbf.strategies.loop``).
 
 ``strategy_classes()`` names every strategy class; ``make_strategy(model, config)`` builds the one whose
 ``config_class`` the config is; ``load_strategy(model, path)`` rebuilds whichever strategy saved a
-checkpoint. The classes are imported when first asked for (``mbf.continual`` imports this package's base).
+checkpoint.
 """
 
 from __future__ import annotations
@@ -14,23 +16,23 @@ from typing import Any
 from torch import nn
 
 from mbf import checkpoint
-from mbf.strategies.base import ContinualStrategy, StrategyConfig, StrategyDefaults
+from mbf.strategies.base import ContinualStrategy, StrategyConfig, StrategyDefaults, hook
+from mbf.strategies.inflora import InfLoRA
+from mbf.strategies.olora import OLoRA
+from mbf.strategies.replay import ExperienceReplay, Replay
+from mbf.strategies.sketch import SketchMerge
+from mbf.strategies.slao import ContinualConfig, ContinualLoRA
+from mbf.strategies.task_merge import TaskMergeLoRA
 
 __all__ = [
-    "ContinualStrategy", "StrategyConfig", "StrategyDefaults", "load_strategy", "make_strategy",
-    "strategy_classes",
+    "ContinualConfig", "ContinualLoRA", "ContinualStrategy", "ExperienceReplay", "InfLoRA", "OLoRA", "Replay",
+    "SketchMerge", "StrategyConfig", "StrategyDefaults", "TaskMergeLoRA", "hook", "load_strategy",
+    "make_strategy", "strategy_classes",
 ]  # fmt: skip
 
 
 def strategy_classes() -> dict[str, type]:
     """``{strategy_name: class}`` of every strategy (a new strategy is added here)."""
-    from mbf.continual import ContinualLoRA
-    from mbf.strategies.inflora import InfLoRA
-    from mbf.strategies.olora import OLoRA
-    from mbf.strategies.replay import ExperienceReplay
-    from mbf.strategies.sketch import SketchMerge
-    from mbf.strategies.task_merge import TaskMergeLoRA
-
     classes = (ContinualLoRA, OLoRA, InfLoRA, TaskMergeLoRA, ExperienceReplay, SketchMerge)
     return {cls.strategy_name: cls for cls in classes}
 

@@ -7,7 +7,7 @@ task's, kept as separate frozen factors stacked per layer, ``A_past`` ``(T·r, i
 ``(out, T·r)`` (so ``B_past A_past = Σ_k B_k A_k``): memory grows as ``O(T·(in + out)·r)``, as the
 papers' methods do. A forward hook adds the past term (no dropout on it) after the layer's own
 forward; folding it into W instead would give the same output (tested) but lose the per-task factors
-that O-LoRA's loss needs. The term is each layer's ``extra_term``: ``layer.merge()`` and
+that O-LoRA's loss needs. The term is each layer's ``extra_term``: ``layer.fold()`` and
 ``mbf.eject(model, fold=True)`` fold it with the layer's LoRA (what eval() computes), and the hook adds
 nothing while the layer is folded. At ``end_task()`` the current LoRA is appended to the past and its ``B``
 zeroed, so that it is not counted twice.

@@ -12,11 +12,11 @@ package's (PEFT's) names that is ``B_t A_t`` with our ``lora_A`` ``(r, in)`` des
 
 so that ``ΔW_t = B_t A_t`` moves W only along input directions that no earlier task's inputs (hence its
 gradients, which lie in the span of its inputs) occupy. After training, the memory ``M`` is updated with
-the task's inputs by DualGPM's rule with the explained-energy threshold ``ε`` (``mbf.reference``'s
-``inflora_design`` and ``dualgpm_update`` are the float64 spec; here they run in fp32). ``H_t`` enters
-only as its covariance ``C = Σ x xᵀ / n`` over every token of the task's training sequences, collected by
-``observe_inputs`` (the loop calls it before ``begin_task`` and again before ``end_task``, as the paper's
-code collects the inputs before training and after it).
+the task's inputs by DualGPM's rule with the explained-energy threshold ``ε`` (``mbf.closed_form``'s
+``inflora_design`` and ``dualgpm_update``, in fp32 here; the tests check them in float64 by hand). ``H_t``
+enters only as its covariance ``C = Σ x xᵀ / n`` over every token of the task's training sequences,
+collected by ``observe_inputs`` (the loop calls it before ``begin_task`` and again before ``end_task``, as
+the paper's code collects the inputs before training and after it).
 
 Past branches are kept as the paper's code keeps them: one frozen ``(A_k, B_k)`` per task and layer,
 summed at inference and training (``mbf.strategies.branches``; memory grows with T, plus the memory
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mbf import reference
+from mbf.closed_form import dualgpm_update, inflora_design
 from mbf.strategies.base import StrategyConfig
 from mbf.strategies.branches import BranchStrategy
 
@@ -121,7 +121,7 @@ class InfLoRA(BranchStrategy):
         """A designed from the task's inputs off the protected subspace (frozen); B zero (trained)."""
         cov = self._take_inputs("begin_task")
         for name, layer in self.layers.items():
-            A = reference.inflora_design(cov[name], self.memory[name], self.kind[name], layer.r)
+            A = inflora_design(cov[name], self.memory[name], self.kind[name], layer.r)
             layer.lora_A.copy_(A)
             layer.lora_B.zero_()
 
@@ -130,7 +130,7 @@ class InfLoRA(BranchStrategy):
         """DualGPM: the memory takes the task's input subspace (threshold ε)."""
         cov = self._take_inputs("end_task")
         for name in self.layers:
-            self.memory[name], self.kind[name] = reference.dualgpm_update(
+            self.memory[name], self.kind[name] = dualgpm_update(
                 cov[name], self.memory[name], self.kind[name], self.config.threshold
             )
 

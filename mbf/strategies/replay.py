@@ -30,12 +30,12 @@ from typing import Any, TypeVar
 from torch.utils.data import Dataset
 
 from mbf import checkpoint
-from mbf.config import ContinualConfig
 from mbf.distributed import is_writer
 from mbf.io import atomic_write_json
 from mbf.nn.model import release_hooks
 from mbf.strategies.base import StrategyConfig, StrategyDefaults
 from mbf.strategies.saving import read_strategy, restore_strategy, write_strategy
+from mbf.strategies.slao import ContinualConfig, ContinualLoRA
 
 __all__ = ["ExperienceReplay", "Replay", "ReplayConfig", "ReplayDataset", "buffer_size", "reservoir_sample"]
 
@@ -347,8 +347,6 @@ class ExperienceReplay(Replay):
     strategy_name, config_class = "replay", ReplayConfig
 
     def __init__(self, model, config: ReplayConfig | None = None, **options) -> None:
-        from mbf.continual import ContinualLoRA  # mbf.continual imports this package's base
-
         config = self._config_of(config, options)
         super().__init__(ContinualLoRA(model, SEQUENTIAL), config)
         release_hooks(model)  # an earlier strategy's per-task LoRAs or merged ΔW no longer compute

@@ -27,8 +27,8 @@ so the merged adapter is the rank-R ``D̂`` minimising ``‖(D − D̂) G‖_F``
 over the inputs the sketch remembers (an activation-weighted truncation): what is dropped is what past
 inputs barely excite. ``schedule="none"`` (λ ≡ 1, the default) adds each task in full, as InfLoRA's sum of
 branches does; ``"sqrt"`` is SLAO's time-aware scaling of the new task's update. ``mbf.reference``'s
-``sketch_update``, ``sketch_weight`` and ``bounded_merge`` are the float64 spec; this module computes the
-same in one batched ``eigh`` / ``svd`` over all layers (float64 inside, fp32 stored).
+``sketch_update``, ``sketch_weight`` and ``bounded_merge`` are the float64 spec (tests only); this module
+computes the same in one batched ``eigh`` / ``svd`` over all layers (float64 inside, fp32 stored).
 
 State after any task (fp32): per layer ``(R + r)(in + out)`` adapter elements, AdamW's two moments of
 ``B_t`` only, and per distinct input ``k·in + k + 1`` sketch elements: constant in ``T``.
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mbf.reference import SCHEDULES, inflora_design, lam_schedule
+from mbf.closed_form import SCHEDULES, inflora_design, lam_schedule
 from mbf.strategies.base import StrategyConfig
 from mbf.strategies.branches import FrozenBranches
 from mbf.strategies.inflora import InfLoRA

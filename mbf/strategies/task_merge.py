@@ -16,7 +16,7 @@ tasks ``1..i``. The merges act on the full ``ΔW = s B A`` products (``(out, in)
 paper's task vectors, and the merged ``ΔW`` is applied at evaluation as a frozen per-layer delta
 (``y += x ΔWᵀ`` in the ``"merged"`` mode, where the layer's merged LoRA adapter is zero). The
 dense delta is each layer's ``extra_term`` in the ``"merged"`` mode: ``mbf.eject(model, fold=True)``
-and ``layer.merge()`` fold it (what eval() computes), and its hook adds nothing while the layer is
+and ``layer.fold()`` fold it (what eval() computes), and its hook adds nothing while the layer is
 folded. The low-rank variant (``low_rank=True``) instead keeps the rank-r truncated SVD of each layer's merged
 ``ΔW`` as the layer's merged adapter (``merged_A``, ``merged_B``): no dense delta, exportable as a
 PEFT adapter, at the cost of what the truncation drops.
