@@ -1,9 +1,6 @@
 """The embedded default model: cache location, missing-package message, atomic conversion, loading."""
 
-import importlib.metadata
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -101,18 +98,3 @@ def test_embedded_model_loads_from_the_cache(monkeypatch):
     with torch.no_grad():
         nxt = model(**ids).logits[0, -1].argmax().item()
     assert tok.decode([nxt]).strip() == "Paris"
-
-
-def test_the_checkouts_kernels_folder_does_not_shadow_pypis_kernels():
-    """From the checkout's root (``python -c``/``-m`` put it on sys.path), transformers' own ``kernels``."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        importlib.metadata.distribution("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("PyPI's kernels is not installed (transformers < 5): nothing to shadow")
-    probe = ("import importlib.util, sys; print(importlib.util.find_spec('kernels').origin); import mbf; "
-             "import transformers.integrations.hub_kernels, kernels; print(kernels.__file__)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
-    shadowed_by, used = out.stdout.split()
-    assert Path(shadowed_by).parent == root / "kernels"  # without mbf's fix, transformers would import it
-    assert Path(used).parent != root / "kernels"

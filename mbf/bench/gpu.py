@@ -56,7 +56,7 @@ from mbf.bench.gpu_stages import ROOT, Ctx
 
 __all__ = ["STAGES", "main"]
 
-PIN_ENV = "MBF_PIN_CONFIGS"  # one config per kernel in the tests (kernels/lora_configs.py): correctness
+PIN_ENV = "MBF_PIN_CONFIGS"  # one config per kernel in the tests (mbf/kernels/lora_configs.py): correctness
 TEST_FILES = preflight.TEST_FILES
 # (name, seconds on a GPU): the tests take what is left of --budget-s, at least their own entry
 STAGES = (("environment", 20), ("headline", 110), ("correctness", 60), ("nf4", 60), ("boundary", 30),

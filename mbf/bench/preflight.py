@@ -65,9 +65,7 @@ class Check:
 
 
 _TEST_PATHS = tuple(f"tests/{f}" for f in TEST_FILES)
-# in check order: what a later one needs (mbf: safetensors; peft: transformers) is named first, and
-# mbf before transformers: `import mbf` keeps the checkout's kernels/ (on sys.path from the repository
-# root) from standing in for PyPI's `kernels`, which transformers imports (mbf/_checkout.py)
+# in check order: what a later one needs (mbf: safetensors; peft: transformers) is named first
 NEEDS = (
     Need("torch", (EVERY,)),
     Need("CUDA", (EVERY,)),  # a GPU run only; the dry run is the CPU and Triton's interpreter
@@ -108,11 +106,7 @@ def _probe(need: Need, importer: Importer, dry_run: bool, root: Path) -> Check |
                 return Check(need, False, "torch.cuda.is_available() is False")
             return Check(need, True, f"{torch.version.cuda}, {torch.cuda.get_device_name()}")
         if name == "mbf":
-            try:
-                importer("mbf")
-            except Exception:
-                _prefer_installed_kernels(root)  # what `import mbf` does first: later lines stay true
-                raise
+            importer("mbf")
             for kernel in KERNEL_MODULES:
                 importer(f"mbf.kernels.{kernel}")
             return Check(need, True, f"(kernels {', '.join(KERNEL_MODULES)})")
@@ -137,21 +131,6 @@ def _probe(need: Need, importer: Importer, dry_run: bool, root: Path) -> Check |
             if not list((root / wheels).glob("bitsandbytes-*.whl")):
                 detail += f"; no bitsandbytes-*.whl in {wheels}/ (`make bnb-wheel`, then carry the folder)"
         return Check(need, False, detail)
-
-
-def _prefer_installed_kernels(root: Path) -> None:
-    """``mbf._checkout.prefer_installed_kernels`` without importing ``mbf`` (which just failed)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_mbf_checkout", root / "mbf" / "_checkout.py")
-    if spec is None or spec.loader is None:
-        return
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.prefer_installed_kernels()
-    except Exception:  # noqa: BLE001 - best effort: the package's own line already says what is wrong
-        pass
 
 
 def check(dry_run: bool, importer: Importer = importlib.import_module, root: Path = ROOT) -> list[Check]:

@@ -24,6 +24,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from mbf.kernels import interpreting
 
 __all__ = [

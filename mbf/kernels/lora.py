@@ -58,6 +58,7 @@ per-step pointer increment inside int32.
 
 import triton
 import triton.language as tl
+
 from mbf.kernels._common import cast, dot, tile_ids
 from mbf.kernels.lora_configs import autotune
 from mbf.kernels.lora_tiles import da_prologue, gemm_loop, keep_factor, load_b_eff, lora_addend, split_range

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import triton
+
 from mbf.kernels._common import configs_pinned, interpreting
 
 __all__ = [

@@ -14,6 +14,7 @@ launches (not ``torch.library`` ops): under ``torch.compile`` the dispatch picks
 
 import torch
 import triton
+
 from mbf.kernels._common import device_of
 from mbf.kernels.lora_op import FUSE_MAX_R_PAD, _down, _dy, _flags, _int32_steps, _wgrad
 from mbf.kernels.policy import LoRAPolicy

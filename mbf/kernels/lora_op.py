@@ -7,6 +7,7 @@ Forward ``y = x W0ᵀ + b + s · S B_effᵀ`` with ``S = drop(x) Aᵀ``; backwar
 
 import torch
 import triton
+
 from mbf.kernels import lora
 from mbf.kernels._common import TL_DTYPES, device_of, dot_flags, pad_rank
 from mbf.kernels.lora_configs import launch, linear_budget, sm_count, split_count, wgrad_config

@@ -9,6 +9,7 @@
 
 import triton
 import triton.language as tl
+
 from mbf.kernels._common import cast, dot
 
 __all__ = ["da_prologue", "gemm_loop", "keep_factor", "load_b_eff", "lora_addend", "split_range"]

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
 from mbf.kernels._common import TL_DTYPES, device_of
 
 __all__ = ["time_aware_merge_"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from mbf.kernels._common import cast, device_of, dot, dot_flags, interpreting, tile_ids
 
 __all__ = ["FUSED_MAX_M", "choose_path", "nf4_addmm", "nf4_dequantize"]

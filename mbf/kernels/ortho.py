@@ -48,6 +48,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
 from mbf.kernels._common import TL_DTYPES, device_of, pad_rank
 
 __all__ = ["MAX_RANK", "orthonormal_rows_many", "project_out"]

@@ -76,7 +76,7 @@ def test_dropout_backward_compiles_at_every_config(tmp_path):
 def test_dx_and_da_with_dropout_and_fp32_adapters_spill_nothing(tmp_path):
     # dX + dA + dropout with fp32 adapters over a 16-bit base: the 128 x 128 tile (8 warps) used 255
     # registers and spilled 16 B on sm_90 under Triton 3.6 (the GPU image's) and 1,140-1,196 B on sm_80
-    # under 3.6 and 3.9; the pruner keeps it out (kernels/lora_configs.py), and no config left spills
+    # under 3.6 and 3.9; the pruner keeps it out (mbf/kernels/lora_configs.py), and no config left spills
     variant = "HAS_MAIN=1 ACC_DA=1 HAS_DROPOUT=1 R_PAD=16 fp32:down,up,upm,da"
     args = ("--modules", "lora", "--kernel", "_lora_linear", "--match", variant)
     results, _ = _compile_check(tmp_path, *args, "--jobs", "2", timeout=1200)
