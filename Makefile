@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - set up .venv and run the demo (InfLoRA, seq-lora and SLAO on real text)
 #   make test   - set up .venv and run the test suite
-# Set-up is idempotent: it reruns only when setup.py or this Makefile changed.
+# Set-up is idempotent: it reruns only when pyproject.toml or this Makefile changed.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,11 +19,11 @@ PYTEST_ARGS ?= -n 2
 # SmolLM2 step instead of 0.9 s, and a 4x slower test suite); passive waiting costs nothing alone.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench bnb-wheel sweep sweep-paired sweep-methods sweep-conflict setup clean
+.PHONY: demo test bench bnb-wheel sweep sweep-paired sweep-methods sweep-memory sweep-conflict setup clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
@@ -50,27 +50,30 @@ BNB_VERSION ?= 0.50.2
 bnb-wheel:
 	$(PYTHON) -m pip download --no-deps --platform manylinux_2_24_x86_64 --only-binary=:all: bitsandbytes==$(BNB_VERSION) -d wheels/
 
-# the real-text sweep of the README's main result (reports/real-30/, resumable: finished runs are skipped,
-# then the long order and the ablations' other seeds run); sweep-conflict: the stress test (reports/sweep/)
+# The experiment grids: one config each under reports/sweeps/, run by `mbf sweep CONFIG` (docs/sweeps.md):
+# resumable (a finished run is skipped, a cut one resumed), two runs at a time, one log per run; add
+# `--dry-run` to print the command lines. sweep: the first 30-step real-text sweep (reports/real-30/,
+# superseded); sweep-paired: issue 21's re-run (reports/paired/): orders std1-std3 x seeds 0-2 x seq-lora,
+# slao, multi-task, ftba-mb, ftba-mba, then the other ablations and λ schedules on std1, and seq-lora and
+# slao on long1, 200 test examples per task, both scorers, chat prompts, paired intervals at the end;
+# sweep-methods: issue 22 (reports/methods/): every method's learning rate chosen on held-out examples
+# (std1 seed 0 at 3e-4, 1e-3, 3e-3), then every method at its rate on std1 seeds 0-2 and long1 seeds 0-1;
+# sweep-memory: every method's state bytes over long1's 8 tasks (reports/memory/); sweep-conflict: the
+# stress test (reports/sweep/)
 sweep: $(STAMP)
-	STEPS=30 N_TRAIN=240 N_TEST=40 bash reports/sweep_real.sh reports/real-30
+	$(VENV)/bin/mbf sweep reports/sweeps/real.toml
 
-# issue 21's re-run (reports/paired/, resumable): orders std1-std3 x seeds 0-2 x seq-lora, slao, multi-task,
-# ftba-mb, ftba-mba, then the other ablations and λ schedules on std1, and seq-lora and slao on long1; 200 test
-# examples per task,
-# both scorers, chat prompts, paired intervals at the end
 sweep-paired: $(STAMP)
-	bash reports/sweep_paired.sh reports/paired
+	$(VENV)/bin/mbf sweep reports/sweeps/paired.toml
 
-# issue 22 (reports/methods/, resumable): every method's learning rate chosen on held-out examples (std1
-# seed 0 at 3e-4, 1e-3, 3e-3), then every method at its rate on std1 seeds 0-2 and long1 seeds 0-1
 sweep-methods: $(STAMP)
-	bash reports/sweep_methods.sh lr
-	bash reports/sweep_methods.sh compare
-	ORDERS=long1 SEEDS="0 1" bash reports/sweep_methods.sh compare
+	$(VENV)/bin/mbf sweep reports/sweeps/methods.toml
+
+sweep-memory: $(STAMP)
+	$(VENV)/bin/mbf sweep reports/sweeps/memory.toml
 
 sweep-conflict: $(STAMP)
-	bash reports/sweep.sh && bash reports/sweep_extra.sh
+	$(VENV)/bin/mbf sweep reports/sweeps/conflict.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,7 +7,7 @@ Each argument is a run directory (holding results.json) or a folder searched for
 is packed only when complete, after its files are checked as ``mbf compare`` checks them (checksum,
 identity, scores against results.json); the pack is read back and must give the files' records (less
 ``option_scores``, which no table reads). ``--remove`` then deletes the files (in a git checkout: ``git rm``
-them instead, after ``bash reports/check_compares.sh`` shows the committed comparisons unchanged).
+them instead, after ``python reports/check_compares.py`` shows the committed comparisons unchanged).
 Idempotent: packing again writes the same bytes; a run already packed (no files left) is checked only.
 ``mbf compare``, ``mbf report`` and ``predictions.load_run`` read either form.
 """

@@ -15,7 +15,7 @@ none is); repeat it for each comparison. ``--readme FILE`` (README.md or a docs/
 text between ``<!-- paired:start -->`` and ``<!-- paired:end -->`` in FILE (``--marker NAME``:
 ``<!-- NAME:start -->``, for a second table in the same file); without it the table is
 printed. A unit is an (order, seed) pair; its label comes from the run directory's name,
-``ORDER-METHOD-sSEED`` as reports/sweep_paired.sh names them.
+``ORDER-METHOD-sSEED`` as reports/sweeps/paired.toml names them.
 """
 
 from __future__ import annotations

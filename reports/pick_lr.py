@@ -1,11 +1,11 @@
 """Each method's learning rate: the one of highest AA on held-out training examples among the runs of
-``reports/sweep_methods.sh lr`` (issue 22 item 6).
+the ``lr`` stage of ``reports/sweeps/methods.toml`` (issue 22 item 6; that stage runs this afterwards).
 
     python reports/pick_lr.py reports/methods/lr
 
 Reads every run under DIR/run/ (each must be scored on the validation split, and all must share their
 settings but the method and the learning rate), writes DIR/choice.md (the grid and every run's held-out
-AA) and DIR/chosen.txt ("method lr" per line, what ``reports/sweep_methods.sh compare`` reads). A tie
+AA) and DIR/chosen.txt ("method lr" per line, the ``compare`` stage's ``per_method`` rates). A tie
 keeps the smaller rate; choice.md names the methods whose rate is the grid's smallest or largest.
 chosen.txt is written only when every method's run at every rate of the grid (the rates of all runs) is
 complete; otherwise choice.md lists what is missing and the script exits with status 1, so that a cut

@@ -17,8 +17,9 @@ mismatch is printed and nothing is copied (the sweep then runs DST itself). Exit
 2 on bad arguments; a SRC or REF whose results.json was edited or damaged (its checksum) is refused
 with an error.
 
-``reports/sweep_methods.sh compare`` uses it for the runs issue 21's paired re-run already made with
-the same flags (seq-lora and SLAO at lr 1e-3 on std1): a run is 20-40 minutes on the 2-core machine.
+``reports/sweeps/methods.toml``'s ``compare`` stage (``[stages.reuse]``) uses it for the runs issue 21's
+paired re-run already made with the same flags (seq-lora and SLAO at lr 1e-3 on std1): a run is 20-40
+minutes on the 2-core machine.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ mbf compare runs/slao runs/seq --out runs/compare                  # methods sid
 mbf eval --run runs/slao                                           # re-evaluate a saved adapter
 mbf demo                                                           # InfLoRA, seq-lora, SLAO on real text
 mbf bench                                                          # training-step and task-boundary benchmark
+mbf sweep reports/sweeps/paired.toml [--dry-run]                   # an experiment grid, resumable
 """
 
 from __future__ import annotations

@@ -189,10 +189,18 @@ def cmd_bench(args) -> int:
     return bench_main(argv + ["--no-boundary"] * args.no_boundary)
 
 
+def cmd_sweep(args) -> int:
+    """``mbf sweep``: ``mbf.experiment.sweep.run_sweep`` with the same arguments."""
+    from mbf.experiment.sweep import run_sweep
+
+    return run_sweep(args.config, stage=args.stage, dry_run=args.dry_run, jobs=args.jobs, only=args.only)
+
+
 COMMANDS = {
     "continual": cmd_continual,
     "compare": cmd_compare,
     "eval": cmd_eval,
     "demo": run_demo,
     "bench": cmd_bench,
+    "sweep": cmd_sweep,
 }

@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     Raises:
         MissingDependency: when the ``app`` extra is not installed.
     """
-    from mbf.config import INITS
+    from mbf.closed_form import SCHEDULES
     from mbf.experiment.methods import BASELINES, EXTENSIONS, METHODS, PAPER_ABLATIONS
-    from mbf.reference import SCHEDULES
+    from mbf.strategies.slao import INITS
 
     parser = argparse.ArgumentParser(
         prog="mbf",
@@ -299,6 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="2: two methods side by side, each in its own process with half the threads; 1: in turn",
     )
     _add_model_args(d)
+
+    s = add(
+        "sweep",
+        help="run an experiment grid from its TOML config (reports/sweeps/*.toml; docs/sweeps.md)",
+        description="Run every stage of a sweep config in order: its grid's `mbf continual` runs (resumable: "
+        "a complete run is skipped, a cut one resumed with --resume, one log each in OUT/logs/), then its "
+        "comparisons and steps. Paths in the config are relative to the current directory.",
+    )
+    s.add_argument("config", help="the sweep's TOML file, e.g. reports/sweeps/paired.toml")
+    s.add_argument("--stage", default=None, help="run only this stage (default: every stage, in order)")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the command lines and run nothing (a complete run's line commented out, a cut one's "
+        "with --resume)",
+    )
+    s.add_argument(
+        "--jobs", type=_positive_int, default=None, help="runs at once (default: the config's jobs)"
+    )
+    s.add_argument(
+        "--only",
+        default=None,
+        metavar="PATTERN",
+        help="only the runs whose name matches this shell pattern, or one of these comma-separated ones "
+        "(e.g. 'std1-*-s0' or 'slao-s?,seq-lora-s?'); the stages' comparisons and later steps are then "
+        "left out",
+    )
 
     b = add("bench", help="training-step and task-boundary benchmark that fits this machine")
     b.add_argument("--out", default=None, help="results JSON (default bench/results/<device>-<date>.json)")
