@@ -209,3 +209,35 @@ def test_checkpoint_keeps_the_memory_and_refuses_a_bad_one(tmp_path):
     (tmp_path / "ck" / META).write_text(json.dumps({**meta, "tensors_sha256": _sha256(tensors)}))
     with pytest.raises(ValueError, match="memory kind 'keep' must be one of remove, retain"):
         load_strategy(tiny_llama(0, hidden_size=48, intermediate_size=80), tmp_path / "ck")
+
+
+def test_the_released_codes_epsilon_ramp_rises_linearly_and_stays_below_one():
+    """0.95 → 1.0 over T = 4: ε after tasks 1..4 is 0.95, 0.9625, 0.975, 0.9875 (the code's
+    ``(lame − lamb) · cur_task / total_sessions + lamb``); without a ramp ε is the constant."""
+    ramp = InfLoRAConfig(threshold=0.95, threshold_end=1.0, tasks=4)
+    assert [ramp.epsilon(t) for t in range(5)] == pytest.approx([0.95, 0.9625, 0.975, 0.9875, 0.9875])
+    assert InfLoRAConfig(threshold=0.9).epsilon(3) == 0.9
+    for bad in ({"threshold_end": 1.0}, {"tasks": 4}, {"threshold_end": 0.5, "tasks": 4},
+                {"threshold_end": 1.5, "tasks": 4}):  # fmt: skip
+        with pytest.raises(ValueError, match="threshold_end|tasks"):
+            InfLoRAConfig(threshold=0.95, **bad)
+
+
+def test_the_ramp_reaches_the_memory_update(monkeypatch):
+    """The strategy passes ε_t of the task it closes to DualGPM's update."""
+    import mbf.strategies.inflora as inflora_module
+
+    seen = []
+    real = inflora_module.dualgpm_update
+    spy = lambda c, m, k, eps: seen.append(eps) or real(c, m, k, eps)  # noqa: E731
+    monkeypatch.setattr(inflora_module, "dualgpm_update", spy)
+    model = tiny_llama(0, hidden_size=48, intermediate_size=80)
+    mbf.inject(model, LORA)
+    cl = InfLoRA(model, threshold=0.9, threshold_end=1.0, tasks=2)
+    ids = torch.randint(2, 90, (2, 7))
+    for _ in range(2):
+        cl.observe_inputs(lambda: model(input_ids=ids))
+        cl.begin_task()
+        cl.observe_inputs(lambda: model(input_ids=ids))
+        cl.end_task()
+    assert sorted(set(seen)) == pytest.approx([0.9, 0.95])

@@ -25,8 +25,10 @@ equations: the energy criterion uses the eigenvalues of ``C`` (``σ²`` of ``H``
 norms) where the code takes the singular values of the covariance (``σ⁴``), the design takes the
 eigenvectors of ``P C P`` (``Ĥ Ĥᵀ``) where the code takes the left singular vectors of ``P C``, and the
 first task keeps the fewest directions reaching ``ε`` (the code one fewer). ``ε`` is one constant
-(default 0.95, the code's CIFAR-100 start value; its configs raise ε linearly towards 1.0 over the task
-sequence, which needs the number of tasks up front).
+(default 0.95, the code's CIFAR-100 start value) unless ``threshold_end`` and ``tasks`` set the released
+code's ramp, ``ε_t = threshold + (threshold_end − threshold) · t / T`` for 0-based task ``t`` (its configs
+raise ε from 0.95 towards 1.0 over the task sequence, which needs the number of tasks T up front:
+``--option threshold_end=1.0 --option tasks=4``).
 """
 
 from __future__ import annotations
@@ -51,12 +53,32 @@ class InfLoRAConfig(StrategyConfig):
     """InfLoRA's options."""
 
     threshold: float = 0.95  # ε: the share of each task's input energy its protected subspace must hold
+    threshold_end: float = 0.0  # > 0: ε ramps from threshold towards it over ``tasks`` (the released code)
+    tasks: int = 0  # the number of tasks T of the ramp (needed with threshold_end)
 
     def __post_init__(self) -> None:
         v = self.threshold
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v < 1):
             raise ValueError(f"InfLoRAConfig: threshold={v!r} must be in (0, 1)")
         object.__setattr__(self, "threshold", float(v))
+        end, tasks = self.threshold_end, self.tasks
+        if isinstance(end, bool) or not isinstance(end, (int, float)) or not (end == 0 or v <= end <= 1):
+            raise ValueError(f"InfLoRAConfig: threshold_end={end!r} must be 0 (no ramp) or in [threshold, 1]")
+        object.__setattr__(self, "threshold_end", float(end))
+        if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 0 or (end > 0) != (tasks > 0):
+            raise ValueError(
+                f"InfLoRAConfig: tasks={tasks!r} must be the number of tasks (>= 1) exactly when "
+                "threshold_end is set"
+            )
+
+    def epsilon(self, task_index: int) -> float:
+        """ε for the memory update after task ``task_index + 1`` (0-based ``task_index``, the released
+        code's ``_cur_task``): ``threshold + (threshold_end − threshold) · task_index / tasks`` with a
+        ramp, else ``threshold``; it stays below 1 over the ``tasks`` tasks."""
+        if not self.tasks:
+            return self.threshold
+        step = min(task_index, self.tasks - 1) / self.tasks
+        return self.threshold + (self.threshold_end - self.threshold) * step
 
 
 class InfLoRA(BranchStrategy):
@@ -131,7 +153,7 @@ class InfLoRA(BranchStrategy):
         cov = self._take_inputs("end_task")
         for name in self.layers:
             self.memory[name], self.kind[name] = dualgpm_update(
-                cov[name], self.memory[name], self.kind[name], self.config.threshold
+                cov[name], self.memory[name], self.kind[name], self.config.epsilon(self.task_index)
             )
 
     def end_task(self) -> None:
