@@ -9,6 +9,9 @@ each with its command written beside it, e.g.
 
 ``--memory`` adds a column: each method's adapter state after its runs' last task (KiB; its span when the
 runs differ, e.g. InfLoRA's kept bases follow the data), plus replay's buffer of kept examples.
+``--state`` adds the whole state instead: adapter + AdamW moments + replay buffer after the last task (KiB),
+what a constant-memory claim is about. ``--diffs METHOD ...`` keeps only those methods' differences
+against the main comparison's baseline.
 ``--extra DIR [METHOD ...]`` adds the differences of another comparison (another baseline, e.g. SLAO
 against FTBA-MB: the orthogonal init isolated), only for the METHODs named after it (every method when
 none is); repeat it for each comparison. ``--readme FILE`` (README.md or a docs/ page) replaces the
@@ -28,6 +31,7 @@ from pathlib import Path
 
 METRICS = ("AA", "BWT", "FWT", "LA")
 MEMORY = "adapter KiB after T tasks"
+STATE = "state KiB after T tasks"
 
 
 def markers(name: str = "paired") -> tuple[str, str]:
@@ -93,17 +97,37 @@ def memory_cell(method: dict) -> str:
     return f"{text} + {_kib(buffers)} buffer" if buffers else text
 
 
-def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = (), *, memory: bool = False) -> str:
+def state_cell(method: dict) -> str:
+    """A method's whole state after each run's last task (KiB): adapter + optimizer + buffer bytes, over the
+    runs that recorded their optimizer's bytes (older runs did not)."""
+    mem = method.get("memory") or {}
+    runs = zip(mem.get("adapter_bytes") or [], mem.get("optimizer_bytes") or [],
+               mem.get("buffer_bytes") or [[None]] * len(mem.get("adapter_bytes") or []))  # fmt: skip
+    totals = [a[-1] + o[-1] + (b[-1] or 0) for a, o, b in runs if a[-1] is not None and o[-1] is not None]
+    return _kib(totals) if totals else "–"
+
+
+def table(
+    compare: dict,
+    extras: list[tuple[dict, set[str] | None]] = (),
+    *,
+    memory: bool = False,
+    state: bool = False,
+    diffs_of: set[str] | None = None,
+) -> str:
     """The markdown table of one comparison (and the differences of ``extras``); ``memory``: with the
-    adapter state each method holds after the last task."""
+    adapter state each method holds after the last task; ``state``: with its whole state (adapter,
+    optimizer, buffer); ``diffs_of``: only these methods' differences against the main baseline."""
     iv, runs = compare["intervals"], compare["methods"]
     base = iv.get("baseline")
-    head = [*METRICS, MEMORY] if memory else list(METRICS)
+    extra = [STATE] if state else [MEMORY] if memory else []
+    head = [*METRICS, *extra]
     lines = [f"| | units | {' | '.join(head)} |", "|---" * (len(head) + 2) + "|"]
-    tail = " | –" if memory else ""  # (a difference has no memory of its own)
+    tail = " | –" if extra else ""  # (a difference has no memory of its own)
     for m, row in iv["methods"].items():
         label = units_label(_checked(_units(runs[m]["runs"]), row, m))
-        cells = [_cell(row[k], diff=False) for k in METRICS] + ([memory_cell(runs[m])] if memory else [])
+        cells = [_cell(row[k], diff=False) for k in METRICS]
+        cells += [state_cell(runs[m])] if state else [memory_cell(runs[m])] if memory else []
         lines.append(f"| {m} | {label} | " + " | ".join(cells) + " |")
 
     def diffs(cmp: dict, only: set[str] | None) -> None:
@@ -123,7 +147,7 @@ def table(compare: dict, extras: list[tuple[dict, set[str] | None]] = (), *, mem
             lines.append(f"| {m} − {civ['baseline']} | {units_label(units)} | {cells}{tail} |")
 
     if base:
-        diffs(compare, None)
+        diffs(compare, diffs_of)
     for cmp, only in extras:
         diffs(cmp, only)
     return "\n".join(lines)
@@ -154,11 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         help="another comparison's differences, only the METHODs' rows when named (repeatable)",
     )
     ap.add_argument("--memory", action="store_true", help=f"add a column: {MEMORY} (KiB)")
+    ap.add_argument("--state", action="store_true", help=f"add a column: {STATE} (all of it)")
+    ap.add_argument("--diffs", nargs="+", metavar="METHOD", help="only their differences (main baseline)")
     ap.add_argument("--readme", metavar="FILE",
                     help="write the table between the markers of FILE (README.md, a docs/ page)")  # fmt: skip
     ap.add_argument("--marker", default="paired", help="the markers' name: <!-- NAME:start --> (paired)")
     a = ap.parse_args(argv)
-    body = table(_load(a.compare), [(_load(d), set(only) or None) for d, *only in a.extra], memory=a.memory)
+    extras = [(_load(d), set(only) or None) for d, *only in a.extra]
+    only = set(a.diffs or ()) or None
+    body = table(_load(a.compare), extras, memory=a.memory, state=a.state, diffs_of=only)
     if a.readme:
         p = Path(a.readme)
         p.write_text(replace_between(p.read_text(), body, a.readme, a.marker))

@@ -205,3 +205,21 @@ def test_each_committed_table_is_what_its_command_writes(page, tmp_path):
         args = [str(_ROOT / a) if a.startswith("reports/") else a for a in argv]
         assert paired_table.main([*args[:i], "--readme", str(copy), *args[i + 2 :]]) == 0
     assert copy.read_text() == text
+
+
+def test_state_column_sums_adapter_optimizer_and_buffer_and_skips_runs_without_optimizer_bytes():
+    """KiB after the last task: 3600 + 3600 (+ 16 buffer); a run that did not record its optimizer is left
+    out rather than counted as 0; --diffs keeps only the named methods' differences."""
+    cmp = _compare()
+    kib = 1024
+    cmp["methods"]["seq-lora"]["memory"] = {
+        "adapter_bytes": [[3600 * kib, 3600 * kib]] * 2,
+        "optimizer_bytes": [[None, None], [3600 * kib, 3600 * kib]],
+        "buffer_bytes": [[None, None], [None, 16 * kib]],
+    }
+    text = paired_table.table(cmp, state=True)
+    assert "state KiB after T tasks" in text.splitlines()[0]
+    assert re.search(r"\| seq-lora \|.*\| 7,216 \|", text)
+    assert re.search(r"\| slao \|.*\| – \|", text)  # no memory recorded
+    assert "slao − seq-lora" in text
+    assert "slao − seq-lora" not in paired_table.table(cmp, state=True, diffs_of={"multi-task"})
