@@ -238,7 +238,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, method):
     [
         ("o-lora", "lambda_orth=0.2", {"lambda_orth": 0.2, "lambda_l2": 0.0, "norm": "paper"}, "lambda_orth",
          "--option lambda_orth: expected NAME=VALUE"),
-        ("inflora", "threshold=0.9", {"threshold": 0.9}, "threshold=1.5", "threshold=1.5 must be in (0, 1)"),
+        ("inflora", "threshold=0.9", {"threshold": 0.9, "threshold_end": 0.0, "tasks": 0}, "threshold=1.5",
+         "threshold=1.5 must be in (0, 1)"),
     ],
 )  # fmt: skip
 def test_cli_runs_each_method_with_an_option(tmp_path, capsys, method, option, options, refused, why):

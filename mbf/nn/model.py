@@ -11,8 +11,8 @@ from mbf.nn.lora import MODES, LoRALinear, choose_adapter
 from mbf.nn.nf4 import NF4Linear
 
 __all__ = [
-    "FROZEN_BRANCHES", "MERGED_DELTAS", "has_frozen_branches", "inference_adapter", "linear_names",
-    "lora_layers", "release_hooks", "resolve_adapter", "use_adapter",
+    "FROZEN_BRANCHES", "MERGED_DELTAS", "LayerHooks", "has_frozen_branches", "inference_adapter",
+    "linear_names", "lora_layers", "release_hooks", "resolve_adapter", "use_adapter",
 ]  # fmt: skip
 
 # model.__dict__ key of the per-task frozen LoRAs (mbf.strategies.branches.FrozenBranches) on its layers
@@ -36,6 +36,23 @@ def release_hooks(model: nn.Module) -> None:
         holder = model.__dict__.pop(key, None)
         if holder is not None:
             holder.remove()
+
+
+class LayerHooks:
+    """What a strategy's extra-term holder (past branches, merged ΔW) shares: the forward hooks it put on
+    its ``layers`` (``_handles``) and the ``extra_term`` it set on them; ``remove()`` takes both off."""
+
+    layers: dict
+    _handles: list
+
+    def remove(self) -> None:
+        """Take the hooks off the model and the layers' extra terms that this holder set."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for layer in self.layers.values():
+            if layer.extra_term is not None and layer.extra_term.owner is self:
+                layer.extra_term = None
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

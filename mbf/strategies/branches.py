@@ -29,7 +29,7 @@ from torch import nn
 from mbf import checkpoint
 from mbf.nn.lora import MODES, ExtraTerm
 from mbf.nn.model import FROZEN_BRANCHES as _HOOKS
-from mbf.nn.model import use_adapter
+from mbf.nn.model import LayerHooks, use_adapter
 from mbf.strategies.base import StrategyDefaults
 from mbf.strategies.saving import read_strategy, write_strategy
 
@@ -39,7 +39,7 @@ _OWN = ("lora_A", "lora_B")  # the layer tensors a branch strategy saves (its me
 _PAST = ("past_A", "past_B")  # FrozenBranches' tensors in a checkpoint: "<layer>.past_A"
 
 
-class FrozenBranches:
+class FrozenBranches(LayerHooks):
     """Every layer's frozen past LoRAs (stacked factors) and the forward hooks that add them.
 
     Creating one removes the hooks of the model's previous one: a model runs one set of past branches.
@@ -67,15 +67,6 @@ class FrozenBranches:
     def active(self) -> bool:
         """True while a past task's LoRA computes (hooks on, a task finished)."""
         return bool(self._handles) and any(a is not None for a in self.A.values())
-
-    def remove(self) -> None:
-        """Take the hooks off the model (the past branches stop computing)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        for layer in self.layers.values():
-            if layer.extra_term is not None and layer.extra_term.owner is self:
-                layer.extra_term = None
 
     def _folded_delta(self, name: str) -> torch.Tensor | None:
         """What layer ``name``'s hook adds, as a weight (``delta_weight``); None while it adds nothing."""

@@ -53,7 +53,7 @@ from mbf.functional.task_merge import (
     ties_thresholds,
 )
 from mbf.nn.lora import ExtraTerm
-from mbf.nn.model import MERGED_DELTAS, use_adapter
+from mbf.nn.model import MERGED_DELTAS, LayerHooks, use_adapter
 from mbf.strategies.base import StrategyConfig, StrategyDefaults
 from mbf.strategies.saving import read_strategy, write_strategy
 
@@ -88,7 +88,7 @@ class TaskMergeConfig(StrategyConfig):
             raise ValueError(f"TaskMergeConfig: low_rank={self.low_rank!r} is not a bool")
 
 
-class TaskMergeLoRA(StrategyDefaults):
+class TaskMergeLoRA(StrategyDefaults, LayerHooks):
     """Drive per-task LoRA merging over every LoRALinear of ``model`` (see the module docstring); a
     ``mbf.strategies`` strategy.
 
@@ -123,15 +123,6 @@ class TaskMergeLoRA(StrategyDefaults):
     def active(self) -> bool:
         """True while a dense merged ΔW computes in the layers' merged mode (not the low-rank variant)."""
         return self.deltas is not None and bool(self._handles)
-
-    def remove(self) -> None:
-        """Take the dense deltas' hooks off the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        for layer in self.layers.values():
-            if layer.extra_term is not None and layer.extra_term.owner is self:
-                layer.extra_term = None
 
     def _folded_delta(self, i: int) -> torch.Tensor | None:
         """Layer ``i``'s merged ΔW ``(out, in)`` while its hook adds it in the merged mode, else None."""
