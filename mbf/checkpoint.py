@@ -47,7 +47,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mbf.config import LoRAConfig
-from mbf.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from mbf.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json_object
 
 __all__ = [
     "FORMAT", "STATE_KEYS", "Checkpoint", "bound_to_run", "check_lora_config", "read_checkpoint", "read_meta",
@@ -164,12 +164,7 @@ def _read_meta(path: Path) -> tuple[dict, Path]:
     meta_path = path / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: not a ContinualLoRA checkpoint (no {META})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(meta_path)
     strategy = meta.get("strategy", "slao")  # files older than the field were all SLAO's
     if not isinstance(strategy, str):
         raise ValueError(f"{meta_path}: strategy={strategy!r} must be a name")

@@ -83,6 +83,27 @@ def atomic_save_safetensors(
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def read_json_object(path: str | Path, what: str = "", hint: str = "") -> dict:
+    """The JSON object in file ``path``.
+
+    Raises:
+        ValueError: not UTF-8, not valid JSON, or not an object; the message names the file, then ``what``
+            (e.g. "zero-shot cache entry "), and ends with ``hint`` (what to do about it).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: {what}not UTF-8 text (byte {err.start}: {err.reason}){hint}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: {what}not valid JSON at line {err.lineno} column {err.colno}: {err.msg}{hint}"
+        ) from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what}expected a JSON object, got {type(data).__name__}{hint}")
+    return data
+
+
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 

@@ -130,7 +130,7 @@ def test_a_damaged_results_file_is_named(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     damaged = ((b"\xff\xfe{", "not UTF-8 text (byte 0"), (b'{"schema": ', "not valid JSON at line 1"),
-               (b"[1, 2]", "schema None is not"))  # fmt: skip
+               (b"[1, 2]", "expected a JSON object, got list"))  # fmt: skip
     for content, message in damaged:
         (run / "results.json").write_bytes(content)
         for argv in (["eval", "--run", str(run)], ["compare", str(run)]):

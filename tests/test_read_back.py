@@ -499,7 +499,7 @@ def test_a_damaged_or_edited_zero_shot_cache_entry_is_named(tmp_path):
 
     assert again() == true
     entry.write_text(good[:-20])
-    with pytest.raises(ValueError, match=rf"{entry.name}: zero-shot cache entry is not valid JSON .*delete"):
+    with pytest.raises(ValueError, match=rf"{entry.name}: zero-shot cache entry: not valid JSON .*delete"):
         again()
     edited = json.loads(good)
     edited["records"][0]["score"], edited["records"][0]["correct"] = 1.0, [1.0] * len(true[0]["correct"])

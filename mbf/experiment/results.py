@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from mbf.experiment.metrics import accuracy_metrics
-from mbf.io import atomic_write_json, versions
+from mbf.io import atomic_write_json, read_json_object, versions
 
 __all__ = [
     "DEFAULTED",
@@ -191,15 +191,8 @@ def read(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-        ) from err
-    schema = data.get("schema") if isinstance(data, dict) else None
+    data = read_json_object(path)
+    schema = data.get("schema")
     if schema not in (SCHEMA, LEGACY_SCHEMA):
         raise ValueError(f"{path}: schema {schema!r} is not {SCHEMA!r} (nor the older {LEGACY_SCHEMA!r})")
     _check(path, data)

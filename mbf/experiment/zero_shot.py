@@ -20,7 +20,7 @@ from mbf.experiment.evaluate import headline, score_task, scorers_of
 from mbf.experiment.results import checksum as _checksum  # the one canonical form
 from mbf.experiment.tasks import Task
 from mbf.experiment.train import TrainOptions
-from mbf.io import atomic_write_json
+from mbf.io import atomic_write_json, read_json_object
 
 __all__ = ["fingerprint", "weights_fingerprint", "zero_shot_records"]
 
@@ -108,12 +108,7 @@ def _read_cache(path: Path, tasks: list[Task], opts: TrainOptions) -> list[dict]
             or a score out of range, naming the file and the field (delete it to evaluate again).
     """
     again = "; delete it to evaluate the bare model again"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: zero-shot cache entry is not valid JSON ({err}){again}") from err
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: zero-shot cache entry is not a JSON object{again}")
+    saved = read_json_object(path, "zero-shot cache entry: ", again)
     if "records" not in saved or "sha256" not in saved:  # older entries: never trusted unchecked
         return None
     if saved["sha256"] != _checksum(saved):
