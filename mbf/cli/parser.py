@@ -309,12 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("config", help="the sweep's TOML file, e.g. reports/sweeps/paired.toml")
     s.add_argument("--stage", default=None, help="run only this stage (default: every stage, in order)")
-    s.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the command lines and run nothing (a complete run's line commented out, a cut one's "
-        "with --resume)",
-    )
+    dry = "print the command lines and run nothing (a complete run's line commented out, a cut one's resumed)"
+    s.add_argument("--dry-run", action="store_true", help=dry)
     s.add_argument(
         "--jobs", type=_positive_int, default=None, help="runs at once (default: the config's jobs)"
     )
