@@ -29,4 +29,19 @@ if [ "${1:-}" != "--dry-run" ]; then
   echo "run_gpu.sh: installed in $(( $(date +%s) - t0 )) s"
 fi
 # by path (runpy), not `-m mbf.bench...`: importing the package is one of the things checked
-exec $PY -c 'import runpy; runpy.run_path("mbf/bench/preflight.py", run_name="__main__")' "$@"
+# the preflight by path (it needs nothing but the standard library), then the stages in the same process
+exec $PY - "$@" <<'PY'
+import runpy
+import sys
+
+preflight = runpy.run_path("mbf/bench/preflight.py")
+
+
+def stages(argv, checks, seconds):
+    from mbf.bench import gpu  # only now: the preflight found that mbf and its measuring library import
+
+    return gpu.main(argv, checks=checks, preflight_s=seconds)
+
+
+sys.exit(preflight["main"](sys.argv[1:], stages))
+PY

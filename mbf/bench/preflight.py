@@ -16,7 +16,8 @@ the task boundary build random-weight Llamas from their configs), so it is not c
 This module imports nothing outside the standard library at import time: ``bench/run_gpu.sh`` runs
 it by path, before ``mbf`` or ``mbf.bench`` (whose import needs safetensors, transformers,
 tqdm and matplotlib) is known to import; where they do, it hands its checks to ``mbf.bench.gpu``
-in the same process (the modules it imported stay imported: nothing is imported twice).
+in the same process (the modules it imported stay imported: nothing is imported twice) through the
+``stages`` callback that the script passes, so that this module never imports ``mbf.bench.gpu``.
 """
 
 from __future__ import annotations
@@ -180,9 +181,10 @@ def lines(checks: list[Check]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Check every need, then run ``mbf.bench.gpu`` with these checks in this process; when no stage
-    can run (the package or its measuring library does not import), print why and return 3."""
+def main(argv: list[str] | None = None, stages: Callable[[list[str], list, float], int] | None = None) -> int:
+    """Check every need, then hand the checks to ``stages(argv, checks, seconds)`` (``bench/run_gpu.sh``
+    passes one that runs ``mbf.bench.gpu`` in this process; None: print the checks, return 0); when no
+    stage can run (the package or its measuring library does not import), print why and return 3."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--dry-run", action="store_true")
@@ -192,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = check(args.dry_run)
     fatal = [c for c in checks if not c.ok and EVERY in c.need.stages]
     if not fatal:
-        from mbf.bench import gpu
-
-        return gpu.main(argv, checks=checks, preflight_s=time.time() - start)
+        if stages is None:
+            print("\n".join(lines(checks)), flush=True)
+            return 0
+        return stages(argv, checks, time.time() - start)
     text = "\n".join([*lines(checks), "run_gpu.sh: no stage can run; nothing was measured"])
     print(text, flush=True)
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
