@@ -3,7 +3,7 @@
 Providers: ``floor`` (bf16 frozen linear: base GEMM + dX GEMM, the floor), ``mbf-bf16`` (mbf's
 LoRALinear on the bf16 weight), ``mbf-nf4`` (LoRALinear over the NF4 base, automatic path), the two
 NF4 paths forced (``mbf-nf4-fused``: dequant in the GEMM's registers, ``mbf-nf4-dequant``: one dequant
-pass + cuBLAS, whose crossover is where ``mbf.kernels.nf4.FUSED_MAX_M`` must come from), and
+pass + cuBLAS, whose crossover is where ``mbf.kernels.route.FUSED_MAX_M`` must come from), and
 ``peft-bnb4`` (PEFT LoRA over ``bnb.nn.Linear4bit``, nf4 + double quant). Every row records ms,
 TFLOP/s, the peak extra CUDA memory of one step and the bytes of the base weight.
 

@@ -127,21 +127,11 @@ def _rounded(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None else t + (t.to(dtype).to(t.dtype) - t).detach()
 
 
-def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scaling: float,
-    merged_B: torch.Tensor | None = None,
-    lam: float = 1.0,
-    dropout: float = 0.0,
-    seed: int | None = None,
-    *,
-    compute_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scaling: float, merged_B: torch.Tensor | None = None, lam: float = 1.0,
+                *, dropout: float = 0.0, seed: int | torch.Tensor | None = None,
+                compute_dtype: torch.dtype | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
     """``x W0ᵀ + b + scaling · (drop(x) Aᵀ) B_effᵀ`` with ``B_eff = merged_B + lam (B − merged_B)``.
 
     The numerical policy every backend follows (``mbf.kernels.policy`` decides it per call), with

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 from conftest import assert_close
-from mbf.kernels.policy import decide_policy
 
 from mbf import functional, reference
 from mbf.functional.dropout import philox_keep_mask
+from mbf.kernels import route
+from mbf.kernels.policy import decide_policy
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -238,7 +239,7 @@ def test_torch_compile_traces_through_the_op():
     t, dY = _inputs((2, 5), 24, 17, 3, torch.float32, merged=True)
 
     def f(x, weight, bias, A, B, merged_B):
-        y = lora_op.lora_linear(x, weight, bias, A, B, 0.5, merged_B, 0.3, _policy(x, 0.2, 11))
+        y = lora_op.lora_linear(x, weight, bias, A, B, 0.5, merged_B, 0.3, dropout=0.2, seed=11)
         return y.square().sum()
 
     leaves = {k: v.detach().requires_grad_(k in ("x", "A", "B")) for k, v in t.items()}
@@ -246,13 +247,8 @@ def test_torch_compile_traces_through_the_op():
     loss = compiled(**leaves)
     loss.backward()
     ref = {k: v.detach().double().requires_grad_(k in ("x", "A", "B")) for k, v in t.items()}
-    loss_ref = (
-        reference.lora_linear(
-            ref["x"], ref["weight"], ref["bias"], ref["A"], ref["B"], 0.5, ref["merged_B"], 0.3, 0.2, 11
-        )
-        .square()
-        .sum()
-    )
+    args = [ref[k] for k in ("x", "weight", "bias", "A", "B")]
+    loss_ref = reference.lora_linear(*args, 0.5, ref["merged_B"], 0.3, dropout=0.2, seed=11).square().sum()
     loss_ref.backward()
     assert_close(loss, loss_ref, torch.float32)
     for k in ("x", "A", "B"):
@@ -291,7 +287,7 @@ def test_gpu_torch_compile_inductor():
     leaves = {k: v.detach().requires_grad_(k in ("x", "A", "B")) for k, v in t.items()}
 
     def f(x, weight, bias, A, B, merged_B):
-        return lora_op.lora_linear(x, weight, bias, A, B, 2.0, merged_B, 0.5, _policy(x, 0.1, 7))
+        return lora_op.lora_linear(x, weight, bias, A, B, 2.0, merged_B, 0.5, dropout=0.1, seed=7)
 
     y = torch.compile(f, fullgraph=True)(**leaves)  # inductor: the op stays one opaque node
     y.backward(dY)
@@ -382,7 +378,7 @@ def test_wide_ranks_sum_dA_and_dB_in_their_own_pass(monkeypatch):
     monkeypatch.setattr(lora_op, "_wgrad", lambda *a, _f=lora_op._wgrad: calls.append(1) or _f(*a))
     t, dY = _inputs((2, 9), 40, 17, 37, torch.bfloat16, merged=True)
     _check(t, dY, torch.bfloat16, scaling=0.5, lam=0.6, dropout=0.3, seed=5)
-    assert len(calls) == 2 and lora_op.pad_rank(37) > lora_op.FUSE_MAX_R_PAD
+    assert len(calls) == 2 and lora_op.pad_rank(37) > route.FUSE_MAX_R_PAD
 
 
 @pytest.mark.parametrize("r", [5, 37], ids=["r5-atomics", "r37-ordered-dB"])
@@ -438,8 +434,8 @@ def test_pruning_keeps_two_candidates_for_every_variant_and_token_count(x_dtype,
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, ad = torch.empty(0, dtype=x_dtype), torch.empty(0, dtype=adapter_dtype)
     launches = {
-        lora_kernel.down: [dict(x_ptr=x, lora_a_ptr=ad, HAS_DROPOUT=p) for p in (False, True)],
-        lora_kernel.dy: [dict(dy_ptr=x, lora_b_ptr=ad, ACC_DB=db) for db in (False, True)],
+        lora_kernel.down: [dict(x_ptr=x, a_ptr=ad, HAS_DROPOUT=p) for p in (False, True)],
+        lora_kernel.dy: [dict(dy_ptr=x, b_ptr=ad, ACC_DB=db) for db in (False, True)],
         lora_kernel.linear: [
             dict(lhs_ptr=x, up_ptr=ad, ACC_DA=da, HAS_DROPOUT=p)
             for da in (False, True)
@@ -471,10 +467,10 @@ def test_unsupported_rank_and_dtype_are_refused():
     t, _ = _inputs((3,), 24, 17, 2, torch.float32)
     A65, B65 = torch.randn(65, 24, device=KERNEL_DEVICE), torch.randn(17, 65, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match=r"rank 65 must be in \[1, 64\]"):
-        lora_op.lora_linear(t["x"], t["weight"], None, A65, B65, 1.0, None, 1.0, _policy(t["x"]))
+        lora_op.lora_linear(t["x"], t["weight"], None, A65, B65, 1.0)
     x64 = t["x"].double()
     with pytest.raises(ValueError, match="the fused LoRA kernel takes"):
-        lora_op.lora_linear(x64, t["weight"].double(), None, t["A"], t["B"], 1.0, None, 1.0, _policy(x64))
+        lora_op.lora_linear(x64, t["weight"].double(), None, t["A"], t["B"], 1.0)
 
 
 @triton.jit

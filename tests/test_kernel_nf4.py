@@ -5,6 +5,7 @@ import torch
 from conftest import assert_close
 
 from mbf import functional, nf4, reference
+from mbf.kernels import route
 
 knf4 = pytest.importorskip("mbf.kernels.nf4", reason="triton is not installed", exc_type=ImportError)
 
@@ -79,7 +80,7 @@ def test_autograd_paths_against_reference(path, dtype, dropout):
     leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
     W64 = nf4.dequantize_nf4(w).double()
     ref = reference.lora_linear(  # the Philox mask of seed 7 on every path
-        leaves[0], W64, b.double(), leaves[1], leaves[2], 2.0, Bm.double(), 0.6, dropout, 7
+        leaves[0], W64, b.double(), leaves[1], leaves[2], 2.0, Bm.double(), 0.6, dropout=dropout, seed=7
     )
     rx, rA, rB = torch.autograd.grad(ref, leaves, dy.double())
     for got, want in ((y, ref), (gx, rx), (gA, rA), (gB, rB)):
@@ -87,10 +88,10 @@ def test_autograd_paths_against_reference(path, dtype, dropout):
         assert_close(got, want, dtype)
 
 
-def test_choose_path_by_token_count():
-    assert knf4.choose_path(1) == "fused"
-    assert knf4.choose_path(knf4.FUSED_MAX_M) == "fused"
-    assert knf4.choose_path(knf4.FUSED_MAX_M + 1) == "dequant"
+def test_the_nf4_path_by_token_count():
+    assert route.nf4_path_of(1) == "fused"
+    assert route.nf4_path_of(route.FUSED_MAX_M) == "fused"
+    assert route.nf4_path_of(route.FUSED_MAX_M + 1) == "dequant"
 
 
 def test_kernel_shape_errors():

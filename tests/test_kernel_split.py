@@ -26,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _gpu_split(tuner, M, length, block, element, **flags):
     """(row tiles, split, steps) the GPU rules give a launch of ``tuner`` over ``length``."""
     t = torch.empty(0, dtype=element)
-    names = ("x_ptr", "lora_a_ptr") if tuner is lora_kernel.down else ("dy_ptr", "lora_b_ptr")
+    names = ("x_ptr", "a_ptr") if tuner is lora_kernel.down else ("dy_ptr", "b_ptr")
     kwargs = {names[0]: t, names[1]: t, "R_PAD": 16, "PRECISION": "tf32x3", **flags}
     kwargs["m_bucket"] = triton.next_power_of_2(M)
     split = lora_configs.split_count(tuner, M, length, block, lora_configs.SM_COUNT, kwargs)

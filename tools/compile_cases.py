@@ -50,8 +50,8 @@ def _empty(*shape, dtype, grad=False):
 
 def lora_cases() -> Iterator[Callable[[], None]]:
     """``mbf.kernels.lora_op.lora_linear`` forward and backward over its whole option domain."""
-    from mbf.kernels.lora_op import MAX_RANK, keep_mask, lora_linear
-    from mbf.kernels.policy import decide_policy
+    from mbf.kernels.lora_op import keep_mask, lora_linear
+    from mbf.kernels.route import MAX_RANK
 
     yield lambda: keep_mask(64, 64, 2**31, torch.zeros((), dtype=torch.int64))  # the torch paths on CUDA
 
@@ -73,8 +73,7 @@ def lora_cases() -> Iterator[Callable[[], None]]:
                         W, b = _empty(N, K, dtype=x_dt), _empty(N, dtype=x_dt) if bias else None
                         Bm = _empty(N, r, dtype=ad_dt) if merged else None
                         with _torch_flags(tf32=tf32, deterministic=det):
-                            policy = decide_policy(x, (A, B, Bm), p, 7)
-                            y = lora_linear(x, W, b, A, B, 2.0, Bm, 0.5, policy)
+                            y = lora_linear(x, W, b, A, B, 2.0, Bm, 0.5, dropout=p, seed=7)
                             y.backward(torch.empty_like(y))
 
                     yield run

@@ -1,9 +1,9 @@
 """The functional API of mbf: every kernel with its backend dispatch.
 
-CUDA tensors take the Triton kernels of ``mbf.kernels`` (the dense LoRA linear: whichever of its
-paths ``dispatch.py`` measured fastest on this GPU); CPU tensors take the PyTorch path;
-``backend="triton"|"torch"`` (or ``$MBF_BACKEND``) forces one. ``mbf.reference`` is the specification
-of each function.
+CUDA tensors take the Triton kernels of ``mbf.kernels`` (the LoRA linear: whichever of its paths
+``dispatch.py`` measured fastest on this GPU, by the route of ``mbf.kernels.route``); CPU tensors take
+the PyTorch path; ``backend="triton"|"torch"|"hybrid"`` (or ``$MBF_BACKEND``) forces one.
+``mbf.reference`` is the specification of each function.
 
 - ``lora_linear`` (``lora_linear_nf4``): the LoRA linear over a dense or NF4 base (``lora.py``,
   base GEMMs in ``bases.py``);

@@ -1,5 +1,10 @@
-"""Which path runs where ``auto`` is not measured: Triton for CUDA tensors, PyTorch for CPU ones, unless
-``backend=`` forces one; and the lazy import of the kernel modules."""
+"""Backend names and the lazy import of the kernel modules.
+
+``resolve_backend`` answers for the ops that measure nothing (``orthonormal_rows``, ``project_out``,
+``time_aware_merge_``): ``auto`` is ``mbf.kernels.route.unmeasured``, the Triton kernels for CUDA
+tensors and torch for CPU ones, unless ``backend=`` forces one. The LoRA linear's path is the route's
+(``mbf.kernels.route``: measured on CUDA by ``mbf.functional.dispatch``, by rank, base and tokens).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ import sys
 import torch
 
 from mbf.config import BACKENDS
+from mbf.kernels import route
 
-__all__ = ["BACKENDS", "kernel", "resolve_backend"]
+__all__ = ["BACKENDS", "check_backend", "kernel", "resolve_backend"]
 
 
 def kernel(module: str, name: str):
@@ -30,14 +36,24 @@ def kernel(module: str, name: str):
         ) from err
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
-    """``"torch"`` or ``"triton"`` for these tensors: ``"auto"`` picks Triton for CUDA tensors.
+def check_backend(backend: str) -> None:
+    """Check that ``backend`` names a ``lora_linear`` backend (``mbf.config.BACKENDS``).
 
     Raises:
         ValueError: on an unknown backend name.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} must be one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
+    """``"torch"`` or ``"triton"`` for these tensors where nothing is measured: ``"auto"`` picks Triton
+    for CUDA tensors (``route.unmeasured``).
+
+    Raises:
+        ValueError: on an unknown backend name.
+    """
+    check_backend(backend)
     if backend != "auto":
         return backend
-    return "triton" if any(t is not None and t.is_cuda for t in tensors) else "torch"
+    return route.unmeasured(any(t is not None and t.is_cuda for t in tensors))

@@ -22,8 +22,6 @@ from mbf.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = ["DenseBase", "NF4DequantBase", "NF4FusedBase", "NF4TorchBase", "lora_addend", "nf4_base"]
 
-NF4_PATHS = ("torch", "dequant", "fused")
-
 
 def lora_addend(
     a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype, bias: torch.Tensor | None = None
@@ -100,11 +98,6 @@ class NF4FusedBase(NF4TorchBase):
 
 
 def nf4_base(w: NF4Weight, path: str) -> NF4TorchBase:
-    """The NF4 base for ``path`` (``"torch"``, ``"dequant"`` or ``"fused"``).
-
-    Raises:
-        ValueError: on an unknown path.
-    """
-    if path not in NF4_PATHS:
-        raise ValueError(f"path {path!r} must be one of auto, {', '.join(NF4_PATHS)}")
+    """The NF4 base for ``path``: ``"torch"``, ``"dequant"`` or ``"fused"`` (the route's NF4 paths,
+    ``mbf.kernels.route``, which checks a path a caller names)."""
     return {"torch": NF4TorchBase, "dequant": NF4DequantBase, "fused": NF4FusedBase}[path](w)

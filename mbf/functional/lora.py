@@ -2,12 +2,12 @@
 
 ``y = x W0ᵀ + b + s · (drop(x) Aᵀ) B_effᵀ`` with ``B_eff = B_m + λ (B − B_m)`` (``mbf.reference``
 is the spec). ``lora_linear`` decides the call's numerical policy once (``mbf.kernels.policy``:
-the LoRA branch's compute dtype, where the term rounds, the Philox dropout key, the fused rank
-limit) and hands it to the path it runs: with ``backend="auto"`` on CUDA the one measured fastest
-for this GPU and shape (``mbf.functional.dispatch``), on the CPU torch. The fused Triton op over a
-dense W0 is ``mbf.kernels.lora_op``; everything else runs ``LoRALinearFunction``, which writes the LoRA
-algebra once and reads W0 through a base object (``mbf.functional.bases``): dense, or NF4 read by
-torch, by the one-pass dequant kernel or by the fused NF4 kernel.
+the LoRA branch's compute dtype, where the term rounds, the Philox dropout key) and runs the path
+the route gives (``mbf.kernels.route``: with ``backend="auto"`` on CUDA the one measured fastest for
+this GPU and shape by ``mbf.functional.dispatch``, on the CPU torch), handing it the policy. The fused
+Triton op over a dense W0 is ``mbf.kernels.lora_op``; every other path runs ``LoRALinearFunction``,
+which writes the LoRA algebra once and reads W0 through a base object (``mbf.functional.bases``):
+dense, or NF4 read by torch, by the one-pass dequant kernel or by the fused NF4 kernel.
 
 Dropout has one random family on every path (Philox, ``mbf.functional.dropout``): the fused op
 regenerates the mask from the key in its tiles; ``LoRALinearFunction`` draws it once as a boolean
@@ -16,20 +16,22 @@ regenerates the mask from the key in its tiles; ``LoRALinearFunction`` draws it 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mbf.functional import dispatch, lowrank
-from mbf.functional._backend import kernel, resolve_backend
+from mbf.functional._backend import check_backend, kernel
 from mbf.functional.bases import DenseBase, lora_addend, nf4_base
 from mbf.functional.dropout import keep_mask
 from mbf.functional.lowrank import b_eff
-from mbf.kernels import interpreting
-from mbf.kernels.policy import MAX_RANK, LoRAPolicy, decide_policy
+from mbf.kernels import interpreting, route
+from mbf.kernels.policy import LoRAPolicy, decide_policy
 from mbf.nf4 import NF4Weight, dequantize_nf4
 
 __all__ = ["MAX_FUSED_RANK", "LoRALinearFunction", "lora_linear", "lora_linear_nf4"]
 
-MAX_FUSED_RANK = MAX_RANK  # the fused kernels' rank limit (mbf.kernels.policy); above it the torch path runs
+MAX_FUSED_RANK = route.MAX_RANK  # public alias of the route's rank limit; above it the torch path runs
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -105,10 +107,10 @@ def lora_linear(
             harness ``Dispatcher(cpu=True)``), ``"torch"``,
             ``"triton"`` (the fused kernels) or ``"hybrid"`` (the base GEMMs in cuBLAS with the LoRA
             term as their addend, the low-rank passes S, dS + dB and dA in Triton). Ranks above
-            ``MAX_FUSED_RANK`` run the torch path.
+            ``MAX_FUSED_RANK`` run the torch path. The whole rule: ``mbf.kernels.route``.
         nf4_path: over an NF4 weight with Triton, ``"fused"`` (dequantise inside the GEMM tiles),
             ``"dequant"`` (one dequant pass + cuBLAS) or ``"auto"`` (with ``backend="auto"``: measured
-            with the backends; with ``backend="triton"``: ``mbf.kernels.nf4.choose_path``).
+            with the backends; otherwise by token count, ``mbf.kernels.route.nf4_path_of``).
         name: the layer's name, to start every error message with (``LoRALinear`` passes its own).
 
     Returns:
@@ -116,45 +118,38 @@ def lora_linear(
         follow ``mbf.kernels.policy`` on every path.
 
     Raises:
-        ValueError: on mismatched shapes, a dropout outside [0, 1), or an NF4 weight away from x.
-        RuntimeError: an NF4 weight on a device its backend cannot run on.
+        ValueError: on mismatched shapes, a dropout outside [0, 1), an unknown backend or NF4 path,
+            or an NF4 weight away from x.
+        RuntimeError: an NF4 weight on a device its backend cannot run on, or ``backend="hybrid"``
+            with x off CUDA (outside the interpreter).
     """
     where = f"{name}: " if name else ""
     _check_shapes(where, x, weight.shape, bias, A, B, merged_B)
     policy = decide_policy(x, (A, B, merged_B), dropout, seed, where)
+    check_backend(backend)
     is_nf4 = isinstance(weight, NF4Weight)
-    if backend == "auto" and dispatch.dispatches(x) and not (is_nf4 and nf4_path != "auto"):
+    base = "nf4" if is_nf4 else "dense"
+    choice = None
+    if route.measures(backend, base, nf4_path, dispatch.dispatches(x)):
         # measured: see dispatch.py (over NF4 the choice is the path: torch, fused or dequant)
         choice = dispatch.auto_backend(
             x, weight, bias, A, B, scaling, merged_B, lam, dropout, run=lora_linear, nf4=is_nf4
         )
-        if is_nf4 and choice != "torch":
-            backend, nf4_path = "triton", choice
-        else:
-            backend = choice
-    chosen = resolve_backend(backend, x)
-    if is_nf4:
-        check_nf4_device(weight, x, chosen, where)
-    elif chosen == "hybrid" and not x.is_cuda and not interpreting():
-        raise RuntimeError(f"{where}backend='hybrid' needs x on a CUDA device, it is on {x.device}")
     frozen = [t for t in (None if is_nf4 else weight, bias, merged_B) if t is not None]
-    if any(t.requires_grad for t in frozen):
-        # a trainable base is outside the fused paths' contract: the same algebra under autograd
+    way = route.route(
+        backend=backend, base=base, rank=A.shape[0], M=math.prod(x.shape[:-1]), cuda=x.is_cuda,
+        choice=choice, nf4_path=nf4_path, trainable_base=any(t.requires_grad for t in frozen),
+    )  # fmt: skip
+    _check_device(way.backend, weight, x, where)
+    if way.path == "autograd":  # a trainable base is outside the other paths' contract
         W = dequantize_nf4(weight, x.dtype) if is_nf4 else weight
         return _autograd_lora(x, W, bias, A, B, float(scaling), merged_B, float(lam), policy)
-    fits = policy.fused_rank(A.shape[0])
-    if is_nf4:
-        if chosen == "torch":
-            nf4_path = "torch"
-        elif nf4_path == "auto":
-            nf4_path = kernel("nf4", "choose_path")(x.numel() // x.shape[-1])
-        base = nf4_base(weight, nf4_path)
-    elif chosen == "triton" and fits:
-        return kernel("lora_op", "lora_linear")(x, weight, bias, A, B, scaling, merged_B, lam, policy)
-    else:
-        base = DenseBase(weight)  # the hybrid path too: the base GEMMs in cuBLAS
-    low = lowrank.TRITON if chosen == "hybrid" and fits else lowrank.TORCH
-    return LoRALinearFunction.apply(x, A, B, base, bias, merged_B, float(scaling), float(lam), policy, low)
+    if way.path == "fused":
+        fused = kernel("lora_op", "lora_linear")
+        return fused(x, weight, bias, A, B, scaling, merged_B, lam, dropout=dropout, seed=seed, policy=policy)
+    W0 = nf4_base(weight, way.path[len("nf4-") :]) if is_nf4 else DenseBase(weight)  # hybrid: cuBLAS
+    low = lowrank.TRITON if way.lowrank == "triton" else lowrank.TORCH
+    return LoRALinearFunction.apply(x, A, B, W0, bias, merged_B, float(scaling), float(lam), policy, low)
 
 
 def lora_linear_nf4(x: torch.Tensor, weight: NF4Weight, *args, path: str = "auto", **kwargs) -> torch.Tensor:
@@ -195,6 +190,13 @@ def _check_shapes(where: str, x, weight_shape, bias, A, B, merged_B) -> None:
         raise ValueError(f"{where}merged_B has shape {tuple(merged_B.shape)}, expected {tuple(B.shape)}")
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"{where}bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+
+
+def _check_device(backend: str, weight, x: torch.Tensor, where: str) -> None:
+    if isinstance(weight, NF4Weight):
+        check_nf4_device(weight, x, backend, where)
+    elif backend == "hybrid" and not x.is_cuda and not interpreting():
+        raise RuntimeError(f"{where}backend='hybrid' needs x on a CUDA device, it is on {x.device}")
 
 
 def check_nf4_device(w: NF4Weight, x: torch.Tensor, backend: str, where: str = "") -> None:

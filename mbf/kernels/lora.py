@@ -24,12 +24,12 @@ the forward stays deterministic). The dY pass starts each row tile's sweep at a 
 The prologue caps dX's tile at the 128×128 class (``lora_configs.linear_budget``: at 128×256 it
 spills). Without dropout (whose mask alone caps the tile too), and where M is large enough for the
 wider tiles to fill the GPU, dA gets a launch of its own: the same kernel without its main GEMM
-(one more pass over x and dS), and dX may take the 128×256 tile (``lora_op._da_apart``).
+(one more pass over x and dS), and dX may take the 128×256 tile (``route.da_apart``).
 
 dA and dB are sums over the M tiles, added with fp32 atomics in any order, while the padded rank
-is at most ``lora_op.FUSE_MAX_R_PAD`` (32); dB's accumulator rows are R_PAD apart (the padding
-columns add zeros) so that on sm_90 each tile goes out as 128-bit vector atomics (``red.add.v4.f32``;
-sm_80 has scalar fp32 atomics only). Above it, and under
+is at most ``route.FUSE_MAX_R_PAD`` (32; ``route.atomic_grads``); dB's accumulator rows are R_PAD
+apart (the padding columns add zeros) so that on sm_90 each tile goes out as 128-bit vector atomics
+(``red.add.v4.f32``; sm_80 has scalar fp32 atomics only). Above it, and under
 ``torch.use_deterministic_algorithms(True)``, the launcher turns them off in launches 3 and 4 and
 runs ``_lora_wgrad_kernel`` twice: one program per column tile sweeps all of M in a fixed order
 (one more pass over x and over dY, no atomics, the same bits every run).
@@ -85,21 +85,21 @@ def _keep_mask_kernel(
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep != 0, mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_s_p", "stride_s_m", "threshold", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_sp", "stride_sm", "threshold", "m_bucket"])
 def _lora_down_kernel(
     x_ptr,  # (M, K) layer input
-    lora_a_ptr,  # (R, K) lora_A, in the LoRA compute dtype
+    a_ptr,  # (R, K) lora_A, in the LoRA compute dtype
     s_ptr,  # (P, M, R) fp32 output: S = drop(x) Aᵀ summed over the P programs sharing a row tile's K
     M,  # rows of x (tokens)
     K,  # in features
     R,  # rank
-    stride_x_m,  # elements to step one row of x
-    stride_x_k,  # elements to step one column of x
-    stride_a_r,  # ... one row of A
-    stride_a_k,  # ... one column of A
-    stride_s_p,  # ... one part of S (the grid's second axis)
-    stride_s_m,  # ... one row of S
-    stride_s_r,  # ... one column of S
+    stride_xm,  # elements to step one row of x
+    stride_xk,  # elements to step one column of x
+    stride_ar,  # ... one row of A
+    stride_ak,  # ... one column of A
+    stride_sp,  # ... one part of S (the grid's second axis)
+    stride_sm,  # ... one row of S
+    stride_sr,  # ... one column of S
     keep_scale,  # 1 / (1 - p): applied once to the fp32 accumulator instead of to every x element
     seed_ptr,  # () int64 dropout seed (the Philox key), if HAS_DROPOUT
     threshold: tl.int64,  # uint32 Philox draws below it drop their element
@@ -118,8 +118,8 @@ def _lora_down_kernel(
     offs_r = tl.arange(0, R_PAD)
     m_ok, r_ok = offs_m < M, offs_r < R
     cols = (k_lo + offs_k).to(tl.int64)
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x_m + cols[None, :] * stride_x_k
-    a_ptrs = lora_a_ptr + cols[:, None] * stride_a_k + offs_r[None, :] * stride_a_r  # (BLOCK_K, R_PAD): Aᵀ
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk
+    a_ptrs = a_ptr + cols[:, None] * stride_ak + offs_r[None, :] * stride_ar  # (BLOCK_K, R_PAD): Aᵀ
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = offs_k < K - k0
@@ -128,16 +128,16 @@ def _lora_down_kernel(
             x = x * keep_factor(tl.load(seed_ptr), threshold, offs_m, k0, K, BLOCK_K, x.dtype, UPCAST)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = dot(x, a, acc, UPCAST, PRECISION)
-        x_ptrs += BLOCK_K * stride_x_k
-        a_ptrs += BLOCK_K * stride_a_k
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    s_ptrs = s_ptr + tl.program_id(1).to(tl.int64) * stride_s_p
-    s_ptrs += offs_m.to(tl.int64)[:, None] * stride_s_m + offs_r[None, :] * stride_s_r
+    s_ptrs = s_ptr + tl.program_id(1).to(tl.int64) * stride_sp
+    s_ptrs += offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
     tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_down_m", "stride_up_n", "threshold", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_downm", "stride_upn", "threshold", "m_bucket"])
 def _lora_linear_kernel(
     lhs_ptr,  # (M, K) the GEMM's left operand: x (forward) or dY (dX)
     w_ptr,  # W0 read as (K, N) through its strides: W0ᵀ (forward) or W0 (dX)
@@ -152,18 +152,18 @@ def _lora_linear_kernel(
     N,  # output columns: out features (forward) or in features (dX)
     K,  # reduction length: in features (forward) or out features (dX)
     R,  # rank
-    stride_lhs_m,  # elements to step one row of lhs
-    stride_lhs_k,  # ... one column of lhs
-    stride_w_k,  # ... one row of W0 read as (K, N)
-    stride_w_n,  # ... one column of it
-    stride_down_m,  # ... one row of the token-side factor
-    stride_down_r,  # ... one column of it
-    stride_up_r,  # ... one row of the other factor read as (R, N)
-    stride_up_n,  # ... one column of it
-    stride_x_m,  # ... one row of x
-    stride_x_n,  # ... one column of x
-    stride_out_m,  # ... one row of the output
-    stride_out_n,  # ... one column of the output
+    stride_lhsm,  # elements to step one row of lhs
+    stride_lhsk,  # ... one column of lhs
+    stride_wk,  # ... one row of W0 read as (K, N)
+    stride_wn,  # ... one column of it
+    stride_downm,  # ... one row of the token-side factor
+    stride_downr,  # ... one column of it
+    stride_upr,  # ... one row of the other factor read as (R, N)
+    stride_upn,  # ... one column of it
+    stride_xm,  # ... one row of x
+    stride_xn,  # ... one column of x
+    stride_outm,  # ... one row of the output
+    stride_outn,  # ... one column of the output
     lora_scale,  # s forward; s / (1 - p) for dX
     lam,  # λ of B_eff
     da_scale,  # s / (1 - p)
@@ -197,14 +197,14 @@ def _lora_linear_kernel(
     rows, cols = offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :]  # int64: N·K may pass 2³¹
     dt = lhs_ptr.dtype.element_ty  # the base GEMM's dtype
     R_CHUNK: tl.constexpr = 32 if R_PAD > 32 else R_PAD
-    down_ptrs = down_ptr + rows * stride_down_m
+    down_ptrs = down_ptr + rows * stride_downm
     if ACC_DA:
-        x_tile = tl.load(x_ptr + rows * stride_x_m + cols * stride_x_n, mask=m_ok[:, None] & n_ok[None, :],
+        x_tile = tl.load(x_ptr + rows * stride_xm + cols * stride_xn, mask=m_ok[:, None] & n_ok[None, :],
                          other=0.0).to(dt)  # fmt: skip
         if HAS_DROPOUT:
             n0 = pid_n * BLOCK_N
             x_tile = x_tile * keep_factor(tl.load(seed_ptr), threshold, offs_m, n0, N, BLOCK_N, dt, UPCAST)
-        da_prologue(down_ptrs, stride_down_r, x_tile, da_ptr, offs_n, m_ok, n_ok, N, R, da_scale,
+        da_prologue(down_ptrs, stride_downr, x_tile, da_ptr, offs_n, m_ok, n_ok, N, R, da_scale,
                      up_ptr.dtype.element_ty, R_PAD, R_CHUNK, UPCAST, PRECISION)  # fmt: skip
     if HAS_MAIN:
         # the mask again, not held across the prologue: a few ALU ops per element against ~30 registers
@@ -212,35 +212,35 @@ def _lora_linear_kernel(
         if HAS_DROPOUT:
             keep = keep_factor(tl.load(seed_ptr), threshold, offs_m, pid_n * BLOCK_N, N, BLOCK_N, dt, UPCAST)
         ldt = up_ptr.dtype.element_ty  # the LoRA compute dtype
-        acc = lora_addend(down_ptrs, stride_down_r, up_ptr, upm_ptr, stride_up_r, stride_up_n, cols,
+        acc = lora_addend(down_ptrs, stride_downr, up_ptr, upm_ptr, stride_upr, stride_upn, cols,
                            bias_ptr, offs_n, m_ok, n_ok, R, lora_scale, lam, keep, dt, ldt, HAS_BIAS,
                            HAS_MERGED, HAS_DROPOUT, R_PAD, R_CHUNK, BLOCK_M, BLOCK_N, UPCAST,
                            PRECISION)  # fmt: skip
-        lhs_ptrs, w_ptrs = lhs_ptr + rows * stride_lhs_m, w_ptr + cols * stride_w_n
-        acc = gemm_loop(acc, lhs_ptrs, stride_lhs_k, w_ptrs, stride_w_k, m_ok, n_ok, K, BLOCK_K, UPCAST,
+        lhs_ptrs, w_ptrs = lhs_ptr + rows * stride_lhsm, w_ptr + cols * stride_wn
+        acc = gemm_loop(acc, lhs_ptrs, stride_lhsk, w_ptrs, stride_wk, m_ok, n_ok, K, BLOCK_K, UPCAST,
                          PRECISION)  # fmt: skip
-        out = out_ptr + rows * stride_out_m + cols * stride_out_n
+        out = out_ptr + rows * stride_outm + cols * stride_outn
         tl.store(out, cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_b_n", "stride_ds_p", "stride_s_m", "m_bucket"])
+@triton.jit(do_not_specialize=["M", "R", "stride_bn", "stride_dsp", "stride_sm", "m_bucket"])
 def _lora_dy_kernel(
     dy_ptr,  # (M, N) upstream gradient
-    lora_b_ptr,  # (N, R) lora_B, in the LoRA compute dtype
-    merged_b_ptr,  # (N, R) merged B (same strides as B), if HAS_MERGED
+    b_ptr,  # (N, R) lora_B, in the LoRA compute dtype
+    bm_ptr,  # (N, R) merged B (same strides as B), if HAS_MERGED
     s_ptr,  # (M, R) fp32 S saved by the forward, if ACC_DB
     ds_ptr,  # (P, M, R) fp32 output: dS = dY B_eff summed over the P programs sharing a row tile's N
     db_ptr,  # (N, R_PAD) contiguous fp32 dB accumulator (atomic adds over M tiles), if ACC_DB
     M,  # rows (tokens)
     N,  # out features
     R,  # rank
-    stride_dy_m,  # elements to step one row of dY
-    stride_dy_n,  # ... one column of dY
-    stride_b_n,  # ... one row of B (and of the merged B)
-    stride_b_r,  # ... one column of B
-    stride_ds_p,  # ... one part of dS (the grid's second axis)
-    stride_s_m,  # ... one row of S and of each part of dS
-    stride_s_r,  # ... one column of S and of each part of dS
+    stride_dym,  # elements to step one row of dY
+    stride_dyn,  # ... one column of dY
+    stride_bn,  # ... one row of B (and of the merged B)
+    stride_br,  # ... one column of B
+    stride_dsp,  # ... one part of dS (the grid's second axis)
+    stride_sm,  # ... one row of S and of each part of dS
+    stride_sr,  # ... one column of S and of each part of dS
     lam,  # λ of B_eff
     db_scale,  # s · λ with a merged B, s without
     m_bucket,  # autotune key only
@@ -264,29 +264,29 @@ def _lora_dy_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     m_ok, r_ok = offs_m < M, offs_r < R
-    ldt = lora_b_ptr.dtype.element_ty  # the LoRA compute dtype
-    s_off = offs_m.to(tl.int64)[:, None] * stride_s_m + offs_r[None, :] * stride_s_r
+    ldt = b_ptr.dtype.element_ty  # the LoRA compute dtype
+    s_off = offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
     if ACC_DB:
         s_tile = cast(tl.load(s_ptr + s_off, mask=m_ok[:, None] & r_ok[None, :], other=0.0), ldt, UPCAST)
-    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dy_m + offs_n[None, :] * stride_dy_n
+    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
     ds = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for i in range(0, steps):
         n0 = n_lo + ((first + i) % steps) * BLOCK_N
         n_ok = offs_n < N - n0
-        dy = tl.load(dy_rows + n0.to(tl.int64) * stride_dy_n, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        b_off = (n0 + offs_n)[:, None] * stride_b_n + offs_r[None, :] * stride_b_r  # (BLOCK_N, R_PAD)
+        dy = tl.load(dy_rows + n0.to(tl.int64) * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b_off = (n0 + offs_n)[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BLOCK_N, R_PAD)
         b_ok = n_ok[:, None] & r_ok[None, :]
-        b_eff = load_b_eff(lora_b_ptr + b_off, merged_b_ptr + b_off, b_ok, lam, HAS_MERGED)
+        b_eff = load_b_eff(b_ptr + b_off, bm_ptr + b_off, b_ok, lam, HAS_MERGED)
         ds = dot(dy, cast(b_eff, ldt, UPCAST), ds, UPCAST, PRECISION)  # 16-bit dY vs fp32 B: see dot
         if ACC_DB:  # the same dY tile, while it is in registers
             db = dot(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
             db_ptrs = db_ptr + (n0 + offs_n).to(tl.int64)[:, None] * R_PAD + offs_r[None, :]
             tl.atomic_add(db_ptrs, db * db_scale, mask=n_ok[:, None], sem="relaxed")
-    ds_ptrs = ds_ptr + tl.program_id(1).to(tl.int64) * stride_ds_p + s_off
+    ds_ptrs = ds_ptr + tl.program_id(1).to(tl.int64) * stride_dsp + s_off
     tl.store(ds_ptrs, ds, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_left_m", "stride_out_c", "threshold"])
+@triton.jit(do_not_specialize=["M", "R", "stride_leftm", "stride_outc", "threshold"])
 def _lora_wgrad_kernel(
     left_ptr,  # (M, R) fp32 left factor: dS (for dA) or S (for dB)
     right_ptr,  # (M, C) right factor: x (for dA) or dY (for dB)
@@ -294,12 +294,12 @@ def _lora_wgrad_kernel(
     M,  # rows (tokens): the reduction
     C,  # columns: in features (dA) or out features (dB)
     R,  # rank
-    stride_left_m,  # elements to step one row of the left factor
-    stride_left_r,  # ... one column of it
-    stride_right_m,  # ... one row of the right factor
-    stride_right_c,  # ... one column of it
-    stride_out_r,  # ... one row of the output as (R, C)
-    stride_out_c,  # ... one column of it
+    stride_leftm,  # elements to step one row of the left factor
+    stride_leftr,  # ... one column of it
+    stride_rightm,  # ... one row of the right factor
+    stride_rightc,  # ... one column of it
+    stride_outr,  # ... one row of the output as (R, C)
+    stride_outc,  # ... one column of it
     scale,  # s / (1 - p) for dA, s · λ for dB
     seed_ptr,  # () int64 dropout seed: the mask over x (dA only)
     threshold: tl.int64,  # uint32 Philox draws below it drop their element
@@ -317,20 +317,20 @@ def _lora_wgrad_kernel(
     offs_r = tl.arange(0, R_PAD)
     c_ok, r_ok = offs_c < C, offs_r < R
     ldt = out_ptr.dtype.element_ty  # the adapter's dtype
-    cols = offs_c.to(tl.int64)[None, :] * stride_right_c
+    cols = offs_c.to(tl.int64)[None, :] * stride_rightc
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + offs_m
         m_ok = rows < M
-        lt = tl.load(left_ptr + rows.to(tl.int64)[:, None] * stride_left_m + offs_r[None, :] * stride_left_r,
+        lt = tl.load(left_ptr + rows.to(tl.int64)[:, None] * stride_leftm + offs_r[None, :] * stride_leftr,
                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
         lt = cast(lt, ldt, UPCAST)
-        x = tl.load(right_ptr + rows.to(tl.int64)[:, None] * stride_right_m + cols,
+        x = tl.load(right_ptr + rows.to(tl.int64)[:, None] * stride_rightm + cols,
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         if HAS_DROPOUT:
             x = x * keep_factor(tl.load(seed_ptr), threshold, rows, c0, C, BLOCK_C, x.dtype, UPCAST)
         acc = dot(tl.trans(lt), x, acc, UPCAST, PRECISION)
-    out_ptrs = out_ptr + offs_r[:, None] * stride_out_r + offs_c.to(tl.int64)[None, :] * stride_out_c
+    out_ptrs = out_ptr + offs_r[:, None] * stride_outr + offs_c.to(tl.int64)[None, :] * stride_outc
     tl.store(out_ptrs, cast(acc * scale, ldt, UPCAST), mask=r_ok[:, None] & c_ok[None, :])
 
 

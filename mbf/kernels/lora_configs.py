@@ -128,7 +128,7 @@ def _table(kernel: str, size: int) -> list[triton.Config]:
 CANDIDATES = {kernel: {size: _table(kernel, size) for size in (2, 4)} for kernel in ("down", "linear", "dy")}
 # the operands whose widest element picks the table: down and dy convert their streamed tile to the
 # adapter's dtype before the dot (fp32 adapters: fp32 tiles); linear's big dot is the base GEMM's
-_SIZED_BY = {"down": ("x_ptr", "lora_a_ptr"), "linear": ("lhs_ptr",), "dy": ("dy_ptr", "lora_b_ptr")}
+_SIZED_BY = {"down": ("x_ptr", "a_ptr"), "linear": ("lhs_ptr",), "dy": ("dy_ptr", "b_ptr")}
 
 
 def m_range(m_bucket: int) -> tuple[int, int]:
@@ -167,11 +167,11 @@ def _fits(kernel: str, config: triton.Config, args: dict) -> bool:
         # (198 registers on sm_90 under 3.6)
         return False
     if kernel == "down":
-        return not (_split(args, "x_ptr", "lora_a_ptr") and R >= 64 and c["BLOCK_M"] * c["BLOCK_K"] > 1024)
+        return not (_split(args, "x_ptr", "a_ptr") and R >= 64 and c["BLOCK_M"] * c["BLOCK_K"] > 1024)
     if kernel == "dy":
         # BLOCK_M x max(R_PAD, 32) <= 1024: at R_PAD 16 the 64-row tile spilled 120 B under Triton 3.6;
         # at R_PAD 32 BLOCK_N 64 spills 68-72 B on sm_80 (16 and 32 rows, Triton 3.9)
-        tight = _split(args, "dy_ptr", "lora_b_ptr") and args["ACC_DB"]
+        tight = _split(args, "dy_ptr", "b_ptr") and args["ACC_DB"]
         tall = c["BLOCK_M"] * max(R, 32) > 1024 or (R >= 32 and c["BLOCK_N"] > 32)
         # BLOCK_N 16 only where 64 spills (elsewhere the 16 x 16 tile spills 8-16 B on sm_90)
         return not (tight and tall) and (c["BLOCK_N"] >= 32 or (tight and R >= 32))

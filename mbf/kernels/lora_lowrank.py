@@ -16,8 +16,9 @@ import torch
 import triton
 
 from mbf.kernels._common import device_of
-from mbf.kernels.lora_op import FUSE_MAX_R_PAD, _down, _dy, _flags, _int32_steps, _wgrad
+from mbf.kernels.lora_op import _down, _dy, _flags, _int32_steps, _wgrad
 from mbf.kernels.policy import LoRAPolicy
+from mbf.kernels.route import atomic_grads
 
 __all__ = ["da", "down", "dy"]
 
@@ -49,8 +50,7 @@ def dy(
     (M, N), r = dY.shape, B.shape[1]
     dS = torch.empty((M, r), device=dY.device, dtype=torch.float32)
     flags = _flags(dY, B.T)
-    ordered = flags["R_PAD"] > FUSE_MAX_R_PAD or torch.are_deterministic_algorithms_enabled()
-    atomics = need_db and not ordered and M > 0
+    atomics = need_db and atomic_grads(flags["R_PAD"]) and M > 0
     # the atomics add whole dB rows R_PAD apart (vector atomics); the padding columns stay zero
     dB = torch.zeros((N, flags["R_PAD"] if atomics else r), device=dY.device, dtype=torch.float32)
     if M == 0:

@@ -11,13 +11,10 @@ import triton
 from mbf.kernels import lora
 from mbf.kernels._common import TL_DTYPES, device_of, dot_flags, pad_rank
 from mbf.kernels.lora_configs import launch, linear_budget, sm_count, split_count, wgrad_config
-from mbf.kernels.policy import MAX_RANK, LoRAPolicy
+from mbf.kernels.policy import LoRAPolicy, decide_policy
+from mbf.kernels.route import MAX_RANK, atomic_grads, da_apart, fused_rank
 
-__all__ = ["FUSE_MAX_R_PAD", "MAX_RANK", "keep_mask", "lora_linear"]
-# dA and dB join the dY and dX passes as fp32 atomics up to this padded rank; beyond it their
-# (BLOCK, R_PAD) tiles crowd those kernels (spills at R_PAD 64), and _lora_wgrad_kernel sums them in
-# a pass of its own over x and dY (in a fixed order: deterministic as well).
-FUSE_MAX_R_PAD = 32
+__all__ = ["keep_mask", "lora_linear"]
 _MAX_STEP_BLOCK = 256  # largest BLOCK of any config: a pointer advances by BLOCK · stride in int32
 
 
@@ -47,8 +44,8 @@ def _flags(x2: torch.Tensor, A: torch.Tensor) -> dict:
 
 
 def _strides(name: str, t: torch.Tensor, dims: str) -> dict:
-    """``{"stride_<name>_<d>": ...}`` of ``t`` for each dimension letter (a kernel's argument names)."""
-    return {f"stride_{name}_{d}": t.stride(i) for i, d in enumerate(dims)}
+    """``{"stride_<name><d>": ...}`` of ``t`` for each dimension letter (a kernel's argument names)."""
+    return {f"stride_{name}{d}": t.stride(i) for i, d in enumerate(dims)}
 
 
 def _key(seed: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -66,7 +63,7 @@ def _split_launch(tuner, out, name, block, length, args):
     split = split_count(tuner, M, length, block, sm_count(out), args)
     parts = out.unsqueeze(0) if split == 1 else out.new_empty((split, *out.shape))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split)  # noqa: E731
-    launch(tuner, grid, **args, **{f"{name}_ptr": parts, f"stride_{name}_p": parts.stride(0)})
+    launch(tuner, grid, **args, **{f"{name}_ptr": parts, f"stride_{name}p": parts.stride(0)})
     if split > 1:
         torch.sum(parts, 0, out=out)
 
@@ -76,7 +73,7 @@ def _down(x2, A, S, *, dropout, threshold, seed, flags, m_bucket):
     programs)."""
     (M, K), r = x2.shape, A.shape[0]
     args = dict(
-        x_ptr=x2, lora_a_ptr=A, M=M, K=K, R=r, **_strides("x", x2, "mk"), **_strides("a", A, "rk"),
+        x_ptr=x2, a_ptr=A, M=M, K=K, R=r, **_strides("x", x2, "mk"), **_strides("a", A, "rk"),
         **_strides("s", S, "mr"), keep_scale=1.0 / (1.0 - dropout), seed_ptr=_key(seed, S),
         threshold=threshold, m_bucket=m_bucket, HAS_DROPOUT=seed is not None, **flags,
     )  # fmt: skip
@@ -107,7 +104,7 @@ def _dy(dY, B, Bm, S, dS, dB, *, lam, db_scale, flags, m_bucket):
     one pass over dY (N shared by ``split_count`` programs). S and dS contiguous, like the parts."""
     (M, N), r = dY.shape, B.shape[1]
     args = dict(
-        dy_ptr=dY, lora_b_ptr=B, merged_b_ptr=B if Bm is None else Bm, s_ptr=S,
+        dy_ptr=dY, b_ptr=B, bm_ptr=B if Bm is None else Bm, s_ptr=S,
         db_ptr=S.new_empty(0) if dB is None else dB, M=M, N=N, R=r, **_strides("dy", dY, "mn"),
         **_strides("b", B, "nr"), **_strides("s", S, "mr"), lam=lam, db_scale=db_scale, m_bucket=m_bucket,
         HAS_MERGED=Bm is not None, ACC_DB=dB is not None, **flags,
@@ -116,14 +113,13 @@ def _dy(dY, B, Bm, S, dS, dB, *, lam, db_scale, flags, m_bucket):
 
 
 def _da_apart(dY, A, seed, flags) -> bool:
-    """Whether dA leaves the dX GEMM's prologue for a launch of its own (one more pass over x and dS):
-    where the prologue would cap dX's tile (``linear_budget``: without dropout, whose mask caps it
-    anyway) and dX's output, in tiles of the wider size, still fills the GPU."""
+    """``route.da_apart`` for this dX launch: its tile budgets without and with the dA prologue
+    (``linear_budget``) and this GPU's SM count."""
     (M, _), K = dY.shape, A.shape[1]
     args = {"R_PAD": flags["R_PAD"], "PRECISION": flags["PRECISION"], "up_ptr": A, "lhs_ptr": dY,
             "HAS_DROPOUT": seed is not None}  # fmt: skip
     alone, with_da = linear_budget({**args, "ACC_DA": False}), linear_budget({**args, "ACC_DA": True})
-    return alone > with_da and triton.cdiv(M * K, alone * 256) >= sm_count(dY)  # 8 warps' tiles
+    return da_apart(M, K, alone, with_da, sm_count(dY))
 
 
 def _wgrad(left, right, out, scale, threshold, seed, flags):
@@ -164,7 +160,8 @@ def _backward(dY, x2, S, weight, A, B, merged_B, *, scaling, lam, dropout, thres
     dA and dB share one buffer: one zeroing launch for both atomic accumulators, and (16-bit
     adapters) one cast (with dB's rows padded to R_PAD for the atomics, one copy more below r = R_PAD);
     none of either when ``_lora_wgrad_kernel`` writes them in the adapters'
-    dtype (deterministic mode, or a padded rank above ``FUSE_MAX_R_PAD``).
+    dtype (``route.atomic_grads`` says no: deterministic mode, or a padded rank above
+    ``route.FUSE_MAX_R_PAD``).
     """
     (M, K), N, r = x2.shape, weight.shape[0], A.shape[0]
     n_da, n_db = r * K if need_da else 0, N * r if need_db else 0
@@ -173,7 +170,7 @@ def _backward(dY, x2, S, weight, A, B, merged_B, *, scaling, lam, dropout, thres
         return dx.zero_(), torch.zeros(n_da + n_db, device=x2.device, dtype=A.dtype)
     flags = _flags(x2, A)
     # atomics (fp32, any order) inside the dY and dX passes, or the fixed-order wgrad kernel
-    fused = flags["R_PAD"] <= FUSE_MAX_R_PAD and not torch.are_deterministic_algorithms_enabled()
+    fused = atomic_grads(flags["R_PAD"])
     acc_dtype = torch.float32 if fused else A.dtype  # the wgrad kernel stores A's dtype
     r_db = flags["R_PAD"] if fused else r  # the dY pass adds whole dB rows R_PAD apart (vector atomics)
     n_acc = n_da + (N * r_db if need_db else 0)
@@ -303,18 +300,27 @@ def lora_linear(
     A: torch.Tensor,
     B: torch.Tensor,
     scaling: float,
-    merged_B: torch.Tensor | None,
-    lam: float,
-    policy: LoRAPolicy,
+    merged_B: torch.Tensor | None = None,
+    lam: float = 1.0,
+    *,
+    dropout: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+    policy: LoRAPolicy | None = None,
 ) -> torch.Tensor:
     """Fused ``x W0ᵀ + b + s (drop(x) Aᵀ) B_effᵀ``: the Triton twin of ``mbf.reference.lora_linear``.
 
+    The signature is ``mbf.functional.lora_linear``'s and the spec's, up to the keyword-only options
+    of each level (here ``policy``).
+
     Args:
         x: ``(..., K)`` in fp32, fp16 or bf16. weight: ``(N, K)``, frozen. bias: ``(N,)`` or None.
-        A: ``(r, K)``, ``1 <= r <= MAX_RANK``. B: ``(N, r)``. merged_B: ``(N, r)`` or None (then
+        A: ``(r, K)``, ``1 <= r <= route.MAX_RANK``. B: ``(N, r)``. merged_B: ``(N, r)`` or None (then
             ``B_eff = B``).
         scaling: ``s = alpha / r``. lam: λ of ``B_eff = merged_B + λ (B − merged_B)``.
-        policy: the call's numerics (``mbf.kernels.policy.decide_policy``, which checked p): the
+        dropout: p on the adapter input. seed: its Philox key (an int in [0, 2⁶³) or a 0-d int64
+            tensor); None: drawn from torch's generator on x's device.
+        policy: the call's numerics, already decided (``mbf.functional.lora_linear`` hands over its
+            own, whose key is the one its other paths would draw); None: ``decide_policy`` here. The
             LoRA branch runs in its compute dtype, the term rounds to x's dtype, dropout draws
             Philox from its key and threshold.
 
@@ -325,14 +331,19 @@ def lora_linear(
 
     Raises:
         ValueError: when a frozen tensor (weight, bias, merged_B) requires grad, a dtype is not
-            fp32 / fp16 / bf16, or r is outside [1, MAX_RANK].
+            fp32 / fp16 / bf16, r is outside [1, route.MAX_RANK], dropout is outside [0, 1) or differs
+            from the policy's.
     """
+    if policy is None:
+        policy = decide_policy(x, (A, B, merged_B), dropout, seed)
+    elif policy.dropout != dropout:
+        raise ValueError(f"dropout {dropout} but the policy was decided for {policy.dropout}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, merged_B)):
         raise ValueError("the fused LoRA kernel keeps weight, bias and merged_B frozen; one requires grad")
     adapters = [t for t in (A, B, merged_B) if t is not None]
     if any(t.dtype not in TL_DTYPES for t in (x, weight, *adapters)):
         raise ValueError(f"the fused LoRA kernel takes {list(TL_DTYPES)}; got x {x.dtype}, A {A.dtype}")
-    if not 1 <= A.shape[0] <= MAX_RANK:
+    if not fused_rank(A.shape[0]):
         raise ValueError(f"rank {A.shape[0]} must be in [1, {MAX_RANK}] for the fused LoRA kernel")
     # the casts are differentiable, so each gradient returns in its parameter's dtype
     A, B, merged_B = (None if t is None else t.to(policy.compute_dtype) for t in (A, B, merged_B))

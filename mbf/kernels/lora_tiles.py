@@ -59,7 +59,7 @@ def split_range(length, BLOCK: tl.constexpr):
 @triton.jit
 def da_prologue(
     down_ptrs,  # (BLOCK_M, 1) row pointers into dS
-    stride_down_r,  # elements to step one column of dS
+    stride_downr,  # elements to step one column of dS
     x_tile,  # (BLOCK_M, BLOCK_N) x at this (m, n), dropped, in the base dtype
     da_ptr,  # (R, N) contiguous fp32 dA accumulator
     offs_n,  # (BLOCK_N,) columns of the tile
@@ -81,7 +81,7 @@ def da_prologue(
         offs_r = r0 + tl.arange(0, R_CHUNK)
         r_ok = offs_r < R
         ds_ok = m_ok[:, None] & r_ok[None, :]
-        ds = tl.load(down_ptrs + offs_r[None, :] * stride_down_r, mask=ds_ok, other=0.0)
+        ds = tl.load(down_ptrs + offs_r[None, :] * stride_downr, mask=ds_ok, other=0.0)
         da = tl.zeros((R_CHUNK, x_tile.shape[1]), dtype=tl.float32)
         da = dot(tl.trans(cast(ds, ldt, UPCAST)), x_tile, da, UPCAST, PRECISION)
         tl.atomic_add(da_ptr + offs_r[:, None] * N + offs_n[None, :], da * da_scale,
@@ -91,11 +91,11 @@ def da_prologue(
 @triton.jit
 def lora_addend(
     down_ptrs,  # (BLOCK_M, 1) row pointers into the token-side factor: S (forward) or dS (dX)
-    stride_down_r,  # elements to step one of its columns
+    stride_downr,  # elements to step one of its columns
     up_ptr,  # the other factor read as (R, N): B_effᵀ (forward) or A (dX)
     upm_ptr,  # the merged B read like it, if HAS_MERGED
-    stride_up_r,  # elements to step one of its rows
-    stride_up_n,  # elements to step one of its columns
+    stride_upr,  # elements to step one of its rows
+    stride_upn,  # elements to step one of its columns
     cols,  # (1, BLOCK_N) int64 columns of the tile
     bias_ptr,  # (N,) bias, if HAS_BIAS
     offs_n,  # (BLOCK_N,) columns of the tile
@@ -124,9 +124,9 @@ def lora_addend(
         offs_r = r0 + tl.arange(0, R_CHUNK)
         r_ok = offs_r < R
         d_ok = m_ok[:, None] & r_ok[None, :]
-        d = tl.load(down_ptrs + offs_r[None, :] * stride_down_r, mask=d_ok, other=0.0)
+        d = tl.load(down_ptrs + offs_r[None, :] * stride_downr, mask=d_ok, other=0.0)
         d = cast(cast(d, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # S (dS) in the compute dtype, then dt
-        u_off = offs_r[:, None] * stride_up_r + cols * stride_up_n
+        u_off = offs_r[:, None] * stride_upr + cols * stride_upn
         u = load_b_eff(up_ptr + u_off, upm_ptr + u_off, r_ok[:, None] & n_ok[None, :], lam, HAS_MERGED)
         u = cast(scale * cast(u, ldt, UPCAST).to(tl.float32), dt, UPCAST)  # s · B_eff (s' · A) in dt
         acc = dot(d, u, acc, UPCAST, PRECISION)
@@ -142,9 +142,9 @@ def lora_addend(
 def gemm_loop(
     acc,  # (BLOCK_M, BLOCK_N) fp32 accumulator to add into
     lhs_ptrs,  # (BLOCK_M, 1) row pointers into the left operand (x or dY)
-    stride_lhs_k,  # elements to step one of its columns
+    stride_lhsk,  # elements to step one of its columns
     w_ptrs,  # (1, BLOCK_N) column pointers into W0 read as (K, N)
-    stride_w_k,  # elements to step one row of it
+    stride_wk,  # elements to step one row of it
     m_ok,  # (BLOCK_M,) rows in range
     n_ok,  # (BLOCK_N,) columns in range
     K,  # reduction length
@@ -154,14 +154,14 @@ def gemm_loop(
 ):
     """``acc + lhs @ W`` over K: the base GEMM's main loop, carrying the accumulator alone."""
     offs_k = tl.arange(0, BLOCK_K)
-    lhs_ptrs = lhs_ptrs + offs_k[None, :] * stride_lhs_k
-    w_ptrs = w_ptrs + offs_k.to(tl.int64)[:, None] * stride_w_k
+    lhs_ptrs = lhs_ptrs + offs_k[None, :] * stride_lhsk
+    w_ptrs = w_ptrs + offs_k.to(tl.int64)[:, None] * stride_wk
     dt = lhs_ptrs.dtype.element_ty
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(lhs_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dt)
         acc = dot(a, w, acc, UPCAST, PRECISION)
-        lhs_ptrs += BLOCK_K * stride_lhs_k
-        w_ptrs += BLOCK_K * stride_w_k
+        lhs_ptrs += BLOCK_K * stride_lhsk
+        w_ptrs += BLOCK_K * stride_wk
     return acc

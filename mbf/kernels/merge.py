@@ -2,7 +2,7 @@
 
 The layers' B matrices have different shapes and live in separate allocations. Rather than
 concatenating them (a copy in, a copy out: three times the traffic of the merge itself), the
-launcher hands the kernel two tables of raw addresses (``ptrs_m``, ``ptrs_f``) and the element
+launcher hands the kernel two tables of raw addresses (``m_ptrs``, ``f_ptrs``) and the element
 count of every tensor, and splits the whole model's work into ``BLOCK``-element chunks: chunk
 ``c`` knows its tensor ``tensor_of[c]`` and its position ``chunk_of[c]`` in it. One program per
 chunk, so a 14336×64 B and a 1024×8 B are balanced alike and no program idles (the grouped-GEMM
@@ -29,28 +29,28 @@ BLOCK = 2048  # elements per program: 8 KiB of fp32 in flight per tensor, enough
 
 @triton.jit
 def _merge_kernel(
-    ptrs_m,  # (T,) int64 addresses of the merged Bs (updated in place)
-    ptrs_f,  # (T,) int64 addresses of the fine-tuned Bs
-    numel,  # (T,) int64 elements of each tensor
-    tensor_of,  # (C,) int32 tensor handled by each chunk
-    chunk_of,  # (C,) int32 index of each chunk inside its tensor
+    m_ptrs,  # (T,) int64 addresses of the merged Bs (updated in place)
+    f_ptrs,  # (T,) int64 addresses of the fine-tuned Bs
+    numel_ptr,  # (T,) int64 elements of each tensor
+    tensor_of_ptr,  # (C,) int32 tensor handled by each chunk
+    chunk_of_ptr,  # (C,) int32 index of each chunk inside its tensor
     lam,  # fp32 λ of the task just finished
     M_DTYPE: tl.constexpr,  # storage dtype of the merged Bs
     F_DTYPE: tl.constexpr,  # storage dtype of the fine-tuned Bs
     BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
-    t = tl.load(tensor_of + c)
-    offs = tl.load(chunk_of + c).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numel + t)
-    pm = tl.load(ptrs_m + t).to(tl.pointer_type(M_DTYPE))
-    pf = tl.load(ptrs_f + t).to(tl.pointer_type(F_DTYPE))
-    m = tl.load(pm + offs, mask=mask).to(tl.float32)
-    f = tl.load(pf + offs, mask=mask).to(tl.float32)
+    t = tl.load(tensor_of_ptr + c)
+    offs = tl.load(chunk_of_ptr + c).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numel_ptr + t)
+    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(M_DTYPE))
+    f_ptr = tl.load(f_ptrs + t).to(tl.pointer_type(F_DTYPE))
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    f = tl.load(f_ptr + offs, mask=mask).to(tl.float32)
     diff = f - m
     # torch.lerp's two-sided form: exact at both ends, so λ = 1 (task 1) gives B_m = B_ft bit for bit
     out = tl.where(lam < 0.5, m + lam * diff, f - (1.0 - lam) * diff)
-    tl.store(pm + offs, out.to(M_DTYPE), mask=mask)
+    tl.store(m_ptr + offs, out.to(M_DTYPE), mask=mask)
 
 
 def time_aware_merge_(merged: Sequence[torch.Tensor], ft: Sequence[torch.Tensor], lam: float) -> None:
@@ -87,15 +87,15 @@ def time_aware_merge_(merged: Sequence[torch.Tensor], ft: Sequence[torch.Tensor]
         )
         with device_of(table):
             _merge_kernel[(maps.shape[1],)](
-                ptrs_m=table[0], ptrs_f=table[1], numel=table[2], tensor_of=maps[0], chunk_of=maps[1],
-                lam=float(lam), M_DTYPE=TL_DTYPES[m_dtype], F_DTYPE=TL_DTYPES[f_dtype], BLOCK=BLOCK,
-                num_warps=4,
+                m_ptrs=table[0], f_ptrs=table[1], numel_ptr=table[2], tensor_of_ptr=maps[0],
+                chunk_of_ptr=maps[1], lam=float(lam), M_DTYPE=TL_DTYPES[m_dtype], F_DTYPE=TL_DTYPES[f_dtype],
+                BLOCK=BLOCK, num_warps=4,
             )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=16)
 def _chunk_table(
-    ptrs_m: tuple[int, ...], ptrs_f: tuple[int, ...], sizes: tuple[int, ...], device: torch.device
+    m_ptrs: tuple[int, ...], f_ptrs: tuple[int, ...], sizes: tuple[int, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(3, T)`` int64 addresses and sizes, ``(2, C)`` int32 chunk -> (tensor, chunk in tensor), on device.
 
@@ -106,5 +106,5 @@ def _chunk_table(
     tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), chunks)
     first = torch.cumsum(chunks, 0) - chunks  # index of each tensor's first chunk
     chunk_of = torch.arange(len(tensor_of)) - torch.repeat_interleave(first, chunks)
-    table = torch.tensor([ptrs_m, ptrs_f, sizes], dtype=torch.int64).to(device)
+    table = torch.tensor([m_ptrs, f_ptrs, sizes], dtype=torch.int64).to(device)
     return table, torch.stack([tensor_of, chunk_of]).to(torch.int32).to(device)

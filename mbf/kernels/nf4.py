@@ -15,12 +15,12 @@ and K is a multiple of 64, so a row starts on a byte and a block, and byte ``(nÂ
   W tiles are dequantised in registers and the addend ``C`` (the LoRA term, bias and dropout mask
   in it, rounded once by the policy of ``mbf.kernels.policy``) starts the fp32 accumulator.
 
-Which one runs (``choose_path``): fused while the token count M is small, where the GEMM is bound
-by reading W and reading 0.52 instead of 2 bytes per weight is the win; dequant + cuBLAS beyond,
-since the fused kernel dequantises each W tile once per M-tile (M / BLOCK_M times) while the
-dequant pass reads W once whatever M is, and from a few hundred tokens on the GEMM is compute-bound.
-``FUSED_MAX_M`` is that switch: one documented setting, unmeasured and conservative (16) until a GPU
-measures the crossover with ``bench/test_bench_nf4.py``, which times both paths over M.
+Which one runs is the route's (``mbf.kernels.route.nf4_path_of``): fused while the token count M is
+small, where the GEMM is bound by reading W and reading 0.52 instead of 2 bytes per weight is the
+win; dequant + cuBLAS beyond, since the fused kernel dequantises each W tile once per M-tile
+(M / BLOCK_M times) while the dequant pass reads W once whatever M is, and from a few hundred tokens
+on the GEMM is compute-bound. ``route.FUSED_MAX_M`` is that switch, unmeasured until a GPU measures
+the crossover with ``bench/test_bench_nf4.py``, which times both paths over M.
 """
 
 from __future__ import annotations
@@ -31,13 +31,8 @@ import triton.language as tl
 
 from mbf.kernels._common import cast, device_of, dot, dot_flags, interpreting, tile_ids
 
-__all__ = ["FUSED_MAX_M", "choose_path", "nf4_addmm", "nf4_dequantize"]
+__all__ = ["nf4_addmm", "nf4_dequantize"]
 
-# Tokens per call up to which the fused kernel is used; above it, one dequant pass + cuBLAS.
-# UNMEASURED: no GPU has timed either path yet. 16 is a conservative guess at decode-sized batches,
-# where bitsandbytes and Unsloth also fuse. To set it, run bench/test_bench_nf4.py on the target GPU
-# (it times the fused path against dequant + cuBLAS over M) and put the crossover here.
-FUSED_MAX_M = 16
 QBLOCK = 64  # elements per absmax block (bitsandbytes blocksize)
 _QBYTES: tl.constexpr = tl.constexpr(QBLOCK // 2)  # bytes per absmax block, for the kernels
 
@@ -64,11 +59,6 @@ def _dot_flags(x: torch.Tensor) -> dict:
     # wgmma on a dequantised tile ("LLVM ERROR: Illegal shared layout", found by the compile check)
     flags = dot_flags(x)
     return {**flags, "PRECISION": "tf32x3"} if flags["PRECISION"] == "tf32" else flags
-
-
-def choose_path(M: int) -> str:
-    """``"fused"`` or ``"dequant"`` for a GEMM of M tokens over an NF4 weight."""
-    return "fused" if M <= FUSED_MAX_M else "dequant"
 
 
 # -- kernels ----------------------------------------------------------------------------------------

@@ -73,45 +73,45 @@ def _num_warps(r_pad: int) -> int:
 
 
 @triton.jit
-def _basis_tile(W_g, k, cols, d, rows):
+def _basis_tile(wg_ptr, k, cols, d, rows):
     """Rows ``< k`` of the basis built so far, columns ``cols``: ``(R_PAD, BLOCK_D)`` fp32."""
     mask = (rows[:, None] < k) & (cols[None, :] < d)
-    return tl.load(W_g + rows[:, None] * d + cols[None, :], mask=mask, other=0.0)
+    return tl.load(wg_ptr + rows[:, None] * d + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_x(x_row, e_col, cols, d, scale):
-    """Columns ``cols`` of ``scale ×`` the row at ``x_row``, or of ``e_{e_col}`` when e_col >= 0."""
+def _load_x(x_ptr, e_col, cols, d, scale):
+    """Columns ``cols`` of ``scale ×`` the row at ``x_ptr``, or of ``e_{e_col}`` when e_col >= 0."""
     # one compare for the mask: the interpreter mis-types a block mask and-ed with a scalar one
     x_len = tl.where(e_col < 0, d, 0)
-    x = tl.load(x_row + cols, mask=cols < x_len, other=0.0).to(tl.float32) * scale
+    x = tl.load(x_ptr + cols, mask=cols < x_len, other=0.0).to(tl.float32) * scale
     return x + tl.where(cols == e_col, 1.0, 0.0)
 
 
 @triton.jit
-def _coefficients(x_row, e_col, scale, W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _coefficients(x_ptr, e_col, scale, wg_ptr, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(Q x, ‖x‖)`` with Q the basis rows ``< k``: the first projection's coefficients."""
     rows = tl.arange(0, R_PAD)
     c = tl.zeros([R_PAD], dtype=tl.float32)
     nrm2 = tl.zeros([], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        x = _load_x(x_row, e_col, cols, d, scale)
-        c += tl.sum(_basis_tile(W_g, k, cols, d, rows) * x[None, :], axis=1)
+        x = _load_x(x_ptr, e_col, cols, d, scale)
+        c += tl.sum(_basis_tile(wg_ptr, k, cols, d, rows) * x[None, :], axis=1)
         nrm2 += tl.sum(x * x, axis=0)
     return c, tl.sqrt_rn(nrm2)  # IEEE sqrt: tl.sqrt is the fast approximate one
 
 
 @triton.jit
 def _orthogonalise(
-    x_row,  # pointer to the row to orthogonalise (ignored when e_col >= 0)
+    x_ptr,  # pointer to the row to orthogonalise (ignored when e_col >= 0)
     e_col,  # >= 0: orthogonalise the unit vector e_{e_col} instead of the row
     scale,  # power of two applied to every entry read from A
     c,  # (R_PAD,) Q x, from _coefficients or from the previous row's pass 3
-    W_g,  # (r, d) fp32 basis of this matrix; row k receives the residual, not yet normalised
-    k,  # rows < k of W_g are orthonormal
+    wg_ptr,  # (r, d) fp32 basis of this matrix; row k receives the residual, not yet normalised
+    k,  # rows < k of wg_ptr are orthonormal
     d,
-    next_row,  # pointer to the next row of A, whose coefficients pass 3 gathers on the way
+    next_ptr,  # pointer to the next row of A, whose coefficients pass 3 gathers on the way
     next_len,  # d, or 0 after the last row
     R_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -125,9 +125,9 @@ def _orthogonalise(
     c2 = tl.zeros([R_PAD], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):  # pass 2: v = x − cᵀQ, and already c2 = Q v block by block
         cols = d0 + tl.arange(0, BLOCK_D)
-        Qt = _basis_tile(W_g, k, cols, d, rows)
-        v = _load_x(x_row, e_col, cols, d, scale) - tl.sum(c[:, None] * Qt, axis=0)
-        tl.store(W_g + k * d + cols, v, mask=cols < d)
+        Qt = _basis_tile(wg_ptr, k, cols, d, rows)
+        v = _load_x(x_ptr, e_col, cols, d, scale) - tl.sum(c[:, None] * Qt, axis=0)
+        tl.store(wg_ptr + k * d + cols, v, mask=cols < d)
         c2 += tl.sum(Qt * v[None, :], axis=1)
     tl.debug_barrier()  # v was stored by other threads than those that read it back below
     nrm2 = tl.zeros([], dtype=tl.float32)
@@ -136,11 +136,11 @@ def _orthogonalise(
     nrm2_next = tl.zeros([], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):  # pass 3 (the re-orthogonalisation): w = v − c2ᵀQ
         cols = d0 + tl.arange(0, BLOCK_D)
-        Qt = _basis_tile(W_g, k, cols, d, rows)
-        w = tl.load(W_g + k * d + cols, mask=cols < d, other=0.0) - tl.sum(c2[:, None] * Qt, axis=0)
-        tl.store(W_g + k * d + cols, w, mask=cols < d)
+        Qt = _basis_tile(wg_ptr, k, cols, d, rows)
+        w = tl.load(wg_ptr + k * d + cols, mask=cols < d, other=0.0) - tl.sum(c2[:, None] * Qt, axis=0)
+        tl.store(wg_ptr + k * d + cols, w, mask=cols < d)
         nrm2 += tl.sum(w * w, axis=0)
-        a = tl.load(next_row + cols, mask=cols < next_len, other=0.0).to(tl.float32) * scale
+        a = tl.load(next_ptr + cols, mask=cols < next_len, other=0.0).to(tl.float32) * scale
         c_next += tl.sum(Qt * a[None, :], axis=1)
         dot_next += tl.sum(w * a, axis=0)
         nrm2_next += tl.sum(a * a, axis=0)
@@ -149,14 +149,14 @@ def _orthogonalise(
 
 
 @triton.jit
-def _least_covered_column(W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _least_covered_column(wg_ptr, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """First column j minimising ``Σ_{i<k} W_ij²``: e_j has the largest residual off the basis."""
     rows = tl.arange(0, R_PAD)
     best = tl.full([], float("inf"), tl.float32)
     best_j = tl.zeros([], dtype=tl.int32)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        Qt = _basis_tile(W_g, k, cols, d, rows)
+        Qt = _basis_tile(wg_ptr, k, cols, d, rows)
         lev = tl.where(cols < d, tl.sum(Qt * Qt, axis=0), float("inf"))
         m = tl.min(lev, axis=0)
         j = tl.min(tl.where(lev == m, cols, 2147483647), axis=0)
@@ -167,66 +167,66 @@ def _least_covered_column(W_g, k, d, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr)
 
 @triton.jit(do_not_specialize=["r"])  # a rank of 1 or 16 must not compile another binary
 def _cgs2_rows_kernel(
-    A_ptrs,  # (G,) int64 addresses of the matrices: (r, d_g) each, contiguous, dtype A_DTYPE
-    Scales,  # (G,) fp32 power of two per matrix: its largest entry times it lies in [1, 2)
-    W,  # flat fp32 workspace where the orthonormal rows are built, matrix g at Offsets[g]
-    Out,  # flat result in the output dtype, same layout (unused when SEPARATE_OUT is False: W is it)
-    Offsets,  # (G,) int64 element offset of matrix g in W and Out
-    Dims,  # (G,) int32 columns d_g of matrix g
-    Flags,  # (G,) int32: 1 where a dependent row was replaced (rank-deficient A)
+    a_ptrs,  # (G,) int64 addresses of the matrices: (r, d_g) each, contiguous, dtype A_DTYPE
+    scales_ptr,  # (G,) fp32 power of two per matrix: its largest entry times it lies in [1, 2)
+    w_ptr,  # flat fp32 workspace where the orthonormal rows are built, matrix g at offsets_ptr[g]
+    out_ptr,  # flat result in the output dtype, same layout (unused when SEPARATE_OUT is False: w is it)
+    offsets_ptr,  # (G,) int64 element offset of matrix g in w and out
+    dims_ptr,  # (G,) int32 columns d_g of matrix g
+    flags_ptr,  # (G,) int32: 1 where a dependent row was replaced (rank-deficient A)
     r,  # rows of every matrix
     tau,  # relative residual under which a row counts as dependent
-    A_DTYPE: tl.constexpr,  # element type behind A_ptrs
+    A_DTYPE: tl.constexpr,  # element type behind a_ptrs
     R_PAD: tl.constexpr,  # next power of two >= r
     BLOCK_D: tl.constexpr,  # columns per tile
-    SEPARATE_OUT: tl.constexpr,  # Out is not W (the output is not fp32)
+    SEPARATE_OUT: tl.constexpr,  # out is not w (the output is not fp32)
 ):
     g = tl.program_id(0)
-    A_g = tl.load(A_ptrs + g).to(tl.pointer_type(A_DTYPE))
-    scale, d, off = tl.load(Scales + g), tl.load(Dims + g), tl.load(Offsets + g)
-    W_g, Out_g = W + off, Out + off
+    ag_ptr = tl.load(a_ptrs + g).to(tl.pointer_type(A_DTYPE))
+    scale, d, off = tl.load(scales_ptr + g), tl.load(dims_ptr + g), tl.load(offsets_ptr + g)
+    wg_ptr, outg_ptr = w_ptr + off, out_ptr + off
     rows = tl.arange(0, R_PAD)
     flag = tl.zeros([], dtype=tl.int32)
     no_col = tl.zeros([], dtype=tl.int32) - 1  # e_col = -1 at run time: one specialisation of helpers
-    c, nrm_a = _coefficients(A_g, no_col, scale, W_g, 0, d, R_PAD, BLOCK_D)  # c = 0: no basis yet
+    c, nrm_a = _coefficients(ag_ptr, no_col, scale, wg_ptr, 0, d, R_PAD, BLOCK_D)  # c = 0: no basis yet
     for k in range(0, r):
-        next_row, next_len = A_g + (k + 1) * d, tl.where(k + 1 < r, d, 0)
+        next_ptr, next_len = ag_ptr + (k + 1) * d, tl.where(k + 1 < r, d, 0)
         nrm, c_next, dot_next, nrm_next = _orthogonalise(
-            A_g + k * d, no_col, scale, c, W_g, k, d, next_row, next_len, R_PAD, BLOCK_D
+            ag_ptr + k * d, no_col, scale, c, wg_ptr, k, d, next_ptr, next_len, R_PAD, BLOCK_D
         )
         dependent = nrm <= tau * nrm_a
         if dependent:  # complete the basis deterministically instead of normalising noise
-            j = _least_covered_column(W_g, k, d, R_PAD, BLOCK_D)
-            c_j, _ = _coefficients(A_g, j, scale, W_g, k, d, R_PAD, BLOCK_D)
+            j = _least_covered_column(wg_ptr, k, d, R_PAD, BLOCK_D)
+            c_j, _ = _coefficients(ag_ptr, j, scale, wg_ptr, k, d, R_PAD, BLOCK_D)
             nrm, c_next, dot_next, nrm_next = _orthogonalise(
-                A_g, j, scale, c_j, W_g, k, d, next_row, next_len, R_PAD, BLOCK_D
+                ag_ptr, j, scale, c_j, wg_ptr, k, d, next_ptr, next_len, R_PAD, BLOCK_D
             )
         flag = tl.maximum(flag, dependent.to(tl.int32))
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            q = tl.math.div_rn(tl.load(W_g + k * d + cols, mask=cols < d, other=0.0), nrm)  # IEEE division
-            tl.store(W_g + k * d + cols, q, mask=cols < d)
+            q = tl.math.div_rn(tl.load(wg_ptr + k * d + cols, mask=cols < d, other=0.0), nrm)  # IEEE division
+            tl.store(wg_ptr + k * d + cols, q, mask=cols < d)
             if SEPARATE_OUT:
-                tl.store(Out_g + k * d + cols, q.to(Out.dtype.element_ty), mask=cols < d)
+                tl.store(outg_ptr + k * d + cols, q.to(out_ptr.dtype.element_ty), mask=cols < d)
         tl.debug_barrier()
         c = tl.where(rows == k, tl.math.div_rn(dot_next, nrm), c_next)  # Q a_{k+1}, q_k included
         nrm_a = nrm_next
-    tl.store(Flags + g, flag)
+    tl.store(flags_ptr + g, flag)
 
 
 @triton.jit
-def _rows_tile(X_g, n, cols, d, N_PAD: tl.constexpr):
+def _rows_tile(xg_ptr, n, cols, d, N_PAD: tl.constexpr):
     """Rows ``< n`` of a contiguous ``(n, d)`` matrix, columns ``cols``, as fp32 ``(N_PAD, BLOCK_D)``."""
     rows = tl.arange(0, N_PAD)
     mask = (rows[:, None] < n) & (cols[None, :] < d)
-    return tl.load(X_g + rows[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(xg_ptr + rows[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["k", "r"])
 def _project_out_kernel(
-    U,  # (G, k, d) contiguous rows to clean
-    Q,  # (G, r, d) contiguous orthonormal rows to remove
-    Out,  # (G, k, d) result in U's dtype
+    u_ptr,  # (G, k, d) contiguous rows U to clean
+    q_ptr,  # (G, r, d) contiguous orthonormal rows Q to remove
+    out_ptr,  # (G, k, d) result in U's dtype
     k,  # rows of U
     r,  # rows of Q
     d,  # columns
@@ -235,19 +235,19 @@ def _project_out_kernel(
     BLOCK_D: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
-    U_g, Q_g, Out_g = U + g * k * d, Q + g * r * d, Out + g * k * d
+    ug_ptr, qg_ptr, outg_ptr = u_ptr + g * k * d, q_ptr + g * r * d, out_ptr + g * k * d
     C = tl.zeros([K_PAD, R_PAD], dtype=tl.float32)  # U Qᵀ
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        u, q = _rows_tile(U_g, k, cols, d, K_PAD), _rows_tile(Q_g, r, cols, d, R_PAD)
+        u, q = _rows_tile(ug_ptr, k, cols, d, K_PAD), _rows_tile(qg_ptr, r, cols, d, R_PAD)
         C = tl.dot(u, tl.trans(q), C, input_precision="ieee")
     ku = tl.arange(0, K_PAD)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        u, q = _rows_tile(U_g, k, cols, d, K_PAD), _rows_tile(Q_g, r, cols, d, R_PAD)
+        u, q = _rows_tile(ug_ptr, k, cols, d, K_PAD), _rows_tile(qg_ptr, r, cols, d, R_PAD)
         out = u - tl.dot(C, q, input_precision="ieee")
         mask = (ku[:, None] < k) & (cols[None, :] < d)
-        tl.store(Out_g + ku[:, None] * d + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
+        tl.store(outg_ptr + ku[:, None] * d + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launchers ------------------------------------------------------------------------------------
@@ -299,7 +299,8 @@ def orthonormal_rows_many(As: Sequence[torch.Tensor], tau: float) -> tuple[list[
     r_pad = triton.next_power_of_2(r)
     with device_of(W):
         _cgs2_rows_kernel[(len(As),)](
-            A_ptrs=table[0], Scales=scales[perm], W=W, Out=out, Offsets=table[1], Dims=dims_t, Flags=status,
+            a_ptrs=table[0], scales_ptr=scales[perm], w_ptr=W, out_ptr=out, offsets_ptr=table[1],
+            dims_ptr=dims_t, flags_ptr=status,
             r=r, tau=float(tau), A_DTYPE=TL_DTYPES[dtype], R_PAD=r_pad, BLOCK_D=_block_d(r_pad),
             SEPARATE_OUT=out is not W, num_warps=_num_warps(r_pad),
         )  # fmt: skip
@@ -356,7 +357,7 @@ def project_out(U: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
         widest = max(k_pad, r_pad)
         with device_of(out):
             _project_out_kernel[(G,)](
-                U=U3, Q=Q3, Out=out, k=k, r=r, d=d, K_PAD=k_pad, R_PAD=r_pad,
+                u_ptr=U3, q_ptr=Q3, out_ptr=out, k=k, r=r, d=d, K_PAD=k_pad, R_PAD=r_pad,
                 BLOCK_D=_block_d(widest, _DOT_TILE), num_warps=_num_warps(widest),
             )  # fmt: skip
     return out[0] if squeeze else out

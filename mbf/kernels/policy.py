@@ -24,8 +24,9 @@ fused Triton op. ``mbf.reference.lora_linear`` states the same policy as the spe
   0-d int64 tensor on x's device: drawn from torch's generator inside the graph when the caller
   gives none (no ``.item()``: no ``torch.compile`` graph break, no host sync), so the same seed
   gives the same mask on the torch path and in the Triton kernels.
-- **rank limit** of the fused kernels: ``MAX_RANK`` (one ``(BLOCK, R_PAD)`` register tile; at
-  R_PAD 128 every kernel spills on sm_90), read by the policy from here and nowhere written again.
+
+Which path runs (and the fused kernels' rank limit) is the route's, not the policy's:
+``mbf.kernels.route``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["MAX_RANK", "LoRAPolicy", "decide_policy", "dropout_threshold"]
-
-MAX_RANK = 64
+__all__ = ["LoRAPolicy", "decide_policy", "dropout_threshold"]
 
 
 def dropout_threshold(p: float) -> int:
@@ -52,16 +51,11 @@ class LoRAPolicy(NamedTuple):
     dropout: float  # p in [0, 1) on the adapter's input
     threshold: int  # Philox draws below it drop their element (0 without dropout)
     seed: torch.Tensor | None  # 0-d int64 Philox key on x's device; None without dropout
-    max_rank: int  # the fused kernels' largest rank
 
     @property
     def keep_scale(self) -> float:
         """``1 / (1 − p)``: the rescale of the kept elements."""
         return 1.0 / (1.0 - self.dropout)
-
-    def fused_rank(self, r: int) -> bool:
-        """Whether rank r fits the fused Triton kernels."""
-        return 1 <= r <= self.max_rank
 
 
 def decide_policy(
@@ -96,4 +90,4 @@ def decide_policy(
             key = seed.to(device=x.device, dtype=torch.int64).reshape(())
         else:
             key = torch.tensor(seed, dtype=torch.int64, device=x.device)
-    return LoRAPolicy(ct, x.dtype, float(dropout), dropout_threshold(dropout), key, MAX_RANK)
+    return LoRAPolicy(ct, x.dtype, float(dropout), dropout_threshold(dropout), key)
