@@ -77,6 +77,18 @@ def token_examples(seed: int, n: int, T: int) -> list[dict]:
     return [{"input_ids": i, "labels": i.clone(), "attention_mask": mask} for i in ids]
 
 
+def trainer_args(out, **kw):
+    """The Trainer tests' ``TrainingArguments``: 4 steps of batch 4 on the CPU, nothing saved or reported;
+    ``kw`` overrides any of them (imports transformers: call it from a test that skipped without it)."""
+    import transformers
+
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-2, max_steps=4,
+                save_strategy="no", report_to=[], use_cpu=True, seed=0, logging_strategy="no",
+                dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

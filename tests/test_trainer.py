@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import make_tiny_llama, token_examples
+from conftest import trainer_args as _args
 
 import mbf
 
@@ -18,12 +19,6 @@ def _data(seed: int, n: int = 16, T: int = 10):
     return token_examples(seed, n, T)
 
 
-def _args(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-2, max_steps=4,
-                save_strategy="no", report_to=[], use_cpu=True, seed=0, logging_strategy="no",
-                dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
 
 
 def _slao_model():

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import make_tiny_llama, token_examples
+from conftest import trainer_args as _args
 
 import mbf
 from mbf.checkpoint import read_checkpoint
@@ -54,12 +55,6 @@ TASKS = [token_examples(0, n=8, T=8), token_examples(1, n=8, T=8)]
 IDS = torch.randint(2, 97, (2, 7), generator=torch.Generator().manual_seed(9))
 
 
-def _args(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=5e-2, max_steps=4,
-                save_strategy="no", report_to=[], use_cpu=True, seed=0, logging_strategy="no",
-                dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
 
 
 def _train_dataset(cl, task: int):

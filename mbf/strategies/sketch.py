@@ -120,7 +120,6 @@ class SketchMerge(InfLoRA):
     """
 
     strategy_name, config_class, trained = "sketch-merge", SketchMergeConfig, "B"
-    wants_inputs = True
 
     def __init__(self, model, config: SketchMergeConfig | None = None, **options) -> None:
         super().__init__(model, config, **options)
@@ -211,10 +210,6 @@ class SketchMerge(InfLoRA):
                 A = ((root[:, None] * Vh[j, :keep]) @ Ginv[j]).to(dtype)  # (k, in)
                 out[n] = (A, B)
         return out
-
-    def adapter_bytes(self) -> int:
-        """The current LoRA, the merged past adapter and one sketch per distinct input (``M``, ``e``, τ)."""
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     # -- state: the sketches, their energies and totals, and which layers share them ---------------
 
