@@ -11,7 +11,8 @@ each with its command written beside it, e.g.
 runs differ, e.g. InfLoRA's kept bases follow the data), plus replay's buffer of kept examples.
 ``--state`` adds the whole state instead: adapter + AdamW moments + replay buffer after the last task (KiB),
 what a constant-memory claim is about. ``--diffs METHOD ...`` keeps only those methods' differences
-against the main comparison's baseline.
+against the main comparison's baseline; ``--methods METHOD ...`` keeps only those methods' own rows (a short
+table for the README, the whole one in docs/results.md).
 ``--extra DIR [METHOD ...]`` adds the differences of another comparison (another baseline, e.g. SLAO
 against FTBA-MB: the orthogonal init isolated), only for the METHODs named after it (every method when
 none is); repeat it for each comparison. ``--readme FILE`` (README.md or a docs/ page) replaces the
@@ -114,17 +115,24 @@ def table(
     memory: bool = False,
     state: bool = False,
     diffs_of: set[str] | None = None,
+    methods: set[str] | None = None,
 ) -> str:
     """The markdown table of one comparison (and the differences of ``extras``); ``memory``: with the
     adapter state each method holds after the last task; ``state``: with its whole state (adapter,
-    optimizer, buffer); ``diffs_of``: only these methods' differences against the main baseline."""
+    optimizer, buffer); ``diffs_of``: only these methods' differences against the main baseline; ``methods``:
+    only these methods' own rows (named as the runs call them, like ``diffs_of``)."""
     iv, runs = compare["intervals"], compare["methods"]
     base = iv.get("baseline")
     extra = [STATE] if state else [MEMORY] if memory else []
     head = [*METRICS, *extra]
     lines = [f"| | units | {' | '.join(head)} |", "|---" * (len(head) + 2) + "|"]
     tail = " | –" if extra else ""  # (a difference has no memory of its own)
+    unknown = (methods or set()) - set(iv["methods"]) - {m.split(" [")[0] for m in iv["methods"]}
+    if unknown:
+        raise ValueError(f"--methods: no row for {sorted(unknown)} (has: {sorted(iv['methods'])})")
     for m, row in iv["methods"].items():
+        if methods is not None and not {m, m.split(" [")[0]} & methods:
+            continue
         label = units_label(_checked(_units(runs[m]["runs"]), row, m))
         cells = [_cell(row[k], diff=False) for k in METRICS]
         cells += [state_cell(runs[m])] if state else [memory_cell(runs[m])] if memory else []
@@ -180,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", action="store_true", help=f"add a column: {MEMORY} (KiB)")
     ap.add_argument("--state", action="store_true", help=f"add a column: {STATE} (all of it)")
     ap.add_argument("--diffs", nargs="+", metavar="METHOD", help="only their differences (main baseline)")
+    ap.add_argument("--methods", nargs="+", metavar="METHOD", help="only their own rows")
     ap.add_argument("--readme", metavar="FILE",
                     help="write the table between the markers of FILE (README.md, a docs/ page)")  # fmt: skip
     ap.add_argument("--marker", default="paired", help="the markers' name: <!-- NAME:start --> (paired)")
     a = ap.parse_args(argv)
     extras = [(_load(d), set(only) or None) for d, *only in a.extra]
     only = set(a.diffs or ()) or None
-    body = table(_load(a.compare), extras, memory=a.memory, state=a.state, diffs_of=only)
+    rows = set(a.methods or ()) or None
+    body = table(_load(a.compare), extras, memory=a.memory, state=a.state, diffs_of=only, methods=rows)
     if a.readme:
         p = Path(a.readme)
         p.write_text(replace_between(p.read_text(), body, a.readme, a.marker))

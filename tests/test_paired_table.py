@@ -223,3 +223,15 @@ def test_state_column_sums_adapter_optimizer_and_buffer_and_skips_runs_without_o
     assert re.search(r"\| slao \|.*\| – \|", text)  # no memory recorded
     assert "slao − seq-lora" in text
     assert "slao − seq-lora" not in paired_table.table(cmp, state=True, diffs_of={"multi-task"})
+
+
+def test_methods_keeps_only_the_named_rows_and_refuses_an_unknown_one():
+    cmp = _compare()
+    cmp["intervals"]["methods"]["slao [lr=0.001]"] = cmp["intervals"]["methods"].pop("slao")
+    cmp["methods"]["slao [lr=0.001]"] = cmp["methods"].pop("slao")
+    cmp["intervals"]["vs_baseline"]["slao [lr=0.001]"] = cmp["intervals"]["vs_baseline"].pop("slao")
+    lines = paired_table.table(cmp, methods={"slao"}).splitlines()
+    firsts = [line.split(" | ")[0] for line in lines[2:]]
+    assert firsts == ["| slao [lr=0.001]", "| slao [lr=0.001] − seq-lora"]
+    with pytest.raises(ValueError, match=r"--methods: no row for \['o-lora'\]"):
+        paired_table.table(cmp, methods={"o-lora"})
