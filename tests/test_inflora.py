@@ -241,3 +241,35 @@ def test_the_ramp_reaches_the_memory_update(monkeypatch):
         cl.observe_inputs(lambda: model(input_ids=ids))
         cl.end_task()
     assert sorted(set(seen)) == pytest.approx([0.9, 0.95])
+
+
+def test_q_and_v_share_one_memory_stored_and_counted_once(tmp_path):
+    """q_proj and v_proj read the same input, so DualGPM gives them bit-equal bases: the checkpoint holds one
+    tensor per distinct basis, adapter_bytes counts it once, and a load gives every layer its basis back."""
+    model = tiny_llama(0, hidden_size=48, intermediate_size=80)
+    mbf.inject(model, LORA)
+    cl = InfLoRA(model, threshold=0.8)
+    ids = torch.randint(2, 90, (2, 9))
+    cl.observe_inputs(lambda: model(input_ids=ids))
+    cl.begin_task()
+    cl.observe_inputs(lambda: model(input_ids=ids))
+    cl.end_task()
+    shared = cl._shared_memory()
+    q = [n for n in cl.layers if n.endswith("q_proj")]
+    assert shared == {n.replace("q_proj", "v_proj"): n for n in q}  # every v_proj points at its q_proj
+    each = sum(m.numel() * m.element_size() for m in cl.memory.values())
+    once = sum(cl.memory[n].numel() * cl.memory[n].element_size() for n in q)
+    assert 0 < once < each and cl.adapter_bytes() == sum(
+        t.numel() * t.element_size() for k, t in cl._tensors().items() if not k.endswith(".memory")
+    ) + once
+    cl.save(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / META).read_text())
+    assert meta["strategy_state"]["memory_shared"] == shared
+    back = load_strategy(tiny_llama(0, hidden_size=48, intermediate_size=80), tmp_path / "ck")
+    for name in cl.layers:
+        assert torch.equal(back.memory[name], cl.memory[name])
+    assert back.adapter_bytes() == cl.adapter_bytes()
+    # a map naming a layer whose memory is saved, or one without a saved memory to share, is refused
+    bad = {**shared, q[0]: q[1]}
+    with pytest.raises(ValueError, match="memory_shared=.* must map layers without a saved memory"):
+        back._load_extra(dict(back._extra_tensors()), {"memory_kind": dict(back.kind), "memory_shared": bad})

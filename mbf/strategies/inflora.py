@@ -18,17 +18,18 @@ enters only as its covariance ``C = Σ x xᵀ / n`` over every token of the task
 collected by ``observe_inputs`` (the loop calls it before ``begin_task`` and again before ``end_task``, as
 the paper's code collects the inputs before training and after it).
 
-Past branches are kept as the paper's code keeps them: one frozen ``(A_k, B_k)`` per task and layer,
-summed at inference and training (``mbf.strategies.branches``; memory grows with T, plus the memory
-bases ``M``, at most ``in/2`` columns per layer). Differences from the released code, for the paper's
-equations: the energy criterion uses the eigenvalues of ``C`` (``σ²`` of ``H``, the paper's Frobenius
-norms) where the code takes the singular values of the covariance (``σ⁴``), the design takes the
+Past branches are kept as the paper's code keeps them: one frozen ``(A_k, B_k)`` per task and layer, summed
+at inference and training (``mbf.strategies.branches``; memory grows with T, plus the memory bases ``M``, at
+most ``in/2`` columns per layer; layers reading the same input, q_proj and v_proj, get the same basis, which
+a checkpoint stores, and ``adapter_bytes`` counts, once). Differences from the released code, for the
+paper's equations: the energy criterion uses the eigenvalues of ``C`` (``σ²`` of ``H``, the paper's
+Frobenius norms) where the code takes the singular values of the covariance (``σ⁴``), the design takes the
 eigenvectors of ``P C P`` (``Ĥ Ĥᵀ``) where the code takes the left singular vectors of ``P C``, and the
-first task keeps the fewest directions reaching ``ε`` (the code one fewer). ``ε`` is one constant
-(default 0.95, the code's CIFAR-100 start value) unless ``threshold_end`` and ``tasks`` set the released
-code's ramp, ``ε_t = threshold + (threshold_end − threshold) · t / T`` for 0-based task ``t`` (its configs
-raise ε from 0.95 towards 1.0 over the task sequence, which needs the number of tasks T up front:
-``--option threshold_end=1.0 --option tasks=4``).
+first task keeps the fewest directions reaching ``ε`` (the code one fewer). ``ε`` is one constant (default
+0.95, the code's CIFAR-100 start value) unless ``threshold_end`` and ``tasks`` set the released code's ramp,
+``ε_t = threshold + (threshold_end − threshold) · t / T`` for 0-based task ``t`` (its configs raise ε from
+0.95 towards 1.0 over the task sequence, which needs the number of tasks T up front: ``--option
+threshold_end=1.0 --option tasks=4``).
 """
 
 from __future__ import annotations
@@ -170,21 +171,51 @@ class InfLoRA(BranchStrategy):
 
     # -- state: the memory bases and their kinds --------------------------------------------------
 
+    def _shared_memory(self) -> dict[str, str]:
+        """Layers whose memory is bit-equal to an earlier layer's (q_proj and v_proj read the same input, so
+        DualGPM gives them the same basis): ``{layer: the earlier layer}``, stored and counted once."""
+        shared: dict[str, str] = {}
+        leaders: list[str] = []
+        for n, m in self.memory.items():
+            if not m.shape[1]:
+                continue
+            same = (k for k in leaders if self.memory[k].shape == m.shape and torch.equal(self.memory[k], m))
+            lead = next(same, None)
+            if lead is None:
+                leaders.append(n)
+            else:
+                shared[n] = lead
+        return shared
+
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{n}.memory": m for n, m in self.memory.items() if m.shape[1]}
+        shared = self._shared_memory()
+        return {f"{n}.memory": m for n, m in self.memory.items() if m.shape[1] and n not in shared}
 
     def _extra_state(self) -> dict:
-        return {"memory_kind": dict(self.kind)}
+        return {"memory_kind": dict(self.kind), "memory_shared": self._shared_memory()}
 
     def _load_extra(self, tensors: dict[str, torch.Tensor], state: dict | None) -> None:
         kinds = (state or {}).get("memory_kind")
         if not isinstance(kinds, dict) or set(kinds) != set(self.layers):
             raise ValueError(f"strategy_state.memory_kind={kinds!r} must name every LoRA layer of the model")
+        shared = (state or {}).get("memory_shared") or {}  # (absent from checkpoints before issue 42)
+        if (
+            not isinstance(shared, dict)
+            or not set(shared) | set(shared.values()) <= set(self.layers)
+            or any(
+                lead in shared or f"{n}.memory" in tensors or f"{lead}.memory" not in tensors
+                for n, lead in shared.items()
+            )
+        ):
+            raise ValueError(
+                f"strategy_state.memory_shared={shared!r} must map layers without a saved memory to layers "
+                "with one"
+            )
         memory = {}
         for name, layer in self.layers.items():
             if kinds[name] not in KINDS:
                 raise ValueError(f"{name}: memory kind {kinds[name]!r} must be one of {', '.join(KINDS)}")
-            saved = tensors.get(f"{name}.memory")
+            saved = tensors.get(f"{shared.get(name, name)}.memory")
             if saved is None:
                 saved = layer.lora_A.new_zeros(layer.in_features, 0)
             if saved.dim() != 2 or saved.shape[0] != layer.in_features or saved.shape[1] > layer.in_features:
