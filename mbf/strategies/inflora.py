@@ -49,6 +49,19 @@ __all__ = ["InfLoRA", "InfLoRAConfig"]
 KINDS = ("remove", "retain")  # DualGPM: memory spans the protected subspace, or its complement
 
 
+def same_as_first(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: the first name whose tensor is bit-equal to its own}`` (itself when none before it is): the
+    layers that read the same input (q_proj and v_proj) and so hold the same covariance, basis or sketch."""
+    first: dict[str, str] = {}
+    leaders: list[str] = []
+    for name, t in tensors.items():
+        same = (k for k in leaders if tensors[k].shape == t.shape and torch.equal(tensors[k], t))
+        first[name] = next(same, name)
+        if first[name] == name:
+            leaders.append(name)
+    return first
+
+
 @dataclass(frozen=True)
 class InfLoRAConfig(StrategyConfig):
     """InfLoRA's options."""
@@ -174,18 +187,8 @@ class InfLoRA(BranchStrategy):
     def _shared_memory(self) -> dict[str, str]:
         """Layers whose memory is bit-equal to an earlier layer's (q_proj and v_proj read the same input, so
         DualGPM gives them the same basis): ``{layer: the earlier layer}``, stored and counted once."""
-        shared: dict[str, str] = {}
-        leaders: list[str] = []
-        for n, m in self.memory.items():
-            if not m.shape[1]:
-                continue
-            same = (k for k in leaders if self.memory[k].shape == m.shape and torch.equal(self.memory[k], m))
-            lead = next(same, None)
-            if lead is None:
-                leaders.append(n)
-            else:
-                shared[n] = lead
-        return shared
+        first = same_as_first({n: m for n, m in self.memory.items() if m.shape[1]})
+        return {n: lead for n, lead in first.items() if lead != n}
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
         shared = self._shared_memory()

@@ -44,7 +44,7 @@ import torch
 from mbf.closed_form import SCHEDULES, inflora_design, lam_schedule
 from mbf.strategies.base import StrategyConfig
 from mbf.strategies.branches import FrozenBranches
-from mbf.strategies.inflora import InfLoRA
+from mbf.strategies.inflora import InfLoRA, same_as_first
 
 __all__ = ["SketchMerge", "SketchMergeConfig"]
 
@@ -138,17 +138,6 @@ class SketchMerge(InfLoRA):
         self.energy = {n: first.new_zeros(0) for n in self.layers}
         self.total = dict.fromkeys(self.layers, 0.0)
 
-    def _groups(self, cov: dict[str, torch.Tensor]) -> dict[str, str]:
-        """Layers whose inputs were identical in ``observe_inputs`` share a sketch (bit-equal covariances)."""
-        group: dict[str, str] = {}
-        leaders: list[str] = []
-        for name, c in cov.items():
-            group[name] = next((lead for lead in leaders if cov[lead].shape == c.shape
-                                and torch.equal(cov[lead], c)), name)  # fmt: skip
-            if group[name] == name:
-                leaders.append(name)
-        return group
-
     def _leaders(self) -> list[str]:
         return [n for n in self.layers if self.group is None or self.group[n] == n]
 
@@ -156,7 +145,7 @@ class SketchMerge(InfLoRA):
         """A designed in the complement of the sketch (InfLoRA's design, frozen), once per shared input."""
         cov = self._take_inputs("begin_task")
         if self.group is None:
-            self.group = self._groups(cov)
+            self.group = same_as_first(cov)  # bit-equal covariances: one input, one sketch
         designed: dict[tuple[str, int], torch.Tensor] = {}
         for name, layer in self.layers.items():
             lead = self.group[name]
