@@ -1,6 +1,7 @@
 """How much of the past tasks' input energy a sketch-merge run's sketch still holds: per distinct layer input,
-Σe / τ (the top-k eigenvalues kept over the total energy of every input seen), from the newest checkpoint of
-each run (issue 42: what the fixed budget drops after T tasks).
+Σe / τ (the top-k eigenvalues kept over the total energy of every input seen), from the checkpoint each
+run's results.json names, read and checked by ``mbf.checkpoint.read_checkpoint`` (issue 42: what the fixed
+budget drops after T tasks).
 
     python reports/sketch_coverage.py reports/methods/run/long1-sketch-merge-s*/
 
@@ -14,17 +15,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
+from mbf.checkpoint import read_checkpoint
+from mbf.io import read_json_object
 
 
 def coverage(run: Path) -> tuple[str, int, dict[str, float]]:
-    ckpts = sorted((run / "checkpoints").glob("task-*/"))
-    if not ckpts:
-        raise SystemExit(f"{run}: no checkpoint (checkpoints/task-*/)")
-    files = list(ckpts[-1].glob("adapters-*.safetensors"))
-    if len(files) != 1:
-        raise SystemExit(f"{ckpts[-1]}: expected one adapters-*.safetensors, found {len(files)}")
-    t = load_file(files[0])
+    name = read_json_object(run / "results.json").get("checkpoint")
+    if not isinstance(name, str) or not (run / name).is_dir():
+        raise SystemExit(f"{run}/results.json: checkpoint={name!r}: no checkpoint folder kept there")
+    t = read_checkpoint(run / name, strategy="sketch-merge").tensors
     share, k = {}, 0
     for key in sorted(t):
         if key.endswith(".energy"):
@@ -32,8 +31,8 @@ def coverage(run: Path) -> tuple[str, int, dict[str, float]]:
             e, tau = t[key].double(), float(t[f"{base}.total"][0])
             share[base], k = float(e.sum()) / tau, max(k, e.numel())
     if not share:
-        raise SystemExit(f"{files[0]}: no sketch (.energy/.total tensors): not a sketch-merge run")
-    return ckpts[-1].name, k, share
+        raise SystemExit(f"{run / name}: no sketch (.energy/.total tensors) yet: saved before any task ended")
+    return Path(name).name, k, share
 
 
 def main(runs: list[str]) -> int:
