@@ -83,6 +83,12 @@ def _cell(iv: dict | None, *, diff: bool) -> str:
     return f"**{text}**" if diff and iv["significant"] else text
 
 
+def _plain(label: str) -> str:
+    """A method as the runs call it: "o-lora" for "o-lora [lr=0.001]", the label mbf compare gives where the
+    runs' settings differ (``--methods`` and ``--extra`` name methods either way)."""
+    return label.split(" [")[0]
+
+
 def _kib(values: list[int]) -> str:
     low, high = min(values) / 1024, max(values) / 1024
     return f"{low:,.0f}" if round(low) == round(high) else f"{low:,.0f}–{high:,.0f}"
@@ -127,11 +133,11 @@ def table(
     head = [*METRICS, *extra]
     lines = [f"| | units | {' | '.join(head)} |", "|---" * (len(head) + 2) + "|"]
     tail = " | –" if extra else ""  # (a difference has no memory of its own)
-    unknown = (methods or set()) - set(iv["methods"]) - {m.split(" [")[0] for m in iv["methods"]}
+    unknown = (methods or set()) - set(iv["methods"]) - {_plain(m) for m in iv["methods"]}
     if unknown:
         raise ValueError(f"--methods: no row for {sorted(unknown)} (has: {sorted(iv['methods'])})")
     for m, row in iv["methods"].items():
-        if methods is not None and not {m, m.split(" [")[0]} & methods:
+        if methods is not None and not {m, _plain(m)} & methods:
             continue
         label = units_label(_checked(_units(runs[m]["runs"]), row, m))
         cells = [_cell(row[k], diff=False) for k in METRICS]
@@ -141,9 +147,7 @@ def table(
     def diffs(cmp: dict, only: set[str] | None) -> None:
         civ, cruns = cmp["intervals"], cmp["methods"]
         rows = civ.get("vs_baseline") or {}
-        # a method is named as the runs call it: "o-lora" also picks "o-lora [lr=0.001]", the label
-        # mbf compare adds where the runs' settings differ
-        named = {m: m.split(" [")[0] for m in rows}
+        named = {m: _plain(m) for m in rows}
         unknown = (only or set()) - set(named) - set(named.values())
         if unknown:
             raise ValueError(f"--extra: no difference for {sorted(unknown)} (has: {sorted(named)})")
